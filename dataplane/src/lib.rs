@@ -1,0 +1,1 @@
+//! pflex-dataplane (to be written).

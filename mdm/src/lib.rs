@@ -1,0 +1,1 @@
+//! mdm (to be written).

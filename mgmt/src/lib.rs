@@ -1,0 +1,1 @@
+//! mgmt (to be written).

@@ -1,0 +1,359 @@
+//! Bodies of the HTTP control plane (MDM API, SDS/SDC mgmt ports).
+//!
+//! All requests reject unknown fields. Sizes are bytes. Credentials travel
+//! as `Authorization: Bearer <credential>`. Errors are [`ApiError`] with a
+//! 4xx/5xx status.
+//!
+//! MDM endpoints (all but `/discovery/register` need a credential):
+//!
+//! | method, path | body → reply | who |
+//! |---|---|---|
+//! | POST /discovery/register | [`RegisterRequest`] → [`RegisterResponse`] | SDS, SDC, MGMT (join key) |
+//! | POST /health/heartbeat | [`HeartbeatRequest`] → [`HeartbeatResponse`] | components |
+//! | GET /health/status | → [`HealthStatus`] | any |
+//! | POST /token/request | [`TokenRequest`] → [`TokenResponse`] | SDC |
+//! | POST /token/ack | [`TokenAckBatch`] → [`AckResponse`] | SDS, SDC |
+//! | POST /vol/create | [`VolumeCreate`] → [`Volume`] | admin |
+//! | GET /vol/list | → `Vec<Volume>` | admin, MGMT |
+//! | GET /vol/{name-or-id} | → [`Volume`] | admin, MGMT |
+//! | POST /vol/{name-or-id}/resize | [`VolumeResize`] → [`Volume`] | admin |
+//! | POST /vol/{name-or-id}/rename | [`VolumeRename`] → [`Volume`] | admin |
+//! | DELETE /vol/{name-or-id} | → [`Volume`] (409 while mapped) | admin |
+//! | GET /vol/{name-or-id}/placement | → [`PlacementMap`](crate::placement::PlacementMap) | SDC, SDS, admin |
+//! | POST /vol/map | [`VolumeMap`] → [`Volume`] | admin |
+//! | POST /vol/unmap | [`VolumeUnmap`] → [`Volume`] | admin |
+//! | GET /sdc/mappings | → `Vec<MappedVolume>` (the calling SDC's) | SDC |
+//! | GET /sds/list | → `Vec<SdsInfo>` | admin, MGMT |
+//! | GET /sdc/list | → `Vec<SdcInfo>` | admin, MGMT |
+//! | GET /cluster/summary | → [`ClusterSummary`] | admin, MGMT |
+//! | GET /metrics | Prometheus text | any credential |
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::AccessMode;
+
+/// Error body of every failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable machine-readable code, e.g. `not_found`, `bad_request`.
+    pub error: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum NodeType {
+    Sds,
+    Sdc,
+    Mgmt,
+}
+
+impl NodeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeType::Sds => "SDS",
+            NodeType::Sdc => "SDC",
+            NodeType::Mgmt => "MGMT",
+        }
+    }
+}
+
+/// One SDS device (a preallocated file or a disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceInfo {
+    pub path: String,
+    pub capacity_bytes: u64,
+    #[serde(default)]
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The join key given at install time.
+    pub join_key: String,
+    pub node_type: NodeType,
+    /// Unique per node type; re-registering with the same name is the same node.
+    pub name: String,
+    pub host: String,
+    #[serde(default)]
+    pub control_port: u16,
+    #[serde(default)]
+    pub mgmt_port: u16,
+    /// SDS: data plane; SDC: NBD port.
+    #[serde(default)]
+    pub data_port: u16,
+    /// SDS only; defaults to a fault set named after the node.
+    #[serde(default)]
+    pub fault_set: Option<String>,
+    /// SDS only; defaults to pool `default` in protection domain `default`.
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub status: String,
+    pub node_id: u64,
+    /// Bearer credential for every later call of this node.
+    pub credential: String,
+    /// Hex; only ever sent to SDS nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_secret: Option<String>,
+    pub heartbeat_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeMetrics {
+    #[serde(default)]
+    pub capacity_bytes: u64,
+    #[serde(default)]
+    pub used_bytes: u64,
+    #[serde(default)]
+    pub read_ops: u64,
+    #[serde(default)]
+    pub write_ops: u64,
+    #[serde(default)]
+    pub read_bytes: u64,
+    #[serde(default)]
+    pub write_bytes: u64,
+    #[serde(default)]
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub node_id: u64,
+    #[serde(default)]
+    pub metrics: NodeMetrics,
+}
+
+/// Current generations of every volume, so SDS nodes notice map changes
+/// and revocations within one heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeGeneration {
+    pub volume_id: u64,
+    pub epoch: u64,
+    pub mapping_gen: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub status: String,
+    pub volumes: Vec<VolumeGeneration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    pub node_id: u64,
+    pub name: String,
+    pub node_type: NodeType,
+    /// ACTIVE, STALE or FAILED.
+    pub status: String,
+    /// Unix seconds of the last heartbeat (or registration).
+    pub last_seen: u64,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthStatus {
+    /// HEALTHY, DEGRADED or CRITICAL.
+    pub overall: String,
+    pub components: Vec<ComponentHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub volume_id: u64,
+    pub mode: AccessMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token_id: u64,
+    /// Hex of the signed token ([`crate::token::SignedToken`]).
+    pub token: String,
+    /// Hex of the per-token session key.
+    pub session_key: String,
+    pub expires_at: u64,
+    pub mapping_gen: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenAck {
+    pub token_id: u64,
+    pub volume_id: u64,
+    /// `read`, `write`, `flush`, `trim`, `write_zeroes`.
+    pub op: String,
+    pub ops: u64,
+    pub bytes: u64,
+    #[serde(default)]
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenAckBatch {
+    pub records: Vec<TokenAck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckResponse {
+    pub status: String,
+    pub recorded: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Storage pool name; `default` when absent.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Thin (default) reserves nothing; thick reserves the whole size.
+    #[serde(default)]
+    pub thick: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// New size; may only grow.
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRename {
+    pub new_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMap {
+    /// Volume name or numeric id.
+    pub volume: String,
+    /// SDC name or numeric id.
+    pub sdc: String,
+    #[serde(default = "default_access")]
+    pub access_mode: AccessMode,
+}
+
+fn default_access() -> AccessMode {
+    AccessMode::ReadWrite
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeUnmap {
+    pub volume: String,
+    pub sdc: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub sdc_id: u64,
+    pub sdc_name: String,
+    pub access_mode: AccessMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub pool: String,
+    pub thick: bool,
+    pub epoch: u64,
+    pub mapping_gen: u64,
+    pub mappings: Vec<Mapping>,
+    pub created_at: u64,
+}
+
+/// A volume mapped to the calling SDC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedVolume {
+    pub volume_id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub access_mode: AccessMode,
+    pub mapping_gen: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdsInfo {
+    pub id: u64,
+    pub name: String,
+    pub host: String,
+    pub data_port: u16,
+    pub control_port: u16,
+    pub mgmt_port: u16,
+    pub fault_set: String,
+    pub pool: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub status: String,
+    pub last_seen: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdcInfo {
+    pub id: u64,
+    pub name: String,
+    pub host: String,
+    pub nbd_port: u16,
+    pub control_port: u16,
+    pub mgmt_port: u16,
+    pub status: String,
+    pub last_seen: u64,
+    pub mapped_volumes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSummary {
+    pub overall: String,
+    pub sds_count: u64,
+    pub sdc_count: u64,
+    pub volume_count: u64,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    /// Sum of volume sizes (thin volumes included).
+    pub provisioned_bytes: u64,
+    /// Capacity reserved by thick volumes.
+    pub reserved_bytes: u64,
+    /// Chunks with fewer than two live copies.
+    pub degraded_chunks: u64,
+    pub rebuild_jobs_active: u64,
+}
+
+/// JSON health document of a component's mgmt port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentStatus {
+    pub component: String,
+    pub name: String,
+    pub status: String,
+    pub node_id: Option<u64>,
+    pub registered: bool,
+    pub uptime_secs: u64,
+}
+
+/// Reply of an SDS's per-chunk checksum query
+/// (`GET /chunk/{volume_id}/{chunk_index}/checksum` on its control port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkChecksum {
+    pub volume_id: u64,
+    pub chunk_index: u64,
+    /// False when the chunk was never written (reads as zeroes).
+    pub allocated: bool,
+    /// CRC32 of the full 1 MiB content (zeroes when unallocated).
+    pub crc32: u32,
+    pub generation: u64,
+}

@@ -1,0 +1,92 @@
+//! The compact placement map of a volume.
+//!
+//! A volume's chunks are spread over a fixed list of *placement groups*
+//! (PGs); each PG is an ordered pair (primary SDS, secondary SDS) in two
+//! different fault sets. Chunk `i` belongs to PG `i % pgs.len()`, so the map
+//! is a few hundred bytes whatever the volume size, growing a volume never
+//! moves existing chunks, and a rebuild changes one PG entry. Every change
+//! of the map bumps `epoch`; data-plane requests carry the epoch they were
+//! routed with, and an SDS refuses a request routed by an older map.
+
+use serde::{Deserialize, Serialize};
+
+/// Number of PGs a new volume gets (enough to spread evenly over dozens of nodes).
+pub const PGS_PER_VOLUME: usize = 64;
+
+/// Data-plane address of one SDS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsEndpoint {
+    pub id: u64,
+    pub name: String,
+    pub host: String,
+    pub data_port: u16,
+    pub fault_set: String,
+}
+
+/// One PG: where the two copies of its chunks live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementGroup {
+    pub primary: u64,
+    pub secondary: u64,
+}
+
+/// What the SDC (and the SDS) need to route a volume's IO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementMap {
+    pub volume_id: u64,
+    pub volume_name: String,
+    pub size_bytes: u64,
+    pub chunk_size: u64,
+    /// Changes whenever any PG or the size changes.
+    pub epoch: u64,
+    /// Changes on map/unmap (token revocation).
+    pub mapping_gen: u64,
+    pub pgs: Vec<PlacementGroup>,
+    /// Every SDS named in `pgs`.
+    pub nodes: Vec<SdsEndpoint>,
+}
+
+impl PlacementMap {
+    /// The PG a chunk belongs to.
+    pub fn pg_of(&self, chunk_index: u64) -> Option<&PlacementGroup> {
+        if self.pgs.is_empty() {
+            return None;
+        }
+        self.pgs.get((chunk_index % self.pgs.len() as u64) as usize)
+    }
+    pub fn node(&self, id: u64) -> Option<&SdsEndpoint> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+    /// Number of chunks covering the volume.
+    pub fn chunk_count(&self) -> u64 {
+        self.size_bytes.div_ceil(self.chunk_size.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_to_pg() {
+        let m = PlacementMap {
+            volume_id: 1,
+            volume_name: "v".into(),
+            size_bytes: 10 << 20,
+            chunk_size: 1 << 20,
+            epoch: 1,
+            mapping_gen: 1,
+            pgs: vec![
+                PlacementGroup { primary: 1, secondary: 2 },
+                PlacementGroup { primary: 2, secondary: 3 },
+            ],
+            nodes: vec![],
+        };
+        assert_eq!(m.pg_of(0).unwrap().primary, 1);
+        assert_eq!(m.pg_of(3).unwrap().primary, 2);
+        assert_eq!(m.chunk_count(), 10);
+    }
+}

@@ -1,0 +1,1 @@
+//! sdc-nbd (to be written).

@@ -1,0 +1,1 @@
+//! sds-uring (to be written).
