@@ -46,7 +46,16 @@ pub enum Op {
     Auth = 6,
     /// Liveness probe, no payload, no token.
     Ping = 7,
+    /// Which of the chunks `chunk_index .. chunk_index + length` this SDS
+    /// holds (read scope). The reply's payload is a bitmap of `length` bits
+    /// (`ceil(length / 8)` bytes, chunk `chunk_index + i` is bit `i % 8` of
+    /// byte `i / 8`). The SDC asks each chunk's primary, for NBD
+    /// BLOCK_STATUS: a chunk never written is a hole. `offset` must be 0.
+    Allocation = 8,
 }
+
+/// Most chunks one [`Op::Allocation`] request may cover.
+pub const MAX_ALLOCATION_CHUNKS: u32 = 1 << 16;
 
 impl Op {
     pub fn from_u8(b: u8) -> Option<Self> {
@@ -58,6 +67,7 @@ impl Op {
             5 => Op::WriteZeroes,
             6 => Op::Auth,
             7 => Op::Ping,
+            8 => Op::Allocation,
             _ => return None,
         })
     }
@@ -266,6 +276,8 @@ impl FrameHeader {
         let end = u64::from(self.offset).checked_add(u64::from(self.length));
         let in_chunk = matches!(end, Some(e) if e <= CHUNK_SIZE);
         match op {
+            Op::Allocation if self.offset != 0 || self.length == 0 => Err(Status::Invalid),
+            Op::Allocation if self.length > MAX_ALLOCATION_CHUNKS => Err(Status::Invalid),
             Op::Read | Op::Trim | Op::WriteZeroes | Op::Write if !in_chunk => Err(Status::Invalid),
             Op::Read | Op::Trim | Op::WriteZeroes if self.length == 0 => Err(Status::Invalid),
             Op::Write if self.length == 0 => Err(Status::Invalid),
@@ -277,7 +289,7 @@ impl FrameHeader {
     pub fn payload_len(&self, is_reply: bool) -> usize {
         let op = Op::from_u8(self.op);
         let carries = if is_reply {
-            op == Some(Op::Read) && self.status == Status::Ok as u16
+            matches!(op, Some(Op::Read) | Some(Op::Allocation)) && self.status == Status::Ok as u16
         } else {
             matches!(op, Some(Op::Write) | Some(Op::Auth))
         };
