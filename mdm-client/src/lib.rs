@@ -1,0 +1,377 @@
+//! Typed async client of the MDM HTTP API.
+//!
+//! One method per endpoint of the table in [`pflex_proto::api`]; bodies are
+//! the shared API types, so a caller never builds JSON by hand. Every call
+//! but [`MdmClient::register`] sends the client's credential as
+//! `Authorization: Bearer …` (a component credential returned by
+//! registration, or the admin token). A non-2xx reply becomes
+//! [`MdmClientError::Api`] carrying the MDM's own error code and message.
+//!
+//! Volumes are addressed by name or numeric id (anything that implements
+//! `Display`: a `&str`, a `String` or a `u64`); the MDM resolves either.
+
+use std::time::Duration;
+
+use pflex_proto::api::{
+    AckResponse, ApiError, ClusterSummary, HealthStatus, HeartbeatRequest, HeartbeatResponse,
+    MappedVolume, RegisterRequest, RegisterResponse, SdcInfo, SdsInfo, TokenAckBatch, TokenRequest,
+    TokenResponse, Volume, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+};
+use pflex_proto::placement::PlacementMap;
+use pflex_proto::token::AccessMode;
+use reqwest::{Method, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Default per-request timeout; control-plane calls are small.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a call to the MDM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MdmClientError {
+    /// The MDM answered with an error status; `error` and `message` are its
+    /// JSON [`ApiError`] (or the status text and raw body if it sent none).
+    #[error("MDM refused the request ({status} {error}): {message}")]
+    Api { status: u16, error: String, message: String },
+    /// The MDM could not be reached, or the connection failed mid-request.
+    #[error("cannot reach the MDM at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The MDM answered 2xx with a body that is not the expected type.
+    #[error("unexpected reply from the MDM at {url}: {detail}")]
+    Decode { url: String, detail: String },
+    /// The base URL given to [`MdmClient::new`] is not a usable http URL.
+    #[error("invalid MDM URL {url:?}: {detail}")]
+    InvalidUrl { url: String, detail: String },
+}
+
+impl MdmClientError {
+    /// HTTP status of an [`MdmClientError::Api`] error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            MdmClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+    /// The MDM's error code (`not_found`, `forbidden`, …) of an API error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            MdmClientError::Api { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+    /// True when the MDM said the caller's credential is missing or unknown
+    /// (a component should register again).
+    pub fn is_unauthorized(&self) -> bool {
+        self.status() == Some(401)
+    }
+    /// True for 404.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+}
+
+/// A handle on one MDM; cheap to clone (the connection pool is shared).
+#[derive(Debug, Clone)]
+pub struct MdmClient {
+    base: Url,
+    credential: Option<String>,
+    http: reqwest::Client,
+}
+
+impl MdmClient {
+    /// A client for the MDM at `base_url` (e.g. `http://127.0.0.1:8001`),
+    /// sending `credential` as bearer token when given.
+    pub fn new(base_url: &str, credential: Option<String>) -> Result<Self, MdmClientError> {
+        Self::with_timeout(base_url, credential, DEFAULT_TIMEOUT)
+    }
+
+    /// Like [`MdmClient::new`] with a per-request timeout.
+    pub fn with_timeout(
+        base_url: &str,
+        credential: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, MdmClientError> {
+        let invalid =
+            |detail: String| MdmClientError::InvalidUrl { url: base_url.to_string(), detail };
+        let base =
+            Url::parse(base_url.trim_end_matches('/')).map_err(|e| invalid(e.to_string()))?;
+        if base.scheme() != "http" && base.scheme() != "https" {
+            return Err(invalid("scheme must be http".into()));
+        }
+        if base.cannot_be_a_base() {
+            return Err(invalid("not a base URL".into()));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Self { base, credential, http })
+    }
+
+    /// The same MDM, another credential (e.g. the one registration returned).
+    pub fn with_credential(mut self, credential: impl Into<String>) -> Self {
+        self.credential = Some(credential.into());
+        self
+    }
+
+    /// The credential sent with each request, if any.
+    pub fn credential(&self) -> Option<&str> {
+        self.credential.as_deref()
+    }
+
+    /// The MDM's base URL.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut path = url.path_segments_mut().expect("checked in new: base URL");
+            path.pop_if_empty();
+            for segment in segments {
+                path.push(segment);
+            }
+        }
+        url
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<(String, reqwest::Response), MdmClientError> {
+        let url = self.url(segments);
+        let mut request = self.http.request(method, url.clone());
+        if let Some(credential) = &self.credential {
+            request = request.bearer_auth(credential);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let url = url.to_string();
+        let response = request
+            .send()
+            .await
+            .map_err(|source| MdmClientError::Transport { url: url.clone(), source })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok((url, response));
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ApiError>(&text) {
+            Ok(api) => MdmClientError::Api {
+                status: status.as_u16(),
+                error: api.error,
+                message: api.message,
+            },
+            Err(_) => MdmClientError::Api {
+                status: status.as_u16(),
+                error: status
+                    .canonical_reason()
+                    .unwrap_or("error")
+                    .to_lowercase()
+                    .replace(' ', "_"),
+                message: if text.is_empty() { status.to_string() } else { text },
+            },
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, MdmClientError> {
+        let (url, response) = self.send(method, segments, body).await?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| MdmClientError::Transport { url: url.clone(), source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| MdmClientError::Decode { url, detail: e.to_string() })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T, MdmClientError> {
+        self.call(Method::GET, segments, None::<&()>).await
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<T, MdmClientError> {
+        self.call(Method::POST, segments, Some(body)).await
+    }
+
+    /// `POST /discovery/register`: join the cluster with the join key in
+    /// `request`. Needs no credential; keep the returned one.
+    pub async fn register(
+        &self,
+        request: &RegisterRequest,
+    ) -> Result<RegisterResponse, MdmClientError> {
+        self.post(&["discovery", "register"], request).await
+    }
+
+    /// `POST /health/heartbeat`; the reply lists every volume's epoch and
+    /// mapping generation.
+    pub async fn heartbeat(
+        &self,
+        request: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, MdmClientError> {
+        self.post(&["health", "heartbeat"], request).await
+    }
+
+    /// `GET /health/status`.
+    pub async fn health_status(&self) -> Result<HealthStatus, MdmClientError> {
+        self.get(&["health", "status"]).await
+    }
+
+    /// `POST /token/request` (SDC): a capability token for one volume.
+    pub async fn request_token(
+        &self,
+        volume_id: u64,
+        mode: AccessMode,
+    ) -> Result<TokenResponse, MdmClientError> {
+        self.post(&["token", "request"], &TokenRequest { volume_id, mode }).await
+    }
+
+    /// `POST /token/ack`: batched completion records.
+    pub async fn ack_tokens(&self, batch: &TokenAckBatch) -> Result<AckResponse, MdmClientError> {
+        self.post(&["token", "ack"], batch).await
+    }
+
+    /// `GET /vol/{volume}/placement`.
+    pub async fn placement(
+        &self,
+        volume: impl std::fmt::Display,
+    ) -> Result<PlacementMap, MdmClientError> {
+        self.get(&["vol", &volume.to_string(), "placement"]).await
+    }
+
+    /// `GET /sdc/mappings`: the volumes mapped to the calling SDC.
+    pub async fn sdc_mappings(&self) -> Result<Vec<MappedVolume>, MdmClientError> {
+        self.get(&["sdc", "mappings"]).await
+    }
+
+    /// `POST /vol/create`.
+    pub async fn volume_create(&self, request: &VolumeCreate) -> Result<Volume, MdmClientError> {
+        self.post(&["vol", "create"], request).await
+    }
+
+    /// `GET /vol/list`.
+    pub async fn volume_list(&self) -> Result<Vec<Volume>, MdmClientError> {
+        self.get(&["vol", "list"]).await
+    }
+
+    /// `GET /vol/{volume}`.
+    pub async fn volume_show(
+        &self,
+        volume: impl std::fmt::Display,
+    ) -> Result<Volume, MdmClientError> {
+        self.get(&["vol", &volume.to_string()]).await
+    }
+
+    /// `POST /vol/{volume}/resize` (grow only).
+    pub async fn volume_resize(
+        &self,
+        volume: impl std::fmt::Display,
+        size_bytes: u64,
+    ) -> Result<Volume, MdmClientError> {
+        self.post(&["vol", &volume.to_string(), "resize"], &VolumeResize { size_bytes }).await
+    }
+
+    /// `POST /vol/{volume}/rename`.
+    pub async fn volume_rename(
+        &self,
+        volume: impl std::fmt::Display,
+        new_name: &str,
+    ) -> Result<Volume, MdmClientError> {
+        self.post(
+            &["vol", &volume.to_string(), "rename"],
+            &VolumeRename { new_name: new_name.to_string() },
+        )
+        .await
+    }
+
+    /// `DELETE /vol/{volume}` (refused with 409 while mapped).
+    pub async fn volume_delete(
+        &self,
+        volume: impl std::fmt::Display,
+    ) -> Result<Volume, MdmClientError> {
+        self.call(Method::DELETE, &["vol", &volume.to_string()], None::<&()>).await
+    }
+
+    /// `POST /vol/map`.
+    pub async fn volume_map(&self, request: &VolumeMap) -> Result<Volume, MdmClientError> {
+        self.post(&["vol", "map"], request).await
+    }
+
+    /// `POST /vol/unmap`.
+    pub async fn volume_unmap(&self, request: &VolumeUnmap) -> Result<Volume, MdmClientError> {
+        self.post(&["vol", "unmap"], request).await
+    }
+
+    /// `GET /sds/list`.
+    pub async fn sds_list(&self) -> Result<Vec<SdsInfo>, MdmClientError> {
+        self.get(&["sds", "list"]).await
+    }
+
+    /// `GET /sdc/list`.
+    pub async fn sdc_list(&self) -> Result<Vec<SdcInfo>, MdmClientError> {
+        self.get(&["sdc", "list"]).await
+    }
+
+    /// `GET /cluster/summary`.
+    pub async fn cluster_summary(&self) -> Result<ClusterSummary, MdmClientError> {
+        self.get(&["cluster", "summary"]).await
+    }
+
+    /// `GET /metrics`: Prometheus text exposition.
+    pub async fn metrics_text(&self) -> Result<String, MdmClientError> {
+        let (url, response) = self.send(Method::GET, &["metrics"], None::<&()>).await?;
+        response.text().await.map_err(|source| MdmClientError::Transport { url, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_join_segments_and_escape() {
+        let client = MdmClient::new("http://127.0.0.1:8001/", None).unwrap();
+        assert_eq!(client.url(&["vol", "list"]).as_str(), "http://127.0.0.1:8001/vol/list");
+        assert_eq!(
+            client.url(&["vol", "a b/c", "placement"]).as_str(),
+            "http://127.0.0.1:8001/vol/a%20b%2Fc/placement"
+        );
+        assert_eq!(client.base_url(), "http://127.0.0.1:8001");
+        let prefixed = MdmClient::new("http://127.0.0.1:8001/api", None).unwrap();
+        assert_eq!(prefixed.url(&["sds", "list"]).as_str(), "http://127.0.0.1:8001/api/sds/list");
+    }
+
+    #[test]
+    fn rejects_bad_base_urls() {
+        assert!(matches!(
+            MdmClient::new("not a url", None),
+            Err(MdmClientError::InvalidUrl { .. })
+        ));
+        assert!(matches!(MdmClient::new("ftp://x", None), Err(MdmClientError::InvalidUrl { .. })));
+    }
+
+    #[tokio::test]
+    async fn unreachable_mdm_is_a_transport_error() {
+        // Bind then drop a listener: the port is very likely closed afterwards.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = MdmClient::new(&format!("http://127.0.0.1:{port}"), Some("x".into())).unwrap();
+        let err = client.volume_list().await.unwrap_err();
+        assert!(matches!(err, MdmClientError::Transport { .. }), "{err}");
+        assert_eq!(err.status(), None);
+    }
+}
