@@ -1,1 +1,86 @@
-//! mgmt (to be written).
+//! The MGMT component: a web dashboard over the cluster.
+//!
+//! It registers with the MDM like every component (join key → MGMT
+//! credential, which may only read), polls the MDM's health, summary,
+//! volumes, SDS and SDC lists, and each SDS/SDC mgmt port, every
+//! `--poll-interval-secs`; keeps what it saw in its own `mgmt.db`; raises an
+//! alert when a component goes STALE/FAILED, the cluster is not HEALTHY,
+//! chunks are degraded or the MDM is unreachable, and resolves it by itself
+//! when the condition clears. The dashboard needs a login (users and
+//! sessions in `mgmt.db`; an `admin` user with a random password written to
+//! `<data-dir>/admin_password` on first boot).
+
+pub mod db;
+pub mod poller;
+pub mod web;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+/// Command-line options of `mgmt`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "mgmt", about = "pflex dashboard: health, topology, volumes, alerts")]
+pub struct Config {
+    /// Address of the dashboard.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub listen: std::net::SocketAddr,
+    /// MDM base URL.
+    #[arg(long, env = "PFLEX_MDM", default_value = "http://127.0.0.1:8001")]
+    pub mdm: String,
+    /// File holding the cluster's join key.
+    #[arg(long)]
+    pub join_key_file: Option<PathBuf>,
+    /// The join key itself (prefer --join-key-file).
+    #[arg(long, env = "PFLEX_JOIN_KEY", hide_env_values = true)]
+    pub join_key: Option<String>,
+    /// Directory for mgmt.db and the admin password.
+    #[arg(long, default_value = "./mgmt-data")]
+    pub data_dir: PathBuf,
+    /// Name this dashboard registers under.
+    #[arg(long, default_value = "mgmt1")]
+    pub name: String,
+    /// Seconds between polls of the MDM and the components.
+    #[arg(long, default_value_t = 10)]
+    pub poll_interval_secs: u64,
+}
+
+/// State shared by the poller and the web handlers.
+pub struct Shared {
+    pub db: std::sync::Mutex<db::MgmtDb>,
+    pub config: Config,
+    pub started: std::time::Instant,
+    pub last_overview: std::sync::Mutex<Option<poller::Overview>>,
+    pub registered: std::sync::atomic::AtomicBool,
+}
+
+/// Runs the dashboard until the process is stopped.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let join_key = match (&config.join_key, &config.join_key_file) {
+        (Some(k), _) => k.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading join key {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!("a join key is needed: --join-key-file or --join-key"),
+    };
+    let db = db::MgmtDb::open(&config.data_dir.join("mgmt.db"))?;
+    db.ensure_admin(&config.data_dir.join("admin_password"))?;
+    let shared = Arc::new(Shared {
+        db: std::sync::Mutex::new(db),
+        config: config.clone(),
+        started: std::time::Instant::now(),
+        last_overview: std::sync::Mutex::new(None),
+        registered: std::sync::atomic::AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!("dashboard on http://{}", config.listen);
+    tokio::spawn(poller::run(shared.clone(), join_key));
+    axum::serve(listener, web::router(shared)).await?;
+    Ok(())
+}
