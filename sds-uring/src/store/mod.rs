@@ -1,19 +1,69 @@
 //! The chunk store: device files split into 1 MiB slots, and the
 //! `sds_local.db` chunk map from (volume, chunk index) to (device, slot).
+//!
+//! # Layout and thin provisioning
+//! Each device (see [`device`]) is a preallocated file whose slot `s` covers
+//! bytes `s * 1 MiB .. (s + 1) * 1 MiB`. A chunk has no slot until its first
+//! write; until then it reads as zeroes and [`ChunkStore::is_allocated`] is
+//! false. A TRIM or WRITE_ZEROES of a whole chunk gives its slot back;
+//! partial ones write zeroes into the range.
+//!
+//! # Allocation and durability
+//! The first write to a chunk takes a free slot (on the device with the most
+//! free slots), writes the *whole* slot — the data padded with zeroes, so a
+//! reused slot never shows the previous chunk's bytes — with `RWF_DSYNC`,
+//! then commits the map row (SQLite, `synchronous = FULL`), and only then
+//! acknowledges. After a crash a chunk is either unmapped (the write was
+//! never acknowledged) or mapped to a slot whose content is durable.
+//! Later writes go straight to the slot; `fua` makes them durable
+//! (`RWF_DSYNC`); [`ChunkStore::flush`] `fdatasync`s every device.
+//!
+//! # Concurrency
+//! Every chunk has a reader/writer lock (striped over a fixed table).
+//! Aligned reads and writes of an allocated chunk share it and run in
+//! parallel. Exclusive holders: allocating a chunk, freeing its slot, and
+//! read-modify-write — a request not aligned to 4 KiB reads the partial
+//! edge blocks, merges the new bytes and writes whole blocks, and nothing
+//! else may touch those blocks in between. A reader holds the shared lock
+//! until its IO completes, so a slot cannot be freed and handed to another
+//! chunk under it.
+//!
+//! Requests are `async` and cancellation-safe in the sense of the engine's
+//! buffer rules: a dropped request never frees memory the kernel still
+//! uses. A write cancelled midway may or may not have reached the device.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+mod db;
+pub mod device;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use pflex_proto::api::{ChunkChecksum, DeviceInfo};
+use pflex_proto::CHUNK_SIZE;
 
-use crate::engine::EngineKind;
+use crate::engine::{
+    open_engine, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoEngine, IoRequest, IO_ALIGN,
+};
+use db::{ChunkRow, MapChange, MapWriter};
+
+/// File name of the local database inside the data directory.
+pub const DB_FILE_NAME: &str = "sds_local.db";
+
+/// Number of lock stripes shared by all chunks.
+const LOCK_STRIPES: usize = 1024;
+
+const CHUNK_BYTES: usize = CHUNK_SIZE as usize;
+const ALIGN: u64 = IO_ALIGN as u64;
 
 /// What a store is opened with.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// Holds `sds_local.db`.
     pub data_dir: PathBuf,
-    /// Device files (or block devices) and their sizes in bytes.
+    /// Device files (or block devices) and their sizes in bytes; a missing
+    /// file is created and preallocated.
     pub devices: Vec<(PathBuf, u64)>,
     pub engine: EngineKind,
 }
@@ -30,90 +80,567 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("chunk map database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("chunk map update not committed: {0}")]
+    MapUpdate(String),
     #[error("store configuration: {0}")]
     Config(String),
     #[error("the store is shut down")]
     Closed,
 }
 
+/// Where a chunk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotLocation {
+    /// Index into the store's device list (and the engine's).
+    device: usize,
+    slot: u32,
+    generation: u64,
+}
+
+impl SlotLocation {
+    fn byte_offset(&self, offset_in_chunk: u64) -> u64 {
+        u64::from(self.slot) * CHUNK_SIZE + offset_in_chunk
+    }
+}
+
+struct StoreDevice {
+    path: PathBuf,
+    db_id: i64,
+    size_bytes: u64,
+    slot_count: u32,
+}
+
+/// Operation counters since the store was opened (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct StoreCounters {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// Writes that needed a read-modify-write (not 4 KiB aligned).
+    pub read_modify_writes: AtomicU64,
+    pub slots_allocated: AtomicU64,
+    pub slots_freed: AtomicU64,
+    pub flushes: AtomicU64,
+    pub io_errors: AtomicU64,
+}
+
 /// Stores 1 MiB chunks of volumes on local devices. `Send + Sync`; shared
 /// behind an `Arc` by every task of the server.
 pub struct ChunkStore {
-    _private: (),
+    // Drop order: the engine first (it drains in-flight IO), then the map writer.
+    engine: Box<dyn IoEngine>,
+    map_writer: MapWriter,
+    pool: BufferPool,
+    devices: Vec<StoreDevice>,
+    map: RwLock<HashMap<(u64, u64), SlotLocation>>,
+    /// Free slots per device, lowest last (popped first).
+    free_slots: Mutex<Vec<Vec<u32>>>,
+    locks: Box<[tokio::sync::RwLock<()>]>,
+    next_generation: AtomicU64,
+    db_path: PathBuf,
+    counters: StoreCounters,
+}
+
+/// The content of a write: caller bytes, or zeroes.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Data(&'a [u8]),
+    Zeroes(usize),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Data(data) => data.len(),
+            Payload::Zeroes(len) => *len,
+        }
+    }
+    fn copy_into(&self, target: &mut [u8]) {
+        match self {
+            Payload::Data(data) => target.copy_from_slice(data),
+            Payload::Zeroes(_) => target.fill(0),
+        }
+    }
 }
 
 impl ChunkStore {
     /// Opens (creating and preallocating if needed) the devices and the chunk map.
-    pub fn open(_cfg: StoreConfig) -> Result<Arc<Self>, StoreError> {
-        todo!()
+    pub fn open(cfg: StoreConfig) -> Result<Arc<Self>, StoreError> {
+        if cfg.devices.is_empty() {
+            return Err(StoreError::Config("at least one device is required".into()));
+        }
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let db_path = cfg.data_dir.join(DB_FILE_NAME);
+        let conn = db::open_connection(&db_path)?;
+
+        let mut devices = Vec::with_capacity(cfg.devices.len());
+        for (path, size) in &cfg.devices {
+            let provisioned = device::provision(path, *size)?;
+            let path = std::fs::canonicalize(&provisioned.path)?;
+            let db_id = db::upsert_device(&conn, &path.to_string_lossy(), provisioned.size_bytes)?;
+            if devices.iter().any(|d: &StoreDevice| d.db_id == db_id) {
+                return Err(StoreError::Config(format!("{} is listed twice", path.display())));
+            }
+            devices.push(StoreDevice {
+                path,
+                db_id,
+                size_bytes: provisioned.size_bytes,
+                slot_count: provisioned.slot_count,
+            });
+        }
+
+        let known_devices = db::load_devices(&conn)?;
+        let rows = db::load_chunks(&conn)?;
+        let mut used: Vec<Vec<bool>> =
+            devices.iter().map(|d| vec![false; d.slot_count as usize]).collect();
+        let mut map = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let Some(index) = devices.iter().position(|d| d.db_id == row.device_id) else {
+                let path = known_devices
+                    .iter()
+                    .find(|d| d.device_id == row.device_id)
+                    .map_or("?".to_string(), |d| d.path.clone());
+                return Err(StoreError::Config(format!(
+                    "device {path} holds chunks but is not configured"
+                )));
+            };
+            let Some(taken) = used[index].get_mut(row.slot as usize) else {
+                return Err(StoreError::Config(format!(
+                    "{} is too small for its chunk in slot {}",
+                    devices[index].path.display(),
+                    row.slot
+                )));
+            };
+            *taken = true;
+            map.insert(
+                (row.volume_id, row.chunk_index),
+                SlotLocation { device: index, slot: row.slot, generation: row.generation },
+            );
+        }
+        let free_slots = used
+            .iter()
+            .map(|taken| {
+                (0..taken.len() as u32).rev().filter(|&slot| !taken[slot as usize]).collect()
+            })
+            .collect();
+        let next_generation = db::next_generation(&conn)?;
+
+        let files: Vec<DeviceFile> =
+            devices.iter().map(|d| DeviceFile { path: d.path.clone() }).collect();
+        let engine = open_engine(cfg.engine, &files)?;
+        let map_writer = MapWriter::start(conn)?;
+        tracing::info!(
+            devices = devices.len(),
+            chunks = map.len(),
+            engine = %cfg.engine,
+            "chunk store opened"
+        );
+        Ok(Arc::new(Self {
+            engine,
+            map_writer,
+            pool: BufferPool::default(),
+            devices,
+            map: RwLock::new(map),
+            free_slots: Mutex::new(free_slots),
+            locks: (0..LOCK_STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            next_generation: AtomicU64::new(next_generation),
+            db_path,
+            counters: StoreCounters::default(),
+        }))
     }
+
     /// Reads `len` bytes at `offset` of a chunk; a chunk never written reads as zeroes.
     pub async fn read(
         &self,
-        _vol: u64,
-        _chunk: u64,
-        _offset: u32,
-        _len: u32,
+        vol: u64,
+        chunk: u64,
+        offset: u32,
+        len: u32,
     ) -> Result<Vec<u8>, StoreError> {
-        todo!()
+        check_range(offset, len as usize)?;
+        let key = (vol, chunk);
+        let _shared = self.lock_for(key).read().await;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters.read_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        let Some(location) = self.location(key) else {
+            return Ok(vec![0; len as usize]);
+        };
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let offset = u64::from(offset);
+        let start = offset / ALIGN * ALIGN;
+        let end = (offset + u64::from(len)).div_ceil(ALIGN) * ALIGN;
+        let buf = self.read_slot(location, start, (end - start) as usize).await?;
+        let from = (offset - start) as usize;
+        Ok(buf[from..from + len as usize].to_vec())
     }
-    /// Writes `data` at `offset` of a chunk; `fua` makes the write durable before it returns.
+
+    /// Writes `data` at `offset` of a chunk; with `fua` the data is durable
+    /// when this returns. The first write to a chunk allocates its slot.
     pub async fn write(
         &self,
-        _vol: u64,
-        _chunk: u64,
-        _offset: u32,
-        _data: &[u8],
-        _fua: bool,
+        vol: u64,
+        chunk: u64,
+        offset: u32,
+        data: &[u8],
+        fua: bool,
     ) -> Result<(), StoreError> {
-        todo!()
+        check_range(offset, data.len())?;
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters.write_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.write_payload((vol, chunk), offset, Payload::Data(data), fua, true).await
     }
+
     /// Zeroes a range; the whole chunk frees its slot.
     pub async fn write_zeroes(
         &self,
-        _vol: u64,
-        _chunk: u64,
-        _offset: u32,
-        _len: u32,
-        _fua: bool,
+        vol: u64,
+        chunk: u64,
+        offset: u32,
+        len: u32,
+        fua: bool,
     ) -> Result<(), StoreError> {
-        todo!()
+        self.discard((vol, chunk), offset, len, fua).await
     }
-    /// Discards a range (reads as zeroes afterwards); the whole chunk frees its slot.
+
+    /// Discards a range (it reads as zeroes afterwards); the whole chunk frees its slot.
     pub async fn trim(
         &self,
-        _vol: u64,
-        _chunk: u64,
-        _offset: u32,
-        _len: u32,
+        vol: u64,
+        chunk: u64,
+        offset: u32,
+        len: u32,
     ) -> Result<(), StoreError> {
-        todo!()
+        self.discard((vol, chunk), offset, len, false).await
     }
+
     /// Makes every acknowledged write durable (`fdatasync` of every device).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        todo!()
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        let pending: Vec<_> = (0..self.devices.len())
+            .map(|device| self.engine.submit(IoRequest::data_sync(device)))
+            .collect();
+        let mut first_error = None;
+        for completion in pending {
+            if let Err(error) = completion.await.result {
+                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
-    /// CRC32 of a chunk's full 1 MiB content.
-    pub async fn chunk_checksum(
-        &self,
-        _vol: u64,
-        _chunk: u64,
-    ) -> Result<ChunkChecksum, StoreError> {
-        todo!()
+
+    /// CRC32 of a chunk's full 1 MiB content (zeroes when never written).
+    pub async fn chunk_checksum(&self, vol: u64, chunk: u64) -> Result<ChunkChecksum, StoreError> {
+        let key = (vol, chunk);
+        let _shared = self.lock_for(key).read().await;
+        let (allocated, crc32, generation) = match self.location(key) {
+            None => (false, zero_chunk_crc(), 0),
+            Some(location) => {
+                let buf = self.read_slot(location, 0, CHUNK_BYTES).await?;
+                (true, crc32fast::hash(&buf), location.generation)
+            }
+        };
+        Ok(ChunkChecksum { volume_id: vol, chunk_index: chunk, allocated, crc32, generation })
     }
+
     /// (capacity, used) in bytes.
     pub fn capacity(&self) -> (u64, u64) {
-        todo!()
+        let capacity = self.devices.iter().map(|d| d.size_bytes).sum();
+        let used = self.read_map().len() as u64 * CHUNK_SIZE;
+        (capacity, used)
     }
+
+    /// Every device with its capacity and the bytes its allocated slots take.
     pub fn devices(&self) -> Vec<DeviceInfo> {
-        todo!()
+        let free = self.free_slots.lock().unwrap_or_else(|e| e.into_inner());
+        self.devices
+            .iter()
+            .zip(free.iter())
+            .map(|(device, free)| DeviceInfo {
+                path: device.path.to_string_lossy().into_owned(),
+                capacity_bytes: device.size_bytes,
+                used_bytes: u64::from(device.slot_count - free.len() as u32) * CHUNK_SIZE,
+            })
+            .collect()
     }
-    /// Every (volume, chunk) pair that holds a slot.
+
+    /// Every (volume, chunk) pair that holds a slot, sorted.
     pub fn allocated_chunks(&self) -> Vec<(u64, u64)> {
-        todo!()
+        let mut chunks: Vec<_> = self.read_map().keys().copied().collect();
+        chunks.sort_unstable();
+        chunks
     }
+
     /// Whether a chunk holds a slot (in-memory lookup; answers `Op::Allocation`).
-    pub fn is_allocated(&self, _vol: u64, _chunk: u64) -> bool {
-        todo!()
+    pub fn is_allocated(&self, vol: u64, chunk: u64) -> bool {
+        self.read_map().contains_key(&(vol, chunk))
     }
+
+    /// The engine the store runs on.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.engine.kind()
+    }
+
+    /// The IO engine itself (diagnostics, tests).
+    pub fn engine(&self) -> &dyn IoEngine {
+        self.engine.as_ref()
+    }
+
+    /// The descriptor each device's IO goes through (to check its open flags).
+    pub fn device_fds(&self) -> Vec<std::os::fd::RawFd> {
+        (0..self.devices.len()).filter_map(|d| self.engine.device_fd(d)).collect()
+    }
+
+    /// `sds_local.db`; other modules keep their own connection to it for
+    /// `verified_tokens` and `local_health_log`.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// Operation counters since the store was opened.
+    pub fn counters(&self) -> &StoreCounters {
+        &self.counters
+    }
+
+    // ---- internals ----
+
+    fn lock_for(&self, (vol, chunk): (u64, u64)) -> &tokio::sync::RwLock<()> {
+        let mixed =
+            vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let index = (mixed ^ (mixed >> 29)) as usize % LOCK_STRIPES;
+        &self.locks[index]
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<(u64, u64), SlotLocation>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn location(&self, key: (u64, u64)) -> Option<SlotLocation> {
+        self.read_map().get(&key).copied()
+    }
+
+    /// Reads `len` aligned bytes at aligned `offset` within the slot.
+    async fn read_slot(
+        &self,
+        location: SlotLocation,
+        offset: u64,
+        len: usize,
+    ) -> Result<AlignedBuf, StoreError> {
+        let buf = self.pool.take(len);
+        let request = IoRequest::read(location.device, location.byte_offset(offset), buf);
+        let completion = self.engine.submit(request).await;
+        match completion.result {
+            Ok(()) => Ok(completion.buf.expect("a completed read returns its buffer")),
+            Err(error) => {
+                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Writes an aligned buffer at aligned `offset` within the slot.
+    async fn write_slot(
+        &self,
+        location: SlotLocation,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let request = IoRequest::write(location.device, location.byte_offset(offset), buf, fua);
+        self.engine.submit(request).await.result.map_err(|error| {
+            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+            error.into()
+        })
+    }
+
+    async fn discard(
+        &self,
+        key: (u64, u64),
+        offset: u32,
+        len: u32,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        check_range(offset, len as usize)?;
+        if offset == 0 && u64::from(len) == CHUNK_SIZE {
+            return self.release(key).await;
+        }
+        self.write_payload(key, offset, Payload::Zeroes(len as usize), fua, false).await
+    }
+
+    /// Writes `payload` into the chunk. An unallocated chunk is allocated
+    /// when `allocate` is set; otherwise (zeroing) it is left alone, since it
+    /// reads as zeroes already.
+    async fn write_payload(
+        &self,
+        key: (u64, u64),
+        offset: u32,
+        payload: Payload<'_>,
+        fua: bool,
+        allocate: bool,
+    ) -> Result<(), StoreError> {
+        let len = payload.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let offset = u64::from(offset);
+        let aligned = offset % ALIGN == 0 && len as u64 % ALIGN == 0;
+        let lock = self.lock_for(key);
+        if aligned {
+            // Fast path: whole blocks of an allocated chunk, in parallel with other IO.
+            let _shared = lock.read().await;
+            match self.location(key) {
+                Some(location) => {
+                    let mut buf = self.pool.take(len);
+                    payload.copy_into(&mut buf);
+                    return self.write_slot(location, offset, buf, fua).await;
+                }
+                None if !allocate => return Ok(()),
+                None => {}
+            }
+        }
+        let _exclusive = lock.write().await;
+        match self.location(key) {
+            Some(location) if aligned => {
+                let mut buf = self.pool.take(len);
+                payload.copy_into(&mut buf);
+                self.write_slot(location, offset, buf, fua).await
+            }
+            Some(location) => self.read_modify_write(location, offset, payload, fua).await,
+            None if !allocate => Ok(()),
+            None => self.allocate_and_write(key, offset, payload).await,
+        }
+    }
+
+    /// Writes an unaligned range: reads the partial edge blocks, merges,
+    /// writes whole blocks. The caller holds the chunk's exclusive lock.
+    async fn read_modify_write(
+        &self,
+        location: SlotLocation,
+        offset: u64,
+        payload: Payload<'_>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.counters.read_modify_writes.fetch_add(1, Ordering::Relaxed);
+        let end = offset + payload.len() as u64;
+        let start = offset / ALIGN * ALIGN;
+        let aligned_end = end.div_ceil(ALIGN) * ALIGN;
+        let mut buf = self.pool.take((aligned_end - start) as usize);
+        let head_partial = offset != start;
+        let last_block = aligned_end - ALIGN;
+        let tail_partial = end != aligned_end && !(head_partial && last_block == start);
+        let head = async {
+            if head_partial {
+                self.read_slot(location, start, IO_ALIGN).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let tail = async {
+            if tail_partial {
+                self.read_slot(location, last_block, IO_ALIGN).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (head, tail) = tokio::join!(head, tail);
+        if let Some(block) = head? {
+            buf[..IO_ALIGN].copy_from_slice(&block);
+        }
+        if let Some(block) = tail? {
+            let at = (last_block - start) as usize;
+            buf[at..at + IO_ALIGN].copy_from_slice(&block);
+        }
+        let from = (offset - start) as usize;
+        payload.copy_into(&mut buf[from..from + payload.len()]);
+        self.write_slot(location, start, buf, fua).await
+    }
+
+    /// First write to a chunk: takes a slot, writes all of it durably, then
+    /// commits the map row. The caller holds the chunk's exclusive lock.
+    async fn allocate_and_write(
+        &self,
+        key: (u64, u64),
+        offset: u64,
+        payload: Payload<'_>,
+    ) -> Result<(), StoreError> {
+        let (device, slot) = self.take_free_slot()?;
+        let location = SlotLocation {
+            device,
+            slot,
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+        };
+        let mut buf = self.pool.take(CHUNK_BYTES);
+        let from = offset as usize;
+        buf[..from].fill(0);
+        payload.copy_into(&mut buf[from..from + payload.len()]);
+        buf[from + payload.len()..].fill(0);
+        let outcome = async {
+            self.write_slot(location, 0, buf, true).await?;
+            self.map_writer
+                .apply(MapChange::Map(ChunkRow {
+                    volume_id: key.0,
+                    chunk_index: key.1,
+                    device_id: self.devices[device].db_id,
+                    slot,
+                    generation: location.generation,
+                }))
+                .await
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                self.map.write().unwrap_or_else(|e| e.into_inner()).insert(key, location);
+                self.counters.slots_allocated.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                self.return_slot(device, slot);
+                Err(error)
+            }
+        }
+    }
+
+    /// Frees the chunk's slot (durably unmapped first).
+    async fn release(&self, key: (u64, u64)) -> Result<(), StoreError> {
+        let _exclusive = self.lock_for(key).write().await;
+        let Some(location) = self.location(key) else { return Ok(()) };
+        self.map_writer.apply(MapChange::Unmap { volume_id: key.0, chunk_index: key.1 }).await?;
+        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        self.return_slot(location.device, location.slot);
+        self.counters.slots_freed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn take_free_slot(&self) -> Result<(usize, u32), StoreError> {
+        let mut free = self.free_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let (device, slots) = free
+            .iter_mut()
+            .enumerate()
+            .max_by_key(|(index, slots)| (slots.len(), std::cmp::Reverse(*index)))
+            .filter(|(_, slots)| !slots.is_empty())
+            .ok_or(StoreError::NoSpace)?;
+        let slot = slots.pop().expect("the chosen device has a free slot");
+        Ok((device, slot))
+    }
+
+    fn return_slot(&self, device: usize, slot: u32) {
+        self.free_slots.lock().unwrap_or_else(|e| e.into_inner())[device].push(slot);
+    }
+}
+
+fn check_range(offset: u32, len: usize) -> Result<(), StoreError> {
+    let end = u64::from(offset).checked_add(len as u64);
+    match end {
+        Some(end) if end <= CHUNK_SIZE => Ok(()),
+        _ => Err(StoreError::OutOfRange { offset: u64::from(offset), len: len as u64 }),
+    }
+}
+
+/// CRC32 of a chunk of zeroes (what an unallocated chunk reads as).
+fn zero_chunk_crc() -> u32 {
+    static CRC: OnceLock<u32> = OnceLock::new();
+    *CRC.get_or_init(|| crc32fast::hash(&vec![0u8; CHUNK_BYTES]))
 }
