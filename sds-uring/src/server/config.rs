@@ -1,0 +1,246 @@
+//! Command-line configuration of the `sds` binary and what it resolves to.
+//!
+//! Ports default to 9100+N (control), 9200+N (mgmt) and 9700+N (data) for
+//! `--index N`; each can be given explicitly (0 picks a free port, which is
+//! then registered with the MDM as bound).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::engine::EngineKind;
+
+/// `sds`: pflex storage server.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sds",
+    version,
+    about = "pflex storage server: stores 1 MiB chunks of volumes on local devices, \
+             verifies IO tokens and replicates writes to a second SDS."
+)]
+pub struct SdsArgs {
+    /// Base URL of the MDM.
+    #[arg(long, env = "PFLEX_MDM", default_value = "http://127.0.0.1:8001")]
+    pub mdm: String,
+    /// File holding the cluster join key (read once at start).
+    #[arg(long, value_name = "PATH")]
+    pub join_key_file: Option<PathBuf>,
+    /// The cluster join key itself (prefer --join-key-file: argv is visible to other users).
+    #[arg(long, env = "PFLEX_JOIN_KEY", hide_env_values = true)]
+    pub join_key: Option<String>,
+    /// Node name; re-registering with the same name is the same node.
+    #[arg(long, default_value = "sds1")]
+    pub name: String,
+    /// Node number N: default ports are control 9100+N, mgmt 9200+N, data 9700+N.
+    #[arg(long, default_value_t = 1)]
+    pub index: u16,
+    /// Address to listen on and to advertise to the MDM.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Control HTTP port (health, metrics, chunk checksums); default 9100+N.
+    #[arg(long)]
+    pub control_port: Option<u16>,
+    /// Management HTTP port (health, metrics); default 9200+N.
+    #[arg(long)]
+    pub mgmt_port: Option<u16>,
+    /// Data-plane TCP port; default 9700+N.
+    #[arg(long)]
+    pub data_port: Option<u16>,
+    /// Directory for `sds_local.db` and the stored cluster secret.
+    #[arg(long, default_value = "./sds-data")]
+    pub data_dir: PathBuf,
+    /// Device file or block device (repeatable); default DATA_DIR/dev0.img.
+    #[arg(long = "device", value_name = "PATH")]
+    pub devices: Vec<PathBuf>,
+    /// Size of each --device, e.g. 4G or 512M (repeatable: one per device,
+    /// or one for all).
+    #[arg(long = "device-size", value_name = "SIZE", value_parser = parse_size)]
+    pub device_sizes: Vec<u64>,
+    /// Fault set of this node (the two copies of a chunk never share one);
+    /// default: the node name.
+    #[arg(long)]
+    pub fault_set: Option<String>,
+    /// Storage pool this node's capacity joins.
+    #[arg(long, default_value = "default")]
+    pub pool: String,
+    /// Disk IO engine: `uring` (io_uring, O_DIRECT) or `sync` (pread/pwrite).
+    #[arg(long, default_value = "uring")]
+    pub io_engine: EngineKind,
+    /// Seconds between heartbeats; default: what the MDM says at registration.
+    #[arg(long)]
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds between batched IO acknowledgements to the MDM.
+    #[arg(long, default_value_t = 2)]
+    pub ack_interval_secs: u64,
+    /// Data-plane connections to each peer SDS (replication).
+    #[arg(long, default_value_t = 4)]
+    pub peer_connections: usize,
+}
+
+/// Size of a device created when none is given.
+pub const DEFAULT_DEVICE_SIZE: u64 = 1 << 30;
+
+/// Why the arguments cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no join key: give --join-key-file or --join-key (env PFLEX_JOIN_KEY)")]
+    NoJoinKey,
+    #[error("cannot read the join key file {path}: {source}")]
+    JoinKeyFile { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{devices} devices but {sizes} sizes: give one --device-size per device, or one for all"
+    )]
+    DeviceSizes { devices: usize, sizes: usize },
+    #[error("port {0} is out of range for index {1}")]
+    PortRange(u32, u16),
+}
+
+/// Everything the server needs, resolved from [`SdsArgs`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub mdm_url: String,
+    pub join_key: String,
+    pub name: String,
+    pub host: String,
+    pub control_port: u16,
+    pub mgmt_port: u16,
+    pub data_port: u16,
+    pub data_dir: PathBuf,
+    pub devices: Vec<(PathBuf, u64)>,
+    pub fault_set: Option<String>,
+    pub pool: String,
+    pub engine: EngineKind,
+    pub heartbeat_interval: Option<Duration>,
+    pub ack_interval: Duration,
+    pub peer_connections: usize,
+}
+
+impl SdsArgs {
+    /// Resolves defaults, reads the join key and pairs devices with sizes.
+    pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
+        let join_key = match (&self.join_key_file, &self.join_key) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::JoinKeyFile { path: path.clone(), source })?
+                .trim()
+                .to_string(),
+            (None, Some(key)) => key.trim().to_string(),
+            (None, None) => return Err(ConfigError::NoJoinKey),
+        };
+        if join_key.is_empty() {
+            return Err(ConfigError::NoJoinKey);
+        }
+        let port = |explicit: Option<u16>, base: u32| -> Result<u16, ConfigError> {
+            match explicit {
+                Some(p) => Ok(p),
+                None => {
+                    let p = base + u32::from(self.index);
+                    u16::try_from(p).map_err(|_| ConfigError::PortRange(p, self.index))
+                }
+            }
+        };
+        let device_paths = if self.devices.is_empty() {
+            vec![self.data_dir.join("dev0.img")]
+        } else {
+            self.devices.clone()
+        };
+        let sizes: Vec<u64> = match self.device_sizes.len() {
+            0 => vec![DEFAULT_DEVICE_SIZE; device_paths.len()],
+            1 => vec![self.device_sizes[0]; device_paths.len()],
+            n if n == device_paths.len() => self.device_sizes.clone(),
+            n => return Err(ConfigError::DeviceSizes { devices: device_paths.len(), sizes: n }),
+        };
+        Ok(NodeConfig {
+            mdm_url: self.mdm.clone(),
+            join_key,
+            name: self.name.clone(),
+            host: self.host.clone(),
+            control_port: port(self.control_port, 9100)?,
+            mgmt_port: port(self.mgmt_port, 9200)?,
+            data_port: port(self.data_port, 9700)?,
+            data_dir: self.data_dir.clone(),
+            devices: device_paths.into_iter().zip(sizes).collect(),
+            fault_set: self.fault_set.clone(),
+            pool: self.pool.clone(),
+            engine: self.io_engine,
+            heartbeat_interval: self.heartbeat_interval_secs.map(|s| Duration::from_secs(s.max(1))),
+            ack_interval: Duration::from_secs(self.ack_interval_secs.max(1)),
+            peer_connections: self.peer_connections.max(1),
+        })
+    }
+}
+
+/// Parses sizes like `4G`, `512M`, `64K`, `1T` or plain bytes (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| format!("bad size {text:?}"))?;
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("bad size unit in {text:?}; use K, M, G or T")),
+    };
+    number.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn ports_follow_the_index_and_devices_pair_with_sizes() {
+        let args = SdsArgs::parse_from([
+            "sds",
+            "--join-key",
+            "k",
+            "--index",
+            "3",
+            "--data-port",
+            "1234",
+            "--device",
+            "/a",
+            "--device",
+            "/b",
+            "--device-size",
+            "1G",
+        ]);
+        let cfg = args.resolve().unwrap();
+        assert_eq!((cfg.control_port, cfg.mgmt_port, cfg.data_port), (9103, 9203, 1234));
+        assert_eq!(cfg.devices, vec![("/a".into(), 1 << 30), ("/b".into(), 1 << 30)]);
+        let args = SdsArgs::parse_from([
+            "sds",
+            "--join-key",
+            "k",
+            "--device",
+            "/a",
+            "--device",
+            "/b",
+            "--device-size",
+            "1G",
+            "--device-size",
+            "2G",
+            "--device-size",
+            "3G",
+        ]);
+        assert!(matches!(args.resolve(), Err(ConfigError::DeviceSizes { .. })));
+        let args = SdsArgs::parse_from(["sds"]);
+        if std::env::var_os("PFLEX_JOIN_KEY").is_none() {
+            assert!(matches!(args.resolve(), Err(ConfigError::NoJoinKey)));
+        }
+    }
+}

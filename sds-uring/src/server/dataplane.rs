@@ -1,0 +1,465 @@
+//! The data plane on TCP 9700+N: request dispatch, every check before any
+//! IO, and two-copy replication.
+//!
+//! Each connection has one reader loop and one writer task; every request
+//! is served by its own task, so requests on one connection overlap and
+//! replies leave in completion order. A framing error closes the
+//! connection (the byte stream can no longer be trusted).
+//!
+//! A client request (from an SDC) is checked in this order, and a refused
+//! request touches nothing: frame fields (`Invalid`), known token
+//! (`NoToken`), header MAC under the token's session key (`BadMac`), token
+//! scope (`Expired`, `WrongVolume`, `ReadOnly`, `Revoked`), placement epoch
+//! (`StaleEpoch`), chunk inside the volume (`Invalid`), this node is the
+//! chunk's primary (`NotPrimary`), payload CRC (`BadCrc`), replay window
+//! (`Replay`). The sequence number is accepted last, so a request refused
+//! for another reason can be corrected and sent again with the same one.
+//!
+//! A replication frame (flag `REPLICA`, from the chunk's primary) is MACed
+//! with the peer key and carries the sender's node id in `token_id`; the
+//! receiver checks the MAC, the epoch, that it is the chunk's secondary and
+//! the sender its primary, the CRC and the sender's replay window.
+//!
+//! On the primary, a write-type request takes the chunk's ordering lock,
+//! then writes locally and forwards to the secondary concurrently, and
+//! replies when both finished: `Ok` only if both succeeded, the local
+//! error if the local write failed, `ReplicaFailed` if only the secondary
+//! did (and `StaleEpoch` if the secondary knows a newer map).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pflex_dataplane::{read_request, ReplyWriter};
+use pflex_proto::frame::{crc32, flags, FrameHeader, Op, Status, HEADER_LEN};
+use pflex_proto::placement::{PlacementGroup, PlacementMap};
+use pflex_proto::token::SignedToken;
+use pflex_proto::unix_now;
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::auth::{check_client_request, verify_auth, VerifiedToken};
+use super::metrics::op_name;
+use super::{Identity, SdsNode};
+use crate::store::StoreError;
+
+/// Requests served concurrently per connection before reading pauses.
+const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Accepts data-plane connections forever.
+pub async fn serve(node: Arc<SdsNode>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                node.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "data-plane connection");
+                tokio::spawn(serve_connection(node.clone(), stream));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream) {
+    let (read_half, write_half) = stream.into_split();
+    let mut requests = BufReader::with_capacity(READ_BUFFER, read_half);
+    let (replies, _writer) = ReplyWriter::spawn(write_half);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    loop {
+        let (header, raw, payload) = match read_request(&mut requests).await {
+            Ok(Some(request)) => request,
+            Ok(None) => break,
+            Err(e) => {
+                node.metrics.framing_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "closing data-plane connection");
+                break;
+            }
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let (node, replies) = (node.clone(), replies.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (status, data) = handle_request(&node, &header, &raw, payload).await;
+            let replica = header.flags & flags::REPLICA != 0;
+            node.metrics.count_reply(Op::from_u8(header.op), status, replica);
+            if status != Status::Ok {
+                tracing::debug!(
+                    op = header.op,
+                    volume = header.volume_id,
+                    chunk = header.chunk_index,
+                    status = status.name(),
+                    "request refused"
+                );
+            }
+            let _ = replies.reply(&header, status, data).await;
+        });
+    }
+}
+
+/// Serves one request; the reply's status and payload.
+pub async fn handle_request(
+    node: &SdsNode,
+    header: &FrameHeader,
+    raw: &[u8; HEADER_LEN],
+    payload: Vec<u8>,
+) -> (Status, Vec<u8>) {
+    let outcome = async {
+        let op = header.validate_request()?;
+        if op == Op::Ping {
+            return Ok(Vec::new());
+        }
+        let identity = node.identity().ok_or(Status::NotAvailable)?;
+        if header.flags & flags::REPLICA != 0 {
+            serve_replica(node, &identity, op, header, raw, payload).await
+        } else if op == Op::Auth {
+            serve_auth(node, &identity, header, raw, &payload).await
+        } else {
+            serve_client(node, &identity, op, header, raw, payload).await
+        }
+    }
+    .await;
+    match outcome {
+        Ok(data) => (Status::Ok, data),
+        Err(status) => (status, Vec::new()),
+    }
+}
+
+async fn serve_auth(
+    node: &SdsNode,
+    identity: &Identity,
+    header: &FrameHeader,
+    raw: &[u8; HEADER_LEN],
+    payload: &[u8],
+) -> Result<Vec<u8>, Status> {
+    // Signature first: nothing unauthenticated may make this node call the MDM.
+    let signed = SignedToken::decode(payload).map_err(Status::from)?;
+    identity.secret.verify(&signed).map_err(Status::from)?;
+    let volume_id = signed.token.volume_id;
+    if node.placement.mapping_gen(volume_id) == 0 {
+        // Unknown volume so far: learn its mapping generation (revocation).
+        let _ = node.placement_for(volume_id, 0).await;
+    }
+    let mapping_gen = node.placement.mapping_gen(volume_id);
+    let (signed, session_key) =
+        verify_auth(&identity.secret, header, raw, payload, unix_now(), mapping_gen)?;
+    if node.tokens.insert(&signed, session_key) {
+        node.local_log.token_verified(&signed.token);
+    }
+    Ok(Vec::new())
+}
+
+async fn serve_client(
+    node: &SdsNode,
+    identity: &Identity,
+    op: Op,
+    header: &FrameHeader,
+    raw: &[u8; HEADER_LEN],
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let token = node.tokens.get(header.token_id).ok_or(Status::NoToken)?;
+    let mapping_gen = node.placement.mapping_gen(header.volume_id);
+    check_client_request(&token, header, raw, op, unix_now(), mapping_gen)?;
+    let bytes = u64::from(header.length);
+    let outcome = serve_checked_client(node, identity, &token, op, header, payload).await;
+    if op != Op::Allocation {
+        node.acks.record(
+            token.token.token_id,
+            header.volume_id,
+            op_name(op),
+            bytes,
+            outcome.is_ok(),
+        );
+    }
+    outcome
+}
+
+async fn serve_checked_client(
+    node: &SdsNode,
+    identity: &Identity,
+    token: &VerifiedToken,
+    op: Op,
+    header: &FrameHeader,
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let map = node.placement_for(header.volume_id, header.epoch).await?;
+    if token.token.mapping_gen < map.mapping_gen {
+        return Err(Status::Revoked);
+    }
+    match op {
+        Op::Flush => {
+            accept_seq(token, header.seq)?;
+            flush_volume(node, identity, &map).await?;
+            Ok(Vec::new())
+        }
+        Op::Allocation => {
+            accept_seq(token, header.seq)?;
+            Ok(allocation_bitmap(node, &map, header))
+        }
+        Op::Read | Op::Write | Op::Trim | Op::WriteZeroes => {
+            let pg = chunk_group(&map, header)?;
+            if pg.primary != identity.node_id {
+                return Err(Status::NotPrimary);
+            }
+            if op == Op::Write && crc32(&payload) != header.payload_crc {
+                return Err(Status::BadCrc);
+            }
+            accept_seq(token, header.seq)?;
+            if op == Op::Read {
+                return read_local(node, header).await;
+            }
+            replicate_write(node, identity, &map, pg, op, header, payload).await?;
+            Ok(Vec::new())
+        }
+        Op::Auth | Op::Ping => Err(Status::Invalid),
+    }
+}
+
+fn accept_seq(token: &VerifiedToken, seq: u64) -> Result<(), Status> {
+    if token.accept_seq(seq) {
+        Ok(())
+    } else {
+        Err(Status::Replay)
+    }
+}
+
+/// The chunk's PG, if the chunk lies inside the volume.
+fn chunk_group(map: &PlacementMap, header: &FrameHeader) -> Result<PlacementGroup, Status> {
+    if header.chunk_index >= map.chunk_count() {
+        return Err(Status::Invalid);
+    }
+    map.pg_of(header.chunk_index).copied().ok_or(Status::NotAvailable)
+}
+
+async fn read_local(node: &SdsNode, header: &FrameHeader) -> Result<Vec<u8>, Status> {
+    let data = node
+        .store
+        .read(header.volume_id, header.chunk_index, header.offset, header.length)
+        .await
+        .map_err(|e| store_status(&e))?;
+    node.metrics.read_bytes.fetch_add(u64::from(header.length), Ordering::Relaxed);
+    Ok(data)
+}
+
+/// Applies a write-type op to the local copy.
+async fn apply_local(
+    node: &SdsNode,
+    op: Op,
+    header: &FrameHeader,
+    payload: &[u8],
+) -> Result<(), Status> {
+    let (vol, chunk, offset, len) =
+        (header.volume_id, header.chunk_index, header.offset, header.length);
+    let fua = header.flags & flags::FUA != 0;
+    let outcome = match op {
+        Op::Write => node.store.write(vol, chunk, offset, payload, fua).await,
+        Op::WriteZeroes => node.store.write_zeroes(vol, chunk, offset, len, fua).await,
+        Op::Trim => match node.store.trim(vol, chunk, offset, len).await {
+            Ok(()) if fua => node.store.flush().await,
+            other => other,
+        },
+        _ => return Err(Status::Invalid),
+    };
+    outcome.map_err(|e| {
+        tracing::warn!(vol, chunk, error = %e, "local write failed");
+        store_status(&e)
+    })?;
+    if op == Op::Write {
+        node.metrics.write_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::NoSpace => Status::NoSpace,
+        StoreError::OutOfRange { .. } => Status::Invalid,
+        _ => Status::IoError,
+    }
+}
+
+/// Primary side: local write and forward under the chunk's ordering lock.
+async fn replicate_write(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    pg: PlacementGroup,
+    op: Op,
+    header: &FrameHeader,
+    payload: Vec<u8>,
+) -> Result<(), Status> {
+    let secondary = map
+        .node(pg.secondary)
+        .filter(|_| pg.secondary != identity.node_id)
+        .ok_or(Status::ReplicaFailed)?;
+    let peer = node.peers.client(secondary).map_err(|e| {
+        tracing::warn!(error = %e, "cannot reach the secondary");
+        Status::ReplicaFailed
+    })?;
+    let forward = FrameHeader {
+        op: header.op,
+        flags: flags::REPLICA | (header.flags & flags::FUA),
+        volume_id: header.volume_id,
+        chunk_index: header.chunk_index,
+        offset: header.offset,
+        length: header.length,
+        epoch: map.epoch,
+        token_id: identity.node_id,
+        seq: node.replication_seq.next(),
+        ..FrameHeader::default()
+    };
+    let _in_order = node.chunk_locks.lock(header.volume_id, header.chunk_index).await;
+    let remote_payload = if op == Op::Write { payload.clone() } else { Vec::new() };
+    let (local, remote) = tokio::join!(
+        apply_local(node, op, header, &payload),
+        peer.call_owned(forward, &identity.peer_key, remote_payload)
+    );
+    node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
+    let remote_status = match remote {
+        Ok(reply) => reply.status(),
+        Err(e) => {
+            tracing::warn!(peer = %secondary.name, error = %e, "forward to the secondary failed");
+            Status::ReplicaFailed
+        }
+    };
+    if remote_status != Status::Ok {
+        node.metrics.forward_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    local?;
+    match remote_status {
+        Status::Ok => Ok(()),
+        Status::StaleEpoch => {
+            // The secondary knows a newer map; so will we, and the SDC retries.
+            let _ = node.fetch_placement(header.volume_id).await;
+            Err(Status::StaleEpoch)
+        }
+        other => {
+            tracing::warn!(peer = %secondary.name, status = other.name(), "secondary refused");
+            Err(Status::ReplicaFailed)
+        }
+    }
+}
+
+/// Client FLUSH: `fdatasync` here and on every secondary of the volume's
+/// PGs this node is primary of, concurrently.
+async fn flush_volume(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+) -> Result<(), Status> {
+    let me = identity.node_id;
+    let secondaries: BTreeSet<u64> = map
+        .pgs
+        .iter()
+        .filter(|pg| pg.primary == me && pg.secondary != me)
+        .map(|pg| pg.secondary)
+        .collect();
+    let mut forwards = tokio::task::JoinSet::new();
+    for secondary in secondaries {
+        let Some(endpoint) = map.node(secondary) else { return Err(Status::ReplicaFailed) };
+        let peer = node.peers.client(endpoint).map_err(|_| Status::ReplicaFailed)?;
+        let forward = FrameHeader {
+            op: Op::Flush as u8,
+            flags: flags::REPLICA,
+            volume_id: map.volume_id,
+            epoch: map.epoch,
+            token_id: me,
+            seq: node.replication_seq.next(),
+            ..FrameHeader::default()
+        };
+        let key = identity.peer_key.clone();
+        forwards.spawn(async move { peer.call(forward, &key, &[]).await });
+    }
+    let local = node.store.flush().await;
+    let mut replicas_ok = true;
+    while let Some(joined) = forwards.join_next().await {
+        let ok = matches!(joined, Ok(Ok(ref reply)) if reply.status() == Status::Ok);
+        if !ok {
+            tracing::warn!(outcome = ?joined, "flush on a secondary failed");
+            replicas_ok = false;
+        }
+    }
+    local.map_err(|e| store_status(&e))?;
+    if replicas_ok {
+        Ok(())
+    } else {
+        Err(Status::ReplicaFailed)
+    }
+}
+
+/// Bitmap of the chunks in the request's range this node holds.
+fn allocation_bitmap(node: &SdsNode, map: &PlacementMap, header: &FrameHeader) -> Vec<u8> {
+    let count = u64::from(header.length);
+    let mut bits = vec![0u8; count.div_ceil(8) as usize];
+    let end = header.chunk_index.saturating_add(count).min(map.chunk_count());
+    for chunk in header.chunk_index..end {
+        if node.store.is_allocated(header.volume_id, chunk) {
+            let i = (chunk - header.chunk_index) as usize;
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    bits
+}
+
+/// Secondary side of replication (and rebuild reads, later).
+async fn serve_replica(
+    node: &SdsNode,
+    identity: &Identity,
+    op: Op,
+    header: &FrameHeader,
+    raw: &[u8; HEADER_LEN],
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    if op == Op::Auth {
+        return Err(Status::Invalid);
+    }
+    if !FrameHeader::verify_mac(raw, &identity.peer_key) {
+        return Err(Status::BadMac);
+    }
+    let map = node.placement_for(header.volume_id, header.epoch).await?;
+    let sender = header.token_id;
+    let accept = |seq| {
+        if node.peer_windows.accept(sender, seq) {
+            Ok(())
+        } else {
+            Err(Status::Replay)
+        }
+    };
+    match op {
+        Op::Flush => {
+            accept(header.seq)?;
+            node.store.flush().await.map_err(|e| store_status(&e))?;
+            Ok(Vec::new())
+        }
+        Op::Allocation => {
+            accept(header.seq)?;
+            Ok(allocation_bitmap(node, &map, header))
+        }
+        Op::Read => {
+            let pg = chunk_group(&map, header)?;
+            if pg.primary != identity.node_id && pg.secondary != identity.node_id {
+                return Err(Status::NotPrimary);
+            }
+            accept(header.seq)?;
+            read_local(node, header).await
+        }
+        Op::Write | Op::Trim | Op::WriteZeroes => {
+            let pg = chunk_group(&map, header)?;
+            if pg.secondary != identity.node_id || pg.primary != sender {
+                return Err(Status::NotPrimary);
+            }
+            if op == Op::Write && crc32(&payload) != header.payload_crc {
+                return Err(Status::BadCrc);
+            }
+            accept(header.seq)?;
+            apply_local(node, op, header, &payload).await?;
+            Ok(Vec::new())
+        }
+        Op::Auth | Op::Ping => Err(Status::Invalid),
+    }
+}

@@ -1,0 +1,289 @@
+//! Membership: registering with the MDM, heartbeats, IO acknowledgements
+//! and placement fetches.
+//!
+//! Registration uses the join key and returns the node id, a credential
+//! for every later call and the cluster secret, which is stored 0600 in the
+//! data directory. Any MDM call answered 401 (the MDM restarted and forgot
+//! this node, or rotated credentials) makes the node register again and
+//! retry once; concurrent 401s cause one re-registration. If the cluster
+//! secret changed, every cached token is dropped (SDCs must present their
+//! new tokens).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pflex_mdm_client::{MdmClient, MdmClientError};
+use pflex_proto::api::{HeartbeatRequest, NodeType, RegisterRequest, TokenAckBatch};
+use pflex_proto::frame::Status;
+use pflex_proto::placement::PlacementMap;
+use pflex_proto::token::ClusterSecret;
+
+use super::placement::Lookup;
+use super::{Identity, SdsNode};
+
+/// File in the data directory holding the cluster secret (hex, mode 0600).
+pub const SECRET_FILE: &str = "cluster_secret";
+/// Expired tokens are kept this long (seconds) so late requests get `Expired`, not `NoToken`.
+const EXPIRED_TOKEN_GRACE_SECS: u64 = 300;
+
+/// Why registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error(transparent)]
+    Mdm(#[from] MdmClientError),
+    #[error("the MDM sent no cluster secret")]
+    NoSecret,
+    #[error("the MDM sent a malformed cluster secret")]
+    BadSecret,
+    #[error("cannot store the cluster secret in {path}: {source}")]
+    SecretFile { path: PathBuf, source: std::io::Error },
+}
+
+impl SdsNode {
+    /// Registers (or registers again) with the MDM and installs the identity.
+    pub async fn register(&self) -> Result<Arc<Identity>, MembershipError> {
+        let config = &self.config;
+        let anonymous = MdmClient::new(&config.mdm_url, None)?;
+        let request = RegisterRequest {
+            join_key: config.join_key.clone(),
+            node_type: NodeType::Sds,
+            name: config.name.clone(),
+            host: config.host.clone(),
+            control_port: self.ports.control,
+            mgmt_port: self.ports.mgmt,
+            data_port: self.ports.data,
+            fault_set: config.fault_set.clone(),
+            pool: Some(config.pool.clone()),
+            devices: self.store.devices(),
+        };
+        let reply = anonymous.register(&request).await?;
+        let secret_hex = reply.cluster_secret.ok_or(MembershipError::NoSecret)?;
+        let secret =
+            ClusterSecret::from_hex(&secret_hex).map_err(|_| MembershipError::BadSecret)?;
+        store_secret(&config.data_dir, &secret)?;
+
+        let previous = self.identity();
+        if previous.as_ref().is_some_and(|p| p.secret.0 != secret.0) {
+            tracing::warn!("the cluster secret changed: dropping every cached token");
+            self.tokens.clear();
+        }
+        let identity = Arc::new(Identity {
+            node_id: reply.node_id,
+            mdm: anonymous.with_credential(reply.credential),
+            peer_key: secret.peer_key(),
+            secret,
+            heartbeat_interval_secs: reply.heartbeat_interval_secs.max(1),
+            generation: previous.map_or(1, |p| p.generation + 1),
+        });
+        self.set_identity(identity.clone());
+        self.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+        self.local_log.health("registered", format!("node id {}", reply.node_id));
+        tracing::info!(node_id = reply.node_id, "registered with the MDM");
+        Ok(identity)
+    }
+
+    /// Registers, retrying with backoff until the MDM accepts.
+    pub async fn register_until_ok(&self) -> Arc<Identity> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.register().await {
+                Ok(identity) => return identity,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "registration failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Registers again after a call made under registration `failed_generation`
+    /// was refused with 401; a no-op if someone already did.
+    pub async fn reregister(&self, failed_generation: u64) -> Option<Arc<Identity>> {
+        let _one_at_a_time = self.registration.lock().await;
+        if let Some(current) = self.identity() {
+            if current.generation != failed_generation {
+                return Some(current);
+            }
+        }
+        match self.register().await {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                tracing::warn!(error = %e, "re-registration failed");
+                None
+            }
+        }
+    }
+
+    /// Fetches a volume's map from the MDM and caches it.
+    pub async fn fetch_placement(&self, volume_id: u64) -> Result<Arc<PlacementMap>, Status> {
+        let identity = self.identity().ok_or(Status::NotAvailable)?;
+        let fetched = match identity.mdm.placement(volume_id).await {
+            Err(e) if e.is_unauthorized() => match self.reregister(identity.generation).await {
+                Some(fresh) => fresh.mdm.placement(volume_id).await,
+                None => Err(e),
+            },
+            other => other,
+        };
+        match fetched {
+            Ok(map) => {
+                self.metrics.placement_fetches.fetch_add(1, Ordering::Relaxed);
+                Ok(self.placement.store(map))
+            }
+            Err(e) if e.is_not_found() => Err(Status::UnknownVolume),
+            Err(e) => {
+                tracing::warn!(volume_id, error = %e, "cannot fetch the placement map");
+                Err(Status::IoError)
+            }
+        }
+    }
+
+    /// The map to serve a request routed with `request_epoch`: the cached
+    /// one if current, else a fresh one (one fetch per volume at a time);
+    /// `StaleEpoch` if the request was routed by an older map.
+    pub async fn placement_for(
+        &self,
+        volume_id: u64,
+        request_epoch: u64,
+    ) -> Result<Arc<PlacementMap>, Status> {
+        match self.placement.lookup(volume_id, request_epoch) {
+            Lookup::Ready(map) => return Ok(map),
+            Lookup::Stale => return Err(Status::StaleEpoch),
+            Lookup::Fetch => {}
+        }
+        let lock = self.placement.fetch_lock(volume_id);
+        let _one_fetch = lock.lock().await;
+        match self.placement.lookup(volume_id, request_epoch) {
+            Lookup::Ready(map) => return Ok(map),
+            Lookup::Stale => return Err(Status::StaleEpoch),
+            Lookup::Fetch => {}
+        }
+        let map = self.fetch_placement(volume_id).await?;
+        if request_epoch < map.epoch {
+            return Err(Status::StaleEpoch);
+        }
+        Ok(map)
+    }
+
+    /// One heartbeat; applies the volumes' generations it returns.
+    pub async fn heartbeat_once(&self) {
+        let Some(identity) = self.identity() else { return };
+        let (capacity, used) = self.store.capacity();
+        let request = HeartbeatRequest {
+            node_id: identity.node_id,
+            metrics: self.metrics.node_metrics(capacity, used),
+        };
+        match identity.mdm.heartbeat(&request).await {
+            Ok(reply) => {
+                self.metrics.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                for volume_id in self.placement.apply_heartbeat(&reply.volumes) {
+                    if let Err(status) = self.fetch_placement(volume_id).await {
+                        tracing::debug!(volume_id, status = status.name(), "map refresh failed");
+                    }
+                }
+            }
+            Err(e) if e.is_unauthorized() => {
+                self.metrics.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("the MDM no longer knows this node: registering again");
+                self.local_log.health("reregister", e.to_string());
+                self.reregister(identity.generation).await;
+            }
+            Err(e) => {
+                self.metrics.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+
+    /// Sends the accumulated IO acknowledgements, keeping them on failure.
+    pub async fn send_acks_once(&self) {
+        let Some(identity) = self.identity() else { return };
+        let records = self.acks.take();
+        if records.is_empty() {
+            return;
+        }
+        let batch = TokenAckBatch { records };
+        match identity.mdm.ack_tokens(&batch).await {
+            Ok(_) => {
+                self.metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.metrics.ack_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "IO acknowledgements not taken; keeping them");
+                self.acks.restore(batch.records);
+                if e.is_unauthorized() {
+                    self.reregister(identity.generation).await;
+                }
+            }
+        }
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval.unwrap_or_else(|| {
+            Duration::from_secs(self.identity().map_or(10, |i| i.heartbeat_interval_secs))
+        })
+    }
+}
+
+/// Heartbeats forever, the first one at once.
+pub async fn heartbeat_loop(node: Arc<SdsNode>) {
+    loop {
+        node.heartbeat_once().await;
+        node.tokens.purge_expired(pflex_proto::unix_now(), EXPIRED_TOKEN_GRACE_SECS);
+        tokio::time::sleep(node.heartbeat_interval()).await;
+    }
+}
+
+/// Sends IO acknowledgements every `--ack-interval-secs`.
+pub async fn ack_loop(node: Arc<SdsNode>) {
+    loop {
+        tokio::time::sleep(node.config.ack_interval).await;
+        node.send_acks_once().await;
+    }
+}
+
+/// Writes the secret as hex to `dir/cluster_secret`, mode 0600, atomically.
+pub fn store_secret(dir: &Path, secret: &ClusterSecret) -> Result<(), MembershipError> {
+    let path = dir.join(SECRET_FILE);
+    let temporary = dir.join(format!("{SECRET_FILE}.tmp"));
+    let failed = |source| MembershipError::SecretFile { path: path.clone(), source };
+    let _ = std::fs::remove_file(&temporary);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&temporary).map_err(failed)?;
+    file.write_all(secret.to_hex().as_bytes()).map_err(failed)?;
+    file.sync_all().map_err(failed)?;
+    drop(file);
+    std::fs::rename(&temporary, &path).map_err(failed)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_is_stored_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = ClusterSecret::generate();
+        store_secret(dir.path(), &secret).unwrap();
+        store_secret(dir.path(), &secret).unwrap();
+        let path = dir.path().join(SECRET_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(ClusterSecret::from_hex(&text).unwrap().0, secret.0);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

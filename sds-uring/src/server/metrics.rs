@@ -1,0 +1,258 @@
+//! Counters of the SDS, rendered as Prometheus text on `/metrics` and
+//! summarized into heartbeat [`NodeMetrics`].
+//!
+//! Every data-plane reply is counted by status (each rejection has its own
+//! code), and served ops by kind with their bytes. Plain relaxed atomics:
+//! the counters are independent and only ever read for reporting.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pflex_proto::api::NodeMetrics;
+use pflex_proto::frame::{Op, Status};
+
+/// Highest status code + 1 (see [`Status`]).
+const STATUS_SLOTS: usize = 32;
+/// Highest op code + 1 (see [`Op`]).
+const OP_SLOTS: usize = 16;
+
+const ALL_STATUSES: [Status; 19] = [
+    Status::Ok,
+    Status::IoError,
+    Status::Invalid,
+    Status::BadCrc,
+    Status::NoSpace,
+    Status::UnknownVolume,
+    Status::NoToken,
+    Status::BadSignature,
+    Status::Expired,
+    Status::WrongVolume,
+    Status::ReadOnly,
+    Status::Revoked,
+    Status::StaleEpoch,
+    Status::BadMac,
+    Status::Replay,
+    Status::NotPrimary,
+    Status::ReplicaFailed,
+    Status::MalformedToken,
+    Status::NotAvailable,
+];
+
+const ALL_OPS: [Op; 8] =
+    [Op::Read, Op::Write, Op::Flush, Op::Trim, Op::WriteZeroes, Op::Auth, Op::Ping, Op::Allocation];
+
+/// Short stable op name, used in labels and IO acknowledgements.
+pub fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Read => "read",
+        Op::Write => "write",
+        Op::Flush => "flush",
+        Op::Trim => "trim",
+        Op::WriteZeroes => "write_zeroes",
+        Op::Auth => "auth",
+        Op::Ping => "ping",
+        Op::Allocation => "allocation",
+    }
+}
+
+/// All counters of one SDS process.
+#[derive(Default)]
+pub struct SdsMetrics {
+    replies: [AtomicU64; STATUS_SLOTS],
+    /// Replies to replication frames, by status (also counted in `replies`).
+    replica_replies: [AtomicU64; STATUS_SLOTS],
+    ops: [AtomicU64; OP_SLOTS],
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub forwards: AtomicU64,
+    pub forward_failures: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub framing_errors: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    pub heartbeat_failures: AtomicU64,
+    pub registrations: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub ack_failures: AtomicU64,
+    pub placement_fetches: AtomicU64,
+}
+
+/// Point-in-time values that are not counters (passed in when rendering).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub cached_tokens: u64,
+    pub cached_placements: u64,
+    pub registered: bool,
+    pub uptime_secs: u64,
+}
+
+impl SdsMetrics {
+    /// Counts one reply with `status` to a request of `op`.
+    pub fn count_reply(&self, op: Option<Op>, status: Status, replica: bool) {
+        self.replies[status as usize % STATUS_SLOTS].fetch_add(1, Ordering::Relaxed);
+        if replica {
+            self.replica_replies[status as usize % STATUS_SLOTS].fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(op), Status::Ok) = (op, status) {
+            self.ops[op as usize % OP_SLOTS].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Replies sent with `status` so far.
+    pub fn replies(&self, status: Status) -> u64 {
+        self.replies[status as usize % STATUS_SLOTS].load(Ordering::Relaxed)
+    }
+
+    fn ops(&self, op: Op) -> u64 {
+        self.ops[op as usize % OP_SLOTS].load(Ordering::Relaxed)
+    }
+
+    /// The heartbeat's view of this node.
+    pub fn node_metrics(&self, capacity_bytes: u64, used_bytes: u64) -> NodeMetrics {
+        let errors =
+            ALL_STATUSES.iter().filter(|s| **s != Status::Ok).map(|s| self.replies(*s)).sum();
+        NodeMetrics {
+            capacity_bytes,
+            used_bytes,
+            read_ops: self.ops(Op::Read),
+            write_ops: self.ops(Op::Write) + self.ops(Op::Trim) + self.ops(Op::WriteZeroes),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
+            errors,
+        }
+    }
+
+    /// Prometheus text exposition of every counter and `gauges`.
+    pub fn render(&self, node: &str, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let label = format!("node=\"{}\"", node.replace(['"', '\\', '\n'], "_"));
+        out.push_str("# HELP pflex_sds_replies_total Data-plane replies by status.\n");
+        out.push_str("# TYPE pflex_sds_replies_total counter\n");
+        for status in ALL_STATUSES {
+            let _ = writeln!(
+                out,
+                "pflex_sds_replies_total{{{label},status=\"{}\"}} {}",
+                status.name(),
+                self.replies(status)
+            );
+        }
+        out.push_str(
+            "# HELP pflex_sds_replica_replies_total Replies to replication frames by status.\n",
+        );
+        out.push_str("# TYPE pflex_sds_replica_replies_total counter\n");
+        for status in ALL_STATUSES {
+            let n = self.replica_replies[status as usize % STATUS_SLOTS].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "pflex_sds_replica_replies_total{{{label},status=\"{}\"}} {n}",
+                status.name()
+            );
+        }
+        out.push_str(
+            "# HELP pflex_sds_ops_total Data-plane requests served successfully, by op.\n",
+        );
+        out.push_str("# TYPE pflex_sds_ops_total counter\n");
+        for op in ALL_OPS {
+            let _ = writeln!(
+                out,
+                "pflex_sds_ops_total{{{label},op=\"{}\"}} {}",
+                op_name(op),
+                self.ops(op)
+            );
+        }
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            ("pflex_sds_read_bytes_total", "Bytes read for clients.", &self.read_bytes),
+            (
+                "pflex_sds_write_bytes_total",
+                "Bytes written (client and replica).",
+                &self.write_bytes,
+            ),
+            (
+                "pflex_sds_replica_forwards_total",
+                "Requests forwarded to a secondary.",
+                &self.forwards,
+            ),
+            (
+                "pflex_sds_replica_forward_failures_total",
+                "Forwards that failed.",
+                &self.forward_failures,
+            ),
+            (
+                "pflex_sds_connections_total",
+                "Data-plane connections accepted.",
+                &self.connections_accepted,
+            ),
+            (
+                "pflex_sds_framing_errors_total",
+                "Connections closed on a bad frame.",
+                &self.framing_errors,
+            ),
+            ("pflex_sds_heartbeats_total", "Heartbeats the MDM accepted.", &self.heartbeats_sent),
+            (
+                "pflex_sds_heartbeat_failures_total",
+                "Heartbeats that failed.",
+                &self.heartbeat_failures,
+            ),
+            (
+                "pflex_sds_registrations_total",
+                "Successful registrations with the MDM.",
+                &self.registrations,
+            ),
+            ("pflex_sds_ack_batches_total", "IO acknowledgement batches sent.", &self.acks_sent),
+            (
+                "pflex_sds_ack_failures_total",
+                "IO acknowledgement batches that failed.",
+                &self.ack_failures,
+            ),
+            (
+                "pflex_sds_placement_fetches_total",
+                "Placement maps fetched from the MDM.",
+                &self.placement_fetches,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name}{{{label}}} {}", value.load(Ordering::Relaxed));
+        }
+        let gauges_list = [
+            ("pflex_sds_capacity_bytes", "Device capacity.", gauges.capacity_bytes),
+            ("pflex_sds_used_bytes", "Capacity holding chunks.", gauges.used_bytes),
+            ("pflex_sds_cached_tokens", "Verified IO tokens in memory.", gauges.cached_tokens),
+            ("pflex_sds_cached_placements", "Placement maps in memory.", gauges.cached_placements),
+            (
+                "pflex_sds_registered",
+                "1 when registered with the MDM.",
+                u64::from(gauges.registered),
+            ),
+            ("pflex_sds_uptime_seconds", "Seconds since start.", gauges.uptime_secs),
+        ];
+        for (name, help, value) in gauges_list {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{label}}} {value}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_counter() {
+        let m = SdsMetrics::default();
+        m.count_reply(Some(Op::Write), Status::BadMac, false);
+        m.count_reply(Some(Op::Write), Status::Ok, true);
+        m.read_bytes.fetch_add(4096, Ordering::Relaxed);
+        let text = m.render("sds1", Gauges::default());
+        assert!(text.contains("pflex_sds_replies_total{node=\"sds1\",status=\"bad_mac\"} 1"));
+        assert!(text.contains("pflex_sds_replies_total{node=\"sds1\",status=\"replay\"} 0"));
+        assert!(text.contains("pflex_sds_ops_total{node=\"sds1\",op=\"write\"} 1"));
+        assert!(text.contains("pflex_sds_read_bytes_total{node=\"sds1\"} 4096"));
+        let nm = m.node_metrics(10, 5);
+        assert_eq!((nm.write_ops, nm.errors, nm.read_bytes), (1, 1, 4096));
+    }
+}

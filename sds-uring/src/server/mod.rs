@@ -1,0 +1,230 @@
+//! The SDS server: membership with the MDM, the data plane, replication and
+//! the HTTP ports, around the chunk store.
+//!
+//! One [`SdsNode`] holds the shared state; tasks hold it in an `Arc`:
+//! - [`membership`]: registration (join key → node id, credential, cluster
+//!   secret stored 0600), heartbeats with capacity and IO counters, batched
+//!   IO acknowledgements, re-registration when the MDM answers 401;
+//! - [`dataplane`]: the TCP data plane (AUTH, READ, WRITE, FLUSH, TRIM,
+//!   WRITE_ZEROES, ALLOCATION, PING), every check before any IO, and
+//!   two-copy replication;
+//! - [`http`]: `/health`, `/metrics` on both HTTP ports and the per-chunk
+//!   checksum query on the control port;
+//! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
+//!   [`local_log`]: the state those use.
+//!
+//! Startup order: open the store, bind every port (so a port clash fails
+//! fast), serve HTTP (health says `registered: false`), register with the
+//! MDM (retrying), then serve the data plane and start the background loops.
+
+pub mod acks;
+pub mod auth;
+pub mod config;
+pub mod dataplane;
+pub mod http;
+pub mod local_log;
+pub mod membership;
+pub mod metrics;
+pub mod placement;
+pub mod replication;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use pflex_mdm_client::MdmClient;
+use pflex_proto::token::{ClusterSecret, SessionKey};
+use tokio::net::TcpListener;
+
+use crate::store::{ChunkStore, StoreConfig, StoreError};
+use acks::AckBatcher;
+use auth::{PeerReplayWindows, ReplicationSeq, TokenCache};
+pub use config::{NodeConfig, SdsArgs};
+use local_log::LocalLog;
+use metrics::{Gauges, SdsMetrics};
+use placement::PlacementCache;
+use replication::{ChunkOrderLocks, PeerClients};
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot open the chunk store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Membership(#[from] membership::MembershipError),
+}
+
+/// Who this node is in the cluster, as the last registration said.
+pub struct Identity {
+    pub node_id: u64,
+    /// MDM client carrying this node's credential.
+    pub mdm: MdmClient,
+    pub secret: ClusterSecret,
+    /// Key of replication frames, derived from the secret.
+    pub peer_key: SessionKey,
+    pub heartbeat_interval_secs: u64,
+    /// Counts registrations, so concurrent 401s trigger one re-registration.
+    pub generation: u64,
+}
+
+/// Ports actually bound (0 in the config means "any free port").
+#[derive(Debug, Clone, Copy)]
+pub struct BoundPorts {
+    pub control: u16,
+    pub mgmt: u16,
+    pub data: u16,
+}
+
+/// Shared state of one SDS process.
+pub struct SdsNode {
+    pub config: NodeConfig,
+    pub store: Arc<ChunkStore>,
+    pub ports: BoundPorts,
+    identity: RwLock<Option<Arc<Identity>>>,
+    registration: tokio::sync::Mutex<()>,
+    pub tokens: TokenCache,
+    pub peer_windows: PeerReplayWindows,
+    pub replication_seq: ReplicationSeq,
+    pub placement: PlacementCache,
+    pub peers: PeerClients,
+    pub chunk_locks: ChunkOrderLocks,
+    pub metrics: SdsMetrics,
+    pub acks: AckBatcher,
+    pub local_log: LocalLog,
+    started: Instant,
+}
+
+impl SdsNode {
+    /// The current identity, if registered.
+    pub fn identity(&self) -> Option<Arc<Identity>> {
+        self.identity.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_identity(&self, identity: Arc<Identity>) {
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// Values for `/metrics` that are not counters.
+    pub fn gauges(&self) -> Gauges {
+        let (capacity_bytes, used_bytes) = self.store.capacity();
+        Gauges {
+            capacity_bytes,
+            used_bytes,
+            cached_tokens: self.tokens.len() as u64,
+            cached_placements: self.placement.len() as u64,
+            registered: self.identity().is_some(),
+            uptime_secs: self.uptime_secs(),
+        }
+    }
+}
+
+/// Runs an SDS until SIGINT/SIGTERM.
+pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let store = ChunkStore::open(StoreConfig {
+        data_dir: config.data_dir.clone(),
+        devices: config.devices.clone(),
+        engine: config.engine,
+    })?;
+    let control = bind(&config.host, config.control_port).await?;
+    let mgmt = bind(&config.host, config.mgmt_port).await?;
+    let data = bind(&config.host, config.data_port).await?;
+    let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
+    let ports =
+        BoundPorts { control: port_of(&control), mgmt: port_of(&mgmt), data: port_of(&data) };
+    tracing::info!(
+        name = %config.name,
+        control = ports.control,
+        mgmt = ports.mgmt,
+        data = ports.data,
+        engine = %config.engine,
+        "SDS listening"
+    );
+
+    let node = Arc::new(SdsNode {
+        local_log: LocalLog::open(&config.data_dir),
+        peers: PeerClients::new(config.peer_connections),
+        config,
+        store,
+        ports,
+        identity: RwLock::new(None),
+        registration: tokio::sync::Mutex::new(()),
+        tokens: TokenCache::default(),
+        peer_windows: PeerReplayWindows::default(),
+        replication_seq: ReplicationSeq::default(),
+        placement: PlacementCache::default(),
+        chunk_locks: ChunkOrderLocks::default(),
+        metrics: SdsMetrics::default(),
+        acks: AckBatcher::default(),
+        started: Instant::now(),
+    });
+    node.local_log.health("started", format!("data port {}", ports.data));
+
+    tokio::spawn(http::serve(control, http::control_router(node.clone())));
+    tokio::spawn(http::serve(mgmt, http::mgmt_router(node.clone())));
+
+    let registration = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.register_until_ok().await;
+            tokio::spawn(dataplane::serve(node.clone(), data));
+            tokio::spawn(membership::heartbeat_loop(node.clone()));
+            tokio::spawn(membership::ack_loop(node.clone()));
+        })
+    };
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: flushing the chunk store");
+    registration.abort();
+    if let Err(e) = node.store.flush().await {
+        tracing::warn!(error = %e, "flush at shutdown failed");
+    }
+    node.local_log.health("stopped", "signal");
+    Ok(())
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, ServerError> {
+    let addr = format!("{host}:{port}");
+    let parsed: Result<SocketAddr, _> = addr.parse();
+    let listener = match parsed {
+        Ok(a) => TcpListener::bind(a).await,
+        Err(_) => TcpListener::bind(&addr).await,
+    };
+    listener.map_err(|source| ServerError::Bind { addr, source })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

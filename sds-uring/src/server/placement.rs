@@ -1,0 +1,167 @@
+//! Placement maps this SDS routes by, cached per volume with their epoch.
+//!
+//! Two sources keep the cache honest: heartbeat replies carry every
+//! volume's current epoch and mapping generation (so a change is noticed
+//! within one heartbeat even for volumes with no traffic), and a request
+//! routed by a newer epoch than the cached map makes the node refetch
+//! before serving it. Fetching is the node's job (it owns the MDM client);
+//! this type only keeps state and answers "what do we know".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use pflex_proto::api::VolumeGeneration;
+use pflex_proto::placement::PlacementMap;
+
+/// Cached maps and last-heard generations of volumes.
+#[derive(Default)]
+pub struct PlacementCache {
+    maps: RwLock<HashMap<u64, Arc<PlacementMap>>>,
+    generations: RwLock<HashMap<u64, VolumeGeneration>>,
+    fetch_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// What the cache says about serving a request routed with some epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The cached map is current for this request.
+    Ready(Arc<PlacementMap>),
+    /// The request was routed by an older map than this SDS knows.
+    Stale,
+    /// No map, or one older than the request or the last heartbeat.
+    Fetch,
+}
+
+impl PlacementCache {
+    pub fn cached(&self, volume_id: u64) -> Option<Arc<PlacementMap>> {
+        self.maps.read().unwrap_or_else(|p| p.into_inner()).get(&volume_id).cloned()
+    }
+
+    fn generation(&self, volume_id: u64) -> Option<VolumeGeneration> {
+        self.generations.read().unwrap_or_else(|p| p.into_inner()).get(&volume_id).copied()
+    }
+
+    /// The newest epoch heard of for a volume (heartbeat or map).
+    pub fn known_epoch(&self, volume_id: u64) -> u64 {
+        let from_map = self.cached(volume_id).map_or(0, |m| m.epoch);
+        let from_heartbeat = self.generation(volume_id).map_or(0, |g| g.epoch);
+        from_map.max(from_heartbeat)
+    }
+
+    /// The newest mapping generation heard of (0 if the volume is unknown).
+    pub fn mapping_gen(&self, volume_id: u64) -> u64 {
+        let from_map = self.cached(volume_id).map_or(0, |m| m.mapping_gen);
+        let from_heartbeat = self.generation(volume_id).map_or(0, |g| g.mapping_gen);
+        from_map.max(from_heartbeat)
+    }
+
+    /// Whether a request routed with `request_epoch` can be served from the cache.
+    pub fn lookup(&self, volume_id: u64, request_epoch: u64) -> Lookup {
+        if request_epoch < self.known_epoch(volume_id) {
+            return Lookup::Stale;
+        }
+        match self.cached(volume_id) {
+            Some(map) if map.epoch >= request_epoch && map.epoch >= self.known_epoch(volume_id) => {
+                Lookup::Ready(map)
+            }
+            _ => Lookup::Fetch,
+        }
+    }
+
+    /// Stores a fetched map unless a newer one is already cached.
+    pub fn store(&self, map: PlacementMap) -> Arc<PlacementMap> {
+        let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
+        match maps.get(&map.volume_id) {
+            Some(existing) if existing.epoch > map.epoch => existing.clone(),
+            _ => {
+                let map = Arc::new(map);
+                maps.insert(map.volume_id, map.clone());
+                map
+            }
+        }
+    }
+
+    /// Records a heartbeat's generations; returns the volumes whose cached
+    /// map is now older than the MDM's (to refetch in the background).
+    /// Volumes the MDM no longer lists are forgotten.
+    pub fn apply_heartbeat(&self, volumes: &[VolumeGeneration]) -> Vec<u64> {
+        {
+            let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+            generations.clear();
+            generations.extend(volumes.iter().map(|g| (g.volume_id, *g)));
+        }
+        let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
+        maps.retain(|id, _| volumes.iter().any(|g| g.volume_id == *id));
+        volumes
+            .iter()
+            .filter(|g| maps.get(&g.volume_id).is_some_and(|m| m.epoch < g.epoch))
+            .map(|g| g.volume_id)
+            .collect()
+    }
+
+    /// The lock that makes concurrent fetches of one volume's map one fetch.
+    pub fn fetch_lock(&self, volume_id: u64) -> Arc<tokio::sync::Mutex<()>> {
+        self.fetch_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(volume_id)
+            .or_default()
+            .clone()
+    }
+
+    /// Every cached map (for FLUSH fan-out and diagnostics).
+    pub fn len(&self) -> usize {
+        self.maps.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets everything (after registering anew with an MDM that may
+    /// have other volumes).
+    pub fn clear(&self) {
+        self.maps.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.generations.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(epoch: u64) -> PlacementMap {
+        PlacementMap {
+            volume_id: 1,
+            volume_name: "v".into(),
+            size_bytes: 1 << 30,
+            chunk_size: 1 << 20,
+            epoch,
+            mapping_gen: 2,
+            pgs: vec![],
+            nodes: vec![],
+        }
+    }
+
+    #[test]
+    fn epochs_decide_between_serving_refusing_and_refetching() {
+        let cache = PlacementCache::default();
+        assert_eq!(cache.lookup(1, 3), Lookup::Fetch);
+        cache.store(map(3));
+        assert!(matches!(cache.lookup(1, 3), Lookup::Ready(_)));
+        assert_eq!(cache.lookup(1, 2), Lookup::Stale);
+        assert_eq!(cache.lookup(1, 4), Lookup::Fetch, "request knows a newer map");
+        let stale =
+            cache.apply_heartbeat(&[VolumeGeneration { volume_id: 1, epoch: 5, mapping_gen: 7 }]);
+        assert_eq!(stale, vec![1]);
+        assert_eq!(cache.lookup(1, 4), Lookup::Stale);
+        assert_eq!(cache.lookup(1, 5), Lookup::Fetch, "heartbeat knows a newer map");
+        assert_eq!(cache.mapping_gen(1), 7);
+        cache.store(map(5));
+        assert!(matches!(cache.lookup(1, 5), Lookup::Ready(_)));
+        cache.store(map(4));
+        assert_eq!(cache.cached(1).unwrap().epoch, 5, "an older map never replaces a newer one");
+        cache.apply_heartbeat(&[]);
+        assert!(cache.is_empty(), "deleted volumes are forgotten");
+    }
+}
