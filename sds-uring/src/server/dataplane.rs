@@ -149,7 +149,7 @@ async fn serve_auth(
     let (signed, session_key) =
         verify_auth(&identity.secret, header, raw, payload, unix_now(), mapping_gen)?;
     if node.tokens.insert(&signed, session_key) {
-        node.local_log.token_verified(&signed.token);
+        node.local_log.token_verified(&signed);
     }
     Ok(Vec::new())
 }

@@ -188,7 +188,7 @@ impl SdsNode {
             Err(e) if e.is_unauthorized() => {
                 self.metrics.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("the MDM no longer knows this node: registering again");
-                self.local_log.health("reregister", e.to_string());
+                self.local_log.warning("reregister", e.to_string());
                 self.reregister(identity.generation).await;
             }
             Err(e) => {

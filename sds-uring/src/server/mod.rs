@@ -155,7 +155,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     );
 
     let node = Arc::new(SdsNode {
-        local_log: LocalLog::open(&config.data_dir),
+        local_log: LocalLog::open(store.db_path()),
         peers: PeerClients::new(config.peer_connections),
         config,
         store,
