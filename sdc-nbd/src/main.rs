@@ -1,1 +1,16 @@
-fn main() {}
+//! `sdc`: the pflex storage data client (NBD server over the cluster).
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = pflex_sdc_nbd::app::Args::parse();
+    pflex_sdc_nbd::app::run(args).await?;
+    Ok(())
+}
