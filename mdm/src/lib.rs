@@ -1,1 +1,178 @@
-//! mdm (to be written).
+//! The pflex metadata manager (MDM).
+//!
+//! Owns the cluster's metadata in `powerflex.db`: topology (protection
+//! domains, pools, fault sets, SDS nodes and devices, SDC clients), volumes
+//! and their compact placement, mappings, IO tokens, health and metrics.
+//! It never touches data: SDCs fetch placement maps and capability tokens
+//! from it, then talk to SDS nodes directly.
+//!
+//! - [`config`]: command line;
+//! - [`db`]: schema and migrations;
+//! - [`placement`]: the placement policy (pure);
+//! - [`service`]: what each request does, inside one transaction;
+//! - [`http`]: routes, authentication, JSON errors;
+//! - [`metrics`]: Prometheus text.
+//!
+//! [`run`] starts everything; [`prepare`] creates the data directory's
+//! files on first boot (cluster secret and admin token, both mode 0600).
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod placement;
+pub mod service;
+pub mod validate;
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pflex_proto::token::ClusterSecret;
+
+pub use config::MdmConfig;
+use http::AppState;
+use service::Settings;
+
+/// File names inside the MDM data directory.
+pub const DB_FILE: &str = "powerflex.db";
+pub const CLUSTER_SECRET_FILE: &str = "cluster_secret";
+pub const ADMIN_TOKEN_FILE: &str = "admin_token";
+
+/// Why the MDM could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{path}: {detail}")]
+    BadFile { path: String, detail: String },
+    #[error("database: {0}")]
+    Db(#[from] db::DbError),
+    #[error("invalid settings: {0}")]
+    Settings(String),
+}
+
+/// Reads a 0600 secret file, or creates it with `make()` on first boot.
+fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<String, StartError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file is readable by others; fixing to 0600");
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(text.trim().to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let value = make();
+            let tmp = path.with_extension("tmp");
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(value.as_bytes())?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            Ok(value)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What a started MDM needs from its data directory.
+pub struct Prepared {
+    pub state: Arc<AppState>,
+}
+
+/// Creates the data directory and its files when missing, opens the
+/// database and builds the shared state.
+pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartError> {
+    if config.stale_after_secs >= config.failed_after_secs {
+        return Err(StartError::Settings(format!(
+            "--stale-after-secs ({}) must be below --failed-after-secs ({})",
+            config.stale_after_secs, config.failed_after_secs
+        )));
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let secret_path = config.data_dir.join(CLUSTER_SECRET_FILE);
+    let secret_hex = read_or_create_secret(&secret_path, || ClusterSecret::generate().to_hex())?;
+    let secret = ClusterSecret::from_hex(&secret_hex).map_err(|_| StartError::BadFile {
+        path: secret_path.display().to_string(),
+        detail: "not 64 hex digits".to_string(),
+    })?;
+    let admin_path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    let admin_token = read_or_create_secret(&admin_path, service::new_credential)?;
+    if admin_token.is_empty() {
+        return Err(StartError::BadFile {
+            path: admin_path.display().to_string(),
+            detail: "empty".into(),
+        });
+    }
+    let conn = db::open(&config.data_dir.join(DB_FILE))?;
+    let settings = Settings {
+        heartbeat_interval_secs: config.heartbeat_interval_secs,
+        stale_after_secs: config.stale_after_secs,
+        failed_after_secs: config.failed_after_secs,
+        token_ttl_secs: config.token_ttl_secs,
+    };
+    Ok(Prepared { state: Arc::new(AppState::new(conn, settings, secret, join_key, &admin_token)) })
+}
+
+/// Re-places copies of failed SDS nodes and samples metrics, every
+/// heartbeat interval, until the process ends.
+async fn monitor(state: Arc<AppState>) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(
+        state.settings.heartbeat_interval_secs,
+    ));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        match state.transact(service::monitor_tick).await {
+            Ok(report) if report.copies_replaced > 0 => {
+                state.counters.copies_replaced.fetch_add(report.copies_replaced, Ordering::Relaxed);
+                tracing::warn!(
+                    copies = report.copies_replaced,
+                    volumes = report.volumes_replaced,
+                    "re-placed copies held by failed SDS nodes"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "health monitor pass failed"),
+        }
+    }
+}
+
+/// Runs the MDM until SIGINT/SIGTERM.
+pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
+    let join_key = config.resolve_join_key()?;
+    let Prepared { state } = prepare(&config, &join_key)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "MDM serving");
+    let monitor_task = tokio::spawn(monitor(Arc::clone(&state)));
+    axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    monitor_task.abort();
+    tracing::info!("MDM stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,78 @@
+//! Command-line configuration of the `mdm` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// pflex metadata manager: cluster topology, volumes, placement, IO tokens
+/// and health, over HTTP. Keeps its state in DATA_DIR/powerflex.db.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mdm", version)]
+pub struct MdmConfig {
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    pub listen: SocketAddr,
+
+    /// Directory of the MDM's state: powerflex.db, cluster_secret and
+    /// admin_token (both created 0600 on first boot).
+    #[arg(long, default_value = "./mdm-data")]
+    pub data_dir: PathBuf,
+
+    /// File holding the join key that components must present to register
+    /// (surrounding whitespace ignored).
+    #[arg(long, conflicts_with = "join_key")]
+    pub join_key_file: Option<PathBuf>,
+
+    /// The join key itself (prefer --join-key-file: command lines are visible
+    /// to other local users).
+    #[arg(long, env = "PFLEX_JOIN_KEY", hide_env_values = true)]
+    pub join_key: Option<String>,
+
+    /// Heartbeat interval told to components at registration, in seconds;
+    /// also how often the MDM re-checks health and re-places copies of
+    /// failed SDS nodes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval_secs: u64,
+
+    /// A component not heard from for this many seconds is STALE.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stale_after_secs: u64,
+
+    /// A component not heard from for this many seconds is FAILED; a FAILED
+    /// SDS gets no new copies and its copies are re-placed elsewhere.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub failed_after_secs: u64,
+
+    /// Lifetime of an IO token, in seconds (SDCs renew before expiry).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub token_ttl_secs: u64,
+}
+
+impl MdmConfig {
+    /// The join key from the file or the flag; an error when neither is
+    /// given or the key is empty.
+    pub fn resolve_join_key(&self) -> Result<String, std::io::Error> {
+        let key = match (&self.join_key_file, &self.join_key) {
+            (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("reading join key file {}: {e}", path.display()),
+                )
+            })?,
+            (None, Some(key)) => key.clone(),
+            (None, None) => return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a join key is required: --join-key-file PATH, --join-key KEY or PFLEX_JOIN_KEY",
+            )),
+        };
+        let key = key.trim().to_string();
+        if key.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the join key is empty",
+            ));
+        }
+        Ok(key)
+    }
+}

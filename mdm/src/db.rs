@@ -1,0 +1,297 @@
+//! The MDM's database (`powerflex.db`) and its versioned schema.
+//!
+//! Migrations are an ordered list of SQL scripts; `schema_version` records
+//! how many have been applied, and [`open`] applies the missing ones inside
+//! one transaction, so a crash mid-upgrade leaves the previous version.
+//! Only the MDM opens this file.
+//!
+//! Identity of every component lives in `cluster_nodes` (one id space for
+//! SDS, SDC and MGMT; `(node_type, name)` is unique, so a node that
+//! registers again keeps its id). Placement is compact: one row per
+//! placement group (`placement_groups`), never one per chunk. Ids of nodes
+//! and volumes are never reused (`AUTOINCREMENT`): an SDS may still hold
+//! chunks of a deleted volume, and a new volume must not see them.
+
+use std::path::Path;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags};
+
+/// Ordered schema migrations; entry `i` upgrades version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the seed's model.
+    r#"
+    CREATE TABLE protection_domains (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE storage_pools (
+        id INTEGER PRIMARY KEY,
+        protection_domain_id INTEGER NOT NULL REFERENCES protection_domains(id),
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE fault_sets (
+        id INTEGER PRIMARY KEY,
+        protection_domain_id INTEGER NOT NULL REFERENCES protection_domains(id),
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        UNIQUE (protection_domain_id, name)
+    );
+    CREATE TABLE cluster_nodes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        node_type TEXT NOT NULL CHECK (node_type IN ('SDS', 'SDC', 'MGMT')),
+        name TEXT NOT NULL,
+        host TEXT NOT NULL,
+        control_port INTEGER NOT NULL,
+        mgmt_port INTEGER NOT NULL,
+        data_port INTEGER NOT NULL,
+        credential_sha256 TEXT NOT NULL UNIQUE,
+        registered_at INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        UNIQUE (node_type, name)
+    );
+    CREATE TABLE registration_history (
+        id INTEGER PRIMARY KEY,
+        node_id INTEGER NOT NULL REFERENCES cluster_nodes(id),
+        host TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE TABLE sds_nodes (
+        node_id INTEGER PRIMARY KEY REFERENCES cluster_nodes(id),
+        fault_set_id INTEGER NOT NULL REFERENCES fault_sets(id),
+        pool_id INTEGER NOT NULL REFERENCES storage_pools(id),
+        capacity_bytes INTEGER NOT NULL,
+        used_bytes INTEGER NOT NULL
+    );
+    CREATE TABLE sds_devices (
+        id INTEGER PRIMARY KEY,
+        sds_id INTEGER NOT NULL REFERENCES sds_nodes(node_id),
+        path TEXT NOT NULL,
+        capacity_bytes INTEGER NOT NULL,
+        used_bytes INTEGER NOT NULL,
+        UNIQUE (sds_id, path)
+    );
+    CREATE TABLE sdc_clients (
+        node_id INTEGER PRIMARY KEY REFERENCES cluster_nodes(id)
+    );
+    CREATE TABLE volumes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        pool_id INTEGER NOT NULL REFERENCES storage_pools(id),
+        size_bytes INTEGER NOT NULL CHECK (size_bytes > 0),
+        thick INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        mapping_gen INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE placement_groups (
+        volume_id INTEGER NOT NULL REFERENCES volumes(id),
+        pg_index INTEGER NOT NULL,
+        primary_sds INTEGER NOT NULL REFERENCES sds_nodes(node_id),
+        secondary_sds INTEGER NOT NULL REFERENCES sds_nodes(node_id),
+        PRIMARY KEY (volume_id, pg_index),
+        CHECK (primary_sds <> secondary_sds)
+    );
+    CREATE TABLE volume_mappings (
+        volume_id INTEGER NOT NULL REFERENCES volumes(id),
+        sdc_id INTEGER NOT NULL REFERENCES sdc_clients(node_id),
+        access_mode TEXT NOT NULL CHECK (access_mode IN ('readOnly', 'readWrite')),
+        mapped_at INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, sdc_id)
+    );
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY,
+        volume_id INTEGER NOT NULL REFERENCES volumes(id),
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE io_tokens (
+        token_id INTEGER PRIMARY KEY,
+        volume_id INTEGER NOT NULL,
+        sdc_id INTEGER NOT NULL,
+        access_mode TEXT NOT NULL,
+        mapping_gen INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        signature TEXT NOT NULL,
+        ops INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        last_ack_at INTEGER
+    );
+    CREATE INDEX io_tokens_expiry ON io_tokens (expires_at);
+    CREATE TABLE volume_io_stats (
+        volume_id INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        ops INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, op)
+    );
+    CREATE TABLE component_health (
+        node_id INTEGER PRIMARY KEY REFERENCES cluster_nodes(id),
+        capacity_bytes INTEGER NOT NULL DEFAULT 0,
+        used_bytes INTEGER NOT NULL DEFAULT 0,
+        read_ops INTEGER NOT NULL DEFAULT 0,
+        write_ops INTEGER NOT NULL DEFAULT 0,
+        read_bytes INTEGER NOT NULL DEFAULT 0,
+        write_bytes INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        heartbeats INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE heartbeat_log (
+        id INTEGER PRIMARY KEY,
+        node_id INTEGER NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX heartbeat_log_at ON heartbeat_log (at);
+    CREATE TABLE cluster_metrics (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        capacity_bytes INTEGER NOT NULL,
+        used_bytes INTEGER NOT NULL,
+        provisioned_bytes INTEGER NOT NULL,
+        volumes INTEGER NOT NULL,
+        sds_active INTEGER NOT NULL,
+        degraded_chunks INTEGER NOT NULL
+    );
+    CREATE TABLE rebuild_jobs (
+        id INTEGER PRIMARY KEY,
+        volume_id INTEGER NOT NULL,
+        pg_index INTEGER NOT NULL,
+        failed_sds INTEGER NOT NULL,
+        source_sds INTEGER NOT NULL,
+        target_sds INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    "#,
+];
+
+/// Schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database schema version {found} is newer than this MDM ({supported})")]
+    TooNew { found: u32, supported: u32 },
+}
+
+/// Opens (creating if needed) `path` and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Connection, DbError> {
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+    )?;
+    configure(&conn)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// An in-memory database with the current schema (unit tests).
+pub fn open_in_memory() -> Result<Connection, DbError> {
+    let mut conn = Connection::open_in_memory()?;
+    configure(&conn)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
+    // WAL keeps readers off the writer's path; FULL makes every committed
+    // request durable across power loss, which the control plane can afford.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+    let tx = conn.transaction()?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: Option<u32> =
+        tx.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
+    let current = current.unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        return Err(DbError::TooNew { found: current, supported: SCHEMA_VERSION });
+    }
+    for (index, script) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(script)?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [index as u32 + 1])?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Every row of every table, as text, in a stable order: lets tests prove
+/// that a refused request changed nothing.
+pub fn dump(conn: &Connection) -> Result<String, rusqlite::Error> {
+    let mut tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    tables.retain(|t| !t.starts_with("sqlite_"));
+    let mut out = String::new();
+    for table in tables {
+        out.push_str(&format!("== {table}\n"));
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let cells: Vec<String> = (0..columns)
+                .map(|i| match row.get_ref(i) {
+                    Ok(ValueRef::Null) => "NULL".to_string(),
+                    Ok(ValueRef::Integer(v)) => v.to_string(),
+                    Ok(ValueRef::Real(v)) => v.to_string(),
+                    Ok(ValueRef::Text(v)) => format!("{:?}", String::from_utf8_lossy(v)),
+                    Ok(ValueRef::Blob(v)) => format!("x'{}'", hex::encode(v)),
+                    Err(e) => format!("<{e}>"),
+                })
+                .collect();
+            out.push_str(&cells.join("|"));
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("powerflex.db");
+        let conn = open(&path).unwrap();
+        conn.execute("INSERT INTO protection_domains (name, created_at) VALUES ('pd', 1)", [])
+            .unwrap();
+        drop(conn);
+        let conn = open(&path).unwrap();
+        let version: u32 =
+            conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows: u32 =
+            conn.query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, SCHEMA_VERSION);
+        assert!(dump(&conn).unwrap().contains("\"pd\""));
+    }
+
+    #[test]
+    fn refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("powerflex.db");
+        let conn = open(&path).unwrap();
+        conn.execute("INSERT INTO schema_version (version) VALUES (999)", []).unwrap();
+        drop(conn);
+        assert!(matches!(open(&path), Err(DbError::TooNew { found: 999, .. })));
+    }
+}

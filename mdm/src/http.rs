@@ -1,0 +1,493 @@
+//! The MDM's HTTP API: routes, authentication, body parsing, metrics.
+//!
+//! Each handler authenticates the caller (bearer credential → [`Caller`]),
+//! checks the caller's role, parses its body with [`ApiJson`] (which turns
+//! every parse failure into a JSON 4xx instead of axum's plain-text
+//! rejections), and runs its [`service`] function inside one SQLite
+//! transaction via [`AppState::transact`]: committed when the function
+//! returns `Ok`, rolled back otherwise. Unknown paths and methods also
+//! answer with JSON errors.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pflex_proto::api::{
+    HeartbeatRequest, NodeType, RegisterRequest, TokenAckBatch, TokenRequest, VolumeCreate,
+    VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+};
+use pflex_proto::token::ClusterSecret;
+use rusqlite::{Connection, TransactionBehavior};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::error::MdmError;
+use crate::service::{self, Caller, Ctx, Settings};
+
+/// Largest request body accepted (a full ack batch fits comfortably).
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Counters kept in memory for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub responses_2xx: AtomicU64,
+    pub responses_4xx: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    pub registrations: AtomicU64,
+    pub registrations_refused: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub tokens_issued: AtomicU64,
+    pub tokens_refused: AtomicU64,
+    pub acks_recorded: AtomicU64,
+    pub copies_replaced: AtomicU64,
+}
+
+/// Shared state of every handler.
+pub struct AppState {
+    db: Mutex<Connection>,
+    pub settings: Settings,
+    pub secret: ClusterSecret,
+    join_key_sha256: [u8; 32],
+    admin_token_sha256: [u8; 32],
+    pub counters: Counters,
+    pub started_at: std::time::Instant,
+}
+
+fn digest(value: &str) -> [u8; 32] {
+    Sha256::digest(value.as_bytes()).into()
+}
+
+/// Constant-time equality of two digests.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl AppState {
+    pub fn new(
+        db: Connection,
+        settings: Settings,
+        secret: ClusterSecret,
+        join_key: &str,
+        admin_token: &str,
+    ) -> Self {
+        Self {
+            db: Mutex::new(db),
+            settings,
+            secret,
+            join_key_sha256: digest(join_key),
+            admin_token_sha256: digest(admin_token),
+            counters: Counters::default(),
+            started_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Runs `work` in one IMMEDIATE transaction on a blocking thread;
+    /// commits on `Ok`, rolls back on `Err`.
+    pub async fn transact<T, F>(self: &Arc<Self>, work: F) -> Result<T, MdmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, MdmError> + Send + 'static,
+    {
+        let state = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut db = state.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let ctx = Ctx {
+                settings: state.settings,
+                secret: &state.secret,
+                now: pflex_proto::unix_now(),
+            };
+            let value = work(&tx, &ctx)?;
+            tx.commit()?;
+            Ok(value)
+        })
+        .await
+        .map_err(|e| MdmError::Internal(format!("database task failed: {e}")))?
+    }
+
+    fn join_key_matches(&self, key: &str) -> bool {
+        digests_equal(&digest(key), &self.join_key_sha256)
+    }
+
+    fn is_admin(&self, credential: &str) -> bool {
+        digests_equal(&digest(credential), &self.admin_token_sha256)
+    }
+}
+
+type Shared = Arc<AppState>;
+
+/// A JSON body whose parse failures are [`MdmError`]s (JSON 4xx).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = MdmError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> MdmError {
+    let text = rejection.body_text();
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => MdmError::UnsupportedMediaType(
+            "the body must be JSON with Content-Type: application/json".to_string(),
+        ),
+        JsonRejection::JsonSyntaxError(_) => MdmError::invalid("malformed_json", text),
+        JsonRejection::JsonDataError(_) => MdmError::invalid("invalid_body", text),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => MdmError::PayloadTooLarge(text),
+        _ => MdmError::bad_request(text),
+    }
+}
+
+/// A path parameter whose failures are [`MdmError`]s.
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = MdmError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: PathRejection) -> MdmError {
+    MdmError::bad_request(rejection.body_text())
+}
+
+/// The authenticated caller of a request (401 when absent or unknown).
+pub struct Auth(pub Caller);
+
+impl FromRequestParts<Shared> for Auth {
+    type Rejection = MdmError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        let credential = bearer(&parts.headers)?;
+        if state.is_admin(&credential) {
+            return Ok(Auth(Caller::Admin));
+        }
+        let found = state.transact(move |conn, _| service::authenticate(conn, &credential)).await?;
+        found.map(Auth).ok_or_else(|| MdmError::Unauthorized("unknown credential".to_string()))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<String, MdmError> {
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        MdmError::Unauthorized(
+            "this endpoint needs a credential: Authorization: Bearer <credential>".into(),
+        )
+    })?;
+    let value = value
+        .to_str()
+        .map_err(|_| MdmError::Unauthorized("the Authorization header is not ASCII".to_string()))?;
+    let (scheme, credential) = value.split_once(' ').ok_or_else(|| {
+        MdmError::Unauthorized("the Authorization header must be `Bearer <credential>`".into())
+    })?;
+    let credential = credential.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || credential.is_empty() {
+        return Err(MdmError::Unauthorized(
+            "the Authorization header must be `Bearer <credential>`".into(),
+        ));
+    }
+    Ok(credential.to_string())
+}
+
+/// Who may call an endpoint.
+#[derive(Clone, Copy)]
+enum Role {
+    Admin,
+    Mgmt,
+    Sds,
+    Sdc,
+}
+
+fn allow(caller: Caller, roles: &[Role]) -> Result<(), MdmError> {
+    let role = match caller {
+        Caller::Admin => Role::Admin,
+        Caller::Node { node_type: NodeType::Mgmt, .. } => Role::Mgmt,
+        Caller::Node { node_type: NodeType::Sds, .. } => Role::Sds,
+        Caller::Node { node_type: NodeType::Sdc, .. } => Role::Sdc,
+    };
+    if roles.iter().any(|r| std::mem::discriminant(r) == std::mem::discriminant(&role)) {
+        Ok(())
+    } else {
+        Err(MdmError::forbidden(format!("{} may not call this endpoint", caller.describe())))
+    }
+}
+
+const READERS: &[Role] = &[Role::Admin, Role::Mgmt];
+const ANY: &[Role] = &[Role::Admin, Role::Mgmt, Role::Sds, Role::Sdc];
+
+/// The router of the whole API.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/discovery/register", post(register))
+        .route("/health/heartbeat", post(heartbeat))
+        .route("/health/status", get(health_status))
+        .route("/token/request", post(token_request))
+        .route("/token/ack", post(token_ack))
+        .route("/vol/create", post(volume_create))
+        .route("/vol/list", get(volume_list))
+        .route("/vol/map", post(volume_map))
+        .route("/vol/unmap", post(volume_unmap))
+        .route("/vol/{volume}", get(volume_show).delete(volume_delete))
+        .route("/vol/{volume}/resize", post(volume_resize))
+        .route("/vol/{volume}/rename", post(volume_rename))
+        .route("/vol/{volume}/placement", get(volume_placement))
+        .route("/sdc/mappings", get(sdc_mappings))
+        .route("/sds/list", get(sds_list))
+        .route("/sdc/list", get(sdc_list))
+        .route("/cluster/summary", get(cluster_summary))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+        .with_state(state)
+}
+
+async fn count_responses(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let counter = match response.status().as_u16() {
+        200..=299 => &state.counters.responses_2xx,
+        400..=499 => &state.counters.responses_4xx,
+        _ => &state.counters.responses_5xx,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    response
+}
+
+async fn not_found(request: Request) -> MdmError {
+    MdmError::not_found(
+        "no_such_endpoint",
+        format!("no endpoint {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> MdmError {
+    MdmError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn register(
+    State(state): State<Shared>,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<Json<pflex_proto::api::RegisterResponse>, MdmError> {
+    if !state.join_key_matches(&request.join_key) {
+        state.counters.registrations_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(name = %request.name, "registration refused: wrong join key");
+        return Err(MdmError::Unauthorized("wrong join key".to_string()));
+    }
+    let response = state.transact(move |conn, ctx| service::register(conn, ctx, &request)).await?;
+    state.counters.registrations.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(node_id = response.node_id, "component registered");
+    Ok(Json(response))
+}
+
+async fn heartbeat(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<HeartbeatRequest>,
+) -> Result<Json<pflex_proto::api::HeartbeatResponse>, MdmError> {
+    allow(caller, &[Role::Sds, Role::Sdc, Role::Mgmt])?;
+    let response =
+        state.transact(move |conn, ctx| service::heartbeat(conn, ctx, caller, &request)).await?;
+    state.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(response))
+}
+
+async fn health_status(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<pflex_proto::api::HealthStatus>, MdmError> {
+    allow(caller, ANY)?;
+    Ok(Json(state.transact(service::health_status).await?))
+}
+
+async fn token_request(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<TokenRequest>,
+) -> Result<Json<pflex_proto::api::TokenResponse>, MdmError> {
+    allow(caller, &[Role::Sdc])?;
+    let Caller::Node { id, .. } = caller else { unreachable!("allow() admitted only SDCs") };
+    let result =
+        state.transact(move |conn, ctx| service::request_token(conn, ctx, id, &request)).await;
+    let counter =
+        if result.is_ok() { &state.counters.tokens_issued } else { &state.counters.tokens_refused };
+    counter.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(result?))
+}
+
+async fn token_ack(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(batch): ApiJson<TokenAckBatch>,
+) -> Result<Json<pflex_proto::api::AckResponse>, MdmError> {
+    allow(caller, &[Role::Sds, Role::Sdc])?;
+    let response =
+        state.transact(move |conn, ctx| service::ack_tokens(conn, ctx, caller, &batch)).await?;
+    state.counters.acks_recorded.fetch_add(response.recorded, Ordering::Relaxed);
+    Ok(Json(response))
+}
+
+type VolumeReply = Result<Json<pflex_proto::api::Volume>, MdmError>;
+
+async fn volume_create(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<VolumeCreate>,
+) -> VolumeReply {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(state.transact(move |conn, ctx| service::volume_create(conn, ctx, &request)).await?))
+}
+
+async fn volume_list(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<Vec<pflex_proto::api::Volume>>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(|conn, _| service::volume_list(conn)).await?))
+}
+
+async fn volume_show(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiPath(volume): ApiPath,
+) -> VolumeReply {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(move |conn, _| service::volume_show(conn, &volume)).await?))
+}
+
+async fn volume_delete(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiPath(volume): ApiPath,
+) -> VolumeReply {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(state.transact(move |conn, _| service::volume_delete(conn, &volume)).await?))
+}
+
+async fn volume_resize(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiPath(volume): ApiPath,
+    ApiJson(request): ApiJson<VolumeResize>,
+) -> VolumeReply {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(
+        state
+            .transact(move |conn, ctx| {
+                service::volume_resize(conn, ctx, &volume, request.size_bytes)
+            })
+            .await?,
+    ))
+}
+
+async fn volume_rename(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiPath(volume): ApiPath,
+    ApiJson(request): ApiJson<VolumeRename>,
+) -> VolumeReply {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(
+        state
+            .transact(move |conn, _| service::volume_rename(conn, &volume, &request.new_name))
+            .await?,
+    ))
+}
+
+async fn volume_placement(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiPath(volume): ApiPath,
+) -> Result<Json<pflex_proto::placement::PlacementMap>, MdmError> {
+    allow(caller, ANY)?;
+    Ok(Json(state.transact(move |conn, _| service::placement_map(conn, caller, &volume)).await?))
+}
+
+async fn volume_map(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<VolumeMap>,
+) -> VolumeReply {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(state.transact(move |conn, ctx| service::volume_map(conn, ctx, &request)).await?))
+}
+
+async fn volume_unmap(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<VolumeUnmap>,
+) -> VolumeReply {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(state.transact(move |conn, _| service::volume_unmap(conn, &request)).await?))
+}
+
+async fn sdc_mappings(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<Vec<pflex_proto::api::MappedVolume>>, MdmError> {
+    allow(caller, &[Role::Sdc])?;
+    let Caller::Node { id, .. } = caller else { unreachable!("allow() admitted only SDCs") };
+    Ok(Json(state.transact(move |conn, _| service::sdc_mappings(conn, id)).await?))
+}
+
+async fn sds_list(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<Vec<pflex_proto::api::SdsInfo>>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(service::sds_list).await?))
+}
+
+async fn sdc_list(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<Vec<pflex_proto::api::SdcInfo>>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(service::sdc_list).await?))
+}
+
+async fn cluster_summary(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<pflex_proto::api::ClusterSummary>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(service::cluster_summary).await?))
+}
+
+async fn metrics(State(state): State<Shared>, Auth(caller): Auth) -> Result<Response, MdmError> {
+    allow(caller, ANY)?;
+    let (summary, health) = state
+        .transact(|conn, ctx| {
+            Ok((service::cluster_summary(conn, ctx)?, service::health_status(conn, ctx)?))
+        })
+        .await?;
+    let text = crate::metrics::render(&state, &summary, &health);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}

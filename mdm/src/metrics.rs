@@ -1,0 +1,117 @@
+//! Prometheus text exposition of the MDM (`GET /metrics`).
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use pflex_proto::api::{ClusterSummary, HealthStatus};
+
+use crate::http::AppState;
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every MDM metric.
+pub fn render(state: &AppState, summary: &ClusterSummary, health: &HealthStatus) -> String {
+    let mut out = String::new();
+    let c = &state.counters;
+    let gauges: [(&str, &str, u64); 10] = [
+        (
+            "pflex_mdm_uptime_seconds",
+            "Seconds since the MDM started.",
+            state.started_at.elapsed().as_secs(),
+        ),
+        ("pflex_mdm_sds_nodes", "Registered SDS nodes.", summary.sds_count),
+        ("pflex_mdm_sdc_clients", "Registered SDC clients.", summary.sdc_count),
+        ("pflex_mdm_volumes", "Volumes.", summary.volume_count),
+        ("pflex_mdm_capacity_bytes", "Raw capacity of all SDS devices.", summary.capacity_bytes),
+        ("pflex_mdm_used_bytes", "Bytes used on all SDS devices.", summary.used_bytes),
+        ("pflex_mdm_provisioned_bytes", "Sum of volume sizes.", summary.provisioned_bytes),
+        (
+            "pflex_mdm_reserved_bytes",
+            "Capacity reserved by thick volumes (both copies).",
+            summary.reserved_bytes,
+        ),
+        (
+            "pflex_mdm_degraded_chunks",
+            "Chunks with fewer than two live copies.",
+            summary.degraded_chunks,
+        ),
+        (
+            "pflex_mdm_rebuild_jobs_active",
+            "Rebuild jobs pending or running.",
+            summary.rebuild_jobs_active,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    family(
+        &mut out,
+        "pflex_mdm_cluster_state",
+        "gauge",
+        "1 for the current overall cluster state.",
+    );
+    for state_name in ["HEALTHY", "DEGRADED", "CRITICAL"] {
+        let value = u8::from(health.overall == state_name);
+        let _ = writeln!(out, "pflex_mdm_cluster_state{{state=\"{state_name}\"}} {value}");
+    }
+    family(
+        &mut out,
+        "pflex_mdm_components",
+        "gauge",
+        "Registered components by type and liveness.",
+    );
+    for node_type in ["SDS", "SDC", "MGMT"] {
+        for status in ["ACTIVE", "STALE", "FAILED"] {
+            let n = health
+                .components
+                .iter()
+                .filter(|h| h.node_type.as_str() == node_type && h.status == status)
+                .count();
+            let _ = writeln!(
+                out,
+                "pflex_mdm_components{{type=\"{node_type}\",status=\"{status}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "pflex_mdm_http_responses_total",
+        "counter",
+        "HTTP responses by status class.",
+    );
+    for (class, counter) in
+        [("2xx", &c.responses_2xx), ("4xx", &c.responses_4xx), ("5xx", &c.responses_5xx)]
+    {
+        let _ = writeln!(
+            out,
+            "pflex_mdm_http_responses_total{{class=\"{class}\"}} {}",
+            counter.load(Ordering::Relaxed)
+        );
+    }
+    let counters = [
+        ("pflex_mdm_registrations_total", "Accepted registrations.", &c.registrations),
+        (
+            "pflex_mdm_registrations_refused_total",
+            "Registrations refused for a wrong join key.",
+            &c.registrations_refused,
+        ),
+        ("pflex_mdm_heartbeats_total", "Heartbeats received.", &c.heartbeats),
+        ("pflex_mdm_tokens_issued_total", "IO tokens issued.", &c.tokens_issued),
+        ("pflex_mdm_tokens_refused_total", "IO token requests refused.", &c.tokens_refused),
+        ("pflex_mdm_token_acks_total", "IO completion records recorded.", &c.acks_recorded),
+        (
+            "pflex_mdm_copies_replaced_total",
+            "Copies moved off failed SDS nodes.",
+            &c.copies_replaced,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+    }
+    out
+}
