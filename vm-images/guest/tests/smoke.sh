@@ -1,0 +1,11 @@
+#!/bin/sh
+# Guest test: the guest boots, loads its modules and brings up its network (the init's own steps),
+# and its programs run. Used to tell whether hardware acceleration really boots a guest.
+. /usr/share/pflex/lib.sh
+
+programs_run() {
+  /usr/sbin/nbd-client --help >/dev/null 2>&1
+  [ $? -ne 127 ] && /usr/sbin/mke2fs -V >/dev/null 2>&1 && /usr/bin/fio --version
+}
+
+step programs programs_run
