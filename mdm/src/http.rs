@@ -292,15 +292,20 @@ async fn method_not_allowed(request: Request) -> MdmError {
     ))
 }
 
+/// The join key is checked before anything else in the body, so a wrong
+/// or missing key is 401 whatever the rest says, and nothing is written.
 async fn register(
     State(state): State<Shared>,
-    ApiJson(request): ApiJson<RegisterRequest>,
+    ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<Json<pflex_proto::api::RegisterResponse>, MdmError> {
-    if !state.join_key_matches(&request.join_key) {
+    let key = body.get("join_key").and_then(|k| k.as_str()).unwrap_or_default();
+    if !state.join_key_matches(key) {
         state.counters.registrations_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(name = %request.name, "registration refused: wrong join key");
-        return Err(MdmError::Unauthorized("wrong join key".to_string()));
+        tracing::warn!("registration refused: wrong or missing join key");
+        return Err(MdmError::Unauthorized("wrong or missing join key".to_string()));
     }
+    let request: RegisterRequest = serde_json::from_value(body)
+        .map_err(|e| MdmError::invalid("invalid_body", format!("invalid registration: {e}")))?;
     let response = state.transact(move |conn, ctx| service::register(conn, ctx, &request)).await?;
     state.counters.registrations.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node_id = response.node_id, "component registered");

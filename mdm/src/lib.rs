@@ -127,13 +127,17 @@ pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartErro
 /// Re-places copies of failed SDS nodes and samples metrics, every
 /// heartbeat interval, until the process ends.
 async fn monitor(state: Arc<AppState>) {
-    let mut interval = tokio::time::interval(std::time::Duration::from_secs(
-        state.settings.heartbeat_interval_secs,
-    ));
+    let period = std::time::Duration::from_secs(state.settings.heartbeat_interval_secs);
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // After a restart, nodes get a full failure timeout to heartbeat again
+    // before their copies are moved: silence while the MDM was down is not
+    // evidence of failure.
+    let replace_after = pflex_proto::unix_now() + state.settings.failed_after_secs;
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        match state.transact(service::monitor_tick).await {
+        let replace = pflex_proto::unix_now() >= replace_after;
+        match state.transact(move |conn, ctx| service::monitor_tick(conn, ctx, replace)).await {
             Ok(report) if report.copies_replaced > 0 => {
                 state.counters.copies_replaced.fetch_add(report.copies_replaced, Ordering::Relaxed);
                 tracing::warn!(

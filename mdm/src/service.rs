@@ -1272,7 +1272,12 @@ pub struct MonitorReport {
 /// node outside the surviving copy's fault set (the survivor becomes
 /// primary, since it holds the data), records a rebuild job per moved copy,
 /// bumps the epoch of each changed volume, and samples cluster metrics.
-pub fn monitor_tick(conn: &Connection, ctx: &Ctx) -> Result<MonitorReport, MdmError> {
+/// With `replace` false only the metrics are sampled.
+pub fn monitor_tick(
+    conn: &Connection,
+    ctx: &Ctx,
+    replace: bool,
+) -> Result<MonitorReport, MdmError> {
     let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
         .into_iter()
         .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, ctx.now)))
@@ -1292,7 +1297,7 @@ pub fn monitor_tick(conn: &Connection, ctx: &Ctx) -> Result<MonitorReport, MdmEr
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .filter(|(_, _, _, primary, secondary)| failed(*primary) != failed(*secondary))
+        .filter(|(_, _, _, primary, secondary)| replace && failed(*primary) != failed(*secondary))
         .collect();
     let mut report = MonitorReport::default();
     let mut changed_volumes = std::collections::BTreeSet::new();

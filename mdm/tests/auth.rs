@@ -1,0 +1,215 @@
+//! Registration by join key, credentials, and roles, over real HTTP.
+
+mod common;
+
+use common::{raw, Mdm, JOIN_KEY};
+use pflex_proto::api::{NodeType, RegisterRequest};
+
+/// Every endpoint with a body that would be valid, to prove the refusal is
+/// about the credential and nothing else.
+const ENDPOINTS: &[(&str, &str, Option<&str>)] = &[
+    ("POST", "/health/heartbeat", Some(r#"{"node_id":1}"#)),
+    ("GET", "/health/status", None),
+    ("POST", "/token/request", Some(r#"{"volume_id":1,"mode":"readWrite"}"#)),
+    ("POST", "/token/ack", Some(r#"{"records":[]}"#)),
+    ("POST", "/vol/create", Some(r#"{"name":"v","size_bytes":1048576}"#)),
+    ("GET", "/vol/list", None),
+    ("GET", "/vol/v1", None),
+    ("POST", "/vol/v1/resize", Some(r#"{"size_bytes":2097152}"#)),
+    ("POST", "/vol/v1/rename", Some(r#"{"new_name":"v9"}"#)),
+    ("DELETE", "/vol/v1", None),
+    ("GET", "/vol/v1/placement", None),
+    ("POST", "/vol/map", Some(r#"{"volume":"v1","sdc":"sdc1"}"#)),
+    ("POST", "/vol/unmap", Some(r#"{"volume":"v1","sdc":"sdc1"}"#)),
+    ("GET", "/sdc/mappings", None),
+    ("GET", "/sds/list", None),
+    ("GET", "/sdc/list", None),
+    ("GET", "/cluster/summary", None),
+    ("GET", "/metrics", None),
+];
+
+fn sds_request(key: &str, name: &str) -> RegisterRequest {
+    RegisterRequest {
+        join_key: key.into(),
+        node_type: NodeType::Sds,
+        name: name.into(),
+        host: "127.0.0.1".into(),
+        control_port: 9101,
+        mgmt_port: 9201,
+        data_port: 9701,
+        fault_set: None,
+        pool: None,
+        devices: vec![],
+    }
+}
+
+#[tokio::test]
+async fn bad_or_missing_join_key_is_401_and_writes_nothing() {
+    let mdm = Mdm::start();
+    let before = mdm.dump();
+    let err = mdm.anonymous().register(&sds_request("wrong-key", "sds1")).await.unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    assert_eq!(err.code(), Some("unauthorized"));
+    let err = mdm.anonymous().register(&sds_request("", "sds1")).await.unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    let url = format!("{}/discovery/register", mdm.url);
+    let (status, body) = raw(
+        "POST",
+        &url,
+        None,
+        Some("application/json"),
+        Some(r#"{"node_type":"SDS","name":"sds1","host":"127.0.0.1","data_port":9701}"#),
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    // A correct key prefix is not the key.
+    let (status, _) = raw(
+        "POST",
+        &url,
+        None,
+        Some("application/json"),
+        Some(&format!(
+            r#"{{"join_key":"{}","node_type":"SDC","name":"c","host":"h"}}"#,
+            &JOIN_KEY[..10]
+        )),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(mdm.dump(), before, "a refused registration wrote to the database");
+}
+
+#[tokio::test]
+async fn no_or_unknown_credential_is_401_on_every_endpoint() {
+    let mdm = Mdm::start();
+    mdm.register_sds("sds1", "fs1", "default", 10).await;
+    mdm.register_sds("sds2", "fs2", "default", 10).await;
+    mdm.register_sdc("sdc1").await;
+    mdm.admin()
+        .volume_create(&pflex_proto::api::VolumeCreate {
+            name: "v1".into(),
+            size_bytes: 1 << 20,
+            pool: None,
+            thick: false,
+        })
+        .await
+        .unwrap();
+    let before = mdm.dump();
+    for (method, path, body) in ENDPOINTS {
+        let url = format!("{}{path}", mdm.url);
+        let content_type = body.map(|_| "application/json");
+        let (status, reply) = raw(method, &url, None, content_type, *body).await;
+        assert_eq!(status, 401, "{method} {path} without credential: {reply}");
+        assert_eq!(reply["error"], "unauthorized", "{method} {path}: {reply}");
+        for bad in ["not-a-credential", &"0".repeat(64)] {
+            let (status, _) = raw(method, &url, Some(bad), content_type, *body).await;
+            assert_eq!(status, 401, "{method} {path} with unknown credential");
+        }
+    }
+    // Basic auth or a bare token is not a bearer credential.
+    let url = format!("{}/vol/list", mdm.url);
+    let client = reqwest::Client::new();
+    for header in [format!("Basic {}", mdm.admin_token), mdm.admin_token.clone()] {
+        let status =
+            client.get(&url).header("authorization", header).send().await.unwrap().status();
+        assert_eq!(status.as_u16(), 401);
+    }
+    assert_eq!(mdm.dump(), before);
+    // The admin token works everywhere it should.
+    assert_eq!(mdm.admin().volume_list().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn roles_are_enforced() {
+    let mdm = Mdm::start();
+    let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    mdm.register_sds("sds2", "fs2", "default", 10).await;
+    let sdc = mdm.register_sdc("sdc1").await;
+    let mgmt = mdm.register_mgmt("mgmt").await;
+    let create = pflex_proto::api::VolumeCreate {
+        name: "v1".into(),
+        size_bytes: 1 << 30,
+        pool: None,
+        thick: false,
+    };
+    for node in [&sds, &sdc, &mgmt] {
+        let err = node.client.volume_create(&create).await.unwrap_err();
+        assert_eq!(err.status(), Some(403), "{err}");
+        let err = node.client.volume_delete("v1").await.unwrap_err();
+        assert_eq!(err.status(), Some(403), "{err}");
+    }
+    let volume = mdm.admin().volume_create(&create).await.unwrap();
+    // MGMT reads everything, changes nothing.
+    assert_eq!(mgmt.client.volume_list().await.unwrap().len(), 1);
+    assert_eq!(mgmt.client.sds_list().await.unwrap().len(), 2);
+    assert_eq!(mgmt.client.sdc_list().await.unwrap().len(), 1);
+    mgmt.client.cluster_summary().await.unwrap();
+    mgmt.client.health_status().await.unwrap();
+    mgmt.client.volume_show("v1").await.unwrap();
+    let err = mgmt.client.volume_resize("v1", 2 << 30).await.unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    // SDS and SDC cannot list the cluster.
+    for node in [&sds, &sdc] {
+        assert_eq!(node.client.sds_list().await.unwrap_err().status(), Some(403));
+        assert_eq!(node.client.volume_list().await.unwrap_err().status(), Some(403));
+        node.client.health_status().await.unwrap();
+        node.client.metrics_text().await.unwrap();
+    }
+    // Only SDCs ask for tokens and mappings.
+    let err = sds
+        .client
+        .request_token(volume.id, pflex_proto::token::AccessMode::ReadOnly)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    assert_eq!(mdm.admin().sdc_mappings().await.unwrap_err().status(), Some(403));
+    // SDS reads any placement; an SDC only that of its mapped volumes.
+    sds.client.placement(volume.id).await.unwrap();
+    assert_eq!(sdc.client.placement(volume.id).await.unwrap_err().status(), Some(403));
+    // A node heartbeats only as itself; the admin token does not heartbeat.
+    let beat =
+        |node_id| pflex_proto::api::HeartbeatRequest { node_id, metrics: Default::default() };
+    sds.client.heartbeat(&beat(sds.id())).await.unwrap();
+    assert_eq!(sds.client.heartbeat(&beat(sdc.id())).await.unwrap_err().status(), Some(403));
+    assert_eq!(mdm.admin().heartbeat(&beat(sds.id())).await.unwrap_err().status(), Some(403));
+}
+
+#[tokio::test]
+async fn only_sds_gets_the_secret_and_credentials_are_stored_hashed() {
+    let mdm = Mdm::start();
+    let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    let sdc = mdm.register_sdc("sdc1").await;
+    let mgmt = mdm.register_mgmt("mgmt1").await;
+    let secret = mdm.cluster_secret();
+    assert_eq!(sds.reply.cluster_secret.as_deref(), Some(secret.to_hex().as_str()));
+    assert_eq!(sdc.reply.cluster_secret, None);
+    assert_eq!(mgmt.reply.cluster_secret, None);
+    let dump = mdm.dump();
+    for node in [&sds, &sdc, &mgmt] {
+        assert!(!dump.contains(&node.reply.credential), "plain credential in the database");
+        assert!(dump.contains(&pflex_mdm::service::sha256_hex(&node.reply.credential)));
+    }
+    assert!(!dump.contains(&secret.to_hex()));
+    assert!(!dump.contains(&mdm.admin_token));
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["cluster_secret", "admin_token"] {
+        let mode = std::fs::metadata(mdm.data_dir().join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+}
+
+#[tokio::test]
+async fn registering_again_keeps_the_id_and_rotates_the_credential() {
+    let mdm = Mdm::start();
+    let first = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    let second = mdm.register_sds("sds1", "fs1", "default", 20).await;
+    assert_eq!(first.id(), second.id());
+    assert_ne!(first.reply.credential, second.reply.credential);
+    assert_eq!(first.client.health_status().await.unwrap_err().status(), Some(401));
+    second.client.health_status().await.unwrap();
+    let list = mdm.admin().sds_list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].capacity_bytes, 20 << 30);
+    // Same name, other type: another node.
+    let sdc = mdm.register_sdc("sds1").await;
+    assert_ne!(sdc.id(), first.id());
+}
