@@ -1,0 +1,323 @@
+//! Data-plane acceptance tests: two real `sds` processes and a real `mdm`
+//! on loopback, driven by a test-side SDC with real tokens.
+
+mod dataplane_cluster;
+
+use dataplane_cluster::{model_crc, pattern, sealed, send_raw, Cluster, VolumeSession};
+use pflex_proto::frame::{flags, Op, Status};
+use pflex_proto::token::{AccessMode, ClusterSecret, IoToken, SessionKey};
+use pflex_proto::{unix_now, CHUNK_SIZE};
+
+const VOLUME_SIZE: u64 = 64 << 20;
+const CHUNK: usize = CHUNK_SIZE as usize;
+
+/// Starts a cluster with one mapped volume and an authenticated session.
+async fn cluster_with_volume() -> (Cluster, VolumeSession, pflex_mdm_client::MdmClient) {
+    let cluster = Cluster::start(2).await;
+    let (sdc, _) = cluster.register_sdc("sdc-test").await;
+    let volume_id = cluster.create_mapped_volume("vol1", VOLUME_SIZE, "sdc-test").await;
+    let session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    assert_ne!(session.primary_of(0), session.secondary_of(0));
+    session.auth_all().await;
+    (cluster, session, sdc)
+}
+
+/// Both copies of `chunk` report the model's CRC.
+async fn assert_replicas_match(cluster: &Cluster, s: &VolumeSession, chunk: u64, model: &[u8]) {
+    let primary = cluster.sds_by_node_id(s.primary_of(chunk)).await;
+    let secondary = cluster.sds_by_node_id(s.secondary_of(chunk)).await;
+    let on_primary = cluster.checksum(primary, s.volume_id, chunk).await;
+    let on_secondary = cluster.checksum(secondary, s.volume_id, chunk).await;
+    assert_eq!(on_primary.crc32, model_crc(model), "primary copy of chunk {chunk}");
+    assert_eq!(on_secondary.crc32, model_crc(model), "secondary copy of chunk {chunk}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_read_back_from_both_replicas() {
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let mut models = vec![vec![0u8; CHUNK]; 4];
+    // Aligned, unaligned, chunk-spanning-within-chunk and whole-chunk writes.
+    let writes: [(u64, u32, usize); 6] = [
+        (0, 0, 4096),
+        (0, 4096 * 3, 65536),
+        (1, 511, 10_000),
+        (2, 0, CHUNK),
+        (3, (CHUNK - 100) as u32, 100),
+        (1, 600_000, 4096),
+    ];
+    for (i, (chunk, offset, len)) in writes.into_iter().enumerate() {
+        let data = pattern(i as u64 + 1, len);
+        assert_eq!(s.write(chunk, offset, &data).await, Status::Ok, "write {i}");
+        models[chunk as usize][offset as usize..offset as usize + len].copy_from_slice(&data);
+    }
+    for (chunk, model) in models.iter().enumerate() {
+        let (status, data) = s.read(chunk as u64, 0, CHUNK as u32).await;
+        assert_eq!(status, Status::Ok);
+        assert!(data == *model, "chunk {chunk} reads back what was written");
+        assert_replicas_match(&cluster, &s, chunk as u64, model).await;
+    }
+
+    // FUA write, WRITE_ZEROES and TRIM reach both copies too.
+    let mut fua = s.header(Op::Write, 0, 8192, 4096);
+    fua.flags = flags::FUA;
+    let data = pattern(99, 4096);
+    assert_eq!(s.call(s.primary_of(0), fua, &data).await.status(), Status::Ok);
+    models[0][8192..12288].copy_from_slice(&data);
+    let zeroes = s.header(Op::WriteZeroes, 1, 0, 8192);
+    assert_eq!(s.call(s.primary_of(1), zeroes, &[]).await.status(), Status::Ok);
+    models[1][..8192].fill(0);
+    let trim = s.header(Op::Trim, 2, 0, CHUNK as u32);
+    assert_eq!(s.call(s.primary_of(2), trim, &[]).await.status(), Status::Ok);
+    models[2].fill(0);
+    for (chunk, model) in models.iter().enumerate() {
+        assert_replicas_match(&cluster, &s, chunk as u64, model).await;
+    }
+
+    // FLUSH, addressed to every primary of the volume.
+    let mut primaries: Vec<u64> = s.map.pgs.iter().map(|pg| pg.primary).collect();
+    primaries.sort();
+    primaries.dedup();
+    for node in primaries {
+        let flush = s.header(Op::Flush, 0, 0, 0);
+        assert_eq!(s.call(node, flush, &[]).await.status(), Status::Ok, "flush on {node}");
+    }
+
+    // ALLOCATION: chunks 0, 1, 3 hold data (chunk 2 was trimmed whole).
+    let alloc = s.header(Op::Allocation, 0, 0, 8);
+    let reply = s.call(s.primary_of(0), alloc, &[]).await;
+    assert_eq!(reply.status(), Status::Ok);
+    assert_eq!(reply.payload.len(), 1);
+    let primary0 = s.primary_of(0);
+    let mut expected = 0u8;
+    for (chunk, model) in models.iter().enumerate() {
+        let held_here =
+            s.primary_of(chunk as u64) == primary0 || s.secondary_of(chunk as u64) == primary0;
+        if held_here && model.iter().any(|b| *b != 0) {
+            expected |= 1 << chunk;
+        }
+    }
+    assert_eq!(reply.payload[0] & 0x0f, expected, "allocation bitmap");
+
+    // A chunk's secondary refuses to act as its primary.
+    let wrong = s.header(Op::Write, 0, 0, 4096);
+    let reply = s.call(s.secondary_of(0), wrong, &pattern(5, 4096)).await;
+    assert_eq!(reply.status(), Status::NotPrimary);
+    assert_replicas_match(&cluster, &s, 0, &models[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_to_overlapping_ranges_leave_identical_replicas() {
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let s = std::sync::Arc::new(s);
+    let mut writers = Vec::new();
+    for writer in 0..8u64 {
+        let s = s.clone();
+        writers.push(tokio::spawn(async move {
+            let mut x = writer * 7919 + 1;
+            for i in 0..60u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let chunk = (x >> 60) % 2;
+                let offset = ((x >> 20) % (CHUNK as u64 - 70_000)) as u32;
+                let offset = if i % 3 == 0 { offset & !4095 } else { offset };
+                let len = 1 + ((x >> 8) % 65_536) as usize;
+                let data = pattern(writer * 1000 + i, len);
+                assert_eq!(s.write(chunk, offset, &data).await, Status::Ok);
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    for chunk in 0..2 {
+        let primary = cluster.sds_by_node_id(s.primary_of(chunk)).await;
+        let secondary = cluster.sds_by_node_id(s.secondary_of(chunk)).await;
+        let a = cluster.checksum(primary, s.volume_id, chunk).await;
+        let b = cluster.checksum(secondary, s.volume_id, chunk).await;
+        assert!(a.allocated && b.allocated);
+        assert_eq!(a.crc32, b.crc32, "chunk {chunk}: replicas differ");
+        let (status, data) = s.read(chunk, 0, CHUNK as u32).await;
+        assert_eq!(status, Status::Ok);
+        assert_eq!(pflex_proto::frame::crc32(&data), a.crc32);
+    }
+}
+
+/// Signs a token with `secret` for the test SDC.
+fn token(
+    secret: &ClusterSecret,
+    s: &VolumeSession,
+    volume_id: u64,
+    mode: AccessMode,
+    expires_at: u64,
+) -> (pflex_proto::token::SignedToken, SessionKey) {
+    let token = IoToken {
+        token_id: u64::from_le_bytes(pflex_proto::random_bytes()),
+        volume_id,
+        sdc_id: s.token.token.sdc_id,
+        mode,
+        mapping_gen: s.map.mapping_gen,
+        expires_at,
+    };
+    let signed = secret.sign(&token);
+    let key = secret.session_key(&signed);
+    (signed, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_forgery_is_refused_and_nothing_is_written() {
+    let (cluster, s, sdc) = cluster_with_volume().await;
+    let chunk = 0;
+    let primary_id = s.primary_of(chunk);
+    let primary = cluster.sds_by_node_id(primary_id).await;
+    let mut model = vec![0u8; CHUNK];
+    let base = pattern(1, 8192);
+    assert_eq!(s.write(chunk, 0, &base).await, Status::Ok);
+    model[..8192].copy_from_slice(&base);
+    let evil = pattern(666, 4096);
+    let secret = cluster.cluster_secret();
+
+    // No token: an id never presented.
+    let mut header = s.header(Op::Write, chunk, 0, 4096);
+    header.token_id ^= 0x5555;
+    assert_eq!(s.call(primary_id, header, &evil).await.status(), Status::NoToken);
+
+    // Forged signature: a token signed with another secret.
+    let (forged, forged_key) =
+        token(&ClusterSecret::generate(), &s, s.volume_id, AccessMode::ReadWrite, unix_now() + 600);
+    let forged_session = VolumeSession::with_token(s.map.clone(), forged, forged_key);
+    assert_eq!(forged_session.auth(primary_id).await, Status::BadSignature);
+    assert_eq!(forged_session.write(chunk, 0, &evil).await, Status::NoToken);
+
+    // Expired token (properly signed): refused at AUTH ...
+    let (expired, expired_key) =
+        token(&secret, &s, s.volume_id, AccessMode::ReadWrite, unix_now() - 10);
+    let expired_session = VolumeSession::with_token(s.map.clone(), expired, expired_key);
+    assert_eq!(expired_session.auth(primary_id).await, Status::Expired);
+    assert_eq!(expired_session.write(chunk, 0, &evil).await, Status::NoToken);
+    // ... and on use once it expires after AUTH.
+    let expires_at = unix_now() + 2;
+    let (short, short_key) = token(&secret, &s, s.volume_id, AccessMode::ReadWrite, expires_at);
+    let short_session = VolumeSession::with_token(s.map.clone(), short, short_key);
+    assert_eq!(short_session.auth(primary_id).await, Status::Ok);
+    while unix_now() < expires_at {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(short_session.write(chunk, 0, &evil).await, Status::Expired);
+
+    // A real token for another volume, used on this one.
+    let other_id = cluster.create_mapped_volume("vol2", VOLUME_SIZE, "sdc-test").await;
+    let other = VolumeSession::open(&sdc, other_id, AccessMode::ReadWrite).await;
+    other.auth_all().await;
+    let mut header = s.header(Op::Write, chunk, 0, 4096);
+    header.token_id = other.token.token.token_id;
+    let reply = other.client(primary_id).call(header, &other.key, &evil).await.unwrap();
+    assert_eq!(reply.status(), Status::WrongVolume);
+
+    // Read-only token: reads pass, writes, TRIM and WRITE_ZEROES do not.
+    let (ro, ro_key) = token(&secret, &s, s.volume_id, AccessMode::ReadOnly, unix_now() + 600);
+    let ro_session = VolumeSession::with_token(s.map.clone(), ro, ro_key);
+    assert_eq!(ro_session.auth(primary_id).await, Status::Ok);
+    assert_eq!(ro_session.write(chunk, 0, &evil).await, Status::ReadOnly);
+    let trim = ro_session.header(Op::Trim, chunk, 0, CHUNK as u32);
+    assert_eq!(ro_session.call(primary_id, trim, &[]).await.status(), Status::ReadOnly);
+    let zero = ro_session.header(Op::WriteZeroes, chunk, 0, 4096);
+    assert_eq!(ro_session.call(primary_id, zero, &[]).await.status(), Status::ReadOnly);
+    let (status, data) = ro_session.read(chunk, 0, 8192).await;
+    assert_eq!((status, data == base), (Status::Ok, true));
+
+    // Tampered header: sealed for offset 0, sent with offset 4096.
+    let header = s.header(Op::Write, chunk, 0, 4096);
+    let mut raw = sealed(header, &s.key, &evil);
+    raw[32..36].copy_from_slice(&4096u32.to_le_bytes());
+    let reply = send_raw(primary.data_addr(), &raw, &evil).await;
+    assert_eq!(reply.status, Status::BadMac as u16);
+    // A MAC under the wrong key.
+    let header = s.header(Op::Write, chunk, 0, 4096);
+    let raw = sealed(header, &SessionKey([3; 32]), &evil);
+    assert_eq!(send_raw(primary.data_addr(), &raw, &evil).await.status, Status::BadMac as u16);
+
+    // Payload that does not match its CRC.
+    let header = s.header(Op::Write, chunk, 0, 4096);
+    let raw = sealed(header, &s.key, &base[..4096]);
+    assert_eq!(send_raw(primary.data_addr(), &raw, &evil).await.status, Status::BadCrc as u16);
+
+    // Routed by an older placement epoch; a chunk outside the volume.
+    let mut header = s.header(Op::Write, chunk, 0, 4096);
+    header.epoch = s.map.epoch.saturating_sub(1);
+    if header.epoch < s.map.epoch {
+        assert_eq!(s.call(primary_id, header, &evil).await.status(), Status::StaleEpoch);
+    }
+    let beyond = VOLUME_SIZE / CHUNK_SIZE + s.map.pgs.len() as u64;
+    let header = s.header(Op::Write, beyond, 0, 4096);
+    let target = s.primary_of(beyond);
+    assert_eq!(s.call(target, header, &evil).await.status(), Status::Invalid);
+
+    // A replication frame from someone without the peer key.
+    let mut header = s.header(Op::Write, chunk, 0, 4096);
+    header.flags = flags::REPLICA;
+    header.token_id = s.secondary_of(chunk);
+    let secondary = cluster.sds_by_node_id(s.secondary_of(chunk)).await;
+    let raw = sealed(header, &s.key, &evil);
+    assert_eq!(send_raw(secondary.data_addr(), &raw, &evil).await.status, Status::BadMac as u16);
+
+    assert_replicas_match(&cluster, &s, chunk, &model).await;
+
+    // Replay: X (seq n) then Y (seq n+1) are applied; X sent again is not.
+    let x = pattern(10, 4096);
+    let y = pattern(11, 4096);
+    let x_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &x);
+    let y_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &y);
+    assert_eq!(send_raw(primary.data_addr(), &x_raw, &x).await.status, Status::Ok as u16);
+    assert_eq!(send_raw(primary.data_addr(), &y_raw, &y).await.status, Status::Ok as u16);
+    assert_eq!(send_raw(primary.data_addr(), &x_raw, &x).await.status, Status::Replay as u16);
+    model[..4096].copy_from_slice(&y);
+    assert_replicas_match(&cluster, &s, chunk, &model).await;
+
+    // Every refusal was counted under its own status.
+    let metrics = cluster.metrics(primary).await;
+    for status in [
+        "no_token",
+        "bad_signature",
+        "expired",
+        "wrong_volume",
+        "read_only",
+        "bad_mac",
+        "bad_crc",
+        "replay",
+        "invalid",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("pflex_sds_replies_total")
+                    && l.contains(&format!("status=\"{status}\""))
+            })
+            .unwrap_or_else(|| panic!("no counter for {status}"));
+        let count: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(count >= 1, "{status} counter is {count}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unmapping_revokes_tokens_within_a_heartbeat() {
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    assert_eq!(s.write(0, 0, &pattern(1, 4096)).await, Status::Ok);
+    cluster
+        .admin
+        .volume_unmap(&pflex_proto::api::VolumeUnmap {
+            volume: "vol1".into(),
+            sdc: "sdc-test".into(),
+        })
+        .await
+        .expect("unmap");
+    // Heartbeats run every second; poll until the SDS refuses.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = s.write(0, 0, &pattern(2, 4096)).await;
+        if status == Status::Revoked {
+            break;
+        }
+        assert_eq!(status, Status::Ok, "only Ok or Revoked expected");
+        assert!(std::time::Instant::now() < deadline, "token still accepted after unmap");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

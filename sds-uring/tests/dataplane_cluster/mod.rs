@@ -1,0 +1,507 @@
+//! Test fixture shared by the data-plane and crash tests: a real `mdm` and
+//! real `sds` processes on loopback, and a test-side SDC that registers
+//! over HTTP, obtains real tokens and drives the data plane with
+//! `DataPlaneClient`.
+//!
+//! Every process is killed by PID when its guard drops, pass or fail.
+//! Readiness is polled over HTTP; ports are picked free per cluster.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pflex_dataplane::{DataPlaneClient, Reply};
+use pflex_mdm_client::MdmClient;
+use pflex_proto::api::{
+    ChunkChecksum, ComponentStatus, NodeType, RegisterRequest, VolumeCreate, VolumeMap,
+};
+use pflex_proto::frame::{crc32, FrameHeader, Op, Status, HEADER_LEN};
+use pflex_proto::placement::PlacementMap;
+use pflex_proto::token::{AccessMode, ClusterSecret, SessionKey, SignedToken};
+use pflex_proto::CHUNK_SIZE;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Kills its process (by PID) when dropped.
+pub struct ProcessGuard {
+    child: Child,
+    pub name: String,
+}
+
+impl ProcessGuard {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// `kill -9` and reap.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// A free loopback port (bound and released; collisions are unlikely).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The workspace's target profile directory (where `mdm` is built).
+fn target_dir() -> PathBuf {
+    let sds = PathBuf::from(env!("CARGO_BIN_EXE_sds"));
+    sds.parent().expect("sds binary has a directory").to_path_buf()
+}
+
+/// Path of the `mdm` binary, building it if it is not there yet.
+pub fn mdm_binary() -> PathBuf {
+    let path = target_dir().join("mdm");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "mdm", "--bin", "mdm"])
+            .status()
+            .expect("run cargo build -p mdm");
+        assert!(status.success(), "cargo build -p mdm failed");
+    }
+    assert!(path.exists(), "no mdm binary at {}", path.display());
+    path
+}
+
+fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> ProcessGuard {
+    std::fs::create_dir_all(logs).unwrap();
+    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    ProcessGuard { child, name: name.to_string() }
+}
+
+/// Polls `probe` until it says ready; panics with the log on timeout or exit.
+async fn wait_until<F, Fut>(what: &str, guard: &mut ProcessGuard, logs: &Path, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if probe().await {
+            return;
+        }
+        if let Some(status) = guard.exited() {
+            let log = std::fs::read_to_string(logs.join(format!("{}.log", guard.name)))
+                .unwrap_or_default();
+            panic!("{what} exited ({status}) before it was ready:\n{log}");
+        }
+        assert!(Instant::now() < deadline, "{what} not ready after {READY_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One SDS process and how to start it again.
+pub struct SdsNode {
+    pub name: String,
+    pub control_port: u16,
+    pub mgmt_port: u16,
+    pub data_port: u16,
+    args: Vec<String>,
+    pub process: Option<ProcessGuard>,
+}
+
+impl SdsNode {
+    pub fn data_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.data_port))
+    }
+}
+
+/// A running MDM and SDS nodes in a temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub mdm_url: String,
+    pub admin: MdmClient,
+    pub sds: Vec<SdsNode>,
+    mdm: ProcessGuard,
+    http: reqwest::Client,
+    join_key_file: PathBuf,
+}
+
+impl Cluster {
+    /// Starts an MDM and `sds_count` SDS nodes (each its own fault set) and
+    /// waits until all are registered.
+    pub async fn start(sds_count: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let join_key_file = dir.path().join("join_key");
+        std::fs::write(&join_key_file, "test-join-key-0123456789").unwrap();
+        let logs = dir.path().join("logs");
+        let mdm_dir = dir.path().join("mdm");
+        let mdm_port = free_port();
+        let mdm_url = format!("http://127.0.0.1:{mdm_port}");
+        let args: Vec<String> = [
+            "--listen",
+            &format!("127.0.0.1:{mdm_port}"),
+            "--data-dir",
+            mdm_dir.to_str().unwrap(),
+            "--join-key-file",
+            join_key_file.to_str().unwrap(),
+            "--heartbeat-interval-secs",
+            "1",
+            "--stale-after-secs",
+            "30",
+            "--failed-after-secs",
+            "120",
+            "--token-ttl-secs",
+            "600",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut mdm = spawn("mdm", &mdm_binary(), &args, &logs);
+        let http = reqwest::Client::new();
+        let token_path = mdm_dir.join("admin_token");
+        wait_until("mdm", &mut mdm, &logs, || {
+            let (http, url, token_path) =
+                (http.clone(), format!("{mdm_url}/health/status"), token_path.clone());
+            async move {
+                let Ok(token) = std::fs::read_to_string(&token_path) else { return false };
+                let reply = http.get(url).bearer_auth(token.trim()).send().await;
+                matches!(reply, Ok(r) if r.status().is_success())
+            }
+        })
+        .await;
+        let admin_token = std::fs::read_to_string(&token_path).unwrap().trim().to_string();
+        let admin = MdmClient::new(&mdm_url, Some(admin_token)).unwrap();
+        let mut cluster =
+            Cluster { dir, mdm_url, admin, sds: Vec::new(), mdm, http, join_key_file };
+        for n in 1..=sds_count {
+            cluster.add_sds(n).await;
+        }
+        cluster
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    async fn add_sds(&mut self, n: usize) {
+        let name = format!("sds{n}");
+        let data_dir = self.dir.path().join(&name);
+        let (control_port, mgmt_port, data_port) = (free_port(), free_port(), free_port());
+        let engine = std::env::var("PFLEX_TEST_IO_ENGINE").unwrap_or_else(|_| "uring".into());
+        let args: Vec<String> = vec![
+            "--mdm".into(),
+            self.mdm_url.clone(),
+            "--join-key-file".into(),
+            self.join_key_file.display().to_string(),
+            "--name".into(),
+            name.clone(),
+            "--index".into(),
+            n.to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--control-port".into(),
+            control_port.to_string(),
+            "--mgmt-port".into(),
+            mgmt_port.to_string(),
+            "--data-port".into(),
+            data_port.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--device".into(),
+            data_dir.join("dev0.img").display().to_string(),
+            "--device-size".into(),
+            "128M".into(),
+            "--fault-set".into(),
+            format!("fs{n}"),
+            "--io-engine".into(),
+            engine,
+            "--heartbeat-interval-secs".into(),
+            "1".into(),
+            "--ack-interval-secs".into(),
+            "1".into(),
+        ];
+        self.sds.push(SdsNode { name, control_port, mgmt_port, data_port, args, process: None });
+        self.start_sds(self.sds.len() - 1).await;
+    }
+
+    /// (Re)starts SDS `i` with its original arguments and waits until it
+    /// is registered.
+    pub async fn start_sds(&mut self, i: usize) {
+        let logs = self.logs();
+        let node = &mut self.sds[i];
+        let log_name = format!("{}-{}", node.name, unique());
+        let mut guard = spawn(&log_name, Path::new(env!("CARGO_BIN_EXE_sds")), &node.args, &logs);
+        let url = format!("http://127.0.0.1:{}/health", node.mgmt_port);
+        let http = self.http.clone();
+        wait_until(&node.name.clone(), &mut guard, &logs, || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let Ok(reply) = http.get(url).send().await else { return false };
+                matches!(reply.json::<ComponentStatus>().await, Ok(s) if s.registered)
+            }
+        })
+        .await;
+        node.process = Some(guard);
+    }
+
+    /// `kill -9` of SDS `i`.
+    pub fn kill_sds(&mut self, i: usize) {
+        if let Some(mut process) = self.sds[i].process.take() {
+            process.kill_hard();
+        }
+    }
+
+    /// The SDS with MDM node id `node_id`.
+    pub async fn sds_by_node_id(&self, node_id: u64) -> &SdsNode {
+        for node in &self.sds {
+            let url = format!("http://127.0.0.1:{}/health", node.mgmt_port);
+            let status: ComponentStatus =
+                self.http.get(url).send().await.unwrap().json().await.unwrap();
+            if status.node_id == Some(node_id) {
+                return node;
+            }
+        }
+        panic!("no SDS with node id {node_id}");
+    }
+
+    /// A chunk's checksum as SDS `node` reports it on its control port.
+    pub async fn checksum(&self, node: &SdsNode, volume_id: u64, chunk: u64) -> ChunkChecksum {
+        let url =
+            format!("http://127.0.0.1:{}/chunk/{volume_id}/{chunk}/checksum", node.control_port);
+        let reply = self.http.get(url).send().await.unwrap();
+        assert!(reply.status().is_success(), "checksum query: {}", reply.status());
+        reply.json().await.unwrap()
+    }
+
+    /// An SDS's `/metrics` text (mgmt port).
+    pub async fn metrics(&self, node: &SdsNode) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", node.mgmt_port);
+        self.http.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// The cluster secret as the MDM stored it (tests sign tokens with it).
+    pub fn cluster_secret(&self) -> ClusterSecret {
+        let text = std::fs::read_to_string(self.dir.path().join("mdm/cluster_secret")).unwrap();
+        ClusterSecret::from_hex(&text).unwrap()
+    }
+
+    /// Registers a test SDC over HTTP and returns its MDM client and id.
+    pub async fn register_sdc(&self, name: &str) -> (MdmClient, u64) {
+        let anonymous = MdmClient::new(&self.mdm_url, None).unwrap();
+        let join_key = std::fs::read_to_string(&self.join_key_file).unwrap();
+        let reply = anonymous
+            .register(&RegisterRequest {
+                join_key: join_key.trim().into(),
+                node_type: NodeType::Sdc,
+                name: name.into(),
+                host: "127.0.0.1".into(),
+                control_port: 0,
+                mgmt_port: 0,
+                data_port: 0,
+                fault_set: None,
+                pool: None,
+                devices: vec![],
+            })
+            .await
+            .expect("register the test SDC");
+        assert!(reply.cluster_secret.is_none(), "an SDC must never receive the cluster secret");
+        (anonymous.with_credential(reply.credential), reply.node_id)
+    }
+
+    /// Creates a volume and maps it to `sdc` with `mode`; returns its id.
+    pub async fn create_mapped_volume(&self, name: &str, size: u64, sdc: &str) -> u64 {
+        let volume = self
+            .admin
+            .volume_create(&VolumeCreate {
+                name: name.into(),
+                size_bytes: size,
+                pool: None,
+                thick: false,
+            })
+            .await
+            .expect("create volume");
+        self.admin
+            .volume_map(&VolumeMap {
+                volume: name.into(),
+                sdc: sdc.into(),
+                access_mode: AccessMode::ReadWrite,
+            })
+            .await
+            .expect("map volume");
+        volume.id
+    }
+}
+
+fn unique() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The test-side SDC view of one volume: its map, a token and clients.
+pub struct VolumeSession {
+    pub volume_id: u64,
+    pub map: PlacementMap,
+    pub token: SignedToken,
+    pub key: SessionKey,
+    seq: Arc<AtomicU64>,
+    clients: Vec<(u64, DataPlaneClient)>,
+}
+
+impl VolumeSession {
+    /// Fetches the map and a token of `mode` from the MDM as `sdc`.
+    pub async fn open(sdc: &MdmClient, volume_id: u64, mode: AccessMode) -> VolumeSession {
+        let map = sdc.placement(volume_id).await.expect("placement map");
+        let issued = sdc.request_token(volume_id, mode).await.expect("token");
+        let token = SignedToken::from_hex(&issued.token).unwrap();
+        let key = SessionKey::from_hex(&issued.session_key).unwrap();
+        Self::with_token(map, token, key)
+    }
+
+    /// A session using a token the test made itself.
+    pub fn with_token(map: PlacementMap, token: SignedToken, key: SessionKey) -> VolumeSession {
+        let clients = map
+            .nodes
+            .iter()
+            .map(|n| {
+                let addr: SocketAddr = format!("{}:{}", n.host, n.data_port).parse().unwrap();
+                (n.id, DataPlaneClient::new(addr, 2))
+            })
+            .collect();
+        VolumeSession {
+            volume_id: map.volume_id,
+            map,
+            token,
+            key,
+            seq: Arc::new(AtomicU64::new(1)),
+            clients,
+        }
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn client(&self, node_id: u64) -> &DataPlaneClient {
+        &self.clients.iter().find(|(id, _)| *id == node_id).expect("node in the map").1
+    }
+
+    pub fn primary_of(&self, chunk: u64) -> u64 {
+        self.map.pg_of(chunk).unwrap().primary
+    }
+
+    pub fn secondary_of(&self, chunk: u64) -> u64 {
+        self.map.pg_of(chunk).unwrap().secondary
+    }
+
+    /// A request header for this volume (seq, epoch, token filled in).
+    pub fn header(&self, op: Op, chunk: u64, offset: u32, length: u32) -> FrameHeader {
+        FrameHeader {
+            op: op as u8,
+            volume_id: self.volume_id,
+            chunk_index: chunk,
+            offset,
+            length,
+            epoch: self.map.epoch,
+            token_id: self.token.token.token_id,
+            seq: self.next_seq(),
+            ..Default::default()
+        }
+    }
+
+    /// Presents the token to SDS `node_id`.
+    pub async fn auth(&self, node_id: u64) -> Status {
+        let header = FrameHeader {
+            op: Op::Auth as u8,
+            volume_id: self.token.token.volume_id,
+            token_id: self.token.token.token_id,
+            ..Default::default()
+        };
+        let reply = self.client(node_id).call(header, &self.key, &self.token.encode()).await;
+        reply.expect("AUTH reply").status()
+    }
+
+    /// Presents the token to every SDS of the map.
+    pub async fn auth_all(&self) {
+        for (id, _) in &self.clients {
+            assert_eq!(self.auth(*id).await, Status::Ok, "AUTH on node {id}");
+        }
+    }
+
+    /// Sends a request to node `node_id`.
+    pub async fn call(&self, node_id: u64, header: FrameHeader, payload: &[u8]) -> Reply {
+        self.client(node_id).call(header, &self.key, payload).await.expect("reply")
+    }
+
+    /// Writes to a chunk through its primary.
+    pub async fn write(&self, chunk: u64, offset: u32, data: &[u8]) -> Status {
+        let header = self.header(Op::Write, chunk, offset, data.len() as u32);
+        self.call(self.primary_of(chunk), header, data).await.status()
+    }
+
+    /// Reads from a chunk's primary.
+    pub async fn read(&self, chunk: u64, offset: u32, length: u32) -> (Status, Vec<u8>) {
+        let header = self.header(Op::Read, chunk, offset, length);
+        let reply = self.call(self.primary_of(chunk), header, &[]).await;
+        (reply.status(), reply.payload)
+    }
+}
+
+/// Sends raw header bytes (and payload) on a fresh connection and returns
+/// the reply header: for frames `DataPlaneClient` would never produce.
+pub async fn send_raw(addr: SocketAddr, raw: &[u8; HEADER_LEN], payload: &[u8]) -> FrameHeader {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    stream.write_all(payload).await.unwrap();
+    let mut reply = [0u8; HEADER_LEN];
+    tokio::time::timeout(Duration::from_secs(20), stream.read_exact(&mut reply))
+        .await
+        .expect("reply in time")
+        .unwrap();
+    let header = FrameHeader::decode(&reply).unwrap();
+    let mut rest = vec![0u8; header.payload_len(true)];
+    stream.read_exact(&mut rest).await.unwrap();
+    header
+}
+
+/// A sealed raw request (request id, CRC and MAC set as the client would).
+pub fn sealed(mut header: FrameHeader, key: &SessionKey, payload: &[u8]) -> [u8; HEADER_LEN] {
+    header.request_id = 1;
+    header.payload_crc = crc32(payload);
+    header.seal(key);
+    header.encode()
+}
+
+/// The 1 MiB model of a chunk, as the checksum query would report it.
+pub fn model_crc(model: &[u8]) -> u32 {
+    assert_eq!(model.len() as u64, CHUNK_SIZE);
+    crc32(model)
+}
+
+/// Deterministic test bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
