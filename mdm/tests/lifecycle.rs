@@ -1,0 +1,338 @@
+//! Volume lifecycle, generations, IO tokens, health and restart, over real
+//! HTTP against the spawned `mdm` binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Mdm, Timing};
+use pflex_proto::api::{
+    HeartbeatRequest, NodeMetrics, TokenAck, TokenAckBatch, VolumeCreate, VolumeMap, VolumeUnmap,
+};
+use pflex_proto::token::{AccessMode, SessionKey, SignedToken, TokenError};
+
+fn create(name: &str, size_bytes: u64) -> VolumeCreate {
+    VolumeCreate { name: name.into(), size_bytes, pool: None, thick: false }
+}
+
+fn map(volume: &str, sdc: &str, access_mode: AccessMode) -> VolumeMap {
+    VolumeMap { volume: volume.into(), sdc: sdc.into(), access_mode }
+}
+
+fn unmap(volume: &str, sdc: &str) -> VolumeUnmap {
+    VolumeUnmap { volume: volume.into(), sdc: sdc.into() }
+}
+
+#[tokio::test]
+async fn epoch_and_mapping_generation() {
+    let mdm = Mdm::start();
+    let admin = mdm.admin();
+    for n in 0..3 {
+        mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 10).await;
+    }
+    let sdc = mdm.register_sdc("sdc1").await;
+    let volume = admin.volume_create(&create("vol1", 1 << 30)).await.unwrap();
+    assert_eq!((volume.epoch, volume.mapping_gen), (1, 1));
+    let map_before = admin.placement("vol1").await.unwrap();
+
+    // Resize: epoch changes, PGs stay (growing never moves chunks).
+    let grown = admin.volume_resize("vol1", 2 << 30).await.unwrap();
+    assert_eq!(grown.size_bytes, 2 << 30);
+    assert!(grown.epoch > volume.epoch);
+    assert_eq!(grown.mapping_gen, volume.mapping_gen);
+    let map_after = admin.placement(volume.id).await.unwrap();
+    assert_eq!(map_after.epoch, grown.epoch);
+    assert_eq!(map_after.pgs, map_before.pgs);
+    // Same size: nothing changes; shrinking is refused.
+    assert_eq!(admin.volume_resize("vol1", 2 << 30).await.unwrap().epoch, grown.epoch);
+    let err = admin.volume_resize("vol1", 1 << 30).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(400), Some("shrink_not_supported")));
+
+    // Map / unmap: mapping generation changes, epoch does not.
+    let mapped = admin.volume_map(&map("vol1", "sdc1", AccessMode::ReadWrite)).await.unwrap();
+    assert_eq!(mapped.mapping_gen, grown.mapping_gen + 1);
+    assert_eq!(mapped.epoch, grown.epoch);
+    assert_eq!(mapped.mappings.len(), 1);
+    assert_eq!(mapped.mappings[0].sdc_name, "sdc1");
+    // Mapping again the same way is a no-op.
+    let again =
+        admin.volume_map(&map("vol1", &sdc.id().to_string(), AccessMode::ReadWrite)).await.unwrap();
+    assert_eq!(again.mapping_gen, mapped.mapping_gen);
+    let mappings = sdc.client.sdc_mappings().await.unwrap();
+    assert_eq!(mappings.len(), 1);
+    assert_eq!(mappings[0].mapping_gen, mapped.mapping_gen);
+    assert_eq!(mappings[0].size_bytes, 2 << 30);
+    // The SDC may now read the map.
+    assert_eq!(sdc.client.placement("vol1").await.unwrap().mapping_gen, mapped.mapping_gen);
+
+    // Deleting a mapped volume is refused.
+    let err = admin.volume_delete("vol1").await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(409), Some("volume_mapped")));
+
+    let unmapped = admin.volume_unmap(&unmap("vol1", "sdc1")).await.unwrap();
+    assert_eq!(unmapped.mapping_gen, mapped.mapping_gen + 1);
+    assert!(unmapped.mappings.is_empty());
+    let err = admin.volume_unmap(&unmap("vol1", "sdc1")).await.unwrap_err();
+    assert_eq!(err.status(), Some(404));
+    assert!(sdc.client.sdc_mappings().await.unwrap().is_empty());
+
+    // Heartbeats carry every volume's generations.
+    let beat = sdc
+        .client
+        .heartbeat(&HeartbeatRequest { node_id: sdc.id(), metrics: NodeMetrics::default() })
+        .await
+        .unwrap();
+    assert_eq!(beat.volumes.len(), 1);
+    assert_eq!(
+        (beat.volumes[0].epoch, beat.volumes[0].mapping_gen),
+        (unmapped.epoch, unmapped.mapping_gen)
+    );
+
+    // Rename keeps id and generations; delete works once unmapped.
+    let renamed = admin.volume_rename("vol1", "vol2").await.unwrap();
+    assert_eq!(
+        (renamed.id, renamed.epoch, renamed.mapping_gen),
+        (volume.id, unmapped.epoch, unmapped.mapping_gen)
+    );
+    assert_eq!(admin.volume_show("vol1").await.unwrap_err().status(), Some(404));
+    admin.volume_create(&create("other", 1 << 20)).await.unwrap();
+    let err = admin.volume_rename("vol2", "other").await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(409), Some("volume_exists")));
+    let deleted = admin.volume_delete(volume.id).await.unwrap();
+    assert_eq!(deleted.name, "vol2");
+    assert_eq!(admin.volume_list().await.unwrap().len(), 1);
+    assert_eq!(admin.placement(volume.id).await.unwrap_err().status(), Some(404));
+    // Ids are never reused.
+    let next = admin.volume_create(&create("vol3", 1 << 20)).await.unwrap();
+    assert!(next.id > volume.id + 1);
+}
+
+#[tokio::test]
+async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
+    let mdm = Mdm::start();
+    let admin = mdm.admin();
+    let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    mdm.register_sds("sds2", "fs2", "default", 10).await;
+    let sdc = mdm.register_sdc("sdc1").await;
+    let stranger = mdm.register_sdc("sdc2").await;
+    let volume = admin.volume_create(&create("vol1", 1 << 30)).await.unwrap();
+    admin.volume_map(&map("vol1", "sdc1", AccessMode::ReadWrite)).await.unwrap();
+
+    let reply = sdc.client.request_token(volume.id, AccessMode::ReadWrite).await.unwrap();
+    let secret = mdm.cluster_secret();
+    let signed = SignedToken::from_hex(&reply.token).unwrap();
+    secret.verify(&signed).expect("token verifies with the secret in the data dir");
+    assert_eq!(signed.token.volume_id, volume.id);
+    assert_eq!(signed.token.sdc_id, sdc.id());
+    assert_eq!(signed.token.mode, AccessMode::ReadWrite);
+    assert_eq!(signed.token.token_id, reply.token_id);
+    assert_eq!(signed.token.expires_at, reply.expires_at);
+    let now = pflex_proto::unix_now();
+    assert!(reply.expires_at > now && reply.expires_at <= now + 61);
+    // The session key is the one an SDS derives from the secret.
+    assert_eq!(SessionKey::from_hex(&reply.session_key).unwrap(), secret.session_key(&signed));
+    let current_gen = admin.volume_show("vol1").await.unwrap().mapping_gen;
+    assert_eq!(reply.mapping_gen, current_gen);
+    signed.token.check_scope(now, volume.id, true, current_gen).unwrap();
+
+    // An SDC not mapped to the volume is refused, and so is an unknown volume.
+    let err = stranger.client.request_token(volume.id, AccessMode::ReadOnly).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(403), Some("not_mapped")));
+    let err = sdc.client.request_token(volume.id + 100, AccessMode::ReadOnly).await.unwrap_err();
+    assert_eq!(err.status(), Some(404));
+
+    // Completion records are accepted in batches (from SDS and SDC).
+    let ack = |token_id, op: &str| TokenAck {
+        token_id,
+        volume_id: volume.id,
+        op: op.into(),
+        ops: 3,
+        bytes: 12288,
+        errors: 0,
+    };
+    let recorded = sds
+        .client
+        .ack_tokens(&TokenAckBatch {
+            records: vec![
+                ack(reply.token_id, "write"),
+                ack(reply.token_id, "read"),
+                ack(12345, "read"),
+            ],
+        })
+        .await
+        .unwrap();
+    assert_eq!(recorded.recorded, 2, "the unknown token is not counted");
+    sdc.client
+        .ack_tokens(&TokenAckBatch { records: vec![ack(reply.token_id, "flush")] })
+        .await
+        .unwrap();
+    let err = stranger
+        .client
+        .ack_tokens(&TokenAckBatch { records: vec![ack(reply.token_id, "read")] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(403), "an SDC acks only its own tokens");
+    assert!(mdm.dump().contains("\"write\"|3|12288|0"));
+
+    // Read-only mapping: read tokens yes, write tokens no.
+    admin.volume_map(&map("vol1", "sdc2", AccessMode::ReadOnly)).await.unwrap();
+    let read = stranger.client.request_token(volume.id, AccessMode::ReadOnly).await.unwrap();
+    let read_signed = SignedToken::from_hex(&read.token).unwrap();
+    secret.verify(&read_signed).unwrap();
+    assert_eq!(
+        read_signed.token.check_scope(now, volume.id, true, read.mapping_gen),
+        Err(TokenError::ReadOnly)
+    );
+    let err = stranger.client.request_token(volume.id, AccessMode::ReadWrite).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(403), Some("read_only_mapping")));
+
+    // Unmapping revokes: older tokens fail the generation check; no new ones.
+    let after = admin.volume_unmap(&unmap("vol1", "sdc1")).await.unwrap();
+    assert_eq!(
+        signed.token.check_scope(now, volume.id, false, after.mapping_gen),
+        Err(TokenError::Revoked)
+    );
+    let err = sdc.client.request_token(volume.id, AccessMode::ReadOnly).await.unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    assert_eq!(sdc.client.placement(volume.id).await.unwrap_err().status(), Some(403));
+}
+
+#[tokio::test]
+async fn restart_keeps_all_state() {
+    let mut mdm = Mdm::start();
+    let admin = mdm.admin();
+    let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    mdm.register_sds("sds2", "fs2", "default", 10).await;
+    let sdc = mdm.register_sdc("sdc1").await;
+    admin.volume_create(&create("vol1", 1 << 30)).await.unwrap();
+    admin
+        .volume_create(&VolumeCreate {
+            name: "thick".into(),
+            size_bytes: 1 << 30,
+            pool: None,
+            thick: true,
+        })
+        .await
+        .unwrap();
+    admin.volume_map(&map("vol1", "sdc1", AccessMode::ReadOnly)).await.unwrap();
+    admin.volume_resize("vol1", 3 << 30).await.unwrap();
+    let volumes = admin.volume_list().await.unwrap();
+    let placement = admin.placement("vol1").await.unwrap();
+    let secret = mdm.cluster_secret().to_hex();
+    let token = mdm.admin_token.clone();
+    let dump = mdm.dump();
+
+    mdm.restart();
+
+    assert_eq!(mdm.admin_token, token, "admin token kept");
+    assert_eq!(mdm.cluster_secret().to_hex(), secret, "cluster secret kept");
+    let admin = mdm.admin();
+    assert_eq!(admin.volume_list().await.unwrap(), volumes);
+    assert_eq!(admin.placement("vol1").await.unwrap(), placement);
+    assert_eq!(mdm.dump(), dump);
+    // Component credentials survive too.
+    assert_eq!(sdc.client.sdc_mappings().await.unwrap().len(), 1);
+    sds.client
+        .heartbeat(&HeartbeatRequest { node_id: sds.id(), metrics: NodeMetrics::default() })
+        .await
+        .unwrap();
+    let again = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    assert_eq!(again.id(), sds.id());
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_states_and_replacement_of_a_failed_sds() {
+    let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
+    let admin = mdm.admin();
+    let mut nodes = Vec::new();
+    for n in 0..4 {
+        nodes.push(mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 10).await);
+    }
+    let sdc = mdm.register_sdc("sdc1").await;
+    let volume = admin.volume_create(&create("vol1", 1 << 30)).await.unwrap();
+    admin.volume_map(&map("vol1", "sdc1", AccessMode::ReadWrite)).await.unwrap();
+    let before = admin.placement(volume.id).await.unwrap();
+    let victim = nodes[0].id();
+    assert!(before.pgs.iter().any(|pg| pg.primary == victim || pg.secondary == victim));
+    let status = admin.health_status().await.unwrap();
+    assert_eq!(status.overall, "HEALTHY");
+    assert!(status.components.iter().all(|c| c.status == "ACTIVE"));
+
+    // Everyone but sds0 keeps heartbeating.
+    let beating: Vec<_> = nodes[1..]
+        .iter()
+        .map(|n| (n.client.clone(), n.id()))
+        .chain([(sdc.client.clone(), sdc.id())])
+        .collect();
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            for (client, id) in &beating {
+                let _ = client
+                    .heartbeat(&HeartbeatRequest {
+                        node_id: *id,
+                        metrics: NodeMetrics {
+                            capacity_bytes: 10 << 30,
+                            used_bytes: 1 << 20,
+                            ..Default::default()
+                        },
+                    })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let status_of = |status: &pflex_proto::api::HealthStatus, id: u64| {
+        status.components.iter().find(|c| c.node_id == id).unwrap().status.clone()
+    };
+    wait_for("sds0 STALE", Duration::from_secs(10), || async {
+        let s = admin.health_status().await.unwrap();
+        status_of(&s, victim) == "STALE" && s.overall == "DEGRADED"
+    })
+    .await;
+    assert!(admin.cluster_summary().await.unwrap().degraded_chunks > 0);
+    // Once FAILED, its copies move to live nodes outside each survivor's
+    // fault set, and the epoch changes; the mapping generation does not.
+    wait_for("re-placement", Duration::from_secs(15), || async {
+        let map = admin.placement(volume.id).await.unwrap();
+        map.epoch > before.epoch
+            && map.pgs.iter().all(|pg| pg.primary != victim && pg.secondary != victim)
+    })
+    .await;
+    let after = admin.placement(volume.id).await.unwrap();
+    assert_eq!(after.mapping_gen, before.mapping_gen);
+    for (old, new) in before.pgs.iter().zip(&after.pgs) {
+        let fs = |id: u64| after.node(id).unwrap().fault_set.clone();
+        assert_ne!(fs(new.primary), fs(new.secondary));
+        if old.primary == victim || old.secondary == victim {
+            let survivor = if old.primary == victim { old.secondary } else { old.primary };
+            assert_eq!(new.primary, survivor, "the surviving copy becomes primary");
+        } else {
+            assert_eq!(old, new, "untouched PGs stay");
+        }
+    }
+    let summary = admin.cluster_summary().await.unwrap();
+    assert!(summary.rebuild_jobs_active > 0);
+    let status = admin.health_status().await.unwrap();
+    assert_eq!(status_of(&status, victim), "FAILED");
+    assert_eq!(status.overall, "DEGRADED");
+    let metrics = admin.metrics_text().await.unwrap();
+    assert!(metrics.contains("pflex_mdm_copies_replaced_total"), "{metrics}");
+    assert!(!metrics.contains("pflex_mdm_copies_replaced_total 0\n"));
+    // New volumes avoid the failed node.
+    let fresh = admin.volume_create(&create("vol2", 1 << 30)).await.unwrap();
+    let fresh_map = admin.placement(fresh.id).await.unwrap();
+    assert!(fresh_map.nodes.iter().all(|n| n.id != victim));
+    heartbeats.abort();
+}
