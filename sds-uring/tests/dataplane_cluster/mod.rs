@@ -70,10 +70,11 @@ pub fn mdm_binary() -> PathBuf {
     let path = target_dir().join("mdm");
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "mdm", "--bin", "mdm"])
-            .status()
-            .expect("run cargo build -p mdm");
+        let mut args = vec!["build", "-p", "mdm", "--bin", "mdm"];
+        if target_dir().ends_with("release") {
+            args.push("--release");
+        }
+        let status = Command::new(cargo).args(&args).status().expect("run cargo build -p mdm");
         assert!(status.success(), "cargo build -p mdm failed");
     }
     assert!(path.exists(), "no mdm binary at {}", path.display());
@@ -115,6 +116,52 @@ where
     }
 }
 
+/// Starts an MDM with state in `mdm_dir` and waits until it answers the
+/// admin token it wrote; returns it and an admin client.
+async fn start_mdm(
+    root: &Path,
+    mdm_dir: &Path,
+    port: u16,
+    join_key_file: &Path,
+    http: &reqwest::Client,
+) -> (ProcessGuard, MdmClient) {
+    let logs = root.join("logs");
+    let mdm_url = format!("http://127.0.0.1:{port}");
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        mdm_dir.to_str().unwrap(),
+        "--join-key-file",
+        join_key_file.to_str().unwrap(),
+        "--heartbeat-interval-secs",
+        "1",
+        "--stale-after-secs",
+        "30",
+        "--failed-after-secs",
+        "120",
+        "--token-ttl-secs",
+        "600",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut mdm = spawn(&format!("mdm-{}", unique()), &mdm_binary(), &args, &logs);
+    let token_path = mdm_dir.join("admin_token");
+    wait_until("mdm", &mut mdm, &logs, || {
+        let (http, url, token_path) =
+            (http.clone(), format!("{mdm_url}/health/status"), token_path.clone());
+        async move {
+            let Ok(token) = std::fs::read_to_string(&token_path) else { return false };
+            let reply = http.get(url).bearer_auth(token.trim()).send().await;
+            matches!(reply, Ok(r) if r.status().is_success())
+        }
+    })
+    .await;
+    let admin_token = std::fs::read_to_string(&token_path).unwrap().trim().to_string();
+    (mdm, MdmClient::new(&mdm_url, Some(admin_token)).unwrap())
+}
+
 /// One SDS process and how to start it again.
 pub struct SdsNode {
     pub name: String,
@@ -140,6 +187,9 @@ pub struct Cluster {
     mdm: ProcessGuard,
     http: reqwest::Client,
     join_key_file: PathBuf,
+    mdm_port: u16,
+    /// The running MDM's data directory.
+    pub mdm_dir: PathBuf,
 }
 
 impl Cluster {
@@ -149,50 +199,40 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let join_key_file = dir.path().join("join_key");
         std::fs::write(&join_key_file, "test-join-key-0123456789").unwrap();
-        let logs = dir.path().join("logs");
-        let mdm_dir = dir.path().join("mdm");
         let mdm_port = free_port();
         let mdm_url = format!("http://127.0.0.1:{mdm_port}");
-        let args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{mdm_port}"),
-            "--data-dir",
-            mdm_dir.to_str().unwrap(),
-            "--join-key-file",
-            join_key_file.to_str().unwrap(),
-            "--heartbeat-interval-secs",
-            "1",
-            "--stale-after-secs",
-            "30",
-            "--failed-after-secs",
-            "120",
-            "--token-ttl-secs",
-            "600",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut mdm = spawn("mdm", &mdm_binary(), &args, &logs);
         let http = reqwest::Client::new();
-        let token_path = mdm_dir.join("admin_token");
-        wait_until("mdm", &mut mdm, &logs, || {
-            let (http, url, token_path) =
-                (http.clone(), format!("{mdm_url}/health/status"), token_path.clone());
-            async move {
-                let Ok(token) = std::fs::read_to_string(&token_path) else { return false };
-                let reply = http.get(url).bearer_auth(token.trim()).send().await;
-                matches!(reply, Ok(r) if r.status().is_success())
-            }
-        })
-        .await;
-        let admin_token = std::fs::read_to_string(&token_path).unwrap().trim().to_string();
-        let admin = MdmClient::new(&mdm_url, Some(admin_token)).unwrap();
-        let mut cluster =
-            Cluster { dir, mdm_url, admin, sds: Vec::new(), mdm, http, join_key_file };
+        let (mdm, admin) =
+            start_mdm(dir.path(), &dir.path().join("mdm"), mdm_port, &join_key_file, &http).await;
+        let mut cluster = Cluster {
+            mdm_dir: dir.path().join("mdm"),
+            dir,
+            mdm_url,
+            admin,
+            sds: Vec::new(),
+            mdm,
+            http,
+            join_key_file,
+            mdm_port,
+        };
         for n in 1..=sds_count {
             cluster.add_sds(n).await;
         }
         cluster
+    }
+
+    /// Replaces the MDM by one with empty state (new cluster secret, no
+    /// registrations) on the same address: every SDS must notice (401)
+    /// and register again.
+    pub async fn restart_mdm_with_fresh_state(&mut self) {
+        self.mdm.kill_hard();
+        let fresh = self.dir.path().join(format!("mdm-{}", unique()));
+        let (mdm, admin) =
+            start_mdm(self.dir.path(), &fresh, self.mdm_port, &self.join_key_file, &self.http)
+                .await;
+        self.mdm = mdm;
+        self.admin = admin;
+        self.mdm_dir = fresh;
     }
 
     fn logs(&self) -> PathBuf {
@@ -297,7 +337,7 @@ impl Cluster {
 
     /// The cluster secret as the MDM stored it (tests sign tokens with it).
     pub fn cluster_secret(&self) -> ClusterSecret {
-        let text = std::fs::read_to_string(self.dir.path().join("mdm/cluster_secret")).unwrap();
+        let text = std::fs::read_to_string(self.mdm_dir.join("cluster_secret")).unwrap();
         ClusterSecret::from_hex(&text).unwrap()
     }
 
