@@ -150,9 +150,9 @@ impl PeerReplayWindows {
     }
 }
 
-/// Source of replication sequence numbers: one counter per process, seeded
-/// from the wall clock in nanoseconds so it keeps growing across restarts
-/// (a peer's replay window survives this node's restart).
+/// Source of replication sequence numbers (one per peer), seeded from the
+/// wall clock in nanoseconds so it keeps growing across restarts: a peer's
+/// replay window for this node survives this node's restart.
 pub struct ReplicationSeq(std::sync::atomic::AtomicU64);
 
 impl Default for ReplicationSeq {

@@ -297,10 +297,13 @@ async fn replicate_write(
         .node(pg.secondary)
         .filter(|_| pg.secondary != identity.node_id)
         .ok_or(Status::ReplicaFailed)?;
-    let peer = node.peers.client(secondary).map_err(|e| {
+    let peer = node.peers.get(secondary).map_err(|e| {
         tracing::warn!(error = %e, "cannot reach the secondary");
         Status::ReplicaFailed
     })?;
+    let _in_order = node.chunk_locks.lock(header.volume_id, header.chunk_index).await;
+    // The sequence number is taken in order, after the wait for the chunk,
+    // so a write queued behind others cannot fall out of the peer's window.
     let forward = FrameHeader {
         op: header.op,
         flags: flags::REPLICA | (header.flags & flags::FUA),
@@ -310,14 +313,13 @@ async fn replicate_write(
         length: header.length,
         epoch: map.epoch,
         token_id: identity.node_id,
-        seq: node.replication_seq.next(),
+        seq: peer.seq.next(),
         ..FrameHeader::default()
     };
-    let _in_order = node.chunk_locks.lock(header.volume_id, header.chunk_index).await;
     let remote_payload = if op == Op::Write { payload.clone() } else { Vec::new() };
     let (local, remote) = tokio::join!(
         apply_local(node, op, header, &payload),
-        peer.call_owned(forward, &identity.peer_key, remote_payload)
+        peer.client.call_owned(forward, &identity.peer_key, remote_payload)
     );
     node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
     let remote_status = match remote {
@@ -362,18 +364,18 @@ async fn flush_volume(
     let mut forwards = tokio::task::JoinSet::new();
     for secondary in secondaries {
         let Some(endpoint) = map.node(secondary) else { return Err(Status::ReplicaFailed) };
-        let peer = node.peers.client(endpoint).map_err(|_| Status::ReplicaFailed)?;
+        let peer = node.peers.get(endpoint).map_err(|_| Status::ReplicaFailed)?;
         let forward = FrameHeader {
             op: Op::Flush as u8,
             flags: flags::REPLICA,
             volume_id: map.volume_id,
             epoch: map.epoch,
             token_id: me,
-            seq: node.replication_seq.next(),
+            seq: peer.seq.next(),
             ..FrameHeader::default()
         };
         let key = identity.peer_key.clone();
-        forwards.spawn(async move { peer.call(forward, &key, &[]).await });
+        forwards.spawn(async move { peer.client.call(forward, &key, &[]).await });
     }
     let local = node.store.flush().await;
     let mut replicas_ok = true;

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 
 use crate::store::{ChunkStore, StoreConfig, StoreError};
 use acks::AckBatcher;
-use auth::{PeerReplayWindows, ReplicationSeq, TokenCache};
+use auth::{PeerReplayWindows, TokenCache};
 pub use config::{NodeConfig, SdsArgs};
 use local_log::LocalLog;
 use metrics::{Gauges, SdsMetrics};
@@ -90,7 +90,6 @@ pub struct SdsNode {
     registration: tokio::sync::Mutex<()>,
     pub tokens: TokenCache,
     pub peer_windows: PeerReplayWindows,
-    pub replication_seq: ReplicationSeq,
     pub placement: PlacementCache,
     pub peers: PeerClients,
     pub chunk_locks: ChunkOrderLocks,
@@ -164,7 +163,6 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         registration: tokio::sync::Mutex::new(()),
         tokens: TokenCache::default(),
         peer_windows: PeerReplayWindows::default(),
-        replication_seq: ReplicationSeq::default(),
         placement: PlacementCache::default(),
         chunk_locks: ChunkOrderLocks::default(),
         metrics: SdsMetrics::default(),

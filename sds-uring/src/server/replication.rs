@@ -15,14 +15,25 @@ use std::time::Duration;
 use pflex_dataplane::DataPlaneClient;
 use pflex_proto::placement::SdsEndpoint;
 
+use super::auth::ReplicationSeq;
+
 /// How long a forward may take before the write fails as `ReplicaFailed`.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Pooled data-plane clients to peer SDS nodes, by node id.
 pub struct PeerClients {
-    clients: Mutex<HashMap<u64, DataPlaneClient>>,
+    peers: Mutex<HashMap<u64, Peer>>,
     connections: usize,
+}
+
+/// The link to one peer: its client and the sequence numbers of the frames
+/// sent to it. One counter per peer keeps each receiver's replay window
+/// dense, so frames to other peers cannot push this one's out of it.
+#[derive(Clone)]
+pub struct Peer {
+    pub client: DataPlaneClient,
+    pub seq: Arc<ReplicationSeq>,
 }
 
 /// A peer's advertised address is not an IP address and port.
@@ -36,29 +47,33 @@ pub struct BadPeerAddress {
 
 impl PeerClients {
     pub fn new(connections: usize) -> Self {
-        Self { clients: Mutex::new(HashMap::new()), connections: connections.max(1) }
+        Self { peers: Mutex::new(HashMap::new()), connections: connections.max(1) }
     }
 
-    /// The client for `peer`, replaced if the peer's address changed.
-    pub fn client(&self, peer: &SdsEndpoint) -> Result<DataPlaneClient, BadPeerAddress> {
+    /// The link to `peer`; its client is replaced if the peer's address
+    /// changed (the sequence counter stays: the receiver's window is per
+    /// sender, not per address).
+    pub fn get(&self, peer: &SdsEndpoint) -> Result<Peer, BadPeerAddress> {
         let ip: IpAddr = peer.host.parse().map_err(|_| BadPeerAddress {
             name: peer.name.clone(),
             host: peer.host.clone(),
             port: peer.data_port,
         })?;
         let addr = SocketAddr::new(ip, peer.data_port);
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        match clients.get(&peer.id) {
-            Some(client) if client.addr() == addr => Ok(client.clone()),
-            _ => {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get_mut(&peer.id) {
+            Some(link) if link.client.addr() == addr => Ok(link.clone()),
+            existing => {
                 let client = DataPlaneClient::with_timeouts(
                     addr,
                     self.connections,
                     REPLICA_TIMEOUT,
                     PEER_CONNECT_TIMEOUT,
                 );
-                clients.insert(peer.id, client.clone());
-                Ok(client)
+                let seq = existing.map(|link| link.seq.clone()).unwrap_or_default();
+                let link = Peer { client, seq };
+                peers.insert(peer.id, link.clone());
+                Ok(link)
             }
         }
     }
@@ -142,11 +157,14 @@ mod tests {
             data_port: 9704,
             fault_set: "fs4".into(),
         };
-        let a = peers.client(&endpoint).unwrap();
-        assert_eq!(peers.client(&endpoint).unwrap().addr(), a.addr());
+        let a = peers.get(&endpoint).unwrap();
+        let first = a.seq.next();
+        assert_eq!(peers.get(&endpoint).unwrap().client.addr(), a.client.addr());
         endpoint.data_port = 9804;
-        assert_eq!(peers.client(&endpoint).unwrap().addr().port(), 9804);
+        let moved = peers.get(&endpoint).unwrap();
+        assert_eq!(moved.client.addr().port(), 9804);
+        assert!(moved.seq.next() > first, "the sequence survives an address change");
         endpoint.host = "not-an-ip".into();
-        assert!(peers.client(&endpoint).is_err());
+        assert!(peers.get(&endpoint).is_err());
     }
 }
