@@ -1,0 +1,558 @@
+//! The operator subcommands of `pflex` (like PowerFlex `scli`): cluster,
+//! SDS, SDC and volume administration through the MDM API.
+//!
+//! Each command prints a human table by default and the MDM's JSON with
+//! `--json`. The MDM address and admin token come from `--mdm` / `--token`
+//! (or `PFLEX_MDM` / `PFLEX_TOKEN`), else from a local cluster's data
+//! directory (`--data-dir DIR`: `DIR/cluster.json` and `DIR/mdm/admin_token`,
+//! the layout `pflex up` creates; `./pflex-data` is tried when present).
+//! A refusal by the MDM is printed with the MDM's own message and makes the
+//! process exit non-zero.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use pflex_mdm_client::MdmClient;
+use pflex_proto::api::{ComponentHealth, Volume, VolumeCreate, VolumeMap, VolumeUnmap};
+use pflex_proto::token::AccessMode;
+use serde::Serialize;
+
+use crate::size::{format_size, parse_size};
+
+/// MDM address used when nothing else says where it is.
+pub const DEFAULT_MDM: &str = "http://127.0.0.1:8001";
+/// Data directory `pflex up` uses by default.
+pub const DEFAULT_DATA_DIR: &str = "./pflex-data";
+
+/// Where the MDM is and how to authenticate to it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConnectionArgs {
+    /// MDM base URL [default: from the data dir, else http://127.0.0.1:8001].
+    #[arg(long, env = "PFLEX_MDM")]
+    pub mdm: Option<String>,
+    /// Admin token [default: DATA_DIR/mdm/admin_token].
+    #[arg(long, env = "PFLEX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Local cluster data directory (as made by `pflex up`) to read the MDM
+    /// URL (cluster.json) and the admin token (mdm/admin_token) from.
+    #[arg(long, env = "PFLEX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConnectionArgs {
+    /// This, with anything unset taken from `fallback`.
+    pub fn or(self, fallback: &ConnectionArgs) -> ConnectionArgs {
+        ConnectionArgs {
+            mdm: self.mdm.or_else(|| fallback.mdm.clone()),
+            token: self.token.or_else(|| fallback.token.clone()),
+            data_dir: self.data_dir.or_else(|| fallback.data_dir.clone()),
+        }
+    }
+
+    /// Resolves the URL and token: flags and environment first, then the
+    /// data directory, then the defaults.
+    pub fn client(&self) -> Result<MdmClient> {
+        let data_dir = match &self.data_dir {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    bail!("data directory {} does not exist", dir.display());
+                }
+                Some(dir.clone())
+            }
+            None if self.mdm.is_none() || self.token.is_none() => {
+                Some(PathBuf::from(DEFAULT_DATA_DIR)).filter(|d| d.is_dir())
+            }
+            None => None,
+        };
+        let mdm = match (&self.mdm, &data_dir) {
+            (Some(url), _) => url.clone(),
+            (None, Some(dir)) => mdm_url_from(dir)?,
+            (None, None) => DEFAULT_MDM.to_string(),
+        };
+        let token = match (&self.token, &data_dir) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(dir)) => Some(admin_token_from(dir)?),
+            (None, None) => None,
+        };
+        MdmClient::new(&mdm, token).with_context(|| format!("MDM address {mdm:?}"))
+    }
+}
+
+fn mdm_url_from(dir: &Path) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct ClusterFile {
+        mdm_url: String,
+    }
+    let path = dir.join("cluster.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: ClusterFile =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.mdm_url)
+}
+
+fn admin_token_from(dir: &Path) -> Result<String> {
+    let path = dir.join("mdm").join("admin_token");
+    let token =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(token.trim().to_string())
+}
+
+/// Options every admin command takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Print the MDM's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterCommand {
+    /// Overall health, capacity and every component's liveness.
+    Status(CommonArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SdsCommand {
+    /// Storage servers: address, fault set, pool, capacity, liveness.
+    List(CommonArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SdcCommand {
+    /// Clients: address, NBD port, liveness, mapped volumes.
+    List(CommonArgs),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (thin unless --thick).
+    Create {
+        /// Name: 1 to 64 of A-Z a-z 0-9 _ . - (not all digits).
+        name: String,
+        /// Size, e.g. 4G, 512M, 1T (binary units), or bytes.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Reserve the whole size (both copies) now; fails when the pool lacks space.
+        #[arg(long)]
+        thick: bool,
+        /// Storage pool [default: default].
+        #[arg(long)]
+        pool: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// All volumes.
+    List(CommonArgs),
+    /// One volume, its mappings and where its copies are.
+    Show {
+        /// Volume name or id.
+        volume: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Grow a volume.
+    Resize {
+        /// Volume name or id.
+        volume: String,
+        /// New size (larger than the current one).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Rename a volume.
+    Rename {
+        /// Volume name or id.
+        volume: String,
+        /// The new name.
+        new_name: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Delete a volume (refused while it is mapped).
+    Delete {
+        /// Volume name or id.
+        volume: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Map a volume to an SDC, which then exports it over NBD.
+    Map {
+        /// Volume name or id.
+        volume: String,
+        /// SDC name or id.
+        #[arg(long)]
+        sdc: String,
+        /// Let the SDC read but not write.
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Unmap a volume from an SDC (revokes its IO tokens).
+    Unmap {
+        /// Volume name or id.
+        volume: String,
+        /// SDC name or id.
+        #[arg(long)]
+        sdc: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// The administration commands (one arm of the top-level command enum).
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Cluster-wide status.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Storage data servers.
+    #[command(subcommand)]
+    Sds(SdsCommand),
+    /// Storage data clients.
+    #[command(subcommand)]
+    Sdc(SdcCommand),
+    /// Volumes: create, list, show, resize, rename, delete, map, unmap.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+impl AdminCommand {
+    fn common(&self) -> &CommonArgs {
+        match self {
+            AdminCommand::Cluster(ClusterCommand::Status(c))
+            | AdminCommand::Sds(SdsCommand::List(c))
+            | AdminCommand::Sdc(SdcCommand::List(c))
+            | AdminCommand::Volume(VolumeCommand::List(c)) => c,
+            AdminCommand::Volume(
+                VolumeCommand::Create { common, .. }
+                | VolumeCommand::Show { common, .. }
+                | VolumeCommand::Resize { common, .. }
+                | VolumeCommand::Rename { common, .. }
+                | VolumeCommand::Delete { common, .. }
+                | VolumeCommand::Map { common, .. }
+                | VolumeCommand::Unmap { common, .. },
+            ) => common,
+        }
+    }
+}
+
+/// Runs one admin command; `outer` holds connection flags given before the
+/// subcommand. Returns the text to print.
+pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String> {
+    let common = command.common().clone();
+    let client = common.connection.clone().or(outer).client()?;
+    let json = common.json;
+    match command {
+        AdminCommand::Cluster(ClusterCommand::Status(_)) => {
+            let summary = client.cluster_summary().await?;
+            let health = client.health_status().await?;
+            if json {
+                return to_json(&serde_json::json!({ "summary": summary, "health": health }));
+            }
+            let mut out = String::new();
+            let _ = writeln!(out, "Cluster:      {}", summary.overall);
+            let _ =
+                writeln!(out, "Nodes:        {} SDS, {} SDC", summary.sds_count, summary.sdc_count);
+            let _ = writeln!(
+                out,
+                "Volumes:      {} ({} provisioned, {} reserved by thick volumes)",
+                summary.volume_count,
+                format_size(summary.provisioned_bytes),
+                format_size(summary.reserved_bytes)
+            );
+            let _ = writeln!(
+                out,
+                "Capacity:     {} raw, {} used",
+                format_size(summary.capacity_bytes),
+                format_size(summary.used_bytes)
+            );
+            let _ = writeln!(
+                out,
+                "Degraded:     {} chunks, {} rebuild jobs active",
+                summary.degraded_chunks, summary.rebuild_jobs_active
+            );
+            out.push('\n');
+            out.push_str(&components_table(&health.components));
+            Ok(out)
+        }
+        AdminCommand::Sds(SdsCommand::List(_)) => {
+            let list = client.sds_list().await?;
+            if json {
+                return to_json(&list);
+            }
+            let rows = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.name.clone(),
+                        format!("{}:{}", s.host, s.data_port),
+                        s.fault_set.clone(),
+                        s.pool.clone(),
+                        format_size(s.capacity_bytes),
+                        format_size(s.used_bytes),
+                        s.status.clone(),
+                        ago(s.last_seen),
+                    ]
+                })
+                .collect();
+            Ok(table(
+                &["ID", "NAME", "DATA", "FAULT SET", "POOL", "CAPACITY", "USED", "STATUS", "SEEN"],
+                rows,
+            ))
+        }
+        AdminCommand::Sdc(SdcCommand::List(_)) => {
+            let list = client.sdc_list().await?;
+            if json {
+                return to_json(&list);
+            }
+            let rows = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.name.clone(),
+                        format!("{}:{}", s.host, s.nbd_port),
+                        s.mapped_volumes.to_string(),
+                        s.status.clone(),
+                        ago(s.last_seen),
+                    ]
+                })
+                .collect();
+            Ok(table(&["ID", "NAME", "NBD", "VOLUMES", "STATUS", "SEEN"], rows))
+        }
+        AdminCommand::Volume(command) => volume(&client, command, json).await,
+    }
+}
+
+async fn volume(client: &MdmClient, command: VolumeCommand, json: bool) -> Result<String> {
+    let done = |verb: &str, volume: Volume| -> Result<String> {
+        if json {
+            to_json(&volume)
+        } else {
+            Ok(format!(
+                "{verb} volume {} (id {})\n{}",
+                volume.name,
+                volume.id,
+                volume_details(&volume)
+            ))
+        }
+    };
+    match command {
+        VolumeCommand::Create { name, size, thick, pool, .. } => {
+            let volume =
+                client.volume_create(&VolumeCreate { name, size_bytes: size, pool, thick }).await?;
+            done("Created", volume)
+        }
+        VolumeCommand::List(_) => {
+            let list = client.volume_list().await?;
+            if json {
+                return to_json(&list);
+            }
+            let rows = list
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.id.to_string(),
+                        v.name.clone(),
+                        format_size(v.size_bytes),
+                        if v.thick { "thick" } else { "thin" }.to_string(),
+                        v.pool.clone(),
+                        mapping_list(v),
+                        v.epoch.to_string(),
+                    ]
+                })
+                .collect();
+            Ok(table(&["ID", "NAME", "SIZE", "TYPE", "POOL", "MAPPED TO", "EPOCH"], rows))
+        }
+        VolumeCommand::Show { volume, .. } => {
+            let shown = client.volume_show(&volume).await?;
+            let placement = client.placement(shown.id).await?;
+            if json {
+                return to_json(&serde_json::json!({ "volume": shown, "placement": placement }));
+            }
+            let mut out =
+                format!("Volume {} (id {})\n{}", shown.name, shown.id, volume_details(&shown));
+            let _ = writeln!(
+                out,
+                "\nPlacement: {} groups, chunk {} (chunk i -> group i mod {})",
+                placement.pgs.len(),
+                format_size(placement.chunk_size),
+                placement.pgs.len()
+            );
+            let rows = placement
+                .nodes
+                .iter()
+                .map(|node| {
+                    let primary = placement.pgs.iter().filter(|pg| pg.primary == node.id).count();
+                    let secondary =
+                        placement.pgs.iter().filter(|pg| pg.secondary == node.id).count();
+                    vec![
+                        node.name.clone(),
+                        format!("{}:{}", node.host, node.data_port),
+                        node.fault_set.clone(),
+                        primary.to_string(),
+                        secondary.to_string(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["SDS", "DATA", "FAULT SET", "PRIMARY", "SECONDARY"], rows));
+            Ok(out)
+        }
+        VolumeCommand::Resize { volume, size, .. } => {
+            done("Resized", client.volume_resize(&volume, size).await?)
+        }
+        VolumeCommand::Rename { volume, new_name, .. } => {
+            done("Renamed", client.volume_rename(&volume, &new_name).await?)
+        }
+        VolumeCommand::Delete { volume, .. } => {
+            let deleted = client.volume_delete(&volume).await?;
+            if json {
+                return to_json(&deleted);
+            }
+            Ok(format!("Deleted volume {} (id {})\n", deleted.name, deleted.id))
+        }
+        VolumeCommand::Map { volume, sdc, read_only, .. } => {
+            let access_mode = if read_only { AccessMode::ReadOnly } else { AccessMode::ReadWrite };
+            done("Mapped", client.volume_map(&VolumeMap { volume, sdc, access_mode }).await?)
+        }
+        VolumeCommand::Unmap { volume, sdc, .. } => {
+            done("Unmapped", client.volume_unmap(&VolumeUnmap { volume, sdc }).await?)
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+fn mapping_list(volume: &Volume) -> String {
+    if volume.mappings.is_empty() {
+        return "-".to_string();
+    }
+    volume
+        .mappings
+        .iter()
+        .map(|m| match m.access_mode {
+            AccessMode::ReadOnly => format!("{} (ro)", m.sdc_name),
+            AccessMode::ReadWrite => m.sdc_name.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn volume_details(volume: &Volume) -> String {
+    format!(
+        "  size:        {} ({} bytes)\n  type:        {}\n  pool:        {}\n  mapped to:   {}\n  epoch:       {}\n  mapping gen: {}\n",
+        format_size(volume.size_bytes),
+        volume.size_bytes,
+        if volume.thick { "thick" } else { "thin" },
+        volume.pool,
+        mapping_list(volume),
+        volume.epoch,
+        volume.mapping_gen,
+    )
+}
+
+fn components_table(components: &[ComponentHealth]) -> String {
+    let rows = components
+        .iter()
+        .map(|c| {
+            vec![
+                c.node_id.to_string(),
+                c.node_type.as_str().to_string(),
+                c.name.clone(),
+                c.host.clone(),
+                c.status.clone(),
+                ago(c.last_seen),
+            ]
+        })
+        .collect();
+    table(&["ID", "TYPE", "NAME", "HOST", "STATUS", "SEEN"], rows)
+}
+
+/// `12s ago` from a Unix timestamp.
+fn ago(unix_secs: u64) -> String {
+    let secs = pflex_proto::unix_now().saturating_sub(unix_secs);
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        7200..=172_799 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, headers.to_vec());
+    for row in &rows {
+        line(&mut out, row.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let out = table(&["A", "LONGER"], vec![vec!["xyz".into(), "1".into()]]);
+        assert_eq!(out, "A    LONGER\nxyz  1\n");
+        assert!(table(&["A"], vec![]).ends_with("(none)\n"));
+    }
+
+    #[test]
+    fn connection_from_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mdm")).unwrap();
+        std::fs::write(dir.path().join("cluster.json"), r#"{"mdm_url":"http://127.0.0.1:18001"}"#)
+            .unwrap();
+        std::fs::write(dir.path().join("mdm/admin_token"), "tok\n").unwrap();
+        let args = ConnectionArgs { data_dir: Some(dir.path().into()), ..Default::default() };
+        let client = args.client().unwrap();
+        assert_eq!(client.base_url(), "http://127.0.0.1:18001");
+        assert_eq!(client.credential(), Some("tok"));
+        // Explicit flags win over the data dir.
+        let args = ConnectionArgs {
+            mdm: Some("http://127.0.0.1:1".into()),
+            token: Some("other".into()),
+            data_dir: Some(dir.path().into()),
+        };
+        let client = args.client().unwrap();
+        assert_eq!(client.base_url(), "http://127.0.0.1:1");
+        assert_eq!(client.credential(), Some("other"));
+        let missing =
+            ConnectionArgs { data_dir: Some(dir.path().join("nope")), ..Default::default() };
+        assert!(missing.client().is_err());
+    }
+}
