@@ -1289,20 +1289,41 @@ pub fn monitor_tick(
         )?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    let affected: Vec<(u64, u64, u64, u64, u64)> = conn
+    struct AffectedPg {
+        volume_id: u64,
+        pool_id: u64,
+        index: u64,
+        primary: u64,
+        secondary: u64,
+        bytes: u64,
+    }
+    let affected: Vec<AffectedPg> = conn
         .prepare(
-            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds, p.secondary_sds
+            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds, p.secondary_sds, v.size_bytes,
+                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
              FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
         )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map([], |r| {
+            let (size, index, count): (u64, u64, u64) = (r.get(5)?, r.get(2)?, r.get(6)?);
+            Ok(AffectedPg {
+                volume_id: r.get(0)?,
+                pool_id: r.get(1)?,
+                index,
+                primary: r.get(3)?,
+                secondary: r.get(4)?,
+                bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
+                    * CHUNK_SIZE,
+            })
+        })?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .filter(|(_, _, _, primary, secondary)| replace && failed(*primary) != failed(*secondary))
+        .filter(|pg| replace && failed(pg.primary) != failed(pg.secondary))
         .collect();
     let mut report = MonitorReport::default();
     let mut changed_volumes = std::collections::BTreeSet::new();
     let mut pool_candidates: HashMap<u64, Vec<Candidate>> = HashMap::new();
-    for (volume_id, pool_id, index, primary, secondary) in affected {
+    for pg in affected {
+        let AffectedPg { volume_id, pool_id, index, primary, secondary, bytes } = pg;
         let (survivor, lost) =
             if failed(primary) { (secondary, primary) } else { (primary, secondary) };
         let candidates = match pool_candidates.entry(pool_id) {
@@ -1312,13 +1333,16 @@ pub fn monitor_tick(
             }
         };
         let survivor_fault_set = fault_sets.get(&survivor).cloned().unwrap_or_default();
-        let Some(target) =
-            placement::replacement(candidates, survivor, &survivor_fault_set, CHUNK_SIZE)
-        else {
+        let Some(target) = placement::replacement(
+            candidates,
+            survivor,
+            &survivor_fault_set,
+            bytes.max(CHUNK_SIZE),
+        ) else {
             continue;
         };
         if let Some(c) = candidates.iter_mut().find(|c| c.id == target) {
-            c.placed_bytes += CHUNK_SIZE;
+            c.placed_bytes += bytes;
         }
         conn.execute(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4 WHERE volume_id = ?1 AND pg_index = ?2",
