@@ -16,7 +16,7 @@
 set -euo pipefail
 
 LOG_PREFIX=boot-guest
-# shellcheck source=vm-images/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 test_name=shell
@@ -51,12 +51,15 @@ done
 
 kernel=$BUILD_DIR/vmlinuz
 initramfs=$BUILD_DIR/initramfs.img
-[ -s "$kernel" ] && [ -s "$initramfs" ] || die "no guest built yet: run vm-images/build-guest.sh"
+if [ ! -s "$kernel" ] || [ ! -s "$initramfs" ]; then
+  die "no guest built yet: run vm-images/build-guest.sh"
+fi
 have qemu-system-x86_64 || die "qemu-system-x86_64 is missing (vm-images/run-tests.sh installs it)"
 
 if [ "$accel" = auto ]; then
   accel=$("$VM_IMAGES_DIR/detect-accel.sh")
 fi
+# shellcheck disable=SC2054 # commas inside one QEMU argument
 case $accel in
   kvm) accel_args=(-accel kvm -cpu max) ;;
   tcg) accel_args=(-accel tcg,thread=multi -cpu max) ;;
@@ -77,6 +80,7 @@ else
   serial=(-serial mon:stdio)
 fi
 
+# shellcheck disable=SC2054 # commas inside QEMU arguments
 qemu=(
   qemu-system-x86_64 -name "pflex-$test_name" -nodefaults -no-reboot
   "${accel_args[@]}" -smp "$cpus" -m "$memory"

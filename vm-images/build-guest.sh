@@ -14,9 +14,9 @@
 set -euo pipefail
 
 LOG_PREFIX=build-guest
-# shellcheck source=vm-images/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-# shellcheck source=vm-images/guest.conf
+# shellcheck source=guest.conf
 source "$VM_IMAGES_DIR/guest.conf"
 
 if_needed=false
@@ -240,7 +240,7 @@ add_module() {
   mkdir -p "$ROOT/usr/lib/modules/$kernel_version"
   cp "$plain" "$ROOT/usr/lib/modules/$kernel_version/$name.ko"
   module_order+=("$name")
-  module_state[$name]=done
+  module_state[$name]="done"
 }
 for module in "${GUEST_MODULES[@]}"; do add_module "$module"; done
 printf '%s\n' "${module_order[@]}" >"$ROOT/etc/pflex/modules.load"

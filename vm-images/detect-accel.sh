@@ -8,7 +8,7 @@
 set -euo pipefail
 
 LOG_PREFIX=detect-accel
-# shellcheck source=vm-images/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 if [ -n "${PFLEX_VM_ACCEL:-}" ] && [ "$PFLEX_VM_ACCEL" != auto ]; then

@@ -3,6 +3,8 @@
 # Helpers shared by the vm-images scripts (sourced, never run): paths, logging, installing host
 # packages from Debian's archive, and the ELF/kernel-module dependency walks the guest build needs.
 
+# The paths every script uses (the sourcing scripts read them).
+# shellcheck disable=SC2034
 VM_IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$VM_IMAGES_DIR/.." && pwd)
 CACHE_DIR=${PFLEX_VM_CACHE_DIR:-$VM_IMAGES_DIR/.cache}

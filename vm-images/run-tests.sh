@@ -27,7 +27,7 @@
 set -euo pipefail
 
 LOG_PREFIX=run-tests
-# shellcheck source=vm-images/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 SERVER_KIND=${PFLEX_NBD_SERVER:-pflex}

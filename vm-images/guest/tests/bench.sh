@@ -4,6 +4,9 @@
 # PFLEX_FIO_SECONDS (default 10) on the region of the device past the ext4 file system an earlier
 # test made (or the whole device when there is none), so the file system survives. Under TCG the
 # numbers measure the emulated guest's CPU more than the server: they show function, not speed.
+# The functions below run through step(), which shellcheck cannot follow.
+# shellcheck disable=SC2317
+# shellcheck source=../lib.sh
 . /usr/share/pflex/lib.sh
 
 SERVER=${PFLEX_SERVER:-10.0.2.2}
@@ -36,7 +39,7 @@ bench_all() {
   device_bytes=$(($(cat /sys/block/nbd0/size) * 512))
   info bench_region "offset=$start size=$((device_bytes - start)) seconds_each=$SECONDS_EACH"
   for job in randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32 \
-    seq-1m mix-70-30-4k; do
+    seqwrite-1m-qd8 seqread-1m-qd8 randrw-70-30-4k-qd16; do
     fio_job "$JOBS/$job.fio" "/tmp/$job.fio" "filename=$DEV" "offset=$start" \
       "size=$((device_bytes - start))" "runtime=$SECONDS_EACH" "ramp_time=1" &&
       run_fio "$job" "/tmp/$job.fio" || return 1

@@ -11,6 +11,9 @@
 #
 # Settings (kernel command line pflex.KEY=VALUE -> PFLEX_KEY): server, port, export, block, conns,
 # mkfs, tree, check_tree, verify_mib.
+# The functions below run through step(), which shellcheck cannot follow.
+# shellcheck disable=SC2317
+# shellcheck source=../lib.sh
 . /usr/share/pflex/lib.sh
 
 SERVER=${PFLEX_SERVER:-10.0.2.2}
@@ -37,12 +40,12 @@ connect() {
   done
   q=/sys/block/nbd0/queue
   info device "size_bytes=$(($(cat /sys/block/nbd0/size) * 512))" \
-    "logical_block=$(cat $q/logical_block_size)" "physical_block=$(cat $q/physical_block_size)" \
-    "max_sectors_kb=$(cat $q/max_sectors_kb)" "max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
-    "write_cache=$(tr ' ' '_' <$q/write_cache)" "fua=$(cat $q/fua 2>/dev/null)" \
-    "discard_max_bytes=$(cat $q/discard_max_bytes)" \
-    "write_zeroes_max_bytes=$(cat $q/write_zeroes_max_bytes)" \
-    "nr_requests=$(cat $q/nr_requests)" "hw_queues=$(ls /sys/block/nbd0/mq | wc -l)" \
+    "logical_block=$(cat "$q"/logical_block_size)" "physical_block=$(cat "$q"/physical_block_size)" \
+    "max_sectors_kb=$(cat "$q"/max_sectors_kb)" "max_hw_sectors_kb=$(cat "$q"/max_hw_sectors_kb)" \
+    "write_cache=$(tr ' ' '_' <"$q"/write_cache)" "fua=$(cat "$q"/fua 2>/dev/null)" \
+    "discard_max_bytes=$(cat "$q"/discard_max_bytes)" \
+    "write_zeroes_max_bytes=$(cat "$q"/write_zeroes_max_bytes)" \
+    "nr_requests=$(cat "$q"/nr_requests)" "hw_queues=$(find /sys/block/nbd0/mq -mindepth 1 -maxdepth 1 | wc -l)" \
     "connections=$CONNS"
 }
 
@@ -81,6 +84,7 @@ write_tree() {
   echo "written by the kernel NBD client, $CONNS connection(s), block size $BLOCK" \
     >"$dir/deep/a/b/c/note.txt"
   sync || return 1
+  # shellcheck disable=SC2094 # MANIFEST is left out of the list it is written from
   (cd "$dir" && find . -type f ! -name MANIFEST | sort | xargs sha256sum >MANIFEST) || return 1
   sync || return 1
   sed "s|  \./|  $TREE/|" "$dir/MANIFEST" | sed 's/^/PFLEX-SUM /'

@@ -1,6 +1,9 @@
 #!/bin/sh
 # Guest test: the guest boots, loads its modules and brings up its network (the init's own steps),
 # and its programs run. Used to tell whether hardware acceleration really boots a guest.
+# The functions below run through step(), which shellcheck cannot follow.
+# shellcheck disable=SC2317
+# shellcheck source=../lib.sh
 . /usr/share/pflex/lib.sh
 
 programs_run() {
