@@ -1,0 +1,287 @@
+//! Liveness, overall health, the cluster summary and the periodic
+//! re-placement of copies held by failed SDS nodes.
+
+use std::collections::HashMap;
+
+use pflex_proto::api::{ClusterSummary, ComponentHealth, HealthStatus, NodeType};
+use pflex_proto::CHUNK_SIZE;
+use rusqlite::{params, Connection};
+
+use crate::error::MdmError;
+use crate::placement::{self, Candidate};
+
+use super::volumes::{candidates, pool_usage};
+use super::*;
+
+pub(super) struct NodeRow {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) node_type: NodeType,
+    pub(super) host: String,
+    pub(super) control_port: u16,
+    pub(super) mgmt_port: u16,
+    pub(super) data_port: u16,
+    pub(super) last_seen: u64,
+}
+
+pub(super) fn nodes(
+    conn: &Connection,
+    node_type: Option<NodeType>,
+) -> Result<Vec<NodeRow>, MdmError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, name, node_type, host, control_port, mgmt_port, data_port, last_seen
+         FROM cluster_nodes WHERE ?1 IS NULL OR node_type = ?1 ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([node_type.map(|t| t.as_str())], |r| {
+            Ok(NodeRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                node_type: node_type_from(&r.get::<_, String>(2)?),
+                host: r.get(3)?,
+                control_port: r.get(4)?,
+                mgmt_port: r.get(5)?,
+                data_port: r.get(6)?,
+                last_seen: r.get(7)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Chunk-level state of the stored data, derived from PGs and liveness.
+pub(super) struct DataHealth {
+    pub(super) degraded_chunks: u64,
+    /// PGs with neither copy on a live node.
+    pub(super) unavailable_pgs: u64,
+}
+
+pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, MdmError> {
+    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
+        .into_iter()
+        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, ctx.now)))
+        .collect();
+    let rebuilding: std::collections::HashSet<(u64, u64)> = conn
+        .prepare(
+            "SELECT volume_id, pg_index FROM rebuild_jobs WHERE state IN ('pending', 'running')",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare(
+        "SELECT v.id, v.size_bytes, p.pg_index, p.primary_sds, p.secondary_sds,
+                (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
+         FROM placement_groups p JOIN volumes v ON v.id = p.volume_id",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut health = DataHealth { degraded_chunks: 0, unavailable_pgs: 0 };
+    while let Some(r) = rows.next()? {
+        let (volume_id, size, index, primary, secondary, count): (u64, u64, u64, u64, u64, u64) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+        let live = |id: u64| status.get(&id).copied() == Some("ACTIVE");
+        let dead = |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED";
+        if dead(primary) && dead(secondary) {
+            health.unavailable_pgs += 1;
+        }
+        if !live(primary) || !live(secondary) || rebuilding.contains(&(volume_id, index)) {
+            health.degraded_chunks +=
+                placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index);
+        }
+    }
+    Ok(health)
+}
+
+/// HEALTHY when every component is ACTIVE and every chunk has two live
+/// copies; CRITICAL when some data has no live copy (or volumes exist and no
+/// SDS is alive); DEGRADED otherwise.
+fn overall(
+    conn: &Connection,
+    ctx: &Ctx,
+    components: &[ComponentHealth],
+) -> Result<String, MdmError> {
+    let data = data_health(conn, ctx)?;
+    let volume_count: u64 = conn.query_row("SELECT COUNT(*) FROM volumes", [], |r| r.get(0))?;
+    let live_sds =
+        components.iter().filter(|c| c.node_type == NodeType::Sds && c.status != "FAILED").count();
+    let state = if data.unavailable_pgs > 0 || (volume_count > 0 && live_sds == 0) {
+        "CRITICAL"
+    } else if data.degraded_chunks > 0 || components.iter().any(|c| c.status != "ACTIVE") {
+        "DEGRADED"
+    } else {
+        "HEALTHY"
+    };
+    Ok(state.to_string())
+}
+
+/// `GET /health/status`.
+pub fn health_status(conn: &Connection, ctx: &Ctx) -> Result<HealthStatus, MdmError> {
+    let components: Vec<ComponentHealth> = nodes(conn, None)?
+        .into_iter()
+        .map(|n| ComponentHealth {
+            node_id: n.id,
+            status: liveness(&ctx.settings, n.last_seen, ctx.now).to_string(),
+            name: n.name,
+            node_type: n.node_type,
+            last_seen: n.last_seen,
+            host: n.host,
+        })
+        .collect();
+    let overall = overall(conn, ctx, &components)?;
+    Ok(HealthStatus { overall, components })
+}
+
+/// `GET /cluster/summary`.
+pub fn cluster_summary(conn: &Connection, ctx: &Ctx) -> Result<ClusterSummary, MdmError> {
+    let health = health_status(conn, ctx)?;
+    let count = |sql: &str| -> Result<u64, MdmError> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
+    let (capacity_bytes, used_bytes): (u64, u64) = conn.query_row(
+        "SELECT COALESCE(SUM(capacity_bytes), 0), COALESCE(SUM(used_bytes), 0) FROM sds_nodes",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut reserved_bytes = 0;
+    let pools: Vec<u64> = conn
+        .prepare("SELECT id FROM storage_pools")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for pool in pools {
+        reserved_bytes += pool_usage(conn, pool)?.values().map(|u| u.reserved).sum::<u64>();
+    }
+    Ok(ClusterSummary {
+        overall: health.overall,
+        sds_count: count("SELECT COUNT(*) FROM sds_nodes")?,
+        sdc_count: count("SELECT COUNT(*) FROM sdc_clients")?,
+        volume_count: count("SELECT COUNT(*) FROM volumes")?,
+        capacity_bytes,
+        used_bytes,
+        provisioned_bytes: count("SELECT COALESCE(SUM(size_bytes), 0) FROM volumes")?,
+        reserved_bytes,
+        degraded_chunks: data_health(conn, ctx)?.degraded_chunks,
+        rebuild_jobs_active: count(
+            "SELECT COUNT(*) FROM rebuild_jobs WHERE state IN ('pending', 'running')",
+        )?,
+    })
+}
+
+/// What one health-monitor pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MonitorReport {
+    /// PG copies moved off FAILED SDS nodes.
+    pub copies_replaced: u64,
+    /// Volumes whose placement epoch was bumped.
+    pub volumes_replaced: u64,
+}
+
+/// Periodic pass: re-places every copy held by a FAILED SDS onto a live
+/// node outside the surviving copy's fault set (the survivor becomes
+/// primary, since it holds the data), records a rebuild job per moved copy,
+/// bumps the epoch of each changed volume, and samples cluster metrics.
+/// With `replace` false only the metrics are sampled.
+pub fn monitor_tick(
+    conn: &Connection,
+    ctx: &Ctx,
+    replace: bool,
+) -> Result<MonitorReport, MdmError> {
+    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
+        .into_iter()
+        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, ctx.now)))
+        .collect();
+    let failed = |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED";
+    let fault_sets: HashMap<u64, String> = conn
+        .prepare(
+            "SELECT s.node_id, f.name FROM sds_nodes s JOIN fault_sets f ON f.id = s.fault_set_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    struct AffectedPg {
+        volume_id: u64,
+        pool_id: u64,
+        index: u64,
+        primary: u64,
+        secondary: u64,
+        bytes: u64,
+    }
+    let affected: Vec<AffectedPg> = conn
+        .prepare(
+            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds, p.secondary_sds, v.size_bytes,
+                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
+             FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
+        )?
+        .query_map([], |r| {
+            let (size, index, count): (u64, u64, u64) = (r.get(5)?, r.get(2)?, r.get(6)?);
+            Ok(AffectedPg {
+                volume_id: r.get(0)?,
+                pool_id: r.get(1)?,
+                index,
+                primary: r.get(3)?,
+                secondary: r.get(4)?,
+                bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
+                    * CHUNK_SIZE,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|pg| replace && failed(pg.primary) != failed(pg.secondary))
+        .collect();
+    let mut report = MonitorReport::default();
+    let mut changed_volumes = std::collections::BTreeSet::new();
+    let mut pool_candidates: HashMap<u64, Vec<Candidate>> = HashMap::new();
+    for pg in affected {
+        let AffectedPg { volume_id, pool_id, index, primary, secondary, bytes } = pg;
+        let (survivor, lost) =
+            if failed(primary) { (secondary, primary) } else { (primary, secondary) };
+        let candidates = match pool_candidates.entry(pool_id) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(candidates(conn, ctx, pool_id)?)
+            }
+        };
+        let survivor_fault_set = fault_sets.get(&survivor).cloned().unwrap_or_default();
+        let Some(target) = placement::replacement(
+            candidates,
+            survivor,
+            &survivor_fault_set,
+            bytes.max(CHUNK_SIZE),
+        ) else {
+            continue;
+        };
+        if let Some(c) = candidates.iter_mut().find(|c| c.id == target) {
+            c.placed_bytes += bytes;
+        }
+        conn.execute(
+            "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4 WHERE volume_id = ?1 AND pg_index = ?2",
+            params![volume_id, index, survivor, target],
+        )?;
+        conn.execute(
+            "INSERT INTO rebuild_jobs (volume_id, pg_index, failed_sds, source_sds, target_sds, state, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+            params![volume_id, index, lost, survivor, target, ctx.now],
+        )?;
+        report.copies_replaced += 1;
+        changed_volumes.insert(volume_id);
+    }
+    for volume_id in &changed_volumes {
+        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+    }
+    report.volumes_replaced = changed_volumes.len() as u64;
+
+    let summary = cluster_summary(conn, ctx)?;
+    let sds_active = status.values().filter(|s| **s == "ACTIVE").count() as u64;
+    conn.execute(
+        "INSERT INTO cluster_metrics (at, capacity_bytes, used_bytes, provisioned_bytes, volumes, sds_active, degraded_chunks)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            ctx.now,
+            summary.capacity_bytes,
+            summary.used_bytes,
+            summary.provisioned_bytes,
+            summary.volume_count,
+            sds_active,
+            summary.degraded_chunks
+        ],
+    )?;
+    conn.execute(
+        "DELETE FROM cluster_metrics WHERE at < ?1",
+        [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],
+    )?;
+    Ok(report)
+}

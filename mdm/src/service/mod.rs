@@ -1,0 +1,129 @@
+//! What each MDM request does to the database.
+//!
+//! Every function here runs inside the one SQLite transaction of its
+//! request (the HTTP layer opens it and commits only on success), so a
+//! refused request never leaves a partial write. Nothing here knows about
+//! HTTP beyond returning [`MdmError`]s; time comes in through [`Ctx::now`]
+//! so the health rules are testable.
+//!
+//! - `nodes`: registration, heartbeats, node lists;
+//! - `volumes`: volumes, mappings, placement maps;
+//! - `tokens`: IO tokens and completion records;
+//! - `health`: liveness, summary, re-placement of failed nodes' copies.
+
+mod health;
+mod nodes;
+mod tokens;
+mod volumes;
+
+pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport};
+pub use nodes::{heartbeat, register, sdc_list, sds_list};
+pub use tokens::{ack_tokens, request_token};
+pub use volumes::{
+    placement_map, sdc_mappings, volume_create, volume_delete, volume_list, volume_map,
+    volume_rename, volume_resize, volume_show, volume_unmap,
+};
+
+use pflex_proto::api::NodeType;
+use pflex_proto::token::{AccessMode, ClusterSecret};
+use rusqlite::{Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::error::MdmError;
+
+/// Name of the protection domain and storage pool used when none is given.
+pub const DEFAULT_POOL: &str = "default";
+const DEFAULT_PROTECTION_DOMAIN: &str = "default";
+/// Heartbeat log rows older than this are pruned.
+const HEARTBEAT_LOG_KEEP_SECS: u64 = 3600;
+/// Token rows this long past expiry are pruned.
+const TOKEN_KEEP_AFTER_EXPIRY_SECS: u64 = 3600;
+/// Cluster metric samples older than this are pruned.
+const CLUSTER_METRICS_KEEP_SECS: u64 = 24 * 3600;
+/// Most records one `/token/ack` batch may carry.
+pub const MAX_ACK_RECORDS: usize = 10_000;
+/// Most devices one SDS may report.
+const MAX_DEVICES: usize = 256;
+
+/// Health thresholds and lifetimes (from the command line).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub heartbeat_interval_secs: u64,
+    pub stale_after_secs: u64,
+    pub failed_after_secs: u64,
+    pub token_ttl_secs: u64,
+}
+
+/// What every operation may need besides the database.
+pub struct Ctx<'a> {
+    pub settings: Settings,
+    pub secret: &'a ClusterSecret,
+    pub now: u64,
+}
+
+/// Who is calling, from the bearer credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Node { id: u64, node_type: NodeType },
+}
+
+impl Caller {
+    pub fn describe(self) -> String {
+        match self {
+            Caller::Admin => "the admin token".to_string(),
+            Caller::Node { id, node_type } => format!("{} node {id}", node_type.as_str()),
+        }
+    }
+}
+
+/// Hex SHA-256, the form in which credentials are stored.
+pub fn sha256_hex(value: &str) -> String {
+    hex::encode(Sha256::digest(value.as_bytes()))
+}
+
+/// A fresh random credential (256 bits, hex).
+pub fn new_credential() -> String {
+    hex::encode(pflex_proto::random_bytes::<32>())
+}
+
+/// ACTIVE, STALE or FAILED from the time since a node was last heard from.
+pub fn liveness(settings: &Settings, last_seen: u64, now: u64) -> &'static str {
+    let silent = now.saturating_sub(last_seen);
+    if silent >= settings.failed_after_secs {
+        "FAILED"
+    } else if silent >= settings.stale_after_secs {
+        "STALE"
+    } else {
+        "ACTIVE"
+    }
+}
+
+pub(super) fn node_type_from(s: &str) -> NodeType {
+    match s {
+        "SDS" => NodeType::Sds,
+        "SDC" => NodeType::Sdc,
+        _ => NodeType::Mgmt,
+    }
+}
+
+pub(super) fn access_mode_from(s: &str) -> AccessMode {
+    if s == AccessMode::ReadOnly.as_str() {
+        AccessMode::ReadOnly
+    } else {
+        AccessMode::ReadWrite
+    }
+}
+
+/// Looks up the caller of a bearer credential.
+pub fn authenticate(conn: &Connection, credential: &str) -> Result<Option<Caller>, MdmError> {
+    let hash = sha256_hex(credential);
+    let row: Option<(u64, String)> = conn
+        .query_row(
+            "SELECT id, node_type FROM cluster_nodes WHERE credential_sha256 = ?1",
+            [&hash],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(row.map(|(id, t)| Caller::Node { id, node_type: node_type_from(&t) }))
+}

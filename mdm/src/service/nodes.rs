@@ -1,0 +1,335 @@
+//! Components joining and reporting: registration, heartbeats, node lists.
+
+use pflex_proto::api::{
+    HeartbeatRequest, HeartbeatResponse, NodeType, RegisterRequest, RegisterResponse, SdcInfo,
+    SdsInfo, VolumeGeneration,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::MdmError;
+use crate::validate;
+
+use super::health::nodes;
+use super::*;
+
+fn ensure_protection_domain(conn: &Connection, now: u64) -> Result<u64, MdmError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO protection_domains (name, created_at) VALUES (?1, ?2)",
+        params![DEFAULT_PROTECTION_DOMAIN, now],
+    )?;
+    Ok(conn.query_row(
+        "SELECT id FROM protection_domains WHERE name = ?1",
+        [DEFAULT_PROTECTION_DOMAIN],
+        |r| r.get(0),
+    )?)
+}
+
+fn ensure_pool(conn: &Connection, pd: u64, name: &str, now: u64) -> Result<u64, MdmError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO storage_pools (protection_domain_id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![pd, name, now],
+    )?;
+    Ok(conn.query_row("SELECT id FROM storage_pools WHERE name = ?1", [name], |r| r.get(0))?)
+}
+
+fn ensure_fault_set(conn: &Connection, pd: u64, name: &str, now: u64) -> Result<u64, MdmError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO fault_sets (protection_domain_id, name, created_at) VALUES (?1, ?2, ?3)",
+        params![pd, name, now],
+    )?;
+    Ok(conn.query_row(
+        "SELECT id FROM fault_sets WHERE protection_domain_id = ?1 AND name = ?2",
+        params![pd, name],
+        |r| r.get(0),
+    )?)
+}
+
+/// `POST /discovery/register`. The join key has been checked by the caller.
+pub fn register(
+    conn: &Connection,
+    ctx: &Ctx,
+    request: &RegisterRequest,
+) -> Result<RegisterResponse, MdmError> {
+    let what = match request.node_type {
+        NodeType::Sds => "SDS name",
+        NodeType::Sdc => "SDC name",
+        NodeType::Mgmt => "MGMT name",
+    };
+    validate::name(what, &request.name)?;
+    validate::host(&request.host)?;
+    let is_sds = request.node_type == NodeType::Sds;
+    if !is_sds
+        && (request.fault_set.is_some() || request.pool.is_some() || !request.devices.is_empty())
+    {
+        return Err(MdmError::invalid(
+            "bad_request",
+            "fault_set, pool and devices are only for SDS registrations",
+        ));
+    }
+    if is_sds && request.data_port == 0 {
+        return Err(MdmError::invalid("bad_request", "an SDS must give its data_port"));
+    }
+    let fault_set = request.fault_set.clone().unwrap_or_else(|| request.name.clone());
+    let pool = request.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string());
+    if is_sds {
+        validate::name("fault set", &fault_set)?;
+        validate::name("pool", &pool)?;
+        if request.devices.len() > MAX_DEVICES {
+            return Err(MdmError::bad_request(format!("at most {MAX_DEVICES} devices per SDS")));
+        }
+        let mut paths: Vec<&str> = Vec::new();
+        for device in &request.devices {
+            if device.path.is_empty() || device.path.len() > 4096 {
+                return Err(MdmError::bad_request("device path must be 1 to 4096 bytes"));
+            }
+            if device.used_bytes > device.capacity_bytes {
+                return Err(MdmError::bad_request(format!(
+                    "device {}: used_bytes exceeds capacity_bytes",
+                    device.path
+                )));
+            }
+            if device.capacity_bytes > validate::MAX_VOLUME_BYTES * 64 {
+                return Err(MdmError::bad_request(format!(
+                    "device {}: capacity_bytes is implausibly large",
+                    device.path
+                )));
+            }
+            if paths.contains(&device.path.as_str()) {
+                return Err(MdmError::bad_request(format!("device {} listed twice", device.path)));
+            }
+            paths.push(&device.path);
+        }
+    }
+
+    let credential = new_credential();
+    let credential_hash = sha256_hex(&credential);
+    let node_type = request.node_type.as_str();
+    let existing: Option<u64> = conn
+        .query_row(
+            "SELECT id FROM cluster_nodes WHERE node_type = ?1 AND name = ?2",
+            params![node_type, request.name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let node_id = match existing {
+        Some(id) => {
+            conn.execute(
+                "UPDATE cluster_nodes SET host = ?2, control_port = ?3, mgmt_port = ?4, data_port = ?5,
+                 credential_sha256 = ?6, last_seen = ?7 WHERE id = ?1",
+                params![
+                    id,
+                    request.host,
+                    request.control_port,
+                    request.mgmt_port,
+                    request.data_port,
+                    credential_hash,
+                    ctx.now
+                ],
+            )?;
+            id
+        }
+        None => {
+            conn.execute(
+                "INSERT INTO cluster_nodes (node_type, name, host, control_port, mgmt_port, data_port,
+                 credential_sha256, registered_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                params![
+                    node_type,
+                    request.name,
+                    request.host,
+                    request.control_port,
+                    request.mgmt_port,
+                    request.data_port,
+                    credential_hash,
+                    ctx.now
+                ],
+            )?;
+            conn.last_insert_rowid() as u64
+        }
+    };
+    conn.execute(
+        "INSERT INTO registration_history (node_id, host, at) VALUES (?1, ?2, ?3)",
+        params![node_id, request.host, ctx.now],
+    )?;
+    conn.execute(
+        "INSERT INTO component_health (node_id, updated_at) VALUES (?1, ?2)
+         ON CONFLICT (node_id) DO UPDATE SET updated_at = excluded.updated_at",
+        params![node_id, ctx.now],
+    )?;
+
+    match request.node_type {
+        NodeType::Sds => {
+            let pd = ensure_protection_domain(conn, ctx.now)?;
+            let pool_id = ensure_pool(conn, pd, &pool, ctx.now)?;
+            let fault_set_id = ensure_fault_set(conn, pd, &fault_set, ctx.now)?;
+            let capacity: u64 = request.devices.iter().map(|d| d.capacity_bytes).sum();
+            let used: u64 = request.devices.iter().map(|d| d.used_bytes).sum();
+            let previous: Option<(u64, u64)> = conn
+                .query_row(
+                    "SELECT fault_set_id, pool_id FROM sds_nodes WHERE node_id = ?1",
+                    [node_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((old_fault_set, old_pool)) = previous {
+                if (old_fault_set != fault_set_id || old_pool != pool_id)
+                    && holds_copies(conn, node_id)?
+                {
+                    return Err(MdmError::conflict(
+                        "sds_in_use",
+                        format!(
+                            "SDS {} holds volume data; it cannot move to another fault set or pool",
+                            request.name
+                        ),
+                    ));
+                }
+            }
+            conn.execute(
+                "INSERT INTO sds_nodes (node_id, fault_set_id, pool_id, capacity_bytes, used_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (node_id) DO UPDATE SET fault_set_id = excluded.fault_set_id,
+                 pool_id = excluded.pool_id, capacity_bytes = excluded.capacity_bytes,
+                 used_bytes = excluded.used_bytes",
+                params![node_id, fault_set_id, pool_id, capacity, used],
+            )?;
+            conn.execute("DELETE FROM sds_devices WHERE sds_id = ?1", [node_id])?;
+            for device in &request.devices {
+                conn.execute(
+                    "INSERT INTO sds_devices (sds_id, path, capacity_bytes, used_bytes) VALUES (?1, ?2, ?3, ?4)",
+                    params![node_id, device.path, device.capacity_bytes, device.used_bytes],
+                )?;
+            }
+        }
+        NodeType::Sdc => {
+            conn.execute("INSERT OR IGNORE INTO sdc_clients (node_id) VALUES (?1)", [node_id])?;
+        }
+        NodeType::Mgmt => {}
+    }
+
+    Ok(RegisterResponse {
+        status: "registered".to_string(),
+        node_id,
+        credential,
+        cluster_secret: is_sds.then(|| ctx.secret.to_hex()),
+        heartbeat_interval_secs: ctx.settings.heartbeat_interval_secs,
+    })
+}
+
+fn holds_copies(conn: &Connection, sds_id: u64) -> Result<bool, MdmError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM placement_groups WHERE primary_sds = ?1 OR secondary_sds = ?1)",
+        [sds_id],
+        |r| r.get(0),
+    )?)
+}
+
+/// `POST /health/heartbeat`.
+pub fn heartbeat(
+    conn: &Connection,
+    ctx: &Ctx,
+    caller: Caller,
+    request: &HeartbeatRequest,
+) -> Result<HeartbeatResponse, MdmError> {
+    let Caller::Node { id, node_type } = caller else {
+        return Err(MdmError::forbidden("heartbeats come from components, not the admin token"));
+    };
+    if id != request.node_id {
+        return Err(MdmError::forbidden(format!(
+            "this credential belongs to node {id}, not node {}",
+            request.node_id
+        )));
+    }
+    let m = &request.metrics;
+    if m.used_bytes > m.capacity_bytes {
+        return Err(MdmError::bad_request("metrics.used_bytes exceeds metrics.capacity_bytes"));
+    }
+    conn.execute("UPDATE cluster_nodes SET last_seen = ?2 WHERE id = ?1", params![id, ctx.now])?;
+    conn.execute(
+        "UPDATE component_health SET capacity_bytes = ?2, used_bytes = ?3, read_ops = ?4, write_ops = ?5,
+         read_bytes = ?6, write_bytes = ?7, errors = ?8, heartbeats = heartbeats + 1, updated_at = ?9
+         WHERE node_id = ?1",
+        params![
+            id,
+            m.capacity_bytes,
+            m.used_bytes,
+            m.read_ops,
+            m.write_ops,
+            m.read_bytes,
+            m.write_bytes,
+            m.errors,
+            ctx.now
+        ],
+    )?;
+    if node_type == NodeType::Sds && m.capacity_bytes > 0 {
+        conn.execute(
+            "UPDATE sds_nodes SET capacity_bytes = ?2, used_bytes = ?3 WHERE node_id = ?1",
+            params![id, m.capacity_bytes, m.used_bytes],
+        )?;
+    }
+    conn.execute("INSERT INTO heartbeat_log (node_id, at) VALUES (?1, ?2)", params![id, ctx.now])?;
+    conn.execute(
+        "DELETE FROM heartbeat_log WHERE at < ?1",
+        [ctx.now.saturating_sub(HEARTBEAT_LOG_KEEP_SECS)],
+    )?;
+    let volumes = conn
+        .prepare("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
+        .query_map([], |r| {
+            Ok(VolumeGeneration { volume_id: r.get(0)?, epoch: r.get(1)?, mapping_gen: r.get(2)? })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(HeartbeatResponse { status: "ok".to_string(), volumes })
+}
+
+/// `GET /sds/list`.
+pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> {
+    Ok(conn
+        .prepare(
+            "SELECT n.id, n.name, n.host, n.data_port, n.control_port, n.mgmt_port, f.name, p.name,
+                    s.capacity_bytes, s.used_bytes, n.last_seen
+             FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
+             JOIN fault_sets f ON f.id = s.fault_set_id JOIN storage_pools p ON p.id = s.pool_id
+             ORDER BY n.id",
+        )?
+        .query_map([], |r| {
+            let last_seen: u64 = r.get(10)?;
+            Ok(SdsInfo {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                host: r.get(2)?,
+                data_port: r.get(3)?,
+                control_port: r.get(4)?,
+                mgmt_port: r.get(5)?,
+                fault_set: r.get(6)?,
+                pool: r.get(7)?,
+                capacity_bytes: r.get(8)?,
+                used_bytes: r.get(9)?,
+                status: liveness(&ctx.settings, last_seen, ctx.now).to_string(),
+                last_seen,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
+/// `GET /sdc/list`.
+pub fn sdc_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdcInfo>, MdmError> {
+    let rows = nodes(conn, Some(NodeType::Sdc))?;
+    rows.into_iter()
+        .map(|n| {
+            let mapped_volumes: u64 = conn.query_row(
+                "SELECT COUNT(*) FROM volume_mappings WHERE sdc_id = ?1",
+                [n.id],
+                |r| r.get(0),
+            )?;
+            Ok(SdcInfo {
+                id: n.id,
+                status: liveness(&ctx.settings, n.last_seen, ctx.now).to_string(),
+                name: n.name,
+                host: n.host,
+                nbd_port: n.data_port,
+                control_port: n.control_port,
+                mgmt_port: n.mgmt_port,
+                last_seen: n.last_seen,
+                mapped_volumes,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,168 @@
+//! IO capability tokens and their batched completion records.
+
+use pflex_proto::api::{AckResponse, NodeType, TokenAckBatch, TokenRequest, TokenResponse};
+use pflex_proto::token::{AccessMode, IoToken};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::MdmError;
+
+use super::volumes::{mapping_of, volume_row, VOLUME_COLUMNS};
+use super::*;
+
+/// `POST /token/request` from SDC `sdc_id`.
+pub fn request_token(
+    conn: &Connection,
+    ctx: &Ctx,
+    sdc_id: u64,
+    request: &TokenRequest,
+) -> Result<TokenResponse, MdmError> {
+    if request.volume_id > i64::MAX as u64 {
+        return Err(MdmError::not_found(
+            "volume_not_found",
+            format!("no volume {}", request.volume_id),
+        ));
+    }
+    let row = conn
+        .query_row(
+            &format!("SELECT {VOLUME_COLUMNS} WHERE v.id = ?1"),
+            [request.volume_id],
+            volume_row,
+        )
+        .optional()?
+        .ok_or_else(|| {
+            MdmError::not_found("volume_not_found", format!("no volume {}", request.volume_id))
+        })?;
+    let Some(mapped_mode) = mapping_of(conn, row.id, sdc_id)? else {
+        return Err(MdmError::Forbidden {
+            code: "not_mapped",
+            message: format!("volume {:?} is not mapped to this SDC", row.name),
+        });
+    };
+    if request.mode == AccessMode::ReadWrite && mapped_mode == AccessMode::ReadOnly {
+        return Err(MdmError::Forbidden {
+            code: "read_only_mapping",
+            message: format!("volume {:?} is mapped read-only to this SDC", row.name),
+        });
+    }
+    let token_id = loop {
+        // Ids stay within SQLite's signed 64-bit range.
+        let candidate = u64::from_le_bytes(pflex_proto::random_bytes()) >> 1;
+        let used: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM io_tokens WHERE token_id = ?1)",
+            [candidate],
+            |r| r.get(0),
+        )?;
+        if candidate != 0 && !used {
+            break candidate;
+        }
+    };
+    let token = IoToken {
+        token_id,
+        volume_id: row.id,
+        sdc_id,
+        mode: request.mode,
+        mapping_gen: row.mapping_gen,
+        expires_at: ctx.now + ctx.settings.token_ttl_secs,
+    };
+    let signed = ctx.secret.sign(&token);
+    let session_key = ctx.secret.session_key(&signed);
+    conn.execute(
+        "INSERT INTO io_tokens (token_id, volume_id, sdc_id, access_mode, mapping_gen, epoch, issued_at,
+         expires_at, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            token_id,
+            row.id,
+            sdc_id,
+            request.mode.as_str(),
+            row.mapping_gen,
+            row.epoch,
+            ctx.now,
+            token.expires_at,
+            hex::encode(signed.signature)
+        ],
+    )?;
+    conn.execute(
+        "DELETE FROM io_tokens WHERE expires_at < ?1",
+        [ctx.now.saturating_sub(TOKEN_KEEP_AFTER_EXPIRY_SECS)],
+    )?;
+    Ok(TokenResponse {
+        token_id,
+        token: signed.to_hex(),
+        session_key: session_key.to_hex(),
+        expires_at: token.expires_at,
+        mapping_gen: row.mapping_gen,
+    })
+}
+
+const ACK_OPS: &[&str] = &["read", "write", "flush", "trim", "write_zeroes"];
+
+/// `POST /token/ack`: batched completion records. Records of tokens the MDM
+/// no longer knows (pruned long after expiry) are counted nowhere; the
+/// reply says how many were recorded. An SDC may only ack its own tokens.
+pub fn ack_tokens(
+    conn: &Connection,
+    ctx: &Ctx,
+    caller: Caller,
+    batch: &TokenAckBatch,
+) -> Result<AckResponse, MdmError> {
+    if batch.records.len() > MAX_ACK_RECORDS {
+        return Err(MdmError::bad_request(format!(
+            "{} records in one batch; at most {MAX_ACK_RECORDS}",
+            batch.records.len()
+        )));
+    }
+    for record in &batch.records {
+        if !ACK_OPS.contains(&record.op.as_str()) {
+            return Err(MdmError::invalid(
+                "invalid_op",
+                format!("op {:?} is not one of {}", record.op, ACK_OPS.join(", ")),
+            ));
+        }
+        if record.token_id > i64::MAX as u64 || record.volume_id > i64::MAX as u64 {
+            return Err(MdmError::bad_request("token_id and volume_id must be below 2^63"));
+        }
+    }
+    let mut recorded = 0;
+    for record in &batch.records {
+        let owner: Option<(u64, u64)> = conn
+            .query_row(
+                "SELECT sdc_id, volume_id FROM io_tokens WHERE token_id = ?1",
+                [record.token_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((sdc_id, volume_id)) = owner else { continue };
+        if volume_id != record.volume_id {
+            return Err(MdmError::bad_request(format!(
+                "token {} is for volume {volume_id}, not {}",
+                record.token_id, record.volume_id
+            )));
+        }
+        if let Caller::Node { id, node_type: NodeType::Sdc } = caller {
+            if id != sdc_id {
+                return Err(MdmError::forbidden(format!(
+                    "token {} belongs to another SDC",
+                    record.token_id
+                )));
+            }
+        }
+        let (ops, bytes, errors) = (
+            record.ops.min(i64::MAX as u64),
+            record.bytes.min(i64::MAX as u64),
+            record.errors.min(i64::MAX as u64),
+        );
+        conn.execute(
+            "UPDATE io_tokens SET ops = MIN(ops + ?2, 9223372036854775807), bytes = MIN(bytes + ?3, 9223372036854775807),
+             errors = MIN(errors + ?4, 9223372036854775807), last_ack_at = ?5 WHERE token_id = ?1",
+            params![record.token_id, ops, bytes, errors, ctx.now],
+        )?;
+        conn.execute(
+            "INSERT INTO volume_io_stats (volume_id, op, ops, bytes, errors) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (volume_id, op) DO UPDATE SET ops = MIN(ops + excluded.ops, 9223372036854775807),
+             bytes = MIN(bytes + excluded.bytes, 9223372036854775807), errors = MIN(errors + excluded.errors, 9223372036854775807)",
+            params![volume_id, record.op, ops, bytes, errors],
+        )?;
+        recorded += 1;
+    }
+    Ok(AckResponse { status: "recorded".to_string(), recorded })
+}
