@@ -336,3 +336,30 @@ async fn health_states_and_replacement_of_a_failed_sds() {
     assert!(fresh_map.nodes.iter().all(|n| n.id != victim));
     heartbeats.abort();
 }
+
+#[tokio::test]
+async fn a_silent_dashboard_does_not_degrade_the_cluster() {
+    let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
+    let a = mdm.register_sds("sds-a", "fs-a", "default", 10).await;
+    let b = mdm.register_sds("sds-b", "fs-b", "default", 10).await;
+    let mgmt = mdm.register_mgmt("mgmt").await;
+    let beating = [(a.client.clone(), a.id()), (b.client.clone(), b.id())];
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            for (client, id) in &beating {
+                let request = HeartbeatRequest { node_id: *id, metrics: NodeMetrics::default() };
+                let _ = client.heartbeat(&request).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let admin = mdm.admin();
+    wait_for("the dashboard to go quiet", Duration::from_secs(10), || async {
+        let status = admin.health_status().await.unwrap();
+        let dashboard = status.components.iter().find(|c| c.node_id == mgmt.id()).unwrap();
+        dashboard.status != "ACTIVE"
+    })
+    .await;
+    assert_eq!(admin.health_status().await.unwrap().overall, "HEALTHY");
+    heartbeats.abort();
+}

@@ -90,9 +90,10 @@ pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, Md
     Ok(health)
 }
 
-/// HEALTHY when every component is ACTIVE and every chunk has two live
+/// HEALTHY when every SDS and SDC is ACTIVE and every chunk has two live
 /// copies; CRITICAL when some data has no live copy (or volumes exist and no
-/// SDS is alive); DEGRADED otherwise.
+/// SDS is alive); DEGRADED otherwise. MGMT nodes are listed with their own
+/// liveness but do not count: the dashboard is not on the data path.
 fn overall(
     conn: &Connection,
     ctx: &Ctx,
@@ -104,7 +105,9 @@ fn overall(
         components.iter().filter(|c| c.node_type == NodeType::Sds && c.status != "FAILED").count();
     let state = if data.unavailable_pgs > 0 || (volume_count > 0 && live_sds == 0) {
         "CRITICAL"
-    } else if data.degraded_chunks > 0 || components.iter().any(|c| c.status != "ACTIVE") {
+    } else if data.degraded_chunks > 0
+        || components.iter().any(|c| c.node_type != NodeType::Mgmt && c.status != "ACTIVE")
+    {
         "DEGRADED"
     } else {
         "HEALTHY"
