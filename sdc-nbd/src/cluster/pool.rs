@@ -1,4 +1,4 @@
-//! Data-plane clients, one pooled [`DataPlaneClient`] per SDS address.
+//! Data-plane clients, one pooled [`DataPlaneClient`] per SDS node.
 //!
 //! Every volume routed through this SDC shares the same clients, so the
 //! number of sockets is `connections × SDS nodes`, independent of the
@@ -19,7 +19,14 @@ pub struct SdsPool {
     connections: usize,
     request_timeout: Duration,
     connect_timeout: Duration,
-    clients: RwLock<HashMap<(String, u16), DataPlaneClient>>,
+    /// By SDS node id, with the address the client was made for.
+    clients: RwLock<HashMap<u64, PooledClient>>,
+}
+
+struct PooledClient {
+    host: String,
+    port: u16,
+    client: DataPlaneClient,
 }
 
 impl SdsPool {
@@ -34,9 +41,10 @@ impl SdsPool {
 
     /// The client for `node`'s data port (created on first use).
     pub async fn client(&self, node: &SdsEndpoint) -> Result<DataPlaneClient, BackendError> {
-        let key = (node.host.clone(), node.data_port);
-        if let Some(c) = self.clients.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(c.clone());
+        if let Some(c) = self.clients.read().unwrap_or_else(|p| p.into_inner()).get(&node.id) {
+            if c.port == node.data_port && c.host == node.host {
+                return Ok(c.client.clone());
+            }
         }
         let addr = resolve(&node.host, node.data_port).await?;
         let client = DataPlaneClient::with_timeouts(
@@ -46,7 +54,19 @@ impl SdsPool {
             self.connect_timeout,
         );
         let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
-        Ok(clients.entry(key).or_insert(client).clone())
+        match clients.get(&node.id) {
+            Some(c) if c.port == node.data_port && c.host == node.host => Ok(c.client.clone()),
+            _ => {
+                // New node, or the node moved: a fresh client for the new address.
+                let pooled = PooledClient {
+                    host: node.host.clone(),
+                    port: node.data_port,
+                    client: client.clone(),
+                };
+                clients.insert(node.id, pooled);
+                Ok(client)
+            }
+        }
     }
 
     /// Number of SDS addresses with a client.

@@ -12,7 +12,8 @@
 //! | `StaleEpoch`, `NotPrimary`, `UnknownVolume` | refetch the map, retry |
 //! | `NoToken` | present the token with `AUTH` to that SDS, retry |
 //! | `Expired`, `Revoked` | fetch a new token, retry (once) |
-//! | `NotAvailable`, `ReplicaFailed`, transport errors | back off, refetch the map, retry until the retry budget is spent |
+//! | `NotAvailable`, `ReplicaFailed`, lost connection | back off, refetch the map, retry until the retry budget is spent |
+//! | no reply in time | reads: as above; writes: fail (a late copy could overtake a newer write) |
 //! | anything else | fail the request with the matching NBD error |
 //!
 //! Every attempt takes a fresh sequence number from the token's counter
@@ -372,6 +373,14 @@ impl ClusterVolume {
                         other => return Err(status_error(other, node_id)),
                     }
                     reason = format!("SDS {node_id} answered {}", status.name());
+                }
+                Err(ClientError::Timeout(t)) if op.is_write() => {
+                    // The request may still be queued on the SDS: sending it
+                    // again could let this stale copy land after a later
+                    // write to the same bytes. Fail it instead.
+                    return Err(BackendError::Io(format!(
+                        "SDS {node_id} did not answer a {op:?} within {t:?}"
+                    )));
                 }
                 Err(
                     e @ (ClientError::Connect { .. }
