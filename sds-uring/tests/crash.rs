@@ -63,3 +63,49 @@ async fn acknowledged_writes_survive_kill_9_and_restart() {
     let data = pattern(4242, 4096);
     assert_eq!(s.write(chunk_on_victim, 0, &data).await, Status::Ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
+    let mut cluster = Cluster::start(2).await;
+    let (sdc, _) = cluster.register_sdc("sdc-degraded").await;
+    let volume_id = cluster.create_mapped_volume("degraded", 16 << 20, "sdc-degraded").await;
+    let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    s.auth_all().await;
+    let chunk = 0;
+    let data = pattern(1, 4096);
+    assert_eq!(s.write(chunk, 0, &data).await, Status::Ok);
+
+    let secondary_id = s.secondary_of(chunk);
+    let victim_name = cluster.sds_by_node_id(secondary_id).await.name.clone();
+    let victim = cluster.sds.iter().position(|n| n.name == victim_name).unwrap();
+    cluster.kill_sds(victim);
+    let started = std::time::Instant::now();
+    assert_eq!(s.write(chunk, 0, &pattern(2, 4096)).await, Status::ReplicaFailed);
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "failure took too long");
+    // Reads of the surviving primary still work.
+    let (status, _) = s.read(chunk, 0, 4096).await;
+    assert_eq!(status, Status::Ok);
+    let primary = cluster.sds_by_node_id(s.primary_of(chunk)).await;
+    let metrics = cluster.metrics(primary).await;
+    assert!(
+        dataplane_cluster::metric_sum(&metrics, "pflex_sds_replica_forward_failures_total") >= 1
+    );
+
+    // Once it is back, writes are acknowledged by both again.
+    cluster.start_sds(victim).await;
+    let healed = pattern(3, CHUNK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match s.write(chunk, 0, &healed).await {
+            Status::Ok => break,
+            Status::ReplicaFailed if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => panic!("write after the secondary came back: {}", other.name()),
+        }
+    }
+    for node_id in [s.primary_of(chunk), s.secondary_of(chunk)] {
+        let node = cluster.sds_by_node_id(node_id).await;
+        assert_eq!(cluster.checksum(node, volume_id, chunk).await.crc32, model_crc(&healed));
+    }
+}

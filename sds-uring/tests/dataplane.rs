@@ -3,7 +3,7 @@
 
 mod dataplane_cluster;
 
-use dataplane_cluster::{model_crc, pattern, sealed, send_raw, Cluster, VolumeSession};
+use dataplane_cluster::{metric_sum, model_crc, pattern, sealed, send_raw, Cluster, VolumeSession};
 use pflex_proto::frame::{flags, Op, Status};
 use pflex_proto::token::{AccessMode, ClusterSecret, IoToken, SessionKey};
 use pflex_proto::{unix_now, CHUNK_SIZE};
@@ -103,6 +103,25 @@ async fn acknowledged_writes_read_back_from_both_replicas() {
     let reply = s.call(s.secondary_of(0), wrong, &pattern(5, 4096)).await;
     assert_eq!(reply.status(), Status::NotPrimary);
     assert_replicas_match(&cluster, &s, 0, &models[0]).await;
+
+    // Off the IO path: heartbeats and batched IO acknowledgements reach the MDM.
+    let primary = cluster.sds_by_node_id(s.primary_of(0)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let sds = cluster.metrics(primary).await;
+        let mdm = cluster.admin.metrics_text().await.unwrap_or_default();
+        let sent = metric_sum(&sds, "pflex_sds_ack_batches_total");
+        let recorded = metric_sum(&mdm, "pflex_mdm_token_acks_total");
+        let heartbeats = metric_sum(&sds, "pflex_sds_heartbeats_total");
+        if sent >= 1 && recorded >= 1 && heartbeats >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acks sent {sent}, recorded {recorded}, heartbeats {heartbeats}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
