@@ -181,8 +181,17 @@ pub trait IoEngine: Send + Sync {
 /// Opens an engine of `kind` over `devices` (which must already exist with
 /// their final size).
 pub fn open_engine(kind: EngineKind, devices: &[DeviceFile]) -> io::Result<Box<dyn IoEngine>> {
+    open_engine_with(kind, devices, uring::UringConfig::default())
+}
+
+/// [`open_engine`] with tuning for the uring engine (ignored by the sync engine).
+pub fn open_engine_with(
+    kind: EngineKind,
+    devices: &[DeviceFile],
+    uring: uring::UringConfig,
+) -> io::Result<Box<dyn IoEngine>> {
     Ok(match kind {
-        EngineKind::Uring => Box::new(uring::UringEngine::open(devices, Default::default())?),
+        EngineKind::Uring => Box::new(uring::UringEngine::open(devices, uring)?),
         EngineKind::Sync => Box::new(sync::SyncEngine::open(devices, sync::DEFAULT_THREADS)?),
     })
 }

@@ -54,6 +54,31 @@ impl Default for UringConfig {
     }
 }
 
+/// Builds a ring for one device thread and registers its file. Prefers
+/// `SINGLE_ISSUER | DEFER_TASKRUN` (completion work runs only when the
+/// device thread asks for completions, not as interrupts of it) and falls
+/// back to a plain ring on kernels without them.
+fn build_ring(config: &UringConfig, raw_fd: RawFd) -> io::Result<IoUring> {
+    let tuned = IoUring::builder()
+        .setup_clamp()
+        .setup_cqsize(config.ring_entries * 2)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(config.ring_entries);
+    let ring = match tuned {
+        Ok(ring) => ring,
+        Err(error) => {
+            tracing::debug!(%error, "io_uring without DEFER_TASKRUN");
+            IoUring::builder()
+                .setup_clamp()
+                .setup_cqsize(config.ring_entries * 2)
+                .build(config.ring_entries)?
+        }
+    };
+    ring.submitter().register_files(&[raw_fd])?;
+    Ok(ring)
+}
+
 /// `user_data` of the eventfd read that wakes a sleeping device thread.
 const WAKE_TAG: u64 = u64::MAX;
 
@@ -131,30 +156,48 @@ impl UringEngine {
                     )
                 })?;
             let raw_fd = file.as_raw_fd();
-            let ring = IoUring::builder()
-                .setup_clamp()
-                .setup_cqsize(config.ring_entries * 2)
-                .build(config.ring_entries)?;
-            ring.submitter().register_files(&[raw_fd])?;
             let wakeup = Arc::new(Wakeup::new()?);
             let (queue, intake) = mpsc::channel();
-            let capacity = ring.params().sq_entries().saturating_sub(1) as usize;
-            let worker = DeviceThread {
-                ring,
-                wake_buf: Box::new([0; 8]),
-                _file: file,
-                intake,
-                wakeup: wakeup.clone(),
-                in_flight: InFlightTable::with_capacity(capacity),
-                backlog: VecDeque::new(),
-                reaped: Vec::with_capacity(capacity + 1),
-                wake_armed: false,
-                idle_poll: config.idle_poll,
-                in_flight_peak: in_flight_peak.clone(),
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("sds-uring-dev{index}"))
-                .spawn(move || worker.run())?;
+            let (ready, started) = mpsc::sync_channel(1);
+            let thread_wakeup = wakeup.clone();
+            let peak = in_flight_peak.clone();
+            let config = config.clone();
+            // The ring is built on its own thread: with SINGLE_ISSUER only the
+            // creating thread may submit to it.
+            let thread = std::thread::Builder::new().name(format!("sds-uring-dev{index}")).spawn(
+                move || {
+                    let ring = match build_ring(&config, raw_fd) {
+                        Ok(ring) => ring,
+                        Err(error) => {
+                            let _ = ready.send(Err(error));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    let capacity = ring.params().sq_entries().saturating_sub(1) as usize;
+                    let worker = DeviceThread {
+                        ring,
+                        wake_buf: Box::new([0; 8]),
+                        _file: file,
+                        intake,
+                        wakeup: thread_wakeup,
+                        in_flight: InFlightTable::with_capacity(capacity),
+                        backlog: VecDeque::new(),
+                        reaped: Vec::with_capacity(capacity + 1),
+                        wake_armed: false,
+                        idle_poll: config.idle_poll,
+                        in_flight_peak: peak,
+                    };
+                    worker.run();
+                },
+            )?;
+            let setup = started
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("device thread exited during setup")));
+            if let Err(error) = setup {
+                let _ = thread.join();
+                return Err(error);
+            }
             rings.push(DeviceRing { queue, wakeup, raw_fd, thread });
         }
         Ok(Self { devices: rings, in_flight_peak })
@@ -304,6 +347,15 @@ impl DeviceThread {
                     std::hint::spin_loop();
                     continue;
                 }
+            }
+            if self.in_flight.count == 0 && self.backlog.is_empty() && !closed {
+                // Idle: block on the channel itself; a send wakes us directly.
+                match self.intake.recv() {
+                    Ok(submission) => self.backlog.push_back(submission),
+                    Err(mpsc::RecvError) => closed = true,
+                }
+                idle_since = None;
+                continue;
             }
             self.wakeup.sleeping.store(true, Ordering::SeqCst);
             // A caller may have queued work after our last look but before it

@@ -43,8 +43,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use pflex_proto::api::{ChunkChecksum, DeviceInfo};
 use pflex_proto::CHUNK_SIZE;
 
+use crate::engine::uring::UringConfig;
 use crate::engine::{
-    open_engine, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoEngine, IoRequest, IO_ALIGN,
+    open_engine_with, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoEngine, IoRequest, IO_ALIGN,
 };
 use db::{ChunkRow, MapChange, MapWriter};
 
@@ -167,6 +168,11 @@ impl Payload<'_> {
 impl ChunkStore {
     /// Opens (creating and preallocating if needed) the devices and the chunk map.
     pub fn open(cfg: StoreConfig) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(cfg, UringConfig::default())
+    }
+
+    /// [`Self::open`] with tuning for the uring engine (ignored by the sync engine).
+    pub fn open_with(cfg: StoreConfig, uring: UringConfig) -> Result<Arc<Self>, StoreError> {
         if cfg.devices.is_empty() {
             return Err(StoreError::Config("at least one device is required".into()));
         }
@@ -228,7 +234,7 @@ impl ChunkStore {
 
         let files: Vec<DeviceFile> =
             devices.iter().map(|d| DeviceFile { path: d.path.clone() }).collect();
-        let engine = open_engine(cfg.engine, &files)?;
+        let engine = open_engine_with(cfg.engine, &files, uring)?;
         let map_writer = MapWriter::start(conn)?;
         tracing::info!(
             devices = devices.len(),
