@@ -7,64 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{pseudo_random, run_ok, rw, Cluster, MIB};
+use common::{cmd, pseudo_random, run_ok, rw, Cluster, NbdClient as Client, MIB};
 
 const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
-
-/// A minimal blocking NBD client: fixed newstyle, GO, simple replies.
-struct Client {
-    s: TcpStream,
-}
-
-impl Client {
-    fn open(port: u16, export: &str) -> Self {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut data = (export.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = IHAVEOPT.to_vec();
-        opt.extend_from_slice(&7u32.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt).unwrap();
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).unwrap();
-            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut body = vec![0u8; len as usize];
-            s.read_exact(&mut body).unwrap();
-            assert_eq!(kind & (1 << 31), 0, "GO failed");
-            if kind == 1 {
-                return Self { s };
-            }
-        }
-    }
-
-    fn request(&mut self, cmd: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
-        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&cmd.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
-        r.extend_from_slice(payload);
-        self.s.write_all(&r).unwrap();
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
-        assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0, "request failed");
-        assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), cookie);
-        let mut data = vec![0u8; if cmd == 0 { len as usize } else { 0 }];
-        self.s.read_exact(&mut data).unwrap();
-        data
-    }
-}
 
 fn send_and_close(port: u16, bytes: &[u8]) {
     if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
@@ -81,7 +26,7 @@ fn garbage_and_truncated_streams_close_only_their_own_connection() {
     let port = cluster.ports.nbd;
     let mut good = Client::open(port, "vol1");
     let block = pseudo_random(7, 8192);
-    good.request(1, 1, MIB - 4096, 8192, &block);
+    good.request(cmd::WRITE, MIB - 4096, 8192, &block).unwrap();
 
     let mut go = IHAVEOPT.to_vec();
     go.extend_from_slice(&7u32.to_be_bytes());
@@ -126,9 +71,9 @@ fn garbage_and_truncated_streams_close_only_their_own_connection() {
 
     assert!(cluster.sdc_alive(), "the SDC died\n{}", cluster.log_tails());
     // The connection opened before all this still serves IO.
-    let back = good.request(0, 2, MIB - 4096, 8192, &[]);
+    let back = good.request(cmd::READ, MIB - 4096, 8192, &[]).unwrap();
     assert!(back == block, "data read back on the surviving connection differs");
-    good.request(3, 3, 0, 0, &[]);
+    good.request(cmd::FLUSH, 0, 0, &[]).unwrap();
     // New clients are still served.
     let out = run_ok("nbdinfo", &["--size", &cluster.nbd_uri("vol1")], Duration::from_secs(60));
     assert_eq!(out.trim(), (64 * MIB).to_string());

@@ -109,6 +109,20 @@ pub fn rw(name: &'static str, size: u64) -> VolumeSpec {
     VolumeSpec { name, size, mode: AccessMode::ReadWrite }
 }
 
+/// Knobs of a test cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub device_size: &'static str,
+    pub token_ttl_secs: u64,
+    pub failed_after_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { device_size: "512M", token_ttl_secs: 60, failed_after_secs: 120 }
+    }
+}
+
 /// A running cluster.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -117,17 +131,17 @@ pub struct Cluster {
     procs: Vec<Proc>,
     rt: tokio::runtime::Runtime,
     http: reqwest::Client,
-    device_size: &'static str,
+    options: Options,
 }
 
 impl Cluster {
     /// Starts MDM, three SDS and the SDC, creates and maps `volumes`, and
     /// waits until the SDC serves them.
     pub fn start(volumes: &[VolumeSpec]) -> Self {
-        Self::start_with_devices(volumes, "512M")
+        Self::start_with(volumes, Options::default())
     }
 
-    pub fn start_with_devices(volumes: &[VolumeSpec], device_size: &'static str) -> Self {
+    pub fn start_with(volumes: &[VolumeSpec], options: Options) -> Self {
         build_peers();
         let dir = tempfile::Builder::new().prefix("pflex-test-").tempdir().unwrap();
         let key = dir.path().join("join_key");
@@ -139,7 +153,7 @@ impl Cluster {
             procs: Vec::new(),
             rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
-            device_size,
+            options,
         };
         cluster.spawn_all();
         let admin = cluster.admin();
@@ -205,9 +219,11 @@ impl Cluster {
             "--heartbeat-interval-secs".into(),
             "1".into(),
             "--stale-after-secs".into(),
-            "10".into(),
+            (self.options.failed_after_secs / 2).clamp(1, 10).to_string(),
             "--failed-after-secs".into(),
-            "120".into(),
+            self.options.failed_after_secs.to_string(),
+            "--token-ttl-secs".into(),
+            self.options.token_ttl_secs.to_string(),
         ];
         self.spawn("mdm", "mdm", mdm_args);
         self.wait_until("MDM ready", || self.mdm_ready());
@@ -236,7 +252,7 @@ impl Cluster {
                 "--device".into(),
                 d(&format!("sds{n}/dev0.img")),
                 "--device-size".into(),
-                self.device_size.into(),
+                self.options.device_size.into(),
                 "--heartbeat-interval-secs".into(),
                 "1".into(),
             ];
@@ -339,6 +355,14 @@ impl Cluster {
             .iter_mut()
             .filter(|p| p.name == "sdc")
             .all(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Kills one process (`mdm`, `sds1`..`sds3`, `sdc`) by PID, as a crash would.
+    pub fn kill(&mut self, name: &str) {
+        let i = self.procs.iter().position(|p| p.name == name).expect("no such process");
+        let mut p = self.procs.remove(i);
+        let _ = p.child.kill();
+        let _ = p.child.wait();
     }
 
     /// Stops every process (SIGTERM, then SIGKILL after 5 s), by PID.
@@ -478,4 +502,86 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// A minimal blocking NBD client: fixed newstyle, `NBD_OPT_GO`, simple
+/// replies, one request at a time.
+pub struct NbdClient {
+    pub s: std::net::TcpStream,
+    next_cookie: u64,
+}
+
+pub mod cmd {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const FLUSH: u16 = 3;
+}
+
+impl NbdClient {
+    pub fn open(port: u16, export: &str) -> Self {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        s.write_all(&opt).unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut body = vec![0u8; len as usize];
+            s.read_exact(&mut body).unwrap();
+            assert_eq!(kind & (1 << 31), 0, "GO for {export} failed");
+            if kind == 1 {
+                return Self { s, next_cookie: 1 };
+            }
+        }
+    }
+
+    /// Sends one request and waits for its reply: the READ data, or the
+    /// NBD error value.
+    pub fn request(
+        &mut self,
+        command: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, u32> {
+        use std::io::Write;
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&command.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(payload);
+        self.s.write_all(&r).unwrap();
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            0x6744_6698,
+            "simple reply magic"
+        );
+        assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), cookie);
+        let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        if error != 0 {
+            return Err(error);
+        }
+        let mut data = vec![0u8; if command == cmd::READ { len as usize } else { 0 }];
+        self.s.read_exact(&mut data).unwrap();
+        Ok(data)
+    }
 }

@@ -1,0 +1,170 @@
+//! The SDC's routing state follows the control plane without breaking IO:
+//! short-lived tokens are renewed, unmapping revokes, and a failed SDS's
+//! chunks are served again once the MDM moves them. Also checks the SDC's
+//! own state files and HTTP ports.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{cmd, pseudo_random, rw, Cluster, NbdClient, Options, MIB};
+use pflex_proto::api::VolumeUnmap;
+
+fn volumes_json(cluster: &Cluster) -> Vec<serde_json::Value> {
+    cluster.get_json(cluster.ports.sdc_control, "/volumes").expect("GET /volumes")
+}
+
+fn token_id(cluster: &Cluster, volume: &str) -> u64 {
+    volumes_json(cluster)
+        .iter()
+        .find(|v| v["name"] == volume)
+        .and_then(|v| v["token_id"].as_u64())
+        .expect("token id")
+}
+
+#[test]
+fn short_lived_tokens_are_renewed_while_io_goes_on() {
+    let options = Options { token_ttl_secs: 3, ..Options::default() };
+    let cluster = Cluster::start_with(&[rw("vol1", 64 * MIB)], options);
+    let first_token = token_id(&cluster, "vol1");
+    let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
+    let started = Instant::now();
+    let mut round = 0u64;
+    // Three token lifetimes of continuous IO, every request must succeed.
+    while started.elapsed() < Duration::from_secs(9) {
+        let offset = (round * 3 * MIB + 4095) % (60 * MIB);
+        let data = pseudo_random(round + 1, 10_000);
+        c.request(cmd::WRITE, offset, data.len() as u32, &data)
+            .unwrap_or_else(|e| panic!("write failed with {e} in round {round}"));
+        let back = c.request(cmd::READ, offset, data.len() as u32, &[]).unwrap();
+        assert!(back == data, "round {round}: read back differs");
+        round += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.request(cmd::FLUSH, 0, 0, &[]).unwrap();
+    assert_ne!(token_id(&cluster, "vol1"), first_token, "the token was never renewed");
+    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    let renewals: u64 = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("pflex_sdc_token_refreshes_total{"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum();
+    assert!(renewals >= 2, "expected at least two renewals, metrics say {renewals}");
+    assert!(cluster.check_replicas("vol1", 0..64) > 0);
+}
+
+#[test]
+fn unmapping_a_volume_revokes_it_and_removes_the_export() {
+    let cluster = Cluster::start(&[rw("vol1", 64 * MIB), rw("vol2", 64 * MIB)]);
+    let mut c1 = NbdClient::open(cluster.ports.nbd, "vol1");
+    let mut c2 = NbdClient::open(cluster.ports.nbd, "vol2");
+    c2.request(cmd::WRITE, 0, 4096, &[7u8; 4096]).unwrap();
+    let admin = cluster.admin();
+    cluster
+        .block_on(admin.volume_unmap(&VolumeUnmap { volume: "vol2".into(), sdc: "sdc1".into() }))
+        .expect("unmap");
+    // Within a few heartbeats the export is gone and its IO is refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let gone = !volumes_json(&cluster).iter().any(|v| v["name"] == "vol2");
+        if gone {
+            break;
+        }
+        assert!(Instant::now() < deadline, "vol2 still listed after unmap");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = c2.request(cmd::READ, 0, 4096, &[]).expect_err("IO on an unmapped volume");
+    assert_eq!(err, 5, "expected EIO");
+    let list = common::run_ok(
+        "nbdinfo",
+        &["--list", "--json", &format!("nbd://127.0.0.1:{}", cluster.ports.nbd)],
+        Duration::from_secs(60),
+    );
+    assert!(list.contains("vol1") && !list.contains("vol2"), "{list}");
+    // The other volume is untouched.
+    c1.request(cmd::WRITE, 0, 4096, &[1u8; 4096]).unwrap();
+    assert_eq!(c1.request(cmd::READ, 0, 4096, &[]).unwrap(), vec![1u8; 4096]);
+}
+
+#[test]
+fn io_resumes_after_an_sds_fails_and_the_mdm_moves_its_chunks() {
+    let options = Options { failed_after_secs: 3, ..Options::default() };
+    let mut cluster = Cluster::start_with(&[rw("vol1", 32 * MIB)], options);
+    let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
+    let before = pseudo_random(1, 16 * MIB as usize);
+    for (i, block) in before.chunks(MIB as usize).enumerate() {
+        c.request(cmd::WRITE, i as u64 * MIB, MIB as u32, block).unwrap();
+    }
+    let epoch_before = volumes_json(&cluster)[0]["epoch"].as_u64().unwrap();
+    cluster.kill("sds1");
+    // Every chunk is read and rewritten: pieces whose primary was sds1 wait
+    // (retrying) until the MDM promotes the surviving copy.
+    for (i, block) in before.chunks(MIB as usize).enumerate() {
+        let back = c.request(cmd::READ, i as u64 * MIB, MIB as u32, &[]).unwrap_or_else(|e| {
+            panic!("read of chunk {i} failed with {e}\n{}", cluster.log_tails())
+        });
+        assert!(back == block, "chunk {i} differs after the SDS failure");
+    }
+    let after = pseudo_random(2, 16 * MIB as usize);
+    for (i, block) in after.chunks(MIB as usize).enumerate() {
+        c.request(cmd::WRITE, i as u64 * MIB, MIB as u32, block).unwrap_or_else(|e| {
+            panic!("write of chunk {i} failed with {e}\n{}", cluster.log_tails())
+        });
+    }
+    c.request(cmd::FLUSH, 0, 0, &[]).unwrap();
+    for (i, block) in after.chunks(MIB as usize).enumerate() {
+        let back = c.request(cmd::READ, i as u64 * MIB, MIB as u32, &[]).unwrap();
+        assert!(back == block, "chunk {i} differs after rewriting");
+    }
+    let epoch_after = volumes_json(&cluster)[0]["epoch"].as_u64().unwrap();
+    assert!(epoch_after > epoch_before, "the SDC did not pick up the new placement");
+    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    let retries: u64 = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("pflex_sdc_dataplane_retries_total{"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum();
+    assert!(retries > 0, "no request was ever retried, so the failure was not exercised");
+}
+
+#[test]
+fn state_files_and_http_ports_describe_the_sdc() {
+    let cluster = Cluster::start(&[rw("vol1", 64 * MIB)]);
+    let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
+    c.request(cmd::WRITE, 0, 4096, &[3u8; 4096]).unwrap();
+    let health: pflex_proto::api::ComponentStatus =
+        cluster.get_json(cluster.ports.sdc_mgmt, "/health").unwrap();
+    assert_eq!(health.component, "sdc");
+    assert!(health.registered && health.node_id.is_some());
+    let v = &volumes_json(&cluster)[0];
+    assert_eq!(v["nbd_uri"], cluster.nbd_uri("vol1"));
+    assert_eq!(v["placement_groups"].as_u64().unwrap() > 0, true);
+    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    assert!(metrics.contains("pflex_sdc_nbd_requests_total{op=\"write\"} 1"), "{metrics}");
+    // The periodic writer fills both SQLite files within a few seconds.
+    let local = cluster.path("sdc1/sdc_local.db");
+    let chunks = cluster.path("sdc1/sdc_chunks.db");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tokens = rusqlite::Connection::open(&local)
+            .and_then(|db| {
+                db.query_row("SELECT COUNT(*) FROM active_tokens", [], |r| r.get::<_, i64>(0))
+            })
+            .unwrap_or(0);
+        let writes = rusqlite::Connection::open(&chunks)
+            .and_then(|db| {
+                db.query_row("SELECT ops FROM io_stats WHERE op = 'write'", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .unwrap_or(0);
+        if tokens == 1 && writes == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "state files not written (tokens {tokens}, writes {writes})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
