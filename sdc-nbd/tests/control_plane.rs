@@ -138,7 +138,7 @@ fn state_files_and_http_ports_describe_the_sdc() {
     assert!(health.registered && health.node_id.is_some());
     let v = &volumes_json(&cluster)[0];
     assert_eq!(v["nbd_uri"], cluster.nbd_uri("vol1"));
-    assert_eq!(v["placement_groups"].as_u64().unwrap() > 0, true);
+    assert!(v["placement_groups"].as_u64().unwrap() > 0);
     let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
     assert!(metrics.contains("pflex_sdc_nbd_requests_total{op=\"write\"} 1"), "{metrics}");
     // The periodic writer fills both SQLite files within a few seconds.
