@@ -117,6 +117,26 @@ fn qemu_io_patterns_unaligned_and_across_chunks_read_back_exactly() {
 
     let allocated = cluster.check_replicas("vol1", 0..64);
     assert!(allocated >= 5, "only {allocated} chunks hold data");
+
+    // Block status: written chunks are data, never-written (and discarded) ones holes.
+    let out = run_ok("nbdinfo", &["--map", "--json", &uri], TOOL_TIMEOUT);
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let state_at = |offset: u64| -> String {
+        extents
+            .iter()
+            .find(|e| {
+                let o = e["offset"].as_u64().unwrap();
+                o <= offset && offset < o + e["length"].as_u64().unwrap()
+            })
+            .map(|e| e["description"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no extent covers {offset}: {out}"))
+    };
+    assert_eq!(state_at(0), "data", "{out}");
+    assert_eq!(state_at(3 * MIB + 100), "data", "{out}");
+    assert_eq!(state_at(20 * MIB + 5), "hole,zero", "{out}");
+    assert_eq!(state_at(40 * MIB), "hole,zero", "{out}");
+    let total: u64 = extents.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 64 * MIB);
 }
 
 #[test]
