@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use pflex_proto::frame::{crc32, FrameHeader, Op, Status, MAX_PAYLOAD};
 use pflex_proto::token::SessionKey;
 use tokio::io::BufReader;
@@ -144,13 +145,24 @@ impl DataPlaneClient {
     }
 
     /// Sends one request (taking ownership of the payload) and waits for its
-    /// reply. Sets `request_id`, `payload_crc`, `length` (WRITE, AUTH) and
-    /// the MAC under `key`; the caller sets the other fields.
+    /// reply. See [`DataPlaneClient::call_shared`].
     pub async fn call_owned(
+        &self,
+        header: FrameHeader,
+        key: &SessionKey,
+        payload: Vec<u8>,
+    ) -> Result<Reply, ClientError> {
+        self.call_shared(header, key, Bytes::from(payload)).await
+    }
+
+    /// Sends one request with a shared payload and waits for its reply.
+    /// Sets `request_id`, `payload_crc`, `length` (WRITE, AUTH) and the MAC
+    /// under `key`; the caller sets the other fields.
+    pub async fn call_shared(
         &self,
         mut header: FrameHeader,
         key: &SessionKey,
-        payload: Vec<u8>,
+        payload: Bytes,
     ) -> Result<Reply, ClientError> {
         let op = Op::from_u8(header.op);
         if matches!(op, Some(Op::Write) | Some(Op::Auth)) {

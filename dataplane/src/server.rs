@@ -125,7 +125,7 @@ impl ReplyWriter {
     /// Queues a frame exactly as given.
     pub async fn send(&self, header: &FrameHeader, payload: Vec<u8>) -> Result<(), WriterClosed> {
         self.frames
-            .send(OutFrame { header: header.encode(), payload })
+            .send(OutFrame { header: header.encode(), payload: payload.into() })
             .await
             .map_err(|_| WriterClosed)
     }

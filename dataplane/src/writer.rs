@@ -5,6 +5,7 @@
 //! dropped (cancellation cannot leave half a frame on the wire). Frames
 //! queued while one is being written are coalesced into one flush.
 
+use bytes::Bytes;
 use pflex_proto::frame::HEADER_LEN;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
@@ -13,10 +14,11 @@ use tokio::sync::mpsc;
 pub(crate) const QUEUE_DEPTH: usize = 512;
 const WRITE_BUFFER: usize = 256 * 1024;
 
-/// One encoded header and its payload.
+/// One encoded header and its payload (shared, so a payload sent to a
+/// peer and written locally at the same time is not copied).
 pub(crate) struct OutFrame {
     pub header: [u8; HEADER_LEN],
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
 }
 
 /// Writes queued frames until every sender is gone or the socket fails.

@@ -20,8 +20,8 @@
 //! receiver checks the MAC, the epoch, that it is the chunk's secondary and
 //! the sender its primary, the CRC and the sender's replay window.
 //!
-//! On the primary, a write-type request takes the chunk's ordering lock,
-//! then writes locally and forwards to the secondary concurrently, and
+//! On the primary, a write-type request takes the ordering lock of its
+//! range of the chunk, then writes locally and forwards to the secondary concurrently, and
 //! replies when both finished: `Ok` only if both succeeded, the local
 //! error if the local write failed, `ReplicaFailed` if only the secondary
 //! did (and `StaleEpoch` if the secondary knows a newer map).
@@ -30,6 +30,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use pflex_dataplane::{read_request, ReplyWriter};
 use pflex_proto::frame::{crc32, flags, FrameHeader, Op, Status, HEADER_LEN};
 use pflex_proto::placement::{PlacementGroup, PlacementMap};
@@ -301,7 +302,10 @@ async fn replicate_write(
         tracing::warn!(error = %e, "cannot reach the secondary");
         Status::ReplicaFailed
     })?;
-    let _in_order = node.chunk_locks.lock(header.volume_id, header.chunk_index).await;
+    let _in_order = node
+        .chunk_locks
+        .lock(header.volume_id, header.chunk_index, header.offset, header.length)
+        .await;
     // The sequence number is taken in order, after the wait for the chunk,
     // so a write queued behind others cannot fall out of the peer's window.
     let forward = FrameHeader {
@@ -316,10 +320,10 @@ async fn replicate_write(
         seq: peer.seq.next(),
         ..FrameHeader::default()
     };
-    let remote_payload = if op == Op::Write { payload.clone() } else { Vec::new() };
+    let payload = Bytes::from(payload);
     let (local, remote) = tokio::join!(
         apply_local(node, op, header, &payload),
-        peer.client.call_owned(forward, &identity.peer_key, remote_payload)
+        peer.client.call_shared(forward, &identity.peer_key, payload.clone())
     );
     node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
     let remote_status = match remote {

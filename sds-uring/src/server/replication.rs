@@ -1,19 +1,22 @@
 //! What the primary needs to keep two copies identical: data-plane clients
 //! to peer SDS nodes and one ordering lock per chunk.
 //!
-//! The primary holds a chunk's [`ChunkOrderLock`] across its local write
-//! and the forward to the secondary, so writes to one chunk are applied in
-//! the same order on both copies even with many concurrent writers.
-//! Different chunks proceed in parallel. Locks exist only while held or
-//! awaited: the table holds an entry per busy chunk, not per chunk stored.
+//! The primary holds a [`ChunkOrderLock`] on the written range across its
+//! local write and the forward to the secondary, so overlapping writes to a
+//! chunk are applied in the same order on both copies even with many
+//! concurrent writers; writes to disjoint ranges, and to other chunks,
+//! proceed in parallel. Locks exist only while held or awaited: the table
+//! holds an entry per busy chunk, not per chunk stored.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pflex_dataplane::DataPlaneClient;
 use pflex_proto::placement::SdsEndpoint;
+use tokio::sync::watch;
 
 use super::auth::ReplicationSeq;
 
@@ -81,30 +84,72 @@ impl PeerClients {
 
 type ChunkKey = (u64, u64);
 
-/// Per-chunk ordering locks (see the module doc).
+/// Writes are ordered in units of this many bytes: two writes touching the
+/// same 4 KiB block are ordered, since the store rewrites whole blocks.
+const ORDER_GRANULE: u64 = 4096;
+
+/// Per-chunk ordering of writes (see the module doc). Writes whose 4 KiB
+/// ranges overlap are applied one after the other, in the order they
+/// arrived; writes to disjoint ranges of the same chunk proceed in
+/// parallel, since the order between them cannot change either copy.
 #[derive(Default)]
 pub struct ChunkOrderLocks {
-    busy: Mutex<HashMap<ChunkKey, Arc<tokio::sync::Mutex<()>>>>,
+    busy: Mutex<HashMap<ChunkKey, Vec<RangeHolder>>>,
+    next_id: AtomicU64,
 }
 
-/// Held while a chunk's write is applied to both copies.
+/// A write that holds or awaits its range.
+struct RangeHolder {
+    id: u64,
+    start: u64,
+    end: u64,
+    /// Closes when the holder is done (its sender is dropped).
+    done: watch::Receiver<()>,
+}
+
+/// Held while a write is applied to both copies; dropping it lets the next
+/// overlapping write go.
 pub struct ChunkOrderLock<'a> {
     locks: &'a ChunkOrderLocks,
     key: ChunkKey,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    id: u64,
+    _done: watch::Sender<()>,
 }
 
 impl ChunkOrderLocks {
-    /// Waits for the chunk's turn (FIFO among waiters).
-    pub async fn lock(&self, volume_id: u64, chunk_index: u64) -> ChunkOrderLock<'_> {
+    /// Waits until every earlier write overlapping `offset .. offset + len`
+    /// of the chunk has finished. Cancel-safe: a dropped wait leaves the queue.
+    pub async fn lock(
+        &self,
+        volume_id: u64,
+        chunk_index: u64,
+        offset: u32,
+        len: u32,
+    ) -> ChunkOrderLock<'_> {
         let key = (volume_id, chunk_index);
-        let mutex =
-            self.busy.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
-        let guard = mutex.lock_owned().await;
-        ChunkOrderLock { locks: self, key, guard: Some(guard) }
+        let start = u64::from(offset) / ORDER_GRANULE * ORDER_GRANULE;
+        let end =
+            (u64::from(offset) + u64::from(len).max(1)).div_ceil(ORDER_GRANULE) * ORDER_GRANULE;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done_tx, done_rx) = watch::channel(());
+        let earlier: Vec<watch::Receiver<()>> = {
+            let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+            let holders = busy.entry(key).or_default();
+            let overlapping =
+                holders.iter().filter(|h| h.start < end && start < h.end).map(|h| h.done.clone());
+            let earlier = overlapping.collect();
+            holders.push(RangeHolder { id, start, end, done: done_rx });
+            earlier
+        };
+        let guard = ChunkOrderLock { locks: self, key, id, _done: done_tx };
+        for mut previous in earlier {
+            // Nothing is ever sent: this resolves when the holder drops its sender.
+            while previous.changed().await.is_ok() {}
+        }
+        guard
     }
 
-    /// Chunks with a held or awaited lock.
+    /// Chunks with a write holding or awaiting a range.
     pub fn busy(&self) -> usize {
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -112,12 +157,14 @@ impl ChunkOrderLocks {
 
 impl Drop for ChunkOrderLock<'_> {
     fn drop(&mut self) {
-        drop(self.guard.take());
         let mut busy = self.locks.busy.lock().unwrap_or_else(|p| p.into_inner());
-        // Only the table's own reference left: nobody holds or awaits it.
-        if busy.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
-            busy.remove(&self.key);
+        if let Some(holders) = busy.get_mut(&self.key) {
+            holders.retain(|h| h.id != self.id);
+            if holders.is_empty() {
+                busy.remove(&self.key);
+            }
         }
+        // `_done` drops after this, waking the writes queued behind this one.
     }
 }
 
@@ -126,25 +173,52 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn chunk_locks_serialize_one_chunk_and_are_released() {
+    async fn overlapping_writes_are_ordered_disjoint_ones_are_not() {
         let locks = Arc::new(ChunkOrderLocks::default());
         let order = Arc::new(Mutex::new(Vec::new()));
-        let first = locks.lock(1, 1).await;
-        let other_chunk = locks.lock(1, 2).await;
-        drop(other_chunk);
+        let first = locks.lock(1, 1, 0, 8192).await;
+        // Disjoint range of the same chunk, and another chunk: no wait.
+        let disjoint = locks.lock(1, 1, 8192, 4096).await;
+        let other_chunk = locks.lock(1, 2, 0, 8192).await;
+        drop((disjoint, other_chunk));
+        // Shares the 4 KiB block at 4096 with `first` (bytes 5000..5001).
         let waiter = {
             let (locks, order) = (locks.clone(), order.clone());
             tokio::spawn(async move {
-                let _turn = locks.lock(1, 1).await;
+                let _turn = locks.lock(1, 1, 5000, 1).await;
                 order.lock().unwrap().push("second");
             })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A later write overlapping the waiter queues behind it, not around it.
+        let third = {
+            let (locks, order) = (locks.clone(), order.clone());
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let _turn = locks.lock(1, 1, 4096, 100).await;
+                order.lock().unwrap().push("third");
+            })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         order.lock().unwrap().push("first");
         drop(first);
         waiter.await.unwrap();
-        assert_eq!(*order.lock().unwrap(), vec!["first", "second"]);
+        third.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["first", "second", "third"]);
         assert_eq!(locks.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_the_queue() {
+        let locks = ChunkOrderLocks::default();
+        let held = locks.lock(3, 0, 0, 4096).await;
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(10), locks.lock(3, 0, 0, 4096)).await;
+        assert!(gave_up.is_err(), "the overlapping write had to wait");
+        drop(held);
+        let _next = locks.lock(3, 0, 0, 4096).await;
+        assert_eq!(locks.busy(), 1);
     }
 
     #[test]
