@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pflex_tools::bench::{self, BenchArgs};
 use pflex_tools::cli::{self, AdminCommand, ConnectionArgs};
+use pflex_tools::up::{self, UpArgs};
 
 /// Operate a pflex cluster: inspect health, manage volumes and mappings.
 #[derive(Debug, Parser)]
@@ -22,6 +24,16 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Admin(AdminCommand),
+    /// Start a whole local cluster (MDM, SDS x3, SDC, dashboard) serving volume vol1 over NBD.
+    Up(UpArgs),
+    /// Stop a cluster started with `pflex up --detach`.
+    Down,
+    /// Run the fio jobs against pflex, qemu-nbd and the local disk, and print the ratios.
+    Bench(BenchArgs),
+}
+
+fn data_dir(flag: Option<std::path::PathBuf>, conn: &ConnectionArgs) -> std::path::PathBuf {
+    flag.or_else(|| conn.data_dir.clone()).unwrap_or_else(|| "./pflex-data".into())
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -30,6 +42,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let out = cli::run(command, &cli.connection).await?;
             print!("{out}");
         }
+        Command::Up(mut args) => {
+            args.data_dir = data_dir(args.data_dir_flag.take(), &cli.connection);
+            up::run(args).await?;
+        }
+        Command::Down => up::down(&data_dir(None, &cli.connection)).await?,
+        Command::Bench(args) => bench::run(args).await?,
     }
     Ok(())
 }

@@ -1,0 +1,294 @@
+//! `pflex bench`: the fio job files of `fio-jobs/nbd/` against three targets
+//! in one run, so the ratios are measured under the same machine load:
+//!
+//! 1. the pflex volume, through fio's NBD engine (a cluster started for the
+//!    run with `pflex up`'s code, or one already running given by `--uri`);
+//! 2. the peer: `qemu-nbd --cache=none --aio=io_uring` serving a local file,
+//!    through the same NBD engine (one copy, no replication);
+//! 3. the floor: fio's io_uring engine with O_DIRECT on a local file.
+//!
+//! Prints IOPS, MB/s and p50/p99 completion latency per job and target, and
+//! pflex's ratios to qemu-nbd; `--json FILE` writes every number.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::nbd_probe;
+use crate::up::{self, UpArgs};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// NBD URI of an already running pflex volume; without it a fresh local cluster is
+    /// started for the run (in --data-dir) and stopped afterwards.
+    #[arg(long)]
+    pub uri: Option<String>,
+    /// Data dir of the cluster started for the run.
+    #[arg(long, default_value = "/var/tmp/pflex-bench")]
+    pub data_dir: PathBuf,
+    /// Directory of fio job files (workload only; the target comes from the command line).
+    #[arg(long, default_value = "fio-jobs/nbd")]
+    pub jobs_dir: PathBuf,
+    /// Only run job files whose name contains this.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Targets to run, comma separated, from: pflex, qemu-nbd, floor.
+    #[arg(long, default_value = "pflex,qemu-nbd,floor", value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Scratch directory for the qemu-nbd and floor files (must support O_DIRECT).
+    #[arg(long, default_value = "/var/tmp")]
+    pub scratch_dir: PathBuf,
+    /// Port for qemu-nbd.
+    #[arg(long, default_value_t = 10810)]
+    pub peer_port: u16,
+    /// Write every number as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// SDS IO engine of the cluster started for the run.
+    #[arg(long, default_value = "uring")]
+    pub io_engine: String,
+}
+
+/// One direction (read or write) of one fio job.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Figures {
+    pub iops: f64,
+    pub mb_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobResult {
+    pub job: String,
+    pub target: String,
+    pub read: Option<Figures>,
+    pub write: Option<Figures>,
+    pub error: Option<String>,
+}
+
+fn check_tools() -> Result<()> {
+    for tool in ["fio", "qemu-nbd"] {
+        let ok = std::process::Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            bail!("{tool} is not installed (Debian: apt-get install fio qemu-utils)");
+        }
+    }
+    Ok(())
+}
+
+fn parse_dir(v: &serde_json::Value) -> Option<Figures> {
+    let ios = v.get("total_ios")?.as_u64()?;
+    if ios == 0 {
+        return None;
+    }
+    let pct = |p: &str| {
+        v.pointer(&format!("/clat_ns/percentile/{p}"))
+            .and_then(|x| x.as_f64())
+            .map(|ns| ns / 1000.0)
+            .unwrap_or(0.0)
+    };
+    Some(Figures {
+        iops: v.get("iops")?.as_f64()?,
+        mb_per_s: v.get("bw_bytes")?.as_f64()? / 1e6,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    })
+}
+
+async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>, Option<Figures>)> {
+    let out = tokio::process::Command::new("fio")
+        .args(target_args)
+        .arg("--output-format=json")
+        .arg(job)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running fio")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // fio may print warnings before the JSON document.
+    let start = text.find('{').unwrap_or(0);
+    let doc: serde_json::Value = serde_json::from_str(&text[start..]).with_context(|| {
+        format!("fio failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
+    })?;
+    let j = doc.pointer("/jobs/0").context("fio JSON has no job")?;
+    if let Some(err) = j.get("error").and_then(|e| e.as_i64()).filter(|e| *e != 0) {
+        bail!("fio job error {err}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    if !out.status.success() {
+        bail!("fio exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok((j.get("read").and_then(parse_dir), j.get("write").and_then(parse_dir)))
+}
+
+/// A qemu-nbd serving a local file (also killed if dropped).
+struct Peer {
+    child: tokio::process::Child,
+}
+
+impl Peer {
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn start_peer(args: &BenchArgs) -> Result<Peer> {
+    let file = args.scratch_dir.join("pflex-bench-peer.img");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&file)?;
+    f.set_len(1 << 30)?;
+    let child = tokio::process::Command::new("qemu-nbd")
+        .args(["-f", "raw", "-x", "peer", "-b", "127.0.0.1", "--persistent", "-e", "8", "-t"])
+        .args(["--cache=none", "--aio=io_uring", "-p"])
+        .arg(args.peer_port.to_string())
+        .arg(&file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting qemu-nbd")?;
+    let start = Instant::now();
+    while !nbd_probe::export_listed(("127.0.0.1", args.peer_port), "peer").await.unwrap_or(false) {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("qemu-nbd did not start serving on port {}", args.peer_port);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Peer { child })
+}
+
+fn fmt_fig(f: &Option<Figures>) -> String {
+    match f {
+        Some(f) => format!(
+            "{:>8.0} IOPS {:>7.1} MB/s p50 {:>7.0} µs p99 {:>7.0} µs",
+            f.iops, f.mb_per_s, f.p50_us, f.p99_us
+        ),
+        None => String::new(),
+    }
+}
+
+/// `pflex bench`.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    check_tools()?;
+    let mut jobs: Vec<PathBuf> = std::fs::read_dir(&args.jobs_dir)
+        .with_context(|| format!("reading job files in {}", args.jobs_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "fio"))
+        .filter(|p| {
+            args.filter
+                .as_deref()
+                .is_none_or(|f| p.file_name().is_some_and(|n| n.to_string_lossy().contains(f)))
+        })
+        .collect();
+    jobs.sort();
+    if jobs.is_empty() {
+        bail!("no .fio job files in {}", args.jobs_dir.display());
+    }
+
+    let mut cluster = None;
+    let mut peer = None;
+    let mut targets: Vec<(String, Vec<String>)> = Vec::new();
+    for t in &args.targets {
+        match t.as_str() {
+            "pflex" => {
+                let uri = match &args.uri {
+                    Some(u) => u.clone(),
+                    None => {
+                        let up_args = UpArgs::for_bench(&args.data_dir, &args.io_engine);
+                        let c = up::start(&up_args).await?;
+                        cluster = Some(c);
+                        format!("nbd://127.0.0.1:{}/{}", up_args.nbd_port, up_args.volume)
+                    }
+                };
+                targets.push(("pflex".into(), vec!["--ioengine=nbd".into(), format!("--uri={uri}")]));
+            }
+            "qemu-nbd" => {
+                peer = Some(start_peer(&args).await?);
+                targets.push((
+                    "qemu-nbd".into(),
+                    vec![
+                        "--ioengine=nbd".into(),
+                        format!("--uri=nbd://127.0.0.1:{}/peer", args.peer_port),
+                    ],
+                ));
+            }
+            "floor" => {
+                let file = args.scratch_dir.join("pflex-bench-floor.img");
+                targets.push((
+                    "floor".into(),
+                    vec![
+                        "--ioengine=io_uring".into(),
+                        "--direct=1".into(),
+                        format!("--filename={}", file.display()),
+                    ],
+                ));
+            }
+            other => bail!("unknown target {other:?} (pflex, qemu-nbd, floor)"),
+        }
+    }
+
+    let mut results = Vec::new();
+    for job in &jobs {
+        let name = job.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        for (target, targs) in &targets {
+            eprintln!("bench: {name} on {target}");
+            let r = run_fio(job, targs).await;
+            let (read, write, error) = match r {
+                Ok((r, w)) => (r, w, None),
+                Err(e) => (None, None, Some(format!("{e:#}"))),
+            };
+            let jr = JobResult { job: name.clone(), target: target.clone(), read, write, error };
+            println!(
+                "{:<34} {:<9} {}{}{}",
+                jr.job,
+                jr.target,
+                jr.read.as_ref().map(|_| "R ").unwrap_or(""),
+                fmt_fig(&jr.read),
+                jr.error.as_deref().map(|e| format!("ERROR {e}")).unwrap_or_default()
+            );
+            if jr.write.is_some() {
+                println!("{:<34} {:<9} W {}", "", "", fmt_fig(&jr.write));
+            }
+            results.push(jr);
+        }
+    }
+    if let Some(p) = peer {
+        p.stop().await;
+    }
+    if let Some(mut c) = cluster {
+        c.stop().await;
+    }
+
+    println!("\npflex / qemu-nbd (IOPS ratio, p50 latency ratio):");
+    let find = |job: &str, target: &str| results.iter().find(|r| r.job == job && r.target == target);
+    let mut ratios = Vec::new();
+    for job in &jobs {
+        let name = job.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let (Some(p), Some(q)) = (find(&name, "pflex"), find(&name, "qemu-nbd")) else { continue };
+        for (dir, pf, qf) in [("read", &p.read, &q.read), ("write", &p.write, &q.write)] {
+            if let (Some(pf), Some(qf)) = (pf, qf) {
+                let iops = pf.iops / qf.iops.max(1e-9);
+                let p50 = pf.p50_us / qf.p50_us.max(1e-9);
+                println!("  {name:<34} {dir:<5} IOPS ×{iops:.2}  p50 ×{p50:.2}");
+                ratios.push(serde_json::json!({"job": name, "dir": dir, "iops_ratio": iops, "p50_ratio": p50}));
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({ "results": results, "ratios_to_qemu_nbd": ratios });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: numbers written to {}", path.display());
+    }
+    if let Some(bad) = results.iter().find(|r| r.error.is_some()) {
+        bail!("job {} on {} failed", bad.job, bad.target);
+    }
+    Ok(())
+}

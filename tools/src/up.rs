@@ -1,0 +1,564 @@
+//! `pflex up`: a whole local cluster in one command.
+//!
+//! Starts the MDM, N SDS nodes (each in its own fault set, devices under the
+//! data dir), one SDC and the MGMT dashboard as separate processes on
+//! loopback, creates and maps the thin volume `vol1`, waits until the volume
+//! answers an NBD handshake, prints how to use it, and stays in the
+//! foreground. Ctrl-C (or SIGTERM) stops every child, newest first; if any
+//! child dies on its own the whole cluster is stopped and the exit code says
+//! so. Running it again with the same data dir reuses everything: the join
+//! key, the MDM database, the SDS devices and the volume.
+//!
+//! Children get `PR_SET_PDEATHSIG`, so even a `kill -9` of `pflex up` leaves
+//! no orphaned component behind.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pflex_mdm_client::MdmClient;
+use pflex_proto::api::{VolumeCreate, VolumeMap};
+use pflex_proto::token::AccessMode;
+use tokio::process::{Child, Command};
+
+use crate::nbd_probe;
+
+/// Options of `pflex up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Where every component keeps its state (created if missing, reused if present)
+    /// [default: ./pflex-data].
+    #[arg(long = "data-dir", value_name = "DIR")]
+    pub data_dir_flag: Option<PathBuf>,
+    /// The data dir in use, resolved from `--data-dir` here or before the subcommand.
+    #[arg(skip)]
+    pub data_dir: PathBuf,
+    /// Name of the volume to create (if missing) and map to the SDC.
+    #[arg(long, default_value = "vol1")]
+    pub volume: String,
+    /// Size of that volume when it is created (thin: nothing is reserved).
+    #[arg(long, default_value = "4G", value_parser = crate::size::parse_size)]
+    pub volume_size: u64,
+    /// Number of SDS nodes, each in its own fault set.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=32))]
+    pub sds_count: u16,
+    /// Size of each SDS device file.
+    #[arg(long, default_value = "4G", value_parser = crate::size::parse_size)]
+    pub device_size: u64,
+    /// SDS IO engine: `uring` (io_uring + O_DIRECT) or `sync` (pread/pwrite).
+    #[arg(long, default_value = "uring")]
+    pub io_engine: String,
+    /// MDM HTTP port.
+    #[arg(long, default_value_t = 8001)]
+    pub mdm_port: u16,
+    /// NBD port of the SDC.
+    #[arg(long, default_value_t = 10809)]
+    pub nbd_port: u16,
+    /// SDC control port (its mgmt port is this + 1).
+    #[arg(long, default_value_t = 8003)]
+    pub sdc_control_port: u16,
+    /// Base of SDS ports: SDS n uses base+n (control), base+100+n (mgmt), base+600+n (data).
+    #[arg(long, default_value_t = 9100)]
+    pub sds_base_port: u16,
+    /// MGMT dashboard port (0 = do not start the dashboard).
+    #[arg(long, default_value_t = 5000)]
+    pub mgmt_port: u16,
+    /// Heartbeat interval of every component, seconds.
+    #[arg(long, default_value_t = 2)]
+    pub heartbeat_interval_secs: u64,
+    /// Directory holding the `mdm`, `sds`, `sdc` and `mgmt` binaries (default: next to `pflex`).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Start, print, and exit at once leaving the cluster running (for scripts); stop it
+    /// with `pflex down --data-dir DIR`.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// One running component.
+struct Component {
+    name: String,
+    child: Child,
+}
+
+/// The running cluster; stops every component when dropped.
+pub struct LocalCluster {
+    components: Vec<Component>,
+}
+
+impl LocalCluster {
+    async fn spawn(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        logs: &Path,
+        detach: bool,
+    ) -> Result<()> {
+        let log_path = logs.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        if detach {
+            cmd.process_group(0);
+        } else {
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = Command::from(cmd)
+            .kill_on_drop(!detach)
+            .spawn()
+            .with_context(|| format!("starting {} ({})", name, program.display()))?;
+        if let Some(pid) = child.id() {
+            let pids = logs.join("pids");
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(pids)?;
+            use std::io::Write;
+            writeln!(f, "{pid} {name}")?;
+        }
+        self.components.push(Component { name: name.to_string(), child });
+        Ok(())
+    }
+
+    /// Fails if a component has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        for c in &mut self.components {
+            if let Some(status) = c.child.try_wait()? {
+                bail!("{} exited ({status}); see its log under the data dir's logs/", c.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every component, newest first: SIGTERM, then SIGKILL after 10 s.
+    pub async fn stop(&mut self) {
+        while let Some(mut c) = self.components.pop() {
+            if let Some(pid) = c.child.id() {
+                // SAFETY: kill(2) on a PID we spawned and have not yet reaped, so the PID
+                // cannot have been reused by another process.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(10), c.child.wait()).await {
+                Ok(_) => eprintln!("pflex: stopped {}", c.name),
+                Err(_) => {
+                    let _ = c.child.kill().await;
+                    eprintln!("pflex: killed {} (did not stop within 10 s)", c.name);
+                }
+            }
+        }
+    }
+}
+
+fn bin_dir(args: &UpArgs) -> Result<PathBuf> {
+    if let Some(d) = &args.bin_dir {
+        return Ok(d.clone());
+    }
+    let exe = std::env::current_exe().context("locating the pflex binary")?;
+    Ok(exe.parent().context("pflex binary has no parent directory")?.to_path_buf())
+}
+
+fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found: build every component first (`cargo build --release`) or pass --bin-dir",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Reads `path`, or creates it (mode 0600) holding `make()`.
+fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        let s = s.trim().to_string();
+        if !s.is_empty() {
+            return Ok(s);
+        }
+    }
+    let value = make();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    use std::io::Write;
+    writeln!(f, "{value}")?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(value)
+}
+
+/// Polls `probe` every 100 ms until it succeeds, a component dies, or `timeout` passes.
+async fn wait_for<F, Fut>(
+    cluster: &mut LocalCluster,
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        cluster.check_alive()?;
+        match probe().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            let why = last_err.map(|e| format!(": {e:#}")).unwrap_or_default();
+            bail!("{what} not ready after {} s{why}", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn http_ok(client: &reqwest::Client, url: &str) -> Result<bool> {
+    let resp = client.get(url).timeout(Duration::from_secs(2)).send().await?;
+    Ok(resp.status().is_success())
+}
+
+impl UpArgs {
+    /// A cluster for `pflex bench`: its own ports, so it can run beside `pflex up`.
+    pub fn for_bench(data_dir: &Path, io_engine: &str) -> Self {
+        UpArgs {
+            data_dir_flag: None,
+            data_dir: data_dir.to_path_buf(),
+            volume: "vol1".into(),
+            volume_size: 2 << 30,
+            sds_count: 3,
+            device_size: 4 << 30,
+            io_engine: io_engine.into(),
+            mdm_port: 8101,
+            nbd_port: 10819,
+            sdc_control_port: 8113,
+            sds_base_port: 9150,
+            mgmt_port: 0,
+            heartbeat_interval_secs: 2,
+            bin_dir: None,
+            detach: false,
+        }
+    }
+}
+
+/// `pflex up`.
+pub async fn run(args: UpArgs) -> Result<()> {
+    let mut cluster = start(&args).await?;
+    print_ready(&args);
+    if args.detach {
+        for c in &mut cluster.components {
+            eprintln!("pflex: {} running as pid {}", c.name, c.child.id().unwrap_or(0));
+        }
+        std::mem::forget(cluster);
+        return Ok(());
+    }
+    let outcome = supervise(&mut cluster).await;
+    cluster.stop().await;
+    outcome
+}
+
+/// Starts every component and waits until the volume serves over NBD.
+/// On failure, whatever was started is stopped again.
+pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
+    let dir = &args.data_dir;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let _ = std::fs::remove_file(logs.join("pids"));
+    let bins = bin_dir(args)?;
+    let join_key_file = dir.join("join_key");
+    read_or_create_secret(&join_key_file, || hex::encode(pflex_proto::random_bytes::<24>()))?;
+    let mdm_url = format!("http://127.0.0.1:{}", args.mdm_port);
+    std::fs::write(
+        dir.join("cluster.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "mdm_url": mdm_url,
+            "nbd_uri": format!("nbd://127.0.0.1:{}/{}", args.nbd_port, args.volume),
+        }))?,
+    )?;
+    let jk = join_key_file.display().to_string();
+    let hb = args.heartbeat_interval_secs.to_string();
+    let http = reqwest::Client::new();
+    let mut cluster = LocalCluster { components: Vec::new() };
+    let result = async {
+        // MDM.
+        let mdm_dir = dir.join("mdm");
+        std::fs::create_dir_all(&mdm_dir)?;
+        let mdm_args = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", args.mdm_port),
+            "--data-dir".into(),
+            mdm_dir.display().to_string(),
+            "--join-key-file".into(),
+            jk.clone(),
+            "--heartbeat-interval-secs".into(),
+            hb.clone(),
+        ];
+        cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, &logs, args.detach).await?;
+        let token_path = mdm_dir.join("admin_token");
+        let mut admin = String::new();
+        wait_for(&mut cluster, "MDM", Duration::from_secs(30), || {
+            let token = std::fs::read_to_string(&token_path).ok().map(|s| s.trim().to_string());
+            let http = http.clone();
+            let url = format!("{mdm_url}/health/status");
+            let admin_out = &mut admin;
+            if let Some(t) = &token {
+                admin_out.clone_from(t);
+            }
+            async move {
+                let Some(token) = token else { return Ok(false) };
+                let r = http.get(url).bearer_auth(token).send().await?;
+                Ok(r.status().is_success())
+            }
+        })
+        .await?;
+        eprintln!("pflex: mdm ready at {mdm_url}");
+        let mdm = MdmClient::new(&mdm_url, Some(admin.clone()))?;
+
+        // SDS nodes.
+        for n in 0..args.sds_count {
+            let name = format!("sds{}", n + 1);
+            let sds_dir = dir.join(&name);
+            std::fs::create_dir_all(&sds_dir)?;
+            let sds_args = vec![
+                "--mdm".into(),
+                mdm_url.clone(),
+                "--join-key-file".into(),
+                jk.clone(),
+                "--name".into(),
+                name.clone(),
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--data-dir".into(),
+                sds_dir.display().to_string(),
+                "--device".into(),
+                sds_dir.join("dev0.img").display().to_string(),
+                "--device-size".into(),
+                args.device_size.to_string(),
+                "--fault-set".into(),
+                format!("fs{}", n + 1),
+                "--control-port".into(),
+                (args.sds_base_port + n).to_string(),
+                "--mgmt-port".into(),
+                (args.sds_base_port + 100 + n).to_string(),
+                "--data-port".into(),
+                (args.sds_base_port + 600 + n).to_string(),
+                "--io-engine".into(),
+                args.io_engine.clone(),
+                "--heartbeat-interval-secs".into(),
+                hb.clone(),
+            ];
+            cluster.spawn(&name, &binary(&bins, "sds")?, &sds_args, &logs, args.detach).await?;
+        }
+        for n in 0..args.sds_count {
+            let url = format!("http://127.0.0.1:{}/health", args.sds_base_port + 100 + n);
+            let what = format!("sds{}", n + 1);
+            wait_for(&mut cluster, &what, Duration::from_secs(120), || registered(&http, &url))
+                .await?;
+        }
+        eprintln!("pflex: {} SDS nodes registered", args.sds_count);
+
+        // SDC.
+        let sdc_dir = dir.join("sdc1");
+        std::fs::create_dir_all(&sdc_dir)?;
+        let sdc_args = vec![
+            "--mdm".into(),
+            mdm_url.clone(),
+            "--join-key-file".into(),
+            jk.clone(),
+            "--name".into(),
+            "sdc1".into(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--data-dir".into(),
+            sdc_dir.display().to_string(),
+            "--nbd-listen".into(),
+            format!("127.0.0.1:{}", args.nbd_port),
+            "--control-port".into(),
+            args.sdc_control_port.to_string(),
+            "--mgmt-port".into(),
+            (args.sdc_control_port + 1).to_string(),
+            "--heartbeat-interval-secs".into(),
+            hb.clone(),
+        ];
+        cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, &logs, args.detach).await?;
+        let url = format!("http://127.0.0.1:{}/health", args.sdc_control_port + 1);
+        wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url))
+            .await?;
+
+        // MGMT (optional).
+        if args.mgmt_port != 0 {
+            if let Ok(mgmt_bin) = binary(&bins, "mgmt") {
+                let mgmt_dir = dir.join("mgmt");
+                std::fs::create_dir_all(&mgmt_dir)?;
+                let mgmt_args = vec![
+                    "--mdm".into(),
+                    mdm_url.clone(),
+                    "--join-key-file".into(),
+                    jk.clone(),
+                    "--data-dir".into(),
+                    mgmt_dir.display().to_string(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", args.mgmt_port),
+                ];
+                cluster.spawn("mgmt", &mgmt_bin, &mgmt_args, &logs, args.detach).await?;
+                let url = format!("http://127.0.0.1:{}/health", args.mgmt_port);
+                wait_for(&mut cluster, "mgmt", Duration::from_secs(30), || http_ok(&http, &url))
+                    .await?;
+            }
+        }
+
+        // The volume.
+        ensure_volume(&mdm, args).await?;
+        let port = args.nbd_port;
+        let vol = args.volume.clone();
+        wait_for(&mut cluster, "NBD export", Duration::from_secs(60), || {
+            let vol = vol.clone();
+            async move { nbd_probe::export_listed(("127.0.0.1", port), &vol).await }
+        })
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(cluster),
+        Err(e) => {
+            cluster.stop().await;
+            Err(e)
+        }
+    }
+}
+
+async fn registered(http: &reqwest::Client, url: &str) -> Result<bool> {
+    let resp = http.get(url).timeout(Duration::from_secs(2)).send().await?;
+    if !resp.status().is_success() {
+        return Ok(false);
+    }
+    let v: serde_json::Value = resp.json().await?;
+    Ok(v.get("registered").and_then(|r| r.as_bool()).unwrap_or(false))
+}
+
+async fn ensure_volume(mdm: &MdmClient, args: &UpArgs) -> Result<()> {
+    let volumes = mdm.volume_list().await.context("listing volumes")?;
+    let vol = match volumes.into_iter().find(|v| v.name == args.volume) {
+        Some(v) => v,
+        None => mdm
+            .volume_create(&VolumeCreate {
+                name: args.volume.clone(),
+                size_bytes: args.volume_size,
+                pool: None,
+                thick: false,
+            })
+            .await
+            .with_context(|| format!("creating volume {}", args.volume))?,
+    };
+    if !vol.mappings.iter().any(|m| m.sdc_name == "sdc1") {
+        mdm.volume_map(&VolumeMap {
+            volume: vol.name.clone(),
+            sdc: "sdc1".into(),
+            access_mode: AccessMode::ReadWrite,
+        })
+        .await
+        .with_context(|| format!("mapping volume {} to sdc1", vol.name))?;
+    }
+    Ok(())
+}
+
+fn print_ready(args: &UpArgs) {
+    let uri = format!("nbd://127.0.0.1:{}/{}", args.nbd_port, args.volume);
+    let dir = args.data_dir.display();
+    println!(
+        r#"pflex: ready
+  volume  {vol} served at {uri}
+  MDM     http://127.0.0.1:{mdm}   (admin token: {dir}/mdm/admin_token)
+  logs    {dir}/logs/
+
+Try it (in another shell):
+  nbdinfo {uri}
+  pflex --data-dir {dir} cluster status
+  fio --ioengine=nbd --uri={uri} fio-jobs/nbd/randwrite-4k-qd1.fio
+
+A file system through FUSE and a loop device (works without the kernel nbd module):
+  mkdir -p /tmp/pflex-fuse /mnt/pflex && nbdfuse /tmp/pflex-fuse/{vol} {uri} &
+  dev=$(losetup -f --show /tmp/pflex-fuse/{vol}) && mkfs.ext4 -q $dev && mount $dev /mnt/pflex
+
+With the kernel nbd module (modprobe nbd):
+  nbd-client 127.0.0.1 {port} /dev/nbd0 -N {vol} -b 4096 && mkfs.ext4 /dev/nbd0 && mount /dev/nbd0 /mnt/pflex
+
+Ctrl-C stops the cluster; running `pflex up` again reuses its data."#,
+        vol = args.volume,
+        mdm = args.mdm_port,
+        port = args.nbd_port,
+    );
+}
+
+/// Waits for Ctrl-C / SIGTERM, or for a component to die.
+async fn supervise(cluster: &mut LocalCluster) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { eprintln!("pflex: stopping (Ctrl-C)"); return Ok(()); }
+            _ = term.recv() => { eprintln!("pflex: stopping (SIGTERM)"); return Ok(()); }
+            _ = tick.tick() => cluster.check_alive()?,
+        }
+    }
+}
+
+/// `pflex down`: stops a cluster started with `pflex up --detach`, by the PIDs it recorded.
+pub async fn down(data_dir: &Path) -> Result<()> {
+    let pids_path = data_dir.join("logs").join("pids");
+    let text = std::fs::read_to_string(&pids_path)
+        .with_context(|| format!("reading {}", pids_path.display()))?;
+    let mut entries: Vec<(i32, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let (pid, name) = l.split_once(' ')?;
+            Some((pid.parse().ok()?, name.to_string()))
+        })
+        .collect();
+    entries.reverse();
+    for (pid, name) in entries {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let expected = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        if !comm.trim().starts_with(expected) {
+            continue; // already gone, or the PID now belongs to something else
+        }
+        // SAFETY: kill(2) with a PID read from our own record, checked above to still be
+        // the component we started (its command name matches).
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed().as_secs() < 10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("pflex: stopped {name} (pid {pid})");
+    }
+    let _ = std::fs::remove_file(&pids_path);
+    Ok(())
+}
