@@ -130,6 +130,19 @@ async fn replicated_io_latency_and_throughput() {
             .await,
         );
     }
+    let seq_block = 128 * 1024;
+    let seq_data = Arc::new(pattern(9, seq_block));
+    let (s3, seq3) = (s.clone(), seq_data.clone());
+    let per_chunk = CHUNK_SIZE as usize / seq_block;
+    runs.push(
+        measure("write 128k seq qd8", (ops / 4).max(64), 8, seq_block, move |i| {
+            let (s, data) = (s3.clone(), seq3.clone());
+            let chunk = (i / per_chunk) as u64 % chunks;
+            let offset = ((i % per_chunk) * seq_block) as u32;
+            async move { s.write(chunk, offset, &data).await }
+        })
+        .await,
+    );
     let (s2, big2) = (s.clone(), big.clone());
     runs.push(
         measure("write 1m qd4", (ops / 20).max(16), 4, CHUNK_SIZE as usize, move |i| {
