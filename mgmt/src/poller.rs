@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use pflex_mdm_client::MdmClient;
 use pflex_proto::api::{
-    ClusterSummary, HealthStatus, NodeType, RegisterRequest, SdcInfo, SdsInfo, Volume,
+    ClusterSummary, HealthStatus, HeartbeatRequest, NodeType, RegisterRequest, SdcInfo, SdsInfo,
+    Volume,
 };
 
 use crate::Shared;
@@ -26,7 +27,7 @@ pub struct Overview {
     pub endpoints: Vec<(String, bool)>,
 }
 
-async fn register(shared: &Shared, join_key: &str) -> Option<MdmClient> {
+async fn register(shared: &Shared, join_key: &str) -> Option<(MdmClient, u64)> {
     let client = MdmClient::new(&shared.config.mdm, None).ok()?;
     let req = RegisterRequest {
         join_key: join_key.to_string(),
@@ -44,7 +45,7 @@ async fn register(shared: &Shared, join_key: &str) -> Option<MdmClient> {
         Ok(resp) => {
             shared.registered.store(true, Ordering::Relaxed);
             tracing::info!(node_id = resp.node_id, "registered with the MDM");
-            Some(client.with_credential(resp.credential))
+            Some((client.with_credential(resp.credential), resp.node_id))
         }
         Err(e) => {
             tracing::warn!("registration with the MDM failed: {e}");
@@ -59,7 +60,7 @@ pub async fn run(shared: Arc<Shared>, join_key: String) {
         .timeout(Duration::from_secs(3))
         .build()
         .expect("a default HTTP client");
-    let mut mdm: Option<MdmClient> = None;
+    let mut mdm: Option<(MdmClient, u64)> = None;
     let mut tick =
         tokio::time::interval(Duration::from_secs(shared.config.poll_interval_secs.max(1)));
     loop {
@@ -68,7 +69,13 @@ pub async fn run(shared: Arc<Shared>, join_key: String) {
             mdm = register(&shared, &join_key).await;
         }
         let overview = match &mdm {
-            Some(client) => poll_once(client, &http).await,
+            Some((client, node_id)) => {
+                let beat = HeartbeatRequest { node_id: *node_id, metrics: Default::default() };
+                if let Err(e) = client.heartbeat(&beat).await {
+                    tracing::warn!("heartbeat to the MDM failed: {e}");
+                }
+                poll_once(client, &http).await
+            }
             None => Err(None),
         };
         let overview = match overview {
