@@ -109,3 +109,38 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
         assert_eq!(cluster.checksum(node, volume_id, chunk).await.crc32, model_crc(&healed));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_back_on_another_port_is_found_again() {
+    let mut cluster = Cluster::start(2).await;
+    let (sdc, _) = cluster.register_sdc("sdc-moved").await;
+    let volume_id = cluster.create_mapped_volume("moved", 16 << 20, "sdc-moved").await;
+    let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    s.auth_all().await;
+    let chunk = 0;
+    assert_eq!(s.write(chunk, 0, &pattern(1, 4096)).await, Status::Ok);
+
+    let victim_name = cluster.sds_by_node_id(s.secondary_of(chunk)).await.name.clone();
+    let victim = cluster.sds.iter().position(|n| n.name == victim_name).unwrap();
+    cluster.kill_sds(victim);
+    cluster.move_sds_to_new_ports(victim);
+    cluster.start_sds(victim).await;
+
+    // The primary's map still names the old port (the epoch did not change);
+    // a failed forward makes it refetch the map and find the new one.
+    let data = pattern(2, CHUNK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match s.write(chunk, 0, &data).await {
+            Status::Ok => break,
+            Status::ReplicaFailed if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("write after the secondary moved: {}", other.name()),
+        }
+    }
+    for node_id in [s.primary_of(chunk), s.secondary_of(chunk)] {
+        let node = cluster.sds_by_node_id(node_id).await;
+        assert_eq!(cluster.checksum(node, volume_id, chunk).await.crc32, model_crc(&data));
+    }
+}

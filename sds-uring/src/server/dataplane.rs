@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pflex_dataplane::{read_request, ReplyWriter};
+use pflex_dataplane::{read_request, ClientError, ReplyWriter};
 use pflex_proto::frame::{crc32, flags, FrameHeader, Op, Status, HEADER_LEN};
 use pflex_proto::placement::{PlacementGroup, PlacementMap};
 use pflex_proto::token::SignedToken;
@@ -48,6 +48,8 @@ use crate::store::StoreError;
 /// Requests served concurrently per connection before reading pauses.
 const MAX_IN_FLIGHT_PER_CONNECTION: usize = 256;
 const READ_BUFFER: usize = 256 * 1024;
+/// Least time between map refreshes caused by an unreachable peer.
+const PEER_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Accepts data-plane connections forever.
 pub async fn serve(node: Arc<SdsNode>, listener: TcpListener) {
@@ -330,6 +332,7 @@ async fn replicate_write(
         Ok(reply) => reply.status(),
         Err(e) => {
             tracing::warn!(peer = %secondary.name, error = %e, "forward to the secondary failed");
+            refresh_after_unreachable_peer(node, header.volume_id, &e).await;
             Status::ReplicaFailed
         }
     };
@@ -348,6 +351,15 @@ async fn replicate_write(
             tracing::warn!(peer = %secondary.name, status = other.name(), "secondary refused");
             Err(Status::ReplicaFailed)
         }
+    }
+}
+
+/// A peer that cannot be reached may have registered again at another
+/// address (which does not change the epoch): refetch the map, rate-limited.
+async fn refresh_after_unreachable_peer(node: &SdsNode, volume_id: u64, error: &ClientError) {
+    let unreachable = matches!(error, ClientError::Connect { .. } | ClientError::Transport(_));
+    if unreachable && node.placement.peer_refresh_due(volume_id, PEER_REFRESH_INTERVAL) {
+        let _ = node.fetch_placement(volume_id).await;
     }
 }
 
@@ -387,6 +399,9 @@ async fn flush_volume(
         let ok = matches!(joined, Ok(Ok(ref reply)) if reply.status() == Status::Ok);
         if !ok {
             tracing::warn!(outcome = ?joined, "flush on a secondary failed");
+            if let Ok(Err(e)) = &joined {
+                refresh_after_unreachable_peer(node, map.volume_id, e).await;
+            }
             replicas_ok = false;
         }
     }

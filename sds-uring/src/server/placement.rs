@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use pflex_proto::api::VolumeGeneration;
 use pflex_proto::placement::PlacementMap;
@@ -19,6 +20,8 @@ pub struct PlacementCache {
     maps: RwLock<HashMap<u64, Arc<PlacementMap>>>,
     generations: RwLock<HashMap<u64, VolumeGeneration>>,
     fetch_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// When each volume's map was last refreshed because a peer was unreachable.
+    peer_refreshes: Mutex<HashMap<u64, Instant>>,
 }
 
 /// What the cache says about serving a request routed with some epoch.
@@ -109,7 +112,23 @@ impl PlacementCache {
             .clone()
     }
 
-    /// Every cached map (for FLUSH fan-out and diagnostics).
+    /// Whether a map refresh after an unreachable peer is due: at most one
+    /// per volume per `min_interval` (the peer may have moved to another
+    /// address, which does not change the epoch; a dead peer must not make
+    /// every failing write call the MDM).
+    pub fn peer_refresh_due(&self, volume_id: u64, min_interval: Duration) -> bool {
+        let mut last = self.peer_refreshes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match last.get(&volume_id) {
+            Some(at) if now.duration_since(*at) < min_interval => false,
+            _ => {
+                last.insert(volume_id, now);
+                true
+            }
+        }
+    }
+
+    /// Number of cached maps.
     pub fn len(&self) -> usize {
         self.maps.read().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -163,5 +182,15 @@ mod tests {
         assert_eq!(cache.cached(1).unwrap().epoch, 5, "an older map never replaces a newer one");
         cache.apply_heartbeat(&[]);
         assert!(cache.is_empty(), "deleted volumes are forgotten");
+    }
+
+    #[test]
+    fn peer_refreshes_are_rate_limited_per_volume() {
+        let cache = PlacementCache::default();
+        let hour = Duration::from_secs(3600);
+        assert!(cache.peer_refresh_due(1, hour));
+        assert!(!cache.peer_refresh_due(1, hour));
+        assert!(cache.peer_refresh_due(2, hour));
+        assert!(cache.peer_refresh_due(1, Duration::ZERO));
     }
 }

@@ -300,6 +300,20 @@ impl Cluster {
         node.process = Some(guard);
     }
 
+    /// Gives SDS `i` fresh ports for its next start (it is stopped).
+    pub fn move_sds_to_new_ports(&mut self, i: usize) {
+        let node = &mut self.sds[i];
+        assert!(node.process.is_none(), "stop the SDS first");
+        let (control, mgmt, data) = (free_port(), free_port(), free_port());
+        for (flag, port) in
+            [("--control-port", control), ("--mgmt-port", mgmt), ("--data-port", data)]
+        {
+            let at = node.args.iter().position(|a| a == flag).unwrap();
+            node.args[at + 1] = port.to_string();
+        }
+        (node.control_port, node.mgmt_port, node.data_port) = (control, mgmt, data);
+    }
+
     /// `kill -9` of SDS `i`.
     pub fn kill_sds(&mut self, i: usize) {
         if let Some(mut process) = self.sds[i].process.take() {
