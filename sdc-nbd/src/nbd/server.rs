@@ -20,7 +20,7 @@
 //! On `NBD_CMD_DISC` (or EOF) the reader stops, in-flight requests finish
 //! and are answered, then the socket closes.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,7 +153,10 @@ impl<B: BlockBackend> NbdServer<B> {
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::with_capacity(128 * 1024, read_half);
         let (tx, rx) = mpsc::unbounded_channel::<ReplyFrame>();
-        let writer = tokio::spawn(write_replies(write_half, rx));
+        // Requests executing on this connection (decremented just before
+        // their reply is queued), so the writer knows whether to wait for more.
+        let executing = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_replies(write_half, rx, executing.clone()));
         let session = Arc::new(session);
         let requests = Arc::new(Semaphore::new(self.config.max_in_flight_requests.max(1)));
         let budget_units = (self.config.max_in_flight_bytes / BUDGET_UNIT)
@@ -199,18 +202,21 @@ impl<B: BlockBackend> NbdServer<B> {
                         Err(e) => break Err(e.into()),
                     }
                 } else {
-                    let mut buf = vec![0u8; request.length as usize];
-                    if let Err(e) = reader.read_exact(&mut buf).await {
-                        self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        break Err(e.into());
+                    match read_payload(&mut reader, request.length as usize).await {
+                        Ok(p) => payload = p,
+                        Err(e) => {
+                            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            break Err(e.into());
+                        }
                     }
-                    payload = Bytes::from(buf);
                 }
             }
             let tx = tx.clone();
             let session = session.clone();
             let stats = self.stats.clone();
             stats.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+            executing.fetch_add(1, Ordering::Relaxed);
+            let executing = executing.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
                 let (frame, ok) = execute(&session, &request, payload).await;
@@ -221,6 +227,7 @@ impl<B: BlockBackend> NbdServer<B> {
                     };
                     c.record(moved, ok, started.elapsed());
                 }
+                executing.fetch_sub(1, Ordering::Relaxed);
                 let _ = tx.send(frame);
                 stats.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
                 drop(byte_permit);
@@ -236,6 +243,18 @@ impl<B: BlockBackend> NbdServer<B> {
         }
         result
     }
+}
+
+/// Reads exactly `len` payload bytes into a fresh buffer (not zeroed first).
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Bytes> {
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        if (&mut *reader).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
 }
 
 struct ActiveGuard(Arc<NbdStats>);
@@ -499,12 +518,21 @@ impl ReplyFrame {
 async fn write_replies(
     write_half: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<ReplyFrame>,
+    in_flight: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 * 1024, write_half);
     while let Some(frame) = rx.recv().await {
         write_frame(&mut w, &frame).await?;
         while let Ok(frame) = rx.try_recv() {
             write_frame(&mut w, &frame).await?;
+        }
+        if in_flight.load(Ordering::Relaxed) > 0 {
+            // More replies are coming: let their tasks run once so one
+            // send carries several replies.
+            tokio::task::yield_now().await;
+            while let Ok(frame) = rx.try_recv() {
+                write_frame(&mut w, &frame).await?;
+            }
         }
         w.flush().await?;
     }
