@@ -24,6 +24,8 @@
 #   PFLEX_VM_ACCEL     kvm, tcg, or auto (default: probe KVM with a real boot, else TCG)
 #   PFLEX_VM_BENCH=1   also run the benchmark guest;  PFLEX_FIO_SECONDS  seconds per job (10)
 #   PFLEX_VM_TEST_TIMEOUT  seconds before a guest is stopped (default 900)
+#   PFLEX_NBDKIT_ERROR_RATE  with nbdkit: fail this share of requests with EIO (e.g. 1%), to see
+#                      the tests fail and name the step
 set -euo pipefail
 
 LOG_PREFIX=run-tests
@@ -34,6 +36,7 @@ SERVER_KIND=${PFLEX_NBD_SERVER:-pflex}
 NBD_PORT=${PFLEX_NBD_PORT:-10809}
 EXPORT=vol1
 NBD_URI=nbd://127.0.0.1:$NBD_PORT/$EXPORT
+SDC_MGMT_PORT=$((${PFLEX_SDC_CONTROL_PORT:-8003} + 1))
 CARGO_PROFILE=${PFLEX_CARGO_PROFILE:-release}
 TEST_TIMEOUT=${PFLEX_VM_TEST_TIMEOUT:-900}
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages, uses loop devices and mounts)"
@@ -160,14 +163,19 @@ case $SERVER_KIND in
     pflex_bin=$target_dir/$CARGO_PROFILE/pflex
     [ -x "$pflex_bin" ] || die "no pflex binary at $pflex_bin"
     start_owned pflex-up "$server_log" "$pflex_bin" up --data-dir "$WORK_DIR/pflex-data" \
-      --nbd-port "$NBD_PORT" --mgmt-port 0
+      --nbd-port "$NBD_PORT" --sdc-control-port "${PFLEX_SDC_CONTROL_PORT:-8003}" --mgmt-port 0
     server_pid=$LAST_PID
     ;;
   nbdkit)
     request_log=$ARTIFACTS_DIR/nbd-requests.log
+    fault=()
+    if [ -n "${PFLEX_NBDKIT_ERROR_RATE:-}" ]; then
+      # Fault injection: a share of the requests fail with EIO, so the tests must report FAIL.
+      fault=(--filter=error "error-rate=$PFLEX_NBDKIT_ERROR_RATE")
+    fi
     start_owned nbdkit "$server_log" nbdkit --foreground --verbose --ipaddr 127.0.0.1 \
-      --port "$NBD_PORT" --exportname "$EXPORT" --filter=log memory "${PFLEX_NBDKIT_SIZE:-2G}" \
-      "logfile=$request_log"
+      --port "$NBD_PORT" --exportname "$EXPORT" --filter=log "${fault[@]:0:1}" \
+      memory "${PFLEX_NBDKIT_SIZE:-2G}" "logfile=$request_log" "${fault[@]:1}"
     server_pid=$LAST_PID
     ;;
   qemu-nbd)
@@ -236,6 +244,11 @@ run_guest() {
   if [ -n "$request_log" ] && [ -f "$request_log" ]; then
     "$VM_IMAGES_DIR/summarize-nbd-log.sh" "$request_log" "$request_line" \
       >"$ARTIFACTS_DIR/$name.requests.txt" || true
+  fi
+  if [ "$SERVER_KIND" = pflex ]; then
+    # The SDC's counters (NBD commands, request sizes, flushes) after this guest.
+    curl -fsS --max-time 5 "http://127.0.0.1:$SDC_MGMT_PORT/metrics" \
+      >"$ARTIFACTS_DIR/$name.sdc-metrics.txt" 2>&1 || true
   fi
   if ((${#details[@]})); then
     details+=("console: $console")
