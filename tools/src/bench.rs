@@ -245,16 +245,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 Err(e) => (None, None, Some(format!("{e:#}"))),
             };
             let jr = JobResult { job: name.clone(), target: target.clone(), read, write, error };
-            println!(
-                "{:<34} {:<9} {}{}{}",
-                jr.job,
-                jr.target,
-                jr.read.as_ref().map(|_| "R ").unwrap_or(""),
-                fmt_fig(&jr.read),
-                jr.error.as_deref().map(|e| format!("ERROR {e}")).unwrap_or_default()
-            );
-            if jr.write.is_some() {
-                println!("{:<34} {:<9} W {}", "", "", fmt_fig(&jr.write));
+            let mut label = format!("{:<34} {:<9}", jr.job, jr.target);
+            for (dir, fig) in [("R", &jr.read), ("W", &jr.write)] {
+                if fig.is_some() {
+                    println!("{label} {dir} {}", fmt_fig(fig));
+                    label = " ".repeat(44);
+                }
+            }
+            if let Some(e) = &jr.error {
+                println!("{label} ERROR {e}");
             }
             results.push(jr);
         }
