@@ -185,6 +185,48 @@ mod tests {
         assert!(matches!(outcome, Err(FrameReadError::Frame(FrameError::BadMagic(_)))));
     }
 
+    /// Reads every request from `wire` until the stream ends or breaks.
+    fn drain(wire: &[u8]) -> (usize, Option<String>) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let mut reader = wire;
+            let mut frames = 0;
+            loop {
+                match read_request(&mut reader).await {
+                    Ok(Some((header, _, payload))) => {
+                        assert_eq!(payload.len(), header.payload_len(false));
+                        frames += 1;
+                    }
+                    Ok(None) => return (frames, None),
+                    Err(e) => return (frames, Some(e.to_string())),
+                }
+            }
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_streams_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = drain(&bytes);
+        }
+
+        #[test]
+        fn valid_frames_cut_anywhere_end_in_truncated(len in 0u32..300, cut in 0usize..400) {
+            let mut wire = write_request(len).encode().to_vec();
+            wire.extend(vec![7u8; len as usize]);
+            let whole = wire.len();
+            let (frames, error) = drain(&wire[..cut.min(whole)]);
+            if cut == 0 {
+                proptest::prop_assert_eq!((frames, error), (0, None));
+            } else if cut >= whole {
+                proptest::prop_assert_eq!((frames, error), (1, None));
+            } else {
+                proptest::prop_assert_eq!(frames, 0);
+                proptest::prop_assert!(error.unwrap().contains("middle of a frame"));
+            }
+        }
+    }
+
     #[tokio::test]
     async fn reply_writer_sets_length_and_crc() {
         let (client_side, server_side) = tokio::io::duplex(1 << 16);
