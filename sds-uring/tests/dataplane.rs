@@ -340,3 +340,40 @@ async fn unmapping_revokes_tokens_within_a_heartbeat() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_closes_only_its_own_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let primary = cluster.sds_by_node_id(s.primary_of(0)).await;
+    // A connection with requests in flight stays up while another sends garbage.
+    assert_eq!(s.write(0, 0, &pattern(1, 4096)).await, Status::Ok);
+    let mut bad = tokio::net::TcpStream::connect(primary.data_addr()).await.unwrap();
+    bad.write_all(&[0xee; 200]).await.unwrap();
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), bad.read_to_end(&mut rest))
+            .await
+            .expect("the SDS closes a connection that sends garbage");
+    // Closed (EOF) or reset: either way nothing was answered.
+    drop(closed);
+    assert!(rest.is_empty(), "no reply to garbage");
+    // A frame claiming an oversized payload is refused the same way.
+    let mut huge = s.header(Op::Write, 0, 0, 0);
+    huge.length = u32::MAX;
+    let mut oversized = tokio::net::TcpStream::connect(primary.data_addr()).await.unwrap();
+    oversized.write_all(&huge.encode()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(10), oversized.read_to_end(&mut rest))
+            .await
+            .expect("closed");
+    assert!(rest.is_empty());
+    // The pooled connections of the session still work.
+    let data = pattern(2, 4096);
+    assert_eq!(s.write(0, 0, &data).await, Status::Ok);
+    let (status, read) = s.read(0, 0, 4096).await;
+    assert_eq!((status, read == data), (Status::Ok, true));
+    let metrics = cluster.metrics(primary).await;
+    assert!(metric_sum(&metrics, "pflex_sds_framing_errors_total") >= 2);
+}
