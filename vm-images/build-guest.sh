@@ -50,9 +50,12 @@ build_inputs() {
   for extra in "${GUEST_EXTRA_BINS[@]}"; do printf '%s\n' "$extra"; done
 }
 
-if $if_needed && [ -s "$KERNEL_OUT" ] && [ -s "$INITRAMFS_OUT" ]; then
+GUEST_INFO=$BUILD_DIR/guest.info
+if $if_needed && [ -s "$KERNEL_OUT" ] && [ -s "$INITRAMFS_OUT" ] && [ -s "$GUEST_INFO" ]; then
   stale=false
-  while IFS= read -r input; do
+  # A different set of extra binaries than the last build also makes it stale.
+  [ "$(sed -n 's/^extra_bins //p' "$GUEST_INFO")" = "${GUEST_EXTRA_BINS[*]}" ] || stale=true
+  $stale || while IFS= read -r input; do
     if [ "$input" -nt "$INITRAMFS_OUT" ]; then
       stale=true
       break
@@ -176,6 +179,8 @@ done
 for extra in "${GUEST_EXTRA_BINS[@]}"; do
   [ -x "$extra" ] || die "extra binary $extra is not an executable file"
   install_file "$extra" "/usr/local/bin/$(basename "$extra")"
+  # Debug info only makes the initramfs bigger (release builds here keep it for profiling).
+  objcopy --strip-debug "$ROOT/usr/local/bin/$(basename "$extra")"
   elf_files+=("$extra")
 done
 
@@ -270,10 +275,11 @@ cp "$STAGE/boot/vmlinuz-$kernel_version" "$KERNEL_OUT"
 {
   echo "kernel $kernel_package"
   echo "modules ${module_order[*]}"
-  echo "programs ${GUEST_PROGRAMS[*]} ${GUEST_EXTRA_BINS[*]}"
+  echo "programs ${GUEST_PROGRAMS[*]}"
+  echo "extra_bins ${GUEST_EXTRA_BINS[*]}"
   echo "libraries $library_count"
   echo "busybox_applets $applet_count"
   echo "initramfs_bytes $(stat -c %s "$INITRAMFS_OUT")"
-} >"$BUILD_DIR/guest.info"
+} >"$GUEST_INFO"
 log "built $KERNEL_OUT and $INITRAMFS_OUT ($(($(stat -c %s "$INITRAMFS_OUT") / 1048576)) MiB," \
   "$library_count libraries, modules: ${module_order[*]}) in $(($(date +%s) - started)) s"

@@ -43,7 +43,7 @@ TEST_TIMEOUT=${PFLEX_VM_TEST_TIMEOUT:-900}
 
 run_started=$(date +%s)
 mkdir -p "$ARTIFACTS_DIR"
-rm -f "$ARTIFACTS_DIR"/*.log "$ARTIFACTS_DIR"/*.txt
+rm -rf "$ARTIFACTS_DIR"/*.log "$ARTIFACTS_DIR"/*.txt "$ARTIFACTS_DIR/pflex-logs"
 WORK_DIR=$(mktemp -d /var/tmp/pflex-vm-tests.XXXXXX)
 
 # --- Processes and mounts this run owns, released in the EXIT trap. ----------------------------

@@ -47,6 +47,12 @@ connect() {
     "write_zeroes_max_bytes=$(cat "$q"/write_zeroes_max_bytes)" \
     "nr_requests=$(cat "$q"/nr_requests)" "hw_queues=$(find /sys/block/nbd0/mq -mindepth 1 -maxdepth 1 | wc -l)" \
     "connections=$CONNS"
+  # The kernel gives each connection its own hardware queue: proof that -C took effect.
+  hw_queues=$(find /sys/block/nbd0/mq -mindepth 1 -maxdepth 1 | wc -l)
+  if [ "$hw_queues" != "$CONNS" ]; then
+    echo "nbd0 has $hw_queues hardware queues, expected one per connection ($CONNS)"
+    return 1
+  fi
 }
 
 # fs_bytes: the size of the ext4 file system on the device (from its superblock).

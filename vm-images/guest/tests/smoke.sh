@@ -11,4 +11,16 @@ programs_run() {
   [ $? -ne 127 ] && /usr/sbin/mke2fs -V >/dev/null 2>&1 && /usr/bin/fio --version
 }
 
-step programs programs_run
+# extra_programs_run: every extra binary (build-guest.sh --extra-bin) starts and prints its help.
+extra_programs_run() {
+  for program in /usr/local/bin/*; do
+    [ -x "$program" ] || continue
+    "$program" --help >/dev/null || {
+      echo "$program --help failed"
+      return 1
+    }
+    info extra_program "$program"
+  done
+}
+
+step programs programs_run && step extra-programs extra_programs_run
