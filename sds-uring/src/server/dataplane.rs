@@ -86,11 +86,16 @@ async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream) {
         };
         let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
         let (node, replies) = (node.clone(), replies.clone());
+        let received = std::time::Instant::now();
         tokio::spawn(async move {
             let _permit = permit;
             let (status, data) = handle_request(&node, &header, &raw, payload).await;
             let replica = header.flags & flags::REPLICA != 0;
-            node.metrics.count_reply(Op::from_u8(header.op), status, replica);
+            let op = Op::from_u8(header.op);
+            node.metrics.count_reply(op, status, replica);
+            if let Some(op) = op {
+                node.metrics.observe_latency(op, replica, received.elapsed());
+            }
             if status != Status::Ok {
                 tracing::debug!(
                     op = header.op,

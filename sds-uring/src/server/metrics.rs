@@ -55,9 +55,33 @@ pub fn op_name(op: Op) -> &'static str {
     }
 }
 
+/// Upper bounds (microseconds) of the request latency histogram buckets.
+const LATENCY_BOUNDS_US: [u64; 14] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// Latency histogram of one (role, op): cumulative counts are made when rendering.
+#[derive(Default)]
+struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn observe(&self, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        let bucket =
+            LATENCY_BOUNDS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BOUNDS_US.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
 /// All counters of one SDS process.
 #[derive(Default)]
 pub struct SdsMetrics {
+    /// Request latency (receipt to reply queued) by role (client, replica) and op.
+    latency: [[LatencyHistogram; OP_SLOTS]; 2],
     replies: [AtomicU64; STATUS_SLOTS],
     /// Replies to replication frames, by status (also counted in `replies`).
     replica_replies: [AtomicU64; STATUS_SLOTS],
@@ -97,6 +121,11 @@ impl SdsMetrics {
         if let (Some(op), Status::Ok) = (op, status) {
             self.ops[op as usize % OP_SLOTS].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records how long a request took, from receipt to its reply being queued.
+    pub fn observe_latency(&self, op: Op, replica: bool, elapsed: std::time::Duration) {
+        self.latency[usize::from(replica)][op as usize % OP_SLOTS].observe(elapsed);
     }
 
     /// Replies sent with `status` so far.
@@ -160,6 +189,34 @@ impl SdsMetrics {
                 op_name(op),
                 self.ops(op)
             );
+        }
+        out.push_str(
+            "# HELP pflex_sds_request_duration_seconds Data-plane request latency, receipt to reply.\n",
+        );
+        out.push_str("# TYPE pflex_sds_request_duration_seconds histogram\n");
+        for (role_index, role) in ["client", "replica"].into_iter().enumerate() {
+            for op in ALL_OPS {
+                let histogram = &self.latency[role_index][op as usize % OP_SLOTS];
+                let mut cumulative = 0;
+                for (i, bound) in LATENCY_BOUNDS_US.iter().enumerate() {
+                    cumulative += histogram.buckets[i].load(Ordering::Relaxed);
+                    let _ = writeln!(
+                        out,
+                        "pflex_sds_request_duration_seconds_bucket{{{label},role=\"{role}\",op=\"{}\",le=\"{}\"}} {cumulative}",
+                        op_name(op),
+                        *bound as f64 / 1e6
+                    );
+                }
+                cumulative += histogram.buckets[LATENCY_BOUNDS_US.len()].load(Ordering::Relaxed);
+                let sum = histogram.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+                let op = op_name(op);
+                let _ = writeln!(
+                    out,
+                    "pflex_sds_request_duration_seconds_bucket{{{label},role=\"{role}\",op=\"{op}\",le=\"+Inf\"}} {cumulative}\n\
+                     pflex_sds_request_duration_seconds_sum{{{label},role=\"{role}\",op=\"{op}\"}} {sum}\n\
+                     pflex_sds_request_duration_seconds_count{{{label},role=\"{role}\",op=\"{op}\"}} {cumulative}"
+                );
+            }
         }
         let counters: [(&str, &str, &AtomicU64); 12] = [
             ("pflex_sds_read_bytes_total", "Bytes read for clients.", &self.read_bytes),
@@ -252,6 +309,16 @@ mod tests {
         assert!(text.contains("pflex_sds_replies_total{node=\"sds1\",status=\"replay\"} 0"));
         assert!(text.contains("pflex_sds_ops_total{node=\"sds1\",op=\"write\"} 1"));
         assert!(text.contains("pflex_sds_read_bytes_total{node=\"sds1\"} 4096"));
+        m.observe_latency(Op::Write, false, std::time::Duration::from_micros(80));
+        m.observe_latency(Op::Write, false, std::time::Duration::from_secs(5));
+        let text = m.render("sds1", Gauges::default());
+        let bucket = |le: &str| {
+            format!("pflex_sds_request_duration_seconds_bucket{{node=\"sds1\",role=\"client\",op=\"write\",le=\"{le}\"}}")
+        };
+        assert!(text.contains(&format!("{} 0", bucket("0.00005"))));
+        assert!(text.contains(&format!("{} 1", bucket("0.0001"))));
+        assert!(text.contains(&format!("{} 1", bucket("1"))));
+        assert!(text.contains(&format!("{} 2", bucket("+Inf"))));
         let nm = m.node_metrics(10, 5);
         assert_eq!((nm.write_ops, nm.errors, nm.read_bytes), (1, 1, 4096));
     }
