@@ -219,14 +219,15 @@ impl Command {
             Command::Unsupported(_) => "unsupported",
         }
     }
-    /// The command flags valid for this command.
+    /// The command flags valid for this command (FUA is valid on every
+    /// command; it only has an effect on those that write).
     pub fn allowed_flags(self) -> u16 {
         match self {
             Command::Read => cmd_flags::FUA | cmd_flags::DF,
-            Command::Write | Command::Trim | Command::Flush => cmd_flags::FUA,
+            Command::Write | Command::Trim | Command::Flush | Command::Cache => cmd_flags::FUA,
             Command::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
-            Command::BlockStatus => cmd_flags::REQ_ONE,
-            Command::Cache | Command::Disc | Command::Unsupported(_) => 0,
+            Command::BlockStatus => cmd_flags::FUA | cmd_flags::REQ_ONE,
+            Command::Disc | Command::Unsupported(_) => 0,
         }
     }
 }
