@@ -58,3 +58,18 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
         assert_eq!(cluster.checksum(node, volume_id, 0).await.crc32, model_crc(&data));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_join_key_stops_the_sds_with_a_clear_error() {
+    let cluster = Cluster::start(0).await;
+    let mut intruder = cluster.spawn_sds_with_join_key("intruder", "not-the-join-key");
+    let status = intruder.wait_exit(Duration::from_secs(30)).await.expect("the SDS gives up");
+    assert!(!status.success(), "exit status {status}");
+    let log = cluster.log("intruder");
+    assert!(log.contains("refused"), "log says why: {log}");
+    assert!(cluster.admin.sds_list().await.unwrap().is_empty(), "nothing registered");
+    assert!(
+        !cluster.dir.path().join("intruder/cluster_secret").exists(),
+        "no secret was handed out"
+    );
+}

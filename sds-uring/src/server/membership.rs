@@ -42,6 +42,22 @@ pub enum MembershipError {
     SecretFile { path: PathBuf, source: std::io::Error },
 }
 
+impl MembershipError {
+    /// Whether retrying the same registration cannot succeed: the MDM
+    /// answered with a 4xx other than timeout / rate limit, or sent
+    /// something unusable.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            MembershipError::Mdm(e) => {
+                matches!(e.status(), Some(s) if (400..500).contains(&s) && s != 408 && s != 429)
+                    || matches!(e, MdmClientError::InvalidUrl { .. })
+            }
+            MembershipError::NoSecret | MembershipError::BadSecret => true,
+            MembershipError::SecretFile { .. } => true,
+        }
+    }
+}
+
 impl SdsNode {
     /// Registers (or registers again) with the MDM and installs the identity.
     pub async fn register(&self) -> Result<Arc<Identity>, MembershipError> {
@@ -85,12 +101,18 @@ impl SdsNode {
         Ok(identity)
     }
 
-    /// Registers, retrying with backoff until the MDM accepts.
-    pub async fn register_until_ok(&self) -> Arc<Identity> {
+    /// Registers, retrying with backoff while the MDM is unreachable or
+    /// failing; gives up on a refusal that retrying cannot fix (a wrong join
+    /// key, a registration that conflicts with this node's data).
+    pub async fn register_until_ok(&self) -> Result<Arc<Identity>, MembershipError> {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.register().await {
-                Ok(identity) => return identity,
+                Ok(identity) => return Ok(identity),
+                Err(e) if e.is_permanent() => {
+                    self.local_log.warning("registration_refused", e.to_string());
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "registration failed");
                     tokio::time::sleep(delay).await;

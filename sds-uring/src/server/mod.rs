@@ -174,19 +174,24 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     tokio::spawn(http::serve(control, http::control_router(node.clone())));
     tokio::spawn(http::serve(mgmt, http::mgmt_router(node.clone())));
 
-    let registration = {
-        let node = node.clone();
-        tokio::spawn(async move {
-            node.register_until_ok().await;
-            tokio::spawn(dataplane::serve(node.clone(), data));
-            tokio::spawn(membership::heartbeat_loop(node.clone()));
-            tokio::spawn(membership::ack_loop(node.clone()));
-        })
-    };
+    tokio::select! {
+        registered = node.register_until_ok() => {
+            if let Err(e) = registered {
+                tracing::error!(error = %e, "the MDM refused this node");
+                return Err(e.into());
+            }
+        }
+        _ = shutdown_signal() => {
+            tracing::info!("stopped before registration");
+            return Ok(());
+        }
+    }
+    tokio::spawn(dataplane::serve(node.clone(), data));
+    tokio::spawn(membership::heartbeat_loop(node.clone()));
+    tokio::spawn(membership::ack_loop(node.clone()));
 
     shutdown_signal().await;
     tracing::info!("shutting down: flushing the chunk store");
-    registration.abort();
     if let Err(e) = node.store.flush().await {
         tracing::warn!(error = %e, "flush at shutdown failed");
     }

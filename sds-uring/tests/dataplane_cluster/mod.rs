@@ -46,6 +46,17 @@ impl ProcessGuard {
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
+    /// Polls until the process exits, for at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
 }
 
 impl Drop for ProcessGuard {
@@ -312,6 +323,40 @@ impl Cluster {
             node.args[at + 1] = port.to_string();
         }
         (node.control_port, node.mgmt_port, node.data_port) = (control, mgmt, data);
+    }
+
+    /// Starts an extra `sds` with `join_key` (not waited for); its log is
+    /// `logs/{name}.log`.
+    pub fn spawn_sds_with_join_key(&self, name: &str, join_key: &str) -> ProcessGuard {
+        let key_file = self.dir.path().join(format!("{name}-join-key"));
+        std::fs::write(&key_file, join_key).unwrap();
+        let data_dir = self.dir.path().join(name);
+        let args: Vec<String> = vec![
+            "--mdm".into(),
+            self.mdm_url.clone(),
+            "--join-key-file".into(),
+            key_file.display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--control-port".into(),
+            free_port().to_string(),
+            "--mgmt-port".into(),
+            free_port().to_string(),
+            "--data-port".into(),
+            free_port().to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--device-size".into(),
+            "16M".into(),
+            "--io-engine".into(),
+            "sync".into(),
+        ];
+        spawn(name, Path::new(env!("CARGO_BIN_EXE_sds")), &args, &self.logs())
+    }
+
+    /// The log of a process started by the cluster.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs().join(format!("{name}.log"))).unwrap_or_default()
     }
 
     /// `kill -9` of SDS `i`.
