@@ -144,3 +144,22 @@ async fn a_secondary_back_on_another_port_is_found_again() {
         assert_eq!(cluster.checksum(node, volume_id, chunk).await.crc32, model_crc(&data));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_stops_cleanly_and_data_is_there_after_restart() {
+    let mut cluster = Cluster::start(2).await;
+    let (sdc, _) = cluster.register_sdc("sdc-term").await;
+    let volume_id = cluster.create_mapped_volume("term", 8 << 20, "sdc-term").await;
+    let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    s.auth_all().await;
+    let data = pattern(5, 300_000);
+    assert_eq!(s.write(0, 4096, &data).await, Status::Ok);
+    let node_name = cluster.sds_by_node_id(s.primary_of(0)).await.name.clone();
+    let i = cluster.sds.iter().position(|n| n.name == node_name).unwrap();
+    let status = cluster.terminate_sds(i).await;
+    assert!(status.success(), "exit status {status}");
+    cluster.start_sds(i).await;
+    s.auth_all().await;
+    let (status, read) = s.read(0, 4096, data.len() as u32).await;
+    assert_eq!((status, read == data), (Status::Ok, true));
+}

@@ -359,6 +359,16 @@ impl Cluster {
         std::fs::read_to_string(self.logs().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Sends SIGTERM to SDS `i` and returns its exit status.
+    pub async fn terminate_sds(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut process = self.sds[i].process.take().expect("SDS is running");
+        let pid = libc::pid_t::try_from(process.pid()).unwrap();
+        // SAFETY: kill(2) with a PID this test spawned and still owns (not yet reaped).
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM to {pid}");
+        process.wait_exit(Duration::from_secs(20)).await.expect("SDS stops on SIGTERM")
+    }
+
     /// `kill -9` of SDS `i`.
     pub fn kill_sds(&mut self, i: usize) {
         if let Some(mut process) = self.sds[i].process.take() {
