@@ -61,7 +61,7 @@ const IMMEDIATE_RETRIES: u32 = 3;
 pub struct TokenState {
     pub token_id: u64,
     /// The encoded signed token, the payload of `AUTH`.
-    pub signed: Vec<u8>,
+    pub signed: Bytes,
     pub key: SessionKey,
     pub mode: AccessMode,
     pub mapping_gen: u64,
@@ -81,7 +81,7 @@ impl TokenState {
         let life = resp.expires_at.saturating_sub(now);
         Ok(Self {
             token_id: resp.token_id,
-            signed: signed.encode().to_vec(),
+            signed: Bytes::copy_from_slice(&signed.encode()),
             key,
             mode,
             mapping_gen: resp.mapping_gen,
@@ -284,7 +284,7 @@ impl ClusterVolume {
             ..Default::default()
         };
         let reply = client
-            .call(header, &token.key, &token.signed)
+            .call_shared(header, &token.key, token.signed.clone())
             .await
             .map_err(|e| BackendError::Io(format!("AUTH: {e}")))?;
         match reply.status() {
@@ -305,7 +305,7 @@ impl ClusterVolume {
         flags: u8,
         offset: u32,
         length: u32,
-        payload: &[u8],
+        payload: Bytes,
     ) -> Result<Vec<u8>, BackendError> {
         let deadline = Instant::now() + self.ctx.config.retry_for;
         let mut attempt = 0u32;
@@ -347,7 +347,7 @@ impl ClusterVolume {
             };
             let backoff: bool;
             let reason: String;
-            match client.call(header, &token.key, payload).await {
+            match client.call_shared(header, &token.key, payload.clone()).await {
                 Ok(reply) => {
                     let status = reply.status();
                     match status {
@@ -424,7 +424,7 @@ impl ClusterVolume {
                 0,
                 p.offset_in_chunk,
                 p.length,
-                &[],
+                Bytes::new(),
             )
         };
         if let [only] = pieces.as_slice() {
@@ -438,7 +438,7 @@ impl ClusterVolume {
         Ok(out.freeze())
     }
 
-    async fn write_pieces(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+    async fn write_pieces(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BackendError> {
         let flags = if fua { frame_flags::FUA } else { 0 };
         let pieces: Vec<Piece> = split(offset, data.len() as u64, self.chunk_size()).collect();
         futures_util::future::try_join_all(pieces.iter().map(|p| {
@@ -449,7 +449,7 @@ impl ClusterVolume {
                 flags,
                 p.offset_in_chunk,
                 p.length,
-                &data[p.buffer.clone()],
+                data.slice(p.buffer.clone()),
             )
         }))
         .await?;
@@ -477,7 +477,7 @@ impl ClusterVolume {
                         flags,
                         p.offset_in_chunk,
                         p.length,
-                        &[],
+                        Bytes::new(),
                     )
                     .await
                 }
@@ -494,11 +494,9 @@ impl ClusterVolume {
         for _ in 0..3 {
             let map = self.placement();
             let primaries: BTreeSet<u64> = map.pgs.iter().map(|pg| pg.primary).collect();
-            futures_util::future::try_join_all(
-                primaries
-                    .iter()
-                    .map(|&node| self.call(Destination::Node(node), 0, Op::Flush, 0, 0, 0, &[])),
-            )
+            futures_util::future::try_join_all(primaries.iter().map(|&node| {
+                self.call(Destination::Node(node), 0, Op::Flush, 0, 0, 0, Bytes::new())
+            }))
             .await?;
             if self.placement().epoch == map.epoch {
                 return Ok(());
@@ -522,7 +520,15 @@ impl ClusterVolume {
             (first..last).take(map.pgs.len().max(1)).filter_map(primary_of).collect();
         let answers = futures_util::future::join_all(primaries.iter().map(|&node| async move {
             let bitmap = self
-                .call(Destination::Node(node), first, Op::Allocation, 0, 0, count as u32, &[])
+                .call(
+                    Destination::Node(node),
+                    first,
+                    Op::Allocation,
+                    0,
+                    0,
+                    count as u32,
+                    Bytes::new(),
+                )
                 .await;
             (node, bitmap)
         }))
@@ -605,8 +611,8 @@ impl VolumeIo for ClusterVolume {
         if self.mapping().access_mode == AccessMode::ReadOnly {
             return Err(BackendError::ReadOnly);
         }
-        self.counted(&self.stats.write, data.len() as u64, self.write_pieces(offset, &data, fua))
-            .await
+        let len = data.len() as u64;
+        self.counted(&self.stats.write, len, self.write_pieces(offset, data, fua)).await
     }
 
     async fn flush(&self) -> Result<(), BackendError> {
