@@ -55,13 +55,13 @@ install_host_tools() {
   if ((${#need[@]})); then
     apt_ready
     log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
   if ! have qemu-system-x86_64; then
     ensure_backports
     log "installing qemu-system-x86 from bookworm-backports"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      -t bookworm-backports qemu-system-x86 >&2
+      -t bookworm-backports qemu-system-x86 >/dev/null
   fi
 }
 
