@@ -180,9 +180,32 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         }
     });
 
+    // Stopping needs no draining: the SDC holds no dirty data (every
+    // acknowledged write is on both replicas), so clients only see their
+    // connection close, as on any server restart.
     tokio::select! {
         r = mgmt => r.map_err(StartError::Http),
         r = control => r.map_err(StartError::Http),
+        () = stop_signal() => {
+            tracing::info!("SDC stopping");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
