@@ -88,7 +88,7 @@ fn unmapping_a_volume_revokes_it_and_removes_the_export() {
 
 #[test]
 fn io_resumes_after_an_sds_fails_and_the_mdm_moves_its_chunks() {
-    let options = Options { failed_after_secs: 3, ..Options::default() };
+    let options = Options { failed_after_secs: 6, ..Options::default() };
     let mut cluster = Cluster::start_with(&[rw("vol1", 32 * MIB)], options);
     let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
     let before = pseudo_random(1, 16 * MIB as usize);
