@@ -503,13 +503,42 @@ fn new_session<V: VolumeIo>(
 /// One encoded reply: a header (whole message for most replies) and,
 /// for READ, the data that follows it.
 struct ReplyFrame {
-    head: Vec<u8>,
+    head: Head,
     data: Bytes,
 }
 
+/// Reply headers up to an OFFSET_DATA header are kept inline: no
+/// allocation for the replies of READ, WRITE and the other common commands.
+enum Head {
+    Inline { bytes: [u8; proto::OFFSET_DATA_HEADER_LEN], len: usize },
+    Heap(Vec<u8>),
+}
+
+impl Head {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Head::Inline { bytes, len } => &bytes[..*len],
+            Head::Heap(v) => v,
+        }
+    }
+}
+
 impl ReplyFrame {
-    fn head(head: impl Into<Vec<u8>>) -> Self {
-        Self { head: head.into(), data: Bytes::new() }
+    /// A reply whose header is `head`, followed by `data`.
+    fn new(head: &[u8], data: Bytes) -> Self {
+        let head = if head.len() <= proto::OFFSET_DATA_HEADER_LEN {
+            let mut bytes = [0u8; proto::OFFSET_DATA_HEADER_LEN];
+            bytes[..head.len()].copy_from_slice(head);
+            Head::Inline { bytes, len: head.len() }
+        } else {
+            Head::Heap(head.to_vec())
+        };
+        Self { head, data }
+    }
+
+    /// A reply that is all header (no READ data).
+    fn head(head: impl AsRef<[u8]>) -> Self {
+        Self::new(head.as_ref(), Bytes::new())
     }
 }
 
@@ -540,7 +569,7 @@ async fn write_replies(
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &ReplyFrame) -> std::io::Result<()> {
-    w.write_all(&frame.head).await?;
+    w.write_all(frame.head.as_slice()).await?;
     if !frame.data.is_empty() {
         w.write_all(&frame.data).await?;
     }
@@ -554,12 +583,12 @@ fn error_frame<V>(session: &Session<V>, req: &Request, errno: Errno, message: &s
     if session.limits.structured_replies && structured_required {
         ReplyFrame::head(proto::error_chunk(req.cookie, errno, message))
     } else {
-        ReplyFrame::head(proto::simple_reply(req.cookie, errno as u32).to_vec())
+        ReplyFrame::head(proto::simple_reply(req.cookie, errno as u32))
     }
 }
 
 fn ok_frame(req: &Request) -> ReplyFrame {
-    ReplyFrame::head(proto::simple_reply(req.cookie, 0).to_vec())
+    ReplyFrame::head(proto::simple_reply(req.cookie, 0))
 }
 
 /// Runs one request against the volume and encodes its reply. The bool
@@ -580,13 +609,10 @@ async fn execute<V: VolumeIo>(
         Command::Read => match volume.read(offset, req.length).await {
             Ok(data) if data.len() == req.length as usize => {
                 Ok(if session.limits.structured_replies {
-                    ReplyFrame {
-                        head: proto::offset_data_header(req.cookie, true, offset, req.length)
-                            .to_vec(),
-                        data,
-                    }
+                    let head = proto::offset_data_header(req.cookie, true, offset, req.length);
+                    ReplyFrame::new(&head, data)
                 } else {
-                    ReplyFrame { head: proto::simple_reply(req.cookie, 0).to_vec(), data }
+                    ReplyFrame::new(&proto::simple_reply(req.cookie, 0), data)
                 })
             }
             Ok(data) => Err(BackendError::Io(format!(
