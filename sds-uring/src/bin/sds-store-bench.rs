@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use pflex_proto::CHUNK_SIZE;
 use pflex_sds_uring::engine::uring::UringConfig;
-use pflex_sds_uring::engine::EngineKind;
+use pflex_sds_uring::engine::{AlignedBuf, EngineKind, IoRequest};
 use pflex_sds_uring::store::{ChunkStore, StoreConfig};
 
 #[derive(Parser, Debug)]
@@ -38,6 +38,13 @@ struct Args {
     /// Microseconds a uring device thread polls for work before sleeping (0: never polls).
     #[arg(long, default_value_t = 0)]
     idle_poll_us: u64,
+    /// Use plain io_uring rings (no SINGLE_ISSUER | DEFER_TASKRUN).
+    #[arg(long)]
+    plain_ring: bool,
+    /// Measure the IO engine alone (same offsets, straight on the device,
+    /// no chunk map or locks) instead of the chunk store.
+    #[arg(long)]
+    engine_only: bool,
     /// Skip the fio comparison.
     #[arg(long)]
     no_fio: bool,
@@ -111,11 +118,15 @@ async fn run(args: Args) -> Result<()> {
         devices: vec![(store_dir.join("dev0.img"), args.size)],
         engine: args.engine,
     };
-    let tuning =
-        UringConfig { idle_poll: Duration::from_micros(args.idle_poll_us), ..Default::default() };
+    let tuning = UringConfig {
+        idle_poll: Duration::from_micros(args.idle_poll_us),
+        defer_taskrun: !args.plain_ring,
+        ..Default::default()
+    };
     let store = ChunkStore::open_with(cfg, tuning).context("opening the chunk store")?;
     println!(
-        "chunk store: {} engine, device {} ({} MiB), idle poll {} µs, {} s per test",
+        "{}: {} engine, device {} ({} MiB), idle poll {} µs, {} s per test",
+        if args.engine_only { "IO engine alone" } else { "chunk store" },
         args.engine,
         store_dir.join("dev0.img").display(),
         args.size >> 20,
@@ -168,7 +179,17 @@ async fn run(args: Args) -> Result<()> {
             let mut ours = Vec::new();
             let mut theirs = Vec::new();
             for _round in 0..args.rounds.max(1) {
-                ours.push(measure_store(&store, pattern, depth, volume_chunks, duration).await?);
+                ours.push(
+                    measure_store(
+                        &store,
+                        pattern,
+                        depth,
+                        volume_chunks,
+                        duration,
+                        args.engine_only,
+                    )
+                    .await?,
+                );
                 if let Some(fio) = &fio {
                     theirs.push(run_fio(fio, &fio_file, args.size, pattern, depth, args.seconds)?);
                 }
@@ -261,6 +282,7 @@ async fn measure_store(
     depth: usize,
     chunks: u64,
     duration: Duration,
+    engine_only: bool,
 ) -> Result<Measured> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -272,6 +294,7 @@ async fn measure_store(
             let mut rng =
                 0x9E37_79B9_7F4A_7C15u64 ^ (worker as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             let data = vec![0x3Cu8; 4096];
+            let mut engine_buf = Some(AlignedBuf::from_slice(&data));
             let blocks_per_chunk = CHUNK_SIZE / 4096;
             let mut latencies = Vec::with_capacity(1 << 20);
             while !stop.load(Ordering::Relaxed) {
@@ -282,11 +305,24 @@ async fn measure_store(
                 let chunk = block / blocks_per_chunk;
                 let offset = ((block % blocks_per_chunk) * 4096) as u32;
                 let at = Instant::now();
-                match pattern {
-                    Pattern::RandWrite => store.write(1, chunk, offset, &data, false).await?,
-                    Pattern::RandRead => {
-                        let read = store.read(1, chunk, offset, 4096).await?;
-                        debug_assert_eq!(read.len(), 4096);
+                if engine_only {
+                    // The same offsets straight on the device, through the engine.
+                    let device_offset = block * 4096;
+                    let buf = engine_buf.take().expect("the buffer comes back after each IO");
+                    let request = match pattern {
+                        Pattern::RandWrite => IoRequest::write(0, device_offset, buf, false),
+                        Pattern::RandRead => IoRequest::read(0, device_offset, buf),
+                    };
+                    let completion = store.engine().submit(request).await;
+                    completion.result?;
+                    engine_buf = completion.buf;
+                } else {
+                    match pattern {
+                        Pattern::RandWrite => store.write(1, chunk, offset, &data, false).await?,
+                        Pattern::RandRead => {
+                            let read = store.read(1, chunk, offset, 4096).await?;
+                            debug_assert_eq!(read.len(), 4096);
+                        }
                     }
                 }
                 latencies.push(at.elapsed().as_nanos() as u64);

@@ -86,7 +86,7 @@ impl AlignedBuf {
     /// Whether this buffer can be used for O_DIRECT IO as it is: its
     /// length is a multiple of [`IO_ALIGN`] (the address always is aligned).
     pub fn is_io_aligned(&self) -> bool {
-        self.len % IO_ALIGN == 0
+        self.len.is_multiple_of(IO_ALIGN)
     }
 
     pub fn as_ptr(&self) -> *const u8 {
@@ -251,7 +251,7 @@ mod tests {
             let buf = AlignedBuf::zeroed(len);
             assert_eq!(buf.as_ptr() as usize % IO_ALIGN, 0);
             assert_eq!(buf.len(), len);
-            assert!(buf.capacity() >= len && buf.capacity() % IO_ALIGN == 0);
+            assert!(buf.capacity() >= len && buf.capacity().is_multiple_of(IO_ALIGN));
             assert!(buf.iter().all(|&b| b == 0));
         }
     }

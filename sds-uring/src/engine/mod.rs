@@ -125,7 +125,9 @@ impl IoRequest {
                 self.offset
                     .checked_add(buf.len() as u64)
                     .ok_or_else(|| invalid_input("offset + length overflows".into()))?;
-                if needs_alignment && (self.offset % IO_ALIGN as u64 != 0 || !buf.is_io_aligned()) {
+                if needs_alignment
+                    && (!self.offset.is_multiple_of(IO_ALIGN as u64) || !buf.is_io_aligned())
+                {
                     return Err(invalid_input(format!(
                         "O_DIRECT needs {IO_ALIGN}-byte alignment: offset {} length {}",
                         self.offset,

@@ -42,15 +42,17 @@ use super::{DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp, IoRequest, Pen
 pub struct UringConfig {
     /// Submission queue entries per ring (a power of two).
     pub ring_entries: u32,
-    /// How long a device thread keeps polling for work before it sleeps in
-    /// the kernel. Polling saves a wake-up per request at low queue depth
+    /// How long an idle device thread keeps polling its queue before it
+    /// sleeps. Polling saves a thread wake-up per request at low queue depth
     /// at the price of CPU time; zero disables it.
     pub idle_poll: Duration,
+    /// Ask for `SINGLE_ISSUER | DEFER_TASKRUN` rings.
+    pub defer_taskrun: bool,
 }
 
 impl Default for UringConfig {
     fn default() -> Self {
-        Self { ring_entries: 256, idle_poll: Duration::ZERO }
+        Self { ring_entries: 256, idle_poll: Duration::ZERO, defer_taskrun: true }
     }
 }
 
@@ -59,12 +61,15 @@ impl Default for UringConfig {
 /// device thread asks for completions, not as interrupts of it) and falls
 /// back to a plain ring on kernels without them.
 fn build_ring(config: &UringConfig, raw_fd: RawFd) -> io::Result<IoUring> {
-    let tuned = IoUring::builder()
-        .setup_clamp()
-        .setup_cqsize(config.ring_entries * 2)
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(config.ring_entries);
+    let tuned = match config.defer_taskrun {
+        true => IoUring::builder()
+            .setup_clamp()
+            .setup_cqsize(config.ring_entries * 2)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(config.ring_entries),
+        false => Err(io::Error::other("not asked for")),
+    };
     let ring = match tuned {
         Ok(ring) => ring,
         Err(error) => {
@@ -323,38 +328,28 @@ const REGISTERED_FILE: types::Fixed = types::Fixed(0);
 
 impl DeviceThread {
     fn run(mut self) {
-        let polling = !self.idle_poll.is_zero();
         let mut closed = false;
-        let mut idle_since: Option<Instant> = None;
         loop {
             closed |= self.take_intake();
             self.push_backlog();
             if closed && self.in_flight.count == 0 && self.backlog.is_empty() {
                 break;
             }
-            let unsubmitted = !self.ring.submission().is_empty();
-            if !self.ring.completion().is_empty() || (polling && unsubmitted) {
-                if unsubmitted {
+            if !self.ring.completion().is_empty() {
+                if !self.ring.submission().is_empty() {
                     self.submit();
                 }
                 self.reap();
-                idle_since = None;
                 continue;
             }
-            if polling {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() < self.idle_poll {
-                    std::hint::spin_loop();
-                    continue;
-                }
-            }
             if self.in_flight.count == 0 && self.backlog.is_empty() && !closed {
-                // Idle: block on the channel itself; a send wakes us directly.
-                match self.intake.recv() {
-                    Ok(submission) => self.backlog.push_back(submission),
-                    Err(mpsc::RecvError) => closed = true,
+                // Idle: poll the queue a little (the next request of a
+                // synchronous caller arrives right after our completion),
+                // then block on the channel itself; a send wakes us directly.
+                match self.wait_for_intake() {
+                    Some(submission) => self.backlog.push_back(submission),
+                    None => closed = true,
                 }
-                idle_since = None;
                 continue;
             }
             self.wakeup.sleeping.store(true, Ordering::SeqCst);
@@ -375,10 +370,24 @@ impl DeviceThread {
                 Err(error) => tracing::error!(%error, "io_uring wait failed"),
             }
             self.wakeup.sleeping.store(false, Ordering::SeqCst);
-            idle_since = None;
             self.reap();
         }
         self.disarm_wake();
+    }
+
+    /// The next submission of an idle device; `None` once the engine is closed.
+    fn wait_for_intake(&mut self) -> Option<Submission> {
+        if !self.idle_poll.is_zero() {
+            let started = Instant::now();
+            while started.elapsed() < self.idle_poll {
+                match self.intake.try_recv() {
+                    Ok(submission) => return Some(submission),
+                    Err(mpsc::TryRecvError::Disconnected) => return None,
+                    Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                }
+            }
+        }
+        self.intake.recv().ok()
     }
 
     fn submit(&mut self) {

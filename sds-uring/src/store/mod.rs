@@ -492,7 +492,7 @@ impl ChunkStore {
             return Ok(());
         }
         let offset = u64::from(offset);
-        let aligned = offset % ALIGN == 0 && len as u64 % ALIGN == 0;
+        let aligned = offset.is_multiple_of(ALIGN) && (len as u64).is_multiple_of(ALIGN);
         let lock = self.lock_for(key);
         if aligned {
             // Fast path: whole blocks of an allocated chunk, in parallel with other IO.
