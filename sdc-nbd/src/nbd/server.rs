@@ -9,9 +9,10 @@
 //!
 //! Back-pressure: a connection holds at most
 //! [`ServerConfig::max_in_flight_requests`] requests and
-//! [`ServerConfig::max_in_flight_bytes`] of READ/WRITE payload at once; the
-//! reader stops reading the socket until a request completes, so memory
-//! stays bounded whatever the client sends.
+//! [`ServerConfig::max_in_flight_bytes`] of READ/WRITE payload at once,
+//! counted from the moment the request is read until its reply is written;
+//! the reader stops reading the socket until a reply has gone out, so
+//! memory stays bounded whatever the client sends (or fails to read).
 //!
 //! Failure scope: anything that breaks the framing (bad magic, unknown
 //! client flags, a stream that ends mid-request) closes that connection and
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::{self, cmd_flags, opt, rep, tx_flags, ClientOption, Command, Errno, Request};
 use crate::backend::{BackendError, BlockBackend, ExportInfo, Extent, VolumeIo, ZeroFlags};
@@ -228,10 +229,12 @@ impl<B: BlockBackend> NbdServer<B> {
                     c.record(moved, ok, started.elapsed());
                 }
                 executing.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send(frame);
                 stats.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
-                drop(byte_permit);
-                drop(request_permit);
+                // The permits travel with the reply and are released once it
+                // is written: a client that stops reading replies stops the
+                // reader too, instead of piling replies up in memory.
+                let _ =
+                    tx.send(ReplyFrame { _permits: Some((request_permit, byte_permit)), ..frame });
             });
         };
         // Let every in-flight request finish and be answered, then close.
@@ -505,6 +508,8 @@ fn new_session<V: VolumeIo>(
 struct ReplyFrame {
     head: Head,
     data: Bytes,
+    /// The request's share of the connection's in-flight budget.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// Reply headers up to an OFFSET_DATA header are kept inline: no
@@ -533,7 +538,7 @@ impl ReplyFrame {
         } else {
             Head::Heap(head.to_vec())
         };
-        Self { head, data }
+        Self { head, data, _permits: None }
     }
 
     /// A reply that is all header (no READ data).

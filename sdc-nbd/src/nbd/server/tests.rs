@@ -556,3 +556,40 @@ async fn real_clients_interoperate() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_replies_stops_being_served() {
+    let (b, _) = backend_with_vol();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(NbdStats::default());
+    let config = ServerConfig {
+        max_in_flight_requests: 4,
+        max_in_flight_bytes: 32 << 20,
+        ..ServerConfig::default()
+    };
+    tokio::spawn(NbdServer::new(b, config, stats.clone()).serve(listener));
+    let mut c = RawClient::connect(addr).await;
+    c.go("vol1", false).await;
+    let total = 200u64;
+    let mut batch = Vec::new();
+    for i in 0..total {
+        let r =
+            Request { flags: 0, command: Command::Read, cookie: i, offset: 0, length: MIB as u32 };
+        batch.extend_from_slice(&r.encode());
+    }
+    c.s.write_all(&batch).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served = stats.command(Command::Read).unwrap().ops();
+    assert!(
+        served < total / 2,
+        "{served} of {total} 1 MiB reads served to a client reading nothing"
+    );
+    for _ in 0..total {
+        let (_, err) = c.simple_reply().await;
+        assert_eq!(err, 0);
+        let mut data = vec![0u8; MIB as usize];
+        c.s.read_exact(&mut data).await.unwrap();
+    }
+    assert_eq!(stats.command(Command::Read).unwrap().ops(), total);
+}
