@@ -241,6 +241,11 @@ run_guest() {
     details+=("qemu exited with status $qemu_status (see $name.qemu.log)")
   fi
   grep -aq "PFLEX-TEST .* PASS" "$console" || details+=("the guest did not report PASS")
+  # The kernel can recover from some NBD trouble on its own (timeouts, requeued requests) and
+  # let the steps pass; any such message still fails the test.
+  local kernel_trouble
+  kernel_trouble=$(grep -aE "$KERNEL_TROUBLE" "$console" | head -n 3 || true)
+  [ -z "$kernel_trouble" ] || details+=("the guest kernel reported: $kernel_trouble")
   if [ -n "$request_log" ] && [ -f "$request_log" ]; then
     "$VM_IMAGES_DIR/summarize-nbd-log.sh" "$request_log" "$request_line" \
       >"$ARTIFACTS_DIR/$name.requests.txt" || true
@@ -258,6 +263,8 @@ run_guest() {
   record PASS "$name" "$secs"
 }
 
+KERNEL_TROUBLE='I/O error|blk_update_request|nbd[0-9]+: .*(timed out|failed|[Dd]ead|error)'
+KERNEL_TROUBLE+='|EXT4-fs (error|warning)|WARNING:|BUG:|Call Trace|Oops'
 fs_steps="nbd-connect mount write-tree read-back fio-file-verify fio-device-verify fio-fsync"
 fs_steps+=" umount-fsck nbd-disconnect"
 common=(--set "server=10.0.2.2" --set "port=$NBD_PORT" --set "export=$EXPORT")
