@@ -57,6 +57,9 @@ pub struct Args {
     /// Requests one NBD connection may have in flight.
     #[arg(long, default_value_t = 256)]
     pub max_in_flight: usize,
+    /// NBD connections served at once (more are closed right away).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
     /// How long one IO keeps retrying through SDS restarts and map changes before failing with EIO.
     #[arg(long, default_value_t = 30)]
     pub io_retry_secs: u64,
@@ -131,7 +134,11 @@ pub async fn run(args: Args) -> Result<(), StartError> {
 
     let server = NbdServer::new(
         backend.clone(),
-        ServerConfig { max_in_flight_requests: args.max_in_flight, ..ServerConfig::default() },
+        ServerConfig {
+            max_in_flight_requests: args.max_in_flight,
+            max_connections: args.max_connections,
+            ..ServerConfig::default()
+        },
         nbd_stats,
     );
     tracing::info!(nbd = %args.nbd_listen, mgmt = args.mgmt_port, control = args.control_port,

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// The whole handshake must finish within this.
     pub handshake_timeout: Duration,
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +63,7 @@ impl Default for ServerConfig {
             max_in_flight_requests: 256,
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
 }
@@ -98,14 +101,21 @@ impl<B: BlockBackend> NbdServer<B> {
 
     /// Accepts connections until the listener fails for good.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many NBD connections; refusing one");
+                        drop(stream);
+                        continue;
+                    };
                     let server = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = server.handle_connection(stream).await {
                             tracing::debug!(%peer, error = %e, "NBD connection closed");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {
