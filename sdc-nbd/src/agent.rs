@@ -126,7 +126,10 @@ impl Agent {
             let token = v.token();
             if token.needs_renewal(now) {
                 match v.refresh_token(token.token_id).await {
-                    Ok(()) => tracing::debug!(volume = v.id(), "token renewed"),
+                    Ok(()) => {
+                        tracing::debug!(volume = v.id(), "token renewed");
+                        v.present_token().await;
+                    }
                     Err(e) => tracing::warn!(volume = v.id(), error = %e, "token renewal failed"),
                 }
             }

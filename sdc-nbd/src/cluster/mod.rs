@@ -173,6 +173,7 @@ impl ClusterBackend {
                 match ClusterVolume::open(self.ctx.clone(), m.clone()).await {
                     Ok(v) => {
                         tracing::info!(volume = m.volume_id, name = %m.name, "volume mapped");
+                        v.present_token().await;
                         self.volumes
                             .write()
                             .unwrap_or_else(|p| p.into_inner())

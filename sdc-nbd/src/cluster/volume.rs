@@ -267,6 +267,27 @@ impl ClusterVolume {
         Ok(())
     }
 
+    /// Presents the current token to every SDS of the map ahead of IO, so
+    /// the first requests after opening or renewing do not each pay a
+    /// `NoToken` round trip. Failures are left for the IO path to handle.
+    pub async fn present_token(&self) {
+        let map = self.placement();
+        let token = self.token();
+        let presented = futures_util::future::join_all(map.nodes.iter().map(|node| {
+            let (map, token) = (&map, &token);
+            async move {
+                let client = self.ctx.pool.client(node).await?;
+                self.authenticate(&client, map, token).await
+            }
+        }))
+        .await;
+        for (node, result) in map.nodes.iter().zip(presented) {
+            if let Err(e) = result {
+                tracing::debug!(volume = self.id, sds = node.id, error = %e, "presenting the token failed");
+            }
+        }
+    }
+
     /// Presents the token to one SDS.
     async fn authenticate(
         &self,
