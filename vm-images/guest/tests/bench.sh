@@ -23,7 +23,7 @@ connect() {
   tries=0
   while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
     tries=$((tries + 1))
-    [ "$tries" -lt 50 ] || return 1
+    [ "$tries" -lt 300 ] || return 1
     sleep 0.1
   done
 }

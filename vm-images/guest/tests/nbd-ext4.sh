@@ -31,11 +31,11 @@ JOBS=/usr/share/pflex/fio-jobs
 
 connect() {
   /usr/sbin/nbd-client "$SERVER" "$PORT" "$DEV" -N "$EXPORT" -b "$BLOCK" -C "$CONNS" || return 1
-  # The size appears once the kernel has the device configured.
+  # The size appears once the kernel has the device configured (up to 30 s on a busy host).
   tries=0
   while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
     tries=$((tries + 1))
-    [ "$tries" -lt 50 ] || return 1
+    [ "$tries" -lt 300 ] || return 1
     sleep 0.1
   done
   q=/sys/block/nbd0/queue
@@ -152,7 +152,7 @@ disconnect() {
   tries=0
   while [ "$(cat /sys/block/nbd0/size)" != 0 ]; do
     tries=$((tries + 1))
-    [ "$tries" -lt 50 ] || return 1
+    [ "$tries" -lt 300 ] || return 1
     sleep 0.1
   done
 }
