@@ -66,6 +66,54 @@ pub struct Args {
     /// How often the state files (sdc_local.db, sdc_chunks.db) are written.
     #[arg(long, default_value_t = 5)]
     pub state_interval_secs: u64,
+    /// Serve in-memory exports NAME:SIZE (e.g. `scratch:1G`, repeatable)
+    /// instead of the cluster: no MDM, nothing kept. For checking NBD
+    /// clients and measuring the protocol layer alone.
+    #[arg(long, value_name = "NAME:SIZE", value_parser = parse_memory_export)]
+    pub memory_export: Vec<(String, u64)>,
+}
+
+fn parse_memory_export(s: &str) -> Result<(String, u64), String> {
+    let (name, size) = s.split_once(':').ok_or("expected NAME:SIZE")?;
+    let size = size.trim();
+    let (digits, unit) =
+        size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("bad size {size:?}"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}")),
+    };
+    let bytes = n.checked_mul(mult).ok_or("size too large")?;
+    if name.is_empty() || bytes == 0 {
+        return Err("name and size must be non-empty".into());
+    }
+    Ok((name.to_owned(), bytes))
+}
+
+/// Serves only in-memory exports (see `--memory-export`).
+async fn run_memory(args: Args) -> Result<(), StartError> {
+    let backend = Arc::new(crate::memory::MemoryBackend::new());
+    for (name, size) in &args.memory_export {
+        backend.add(name, *size, false);
+    }
+    let listener = listen(args.nbd_listen.to_string()).await?;
+    let server = NbdServer::new(
+        backend,
+        ServerConfig {
+            max_in_flight_requests: args.max_in_flight,
+            max_connections: args.max_connections,
+            ..ServerConfig::default()
+        },
+        Arc::new(NbdStats::default()),
+    );
+    tracing::info!(nbd = %args.nbd_listen, exports = args.memory_export.len(), "serving in-memory exports");
+    tokio::select! {
+        () = server.serve(listener) => Ok(()),
+        () = stop_signal() => Ok(()),
+    }
 }
 
 /// Why the SDC could not start.
@@ -102,6 +150,9 @@ async fn listen(addr: String) -> Result<TcpListener, StartError> {
 
 /// Runs the SDC until the process is stopped.
 pub async fn run(args: Args) -> Result<(), StartError> {
+    if !args.memory_export.is_empty() {
+        return run_memory(args).await;
+    }
     let join_key = args.join_key()?;
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|source| StartError::DataDir { path: args.data_dir.clone(), source })?;
@@ -256,4 +307,20 @@ fn snapshot(backend: &ClusterBackend) -> Vec<VolumeSnapshot> {
             s
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_export_sizes() {
+        assert_eq!(parse_memory_export("a:1G"), Ok(("a".into(), 1 << 30)));
+        assert_eq!(parse_memory_export("b:512m"), Ok(("b".into(), 512 << 20)));
+        assert_eq!(parse_memory_export("c:4096"), Ok(("c".into(), 4096)));
+        assert!(parse_memory_export("d").is_err());
+        assert!(parse_memory_export(":1G").is_err());
+        assert!(parse_memory_export("e:1T").is_err());
+        assert!(parse_memory_export("f:0").is_err());
+    }
 }
