@@ -287,6 +287,45 @@ impl Cluster {
         self.wait_until("sdc registered", || self.registered(port));
     }
 
+    /// Starts another SDC named `name`, maps `volume` to it as well, and
+    /// waits until it serves the volume; returns its NBD port.
+    pub fn add_sdc(&mut self, name: &str, volume: &str) -> u16 {
+        let (nbd, control, mgmt) = (free_port(), free_port(), free_port());
+        let args = vec![
+            "--mdm".into(),
+            self.mdm_url(),
+            "--join-key-file".into(),
+            self.path("join_key").display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--data-dir".into(),
+            self.path(name).display().to_string(),
+            "--nbd-listen".into(),
+            format!("127.0.0.1:{nbd}"),
+            "--control-port".into(),
+            control.to_string(),
+            "--mgmt-port".into(),
+            mgmt.to_string(),
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--heartbeat-interval-secs".into(),
+            "1".into(),
+        ];
+        self.spawn(name, "sdc", args);
+        self.wait_until(&format!("{name} registered"), || self.registered(mgmt));
+        let map = VolumeMap {
+            volume: volume.into(),
+            sdc: name.into(),
+            access_mode: AccessMode::ReadWrite,
+        };
+        self.rt.block_on(self.admin().volume_map(&map)).expect("mapping to the second SDC");
+        self.wait_until(&format!("{volume} served by {name}"), || {
+            self.get_json::<Vec<serde_json::Value>>(control, "/volumes")
+                .is_some_and(|l| l.iter().any(|v| v["name"] == volume && v["routed"] == true))
+        });
+        nbd
+    }
+
     fn mdm_ready(&self) -> bool {
         let Ok(token) = std::fs::read_to_string(self.path("mdm/admin_token")) else {
             return false;
