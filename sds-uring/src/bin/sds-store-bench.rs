@@ -61,6 +61,9 @@ struct Args {
     /// no chunk map or locks) instead of the chunk store.
     #[arg(long)]
     engine_only: bool,
+    /// Leave the device and fio files in place afterwards (for inspection).
+    #[arg(long)]
+    keep_files: bool,
     /// Skip the fio comparison.
     #[arg(long)]
     no_fio: bool,
@@ -243,8 +246,10 @@ async fn run(args: Args) -> Result<()> {
         store.engine().in_flight_peak()
     );
     drop(store);
-    let _ = std::fs::remove_file(&fio_file);
-    let _ = std::fs::remove_dir_all(&store_dir);
+    if !args.keep_files {
+        let _ = std::fs::remove_file(&fio_file);
+        let _ = std::fs::remove_dir_all(&store_dir);
+    }
     Ok(())
 }
 
