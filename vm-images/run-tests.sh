@@ -212,6 +212,27 @@ fi
 log "guests run with $accel acceleration"
 
 # --- 3. Guest tests. ----------------------------------------------------------------------------
+# sdc_request_summary BEFORE AFTER: NBD requests, bytes and average size per command that the SDC
+# counted between two /metrics snapshots (BEFORE may be empty: counting from zero).
+previous_sdc_metrics=
+sdc_request_summary() {
+  awk '
+    function key(line) { sub(/^[^{]*\{op="/, "", line); sub(/".*/, "", line); return line }
+    FNR == 1 { file++ }
+    /^pflex_sdc_nbd_requests_total\{/ { requests[file, key($1)] = $2; ops[key($1)] = 1 }
+    /^pflex_sdc_nbd_bytes_total\{/ { bytes[file, key($1)] = $2 }
+    END {
+      last = file
+      first = (last == 2) ? 1 : 0
+      for (op in ops) {
+        n = requests[last, op] - requests[first, op]
+        if (n <= 0) continue
+        b = bytes[last, op] - bytes[first, op]
+        printf "%-13s requests=%d bytes=%d avg=%.0fB\n", op, n, b, b / n
+      }
+    }' "$@"
+}
+
 # run_guest NAME EXPECTED_STEPS BOOT_ARGS...: boots a guest, checks its markers, records a result.
 run_guest() {
   local name=$1 expected=$2
@@ -254,6 +275,10 @@ run_guest() {
     # The SDC's counters (NBD commands, request sizes, flushes) after this guest.
     curl -fsS --max-time 5 "http://127.0.0.1:$SDC_MGMT_PORT/metrics" \
       >"$ARTIFACTS_DIR/$name.sdc-metrics.txt" 2>&1 || true
+    sdc_request_summary ${previous_sdc_metrics:+"$previous_sdc_metrics"} \
+      "$ARTIFACTS_DIR/$name.sdc-metrics.txt" \
+      >"$ARTIFACTS_DIR/$name.requests.txt" || true
+    previous_sdc_metrics=$ARTIFACTS_DIR/$name.sdc-metrics.txt
   fi
   if ((${#details[@]})); then
     details+=("console: $console")
