@@ -30,6 +30,6 @@ rust_secs=$(( $(date +%s) - start ))
 
 if [ -x vm-images/run-tests.sh ]; then
   echo "test.sh: vm-images/run-tests.sh"
-  vm-images/run-tests.sh
+  PFLEX_CARGO_PROFILE="${PFLEX_CARGO_PROFILE:-debug}" vm-images/run-tests.sh
 fi
 echo "test.sh: all tests passed (rust ${rust_secs}s, total $(( $(date +%s) - start ))s)"
