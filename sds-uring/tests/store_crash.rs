@@ -34,7 +34,7 @@ fn config(dir: &Path, engine: EngineKind) -> StoreConfig {
 fn region(n: u64) -> (u64, u32, u32) {
     let chunk = n % CHUNKS;
     let slot_in_chunk = (n / CHUNKS) as u32; // 0.. : 16 KiB apart
-    let unaligned = n % 3 == 0;
+    let unaligned = n.is_multiple_of(3);
     let offset = slot_in_chunk * 16384 + if unaligned { 1000 } else { 0 };
     let len = if unaligned { 5000 } else { 8192 };
     (chunk, offset, len)
@@ -140,7 +140,6 @@ async fn acknowledged_writes_survive(engine: EngineKind, test_name: &str) {
     for line in lines.map_while(Result::ok) {
         record(&line, &mut writes, &mut trims);
     }
-    drop(record);
     drop(child);
 
     let store = ChunkStore::open(config(&dir, engine)).unwrap();

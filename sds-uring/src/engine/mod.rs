@@ -32,6 +32,7 @@ pub mod aligned;
 pub mod sync;
 pub mod uring;
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -97,17 +98,26 @@ pub struct IoRequest {
     pub offset: u64,
     /// The data (write) or the space to read into (read); `None` for `DataSync`.
     pub buf: Option<AlignedBuf>,
+    /// Whatever must stay alive until the operation has completed, even if
+    /// the caller stops waiting (a lock guard, a slot reservation). It comes
+    /// back in the completion, or is dropped by the engine after completion.
+    pub keep_alive: Option<KeepAlive>,
 }
 
 impl IoRequest {
     pub fn read(device: usize, offset: u64, buf: AlignedBuf) -> Self {
-        Self { device, op: IoOp::Read, offset, buf: Some(buf) }
+        Self { device, op: IoOp::Read, offset, buf: Some(buf), keep_alive: None }
     }
     pub fn write(device: usize, offset: u64, buf: AlignedBuf, fua: bool) -> Self {
-        Self { device, op: IoOp::Write { fua }, offset, buf: Some(buf) }
+        Self { device, op: IoOp::Write { fua }, offset, buf: Some(buf), keep_alive: None }
     }
     pub fn data_sync(device: usize) -> Self {
-        Self { device, op: IoOp::DataSync, offset: 0, buf: None }
+        Self { device, op: IoOp::DataSync, offset: 0, buf: None, keep_alive: None }
+    }
+    /// Attaches `value` to live until the operation completes.
+    pub fn keeping(mut self, value: KeepAlive) -> Self {
+        self.keep_alive = Some(value);
+        self
     }
 
     /// Checks what every engine requires before anything reaches a device.
@@ -140,6 +150,25 @@ impl IoRequest {
     }
 }
 
+/// A value tied to an in-flight operation's lifetime (see [`IoRequest::keep_alive`]).
+pub struct KeepAlive(Box<dyn Any + Send>);
+
+impl KeepAlive {
+    pub fn new(value: impl Any + Send) -> Self {
+        Self(Box::new(value))
+    }
+    /// The value, if it is a `T`.
+    pub fn downcast<T: Any>(self) -> Result<T, Self> {
+        self.0.downcast::<T>().map(|value| *value).map_err(Self)
+    }
+}
+
+impl fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeepAlive(..)")
+    }
+}
+
 fn invalid_input(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message)
 }
@@ -150,12 +179,18 @@ fn invalid_input(message: String) -> io::Error {
 pub struct IoCompletion {
     pub buf: Option<AlignedBuf>,
     pub result: io::Result<()>,
+    /// The request's [`IoRequest::keep_alive`], handed back.
+    pub keep_alive: Option<KeepAlive>,
 }
 
 impl IoCompletion {
+    /// The completion of `request` with `result`.
+    pub fn of(request: IoRequest, result: io::Result<()>) -> Self {
+        Self { buf: request.buf, result, keep_alive: request.keep_alive }
+    }
     /// The completion of a request that never reached a device.
     pub fn failed(request: IoRequest, error: io::Error) -> Self {
-        Self { buf: request.buf, result: Err(error) }
+        Self::of(request, Err(error))
     }
 }
 
@@ -231,6 +266,7 @@ impl Future for PendingIo {
             PendingState::Waiting(receiver) => Pin::new(receiver).poll(cx).map(|outcome| {
                 outcome.unwrap_or_else(|_| IoCompletion {
                     buf: None,
+                    keep_alive: None,
                     result: Err(io::Error::other("the IO engine stopped before completing")),
                 })
             }),

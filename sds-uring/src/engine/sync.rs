@@ -87,7 +87,7 @@ fn serve(file: &File, jobs: &Mutex<mpsc::Receiver<Job>>, activity: &Activity) {
         activity.peak.fetch_max(running, Ordering::Relaxed);
         let result = execute(file, &mut request);
         activity.running.fetch_sub(1, Ordering::Relaxed);
-        let _ = reply.send(IoCompletion { buf: request.buf, result });
+        let _ = reply.send(IoCompletion::of(request, result));
     }
 }
 

@@ -568,8 +568,9 @@ impl DeviceThread {
             }
             Some(result) => {
                 let op = self.in_flight.remove(index).expect("completed operation is in flight");
-                // The caller may have stopped waiting; the buffer is then dropped here.
-                let _ = op.reply.send(IoCompletion { buf: op.request.buf, result });
+                // The caller may have stopped waiting; the buffer (and what the
+                // request keeps alive) is then dropped here, after completion.
+                let _ = op.reply.send(IoCompletion::of(op.request, result));
                 false
             }
         }

@@ -19,13 +19,14 @@
 //! (WAL allows concurrent readers and serialises writers).
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::slots::{SlotLocation, SlotTable};
+use super::{ChunkGuard, StoreError};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -158,8 +159,8 @@ pub fn next_generation(conn: &Connection) -> Result<u64, StoreError> {
 /// A change to the chunk map.
 #[derive(Debug, Clone, Copy)]
 pub enum MapChange {
-    /// The chunk now lives in this slot.
-    Map(ChunkRow),
+    /// The chunk now lives in this (reserved) slot; `row` is its database form.
+    Map { row: ChunkRow, location: SlotLocation },
     /// The chunk no longer holds a slot.
     Unmap { volume_id: u64, chunk_index: u64 },
 }
@@ -167,28 +168,40 @@ pub enum MapChange {
 struct MapJob {
     change: MapChange,
     reply: oneshot::Sender<Result<(), String>>,
+    /// The chunk's exclusive lock, released only once the change is
+    /// committed and published (or failed and undone).
+    chunk_guard: ChunkGuard,
 }
 
-/// The chunk map's writer thread (group commit).
+/// The chunk map's writer thread (group commit). After each commit it
+/// publishes the changes in the [`SlotTable`]; after a failed one it gives
+/// the reserved slots back. Either way the outcome does not depend on the
+/// requester still waiting.
 pub struct MapWriter {
     queue: Option<mpsc::Sender<MapJob>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl MapWriter {
-    pub fn start(conn: Connection) -> std::io::Result<Self> {
+    pub fn start(conn: Connection, slots: Arc<SlotTable>) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("sds-chunk-map".into())
-            .spawn(move || write_loop(conn, jobs))?;
+            .spawn(move || write_loop(conn, jobs, &slots))?;
         Ok(Self { queue: Some(queue), thread: Some(thread) })
     }
 
-    /// Applies `change` durably; returns once it is committed.
-    pub async fn apply(&self, change: MapChange) -> Result<(), StoreError> {
+    /// Applies `change` durably; returns once it is committed and published.
+    /// A `Map` change owns its reserved slot from this call on, and the
+    /// chunk stays locked by `chunk_guard` until the writer is done with it.
+    pub async fn apply(
+        &self,
+        change: MapChange,
+        chunk_guard: ChunkGuard,
+    ) -> Result<(), StoreError> {
         let (reply, committed) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
-        queue.send(MapJob { change, reply }).map_err(|_| StoreError::Closed)?;
+        queue.send(MapJob { change, reply, chunk_guard }).map_err(|_| StoreError::Closed)?;
         committed.await.map_err(|_| StoreError::Closed)?.map_err(StoreError::MapUpdate)
     }
 }
@@ -202,13 +215,22 @@ impl Drop for MapWriter {
     }
 }
 
-fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<MapJob>) {
+fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<MapJob>, slots: &SlotTable) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         match commit_batch(&mut conn, &batch) {
             Ok(()) => {
                 for job in batch {
+                    match job.change {
+                        MapChange::Map { row, location } => {
+                            slots.publish((row.volume_id, row.chunk_index), location)
+                        }
+                        MapChange::Unmap { volume_id, chunk_index } => {
+                            slots.remove((volume_id, chunk_index))
+                        }
+                    }
+                    drop(job.chunk_guard);
                     let _ = job.reply.send(Ok(()));
                 }
             }
@@ -216,6 +238,10 @@ fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<MapJob>) {
                 tracing::error!(%error, changes = batch.len(), "chunk map commit failed");
                 let message = error.to_string();
                 for job in batch {
+                    if let MapChange::Map { location, .. } = job.change {
+                        slots.unreserve(location.device, location.slot);
+                    }
+                    drop(job.chunk_guard);
                     let _ = job.reply.send(Err(message.clone()));
                 }
             }
@@ -239,7 +265,7 @@ fn commit_batch(conn: &mut Connection, batch: &[MapJob]) -> rusqlite::Result<()>
         )?;
         for job in batch {
             match job.change {
-                MapChange::Map(row) => {
+                MapChange::Map { row, .. } => {
                     map.execute(params![
                         row.volume_id as i64,
                         row.chunk_index as i64,

@@ -28,29 +28,42 @@
 //! until its IO completes, so a slot cannot be freed and handed to another
 //! chunk under it.
 //!
-//! Requests are `async` and cancellation-safe in the sense of the engine's
-//! buffer rules: a dropped request never frees memory the kernel still
-//! uses. A write cancelled midway may or may not have reached the device.
-
+//! Requests are `async`, and dropping one midway never corrupts the store.
+//! The engine keeps every buffer until the kernel is done with it, and a
+//! write keeps its chunk lock (or, for a first write, its slot reservation)
+//! attached to the IO request until completion, so an abandoned write can
+//! never land in a slot that meanwhile went to another chunk. A map change,
+//! once queued, is finished by the map writer thread, which holds the
+//! chunk's exclusive lock until the change is committed and visible
+//! (module `slots`). A write dropped midway may or may not have reached the
+//! device, as NBD allows.
+//!
 mod db;
 pub mod device;
+mod slots;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use pflex_proto::api::{ChunkChecksum, DeviceInfo};
 use pflex_proto::CHUNK_SIZE;
 
 use crate::engine::uring::UringConfig;
 use crate::engine::{
-    open_engine_with, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoEngine, IoRequest, IO_ALIGN,
+    open_engine_with, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoEngine, IoRequest,
+    KeepAlive, IO_ALIGN,
 };
 use db::{ChunkRow, MapChange, MapWriter};
+use slots::{SlotLocation, SlotTable};
 
 /// File name of the local database inside the data directory.
 pub const DB_FILE_NAME: &str = "sds_local.db";
+
+/// A chunk's reader/writer lock and its owned exclusive guard.
+type ChunkLock = tokio::sync::RwLock<()>;
+pub(crate) type ChunkGuard = tokio::sync::OwnedRwLockWriteGuard<()>;
 
 /// Number of lock stripes shared by all chunks.
 const LOCK_STRIPES: usize = 1024;
@@ -89,15 +102,6 @@ pub enum StoreError {
     Closed,
 }
 
-/// Where a chunk lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SlotLocation {
-    /// Index into the store's device list (and the engine's).
-    device: usize,
-    slot: u32,
-    generation: u64,
-}
-
 impl SlotLocation {
     fn byte_offset(&self, offset_in_chunk: u64) -> u64 {
         u64::from(self.slot) * CHUNK_SIZE + offset_in_chunk
@@ -134,10 +138,11 @@ pub struct ChunkStore {
     map_writer: MapWriter,
     pool: BufferPool,
     devices: Vec<StoreDevice>,
-    map: RwLock<HashMap<(u64, u64), SlotLocation>>,
-    /// Free slots per device, lowest last (popped first).
-    free_slots: Mutex<Vec<Vec<u32>>>,
-    locks: Box<[tokio::sync::RwLock<()>]>,
+    /// Chunk → slot map and free slots, shared with the map writer thread.
+    slots: Arc<SlotTable>,
+    /// Chunk locks, striped; `Arc` so an exclusive guard can travel with a
+    /// map change to the writer thread (see [`Self::allocate_and_write`]).
+    locks: Box<[Arc<ChunkLock>]>,
     next_generation: AtomicU64,
     db_path: PathBuf,
     counters: StoreCounters,
@@ -198,9 +203,8 @@ impl ChunkStore {
 
         let known_devices = db::load_devices(&conn)?;
         let rows = db::load_chunks(&conn)?;
-        let mut used: Vec<Vec<bool>> =
-            devices.iter().map(|d| vec![false; d.slot_count as usize]).collect();
         let mut map = HashMap::with_capacity(rows.len());
+        let mut taken: HashSet<(usize, u32)> = HashSet::with_capacity(rows.len());
         for row in &rows {
             let Some(index) = devices.iter().position(|d| d.db_id == row.device_id) else {
                 let path = known_devices
@@ -211,34 +215,35 @@ impl ChunkStore {
                     "device {path} holds chunks but is not configured"
                 )));
             };
-            let Some(taken) = used[index].get_mut(row.slot as usize) else {
+            if row.slot >= devices[index].slot_count {
                 return Err(StoreError::Config(format!(
                     "{} is too small for its chunk in slot {}",
                     devices[index].path.display(),
                     row.slot
                 )));
-            };
-            *taken = true;
+            }
+            if !taken.insert((index, row.slot)) {
+                return Err(StoreError::Config(format!(
+                    "slot {} of {} is mapped twice",
+                    row.slot,
+                    devices[index].path.display()
+                )));
+            }
             map.insert(
                 (row.volume_id, row.chunk_index),
                 SlotLocation { device: index, slot: row.slot, generation: row.generation },
             );
         }
-        let free_slots = used
-            .iter()
-            .map(|taken| {
-                (0..taken.len() as u32).rev().filter(|&slot| !taken[slot as usize]).collect()
-            })
-            .collect();
+        let slots = Arc::new(SlotTable::new(map, devices.iter().map(|d| d.slot_count).collect()));
         let next_generation = db::next_generation(&conn)?;
 
         let files: Vec<DeviceFile> =
             devices.iter().map(|d| DeviceFile { path: d.path.clone() }).collect();
         let engine = open_engine_with(cfg.engine, &files, uring)?;
-        let map_writer = MapWriter::start(conn)?;
+        let map_writer = MapWriter::start(conn, slots.clone())?;
         tracing::info!(
             devices = devices.len(),
-            chunks = map.len(),
+            chunks = slots.read_map().len(),
             engine = %cfg.engine,
             "chunk store opened"
         );
@@ -247,9 +252,8 @@ impl ChunkStore {
             map_writer,
             pool: BufferPool::default(),
             devices,
-            map: RwLock::new(map),
-            free_slots: Mutex::new(free_slots),
-            locks: (0..LOCK_STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            slots,
+            locks: (0..LOCK_STRIPES).map(|_| Arc::new(ChunkLock::new(()))).collect(),
             next_generation: AtomicU64::new(next_generation),
             db_path,
             counters: StoreCounters::default(),
@@ -361,14 +365,13 @@ impl ChunkStore {
 
     /// Every device with its capacity and the bytes its allocated slots take.
     pub fn devices(&self) -> Vec<DeviceInfo> {
-        let free = self.free_slots.lock().unwrap_or_else(|e| e.into_inner());
         self.devices
             .iter()
-            .zip(free.iter())
-            .map(|(device, free)| DeviceInfo {
+            .zip(self.slots.used_per_device())
+            .map(|(device, used)| DeviceInfo {
                 path: device.path.to_string_lossy().into_owned(),
                 capacity_bytes: device.size_bytes,
-                used_bytes: u64::from(device.slot_count - free.len() as u32) * CHUNK_SIZE,
+                used_bytes: u64::from(used) * CHUNK_SIZE,
             })
             .collect()
     }
@@ -413,7 +416,7 @@ impl ChunkStore {
 
     // ---- internals ----
 
-    fn lock_for(&self, (vol, chunk): (u64, u64)) -> &tokio::sync::RwLock<()> {
+    fn lock_for(&self, (vol, chunk): (u64, u64)) -> &Arc<ChunkLock> {
         let mixed =
             vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         let index = (mixed ^ (mixed >> 29)) as usize % LOCK_STRIPES;
@@ -421,11 +424,11 @@ impl ChunkStore {
     }
 
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<(u64, u64), SlotLocation>> {
-        self.map.read().unwrap_or_else(|e| e.into_inner())
+        self.slots.read_map()
     }
 
     fn location(&self, key: (u64, u64)) -> Option<SlotLocation> {
-        self.read_map().get(&key).copied()
+        self.slots.location(key)
     }
 
     /// Reads `len` aligned bytes at aligned `offset` within the slot.
@@ -448,18 +451,25 @@ impl ChunkStore {
     }
 
     /// Writes an aligned buffer at aligned `offset` within the slot.
+    /// `keep_alive` (the chunk's lock guard, or the slot's reservation)
+    /// lives until the write has completed, even if this future is dropped
+    /// first; it is handed back on completion.
     async fn write_slot(
         &self,
         location: SlotLocation,
         offset: u64,
         buf: AlignedBuf,
         fua: bool,
-    ) -> Result<(), StoreError> {
-        let request = IoRequest::write(location.device, location.byte_offset(offset), buf, fua);
-        self.engine.submit(request).await.result.map_err(|error| {
+        keep_alive: KeepAlive,
+    ) -> (Result<(), StoreError>, Option<KeepAlive>) {
+        let request = IoRequest::write(location.device, location.byte_offset(offset), buf, fua)
+            .keeping(keep_alive);
+        let completion = self.engine.submit(request).await;
+        let result = completion.result.map_err(|error| {
             self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
             error.into()
-        })
+        });
+        (result, completion.keep_alive)
     }
 
     async fn discard(
@@ -494,40 +504,48 @@ impl ChunkStore {
         let offset = u64::from(offset);
         let aligned = offset.is_multiple_of(ALIGN) && (len as u64).is_multiple_of(ALIGN);
         let lock = self.lock_for(key);
+        // Writes hold the chunk lock until the kernel is done with them
+        // (the guard travels with the request): otherwise a write abandoned
+        // midway could land in the slot after it was freed and given to
+        // another chunk.
         if aligned {
             // Fast path: whole blocks of an allocated chunk, in parallel with other IO.
-            let _shared = lock.read().await;
+            let shared = lock.clone().read_owned().await;
             match self.location(key) {
                 Some(location) => {
                     let mut buf = self.pool.take(len);
                     payload.copy_into(&mut buf);
-                    return self.write_slot(location, offset, buf, fua).await;
+                    let guard = KeepAlive::new(shared);
+                    return self.write_slot(location, offset, buf, fua, guard).await.0;
                 }
                 None if !allocate => return Ok(()),
                 None => {}
             }
         }
-        let _exclusive = lock.write().await;
+        let exclusive = lock.clone().write_owned().await;
         match self.location(key) {
             Some(location) if aligned => {
                 let mut buf = self.pool.take(len);
                 payload.copy_into(&mut buf);
-                self.write_slot(location, offset, buf, fua).await
+                self.write_slot(location, offset, buf, fua, KeepAlive::new(exclusive)).await.0
             }
-            Some(location) => self.read_modify_write(location, offset, payload, fua).await,
+            Some(location) => {
+                self.read_modify_write(location, offset, payload, fua, exclusive).await
+            }
             None if !allocate => Ok(()),
-            None => self.allocate_and_write(key, offset, payload).await,
+            None => self.allocate_and_write(key, offset, payload, exclusive).await,
         }
     }
 
     /// Writes an unaligned range: reads the partial edge blocks, merges,
-    /// writes whole blocks. The caller holds the chunk's exclusive lock.
+    /// writes whole blocks, all under the chunk's exclusive lock.
     async fn read_modify_write(
         &self,
         location: SlotLocation,
         offset: u64,
         payload: Payload<'_>,
         fua: bool,
+        exclusive: ChunkGuard,
     ) -> Result<(), StoreError> {
         self.counters.read_modify_writes.fetch_add(1, Ordering::Relaxed);
         let end = offset + payload.len() as u64;
@@ -561,18 +579,28 @@ impl ChunkStore {
         }
         let from = (offset - start) as usize;
         payload.copy_into(&mut buf[from..from + payload.len()]);
-        self.write_slot(location, start, buf, fua).await
+        self.write_slot(location, start, buf, fua, KeepAlive::new(exclusive)).await.0
     }
 
-    /// First write to a chunk: takes a slot, writes all of it durably, then
-    /// commits the map row. The caller holds the chunk's exclusive lock.
+    /// First write to a chunk: reserves a slot, writes all of it durably,
+    /// then has the map writer commit and publish it. The caller holds the
+    /// chunk's exclusive lock.
+    ///
+    /// If this future is dropped while the slot write is in flight, the
+    /// reservation goes back to the free list only when the write has
+    /// completed (it travels with the request), so no other chunk gets the
+    /// slot while the kernel may still write into it. Once the map change
+    /// is queued it travels with the chunk's exclusive guard: the writer
+    /// thread commits and publishes it and only then releases the chunk,
+    /// whether or not anyone still waits.
     async fn allocate_and_write(
         &self,
         key: (u64, u64),
         offset: u64,
         payload: Payload<'_>,
+        exclusive: ChunkGuard,
     ) -> Result<(), StoreError> {
-        let (device, slot) = self.take_free_slot()?;
+        let (device, slot) = self.slots.reserve().ok_or(StoreError::NoSpace)?;
         let location = SlotLocation {
             device,
             slot,
@@ -583,57 +611,62 @@ impl ChunkStore {
         buf[..from].fill(0);
         payload.copy_into(&mut buf[from..from + payload.len()]);
         buf[from + payload.len()..].fill(0);
-        let outcome = async {
-            self.write_slot(location, 0, buf, true).await?;
-            self.map_writer
-                .apply(MapChange::Map(ChunkRow {
-                    volume_id: key.0,
-                    chunk_index: key.1,
-                    device_id: self.devices[device].db_id,
-                    slot,
-                    generation: location.generation,
-                }))
-                .await
+        let reservation = SlotReservation { slots: self.slots.clone(), device, slot, held: true };
+        let (written, reservation) =
+            self.write_slot(location, 0, buf, true, KeepAlive::new(reservation)).await;
+        // On error, dropping the reservation frees the slot (the write is over).
+        written?;
+        if let Some(reservation) = reservation.and_then(|r| r.downcast::<SlotReservation>().ok()) {
+            reservation.hand_over();
         }
-        .await;
-        match outcome {
-            Ok(()) => {
-                self.map.write().unwrap_or_else(|e| e.into_inner()).insert(key, location);
-                self.counters.slots_allocated.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(error) => {
-                self.return_slot(device, slot);
-                Err(error)
-            }
-        }
-    }
-
-    /// Frees the chunk's slot (durably unmapped first).
-    async fn release(&self, key: (u64, u64)) -> Result<(), StoreError> {
-        let _exclusive = self.lock_for(key).write().await;
-        let Some(location) = self.location(key) else { return Ok(()) };
-        self.map_writer.apply(MapChange::Unmap { volume_id: key.0, chunk_index: key.1 }).await?;
-        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(&key);
-        self.return_slot(location.device, location.slot);
-        self.counters.slots_freed.fetch_add(1, Ordering::Relaxed);
+        let row = ChunkRow {
+            volume_id: key.0,
+            chunk_index: key.1,
+            device_id: self.devices[device].db_id,
+            slot,
+            generation: location.generation,
+        };
+        self.map_writer.apply(MapChange::Map { row, location }, exclusive).await?;
+        self.counters.slots_allocated.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    fn take_free_slot(&self) -> Result<(usize, u32), StoreError> {
-        let mut free = self.free_slots.lock().unwrap_or_else(|e| e.into_inner());
-        let (device, slots) = free
-            .iter_mut()
-            .enumerate()
-            .max_by_key(|(index, slots)| (slots.len(), std::cmp::Reverse(*index)))
-            .filter(|(_, slots)| !slots.is_empty())
-            .ok_or(StoreError::NoSpace)?;
-        let slot = slots.pop().expect("the chosen device has a free slot");
-        Ok((device, slot))
+    /// Frees the chunk's slot: durably unmapped first, then freed by the map
+    /// writer, which holds the chunk's exclusive guard until then (so no
+    /// reader of the old mapping can overlap the slot's next owner, even if
+    /// this future is dropped while it waits).
+    async fn release(&self, key: (u64, u64)) -> Result<(), StoreError> {
+        let exclusive = self.lock_for(key).clone().write_owned().await;
+        if self.location(key).is_none() {
+            return Ok(());
+        }
+        let change = MapChange::Unmap { volume_id: key.0, chunk_index: key.1 };
+        self.map_writer.apply(change, exclusive).await?;
+        self.counters.slots_freed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
+}
 
-    fn return_slot(&self, device: usize, slot: u32) {
-        self.free_slots.lock().unwrap_or_else(|e| e.into_inner())[device].push(slot);
+/// A reserved slot not yet handed to the map writer; freed when dropped.
+struct SlotReservation {
+    slots: Arc<SlotTable>,
+    device: usize,
+    slot: u32,
+    held: bool,
+}
+
+impl SlotReservation {
+    /// The slot now belongs to a map change; dropping no longer frees it.
+    fn hand_over(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for SlotReservation {
+    fn drop(&mut self) {
+        if self.held {
+            self.slots.unreserve(self.device, self.slot);
+        }
     }
 }
 
