@@ -10,18 +10,28 @@
 //! too); that pass is reported as the cost of allocating chunks.
 //!
 //! Measured on the development VM (2 vCPUs, ext4 on virtio, 1 GiB device,
-//! 5 s × 3 rounds, medians; the machine was shared and busy, load 5–6):
+//! 3 s × 3 rounds, medians), quiet moment (load ≈ 1):
 //!
 //! | pattern   | QD | store IOPS | p50 µs | p99 µs | fio IOPS | p50 µs | p99 µs | p50 × |
 //! |-----------|----|-----------:|-------:|-------:|---------:|-------:|-------:|------:|
-//! | randwrite |  1 |       9387 |   44.9 |   1556 |    13263 |   36.6 |    528 |  1.23 |
-//! | randwrite | 32 |      34023 |  752.8 |   4083 |    29244 |  921.6 |   5472 |  0.82 |
-//! | randread  |  1 |      19029 |   46.3 |    146 |    25686 |   31.4 |    115 |  1.48 |
-//! | randread  | 32 |      44284 |  500.2 |   4104 |    68415 |  354.3 |   2114 |  1.41 |
+//! | default (`--idle-poll-us 0`)                                                      |
+//! | randwrite |  1 |      16656 |   58.3 |   97.6 |    23909 |   36.1 |   87.6 |  1.62 |
+//! | randwrite | 32 |      71281 |  439.8 |  655.7 |    66973 |  464.9 |  741.4 |  0.95 |
+//! | randread  |  1 |      18553 |   51.2 |  103.4 |    32593 |   28.3 |   55.0 |  1.81 |
+//! | randread  | 32 |      71394 |  436.1 |  957.2 |   101578 |  284.7 |  700.4 |  1.53 |
+//! | `--idle-poll-us 30`                                                               |
+//! | randwrite |  1 |      21182 |   45.0 |   69.4 |    22174 |   36.6 |  115.2 |  1.23 |
+//! | randwrite | 32 |      71089 |  440.2 |  663.5 |    51458 |  593.9 |  913.4 |  0.74 |
+//! | randread  |  1 |      21815 |   44.4 |   76.0 |    29443 |   32.1 |   56.1 |  1.38 |
+//! | randread  | 32 |      80207 |  366.6 |  870.7 |   100010 |  288.8 |  708.6 |  1.27 |
 //!
-//! Across runs QD1 writes stayed at 1.04–1.31× fio's p50 and QD1 reads at
-//! 1.33–1.6×: the two thread hand-offs of the engine (see
-//! `engine::uring`) cost a fixed 5–15 µs on this machine.
+//! Where the QD1 gap comes from (per-request timestamps, 4 KiB reads, quiet
+//! VM): caller → device thread 6–10 µs, device time 29–33 µs (as fio),
+//! completion → caller resumed 7–10 µs. Both hand-offs wake a thread whose
+//! vCPU is halted, which on this VM costs far more than on bare metal (on a
+//! busy VM they fell to 2–5 µs each and the ratio to 1.05–1.3 for writes,
+//! 1.35–1.5 for reads). Polling the device queue (`idle_poll`) removes the
+//! first hand-off (0.6 µs); the second is tokio waking the awaiting task.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
