@@ -26,9 +26,11 @@
 //! # What the thread hand-off costs
 //! A bare ring driven by one thread matches fio at QD1 (26–28 µs p50 for
 //! 4 KiB random reads on the development VM). Handing requests to a device
-//! thread and completions back adds two cross-thread wake-ups, measured at
-//! 4–9 µs together on a busy two-vCPU VM; spinning on either side did not
-//! reduce it there. That is the price of keeping the disk path off the
+//! thread and completions back adds two cross-thread wake-ups: 2–5 µs each
+//! on a busy two-vCPU VM, 6–10 µs each on a quiet one, where the woken
+//! thread's vCPU is halted. [`UringConfig::idle_poll`] removes the first
+//! (an idle device thread spins on its queue); the second is tokio waking
+//! the awaiting task. That is the price of keeping the disk path off the
 //! tokio workers (DESIGN decision 2); at queue depth 32 the hand-offs
 //! overlap with IO and cost throughput only through CPU time.
 //!
