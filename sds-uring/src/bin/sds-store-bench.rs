@@ -19,11 +19,16 @@
 //! | randwrite | 32 |      71281 |  439.8 |  655.7 |    66973 |  464.9 |  741.4 |  0.95 |
 //! | randread  |  1 |      18553 |   51.2 |  103.4 |    32593 |   28.3 |   55.0 |  1.81 |
 //! | randread  | 32 |      71394 |  436.1 |  957.2 |   101578 |  284.7 |  700.4 |  1.53 |
-//! | `--idle-poll-us 30`                                                               |
+//! | `--idle-poll-us 30` (fixed polling, before it became adaptive)                    |
 //! | randwrite |  1 |      21182 |   45.0 |   69.4 |    22174 |   36.6 |  115.2 |  1.23 |
 //! | randwrite | 32 |      71089 |  440.2 |  663.5 |    51458 |  593.9 |  913.4 |  0.74 |
 //! | randread  |  1 |      21815 |   44.4 |   76.0 |    29443 |   32.1 |   56.1 |  1.38 |
 //! | randread  | 32 |      80207 |  366.6 |  870.7 |   100010 |  288.8 |  708.6 |  1.27 |
+//! | default: adaptive polling up to 50 µs                                             |
+//! | randwrite |  1 |      20163 |   47.6 |   76.5 |    20694 |   41.2 |   95.7 |  1.15 |
+//! | randwrite | 32 |      80421 |  390.5 |  563.3 |    54355 |  585.7 |  815.1 |  0.67 |
+//! | randread  |  1 |      22155 |   43.4 |   80.5 |    30164 |   30.8 |   56.6 |  1.41 |
+//! | randread  | 32 |      73783 |  417.2 | 1016.1 |   101036 |  276.5 |  659.5 |  1.51 |
 //!
 //! Where the QD1 gap comes from (per-request timestamps, 4 KiB reads, quiet
 //! VM): caller → device thread 6–10 µs, device time 29–33 µs (as fio),
@@ -61,8 +66,9 @@ struct Args {
     /// IO engine of the chunk store.
     #[arg(long, default_value = "uring")]
     engine: EngineKind,
-    /// Microseconds a uring device thread polls for work before sleeping (0: never polls).
-    #[arg(long, default_value_t = 0)]
+    /// Longest a uring device thread polls its queue before sleeping, in
+    /// microseconds (adaptive, see `UringConfig::idle_poll`; 0: never polls).
+    #[arg(long, default_value_t = 50)]
     idle_poll_us: u64,
     /// Use plain io_uring rings (no SINGLE_ISSUER | DEFER_TASKRUN).
     #[arg(long)]

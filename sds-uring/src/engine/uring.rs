@@ -11,8 +11,9 @@
 //!
 //! An idle device thread (nothing in flight) blocks on the channel itself
 //! instead, so the first request after a pause costs one futex wake and no
-//! eventfd round trip; [`UringConfig::idle_poll`] can make it spin on the
-//! channel for a while first.
+//! eventfd round trip. While requests keep arriving within a few tens of
+//! microseconds of each other, it spins on the channel briefly before
+//! blocking (adaptive, bounded by [`UringConfig::idle_poll`]).
 //!
 //! The device file is opened `O_DIRECT` and registered with the ring
 //! (`IORING_REGISTER_FILES`), which saves a file-table lookup per request.
@@ -61,9 +62,11 @@ use super::{DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp, IoRequest, Pen
 pub struct UringConfig {
     /// Submission queue entries per ring (a power of two).
     pub ring_entries: u32,
-    /// How long an idle device thread keeps polling its queue before it
-    /// sleeps. Polling saves a thread wake-up per request at low queue depth
-    /// at the price of CPU time; zero disables it.
+    /// Longest an idle device thread polls its queue before it sleeps.
+    /// Polling saves a thread wake-up per request at low queue depth at the
+    /// price of CPU time, so it is adaptive: the thread polls only while the
+    /// recent gaps between requests are shorter than this, and for about
+    /// twice such a gap. Zero disables polling.
     pub idle_poll: Duration,
     /// Ask for `SINGLE_ISSUER | DEFER_TASKRUN` rings.
     pub defer_taskrun: bool,
@@ -71,7 +74,7 @@ pub struct UringConfig {
 
 impl Default for UringConfig {
     fn default() -> Self {
-        Self { ring_entries: 256, idle_poll: Duration::ZERO, defer_taskrun: true }
+        Self { ring_entries: 256, idle_poll: Duration::from_micros(50), defer_taskrun: true }
     }
 }
 
@@ -210,6 +213,7 @@ impl UringEngine {
                         reaped: Vec::with_capacity(capacity + 1),
                         wake_armed: false,
                         idle_poll: config.idle_poll,
+                        idle_gap: IdleGap::default(),
                         in_flight_peak: peak,
                     };
                     worker.run();
@@ -339,7 +343,36 @@ struct DeviceThread {
     reaped: Vec<(u64, i32)>,
     wake_armed: bool,
     idle_poll: Duration,
+    idle_gap: IdleGap,
     in_flight_peak: Arc<AtomicUsize>,
+}
+
+/// Running average of how long an idle device thread waits for its next
+/// request, which decides whether spinning for it is worth the CPU time.
+#[derive(Debug, Default)]
+struct IdleGap {
+    /// Exponentially weighted average in nanoseconds; 0 = no sample yet.
+    average_ns: u64,
+}
+
+impl IdleGap {
+    fn spin_budget(&self, limit: Duration) -> Duration {
+        let limit_ns = limit.as_nanos() as u64;
+        if limit_ns == 0 || self.average_ns == 0 || self.average_ns > limit_ns {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((2 * self.average_ns + 2_000).min(limit_ns))
+    }
+
+    fn record(&mut self, gap: Duration, limit: Duration) {
+        // A long pause counts as "long", not as its full length, so the
+        // average comes back within a few requests once they are frequent.
+        let gap_ns = (gap.as_nanos() as u64).min(4 * limit.as_nanos() as u64).max(1);
+        self.average_ns = match self.average_ns {
+            0 => gap_ns,
+            average => (7 * average + gap_ns) / 8,
+        };
+    }
 }
 
 /// Index of the device file in the ring's registered file table.
@@ -395,18 +428,35 @@ impl DeviceThread {
     }
 
     /// The next submission of an idle device; `None` once the engine is closed.
+    ///
+    /// Spins first, but only while requests have recently been arriving
+    /// within the poll window: the budget is twice the typical idle gap
+    /// (an average of recent gaps), and nothing when that average exceeds
+    /// [`UringConfig::idle_poll`]. A synchronous caller in a tight loop gets
+    /// its requests picked up without a wake-up; requests paced by a network
+    /// round trip cost no spinning.
     fn wait_for_intake(&mut self) -> Option<Submission> {
-        if !self.idle_poll.is_zero() {
-            let started = Instant::now();
-            while started.elapsed() < self.idle_poll {
+        let started = Instant::now();
+        let budget = self.idle_gap.spin_budget(self.idle_poll);
+        let mut next = None;
+        if !budget.is_zero() {
+            while started.elapsed() < budget {
                 match self.intake.try_recv() {
-                    Ok(submission) => return Some(submission),
+                    Ok(submission) => {
+                        next = Some(submission);
+                        break;
+                    }
                     Err(mpsc::TryRecvError::Disconnected) => return None,
                     Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
                 }
             }
         }
-        self.intake.recv().ok()
+        let next = match next {
+            Some(submission) => submission,
+            None => self.intake.recv().ok()?,
+        };
+        self.idle_gap.record(started.elapsed(), self.idle_poll);
+        Some(next)
     }
 
     fn submit(&mut self) {
@@ -576,5 +626,33 @@ impl DeviceThread {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_polling_follows_the_recent_gaps() {
+        let limit = Duration::from_micros(50);
+        let mut gap = IdleGap::default();
+        assert_eq!(gap.spin_budget(limit), Duration::ZERO, "no spinning before any sample");
+        for _ in 0..8 {
+            gap.record(Duration::from_micros(8), limit);
+        }
+        let budget = gap.spin_budget(limit);
+        assert!(budget >= Duration::from_micros(16) && budget <= limit, "budget {budget:?}");
+        // Requests paced far apart (a network round trip) stop the spinning...
+        for _ in 0..8 {
+            gap.record(Duration::from_millis(5), limit);
+        }
+        assert_eq!(gap.spin_budget(limit), Duration::ZERO);
+        // ...and frequent ones bring it back within a few requests.
+        for _ in 0..16 {
+            gap.record(Duration::from_micros(5), limit);
+        }
+        assert!(gap.spin_budget(limit) > Duration::ZERO);
+        assert_eq!(gap.spin_budget(Duration::ZERO), Duration::ZERO, "zero disables polling");
     }
 }
