@@ -175,6 +175,7 @@ fn fio_random_writes_of_mixed_sizes_verify_at_queue_depth_32() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--randrepeat=0",
             "--output-format=json",
         ],
