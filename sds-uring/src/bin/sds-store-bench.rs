@@ -24,11 +24,11 @@
 //! | randwrite | 32 |      71089 |  440.2 |  663.5 |    51458 |  593.9 |  913.4 |  0.74 |
 //! | randread  |  1 |      21815 |   44.4 |   76.0 |    29443 |   32.1 |   56.1 |  1.38 |
 //! | randread  | 32 |      80207 |  366.6 |  870.7 |   100010 |  288.8 |  708.6 |  1.27 |
-//! | default: adaptive polling up to 50 µs                                             |
-//! | randwrite |  1 |      20163 |   47.6 |   76.5 |    20694 |   41.2 |   95.7 |  1.15 |
-//! | randwrite | 32 |      80421 |  390.5 |  563.3 |    54355 |  585.7 |  815.1 |  0.67 |
-//! | randread  |  1 |      22155 |   43.4 |   80.5 |    30164 |   30.8 |   56.6 |  1.41 |
-//! | randread  | 32 |      73783 |  417.2 | 1016.1 |   101036 |  276.5 |  659.5 |  1.51 |
+//! | default: adaptive polling up to 20 µs                                             |
+//! | randwrite |  1 |      21699 |   43.2 |   67.6 |    23911 |   36.1 |   83.5 |  1.20 |
+//! | randwrite | 32 |      88263 |  348.0 |  563.8 |    57597 |  544.8 |  815.1 |  0.64 |
+//! | randread  |  1 |      23947 |   40.4 |   69.9 |    33916 |   27.5 |   50.4 |  1.47 |
+//! | randread  | 32 |      75048 |  408.3 |  933.9 |   102293 |  276.5 |  774.1 |  1.48 |
 //!
 //! Where the QD1 gap comes from (per-request timestamps, 4 KiB reads, quiet
 //! VM): caller → device thread 6–10 µs, device time 29–33 µs (as fio),
@@ -68,7 +68,7 @@ struct Args {
     engine: EngineKind,
     /// Longest a uring device thread polls its queue before sleeping, in
     /// microseconds (adaptive, see `UringConfig::idle_poll`; 0: never polls).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 20)]
     idle_poll_us: u64,
     /// Use plain io_uring rings (no SINGLE_ISSUER | DEFER_TASKRUN).
     #[arg(long)]

@@ -74,7 +74,7 @@ pub struct UringConfig {
 
 impl Default for UringConfig {
     fn default() -> Self {
-        Self { ring_entries: 256, idle_poll: Duration::from_micros(50), defer_taskrun: true }
+        Self { ring_entries: 256, idle_poll: Duration::from_micros(20), defer_taskrun: true }
     }
 }
 
