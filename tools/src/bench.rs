@@ -207,7 +207,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                         format!("nbd://127.0.0.1:{}/{}", up_args.nbd_port, up_args.volume)
                     }
                 };
-                targets.push(("pflex".into(), vec!["--ioengine=nbd".into(), format!("--uri={uri}")]));
+                targets
+                    .push(("pflex".into(), vec!["--ioengine=nbd".into(), format!("--uri={uri}")]));
             }
             "qemu-nbd" => {
                 peer = Some(start_peer(&args).await?);
@@ -266,7 +267,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
 
     println!("\npflex / qemu-nbd (IOPS ratio, p50 latency ratio):");
-    let find = |job: &str, target: &str| results.iter().find(|r| r.job == job && r.target == target);
+    let find =
+        |job: &str, target: &str| results.iter().find(|r| r.job == job && r.target == target);
     let mut ratios = Vec::new();
     for job in &jobs {
         let name = job.file_stem().unwrap_or_default().to_string_lossy().into_owned();

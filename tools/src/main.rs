@@ -27,7 +27,11 @@ enum Command {
     /// Start a whole local cluster (MDM, SDS x3, SDC, dashboard) serving volume vol1 over NBD.
     Up(UpArgs),
     /// Stop a cluster started with `pflex up --detach`.
-    Down,
+    Down {
+        /// Data dir of that cluster [default: ./pflex-data].
+        #[arg(long = "data-dir", value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+    },
     /// Run the fio jobs against pflex, qemu-nbd and the local disk, and print the ratios.
     Bench(BenchArgs),
 }
@@ -46,7 +50,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             args.data_dir = data_dir(args.data_dir_flag.take(), &cli.connection);
             up::run(args).await?;
         }
-        Command::Down => up::down(&data_dir(None, &cli.connection)).await?,
+        Command::Down { data_dir: dir } => up::down(&data_dir(dir, &cli.connection)).await?,
         Command::Bench(args) => bench::run(args).await?,
     }
     Ok(())

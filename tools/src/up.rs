@@ -285,6 +285,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
 /// Starts every component and waits until the volume serves over NBD.
 /// On failure, whatever was started is stopped again.
 pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
+    ensure_ports_free(args)?;
     let dir = &args.data_dir;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -407,8 +408,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         ];
         cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, &logs, args.detach).await?;
         let url = format!("http://127.0.0.1:{}/health", args.sdc_control_port + 1);
-        wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url))
-            .await?;
+        wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url)).await?;
 
         // MGMT (optional).
         if args.mgmt_port != 0 {
@@ -451,6 +451,33 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             Err(e)
         }
     }
+}
+
+/// Every port the cluster will listen on must be free: otherwise a component
+/// would fail to bind while a probe answered by someone else's process made
+/// the cluster look ready.
+fn ensure_ports_free(args: &UpArgs) -> Result<()> {
+    let mut ports =
+        vec![args.mdm_port, args.nbd_port, args.sdc_control_port, args.sdc_control_port + 1];
+    for n in 0..args.sds_count {
+        ports.extend([
+            args.sds_base_port + n,
+            args.sds_base_port + 100 + n,
+            args.sds_base_port + 600 + n,
+        ]);
+    }
+    if args.mgmt_port != 0 {
+        ports.push(args.mgmt_port);
+    }
+    for port in ports {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            bail!(
+                "port {port} on 127.0.0.1 is already in use (another `pflex up` running? \
+                 stop it with Ctrl-C or `pflex down --data-dir DIR`)"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn registered(http: &reqwest::Client, url: &str) -> Result<bool> {
