@@ -5,13 +5,15 @@
 //!   plus the per-request MAC and the replay window;
 //! - [`frame`]: the binary data-plane header (SDC → SDS, SDS → SDS);
 //! - [`placement`]: the compact placement map and the chunk → replica lookup;
-//! - [`api`]: request/response bodies of the HTTP control plane.
+//! - [`api`]: request/response bodies of the HTTP control plane;
+//! - [`size`]: the human size syntax (`4G`, `512M`) every binary's flags accept.
 //!
 //! This crate does no IO: it turns bytes into typed values and back.
 
 pub mod api;
 pub mod frame;
 pub mod placement;
+pub mod size;
 pub mod token;
 
 /// Size of one chunk, the unit of placement and replication: 1 MiB.

@@ -19,7 +19,7 @@ use pflex_proto::api::{ComponentHealth, Volume, VolumeCreate, VolumeMap, VolumeU
 use pflex_proto::token::AccessMode;
 use serde::Serialize;
 
-use crate::size::{format_size, parse_size};
+use pflex_proto::size::{format_size, parse_size};
 
 /// MDM address used when nothing else says where it is.
 pub const DEFAULT_MDM: &str = "http://127.0.0.1:8001";

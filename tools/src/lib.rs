@@ -2,7 +2,6 @@
 //!
 //! - [`cli`]: operator commands against the MDM (cluster, SDS, SDC and
 //!   volume administration), human tables or `--json`;
-//! - [`size`]: human size parsing and printing shared by every command;
 //! - [`up`]: `pflex up`, a whole local cluster as child processes;
 //! - [`bench`]: `pflex bench`, fio against pflex, qemu-nbd and the local disk;
 //! - [`nbd_probe`]: the few NBD handshake steps `up` and `bench` use to wait for a server.
@@ -10,5 +9,4 @@
 pub mod bench;
 pub mod cli;
 pub mod nbd_probe;
-pub mod size;
 pub mod up;

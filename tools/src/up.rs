@@ -40,13 +40,13 @@ pub struct UpArgs {
     #[arg(long, default_value = "vol1")]
     pub volume: String,
     /// Size of that volume when it is created (thin: nothing is reserved).
-    #[arg(long, default_value = "4G", value_parser = crate::size::parse_size)]
+    #[arg(long, default_value = "4G", value_parser = pflex_proto::size::parse_size)]
     pub volume_size: u64,
     /// Number of SDS nodes, each in its own fault set.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=32))]
     pub sds_count: u16,
     /// Size of each SDS device file.
-    #[arg(long, default_value = "4G", value_parser = crate::size::parse_size)]
+    #[arg(long, default_value = "4G", value_parser = pflex_proto::size::parse_size)]
     pub device_size: u64,
     /// SDS IO engine: `uring` (io_uring + O_DIRECT) or `sync` (pread/pwrite).
     #[arg(long, default_value = "uring")]

@@ -58,7 +58,7 @@ struct Args {
     #[arg(long, default_value = "/var/tmp/pflex-store-bench")]
     dir: PathBuf,
     /// Device (and fio file) size, e.g. 1G, 512M.
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = pflex_proto::size::parse_size)]
     size: u64,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 10)]
@@ -89,22 +89,6 @@ struct Args {
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, unit) =
-        text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let value: u64 = digits.parse().map_err(|_| format!("bad size {text:?}"))?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("bad size unit in {text:?}")),
-    };
-    Ok(value << shift)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -168,23 +168,7 @@ impl SdsArgs {
     }
 }
 
-/// Parses sizes like `4G`, `512M`, `64K`, `1T` or plain bytes (binary units).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| format!("bad size {text:?}"))?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("bad size unit in {text:?}; use K, M, G or T")),
-    };
-    number.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} is too large"))
-}
+pub use pflex_proto::size::parse_size;
 
 #[cfg(test)]
 mod tests {

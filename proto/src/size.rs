@@ -1,4 +1,4 @@
-//! Human sizes: parsing `4G`, `512M`, `1TiB`, `4096` and printing `4.0 GiB`.
+//! Human sizes for flags and output, shared by every binary: parsing `4G`, `512M`, `1TiB`, `4096` and printing `4.0 GiB`.
 //!
 //! Suffixes are binary (K = 1024): storage sizes here are always powers of
 //! two of sectors and chunks, and `4G` meaning 4 GiB is what `truncate`,
