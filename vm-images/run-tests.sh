@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The kernel-NBD tests: a QEMU guest running Debian's kernel is the NBD client of a volume that
-# the host serves on 127.0.0.1:10809, reached from the guest as 10.0.2.2 via user-mode networking.
+# the host serves on 127.0.0.1:10829, reached from the guest as 10.0.2.2 via user-mode networking.
 #
 # Installs what is missing (QEMU from bookworm-backports, cpio, libnbd-bin, nbdkit, fuse3,
 # e2fsprogs), builds the guest when it is missing or stale, starts the server, then:
@@ -19,7 +19,9 @@
 # Environment:
 #   PFLEX_NBD_SERVER   pflex (default: `pflex up`, built with cargo), nbdkit (memory plugin with
 #                      the request log filter) or qemu-nbd (on a sparse file)
-#   PFLEX_NBD_PORT     NBD port on 127.0.0.1 (default 10809); the export is always vol1
+#   PFLEX_NBD_PORT     NBD port on 127.0.0.1 (default 10829, beside a `pflex up` on the default
+#                      ports); the export is always vol1. The cluster's other ports: MDM 8021,
+#                      SDC 8023/8024, SDS 9130+n/9230+n/9730+n
 #   PFLEX_CARGO_PROFILE  release (default) or debug, for the pflex binaries
 #   PFLEX_VM_ACCEL     kvm, tcg, or auto (default: probe KVM with a real boot, else TCG)
 #   PFLEX_VM_BENCH=1   also run the benchmark guest;  PFLEX_FIO_SECONDS  seconds per job (10)
@@ -33,10 +35,10 @@ LOG_PREFIX=run-tests
 source "$(dirname "$0")/lib.sh"
 
 SERVER_KIND=${PFLEX_NBD_SERVER:-pflex}
-NBD_PORT=${PFLEX_NBD_PORT:-10809}
+NBD_PORT=${PFLEX_NBD_PORT:-10829}
 EXPORT=vol1
 NBD_URI=nbd://127.0.0.1:$NBD_PORT/$EXPORT
-SDC_MGMT_PORT=$((${PFLEX_SDC_CONTROL_PORT:-8003} + 1))
+SDC_MGMT_PORT=$((${PFLEX_SDC_CONTROL_PORT:-8023} + 1))
 CARGO_PROFILE=${PFLEX_CARGO_PROFILE:-release}
 TEST_TIMEOUT=${PFLEX_VM_TEST_TIMEOUT:-900}
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages, uses loop devices and mounts)"
@@ -163,7 +165,8 @@ case $SERVER_KIND in
     pflex_bin=$target_dir/$CARGO_PROFILE/pflex
     [ -x "$pflex_bin" ] || die "no pflex binary at $pflex_bin"
     start_owned pflex-up "$server_log" "$pflex_bin" up --data-dir "$WORK_DIR/pflex-data" \
-      --nbd-port "$NBD_PORT" --sdc-control-port "${PFLEX_SDC_CONTROL_PORT:-8003}" --mgmt-port 0
+      --nbd-port "$NBD_PORT" --sdc-control-port "${PFLEX_SDC_CONTROL_PORT:-8023}" --mgmt-port 0 \
+      --mdm-port "${PFLEX_MDM_PORT:-8021}" --sds-base-port "${PFLEX_SDS_BASE_PORT:-9130}"
     server_pid=$LAST_PID
     ;;
   nbdkit)
