@@ -32,9 +32,9 @@ pub struct BenchArgs {
     /// Directory of fio job files (workload only; the target comes from the command line).
     #[arg(long, default_value = "fio-jobs/nbd")]
     pub jobs_dir: PathBuf,
-    /// Only run job files whose name contains this.
-    #[arg(long)]
-    pub filter: Option<String>,
+    /// Only run job files whose name contains one of these (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub filter: Vec<String>,
     /// Targets to run, comma separated, from: pflex, qemu-nbd, floor.
     #[arg(long, default_value = "pflex,qemu-nbd,floor", value_delimiter = ',')]
     pub targets: Vec<String>,
@@ -182,9 +182,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "fio"))
         .filter(|p| {
-            args.filter
-                .as_deref()
-                .is_none_or(|f| p.file_name().is_some_and(|n| n.to_string_lossy().contains(f)))
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            args.filter.is_empty() || args.filter.iter().any(|f| name.contains(f.as_str()))
         })
         .collect();
     jobs.sort();
