@@ -245,15 +245,17 @@ impl<B: BlockBackend> NbdServer<B> {
                     };
                     c.record(moved, ok, started.elapsed());
                 }
-                executing.fetch_sub(1, Ordering::Relaxed);
+                let others_executing = executing.fetch_sub(1, Ordering::Relaxed) > 1;
                 stats.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
                 // The permits travel with the reply and are released once it
                 // is written: a client that stops reading replies stops the
                 // reader too, instead of piling replies up in memory.
                 let frame = ReplyFrame { _permits: Some((request_permit, byte_permit)), ..frame };
-                // Write it from here when the socket is free (no hand-off);
-                // the writer task, which coalesces, takes it otherwise.
-                if let Ok(mut out) = socket.try_lock() {
+                // Alone on the connection, write it from here when the socket
+                // is free (no hand-off); with more requests executing, the
+                // writer task coalesces their replies into fewer sends.
+                let free_socket = if others_executing { None } else { socket.try_lock().ok() };
+                if let Some(mut out) = free_socket {
                     let written = match write_frame(&mut *out, &frame).await {
                         Ok(()) => out.flush().await,
                         Err(e) => Err(e),
