@@ -1,10 +1,9 @@
 //! [`DataPlaneClient`]: pooled, pipelined data-plane client.
 //!
 //! The client keeps up to `connections` TCP connections to one SDS, opened
-//! lazily and picked round-robin. A caller writes its request itself when
-//! the socket is free, else it is queued to the connection's writer task (see
-//! the `writer` module). One reader task per connection hands every reply to
-//! the waiting caller by request id, so any number of requests are in flight
+//! lazily and picked round-robin. Each connection has one writer task (see
+//! the `writer` module) and one reader task that hands every reply to the
+//! waiting caller by request id, so any number of requests are in flight
 //! per connection and replies may arrive in any order.
 //!
 //! A broken connection fails every request still waiting on it with
@@ -26,11 +25,11 @@ use pflex_proto::frame::{crc32, FrameHeader, Op, Status, MAX_PAYLOAD};
 use pflex_proto::token::SessionKey;
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::server::read_reply;
-use crate::writer::{FrameSender, OutFrame};
+use crate::writer::{run_frame_writer, OutFrame, QUEUE_DEPTH};
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -188,7 +187,7 @@ impl DataPlaneClient {
             .frames
             .send(OutFrame { header: header.encode(), payload })
             .await
-            .map_err(|failed| ClientError::Transport(failed.0))?;
+            .map_err(|_| ClientError::Transport("connection writer has stopped".into()))?;
         let reply = match tokio::time::timeout(self.inner.request_timeout, reply_rx).await {
             Err(_) => return Err(ClientError::Timeout(self.inner.request_timeout)),
             Ok(Err(_)) => return Err(ClientError::Transport("connection dropped".into())),
@@ -306,7 +305,7 @@ impl Drop for PendingGuard<'_> {
 
 /// One socket with its reader and writer tasks.
 struct Connection {
-    frames: FrameSender,
+    frames: mpsc::Sender<OutFrame>,
     pending: Arc<PendingReplies>,
     reader: AbortHandle,
     writer: AbortHandle,
@@ -329,11 +328,11 @@ impl Connection {
         stream.set_nodelay(true).map_err(|e| connect_error(e.to_string()))?;
         let (read_half, write_half) = stream.into_split();
         let pending = Arc::new(PendingReplies::default());
-        let (frames, run_writer) = FrameSender::new(write_half);
+        let (frames, queued) = mpsc::channel(QUEUE_DEPTH);
 
         let writer_pending = pending.clone();
         let writer = tokio::spawn(async move {
-            let outcome = run_writer.await;
+            let outcome = run_frame_writer(write_half, queued).await;
             let reason = match outcome {
                 Ok(()) => "connection closed".to_string(),
                 Err(e) => format!("write failed: {e}"),

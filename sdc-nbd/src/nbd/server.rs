@@ -3,11 +3,9 @@
 //! One task per connection negotiates (fixed newstyle, see
 //! [`super::proto`]) and then becomes the *reader*: it reads requests
 //! continuously, reads WRITE payloads, and spawns one task per request. The
-//! request tasks run against the [`VolumeIo`] concurrently and write their
-//! encoded replies themselves when the socket is free; when it is busy they
-//! hand them to the connection's *writer* task, which sends the replies that
-//! queued up together. The socket's lock keeps replies whole: they go out in
-//! completion order, never interleaved.
+//! request tasks run against the [`VolumeIo`] concurrently and hand their
+//! encoded replies to the connection's single *writer* task, so replies go
+//! out in completion order, never interleaved.
 //!
 //! Back-pressure: a connection holds at most
 //! [`ServerConfig::max_in_flight_requests`] requests and
@@ -44,8 +42,6 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 const MAX_OPTION_DATA: u32 = 1 << 20;
 /// Most options one handshake may send, so a client cannot loop forever.
 const MAX_OPTIONS: u32 = 10_000;
-/// Write buffer of a connection's replies.
-const REPLY_BUFFER: usize = 256 * 1024;
 /// Accounting unit of the in-flight byte budget.
 const BUDGET_UNIT: usize = 4096;
 
@@ -169,11 +165,9 @@ impl<B: BlockBackend> NbdServer<B> {
         let mut reader = BufReader::with_capacity(128 * 1024, read_half);
         let (tx, rx) = mpsc::unbounded_channel::<ReplyFrame>();
         // Requests executing on this connection (decremented just before
-        // their reply is sent), so the writer knows whether to wait for more.
+        // their reply is queued), so the writer knows whether to wait for more.
         let executing = Arc::new(AtomicUsize::new(0));
-        let socket =
-            Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(REPLY_BUFFER, write_half)));
-        let writer = tokio::spawn(write_replies(socket.clone(), rx, executing.clone()));
+        let writer = tokio::spawn(write_replies(write_half, rx, executing.clone()));
         let session = Arc::new(session);
         let requests = Arc::new(Semaphore::new(self.config.max_in_flight_requests.max(1)));
         let budget_units = (self.config.max_in_flight_bytes / BUDGET_UNIT)
@@ -229,7 +223,6 @@ impl<B: BlockBackend> NbdServer<B> {
                 }
             }
             let tx = tx.clone();
-            let socket = socket.clone();
             let session = session.clone();
             let stats = self.stats.clone();
             stats.requests_in_flight.fetch_add(1, Ordering::Relaxed);
@@ -245,27 +238,13 @@ impl<B: BlockBackend> NbdServer<B> {
                     };
                     c.record(moved, ok, started.elapsed());
                 }
-                let others_executing = executing.fetch_sub(1, Ordering::Relaxed) > 1;
+                executing.fetch_sub(1, Ordering::Relaxed);
                 stats.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
                 // The permits travel with the reply and are released once it
                 // is written: a client that stops reading replies stops the
                 // reader too, instead of piling replies up in memory.
-                let frame = ReplyFrame { _permits: Some((request_permit, byte_permit)), ..frame };
-                // Alone on the connection, write it from here when the socket
-                // is free (no hand-off); with more requests executing, the
-                // writer task coalesces their replies into fewer sends.
-                let free_socket = if others_executing { None } else { socket.try_lock().ok() };
-                if let Some(mut out) = free_socket {
-                    let written = match write_frame(&mut *out, &frame).await {
-                        Ok(()) => out.flush().await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = written {
-                        tracing::debug!(error = %e, "NBD reply write failed");
-                    }
-                } else {
-                    let _ = tx.send(frame);
-                }
+                let _ =
+                    tx.send(ReplyFrame { _permits: Some((request_permit, byte_permit)), ..frame });
             });
         };
         // Let every in-flight request finish and be answered, then close.
@@ -578,33 +557,30 @@ impl ReplyFrame {
     }
 }
 
-/// The write side of a connection, locked by whoever writes a reply.
-type ReplySocket = BufWriter<tokio::net::tcp::OwnedWriteHalf>;
-
-/// Writes the replies that found the socket busy, in the order they
-/// complete; batches what is queued into one flush.
+/// Writes replies in the order they complete; batches what is queued
+/// into one flush.
 async fn write_replies(
-    socket: Arc<tokio::sync::Mutex<ReplySocket>>,
+    write_half: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<ReplyFrame>,
     in_flight: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, write_half);
     while let Some(frame) = rx.recv().await {
-        let mut w = socket.lock().await;
-        write_frame(&mut *w, &frame).await?;
+        write_frame(&mut w, &frame).await?;
         while let Ok(frame) = rx.try_recv() {
-            write_frame(&mut *w, &frame).await?;
+            write_frame(&mut w, &frame).await?;
         }
         if in_flight.load(Ordering::Relaxed) > 0 {
             // More replies are coming: let their tasks run once so one
             // send carries several replies.
             tokio::task::yield_now().await;
             while let Ok(frame) = rx.try_recv() {
-                write_frame(&mut *w, &frame).await?;
+                write_frame(&mut w, &frame).await?;
             }
         }
         w.flush().await?;
     }
-    socket.lock().await.shutdown().await
+    w.shutdown().await
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &ReplyFrame) -> std::io::Result<()> {
