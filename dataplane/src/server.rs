@@ -35,25 +35,25 @@ pub async fn read_request<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let mut raw = [0u8; HEADER_LEN];
-    let mut filled = 0;
-    while filled < HEADER_LEN {
-        let n = reader.read(&mut raw[filled..]).await?;
-        if n == 0 {
-            return if filled == 0 { Ok(None) } else { Err(FrameReadError::Truncated) };
-        }
-        filled += n;
-    }
-    let header = FrameHeader::decode(&raw)?;
-    let mut payload = vec![0u8; header.payload_len(false)];
-    read_payload(reader, &mut payload).await?;
-    Ok(Some((header, raw, payload)))
+    read_frame(reader, false).await
 }
 
 /// Reads one reply (used by the client's reader task).
 pub(crate) async fn read_reply<R>(
     reader: &mut R,
 ) -> Result<Option<(FrameHeader, Vec<u8>)>, FrameReadError>
+where
+    R: AsyncRead + Unpin,
+{
+    Ok(read_frame(reader, true).await?.map(|(header, _raw, payload)| (header, payload)))
+}
+
+/// Reads one header and the payload it announces (requests and replies
+/// carry payloads for different ops); `Ok(None)` on a clean end of stream.
+async fn read_frame<R>(
+    reader: &mut R,
+    is_reply: bool,
+) -> Result<Option<(FrameHeader, [u8; HEADER_LEN], Vec<u8>)>, FrameReadError>
 where
     R: AsyncRead + Unpin,
 {
@@ -67,9 +67,9 @@ where
         filled += n;
     }
     let header = FrameHeader::decode(&raw)?;
-    let mut payload = vec![0u8; header.payload_len(true)];
+    let mut payload = vec![0u8; header.payload_len(is_reply)];
     read_payload(reader, &mut payload).await?;
-    Ok(Some((header, payload)))
+    Ok(Some((header, raw, payload)))
 }
 
 async fn read_payload<R: AsyncRead + Unpin>(
