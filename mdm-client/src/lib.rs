@@ -10,6 +10,10 @@
 //! Volumes are addressed by name or numeric id (anything that implements
 //! `Display`: a `&str`, a `String` or a `u64`); the MDM resolves either.
 
+mod join_key;
+
+pub use join_key::{resolve_join_key, JoinKeyError};
+
 use std::time::Duration;
 
 use pflex_proto::api::{

@@ -59,14 +59,10 @@ pub struct Shared {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let join_key = match (&config.join_key, &config.join_key_file) {
-        (Some(k), _) => k.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading join key {}", f.display()))?
-            .trim()
-            .to_string(),
-        (None, None) => anyhow::bail!("a join key is needed: --join-key-file or --join-key"),
-    };
+    let join_key = pflex_mdm_client::resolve_join_key(
+        config.join_key_file.as_deref(),
+        config.join_key.as_deref(),
+    )?;
     let db = db::MgmtDb::open(&config.data_dir.join("mgmt.db"))?;
     db.ensure_admin(&config.data_dir.join("admin_password"))?;
     let shared = Arc::new(Shared {

@@ -135,12 +135,13 @@ pub enum StartError {
 
 impl Args {
     pub fn join_key(&self) -> Result<String, StartError> {
-        if let Some(path) = &self.join_key_file {
-            let key = std::fs::read_to_string(path)
-                .map_err(|source| StartError::JoinKeyFile { path: path.clone(), source })?;
-            return Ok(key.trim().to_owned());
-        }
-        self.join_key.clone().map(|k| k.trim().to_owned()).ok_or(StartError::NoJoinKey)
+        pflex_mdm_client::resolve_join_key(self.join_key_file.as_deref(), self.join_key.as_deref())
+            .map_err(|e| match e {
+                pflex_mdm_client::JoinKeyError::Missing => StartError::NoJoinKey,
+                pflex_mdm_client::JoinKeyError::File { path, source } => {
+                    StartError::JoinKeyFile { path, source }
+                }
+            })
     }
 }
 

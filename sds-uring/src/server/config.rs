@@ -117,17 +117,16 @@ pub struct NodeConfig {
 impl SdsArgs {
     /// Resolves defaults, reads the join key and pairs devices with sizes.
     pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
-        let join_key = match (&self.join_key_file, &self.join_key) {
-            (Some(path), _) => std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::JoinKeyFile { path: path.clone(), source })?
-                .trim()
-                .to_string(),
-            (None, Some(key)) => key.trim().to_string(),
-            (None, None) => return Err(ConfigError::NoJoinKey),
-        };
-        if join_key.is_empty() {
-            return Err(ConfigError::NoJoinKey);
-        }
+        let join_key = pflex_mdm_client::resolve_join_key(
+            self.join_key_file.as_deref(),
+            self.join_key.as_deref(),
+        )
+        .map_err(|e| match e {
+            pflex_mdm_client::JoinKeyError::Missing => ConfigError::NoJoinKey,
+            pflex_mdm_client::JoinKeyError::File { path, source } => {
+                ConfigError::JoinKeyFile { path, source }
+            }
+        })?;
         let port = |explicit: Option<u16>, base: u32| -> Result<u16, ConfigError> {
             match explicit {
                 Some(p) => Ok(p),
