@@ -10,6 +10,7 @@
 //!   return in any order; each reply is matched to its request by id.
 //! - [`server`]: what an SDS needs to serve the data plane: [`read_request`]
 //!   and a [`ReplyWriter`] that coalesces replies of one connection.
+//! - [`runtime`]: the tokio runtime the SDS and SDC run their network on.
 //!
 //! # Conventions callers rely on
 //!
@@ -27,6 +28,7 @@
 //!   [`DataPlaneClient::call`]; use [`Reply::status`] or [`Reply::into_ok`].
 
 pub mod client;
+pub mod runtime;
 pub mod server;
 mod writer;
 

@@ -51,6 +51,10 @@ pub struct Args {
     /// Heartbeat interval; by default the one the MDM suggests at registration.
     #[arg(long)]
     pub heartbeat_interval_secs: Option<u64>,
+    /// Threads running NBD and data-plane connections; 1 runs them on one
+    /// event loop, which avoids cross-CPU wake-ups per request.
+    #[arg(long, env = "PFLEX_NETWORK_THREADS", default_value_t = 1)]
+    pub network_threads: usize,
     /// Data-plane connections to each SDS.
     #[arg(long, default_value_t = 4)]
     pub connections_per_sds: usize,

@@ -2,8 +2,7 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
@@ -12,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = pflex_sdc_nbd::app::Args::parse();
-    pflex_sdc_nbd::app::run(args).await?;
+    let runtime = pflex_dataplane::runtime::network_runtime(args.network_threads)?;
+    runtime.block_on(pflex_sdc_nbd::app::run(args))?;
     Ok(())
 }

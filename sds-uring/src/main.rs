@@ -3,8 +3,7 @@
 use clap::Parser;
 use pflex_sds_uring::server::{run, SdsArgs};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -12,7 +11,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = SdsArgs::parse();
-    let config = args.resolve()?;
-    run(config).await?;
-    Ok(())
+    let runtime = pflex_dataplane::runtime::network_runtime(args.network_threads)?;
+    runtime.block_on(async {
+        let config = args.resolve()?;
+        run(config).await?;
+        Ok(())
+    })
 }

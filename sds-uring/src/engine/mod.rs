@@ -29,22 +29,19 @@
 //! kernel. Unaligned requests are the chunk store's job (read-modify-write).
 
 pub mod aligned;
+pub mod completion;
 pub mod sync;
 pub mod uring;
 
 use std::any::Any;
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::str::FromStr;
-use std::task::{Context, Poll};
-
-use tokio::sync::oneshot;
 
 pub use aligned::{AlignedBuf, BufferPool, IO_ALIGN};
+pub use completion::{CompletionQueue, CompletionSender, PendingIo};
 
 /// Which IO engine a store uses (`--io-engine uring|sync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -231,45 +228,4 @@ pub fn open_engine_with(
         EngineKind::Uring => Box::new(uring::UringEngine::open(devices, uring)?),
         EngineKind::Sync => Box::new(sync::SyncEngine::open(devices, sync::DEFAULT_THREADS)?),
     })
-}
-
-/// A submitted request's completion, to be awaited.
-#[must_use = "an IO request does nothing useful unless its completion is awaited"]
-pub struct PendingIo {
-    state: PendingState,
-}
-
-enum PendingState {
-    Waiting(oneshot::Receiver<IoCompletion>),
-    Ready(Option<IoCompletion>),
-}
-
-impl PendingIo {
-    /// A completion delivered through `receiver` by an engine thread.
-    pub fn waiting(receiver: oneshot::Receiver<IoCompletion>) -> Self {
-        Self { state: PendingState::Waiting(receiver) }
-    }
-    /// A completion known at submission (e.g. a rejected request).
-    pub fn ready(completion: IoCompletion) -> Self {
-        Self { state: PendingState::Ready(Some(completion)) }
-    }
-}
-
-impl Future for PendingIo {
-    type Output = IoCompletion;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoCompletion> {
-        let this = self.get_mut();
-        match &mut this.state {
-            PendingState::Ready(completion) => {
-                Poll::Ready(completion.take().expect("PendingIo polled after it completed"))
-            }
-            PendingState::Waiting(receiver) => Pin::new(receiver).poll(cx).map(|outcome| {
-                outcome.unwrap_or_else(|_| IoCompletion {
-                    buf: None,
-                    keep_alive: None,
-                    result: Err(io::Error::other("the IO engine stopped before completing")),
-                })
-            }),
-        }
-    }
 }

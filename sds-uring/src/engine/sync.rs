@@ -19,16 +19,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::oneshot;
-
-use super::{DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp, IoRequest, PendingIo};
+use super::{
+    CompletionSender, DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp, IoRequest, PendingIo,
+};
 
 /// Worker threads per device.
 pub const DEFAULT_THREADS: usize = 4;
 
 struct Job {
     request: IoRequest,
-    reply: oneshot::Sender<IoCompletion>,
+    reply: CompletionSender,
 }
 
 struct DeviceWorkers {
@@ -87,7 +87,7 @@ fn serve(file: &File, jobs: &Mutex<mpsc::Receiver<Job>>, activity: &Activity) {
         activity.peak.fetch_max(running, Ordering::Relaxed);
         let result = execute(file, &mut request);
         activity.running.fetch_sub(1, Ordering::Relaxed);
-        let _ = reply.send(IoCompletion::of(request, result));
+        reply.send(IoCompletion::of(request, result));
     }
 }
 
@@ -134,9 +134,9 @@ impl IoEngine for SyncEngine {
         if let Err(error) = request.validate(self.devices.len(), false) {
             return PendingIo::ready(IoCompletion::failed(request, error));
         }
-        let (reply, receiver) = oneshot::channel();
+        let (reply, pending) = PendingIo::channel();
         match self.devices[request.device].queue.send(Job { request, reply }) {
-            Ok(()) => PendingIo::waiting(receiver),
+            Ok(()) => pending,
             Err(mpsc::SendError(job)) => PendingIo::ready(IoCompletion::failed(
                 job.request,
                 io::Error::other("the device workers have stopped"),

@@ -1,13 +1,14 @@
 //! The io_uring engine: one thread and one ring per device, O_DIRECT.
 //!
-//! Callers push an [`IoRequest`] and a oneshot sender into the device's
+//! Callers push an [`IoRequest`] and a completion sender into the device's
 //! channel, then wake the device thread through an eventfd — only if it is
 //! asleep, so a busy thread costs callers no syscall. The device thread keeps
 //! a read of that eventfd armed in its own ring, so a single
 //! `io_uring_enter` waits for both new requests and IO completions. On every
 //! turn it moves all queued requests into the submission queue and submits
 //! them with one `io_uring_enter` (batched submission); completions are
-//! answered through the oneshot channels.
+//! answered together, through one wake-up of a pump task on the runtime's
+//! thread (see [`super::completion`]).
 //!
 //! An idle device thread (nothing in flight) blocks on the channel itself
 //! instead, so the first request after a pause costs one futex wake and no
@@ -52,10 +53,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::{
+    CompletionQueue, CompletionSender, DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp,
+    IoRequest, PendingIo,
+};
 use io_uring::{opcode, squeue, types, IoUring};
-use tokio::sync::oneshot;
-
-use super::{DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp, IoRequest, PendingIo};
 
 /// Tuning of the uring engine.
 #[derive(Debug, Clone)]
@@ -112,7 +114,7 @@ const WAKE_TAG: u64 = u64::MAX;
 /// A request travelling from a caller to a device thread.
 struct Submission {
     request: IoRequest,
-    reply: oneshot::Sender<IoCompletion>,
+    reply: CompletionSender,
 }
 
 /// How callers wake a device thread that sleeps in `io_uring_enter`.
@@ -155,6 +157,7 @@ impl Wakeup {
 /// The caller side of one device thread.
 struct DeviceRing {
     queue: mpsc::Sender<Submission>,
+    completions: Arc<CompletionQueue>,
     wakeup: Arc<Wakeup>,
     raw_fd: RawFd,
     thread: JoinHandle<()>,
@@ -187,6 +190,8 @@ impl UringEngine {
             let (queue, intake) = mpsc::channel();
             let (ready, started) = mpsc::sync_channel(1);
             let thread_wakeup = wakeup.clone();
+            let completions = Arc::new(CompletionQueue::default());
+            let thread_completions = completions.clone();
             let peak = in_flight_peak.clone();
             let config = config.clone();
             // The ring is built on its own thread: with SINGLE_ISSUER only the
@@ -211,6 +216,8 @@ impl UringEngine {
                         in_flight: InFlightTable::with_capacity(capacity),
                         backlog: VecDeque::new(),
                         reaped: Vec::with_capacity(capacity + 1),
+                        finished: Vec::with_capacity(capacity),
+                        completions: thread_completions,
                         wake_armed: false,
                         idle_poll: config.idle_poll,
                         idle_gap: IdleGap::default(),
@@ -226,7 +233,7 @@ impl UringEngine {
                 let _ = thread.join();
                 return Err(error);
             }
-            rings.push(DeviceRing { queue, wakeup, raw_fd, thread });
+            rings.push(DeviceRing { queue, completions, wakeup, raw_fd, thread });
         }
         Ok(Self { devices: rings, in_flight_peak })
     }
@@ -242,7 +249,7 @@ impl IoEngine for UringEngine {
             return PendingIo::ready(IoCompletion::failed(request, error));
         }
         let device = &self.devices[request.device];
-        let (reply, receiver) = oneshot::channel();
+        let (reply, pending) = PendingIo::channel();
         if let Err(mpsc::SendError(rejected)) = device.queue.send(Submission { request, reply }) {
             return PendingIo::ready(IoCompletion::failed(
                 rejected.request,
@@ -250,7 +257,8 @@ impl IoEngine for UringEngine {
             ));
         }
         device.wakeup.wake_if_sleeping();
-        PendingIo::waiting(receiver)
+        device.completions.ensure_pump();
+        pending
     }
 
     fn device_count(&self) -> usize {
@@ -269,11 +277,12 @@ impl IoEngine for UringEngine {
 impl Drop for UringEngine {
     fn drop(&mut self) {
         for device in std::mem::take(&mut self.devices) {
-            let DeviceRing { queue, wakeup, thread, .. } = device;
+            let DeviceRing { queue, completions, wakeup, thread, .. } = device;
             // A closed channel tells the thread to finish its in-flight work and exit.
             drop(queue);
             wakeup.wake();
             let _ = thread.join();
+            completions.close();
         }
     }
 }
@@ -281,7 +290,7 @@ impl Drop for UringEngine {
 /// An operation the kernel may be working on, with everything it borrows.
 struct InFlight {
     request: IoRequest,
-    reply: oneshot::Sender<IoCompletion>,
+    reply: CompletionSender,
     /// Bytes already transferred (a short transfer is resubmitted for the rest).
     done: usize,
 }
@@ -341,6 +350,9 @@ struct DeviceThread {
     backlog: VecDeque<Submission>,
     /// Completions reaped in one turn: (user_data, result).
     reaped: Vec<(u64, i32)>,
+    /// Finished requests of this turn, answered together.
+    finished: Vec<(CompletionSender, IoCompletion)>,
+    completions: Arc<CompletionQueue>,
     wake_armed: bool,
     idle_poll: Duration,
     idle_gap: IdleGap,
@@ -582,6 +594,7 @@ impl DeviceThread {
         }
         reaped.clear();
         self.reaped = reaped;
+        self.completions.deliver(&mut self.finished);
         if resubmitted {
             self.submit();
         }
@@ -622,7 +635,7 @@ impl DeviceThread {
                 let op = self.in_flight.remove(index).expect("completed operation is in flight");
                 // The caller may have stopped waiting; the buffer (and what the
                 // request keeps alive) is then dropped here, after completion.
-                let _ = op.reply.send(IoCompletion::of(op.request, result));
+                self.finished.push((op.reply, IoCompletion::of(op.request, result)));
                 false
             }
         }

@@ -45,6 +45,11 @@ pub struct SdsArgs {
     /// Data-plane TCP port; default 9700+N.
     #[arg(long)]
     pub data_port: Option<u16>,
+    /// Threads running the network side (connections, checks, replication);
+    /// 1 runs it all on one event loop, which avoids cross-CPU wake-ups per
+    /// request. Disk IO runs on one thread per device in any case.
+    #[arg(long, env = "PFLEX_NETWORK_THREADS", default_value_t = 1)]
+    pub network_threads: usize,
     /// Directory for `sds_local.db` and the stored cluster secret.
     #[arg(long, default_value = "./sds-data")]
     pub data_dir: PathBuf,
