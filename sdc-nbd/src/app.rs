@@ -55,9 +55,11 @@ pub struct Args {
     /// event loop, which avoids cross-CPU wake-ups per request.
     #[arg(long, env = "PFLEX_NETWORK_THREADS", default_value_t = 1)]
     pub network_threads: usize,
-    /// Data-plane connections to each SDS.
-    #[arg(long, default_value_t = 4)]
-    pub connections_per_sds: usize,
+    /// Data-plane connections to each SDS; default: one per network thread
+    /// (more connections than threads only split the batches each write
+    /// and read syscall could carry).
+    #[arg(long, env = "PFLEX_SDS_CONNECTIONS")]
+    pub connections_per_sds: Option<usize>,
     /// Requests one NBD connection may have in flight.
     #[arg(long, default_value_t = 256)]
     pub max_in_flight: usize,
@@ -164,7 +166,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
     let mut db = StateDb::open(&args.data_dir)?;
 
     let ctx = crate::cluster::ClusterContext::new(ClusterConfig {
-        connections_per_sds: args.connections_per_sds,
+        connections_per_sds: args.connections_per_sds.unwrap_or(args.network_threads).max(1),
         retry_for: Duration::from_secs(args.io_retry_secs.max(1)),
         ..ClusterConfig::default()
     });

@@ -76,9 +76,10 @@ pub struct SdsArgs {
     /// Seconds between batched IO acknowledgements to the MDM.
     #[arg(long, default_value_t = 2)]
     pub ack_interval_secs: u64,
-    /// Data-plane connections to each peer SDS (replication).
-    #[arg(long, default_value_t = 4)]
-    pub peer_connections: usize,
+    /// Data-plane connections to each peer SDS (replication); default: one
+    /// per network thread.
+    #[arg(long)]
+    pub peer_connections: Option<usize>,
 }
 
 /// Size of a device created when none is given.
@@ -167,7 +168,7 @@ impl SdsArgs {
             engine: self.io_engine,
             heartbeat_interval: self.heartbeat_interval_secs.map(|s| Duration::from_secs(s.max(1))),
             ack_interval: Duration::from_secs(self.ack_interval_secs.max(1)),
-            peer_connections: self.peer_connections.max(1),
+            peer_connections: self.peer_connections.unwrap_or(self.network_threads).max(1),
         })
     }
 }
