@@ -70,6 +70,10 @@ struct Args {
     /// microseconds (adaptive, see `UringConfig::idle_poll`; 0: never polls).
     #[arg(long, default_value_t = 20)]
     idle_poll_us: u64,
+    /// Longest a caller alone on the device spins for its completion, in
+    /// microseconds (adaptive, see `UringConfig::completion_poll`; 0: never).
+    #[arg(long, default_value_t = 50)]
+    completion_poll_us: u64,
     /// Use plain io_uring rings (no SINGLE_ISSUER | DEFER_TASKRUN).
     #[arg(long)]
     plain_ring: bool,
@@ -86,8 +90,9 @@ struct Args {
     /// Repetitions of each case (store and fio alternating); medians are printed.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Tokio worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Threads of the runtime the callers run on (1: one event loop, as
+    /// the `sds` binary runs by default; more: tokio's multi-threaded scheduler).
+    #[arg(long, default_value_t = 1)]
     workers: usize,
 }
 
@@ -117,10 +122,7 @@ struct Measured {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers)
-        .enable_all()
-        .build()?;
+    let runtime = pflex_dataplane::runtime::network_runtime(args.workers)?;
     runtime.block_on(run(args))
 }
 
@@ -140,16 +142,18 @@ async fn run(args: Args) -> Result<()> {
     let tuning = UringConfig {
         idle_poll: Duration::from_micros(args.idle_poll_us),
         defer_taskrun: !args.plain_ring,
+        completion_poll: Duration::from_micros(args.completion_poll_us),
         ..Default::default()
     };
     let store = ChunkStore::open_with(cfg, tuning).context("opening the chunk store")?;
     println!(
-        "{}: {} engine, device {} ({} MiB), idle poll {} µs, {} s per test",
+        "{}: {} engine, device {} ({} MiB), idle poll {} µs, completion poll {} µs, {} s per test",
         if args.engine_only { "IO engine alone" } else { "chunk store" },
         args.engine,
         store_dir.join("dev0.img").display(),
         args.size >> 20,
         args.idle_poll_us,
+        args.completion_poll_us,
         args.seconds
     );
 
