@@ -294,8 +294,11 @@ impl IoEngine for UringEngine {
         let (reply, pending) = PendingIo::channel();
         let alone = device.load.busy.fetch_add(1, Ordering::AcqRel) == 0;
         let service_ns = device.load.service_ns.load(Ordering::Relaxed) as u128;
-        let direct =
-            alone && service_ns != 0 && service_ns * 4 <= self.completion_poll.as_nanos() * 3;
+        // A flush is never polled for: its time is not the device's 4 KiB latency.
+        let direct = alone
+            && request.op != IoOp::DataSync
+            && service_ns != 0
+            && service_ns * 4 <= self.completion_poll.as_nanos() * 3;
         let submission = Submission { request, reply, direct };
         if let Err(mpsc::SendError(rejected)) = device.queue.send(submission) {
             device.load.busy.fetch_sub(1, Ordering::AcqRel);

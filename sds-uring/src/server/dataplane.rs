@@ -328,9 +328,14 @@ async fn replicate_write(
         ..FrameHeader::default()
     };
     let payload = Bytes::from(payload);
-    let (local, remote) = tokio::join!(
-        apply_local(node, op, header, &payload),
-        peer.client.call_shared(forward, &identity.peer_key, payload.clone())
+    let (remote, local) = tokio::join!(
+        peer.client.call_shared(forward, &identity.peer_key, payload.clone()),
+        async {
+            // Let the forward leave first: a local write alone on its device
+            // may hold this thread while it polls for the completion.
+            tokio::task::yield_now().await;
+            apply_local(node, op, header, &payload).await
+        }
     );
     node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
     let remote_status = match remote {
