@@ -138,8 +138,8 @@ struct Submission {
 struct DeviceLoad {
     /// Requests submitted and not answered yet.
     busy: AtomicUsize,
-    /// Recent service time (submission to completion) in nanoseconds,
-    /// exponentially weighted; 0 = no sample yet.
+    /// Recent service time of reads and writes (submission to completion)
+    /// in nanoseconds, exponentially weighted; 0 = no sample yet.
     service_ns: AtomicU64,
 }
 
@@ -696,7 +696,11 @@ impl DeviceThread {
                 let op = self.in_flight.remove(index).expect("completed operation is in flight");
                 // The caller may have stopped waiting; the buffer (and what the
                 // request keeps alive) is then dropped here, after completion.
-                self.load.record(op.submitted.elapsed());
+                // Flushes are never polled for, so they do not count towards
+                // the service time that decides polling.
+                if op.request.op != IoOp::DataSync {
+                    self.load.record(op.submitted.elapsed());
+                }
                 self.load.busy.fetch_sub(1, Ordering::AcqRel);
                 let completion = IoCompletion::of(op.request, result);
                 if op.direct {
