@@ -2,52 +2,18 @@
 //! alert when an SDS stops heartbeating and resolves it when the SDS is back.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pflex_testkit::{free_port, spawn_logged, workspace_binary, ProcessGuard};
 use serde_json::{json, Value};
 
-/// Kills its process by PID when dropped, pass or fail.
-struct ProcessGuard(Child);
-
-impl Drop for ProcessGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn target_dir() -> PathBuf {
-    // .../target/debug/deps/alerts-xxxx → .../target/debug
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 fn mdm_binary() -> PathBuf {
-    let path = target_dir().join("mdm");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo).args(["build", "-p", "mdm", "--bin", "mdm"]).status();
-        assert!(status.unwrap().success(), "cargo build -p mdm failed");
-    }
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    workspace_binary("mdm", "mdm")
 }
 
 fn spawn(program: &Path, args: &[String], log: &Path) -> ProcessGuard {
-    let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(program)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-    ProcessGuard(child)
+    let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    spawn_logged(&name, program, args, log)
 }
 
 /// Polls `probe` every 200 ms for at most 30 s.

@@ -35,9 +35,7 @@ pub struct Mdm {
     timing: Timing,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use pflex_testkit::free_port;
 
 impl Mdm {
     pub fn start() -> Mdm {

@@ -7,12 +7,10 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::io::Read as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pflex_mdm_client::MdmClient;
@@ -47,17 +45,7 @@ fn build_peers() {
     });
 }
 
-/// A loopback port nobody in this process was given before.
-pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if given.lock().unwrap().insert(port) {
-            return port;
-        }
-    }
-}
+pub use pflex_testkit::free_port;
 
 /// Ports of one SDS.
 #[derive(Debug, Clone, Copy)]

@@ -8,9 +8,8 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,82 +27,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Kills its process (by PID) when dropped.
-pub struct ProcessGuard {
-    child: Child,
-    pub name: String,
-}
-
-impl ProcessGuard {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    /// `kill -9` and reap.
-    pub fn kill_hard(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-    /// Polls until the process exits, for at most `limit`.
-    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-}
-
-impl Drop for ProcessGuard {
-    fn drop(&mut self) {
-        self.kill_hard();
-    }
-}
-
-/// A free loopback port (bound and released; collisions are unlikely).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The workspace's target profile directory (where `mdm` is built).
-fn target_dir() -> PathBuf {
-    let sds = PathBuf::from(env!("CARGO_BIN_EXE_sds"));
-    sds.parent().expect("sds binary has a directory").to_path_buf()
-}
+pub use pflex_testkit::{free_port, ProcessGuard};
 
 /// Path of the `mdm` binary, building it if it is not there yet.
 pub fn mdm_binary() -> PathBuf {
-    let path = target_dir().join("mdm");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut args = vec!["build", "-p", "mdm", "--bin", "mdm"];
-        if target_dir().ends_with("release") {
-            args.push("--release");
-        }
-        let status = Command::new(cargo).args(&args).status().expect("run cargo build -p mdm");
-        assert!(status.success(), "cargo build -p mdm failed");
-    }
-    assert!(path.exists(), "no mdm binary at {}", path.display());
-    path
+    pflex_testkit::workspace_binary("mdm", "mdm")
 }
 
 fn spawn(name: &str, program: &Path, args: &[String], logs: &Path) -> ProcessGuard {
-    std::fs::create_dir_all(logs).unwrap();
-    let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(program)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-    ProcessGuard { child, name: name.to_string() }
+    pflex_testkit::spawn_logged(name, program, args, &logs.join(format!("{name}.log")))
 }
 
 /// Polls `probe` until it says ready; panics with the log on timeout or exit.

@@ -1,0 +1,114 @@
+//! What the integration tests of several pflex crates share.
+//!
+//! - [`free_port`]: a loopback port not handed out before in this process;
+//! - [`ProcessGuard`] and [`spawn_logged`]: a spawned component with its
+//!   output in a log file, killed by its own PID when the guard drops, pass
+//!   or fail (never by name or pattern);
+//! - [`workspace_binary`]: another package's binary from the same target
+//!   directory, built on demand (cargo only builds the binaries of the
+//!   package under test).
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody in this process was given before (bound and
+/// released, so another process could still take it; that is unlikely).
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if given.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A spawned process, killed by its PID (and reaped) when dropped.
+pub struct ProcessGuard {
+    child: Child,
+    pub name: String,
+}
+
+impl ProcessGuard {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Polls until the process exits, for at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// Starts `program` with `args`, `RUST_LOG=info`, no stdin, and stdout and
+/// stderr in the file `log` (created or truncated).
+pub fn spawn_logged(name: &str, program: &Path, args: &[String], log: &Path) -> ProcessGuard {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let out = std::fs::File::create(log)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    ProcessGuard { child, name: name.to_string() }
+}
+
+/// The profile directory of the running test (`target/debug` or
+/// `target/release`): tests run from its `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    exe.parent().and_then(Path::parent).expect("tests run from <profile>/deps").to_path_buf()
+}
+
+/// The binary `name` of package `package` in this profile directory, built
+/// first if it is missing.
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    let dir = profile_dir();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = vec!["build", "-p", package, "--bin", name];
+        if dir.ends_with("release") {
+            args.push("--release");
+        }
+        let status = Command::new(cargo).args(&args).status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+    }
+    assert!(path.exists(), "no {name} binary at {}", path.display());
+    path
+}
