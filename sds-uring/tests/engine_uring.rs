@@ -166,3 +166,95 @@ async fn dropped_requests_complete_safely() {
     check.result.unwrap();
     drop(engine); // joins the device thread after in-flight work drains
 }
+
+fn patterned(len: usize, seed: u8) -> AlignedBuf {
+    let mut data = AlignedBuf::zeroed(len);
+    data.iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8).wrapping_mul(31) ^ seed);
+    data
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn requests_alone_on_their_device_are_submitted_by_their_caller() {
+    let dir = test_dir("inline");
+    let device = device_file(&dir, 8 << 20);
+    let engine = UringEngine::open(&[device], UringConfig::default()).unwrap();
+    // One at a time: each finds the device idle and goes straight into the
+    // shared ring from this thread.
+    for i in 0..16u64 {
+        let data = patterned(2 * IO_ALIGN, i as u8);
+        let expected = data.to_vec();
+        engine.submit(IoRequest::write(0, i << 16, data, i % 4 == 0)).await.result.unwrap();
+        let read = engine.submit(IoRequest::read(0, i << 16, AlignedBuf::zeroed(2 * IO_ALIGN)));
+        let read = read.await;
+        read.result.unwrap();
+        assert_eq!(read.buf.unwrap().to_vec(), expected, "request {i}");
+    }
+    assert_eq!(engine.inline_submitted(), 32, "every request was alone on the device");
+    // A flush always goes to the device thread.
+    engine.submit(IoRequest::data_sync(0)).await.result.unwrap();
+    assert_eq!(engine.inline_submitted(), 32);
+    // Several at once: the first finds the device idle, the rest queue
+    // behind it on the device thread; all complete with their own data.
+    let pending: Vec<_> = (0..8u64)
+        .map(|i| {
+            engine.submit(IoRequest::write(
+                0,
+                (4 << 20) + (i << 12),
+                patterned(IO_ALIGN, 99 + i as u8),
+                false,
+            ))
+        })
+        .collect();
+    for completion in pending {
+        completion.await.result.unwrap();
+    }
+    let inline_now = engine.inline_submitted();
+    assert!(
+        (33..40).contains(&inline_now),
+        "{inline_now} inline submissions for 8 concurrent writes"
+    );
+    for i in 0..8u64 {
+        let read = engine
+            .submit(IoRequest::read(0, (4 << 20) + (i << 12), AlignedBuf::zeroed(IO_ALIGN)))
+            .await;
+        assert_eq!(read.buf.unwrap().to_vec(), patterned(IO_ALIGN, 99 + i as u8).to_vec());
+    }
+}
+
+#[test]
+fn inline_requests_outlive_their_caller_their_runtime_and_the_engine() {
+    let dir = test_dir("inline-lifetimes");
+    let device = device_file(&dir, 8 << 20);
+    let engine =
+        Arc::new(UringEngine::open(std::slice::from_ref(&device), UringConfig::default()).unwrap());
+    // Outside any runtime there is no reaper to answer: the device thread takes it.
+    let outside = engine.submit(IoRequest::write(0, 0, patterned(IO_ALIGN, 1), false));
+    let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime().block_on(outside).result.unwrap();
+    assert_eq!(engine.inline_submitted(), 0);
+    // A request whose caller stops waiting and whose runtime shuts down
+    // while the kernel still works on it.
+    let first = runtime();
+    first.block_on(async {
+        drop(engine.submit(IoRequest::write(0, 1 << 20, patterned(1 << 20, 2), false)));
+    });
+    drop(first);
+    assert_eq!(engine.inline_submitted(), 1);
+    // A later runtime gets its own reaper; the device is usable as before.
+    runtime().block_on(async {
+        let data = patterned(IO_ALIGN, 3);
+        let expected = data.to_vec();
+        engine.submit(IoRequest::write(0, 2 << 20, data, true)).await.result.unwrap();
+        let read = engine.submit(IoRequest::read(0, 2 << 20, AlignedBuf::zeroed(IO_ALIGN))).await;
+        assert_eq!(read.buf.unwrap().to_vec(), expected);
+        // Closing the engine with a request in flight waits for the kernel.
+        drop(engine.submit(IoRequest::write(0, 3 << 20, patterned(1 << 20, 4), false)));
+    });
+    let engine = Arc::try_unwrap(engine).ok().expect("no other owner");
+    drop(engine);
+    let reopened = UringEngine::open(&[device], UringConfig::default()).unwrap();
+    runtime().block_on(async {
+        let read = reopened.submit(IoRequest::read(0, 2 << 20, AlignedBuf::zeroed(IO_ALIGN))).await;
+        assert_eq!(read.buf.unwrap().to_vec(), patterned(IO_ALIGN, 3).to_vec());
+    });
+}

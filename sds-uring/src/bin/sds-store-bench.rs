@@ -77,6 +77,10 @@ struct Args {
     /// Use plain io_uring rings (no SINGLE_ISSUER | DEFER_TASKRUN).
     #[arg(long)]
     plain_ring: bool,
+    /// Hand every request to its device thread, also one alone on its device
+    /// (see `UringConfig::inline_submit`)
+    #[arg(long)]
+    no_inline_submit: bool,
     /// Measure the IO engine alone (same offsets, straight on the device,
     /// no chunk map or locks) instead of the chunk store.
     #[arg(long)]
@@ -143,17 +147,19 @@ async fn run(args: Args) -> Result<()> {
         idle_poll: Duration::from_micros(args.idle_poll_us),
         defer_taskrun: !args.plain_ring,
         completion_poll: Duration::from_micros(args.completion_poll_us),
+        inline_submit: !args.no_inline_submit,
         ..Default::default()
     };
     let store = ChunkStore::open_with(cfg, tuning).context("opening the chunk store")?;
     println!(
-        "{}: {} engine, device {} ({} MiB), idle poll {} µs, completion poll {} µs, {} s per test",
+        "{}: {} engine, device {} ({} MiB), idle poll {} µs, completion poll {} µs, inline submission {}, {} s per test",
         if args.engine_only { "IO engine alone" } else { "chunk store" },
         args.engine,
         store_dir.join("dev0.img").display(),
         args.size >> 20,
         args.idle_poll_us,
         args.completion_poll_us,
+        if args.no_inline_submit { "off" } else { "on" },
         args.seconds
     );
 

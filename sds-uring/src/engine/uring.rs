@@ -57,11 +57,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tokio::runtime::Handle;
+
 use super::{
     CompletionQueue, CompletionSender, DeviceFile, EngineKind, IoCompletion, IoEngine, IoOp,
     IoRequest, PendingIo,
 };
 use io_uring::{opcode, squeue, types, IoUring};
+
+mod inline;
+use inline::InlineRing;
 
 /// Tuning of the uring engine.
 #[derive(Debug, Clone)]
@@ -81,6 +86,11 @@ pub struct UringConfig {
     /// while the device's recent service time is under three quarters of
     /// it, so a slow device costs no spinning. Zero disables it.
     pub completion_poll: Duration,
+    /// Submit a request that finds its device idle from the caller's own
+    /// thread, into a ring shared by the engine's devices, instead of
+    /// handing it to the device thread (see [`inline`]). Applies inside a
+    /// tokio runtime only.
+    pub inline_submit: bool,
 }
 
 impl Default for UringConfig {
@@ -90,6 +100,7 @@ impl Default for UringConfig {
             idle_poll: Duration::from_micros(20),
             defer_taskrun: true,
             completion_poll: Duration::from_micros(50),
+            inline_submit: true,
         }
     }
 }
@@ -204,6 +215,8 @@ struct DeviceRing {
 /// io_uring engine over O_DIRECT device files.
 pub struct UringEngine {
     devices: Vec<DeviceRing>,
+    /// Where requests alone on their device go (if enabled).
+    inline: Option<Arc<InlineRing>>,
     completion_poll: Duration,
     in_flight_peak: Arc<AtomicUsize>,
 }
@@ -277,7 +290,25 @@ impl UringEngine {
             }
             rings.push(DeviceRing { queue, completions, load, wakeup, raw_fd, thread });
         }
-        Ok(Self { devices: rings, completion_poll: config.completion_poll, in_flight_peak })
+        let inline = if config.inline_submit {
+            let files: Vec<RawFd> = rings.iter().map(|ring| ring.raw_fd).collect();
+            let loads = rings.iter().map(|ring| ring.load.clone()).collect();
+            match InlineRing::open(&files, loads) {
+                Ok(inline) => Some(inline),
+                Err(error) => {
+                    tracing::warn!(%error, "no inline ring; every request goes to its device thread");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Self { devices: rings, inline, completion_poll: config.completion_poll, in_flight_peak })
+    }
+
+    /// Requests submitted from their caller's thread so far (see [`inline`]).
+    pub fn inline_submitted(&self) -> u64 {
+        self.inline.as_ref().map_or(0, |inline| inline.submitted())
     }
 }
 
@@ -293,6 +324,12 @@ impl IoEngine for UringEngine {
         let device = &self.devices[request.device];
         let (reply, pending) = PendingIo::channel();
         let alone = device.load.busy.fetch_add(1, Ordering::AcqRel) == 0;
+        if alone && request.op != IoOp::DataSync {
+            if let (Some(inline), Ok(runtime)) = (&self.inline, Handle::try_current()) {
+                inline.submit(&runtime, request, reply);
+                return pending;
+            }
+        }
         let service_ns = device.load.service_ns.load(Ordering::Relaxed) as u128;
         // A flush is never polled for: its time is not the device's 4 KiB latency.
         let direct = alone
@@ -330,6 +367,9 @@ impl IoEngine for UringEngine {
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
+        if let Some(inline) = self.inline.take() {
+            inline.close();
+        }
         for device in std::mem::take(&mut self.devices) {
             let DeviceRing { queue, completions, wakeup, thread, .. } = device;
             // A closed channel tells the thread to finish its in-flight work and exit.
@@ -349,6 +389,58 @@ struct InFlight {
     submitted: Instant,
     /// Bytes already transferred (a short transfer is resubmitted for the rest).
     done: usize,
+}
+
+impl InFlight {
+    /// The ring entry for the (remaining part of the) operation on `file`.
+    fn entry(&mut self, file: types::Fixed) -> squeue::Entry {
+        let offset = self.request.offset + self.done as u64;
+        match (self.request.op, self.request.buf.as_mut()) {
+            (IoOp::DataSync, _) => {
+                opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build()
+            }
+            (IoOp::Read, Some(buf)) => {
+                let remaining = (buf.len() - self.done) as u32;
+                // SAFETY: done < buf.len(), so the pointer stays inside the buffer.
+                let at = unsafe { buf.as_mut_ptr().add(self.done) };
+                opcode::Read::new(file, at, remaining).offset(offset).build()
+            }
+            (IoOp::Write { fua }, Some(buf)) => {
+                let remaining = (buf.len() - self.done) as u32;
+                // SAFETY: done < buf.len(), so the pointer stays inside the buffer.
+                let at = unsafe { buf.as_mut_ptr().add(self.done) };
+                opcode::Write::new(file, at, remaining)
+                    .offset(offset)
+                    .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+            (_, None) => unreachable!("validated requests carry a buffer"),
+        }
+    }
+
+    /// Accounts a completion's `result`: the operation's outcome, or `None`
+    /// if the rest must be submitted again (short transfer, EAGAIN, EINTR).
+    fn transfer_outcome(&mut self, result: i32) -> Option<io::Result<()>> {
+        if result == -libc::EAGAIN || result == -libc::EINTR {
+            return None;
+        }
+        if result < 0 {
+            return Some(Err(io::Error::from_raw_os_error(-result)));
+        }
+        let total = self.request.buf.as_ref().map_or(0, |b| b.len());
+        self.done += result as usize;
+        if self.done >= total {
+            Some(Ok(()))
+        } else if result == 0 {
+            let kind = match self.request.op {
+                IoOp::Read => io::ErrorKind::UnexpectedEof,
+                _ => io::ErrorKind::WriteZero,
+            };
+            Some(Err(io::Error::new(kind, "the device transferred no bytes")))
+        } else {
+            None
+        }
+    }
 }
 
 /// In-flight operations indexed by their `user_data`.
@@ -584,28 +676,7 @@ impl DeviceThread {
     /// Queues the (remaining part of the) in-flight operation `index`.
     fn push_entry(&mut self, index: usize) {
         let op = self.in_flight.get_mut(index).expect("pushing an operation that is not in flight");
-        let offset = op.request.offset + op.done as u64;
-        let entry = match (op.request.op, op.request.buf.as_mut()) {
-            (IoOp::DataSync, _) => {
-                opcode::Fsync::new(REGISTERED_FILE).flags(types::FsyncFlags::DATASYNC).build()
-            }
-            (IoOp::Read, Some(buf)) => {
-                let remaining = (buf.len() - op.done) as u32;
-                // SAFETY: op.done < buf.len(), so the pointer stays inside the buffer.
-                let at = unsafe { buf.as_mut_ptr().add(op.done) };
-                opcode::Read::new(REGISTERED_FILE, at, remaining).offset(offset).build()
-            }
-            (IoOp::Write { fua }, Some(buf)) => {
-                let remaining = (buf.len() - op.done) as u32;
-                // SAFETY: op.done < buf.len(), so the pointer stays inside the buffer.
-                let at = unsafe { buf.as_mut_ptr().add(op.done) };
-                opcode::Write::new(REGISTERED_FILE, at, remaining)
-                    .offset(offset)
-                    .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                    .build()
-            }
-            (_, None) => unreachable!("validated requests carry a buffer"),
-        };
+        let entry = op.entry(REGISTERED_FILE);
         self.push(entry.user_data(index as u64));
     }
 
@@ -668,25 +739,7 @@ impl DeviceThread {
             tracing::error!(index, "completion for an unknown operation");
             return false;
         };
-        let outcome = if result == -libc::EAGAIN || result == -libc::EINTR {
-            None
-        } else if result < 0 {
-            Some(Err(io::Error::from_raw_os_error(-result)))
-        } else {
-            let total = op.request.buf.as_ref().map_or(0, |b| b.len());
-            op.done += result as usize;
-            if op.done >= total {
-                Some(Ok(()))
-            } else if result == 0 {
-                let kind = match op.request.op {
-                    IoOp::Read => io::ErrorKind::UnexpectedEof,
-                    _ => io::ErrorKind::WriteZero,
-                };
-                Some(Err(io::Error::new(kind, "the device transferred no bytes")))
-            } else {
-                None
-            }
-        };
+        let outcome = op.transfer_outcome(result);
         match outcome {
             None => {
                 self.push_entry(index);
