@@ -70,10 +70,6 @@ struct Args {
     /// microseconds (adaptive, see `UringConfig::idle_poll`; 0: never polls).
     #[arg(long, default_value_t = 20)]
     idle_poll_us: u64,
-    /// Longest a caller alone on the device spins for its completion, in
-    /// microseconds (adaptive, see `UringConfig::completion_poll`; 0: never).
-    #[arg(long, default_value_t = 50)]
-    completion_poll_us: u64,
     /// Use plain io_uring rings (no SINGLE_ISSUER | DEFER_TASKRUN).
     #[arg(long)]
     plain_ring: bool,
@@ -146,19 +142,17 @@ async fn run(args: Args) -> Result<()> {
     let tuning = UringConfig {
         idle_poll: Duration::from_micros(args.idle_poll_us),
         defer_taskrun: !args.plain_ring,
-        completion_poll: Duration::from_micros(args.completion_poll_us),
         inline_submit: !args.no_inline_submit,
         ..Default::default()
     };
     let store = ChunkStore::open_with(cfg, tuning).context("opening the chunk store")?;
     println!(
-        "{}: {} engine, device {} ({} MiB), idle poll {} µs, completion poll {} µs, inline submission {}, {} s per test",
+        "{}: {} engine, device {} ({} MiB), idle poll {} µs, inline submission {}, {} s per test",
         if args.engine_only { "IO engine alone" } else { "chunk store" },
         args.engine,
         store_dir.join("dev0.img").display(),
         args.size >> 20,
         args.idle_poll_us,
-        args.completion_poll_us,
         if args.no_inline_submit { "off" } else { "on" },
         args.seconds
     );

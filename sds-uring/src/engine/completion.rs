@@ -148,9 +148,6 @@ async fn pump(guard: PumpGuard) {
 #[must_use = "an IO request does nothing useful unless its completion is awaited"]
 pub struct PendingIo {
     state: PendingState,
-    /// How long the first poll may spin for the completion before the task
-    /// sleeps (zero: not at all). See [`PendingIo::polling_for`].
-    poll_budget: std::time::Duration,
 }
 
 enum PendingState {
@@ -162,30 +159,12 @@ impl PendingIo {
     /// A new request's completion channel.
     pub fn channel() -> (CompletionSender, PendingIo) {
         let (sender, receiver) = oneshot::channel();
-        (
-            CompletionSender(sender),
-            Self { state: PendingState::Waiting(receiver), poll_budget: std::time::Duration::ZERO },
-        )
-    }
-
-    /// Lets the first poll spin up to `budget` for the completion instead of
-    /// going to sleep at once. An engine grants this to a request alone on
-    /// its device whose device has lately answered within the budget (a
-    /// caller at queue depth 1): spinning then saves the cross-thread
-    /// wake-up, which costs as much as a quarter of a fast device's
-    /// latency. The engine must answer such a request directly, not
-    /// through the pump, which runs on the very thread that spins.
-    pub fn polling_for(mut self, budget: std::time::Duration) -> Self {
-        self.poll_budget = budget;
-        self
+        (CompletionSender(sender), Self { state: PendingState::Waiting(receiver) })
     }
 
     /// A completion known at submission (e.g. a request refused up front).
     pub fn ready(completion: IoCompletion) -> Self {
-        Self {
-            state: PendingState::Ready(Some(completion)),
-            poll_budget: std::time::Duration::ZERO,
-        }
+        Self { state: PendingState::Ready(Some(completion)) }
     }
 }
 
@@ -198,22 +177,6 @@ impl Future for PendingIo {
                 Poll::Ready(completion.take().expect("PendingIo polled after it completed"))
             }
             PendingState::Waiting(receiver) => {
-                if !this.poll_budget.is_zero() {
-                    let budget = std::mem::take(&mut this.poll_budget);
-                    let started = std::time::Instant::now();
-                    loop {
-                        match receiver.try_recv() {
-                            Ok(completion) => return Poll::Ready(completion),
-                            Err(oneshot::error::TryRecvError::Closed) => break,
-                            Err(oneshot::error::TryRecvError::Empty) => {
-                                if started.elapsed() >= budget {
-                                    break;
-                                }
-                                std::hint::spin_loop();
-                            }
-                        }
-                    }
-                }
                 Pin::new(receiver).poll(cx).map(|outcome| {
                     outcome.unwrap_or_else(|_| IoCompletion {
                         buf: None,
@@ -310,33 +273,5 @@ mod tests {
         deliver_from_thread(&queue, vec![(gone, done(1)), (sender, done(2))]);
         assert_eq!(tag(waiting.await), 2);
         queue.close();
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_polling_caller_gets_its_completion_whether_or_not_the_spin_catches_it() {
-        // Answered during the spin (from another thread, no waker registered).
-        let (sender, pending) = PendingIo::channel();
-        let answer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_micros(200));
-            sender.send(done(3));
-        });
-        let mut pending = pending.polling_for(std::time::Duration::from_secs(5));
-        // The spin catches it within the first poll: no wake-up needed.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match Pin::new(&mut pending).poll(&mut cx) {
-            Poll::Ready(completion) => assert_eq!(tag(completion), 3),
-            Poll::Pending => panic!("the first poll returned before the completion arrived"),
-        }
-        answer.join().unwrap();
-
-        // Answered after the spin gave up: the task sleeps and is woken.
-        let (sender, pending) = PendingIo::channel();
-        let pending = pending.polling_for(std::time::Duration::from_micros(1));
-        let answer = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            sender.send(done(4));
-        });
-        assert_eq!(tag(pending.await), 4);
-        answer.join().unwrap();
     }
 }

@@ -51,7 +51,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -81,11 +81,6 @@ pub struct UringConfig {
     pub idle_poll: Duration,
     /// Ask for `SINGLE_ISSUER | DEFER_TASKRUN` rings.
     pub defer_taskrun: bool,
-    /// Longest a caller alone on its device spins for its completion
-    /// before its task sleeps (see [`PendingIo::polling_for`]). Granted only
-    /// while the device's recent service time is under three quarters of
-    /// it, so a slow device costs no spinning. Zero disables it.
-    pub completion_poll: Duration,
     /// Submit a request that finds its device idle from the caller's own
     /// thread, into a ring shared by the engine's devices, instead of
     /// handing it to the device thread (see [`inline`]). Applies inside a
@@ -99,7 +94,6 @@ impl Default for UringConfig {
             ring_entries: 256,
             idle_poll: Duration::from_micros(20),
             defer_taskrun: true,
-            completion_poll: Duration::from_micros(50),
             inline_submit: true,
         }
     }
@@ -140,29 +134,13 @@ const WAKE_TAG: u64 = u64::MAX;
 struct Submission {
     request: IoRequest,
     reply: CompletionSender,
-    /// The caller spins for this completion: answer it at once, directly.
-    direct: bool,
 }
 
-/// What callers and a device thread share about the device's load.
+/// What callers, a device thread and the inline ring share about a device.
 #[derive(Default)]
 struct DeviceLoad {
     /// Requests submitted and not answered yet.
     busy: AtomicUsize,
-    /// Recent service time of reads and writes (submission to completion)
-    /// in nanoseconds, exponentially weighted; 0 = no sample yet.
-    service_ns: AtomicU64,
-}
-
-impl DeviceLoad {
-    fn record(&self, service: Duration) {
-        let sample = service.as_nanos().min(u128::from(u64::MAX / 8)) as u64;
-        let average = match self.service_ns.load(Ordering::Relaxed) {
-            0 => sample,
-            average => (7 * average + sample) / 8,
-        };
-        self.service_ns.store(average.max(1), Ordering::Relaxed);
-    }
 }
 
 /// How callers wake a device thread that sleeps in `io_uring_enter`.
@@ -217,7 +195,6 @@ pub struct UringEngine {
     devices: Vec<DeviceRing>,
     /// Where requests alone on their device go (if enabled).
     inline: Option<Arc<InlineRing>>,
-    completion_poll: Duration,
     in_flight_peak: Arc<AtomicUsize>,
 }
 
@@ -303,7 +280,7 @@ impl UringEngine {
         } else {
             None
         };
-        Ok(Self { devices: rings, inline, completion_poll: config.completion_poll, in_flight_peak })
+        Ok(Self { devices: rings, inline, in_flight_peak })
     }
 
     /// Requests submitted from their caller's thread so far (see [`inline`]).
@@ -330,13 +307,7 @@ impl IoEngine for UringEngine {
                 return pending;
             }
         }
-        let service_ns = device.load.service_ns.load(Ordering::Relaxed) as u128;
-        // A flush is never polled for: its time is not the device's 4 KiB latency.
-        let direct = alone
-            && request.op != IoOp::DataSync
-            && service_ns != 0
-            && service_ns * 4 <= self.completion_poll.as_nanos() * 3;
-        let submission = Submission { request, reply, direct };
+        let submission = Submission { request, reply };
         if let Err(mpsc::SendError(rejected)) = device.queue.send(submission) {
             device.load.busy.fetch_sub(1, Ordering::AcqRel);
             return PendingIo::ready(IoCompletion::failed(
@@ -345,9 +316,6 @@ impl IoEngine for UringEngine {
             ));
         }
         device.wakeup.wake_if_sleeping();
-        if direct {
-            return pending.polling_for(self.completion_poll);
-        }
         device.completions.ensure_pump();
         pending
     }
@@ -385,8 +353,6 @@ impl Drop for UringEngine {
 struct InFlight {
     request: IoRequest,
     reply: CompletionSender,
-    direct: bool,
-    submitted: Instant,
     /// Bytes already transferred (a short transfer is resubmitted for the rest).
     done: usize,
 }
@@ -658,12 +624,10 @@ impl DeviceThread {
     fn push_backlog(&mut self) -> bool {
         let mut pushed = false;
         while !self.in_flight.is_full() {
-            let Some(Submission { request, reply, direct }) = self.backlog.pop_front() else {
+            let Some(Submission { request, reply }) = self.backlog.pop_front() else {
                 break;
             };
-            let submitted = Instant::now();
-            let index =
-                self.in_flight.insert(InFlight { request, reply, direct, submitted, done: 0 });
+            let index = self.in_flight.insert(InFlight { request, reply, done: 0 });
             self.push_entry(index);
             pushed = true;
         }
@@ -749,18 +713,8 @@ impl DeviceThread {
                 let op = self.in_flight.remove(index).expect("completed operation is in flight");
                 // The caller may have stopped waiting; the buffer (and what the
                 // request keeps alive) is then dropped here, after completion.
-                // Flushes are never polled for, so they do not count towards
-                // the service time that decides polling.
-                if op.request.op != IoOp::DataSync {
-                    self.load.record(op.submitted.elapsed());
-                }
                 self.load.busy.fetch_sub(1, Ordering::AcqRel);
-                let completion = IoCompletion::of(op.request, result);
-                if op.direct {
-                    op.reply.send(completion);
-                } else {
-                    self.finished.push((op.reply, completion));
-                }
+                self.finished.push((op.reply, IoCompletion::of(op.request, result)));
                 false
             }
         }

@@ -29,7 +29,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use io_uring::{types, IoUring};
 use tokio::io::unix::AsyncFd;
@@ -103,7 +102,7 @@ impl InlineRing {
     ) {
         self.ensure_reaper(runtime);
         let mut state = self.lock();
-        let op = InFlight { request, reply, direct: true, submitted: Instant::now(), done: 0 };
+        let op = InFlight { request, reply, done: 0 };
         let index = state.in_flight.insert(op);
         state.push_entry(index);
         self.submitted.fetch_add(1, Ordering::Relaxed);
