@@ -176,15 +176,13 @@ impl Future for PendingIo {
             PendingState::Ready(completion) => {
                 Poll::Ready(completion.take().expect("PendingIo polled after it completed"))
             }
-            PendingState::Waiting(receiver) => {
-                Pin::new(receiver).poll(cx).map(|outcome| {
-                    outcome.unwrap_or_else(|_| IoCompletion {
-                        buf: None,
-                        keep_alive: None,
-                        result: Err(io::Error::other("the IO engine stopped before completing")),
-                    })
+            PendingState::Waiting(receiver) => Pin::new(receiver).poll(cx).map(|outcome| {
+                outcome.unwrap_or_else(|_| IoCompletion {
+                    buf: None,
+                    keep_alive: None,
+                    result: Err(io::Error::other("the IO engine stopped before completing")),
                 })
-            }
+            }),
         }
     }
 }

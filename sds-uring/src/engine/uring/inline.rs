@@ -62,7 +62,12 @@ impl InlineRing {
     /// A ring over the engine's device files (registered as files 0..n).
     pub(super) fn open(files: &[RawFd], loads: Vec<Arc<DeviceLoad>>) -> io::Result<Arc<Self>> {
         let entries = (files.len() as u32 * 2).next_power_of_two().max(8);
-        let ring = IoUring::builder().setup_clamp().build(entries)?;
+        // COOP_TASKRUN: a completion wakes a sleeping runtime thread but does
+        // not interrupt a running one; that one posts it at its next syscall.
+        let ring = match IoUring::builder().setup_clamp().setup_coop_taskrun().build(entries) {
+            Ok(ring) => ring,
+            Err(_) => IoUring::builder().setup_clamp().build(entries)?,
+        };
         ring.submitter().register_files(files)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
