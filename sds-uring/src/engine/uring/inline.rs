@@ -56,6 +56,8 @@ pub(super) struct InlineRing {
 struct InlineState {
     ring: IoUring,
     in_flight: InFlightTable,
+    /// Completions of one reap: (user_data, result); kept to reuse its memory.
+    reaped: Vec<(u64, i32)>,
 }
 
 impl InlineRing {
@@ -82,6 +84,7 @@ impl InlineRing {
             state: Mutex::new(InlineState {
                 ring,
                 in_flight: InFlightTable::with_capacity(capacity),
+                reaped: Vec::with_capacity(capacity),
             }),
             eventfd,
             reaper_running: AtomicBool::new(false),
@@ -184,42 +187,40 @@ impl InlineRing {
         }
     }
 
-    /// Answers every completion in the queue (outside the lock) and
-    /// resubmits the rest of short transfers.
+    /// Answers every completion in the queue and resubmits the rest of
+    /// short transfers. Answering under the lock is fine: it only schedules
+    /// the waiting task, which runs later.
     fn reap(&self) {
-        let mut finished = Vec::new();
-        {
-            let mut state = self.lock();
-            let reaped: Vec<(u64, i32)> =
-                state.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
-            let mut resubmit = !state.ring.submission().is_empty();
-            for (user_data, result) in reaped {
-                let index = user_data as usize;
-                let Some(op) = state.in_flight.get_mut(index) else {
-                    tracing::error!(index, "inline completion for an unknown operation");
-                    continue;
-                };
-                match op.transfer_outcome(result) {
-                    None => {
-                        state.push_entry(index);
-                        resubmit = true;
-                    }
-                    Some(result) => {
-                        let op = state.in_flight.remove(index).expect("completed op is in flight");
-                        self.loads[op.request.device].busy.fetch_sub(1, Ordering::AcqRel);
-                        finished.push((op.reply, IoCompletion::of(op.request, result)));
-                    }
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut reaped = std::mem::take(&mut state.reaped);
+        reaped.extend(state.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
+        let mut resubmit = !state.ring.submission().is_empty();
+        for &(user_data, result) in &reaped {
+            let index = user_data as usize;
+            let Some(op) = state.in_flight.get_mut(index) else {
+                tracing::error!(index, "inline completion for an unknown operation");
+                continue;
+            };
+            match op.transfer_outcome(result) {
+                None => {
+                    state.push_entry(index);
+                    resubmit = true;
                 }
-            }
-            if resubmit {
-                if let Err(error) = state.ring.submit() {
-                    tracing::warn!(%error, "io_uring resubmit failed; retrying");
-                    self.wake_reaper();
+                Some(result) => {
+                    let op = state.in_flight.remove(index).expect("completed op is in flight");
+                    self.loads[op.request.device].busy.fetch_sub(1, Ordering::AcqRel);
+                    op.reply.send(IoCompletion::of(op.request, result));
                 }
             }
         }
-        for (reply, completion) in finished {
-            reply.send(completion);
+        reaped.clear();
+        state.reaped = reaped;
+        if resubmit {
+            if let Err(error) = state.ring.submit() {
+                tracing::warn!(%error, "io_uring resubmit failed; retrying");
+                self.wake_reaper();
+            }
         }
     }
 }
