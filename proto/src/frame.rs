@@ -43,6 +43,8 @@ pub enum Op {
     Trim = 4,
     WriteZeroes = 5,
     /// Present a signed token (payload); later requests refer to its id.
+    /// The reply's payload is the SDS's sequence floor (u64, little endian):
+    /// the token's later requests must carry sequence numbers above it.
     Auth = 6,
     /// Liveness probe, no payload, no token.
     Ping = 7,
@@ -289,7 +291,8 @@ impl FrameHeader {
     pub fn payload_len(&self, is_reply: bool) -> usize {
         let op = Op::from_u8(self.op);
         let carries = if is_reply {
-            matches!(op, Some(Op::Read) | Some(Op::Allocation)) && self.status == Status::Ok as u16
+            matches!(op, Some(Op::Read) | Some(Op::Allocation) | Some(Op::Auth))
+                && self.status == Status::Ok as u16
         } else {
             matches!(op, Some(Op::Write) | Some(Op::Auth))
         };

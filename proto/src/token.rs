@@ -272,6 +272,12 @@ impl Default for ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// A window that counts every sequence number up to `floor` as seen
+    /// (a token first met by an SDS that restarted at `floor`).
+    pub fn after(floor: u64) -> Self {
+        Self { highest: floor, bits: [u64::MAX; WINDOW as usize / 64] }
+    }
+
     /// Records `seq`; returns false if it was seen before, is zero, or is
     /// too old to tell.
     pub fn accept(&mut self, seq: u64) -> bool {
@@ -394,5 +400,17 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             let _ = SignedToken::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn a_window_after_a_floor_refuses_everything_up_to_it() {
+        let floor = 1_000_000;
+        let mut window = ReplayWindow::after(floor);
+        for seq in [1, floor - WINDOW, floor - 5, floor - 1, floor] {
+            assert!(!window.accept(seq), "seq {seq} at or below the floor was accepted");
+        }
+        assert!(window.accept(floor + 2));
+        assert!(window.accept(floor + 1), "reordered requests above the floor pass");
+        assert!(!window.accept(floor + 1));
     }
 }

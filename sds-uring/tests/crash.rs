@@ -3,8 +3,8 @@
 
 mod dataplane_cluster;
 
-use dataplane_cluster::{model_crc, pattern, Cluster, VolumeSession};
-use pflex_proto::frame::Status;
+use dataplane_cluster::{model_crc, pattern, sealed, send_raw, Cluster, VolumeSession};
+use pflex_proto::frame::{FrameHeader, Op, Status};
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
 
@@ -162,4 +162,52 @@ async fn sigterm_stops_cleanly_and_data_is_there_after_restart() {
     s.auth_all().await;
     let (status, read) = s.read(0, 4096, data.len() as u32).await;
     assert_eq!((status, read == data), (Status::Ok, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_recorded_before_a_restart_are_refused_after_it() {
+    let mut cluster = Cluster::start(2).await;
+    let (sdc, _) = cluster.register_sdc("sdc-replay").await;
+    let volume_id = cluster.create_mapped_volume("replayvol", 16 << 20, "sdc-replay").await;
+    let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    s.auth_all().await;
+    let chunk = 0;
+    let primary_id = s.primary_of(chunk);
+    let primary_name = cluster.sds_by_node_id(primary_id).await.name.clone();
+    let victim = cluster.sds.iter().position(|n| n.name == primary_name).unwrap();
+
+    // Someone on the wire records an AUTH and a write to the primary.
+    let token_bytes = s.token.encode();
+    let auth = FrameHeader {
+        op: Op::Auth as u8,
+        volume_id,
+        token_id: s.token.token.token_id,
+        length: token_bytes.len() as u32,
+        ..Default::default()
+    };
+    let auth_raw = sealed(auth, &s.key, &token_bytes);
+    let recorded = pattern(1, 4096);
+    let recorded_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &recorded);
+    let addr = cluster.sds[victim].data_addr();
+    assert_eq!(send_raw(addr, &recorded_raw, &recorded).await.status, Status::Ok as u16);
+
+    let current = pattern(2, 4096);
+    assert_eq!(s.write(chunk, 0, &current).await, Status::Ok);
+
+    // The primary restarts and so forgets its replay windows. The recording
+    // is played back before the real client comes back: the token is taken
+    // again, the write is not.
+    cluster.kill_sds(victim);
+    cluster.start_sds(victim).await;
+    let addr = cluster.sds[victim].data_addr();
+    assert_eq!(send_raw(addr, &auth_raw, &token_bytes).await.status, Status::Ok as u16);
+    assert_eq!(send_raw(addr, &recorded_raw, &recorded).await.status, Status::Replay as u16);
+
+    // The real client presents its token again and goes on.
+    s.auth_all().await;
+    let (status, data) = s.read(chunk, 0, 4096).await;
+    assert_eq!(status, Status::Ok);
+    assert!(data == current, "a write recorded before the restart was applied again");
+    let next = pattern(3, 4096);
+    assert_eq!(s.write(chunk, 4096, &next).await, Status::Ok);
 }

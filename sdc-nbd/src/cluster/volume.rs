@@ -96,6 +96,12 @@ impl TokenState {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Moves the counter above an SDS's sequence floor (its `AUTH` reply),
+    /// below which that SDS refuses every request as a replay.
+    pub fn raise_seq_above(&self, floor: u64) {
+        self.seq.fetch_max(floor.saturating_add(1), Ordering::Relaxed);
+    }
+
     pub fn needs_renewal(&self, now: u64) -> bool {
         now >= self.renew_at
     }
@@ -309,7 +315,10 @@ impl ClusterVolume {
             .await
             .map_err(|e| BackendError::Io(format!("AUTH: {e}")))?;
         match reply.status() {
-            Status::Ok => Ok(()),
+            Status::Ok => {
+                token.raise_seq_above(sequence_floor(&reply.payload)?);
+                Ok(())
+            }
             Status::Expired | Status::Revoked => self.refresh_token(token.token_id).await,
             other => Err(BackendError::Io(format!("AUTH refused: {}", other.name()))),
         }
@@ -683,4 +692,15 @@ impl VolumeIo for ClusterVolume {
         })
         .await
     }
+}
+
+/// The sequence floor an `AUTH` reply carries.
+fn sequence_floor(payload: &[u8]) -> Result<u64, BackendError> {
+    let bytes: [u8; 8] = payload.try_into().map_err(|_| {
+        BackendError::Io(format!(
+            "AUTH reply carries {} bytes, not a sequence floor",
+            payload.len()
+        ))
+    })?;
+    Ok(u64::from_le_bytes(bytes))
 }

@@ -37,12 +37,47 @@ impl VerifiedToken {
 }
 
 /// Verified tokens by token id.
-#[derive(Default)]
 pub struct TokenCache {
     tokens: RwLock<HashMap<u64, Arc<VerifiedToken>>>,
+    /// Sequence numbers at or below this are refused for every token met
+    /// since this process started (see [`TokenCache::floor`]).
+    floor: u64,
+}
+
+impl Default for TokenCache {
+    /// A cache whose floor is the wall clock in nanoseconds.
+    fn default() -> Self {
+        Self::with_floor(wall_clock_nanos())
+    }
+}
+
+fn wall_clock_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
 impl TokenCache {
+    pub fn with_floor(floor: u64) -> Self {
+        Self { tokens: RwLock::default(), floor }
+    }
+
+    /// The sequence floor, sent in every `AUTH` reply. Replay windows live
+    /// in memory, so after a restart this node no longer knows which
+    /// sequence numbers a token used. It starts every window at the floor
+    /// instead, the wall clock in nanoseconds when the process started:
+    /// every request captured before the restart carries a lower number
+    /// (an SDC's counter starts at 1 or at an earlier floor and grows by
+    /// one per request), so replaying captured `AUTH` and data frames gets
+    /// `Replay`. The SDC moves its counter above the floor it is told.
+    /// This assumes the wall clock does not step back across a restart by
+    /// more than the node's previous uptime, as [`ReplicationSeq`] does.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
     pub fn get(&self, token_id: u64) -> Option<Arc<VerifiedToken>> {
         self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(&token_id).cloned()
     }
@@ -61,7 +96,7 @@ impl TokenCache {
             token: signed.token.clone(),
             signature: signed.signature,
             session_key,
-            replay: Mutex::new(ReplayWindow::default()),
+            replay: Mutex::new(ReplayWindow::after(self.floor)),
         };
         tokens.insert(signed.token.token_id, Arc::new(entry));
         true
@@ -157,11 +192,7 @@ pub struct ReplicationSeq(std::sync::atomic::AtomicU64);
 
 impl Default for ReplicationSeq {
     fn default() -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1);
-        Self(std::sync::atomic::AtomicU64::new(nanos.max(1)))
+        Self(std::sync::atomic::AtomicU64::new(wall_clock_nanos()))
     }
 }
 
@@ -221,12 +252,14 @@ mod tests {
     fn cache_keeps_the_replay_window_across_repeated_auth() {
         let secret = ClusterSecret::generate();
         let signed = secret.sign(&token(1000, AccessMode::ReadOnly));
-        let cache = TokenCache::default();
+        let cache = TokenCache::with_floor(5000);
         assert!(cache.insert(&signed, secret.session_key(&signed)));
         let entry = cache.get(77).unwrap();
-        assert!(entry.accept_seq(1));
+        assert!(!entry.accept_seq(4999), "a number below the floor was accepted");
+        assert!(!entry.accept_seq(5000), "the floor itself was accepted");
+        assert!(entry.accept_seq(5001));
         assert!(!cache.insert(&signed, secret.session_key(&signed)));
-        assert!(!cache.get(77).unwrap().accept_seq(1), "window survived the second AUTH");
+        assert!(!cache.get(77).unwrap().accept_seq(5001), "window survived the second AUTH");
         assert_eq!(cache.purge_expired(2000, 60), 1);
         assert!(cache.is_empty());
     }

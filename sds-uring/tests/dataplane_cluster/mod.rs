@@ -474,7 +474,13 @@ impl VolumeSession {
             ..Default::default()
         };
         let reply = self.client(node_id).call(header, &self.key, &self.token.encode()).await;
-        reply.expect("AUTH reply").status()
+        let reply = reply.expect("AUTH reply");
+        if reply.status() == Status::Ok {
+            let floor: [u8; 8] =
+                reply.payload[..].try_into().expect("AUTH reply carries the floor");
+            self.seq.fetch_max(u64::from_le_bytes(floor) + 1, Ordering::Relaxed);
+        }
+        reply.status()
     }
 
     /// Presents the token to every SDS of the map.
