@@ -7,7 +7,9 @@
 //!   together with one `io_uring_enter`. Callers live on the tokio runtime;
 //!   they hand requests to the device thread through a channel and get the
 //!   completion back through a oneshot channel, so many requests from many
-//!   tasks are in flight in the ring at once.
+//!   tasks are in flight in the ring at once. A request that finds its
+//!   device idle is instead submitted by its caller into one shared ring
+//!   and reaped on the caller's runtime (no thread hand-off at depth 1).
 //! - [`sync::SyncEngine`]: plain `pread`/`pwrite` on a few threads per device,
 //!   on a buffered file. It serves tests and filesystems without O_DIRECT.
 //!

@@ -1,4 +1,5 @@
-//! The io_uring engine: one thread and one ring per device, O_DIRECT.
+//! The io_uring engine: one thread and one ring per device, O_DIRECT, and
+//! one small shared ring for requests that find their device idle.
 //!
 //! Callers push an [`IoRequest`] and a completion sender into the device's
 //! channel, then wake the device thread through an eventfd — only if it is
