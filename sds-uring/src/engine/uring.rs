@@ -36,7 +36,7 @@
 //! [`UringConfig::idle_poll`] removes the first for callers in a tight
 //! loop. A request that finds its device idle skips the device thread
 //! altogether: its caller submits it into a shared ring and the runtime
-//! reaps it ([`inline`]). That replaced an earlier scheme in which such a
+//! reaps it (module `inline`). That replaced an earlier scheme in which such a
 //! caller spun for a completion the device thread answered directly:
 //! through NBD with two copies, 4 KiB QD1 writes went from 181–198 µs to
 //! 148–169 µs p50 (interleaved runs), with no thread spinning.
@@ -84,7 +84,7 @@ pub struct UringConfig {
     pub defer_taskrun: bool,
     /// Submit a request that finds its device idle from the caller's own
     /// thread, into a ring shared by the engine's devices, instead of
-    /// handing it to the device thread (see [`inline`]). Applies inside a
+    /// handing it to the device thread (see module `inline`). Applies inside a
     /// tokio runtime only.
     pub inline_submit: bool,
 }
@@ -284,7 +284,7 @@ impl UringEngine {
         Ok(Self { devices: rings, inline, in_flight_peak })
     }
 
-    /// Requests submitted from their caller's thread so far (see [`inline`]).
+    /// Requests submitted from their caller's thread so far (see module `inline`).
     pub fn inline_submitted(&self) -> u64 {
         self.inline.as_ref().map_or(0, |inline| inline.submitted())
     }
