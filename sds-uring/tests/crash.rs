@@ -76,8 +76,7 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
     assert_eq!(s.write(chunk, 0, &data).await, Status::Ok);
 
     let secondary_id = s.secondary_of(chunk);
-    let victim_name = cluster.sds_by_node_id(secondary_id).await.name.clone();
-    let victim = cluster.sds.iter().position(|n| n.name == victim_name).unwrap();
+    let victim = cluster.sds_index(secondary_id).await;
     cluster.kill_sds(victim);
     let started = std::time::Instant::now();
     assert_eq!(s.write(chunk, 0, &pattern(2, 4096)).await, Status::ReplicaFailed);
@@ -120,8 +119,7 @@ async fn a_secondary_back_on_another_port_is_found_again() {
     let chunk = 0;
     assert_eq!(s.write(chunk, 0, &pattern(1, 4096)).await, Status::Ok);
 
-    let victim_name = cluster.sds_by_node_id(s.secondary_of(chunk)).await.name.clone();
-    let victim = cluster.sds.iter().position(|n| n.name == victim_name).unwrap();
+    let victim = cluster.sds_index(s.secondary_of(chunk)).await;
     cluster.kill_sds(victim);
     cluster.move_sds_to_new_ports(victim);
     cluster.start_sds(victim).await;
@@ -154,8 +152,7 @@ async fn sigterm_stops_cleanly_and_data_is_there_after_restart() {
     s.auth_all().await;
     let data = pattern(5, 300_000);
     assert_eq!(s.write(0, 4096, &data).await, Status::Ok);
-    let node_name = cluster.sds_by_node_id(s.primary_of(0)).await.name.clone();
-    let i = cluster.sds.iter().position(|n| n.name == node_name).unwrap();
+    let i = cluster.sds_index(s.primary_of(0)).await;
     let status = cluster.terminate_sds(i).await;
     assert!(status.success(), "exit status {status}");
     cluster.start_sds(i).await;
@@ -172,9 +169,7 @@ async fn requests_recorded_before_a_restart_are_refused_after_it() {
     let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     s.auth_all().await;
     let chunk = 0;
-    let primary_id = s.primary_of(chunk);
-    let primary_name = cluster.sds_by_node_id(primary_id).await.name.clone();
-    let victim = cluster.sds.iter().position(|n| n.name == primary_name).unwrap();
+    let victim = cluster.sds_index(s.primary_of(chunk)).await;
 
     // Someone on the wire records an AUTH and a write to the primary.
     let token_bytes = s.token.encode();

@@ -310,12 +310,17 @@ impl Cluster {
 
     /// The SDS with MDM node id `node_id`.
     pub async fn sds_by_node_id(&self, node_id: u64) -> &SdsNode {
-        for node in &self.sds {
+        &self.sds[self.sds_index(node_id).await]
+    }
+
+    /// The index in `sds` (for `kill_sds`, `start_sds`) of node `node_id`.
+    pub async fn sds_index(&self, node_id: u64) -> usize {
+        for (index, node) in self.sds.iter().enumerate() {
             let url = format!("http://127.0.0.1:{}/health", node.mgmt_port);
             let status: ComponentStatus =
                 self.http.get(url).send().await.unwrap().json().await.unwrap();
             if status.node_id == Some(node_id) {
-                return node;
+                return index;
             }
         }
         panic!("no SDS with node id {node_id}");
