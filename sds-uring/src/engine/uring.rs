@@ -137,13 +137,6 @@ struct Submission {
     reply: CompletionSender,
 }
 
-/// What callers, a device thread and the inline ring share about a device.
-#[derive(Default)]
-struct DeviceLoad {
-    /// Requests submitted and not answered yet.
-    busy: AtomicUsize,
-}
-
 /// How callers wake a device thread that sleeps in `io_uring_enter`.
 struct Wakeup {
     eventfd: OwnedFd,
@@ -152,16 +145,28 @@ struct Wakeup {
     sleeping: AtomicBool,
 }
 
+/// A new eventfd (counter 0) with `flags` besides `EFD_CLOEXEC`.
+fn new_eventfd(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd's counter. The counter can only overflow after
+/// 2^64-1 unread signals, so a failed write means the reader is awake anyway.
+fn signal_eventfd(eventfd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an open eventfd.
+    let _ = unsafe { libc::write(eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
 impl Wakeup {
     fn new() -> io::Result<Self> {
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a freshly created descriptor owned by nobody else.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { eventfd, sleeping: AtomicBool::new(false) })
+        Ok(Self { eventfd: new_eventfd(0)?, sleeping: AtomicBool::new(false) })
     }
 
     fn wake_if_sleeping(&self) {
@@ -171,13 +176,7 @@ impl Wakeup {
     }
 
     fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let written =
-            unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        // The counter can only overflow after 2^64-1 unread wakes; a failed
-        // write therefore means the thread is awake anyway.
-        let _ = written;
+        signal_eventfd(&self.eventfd);
     }
 }
 
@@ -185,7 +184,9 @@ impl Wakeup {
 struct DeviceRing {
     queue: mpsc::Sender<Submission>,
     completions: Arc<CompletionQueue>,
-    load: Arc<DeviceLoad>,
+    /// Requests submitted to the device and not answered yet (shared with
+    /// its thread and the inline ring).
+    busy: Arc<AtomicUsize>,
     wakeup: Arc<Wakeup>,
     raw_fd: RawFd,
     thread: JoinHandle<()>,
@@ -222,8 +223,8 @@ impl UringEngine {
             let thread_wakeup = wakeup.clone();
             let completions = Arc::new(CompletionQueue::default());
             let thread_completions = completions.clone();
-            let load = Arc::new(DeviceLoad::default());
-            let thread_load = load.clone();
+            let busy = Arc::new(AtomicUsize::new(0));
+            let thread_busy = busy.clone();
             let peak = in_flight_peak.clone();
             let config = config.clone();
             // The ring is built on its own thread: with SINGLE_ISSUER only the
@@ -250,7 +251,7 @@ impl UringEngine {
                         reaped: Vec::with_capacity(capacity + 1),
                         finished: Vec::with_capacity(capacity),
                         completions: thread_completions,
-                        load: thread_load,
+                        busy: thread_busy,
                         wake_armed: false,
                         idle_poll: config.idle_poll,
                         idle_gap: IdleGap::default(),
@@ -266,12 +267,12 @@ impl UringEngine {
                 let _ = thread.join();
                 return Err(error);
             }
-            rings.push(DeviceRing { queue, completions, load, wakeup, raw_fd, thread });
+            rings.push(DeviceRing { queue, completions, busy, wakeup, raw_fd, thread });
         }
         let inline = if config.inline_submit {
             let files: Vec<RawFd> = rings.iter().map(|ring| ring.raw_fd).collect();
-            let loads = rings.iter().map(|ring| ring.load.clone()).collect();
-            match InlineRing::open(&files, loads) {
+            let busy = rings.iter().map(|ring| ring.busy.clone()).collect();
+            match InlineRing::open(&files, busy) {
                 Ok(inline) => Some(inline),
                 Err(error) => {
                     tracing::warn!(%error, "no inline ring; every request goes to its device thread");
@@ -301,7 +302,7 @@ impl IoEngine for UringEngine {
         }
         let device = &self.devices[request.device];
         let (reply, pending) = PendingIo::channel();
-        let alone = device.load.busy.fetch_add(1, Ordering::AcqRel) == 0;
+        let alone = device.busy.fetch_add(1, Ordering::AcqRel) == 0;
         if alone && request.op != IoOp::DataSync {
             if let (Some(inline), Ok(runtime)) = (&self.inline, Handle::try_current()) {
                 inline.submit(&runtime, request, reply);
@@ -310,7 +311,7 @@ impl IoEngine for UringEngine {
         }
         let submission = Submission { request, reply };
         if let Err(mpsc::SendError(rejected)) = device.queue.send(submission) {
-            device.load.busy.fetch_sub(1, Ordering::AcqRel);
+            device.busy.fetch_sub(1, Ordering::AcqRel);
             return PendingIo::ready(IoCompletion::failed(
                 rejected.request,
                 io::Error::other("the device thread has stopped"),
@@ -468,7 +469,7 @@ struct DeviceThread {
     /// Finished requests of this turn, answered together.
     finished: Vec<(CompletionSender, IoCompletion)>,
     completions: Arc<CompletionQueue>,
-    load: Arc<DeviceLoad>,
+    busy: Arc<AtomicUsize>,
     wake_armed: bool,
     idle_poll: Duration,
     idle_gap: IdleGap,
@@ -714,7 +715,7 @@ impl DeviceThread {
                 let op = self.in_flight.remove(index).expect("completed operation is in flight");
                 // The caller may have stopped waiting; the buffer (and what the
                 // request keeps alive) is then dropped here, after completion.
-                self.load.busy.fetch_sub(1, Ordering::AcqRel);
+                self.busy.fetch_sub(1, Ordering::AcqRel);
                 self.finished.push((op.reply, IoCompletion::of(op.request, result)));
                 false
             }

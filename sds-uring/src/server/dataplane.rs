@@ -332,7 +332,8 @@ async fn replicate_write(
         peer.client.call_shared(forward, &identity.peer_key, payload.clone()),
         async {
             // Let the forward leave first: a local write alone on its device
-            // may hold this thread while it polls for the completion.
+            // is submitted from this thread (an `io_uring_enter`), and the
+            // copy on the secondary is the longer path.
             tokio::task::yield_now().await;
             apply_local(node, op, header, &payload).await
         }

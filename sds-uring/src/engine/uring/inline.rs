@@ -26,8 +26,8 @@
 //! under the reaper are all safe.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{types, IoUring};
@@ -35,7 +35,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::runtime::Handle;
 
-use super::{DeviceLoad, InFlight, InFlightTable};
+use super::{new_eventfd, signal_eventfd, InFlight, InFlightTable};
 use crate::engine::{CompletionSender, IoCompletion, IoRequest};
 
 /// The shared ring for requests submitted on their caller's thread.
@@ -47,8 +47,8 @@ pub(super) struct InlineRing {
     reaper_running: AtomicBool,
     /// The engine is gone: the reaper ends once nothing is in flight.
     closed: AtomicBool,
-    /// Per device, shared with the device threads: who is busy.
-    loads: Vec<Arc<DeviceLoad>>,
+    /// Per device, shared with the device threads: requests not answered yet.
+    busy: Vec<Arc<AtomicUsize>>,
     /// Requests submitted here so far (tests and diagnostics).
     submitted: AtomicU64,
 }
@@ -62,7 +62,7 @@ struct InlineState {
 
 impl InlineRing {
     /// A ring over the engine's device files (registered as files 0..n).
-    pub(super) fn open(files: &[RawFd], loads: Vec<Arc<DeviceLoad>>) -> io::Result<Arc<Self>> {
+    pub(super) fn open(files: &[RawFd], busy: Vec<Arc<AtomicUsize>>) -> io::Result<Arc<Self>> {
         let entries = (files.len() as u32 * 2).next_power_of_two().max(8);
         // COOP_TASKRUN: a completion wakes a sleeping runtime thread but does
         // not interrupt a running one; that one posts it at its next syscall.
@@ -71,13 +71,7 @@ impl InlineRing {
             Err(_) => IoUring::builder().setup_clamp().build(entries)?,
         };
         ring.submitter().register_files(files)?;
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a freshly created descriptor owned by nobody else.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = new_eventfd(libc::EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let capacity = ring.params().sq_entries().saturating_sub(1) as usize;
         Ok(Arc::new(Self {
@@ -89,7 +83,7 @@ impl InlineRing {
             eventfd,
             reaper_running: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            loads,
+            busy,
             submitted: AtomicU64::new(0),
         }))
     }
@@ -132,9 +126,7 @@ impl InlineRing {
     }
 
     fn wake_reaper(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        signal_eventfd(&self.eventfd);
     }
 
     fn ensure_reaper(self: &Arc<Self>, runtime: &Handle) {
@@ -209,7 +201,7 @@ impl InlineRing {
                 }
                 Some(result) => {
                     let op = state.in_flight.remove(index).expect("completed op is in flight");
-                    self.loads[op.request.device].busy.fetch_sub(1, Ordering::AcqRel);
+                    self.busy[op.request.device].fetch_sub(1, Ordering::AcqRel);
                     op.reply.send(IoCompletion::of(op.request, result));
                 }
             }
@@ -266,7 +258,7 @@ impl Drop for InlineRing {
             for user_data in reaped {
                 // Nobody waits any more: finish without resubmitting the rest.
                 if let Some(op) = state.in_flight.remove(user_data as usize) {
-                    self.loads[op.request.device].busy.fetch_sub(1, Ordering::AcqRel);
+                    self.busy[op.request.device].fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
