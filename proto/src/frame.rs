@@ -214,6 +214,16 @@ pub enum FrameError {
     TooLong(u32),
 }
 
+/// The payload of an `AUTH` reply: the SDS's sequence floor.
+pub fn encode_sequence_floor(floor: u64) -> Vec<u8> {
+    floor.to_le_bytes().to_vec()
+}
+
+/// The sequence floor an `AUTH` reply carries; `None` if the payload is not one.
+pub fn decode_sequence_floor(payload: &[u8]) -> Option<u64> {
+    payload.try_into().ok().map(u64::from_le_bytes)
+}
+
 impl FrameHeader {
     /// Serializes the header (including the current `mac` field).
     pub fn encode(&self) -> [u8; HEADER_LEN] {

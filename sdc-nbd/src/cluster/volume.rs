@@ -696,11 +696,10 @@ impl VolumeIo for ClusterVolume {
 
 /// The sequence floor an `AUTH` reply carries.
 fn sequence_floor(payload: &[u8]) -> Result<u64, BackendError> {
-    let bytes: [u8; 8] = payload.try_into().map_err(|_| {
+    pflex_proto::frame::decode_sequence_floor(payload).ok_or_else(|| {
         BackendError::Io(format!(
             "AUTH reply carries {} bytes, not a sequence floor",
             payload.len()
         ))
-    })?;
-    Ok(u64::from_le_bytes(bytes))
+    })
 }

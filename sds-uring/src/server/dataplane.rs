@@ -159,7 +159,7 @@ async fn serve_auth(
     if node.tokens.insert(&signed, session_key) {
         node.local_log.token_verified(&signed);
     }
-    Ok(node.tokens.floor().to_le_bytes().to_vec())
+    Ok(pflex_proto::frame::encode_sequence_floor(node.tokens.floor()))
 }
 
 async fn serve_client(

@@ -481,9 +481,9 @@ impl VolumeSession {
         let reply = self.client(node_id).call(header, &self.key, &self.token.encode()).await;
         let reply = reply.expect("AUTH reply");
         if reply.status() == Status::Ok {
-            let floor: [u8; 8] =
-                reply.payload[..].try_into().expect("AUTH reply carries the floor");
-            self.seq.fetch_max(u64::from_le_bytes(floor) + 1, Ordering::Relaxed);
+            let floor = pflex_proto::frame::decode_sequence_floor(&reply.payload)
+                .expect("AUTH reply carries the floor");
+            self.seq.fetch_max(floor + 1, Ordering::Relaxed);
         }
         reply.status()
     }
