@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use pflex_proto::api::{
     AckResponse, ApiError, ClusterSummary, HealthStatus, HeartbeatRequest, HeartbeatResponse,
-    MappedVolume, RegisterRequest, RegisterResponse, SdcInfo, SdsInfo, TokenAckBatch, TokenRequest,
-    TokenResponse, Volume, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+    MappedVolume, RebuildComplete, RebuildJob, RegisterRequest, RegisterResponse, SdcInfo, SdsInfo,
+    TokenAckBatch, TokenRequest, TokenResponse, Volume, VolumeCreate, VolumeMap, VolumeRename,
+    VolumeResize, VolumeUnmap,
 };
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::token::AccessMode;
@@ -248,6 +249,19 @@ impl MdmClient {
     /// `POST /token/ack`: batched completion records.
     pub async fn ack_tokens(&self, batch: &TokenAckBatch) -> Result<AckResponse, MdmClientError> {
         self.post(&["token", "ack"], batch).await
+    }
+
+    /// `POST /rebuild/complete` (SDS, the job's source).
+    pub async fn rebuild_complete(
+        &self,
+        request: &RebuildComplete,
+    ) -> Result<RebuildJob, MdmClientError> {
+        self.post(&["rebuild", "complete"], request).await
+    }
+
+    /// `GET /rebuild/jobs` (admin, MGMT): every rebuild job, newest first.
+    pub async fn rebuild_jobs(&self) -> Result<Vec<RebuildJob>, MdmClientError> {
+        self.get(&["rebuild", "jobs"]).await
     }
 
     /// `GET /vol/{volume}/placement`.

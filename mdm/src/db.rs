@@ -171,6 +171,11 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     "#,
+    // 2: rebuild progress; the sources look up their jobs.
+    r#"
+    ALTER TABLE rebuild_jobs ADD COLUMN chunks_copied INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX rebuild_jobs_source ON rebuild_jobs (source_sds, state);
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -20,8 +20,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pflex_proto::api::{
-    HeartbeatRequest, NodeType, RegisterRequest, TokenAckBatch, TokenRequest, VolumeCreate,
-    VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+    HeartbeatRequest, NodeType, RebuildComplete, RegisterRequest, TokenAckBatch, TokenRequest,
+    VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::token::ClusterSecret;
 use rusqlite::{Connection, TransactionBehavior};
@@ -246,6 +246,8 @@ pub fn router(state: Shared) -> Router {
         .route("/health/status", get(health_status))
         .route("/token/request", post(token_request))
         .route("/token/ack", post(token_ack))
+        .route("/rebuild/complete", post(rebuild_complete))
+        .route("/rebuild/jobs", get(rebuild_jobs))
         .route("/vol/create", post(volume_create))
         .route("/vol/list", get(volume_list))
         .route("/vol/map", post(volume_map))
@@ -357,6 +359,34 @@ async fn token_ack(
         state.transact(move |conn, ctx| service::ack_tokens(conn, ctx, caller, &batch)).await?;
     state.counters.acks_recorded.fetch_add(response.recorded, Ordering::Relaxed);
     Ok(Json(response))
+}
+
+async fn rebuild_complete(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<RebuildComplete>,
+) -> Result<Json<pflex_proto::api::RebuildJob>, MdmError> {
+    allow(caller, &[Role::Sds])?;
+    let job = state
+        .transact(move |conn, ctx| service::rebuild_complete(conn, ctx, caller, &request))
+        .await?;
+    tracing::info!(
+        job = job.job_id,
+        volume = job.volume_id,
+        pg = job.pg_index,
+        target = job.target_sds,
+        chunks = job.chunks_copied,
+        "rebuild complete"
+    );
+    Ok(Json(job))
+}
+
+async fn rebuild_jobs(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<Vec<pflex_proto::api::RebuildJob>>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(|conn, _| service::rebuild_jobs(conn)).await?))
 }
 
 type VolumeReply = Result<Json<pflex_proto::api::Volume>, MdmError>;

@@ -134,10 +134,24 @@ async fn monitor(state: Arc<AppState>) {
     // evidence of failure.
     let replace_after = pflex_proto::unix_now() + state.settings.failed_after_secs;
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unrebuilt_survivors = 0;
     loop {
         interval.tick().await;
         let replace = pflex_proto::unix_now() >= replace_after;
-        match state.transact(move |conn, ctx| service::monitor_tick(conn, ctx, replace)).await {
+        let outcome =
+            state.transact(move |conn, ctx| service::monitor_tick(conn, ctx, replace)).await;
+        if let Ok(report) = &outcome {
+            if report.unrebuilt_survivors != unrebuilt_survivors {
+                unrebuilt_survivors = report.unrebuilt_survivors;
+                if unrebuilt_survivors > 0 {
+                    tracing::error!(
+                        pgs = unrebuilt_survivors,
+                        "PGs unavailable: their only live copy was still being rebuilt"
+                    );
+                }
+            }
+        }
+        match outcome {
             Ok(report) if report.copies_replaced > 0 => {
                 state.counters.copies_replaced.fetch_add(report.copies_replaced, Ordering::Relaxed);
                 tracing::warn!(

@@ -363,3 +363,125 @@ async fn a_silent_dashboard_does_not_degrade_the_cluster() {
     assert_eq!(admin.health_status().await.unwrap().overall, "HEALTHY");
     heartbeats.abort();
 }
+
+/// Heartbeats for the nodes in `beating` every 300 ms; the set can change.
+fn heartbeat_while(
+    beating: std::sync::Arc<std::sync::Mutex<Vec<(pflex_mdm_client::MdmClient, u64)>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let nodes = beating.lock().unwrap().clone();
+            for (client, id) in &nodes {
+                let _ = client
+                    .heartbeat(&HeartbeatRequest {
+                        node_id: *id,
+                        metrics: NodeMetrics {
+                            capacity_bytes: 10 << 30,
+                            used_bytes: 1 << 20,
+                            ..Default::default()
+                        },
+                    })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn rebuild_jobs_go_to_their_source_and_an_unrebuilt_copy_is_never_promoted() {
+    let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
+    let admin = mdm.admin();
+    let mut nodes = Vec::new();
+    for n in 0..4 {
+        nodes.push(mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 10).await);
+    }
+    let volume = admin.volume_create(&create("vol1", 1 << 30)).await.unwrap();
+    let victim = nodes[0].id();
+    let beating = std::sync::Arc::new(std::sync::Mutex::new(
+        nodes[1..].iter().map(|n| (n.client.clone(), n.id())).collect::<Vec<_>>(),
+    ));
+    let heartbeats = heartbeat_while(beating.clone());
+    wait_for("re-placement", Duration::from_secs(20), || async {
+        let map = admin.placement(volume.id).await.unwrap();
+        map.pgs.iter().all(|pg| pg.primary != victim && pg.secondary != victim)
+    })
+    .await;
+    let map = admin.placement(volume.id).await.unwrap();
+    let jobs = admin.rebuild_jobs().await.unwrap();
+    assert!(!jobs.is_empty());
+    for job in &jobs {
+        assert_eq!(job.failed_sds, victim);
+        let pg = &map.pgs[job.pg_index as usize];
+        assert_eq!((pg.primary, pg.secondary), (job.source_sds, job.target_sds));
+    }
+
+    // Each source hears of its own jobs, and only of those.
+    let node = |id: u64| nodes.iter().find(|n| n.id() == id).unwrap();
+    let heartbeat = |id: u64| {
+        let client = node(id).client.clone();
+        async move {
+            client
+                .heartbeat(&HeartbeatRequest { node_id: id, metrics: NodeMetrics::default() })
+                .await
+                .unwrap()
+        }
+    };
+    let source = jobs[0].source_sds;
+    let assigned = heartbeat(source).await.rebuilds;
+    let mut expected: Vec<u64> =
+        jobs.iter().filter(|j| j.source_sds == source).map(|j| j.job_id).collect();
+    expected.sort();
+    assert_eq!(assigned.iter().map(|a| a.job_id).collect::<Vec<_>>(), expected);
+    for a in &assigned {
+        assert_eq!(a.epoch, map.epoch);
+        assert_eq!(map.pgs[a.pg_index as usize].secondary, a.target_sds);
+    }
+    assert!(assigned.len() >= 2, "the test needs two jobs with one source: {assigned:?}");
+
+    // Only the source may complete a job, and only once.
+    let (finished, unfinished) = (assigned[0], assigned[1]);
+    let done = |job_id: u64| pflex_proto::api::RebuildComplete {
+        job_id,
+        chunks_copied: 3,
+        chunks_released: 0,
+    };
+    let err = node(finished.target_sds).client.rebuild_complete(&done(finished.job_id)).await;
+    assert_eq!(err.unwrap_err().status(), Some(403));
+    assert_eq!(admin.rebuild_complete(&done(finished.job_id)).await.unwrap_err().status(), Some(403));
+    for a in &assigned[..] {
+        if a.job_id != unfinished.job_id {
+            node(source).client.rebuild_complete(&done(a.job_id)).await.unwrap();
+        }
+    }
+    let again = node(source).client.rebuild_complete(&done(finished.job_id)).await;
+    assert_eq!(again.unwrap_err().status(), Some(409));
+    let job = admin.rebuild_jobs().await.unwrap();
+    let job = job.iter().find(|j| j.job_id == finished.job_id).unwrap();
+    assert_eq!((job.state.as_str(), job.chunks_copied), ("done", 3));
+
+    // The source fails. A rebuilt copy takes over; the copy still being
+    // rebuilt does not, and the data it holds counts as unavailable.
+    beating.lock().unwrap().retain(|(_, id)| *id != source);
+    wait_for("the source's PGs to move", Duration::from_secs(20), || async {
+        let map = admin.placement(volume.id).await.unwrap();
+        map.pgs[finished.pg_index as usize].primary == finished.target_sds
+    })
+    .await;
+    let map = admin.placement(volume.id).await.unwrap();
+    let stuck = &map.pgs[unfinished.pg_index as usize];
+    assert_eq!((stuck.primary, stuck.secondary), (source, unfinished.target_sds));
+    let status = admin.health_status().await.unwrap();
+    assert_eq!(status.overall, "CRITICAL");
+
+    // The source comes back, finishes its copy, and the data is whole again.
+    beating.lock().unwrap().push((node(source).client.clone(), source));
+    let reassigned = heartbeat(source).await.rebuilds;
+    assert!(reassigned.iter().any(|a| a.job_id == unfinished.job_id), "{reassigned:?}");
+    node(source).client.rebuild_complete(&done(unfinished.job_id)).await.unwrap();
+    wait_for("no longer critical", Duration::from_secs(10), || async {
+        admin.health_status().await.unwrap().overall != "CRITICAL"
+    })
+    .await;
+    heartbeats.abort();
+}

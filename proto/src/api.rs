@@ -13,6 +13,8 @@
 //! | GET /health/status | → [`HealthStatus`] | any |
 //! | POST /token/request | [`TokenRequest`] → [`TokenResponse`] | SDC |
 //! | POST /token/ack | [`TokenAckBatch`] → [`AckResponse`] | SDS, SDC |
+//! | POST /rebuild/complete | [`RebuildComplete`] → [`RebuildJob`] | SDS (the job's source) |
+//! | GET /rebuild/jobs | → `Vec<RebuildJob>` | admin, MGMT |
 //! | POST /vol/create | [`VolumeCreate`] → [`Volume`] | admin |
 //! | GET /vol/list | → `Vec<Volume>` | admin, MGMT |
 //! | GET /vol/{name-or-id} | → [`Volume`] | admin, MGMT |
@@ -146,6 +148,53 @@ pub struct VolumeGeneration {
 pub struct HeartbeatResponse {
     pub status: String,
     pub volumes: Vec<VolumeGeneration>,
+    /// Copies this SDS must rebuild (only for an SDS, only the jobs it is
+    /// the source of: it is the PG's primary and holds the data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rebuilds: Vec<RebuildAssignment>,
+}
+
+/// One copy to rebuild: every chunk of PG `pg_index` of the volume that the
+/// source holds goes to `target_sds`, the PG's new secondary. Until the
+/// source reports it complete, the target is never promoted to primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildAssignment {
+    pub job_id: u64,
+    pub volume_id: u64,
+    pub pg_index: u64,
+    pub target_sds: u64,
+    /// Placement epoch that made this assignment; the source copies under
+    /// this map or a newer one.
+    pub epoch: u64,
+}
+
+/// `POST /rebuild/complete`: the source copied every chunk and the target
+/// flushed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildComplete {
+    pub job_id: u64,
+    /// Chunks copied (allocated on the source).
+    pub chunks_copied: u64,
+    /// Chunks released on the target because the source does not hold them.
+    #[serde(default)]
+    pub chunks_released: u64,
+}
+
+/// A rebuild job as the MDM records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildJob {
+    pub job_id: u64,
+    pub volume_id: u64,
+    pub pg_index: u64,
+    pub failed_sds: u64,
+    pub source_sds: u64,
+    pub target_sds: u64,
+    /// pending, running, done or failed (superseded by a later change).
+    pub state: String,
+    pub chunks_copied: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,7 +52,7 @@ pub(super) fn nodes(
 /// Chunk-level state of the stored data, derived from PGs and liveness.
 pub(super) struct DataHealth {
     pub(super) degraded_chunks: u64,
-    /// PGs with neither copy on a live node.
+    /// PGs with no complete copy on a live node.
     pub(super) unavailable_pgs: u64,
 }
 
@@ -61,12 +61,7 @@ pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, Md
         .into_iter()
         .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, ctx.now)))
         .collect();
-    let rebuilding: std::collections::HashSet<(u64, u64)> = conn
-        .prepare(
-            "SELECT volume_id, pg_index FROM rebuild_jobs WHERE state IN ('pending', 'running')",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut stmt = conn.prepare(
         "SELECT v.id, v.size_bytes, p.pg_index, p.primary_sds, p.secondary_sds,
                 (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
@@ -79,10 +74,13 @@ pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, Md
             (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
         let live = |id: u64| status.get(&id).copied() == Some("ACTIVE");
         let dead = |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED";
-        if dead(primary) && dead(secondary) {
+        let target = rebuilding.get(&(volume_id, index)).copied();
+        // A copy still being rebuilt has missed data: it does not count.
+        let usable = |id: u64| !dead(id) && target != Some(id);
+        if !usable(primary) && !usable(secondary) {
             health.unavailable_pgs += 1;
         }
-        if !live(primary) || !live(secondary) || rebuilding.contains(&(volume_id, index)) {
+        if !live(primary) || !live(secondary) || target.is_some() {
             health.degraded_chunks +=
                 placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index);
         }
@@ -172,11 +170,15 @@ pub struct MonitorReport {
     pub copies_replaced: u64,
     /// Volumes whose placement epoch was bumped.
     pub volumes_replaced: u64,
+    /// PGs left unavailable because their only live copy was still being
+    /// rebuilt.
+    pub unrebuilt_survivors: u64,
 }
 
 /// Periodic pass: re-places every copy held by a FAILED SDS onto a live
 /// node outside the surviving copy's fault set (the survivor becomes
-/// primary, since it holds the data), records a rebuild job per moved copy,
+/// primary, since it holds the data), records a rebuild job per moved copy
+/// (a survivor that is itself an unfinished rebuild target is not promoted),
 /// bumps the epoch of each changed volume, and samples cluster metrics.
 /// With `replace` false only the metrics are sampled.
 pub fn monitor_tick(
@@ -225,6 +227,7 @@ pub fn monitor_tick(
         .into_iter()
         .filter(|pg| replace && failed(pg.primary) != failed(pg.secondary))
         .collect();
+    let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut report = MonitorReport::default();
     let mut changed_volumes = std::collections::BTreeSet::new();
     let mut pool_candidates: HashMap<u64, Vec<Candidate>> = HashMap::new();
@@ -232,6 +235,13 @@ pub fn monitor_tick(
         let AffectedPg { volume_id, pool_id, index, primary, secondary, bytes } = pg;
         let (survivor, lost) =
             if failed(primary) { (secondary, primary) } else { (primary, secondary) };
+        if rebuilding.get(&(volume_id, index)) == Some(&survivor) {
+            // The survivor is a copy still being rebuilt: it has missed data,
+            // so it must not become the only copy. The PG stays unavailable
+            // until its source comes back (and finishes the copy).
+            report.unrebuilt_survivors += 1;
+            continue;
+        }
         let candidates = match pool_candidates.entry(pool_id) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
@@ -253,6 +263,13 @@ pub fn monitor_tick(
         conn.execute(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4 WHERE volume_id = ?1 AND pg_index = ?2",
             params![volume_id, index, survivor, target],
+        )?;
+        // An older job for this PG copied to a node that is no longer its
+        // secondary (the target failed): superseded.
+        conn.execute(
+            "UPDATE rebuild_jobs SET state = 'failed', updated_at = ?3
+             WHERE volume_id = ?1 AND pg_index = ?2 AND state IN ('pending', 'running')",
+            params![volume_id, index, ctx.now],
         )?;
         conn.execute(
             "INSERT INTO rebuild_jobs (volume_id, pg_index, failed_sds, source_sds, target_sds, state, created_at, updated_at)

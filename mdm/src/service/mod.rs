@@ -13,11 +13,13 @@
 
 mod health;
 mod nodes;
+mod rebuild;
 mod tokens;
 mod volumes;
 
 pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport};
 pub use nodes::{heartbeat, register, sdc_list, sds_list};
+pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, request_token};
 pub use volumes::{
     placement_map, sdc_mappings, volume_create, volume_delete, volume_list, volume_map,

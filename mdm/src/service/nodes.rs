@@ -276,7 +276,12 @@ pub fn heartbeat(
             Ok(VolumeGeneration { volume_id: r.get(0)?, epoch: r.get(1)?, mapping_gen: r.get(2)? })
         })?
         .collect::<Result<_, _>>()?;
-    Ok(HeartbeatResponse { status: "ok".to_string(), volumes })
+    let rebuilds = if node_type == NodeType::Sds {
+        super::rebuild::assignments(conn, ctx, id)?
+    } else {
+        Vec::new()
+    };
+    Ok(HeartbeatResponse { status: "ok".to_string(), volumes, rebuilds })
 }
 
 /// `GET /sds/list`.

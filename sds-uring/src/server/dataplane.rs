@@ -313,6 +313,12 @@ async fn replicate_write(
         .chunk_locks
         .lock(header.volume_id, header.chunk_index, header.offset, header.length)
         .await;
+    // A newer map may have arrived while this write waited (a rebuild copies
+    // a chunk under the same lock, for the secondary of the newest map): a
+    // write forwarded by the older map could miss the new secondary.
+    if node.placement.known_epoch(header.volume_id) != map.epoch {
+        return Err(Status::StaleEpoch);
+    }
     // The sequence number is taken in order, after the wait for the chunk,
     // so a write queued behind others cannot fall out of the peer's window.
     let forward = FrameHeader {
@@ -438,7 +444,7 @@ fn allocation_bitmap(node: &SdsNode, map: &PlacementMap, header: &FrameHeader) -
     bits
 }
 
-/// Secondary side of replication (and rebuild reads, later).
+/// Secondary side of replication and of rebuild copies.
 async fn serve_replica(
     node: &SdsNode,
     identity: &Identity,

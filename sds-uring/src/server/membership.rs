@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pflex_mdm_client::{MdmClient, MdmClientError};
-use pflex_proto::api::{HeartbeatRequest, NodeType, RegisterRequest, TokenAckBatch};
+use pflex_proto::api::{
+    HeartbeatRequest, NodeType, RebuildAssignment, RegisterRequest, TokenAckBatch,
+};
 use pflex_proto::frame::Status;
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::token::ClusterSecret;
@@ -190,9 +192,10 @@ impl SdsNode {
         Ok(map)
     }
 
-    /// One heartbeat; applies the volumes' generations it returns.
-    pub async fn heartbeat_once(&self) {
-        let Some(identity) = self.identity() else { return };
+    /// One heartbeat; applies the volumes' generations it returns and
+    /// returns the rebuild jobs the MDM assigned to this node.
+    pub async fn heartbeat_once(&self) -> Vec<RebuildAssignment> {
+        let Some(identity) = self.identity() else { return Vec::new() };
         let (capacity, used) = self.store.capacity();
         let request = HeartbeatRequest {
             node_id: identity.node_id,
@@ -206,6 +209,7 @@ impl SdsNode {
                         tracing::debug!(volume_id, status = status.name(), "map refresh failed");
                     }
                 }
+                return reply.rebuilds;
             }
             Err(e) if e.is_unauthorized() => {
                 self.metrics.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
@@ -218,6 +222,7 @@ impl SdsNode {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
+        Vec::new()
     }
 
     /// Sends the accumulated IO acknowledgements, keeping them on failure.
@@ -250,10 +255,12 @@ impl SdsNode {
     }
 }
 
-/// Heartbeats forever, the first one at once.
+/// Heartbeats forever, the first one at once, and starts the rebuild jobs
+/// the replies assign.
 pub async fn heartbeat_loop(node: Arc<SdsNode>) {
     loop {
-        node.heartbeat_once().await;
+        let rebuilds = node.heartbeat_once().await;
+        super::rebuild::RebuildRunner::start(&node, &rebuilds);
         node.tokens.purge_expired(pflex_proto::unix_now(), EXPIRED_TOKEN_GRACE_SECS);
         tokio::time::sleep(node.heartbeat_interval()).await;
     }

@@ -100,6 +100,9 @@ pub struct SdsMetrics {
     pub acks_sent: AtomicU64,
     pub ack_failures: AtomicU64,
     pub placement_fetches: AtomicU64,
+    pub rebuild_chunks_copied: AtomicU64,
+    pub rebuilds_completed: AtomicU64,
+    pub rebuild_failures: AtomicU64,
 }
 
 /// Point-in-time values that are not counters (passed in when rendering).
@@ -220,7 +223,22 @@ impl SdsMetrics {
                 );
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 15] = [
+            (
+                "pflex_sds_rebuild_chunks_copied_total",
+                "Chunks this node copied to a new secondary.",
+                &self.rebuild_chunks_copied,
+            ),
+            (
+                "pflex_sds_rebuilds_completed_total",
+                "Rebuild jobs this node finished and reported.",
+                &self.rebuilds_completed,
+            ),
+            (
+                "pflex_sds_rebuild_failures_total",
+                "Rebuild attempts that stopped early (retried at a later heartbeat).",
+                &self.rebuild_failures,
+            ),
             ("pflex_sds_read_bytes_total", "Bytes read for clients.", &self.read_bytes),
             (
                 "pflex_sds_write_bytes_total",

@@ -26,6 +26,7 @@ pub mod local_log;
 pub mod membership;
 pub mod metrics;
 pub mod placement;
+pub mod rebuild;
 pub mod replication;
 
 use std::net::SocketAddr;
@@ -96,6 +97,7 @@ pub struct SdsNode {
     pub metrics: SdsMetrics,
     pub acks: AckBatcher,
     pub local_log: LocalLog,
+    pub rebuilds: rebuild::RebuildRunner,
     started: Instant,
 }
 
@@ -167,6 +169,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         chunk_locks: ChunkOrderLocks::default(),
         metrics: SdsMetrics::default(),
         acks: AckBatcher::default(),
+        rebuilds: rebuild::RebuildRunner::default(),
         started: Instant::now(),
     });
     node.local_log.health("started", format!("data port {}", ports.data));

@@ -1,0 +1,254 @@
+//! Source side of a rebuild: copy one PG's chunks to its new secondary.
+//!
+//! The MDM hands a job to the PG's primary (the surviving copy) in its
+//! heartbeat reply. The primary copies each chunk it holds as a full-chunk
+//! replica write, under the same per-chunk ordering lock client writes take,
+//! so a client write lands on the target either before the copy (and is
+//! overwritten by a copy that contains it) or after it (and is forwarded as
+//! usual). Chunks the target holds but the source does not are released on
+//! the target. Then the target is flushed and the job reported complete;
+//! until then the MDM never makes the target the only copy.
+//!
+//! A failed attempt is retried when the next heartbeat hands the job out
+//! again; copying a chunk twice is harmless.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pflex_proto::api::{RebuildAssignment, RebuildComplete};
+use pflex_proto::frame::{flags, FrameHeader, Op, Status, MAX_ALLOCATION_CHUNKS};
+use pflex_proto::placement::PlacementMap;
+use pflex_proto::CHUNK_SIZE;
+
+use super::replication::Peer;
+use super::{Identity, SdsNode};
+
+/// Why a rebuild attempt stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("not registered with the MDM")]
+    NotRegistered,
+    #[error("placement map unavailable: {0}")]
+    Placement(&'static str),
+    #[error(
+        "PG {pg} of volume {volume} no longer has this node as primary and {target} as secondary"
+    )]
+    Moved { volume: u64, pg: u64, target: u64 },
+    #[error("target {0} is not in the placement map or has an unusable address")]
+    Target(u64),
+    #[error("reading chunk {chunk} locally: {error}")]
+    Read { chunk: u64, error: String },
+    #[error("target refused {what} of chunk {chunk}: {status}")]
+    Refused { what: &'static str, chunk: u64, status: &'static str },
+    #[error("target unreachable: {0}")]
+    Transport(String),
+    #[error("the MDM did not take the completion: {0}")]
+    Report(String),
+}
+
+/// Rebuild jobs this node is running, so a job handed out again by a later
+/// heartbeat is not started twice. Jobs run one after another.
+#[derive(Default)]
+pub struct RebuildRunner {
+    running: Mutex<HashSet<u64>>,
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl RebuildRunner {
+    /// Starts each assignment that is not already running.
+    pub fn start(node: &Arc<SdsNode>, assignments: &[RebuildAssignment]) {
+        for job in assignments {
+            let fresh =
+                node.rebuilds.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.job_id);
+            if !fresh {
+                continue;
+            }
+            let (node, job) = (node.clone(), *job);
+            tokio::spawn(async move {
+                let outcome = {
+                    let _turn = node.rebuilds.one_at_a_time.lock().await;
+                    rebuild(&node, &job).await
+                };
+                match outcome {
+                    Ok(done) => {
+                        node.metrics.rebuilds_completed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            job = job.job_id,
+                            volume = job.volume_id,
+                            pg = job.pg_index,
+                            target = job.target_sds,
+                            copied = done.chunks_copied,
+                            released = done.chunks_released,
+                            "rebuild complete"
+                        );
+                        node.local_log.health(
+                            "rebuild",
+                            format!(
+                                "job {} volume {} PG {}: {} chunks copied to SDS {}",
+                                job.job_id,
+                                job.volume_id,
+                                job.pg_index,
+                                done.chunks_copied,
+                                job.target_sds
+                            ),
+                        );
+                    }
+                    Err(e) => {
+                        node.metrics.rebuild_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(job = job.job_id, error = %e, "rebuild stopped; retried at a later heartbeat");
+                    }
+                }
+                node.rebuilds.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.job_id);
+            });
+        }
+    }
+}
+
+/// Copies the PG, flushes the target and reports to the MDM.
+async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildComplete, RebuildError> {
+    let identity = node.identity().ok_or(RebuildError::NotRegistered)?;
+    let map = node
+        .placement_for(job.volume_id, job.epoch)
+        .await
+        .map_err(|status| RebuildError::Placement(status.name()))?;
+    let endpoint = map.node(job.target_sds).ok_or(RebuildError::Target(job.target_sds))?;
+    let peer = node.peers.get(endpoint).map_err(|_| RebuildError::Target(job.target_sds))?;
+    let on_target = target_allocation(&identity, &peer, &map).await?;
+
+    let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
+    let pg_count = map.pgs.len().max(1) as u64;
+    for chunk in (job.pg_index..map.chunk_count()).step_by(pg_count as usize) {
+        let held_here = node.store.is_allocated(job.volume_id, chunk);
+        let held_there = on_target.contains(&chunk);
+        if !held_here && !held_there {
+            continue;
+        }
+        let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
+        // Under the lock: the map may have changed while we waited.
+        let map = current_map(node, &identity, job)?;
+        if node.store.is_allocated(job.volume_id, chunk) {
+            let data = node
+                .store
+                .read(job.volume_id, chunk, 0, CHUNK_SIZE as u32)
+                .await
+                .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
+            send(&identity, &peer, &map, Op::Write, chunk, Bytes::from(data)).await?;
+            done.chunks_copied += 1;
+            node.metrics.rebuild_chunks_copied.fetch_add(1, Ordering::Relaxed);
+        } else {
+            send(&identity, &peer, &map, Op::Trim, chunk, Bytes::new()).await?;
+            done.chunks_released += 1;
+        }
+    }
+    let map = current_map(node, &identity, job)?;
+    send(&identity, &peer, &map, Op::Flush, 0, Bytes::new()).await?;
+    identity.mdm.rebuild_complete(&done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
+    Ok(done)
+}
+
+/// The cached map, if the job's PG still has this node as primary and the
+/// job's target as secondary.
+fn current_map(
+    node: &SdsNode,
+    identity: &Identity,
+    job: &RebuildAssignment,
+) -> Result<Arc<PlacementMap>, RebuildError> {
+    let map = node.placement.cached(job.volume_id).ok_or(RebuildError::Placement("not cached"))?;
+    let pg = map.pgs.get(job.pg_index as usize);
+    let ours =
+        pg.is_some_and(|pg| pg.primary == identity.node_id && pg.secondary == job.target_sds);
+    if map.epoch < job.epoch || !ours {
+        return Err(RebuildError::Moved {
+            volume: job.volume_id,
+            pg: job.pg_index,
+            target: job.target_sds,
+        });
+    }
+    Ok(map)
+}
+
+/// The chunks of the volume the target holds (from its allocation bitmap).
+async fn target_allocation(
+    identity: &Identity,
+    peer: &Peer,
+    map: &PlacementMap,
+) -> Result<HashSet<u64>, RebuildError> {
+    let mut held = HashSet::new();
+    let mut start = 0;
+    while start < map.chunk_count() {
+        let count = (map.chunk_count() - start).min(u64::from(MAX_ALLOCATION_CHUNKS));
+        let header = FrameHeader {
+            op: Op::Allocation as u8,
+            flags: flags::REPLICA,
+            volume_id: map.volume_id,
+            chunk_index: start,
+            length: count as u32,
+            epoch: map.epoch,
+            token_id: identity.node_id,
+            seq: peer.seq.next(),
+            ..FrameHeader::default()
+        };
+        let reply = peer
+            .client
+            .call(header, &identity.peer_key, &[])
+            .await
+            .map_err(|e| RebuildError::Transport(e.to_string()))?;
+        if reply.status() != Status::Ok {
+            return Err(RebuildError::Refused {
+                what: "the allocation query",
+                chunk: start,
+                status: reply.status().name(),
+            });
+        }
+        let bits = &reply.payload;
+        for i in 0..count {
+            if bits.get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0) {
+                held.insert(start + i);
+            }
+        }
+        start += count;
+    }
+    Ok(held)
+}
+
+/// One replica frame to the target: a full-chunk write or trim, or a flush.
+async fn send(
+    identity: &Identity,
+    peer: &Peer,
+    map: &PlacementMap,
+    op: Op,
+    chunk: u64,
+    payload: Bytes,
+) -> Result<(), RebuildError> {
+    let header = FrameHeader {
+        op: op as u8,
+        flags: flags::REPLICA,
+        volume_id: map.volume_id,
+        chunk_index: chunk,
+        offset: 0,
+        length: if op == Op::Trim { CHUNK_SIZE as u32 } else { 0 },
+        epoch: map.epoch,
+        token_id: identity.node_id,
+        seq: peer.seq.next(),
+        ..FrameHeader::default()
+    };
+    let reply = peer
+        .client
+        .call_shared(header, &identity.peer_key, payload)
+        .await
+        .map_err(|e| RebuildError::Transport(e.to_string()))?;
+    match reply.status() {
+        Status::Ok => Ok(()),
+        status => Err(RebuildError::Refused { what: op_label(op), chunk, status: status.name() }),
+    }
+}
+
+fn op_label(op: Op) -> &'static str {
+    match op {
+        Op::Write => "the copy",
+        Op::Trim => "the release",
+        _ => "the flush",
+    }
+}
