@@ -448,7 +448,10 @@ async fn rebuild_jobs_go_to_their_source_and_an_unrebuilt_copy_is_never_promoted
     };
     let err = node(finished.target_sds).client.rebuild_complete(&done(finished.job_id)).await;
     assert_eq!(err.unwrap_err().status(), Some(403));
-    assert_eq!(admin.rebuild_complete(&done(finished.job_id)).await.unwrap_err().status(), Some(403));
+    assert_eq!(
+        admin.rebuild_complete(&done(finished.job_id)).await.unwrap_err().status(),
+        Some(403)
+    );
     for a in &assigned[..] {
         if a.job_id != unfinished.job_id {
             node(source).client.rebuild_complete(&done(a.job_id)).await.unwrap();

@@ -114,6 +114,8 @@ pub struct CommonArgs {
 pub enum ClusterCommand {
     /// Overall health, capacity and every component's liveness.
     Status(CommonArgs),
+    /// Rebuild jobs: copies moved off failed SDS nodes, and their progress.
+    Rebuilds(CommonArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -226,7 +228,7 @@ pub enum AdminCommand {
 impl AdminCommand {
     fn common(&self) -> &CommonArgs {
         match self {
-            AdminCommand::Cluster(ClusterCommand::Status(c))
+            AdminCommand::Cluster(ClusterCommand::Status(c) | ClusterCommand::Rebuilds(c))
             | AdminCommand::Sds(SdsCommand::List(c))
             | AdminCommand::Sdc(SdcCommand::List(c))
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
@@ -281,6 +283,31 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
             out.push('\n');
             out.push_str(&components_table(&health.components));
             Ok(out)
+        }
+        AdminCommand::Cluster(ClusterCommand::Rebuilds(_)) => {
+            let jobs = client.rebuild_jobs().await?;
+            if json {
+                return to_json(&jobs);
+            }
+            let rows = jobs
+                .iter()
+                .map(|j| {
+                    vec![
+                        j.job_id.to_string(),
+                        j.volume_id.to_string(),
+                        j.pg_index.to_string(),
+                        j.failed_sds.to_string(),
+                        format!("{} -> {}", j.source_sds, j.target_sds),
+                        j.state.clone(),
+                        j.chunks_copied.to_string(),
+                        ago(j.updated_at),
+                    ]
+                })
+                .collect();
+            Ok(table(
+                &["JOB", "VOLUME", "PG", "FAILED SDS", "COPY", "STATE", "CHUNKS", "UPDATED"],
+                rows,
+            ))
         }
         AdminCommand::Sds(SdsCommand::List(_)) => {
             let list = client.sds_list().await?;

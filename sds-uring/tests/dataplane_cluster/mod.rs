@@ -67,6 +67,7 @@ async fn start_mdm(
     port: u16,
     join_key_file: &Path,
     http: &reqwest::Client,
+    failed_after_secs: u64,
 ) -> (ProcessGuard, MdmClient) {
     let logs = root.join("logs");
     let mdm_url = format!("http://127.0.0.1:{port}");
@@ -80,9 +81,9 @@ async fn start_mdm(
         "--heartbeat-interval-secs",
         "1",
         "--stale-after-secs",
-        "30",
+        &(failed_after_secs / 4).max(2).to_string(),
         "--failed-after-secs",
-        "120",
+        &failed_after_secs.to_string(),
         "--token-ttl-secs",
         "600",
     ]
@@ -131,6 +132,7 @@ pub struct Cluster {
     http: reqwest::Client,
     join_key_file: PathBuf,
     mdm_port: u16,
+    failed_after_secs: u64,
     /// The running MDM's data directory.
     pub mdm_dir: PathBuf,
 }
@@ -139,14 +141,27 @@ impl Cluster {
     /// Starts an MDM and `sds_count` SDS nodes (each its own fault set) and
     /// waits until all are registered.
     pub async fn start(sds_count: usize) -> Cluster {
+        Self::start_with_failure_timeout(sds_count, 120).await
+    }
+
+    /// As [`Cluster::start`], with the MDM declaring a silent SDS FAILED (and
+    /// moving its copies) after `failed_after_secs`.
+    pub async fn start_with_failure_timeout(sds_count: usize, failed_after_secs: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let join_key_file = dir.path().join("join_key");
         std::fs::write(&join_key_file, "test-join-key-0123456789").unwrap();
         let mdm_port = free_port();
         let mdm_url = format!("http://127.0.0.1:{mdm_port}");
         let http = reqwest::Client::new();
-        let (mdm, admin) =
-            start_mdm(dir.path(), &dir.path().join("mdm"), mdm_port, &join_key_file, &http).await;
+        let (mdm, admin) = start_mdm(
+            dir.path(),
+            &dir.path().join("mdm"),
+            mdm_port,
+            &join_key_file,
+            &http,
+            failed_after_secs,
+        )
+        .await;
         let mut cluster = Cluster {
             mdm_dir: dir.path().join("mdm"),
             dir,
@@ -157,6 +172,7 @@ impl Cluster {
             http,
             join_key_file,
             mdm_port,
+            failed_after_secs,
         };
         for n in 1..=sds_count {
             cluster.add_sds(n).await;
@@ -170,9 +186,15 @@ impl Cluster {
     pub async fn restart_mdm_with_fresh_state(&mut self) {
         self.mdm.kill_hard();
         let fresh = self.dir.path().join(format!("mdm-{}", unique()));
-        let (mdm, admin) =
-            start_mdm(self.dir.path(), &fresh, self.mdm_port, &self.join_key_file, &self.http)
-                .await;
+        let (mdm, admin) = start_mdm(
+            self.dir.path(),
+            &fresh,
+            self.mdm_port,
+            &self.join_key_file,
+            &self.http,
+            self.failed_after_secs,
+        )
+        .await;
         self.mdm = mdm;
         self.admin = admin;
         self.mdm_dir = fresh;
@@ -313,9 +335,10 @@ impl Cluster {
         &self.sds[self.sds_index(node_id).await]
     }
 
-    /// The index in `sds` (for `kill_sds`, `start_sds`) of node `node_id`.
+    /// The index in `sds` (for `kill_sds`, `start_sds`) of running node
+    /// `node_id`.
     pub async fn sds_index(&self, node_id: u64) -> usize {
-        for (index, node) in self.sds.iter().enumerate() {
+        for (index, node) in self.sds.iter().enumerate().filter(|(_, n)| n.process.is_some()) {
             let url = format!("http://127.0.0.1:{}/health", node.mgmt_port);
             let status: ComponentStatus =
                 self.http.get(url).send().await.unwrap().json().await.unwrap();

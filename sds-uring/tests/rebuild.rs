@@ -1,0 +1,169 @@
+//! Rebuild against real processes: an SDS is killed, its copies move, the
+//! surviving copies are copied to their new secondaries while clients keep
+//! writing, and after a second failure the rebuilt copies serve every
+//! acknowledged byte.
+
+mod dataplane_cluster;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use dataplane_cluster::{model_crc, pattern, Cluster, VolumeSession};
+use pflex_mdm_client::MdmClient;
+use pflex_proto::frame::{Op, Status};
+use pflex_proto::token::AccessMode;
+use pflex_proto::CHUNK_SIZE;
+
+const CHUNK: usize = CHUNK_SIZE as usize;
+
+/// Polls `check` every 200 ms until it holds, or fails the test.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes `data` at `offset` of `chunk`, opening a fresh session (new map,
+/// new token) whenever the cluster is moving; returns the session used.
+async fn write_through_changes(
+    sdc: &MdmClient,
+    volume_id: u64,
+    mut session: VolumeSession,
+    chunk: u64,
+    offset: u32,
+    data: &[u8],
+) -> VolumeSession {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let header = session.header(Op::Write, chunk, offset, data.len() as u32);
+        let primary = session.client(session.primary_of(chunk));
+        // A transport error means the primary is down: as retryable as a refusal.
+        let status = match primary.call(header, &session.key, data).await {
+            Ok(reply) => reply.status(),
+            Err(_) => Status::ReplicaFailed,
+        };
+        match status {
+            Status::Ok => return session,
+            status @ (Status::StaleEpoch | Status::ReplicaFailed | Status::NotPrimary) => {
+                assert!(Instant::now() < deadline, "write kept failing: {}", status.name());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                session = VolumeSession::open(sdc, volume_id, AccessMode::ReadWrite).await;
+                session.auth_all().await;
+            }
+            other => panic!("write to chunk {chunk}: {}", other.name()),
+        }
+    }
+}
+
+/// Every written chunk has the model's content on both of its copies.
+async fn assert_copies_match(cluster: &Cluster, volume_id: u64, model: &BTreeMap<u64, Vec<u8>>) {
+    let map = cluster.admin.placement(volume_id).await.unwrap();
+    for (chunk, content) in model {
+        let pg = map.pg_of(*chunk).unwrap();
+        for node_id in [pg.primary, pg.secondary] {
+            let node = cluster.sds_by_node_id(node_id).await;
+            let sum = cluster.checksum(node, volume_id, *chunk).await;
+            assert_eq!(sum.crc32, model_crc(content), "chunk {chunk} on SDS {node_id}");
+        }
+    }
+}
+
+async fn wait_for_rebuilds(cluster: &Cluster, failed: u64) {
+    wait_for("every rebuild job to finish", Duration::from_secs(90), || async {
+        let jobs = cluster.admin.rebuild_jobs().await.unwrap();
+        let ours: Vec<_> = jobs.iter().filter(|j| j.failed_sds == failed).collect();
+        !ours.is_empty()
+            && ours.iter().all(|j| j.state == "done" || j.state == "failed")
+            && ours.iter().any(|j| j.state == "done")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_failure() {
+    let mut cluster = Cluster::start_with_failure_timeout(4, 6).await;
+    let (sdc, _) = cluster.register_sdc("sdc-rebuild").await;
+    let volume_id = cluster.create_mapped_volume("rebuilt", 128 << 20, "sdc-rebuild").await;
+    let mut session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    session.auth_all().await;
+
+    // 80 chunks: full ones and 64 KiB at an offset, over every PG.
+    let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for chunk in 0..80u64 {
+        let mut content = vec![0u8; CHUNK];
+        if chunk % 2 == 0 {
+            content = pattern(chunk, CHUNK);
+            assert_eq!(session.write(chunk, 0, &content).await, Status::Ok);
+        } else {
+            let data = pattern(1000 + chunk, 64 << 10);
+            assert_eq!(session.write(chunk, 128 << 10, &data).await, Status::Ok);
+            content[128 << 10..(128 << 10) + data.len()].copy_from_slice(&data);
+        }
+        model.insert(chunk, content);
+    }
+
+    // Kill the primary of chunk 0 and wait until its copies have moved.
+    let first = session.primary_of(0);
+    let first_index = cluster.sds_index(first).await;
+    cluster.kill_sds(first_index);
+    wait_for("the failed node's copies to move", Duration::from_secs(60), || async {
+        let map = cluster.admin.placement(volume_id).await.unwrap();
+        map.pgs.iter().all(|pg| pg.primary != first && pg.secondary != first)
+    })
+    .await;
+
+    // Clients keep writing while the copies are rebuilt.
+    for round in 0..3u64 {
+        for chunk in (0..80u64).step_by(5) {
+            let data = pattern(5000 + round * 100 + chunk, 16 << 10);
+            let offset = ((chunk * 7 + round) % 60) as u32 * (16 << 10);
+            session = write_through_changes(&sdc, volume_id, session, chunk, offset, &data).await;
+            let content = model.get_mut(&chunk).unwrap();
+            content[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+    wait_for_rebuilds(&cluster, first).await;
+    assert_copies_match(&cluster, volume_id, &model).await;
+    let copied: u64 = {
+        let mut total = 0;
+        for i in 0..cluster.sds.len() {
+            if i != first_index {
+                let text = cluster.metrics(&cluster.sds[i]).await;
+                total +=
+                    dataplane_cluster::metric_sum(&text, "pflex_sds_rebuild_chunks_copied_total");
+            }
+        }
+        total
+    };
+    assert!(copied > 0, "the rebuild copied no chunk");
+
+    // A second node fails: the source of some rebuilt copy. The rebuilt copy
+    // becomes primary and serves every acknowledged byte.
+    let jobs = cluster.admin.rebuild_jobs().await.unwrap();
+    let job = jobs.iter().find(|j| j.failed_sds == first && j.state == "done").unwrap();
+    let second = job.source_sds;
+    let second_index = cluster.sds_index(second).await;
+    cluster.kill_sds(second_index);
+    wait_for("the second node's copies to move", Duration::from_secs(60), || async {
+        let map = cluster.admin.placement(volume_id).await.unwrap();
+        map.pgs.iter().all(|pg| pg.primary != second && pg.secondary != second)
+    })
+    .await;
+    let map = cluster.admin.placement(volume_id).await.unwrap();
+    assert_eq!(map.pgs[job.pg_index as usize].primary, job.target_sds);
+    let session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    session.auth_all().await;
+    for (chunk, content) in &model {
+        let (status, data) = session.read(*chunk, 0, CHUNK as u32).await;
+        assert_eq!(status, Status::Ok, "read of chunk {chunk}");
+        assert!(data == *content, "chunk {chunk} differs after two failures");
+    }
+    wait_for_rebuilds(&cluster, second).await;
+    assert_copies_match(&cluster, volume_id, &model).await;
+}
