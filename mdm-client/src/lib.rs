@@ -19,8 +19,8 @@ use std::time::Duration;
 use pflex_proto::api::{
     AckResponse, ApiError, ClusterSummary, HealthStatus, HeartbeatRequest, HeartbeatResponse,
     MappedVolume, RebuildComplete, RebuildJob, RegisterRequest, RegisterResponse, SdcInfo, SdsInfo,
-    TokenAckBatch, TokenRequest, TokenResponse, Volume, VolumeCreate, VolumeMap, VolumeRename,
-    VolumeResize, VolumeUnmap,
+    TokenAckBatch, TokenRequest, TokenResponse, UnreachableReport, UnreachableVerdict, Volume,
+    VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::token::AccessMode;
@@ -251,6 +251,15 @@ impl MdmClient {
         self.post(&["token", "ack"], batch).await
     }
 
+    /// `POST /health/unreachable` (SDS, SDC): this caller could not reach
+    /// SDS `node_id`; the MDM probes it and fails it at once if it is down.
+    pub async fn report_unreachable(
+        &self,
+        node_id: u64,
+    ) -> Result<UnreachableVerdict, MdmClientError> {
+        self.post(&["health", "unreachable"], &UnreachableReport { node_id }).await
+    }
+
     /// `POST /rebuild/complete` (SDS, the job's source).
     pub async fn rebuild_complete(
         &self,
@@ -391,5 +400,38 @@ mod tests {
         let err = client.volume_list().await.unwrap_err();
         assert!(matches!(err, MdmClientError::Transport { .. }), "{err}");
         assert_eq!(err.status(), None);
+    }
+}
+
+/// Rate limit for [`MdmClient::report_unreachable`]: one report per SDS per
+/// interval from this process, however many requests fail.
+#[derive(Debug)]
+pub struct UnreachableReports {
+    last: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    interval: std::time::Duration,
+}
+
+impl UnreachableReports {
+    pub fn new(interval: std::time::Duration) -> Self {
+        Self { last: std::sync::Mutex::new(std::collections::HashMap::new()), interval }
+    }
+
+    /// Whether a report about `node_id` is due now; if so it is counted as sent.
+    pub fn due(&self, node_id: u64) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get(&node_id) {
+            Some(at) if now.duration_since(*at) < self.interval => false,
+            _ => {
+                last.insert(node_id, now);
+                true
+            }
+        }
+    }
+}
+
+impl Default for UnreachableReports {
+    fn default() -> Self {
+        Self::new(std::time::Duration::from_secs(1))
     }
 }

@@ -44,6 +44,12 @@ pub struct MdmConfig {
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub failed_after_secs: u64,
 
+    /// Act on unreachable-SDS reports from peers and clients: probe the
+    /// SDS's data port and, if it is down too, declare it FAILED at once.
+    /// With `false`, only the failure timeout fails a node.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub probe_on_report: bool,
+
     /// Lifetime of an IO token, in seconds (SDCs renew before expiry).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_ttl_secs: u64,

@@ -176,6 +176,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rebuild_jobs ADD COLUMN chunks_copied INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX rebuild_jobs_source ON rebuild_jobs (source_sds, state);
     "#,
+    // 3: an SDS a peer could not reach, confirmed by the MDM's own probe, is
+    // FAILED from `failed_at` until it is heard from again.
+    r#"
+    ALTER TABLE cluster_nodes ADD COLUMN failed_at INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use pflex_proto::api::{
     HeartbeatRequest, NodeType, RebuildComplete, RegisterRequest, TokenAckBatch, TokenRequest,
-    VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+    UnreachableReport, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::token::ClusterSecret;
 use rusqlite::{Connection, TransactionBehavior};
@@ -58,6 +58,8 @@ pub struct AppState {
     admin_token_sha256: [u8; 32],
     pub counters: Counters,
     pub started_at: std::time::Instant,
+    /// When each SDS was last probed after an unreachable report.
+    last_probe: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 fn digest(value: &str) -> [u8; 32] {
@@ -85,6 +87,7 @@ impl AppState {
             admin_token_sha256: digest(admin_token),
             counters: Counters::default(),
             started_at: std::time::Instant::now(),
+            last_probe: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -244,6 +247,7 @@ pub fn router(state: Shared) -> Router {
         .route("/discovery/register", post(register))
         .route("/health/heartbeat", post(heartbeat))
         .route("/health/status", get(health_status))
+        .route("/health/unreachable", post(unreachable_report))
         .route("/token/request", post(token_request))
         .route("/token/ack", post(token_ack))
         .route("/rebuild/complete", post(rebuild_complete))
@@ -324,6 +328,62 @@ async fn heartbeat(
         state.transact(move |conn, ctx| service::heartbeat(conn, ctx, caller, &request)).await?;
     state.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
     Ok(Json(response))
+}
+
+/// One probe per SDS per this interval, however many clients report it.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Each probe attempt's connect timeout; the node is unreachable only if
+/// both attempts fail.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
+
+async fn unreachable_report(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(report): ApiJson<UnreachableReport>,
+) -> Result<Json<pflex_proto::api::UnreachableVerdict>, MdmError> {
+    allow(caller, &[Role::Sds, Role::Sdc])?;
+    let node_id = report.node_id;
+    let (host, port) =
+        state.transact(move |conn, _| service::sds_data_address(conn, node_id)).await?;
+    let due = state.settings.probe_on_report && {
+        let mut last = state.last_probe.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match last.get(&node_id) {
+            Some(at) if now.duration_since(*at) < PROBE_INTERVAL => false,
+            _ => {
+                last.insert(node_id, now);
+                true
+            }
+        }
+    };
+    let reachable = if due { Some(probe(&host, port).await) } else { None };
+    let verdict = state
+        .transact(move |conn, ctx| service::declare_unreachable(conn, ctx, node_id, reachable))
+        .await?;
+    if reachable == Some(false) {
+        state.counters.copies_replaced.fetch_add(verdict.copies_replaced, Ordering::Relaxed);
+        tracing::warn!(
+            sds = node_id,
+            reported_by = %caller.describe(),
+            copies = verdict.copies_replaced,
+            "SDS reported unreachable and the probe failed too: declared FAILED"
+        );
+    }
+    Ok(Json(verdict))
+}
+
+/// Whether a TCP connection to the SDS's data port opens (two attempts).
+async fn probe(host: &str, port: u16) -> bool {
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let connect = tokio::net::TcpStream::connect((host, port));
+        if matches!(tokio::time::timeout(PROBE_TIMEOUT, connect).await, Ok(Ok(_))) {
+            return true;
+        }
+    }
+    false
 }
 
 async fn health_status(

@@ -120,6 +120,7 @@ pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartErro
         stale_after_secs: config.stale_after_secs,
         failed_after_secs: config.failed_after_secs,
         token_ttl_secs: config.token_ttl_secs,
+        probe_on_report: config.probe_on_report,
     };
     Ok(Prepared { state: Arc::new(AppState::new(conn, settings, secret, join_key, &admin_token)) })
 }
@@ -137,7 +138,11 @@ async fn monitor(state: Arc<AppState>) {
     let mut unrebuilt_survivors = 0;
     loop {
         interval.tick().await;
-        let replace = pflex_proto::unix_now() >= replace_after;
+        let replace = if pflex_proto::unix_now() >= replace_after {
+            service::Replace::EveryFailedNode
+        } else {
+            service::Replace::Nothing
+        };
         let outcome =
             state.transact(move |conn, ctx| service::monitor_tick(conn, ctx, replace)).await;
         if let Ok(report) = &outcome {

@@ -13,6 +13,7 @@
 //! | GET /health/status | → [`HealthStatus`] | any |
 //! | POST /token/request | [`TokenRequest`] → [`TokenResponse`] | SDC |
 //! | POST /token/ack | [`TokenAckBatch`] → [`AckResponse`] | SDS, SDC |
+//! | POST /health/unreachable | [`UnreachableReport`] → [`UnreachableVerdict`] | SDS, SDC |
 //! | POST /rebuild/complete | [`RebuildComplete`] → [`RebuildJob`] | SDS (the job's source) |
 //! | GET /rebuild/jobs | → `Vec<RebuildJob>` | admin, MGMT |
 //! | POST /vol/create | [`VolumeCreate`] → [`Volume`] | admin |
@@ -152,6 +153,28 @@ pub struct HeartbeatResponse {
     /// the source of: it is the PG's primary and holds the data).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rebuilds: Vec<RebuildAssignment>,
+}
+
+/// `POST /health/unreachable`: the caller could not reach SDS `node_id` on
+/// its data port. The MDM probes that port itself; only if its probe fails
+/// too is the SDS declared FAILED (and its copies moved) at once, instead of
+/// after the failure timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnreachableReport {
+    pub node_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreachableVerdict {
+    pub node_id: u64,
+    /// The MDM's probe result; `None` when it did not probe (one probe per
+    /// node per second, or reports are switched off).
+    pub reachable: Option<bool>,
+    /// The node's liveness after the report: ACTIVE, STALE or FAILED.
+    pub status: String,
+    /// Copies moved off the node by this report.
+    pub copies_replaced: u64,
 }
 
 /// One copy to rebuild: every chunk of PG `pg_index` of the volume that the

@@ -88,7 +88,20 @@ fn unmapping_a_volume_revokes_it_and_removes_the_export() {
 
 #[test]
 fn io_resumes_after_an_sds_fails_and_the_mdm_moves_its_chunks() {
-    let options = Options { failed_after_secs: 6, ..Options::default() };
+    // Only the failure timeout fails the node here.
+    let options = Options { failed_after_secs: 6, probe_on_report: false, ..Options::default() };
+    io_resumes_after_sds1_is_killed(options);
+}
+
+#[test]
+fn io_resumes_within_the_retry_budget_when_clients_report_a_dead_sds() {
+    // The failure timeout (120 s) is far beyond the SDC's retry budget (30 s):
+    // IO resumes only because the SDC and the SDS report sds1 unreachable and
+    // the MDM, finding it down too, moves its copies at once.
+    io_resumes_after_sds1_is_killed(Options::default());
+}
+
+fn io_resumes_after_sds1_is_killed(options: Options) {
     let mut cluster = Cluster::start_with(&[rw("vol1", 32 * MIB)], options);
     let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
     let before = pseudo_random(1, 16 * MIB as usize);

@@ -8,7 +8,7 @@ mod dataplane_cluster;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use dataplane_cluster::{model_crc, pattern, Cluster, VolumeSession};
+use dataplane_cluster::{model_crc, pattern, Cluster, FailureDetection, VolumeSession};
 use pflex_mdm_client::MdmClient;
 use pflex_proto::frame::{Op, Status};
 use pflex_proto::token::AccessMode;
@@ -87,7 +87,8 @@ async fn wait_for_rebuilds(cluster: &Cluster, failed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_failure() {
-    let mut cluster = Cluster::start_with_failure_timeout(4, 6).await;
+    let detection = FailureDetection { failed_after_secs: 6, probe_on_report: false };
+    let mut cluster = Cluster::start_with(4, detection).await;
     let (sdc, _) = cluster.register_sdc("sdc-rebuild").await;
     let volume_id = cluster.create_mapped_volume("rebuilt", 128 << 20, "sdc-rebuild").await;
     let mut session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
@@ -165,5 +166,59 @@ async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_fai
         assert!(data == *content, "chunk {chunk} differs after two failures");
     }
     wait_for_rebuilds(&cluster, second).await;
+    assert_copies_match(&cluster, volume_id, &model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
+    // The failure timeout is far away: only a report confirmed by the MDM's
+    // own probe can fail a node during this test.
+    let detection = FailureDetection { failed_after_secs: 600, probe_on_report: true };
+    let mut cluster = Cluster::start_with(3, detection).await;
+    let (sdc, _) = cluster.register_sdc("sdc-report").await;
+    let volume_id = cluster.create_mapped_volume("reported", 64 << 20, "sdc-report").await;
+    let mut session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    session.auth_all().await;
+    let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for chunk in 0..16u64 {
+        let content = pattern(7000 + chunk, CHUNK);
+        assert_eq!(session.write(chunk, 0, &content).await, Status::Ok);
+        model.insert(chunk, content);
+    }
+    let epoch = session.map.epoch;
+
+    // A report about a node that is up changes nothing.
+    let live = session.primary_of(0);
+    let verdict = sdc.report_unreachable(live).await.unwrap();
+    assert_eq!((verdict.reachable, verdict.status.as_str()), (Some(true), "ACTIVE"));
+    assert_eq!(verdict.copies_replaced, 0);
+    let again = sdc.report_unreachable(live).await.unwrap();
+    assert_eq!(again.reachable, None, "a second report within a second is not probed");
+    assert_eq!(cluster.admin.placement(volume_id).await.unwrap().epoch, epoch);
+
+    // The secondary of chunk 0 dies; the write that finds it gone fails,
+    // and the primary's report makes the MDM move its copies at once.
+    let victim = session.secondary_of(0);
+    let victim_index = cluster.sds_index(victim).await;
+    cluster.kill_sds(victim_index);
+    // (It rewrites bytes already there: a failed write's outcome is undefined.)
+    let same = model[&0][..4096].to_vec();
+    assert_eq!(session.write(0, 0, &same).await, Status::ReplicaFailed);
+    wait_for("the reported node's copies to move", Duration::from_secs(30), || async {
+        let map = cluster.admin.placement(volume_id).await.unwrap();
+        map.pgs.iter().all(|pg| pg.primary != victim && pg.secondary != victim)
+    })
+    .await;
+    let status = cluster.admin.health_status().await.unwrap();
+    let component = status.components.iter().find(|c| c.node_id == victim).unwrap();
+    assert_eq!(component.status, "FAILED");
+
+    // Writes go on under the new map; the new copies are rebuilt.
+    for chunk in 0..16u64 {
+        let data = pattern(8000 + chunk, 8192);
+        session = write_through_changes(&sdc, volume_id, session, chunk, 4096, &data).await;
+        model.get_mut(&chunk).unwrap()[4096..4096 + 8192].copy_from_slice(&data);
+    }
+    wait_for_rebuilds(&cluster, victim).await;
     assert_copies_match(&cluster, volume_id, &model).await;
 }

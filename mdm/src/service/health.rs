@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 
-use pflex_proto::api::{ClusterSummary, ComponentHealth, HealthStatus, NodeType};
+use pflex_proto::api::{
+    ClusterSummary, ComponentHealth, HealthStatus, NodeType, UnreachableVerdict,
+};
 use pflex_proto::CHUNK_SIZE;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::MdmError;
 use crate::placement::{self, Candidate};
@@ -22,6 +24,7 @@ pub(super) struct NodeRow {
     pub(super) mgmt_port: u16,
     pub(super) data_port: u16,
     pub(super) last_seen: u64,
+    pub(super) failed_at: u64,
 }
 
 pub(super) fn nodes(
@@ -29,7 +32,7 @@ pub(super) fn nodes(
     node_type: Option<NodeType>,
 ) -> Result<Vec<NodeRow>, MdmError> {
     let mut stmt = conn.prepare(
-        "SELECT id, name, node_type, host, control_port, mgmt_port, data_port, last_seen
+        "SELECT id, name, node_type, host, control_port, mgmt_port, data_port, last_seen, failed_at
          FROM cluster_nodes WHERE ?1 IS NULL OR node_type = ?1 ORDER BY id",
     )?;
     let rows = stmt
@@ -43,6 +46,7 @@ pub(super) fn nodes(
                 mgmt_port: r.get(5)?,
                 data_port: r.get(6)?,
                 last_seen: r.get(7)?,
+                failed_at: r.get(8)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -59,7 +63,7 @@ pub(super) struct DataHealth {
 pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, MdmError> {
     let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
         .into_iter()
-        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, ctx.now)))
+        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
         .collect();
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut stmt = conn.prepare(
@@ -119,7 +123,7 @@ pub fn health_status(conn: &Connection, ctx: &Ctx) -> Result<HealthStatus, MdmEr
         .into_iter()
         .map(|n| ComponentHealth {
             node_id: n.id,
-            status: liveness(&ctx.settings, n.last_seen, ctx.now).to_string(),
+            status: liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now).to_string(),
             name: n.name,
             node_type: n.node_type,
             last_seen: n.last_seen,
@@ -163,6 +167,18 @@ pub fn cluster_summary(conn: &Connection, ctx: &Ctx) -> Result<ClusterSummary, M
     })
 }
 
+/// Whose copies a health-monitor pass may move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// None: right after an MDM restart, silence is not evidence.
+    Nothing,
+    /// Every FAILED node's.
+    EveryFailedNode,
+    /// Only this node's (declared FAILED on evidence), whatever the others'
+    /// liveness.
+    Only(u64),
+}
+
 /// What one health-monitor pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MonitorReport {
@@ -180,15 +196,16 @@ pub struct MonitorReport {
 /// primary, since it holds the data), records a rebuild job per moved copy
 /// (a survivor that is itself an unfinished rebuild target is not promoted),
 /// bumps the epoch of each changed volume, and samples cluster metrics.
-/// With `replace` false only the metrics are sampled.
+/// `replace` says whose copies may move; with [`Replace::Nothing`] only the
+/// metrics are sampled.
 pub fn monitor_tick(
     conn: &Connection,
     ctx: &Ctx,
-    replace: bool,
+    replace: Replace,
 ) -> Result<MonitorReport, MdmError> {
     let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
         .into_iter()
-        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, ctx.now)))
+        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
         .collect();
     let failed = |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED";
     let fault_sets: HashMap<u64, String> = conn
@@ -225,7 +242,14 @@ pub fn monitor_tick(
         })?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .filter(|pg| replace && failed(pg.primary) != failed(pg.secondary))
+        .filter(|pg| {
+            let moving = match replace {
+                Replace::Nothing => false,
+                Replace::EveryFailedNode => true,
+                Replace::Only(node) => pg.primary == node || pg.secondary == node,
+            };
+            moving && failed(pg.primary) != failed(pg.secondary)
+        })
         .collect();
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut report = MonitorReport::default();
@@ -304,4 +328,45 @@ pub fn monitor_tick(
         [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],
     )?;
     Ok(report)
+}
+
+/// Host and data port of SDS `node_id`, for the MDM's own probe.
+pub fn sds_data_address(conn: &Connection, node_id: u64) -> Result<(String, u16), MdmError> {
+    conn.query_row(
+        "SELECT host, data_port FROM cluster_nodes WHERE id = ?1 AND node_type = 'SDS'",
+        [node_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()?
+    .ok_or_else(|| MdmError::not_found("no_such_sds", format!("no SDS with id {node_id}")))
+}
+
+/// After a report that SDS `node_id` is unreachable: when the MDM's probe
+/// failed as well (`reachable == Some(false)`), the node is FAILED from now
+/// until it is heard from again, and its copies move at once.
+pub fn declare_unreachable(
+    conn: &Connection,
+    ctx: &Ctx,
+    node_id: u64,
+    reachable: Option<bool>,
+) -> Result<UnreachableVerdict, MdmError> {
+    let mut copies_replaced = 0;
+    if reachable == Some(false) {
+        conn.execute(
+            "UPDATE cluster_nodes SET failed_at = ?2 WHERE id = ?1 AND node_type = 'SDS'",
+            params![node_id, ctx.now],
+        )?;
+        copies_replaced = monitor_tick(conn, ctx, Replace::Only(node_id))?.copies_replaced;
+    }
+    let (last_seen, failed_at): (u64, u64) = conn.query_row(
+        "SELECT last_seen, failed_at FROM cluster_nodes WHERE id = ?1",
+        [node_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(UnreachableVerdict {
+        node_id,
+        reachable,
+        status: liveness(&ctx.settings, last_seen, failed_at, ctx.now).to_string(),
+        copies_replaced,
+    })
 }

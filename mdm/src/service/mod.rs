@@ -17,7 +17,8 @@ mod rebuild;
 mod tokens;
 mod volumes;
 
-pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport};
+pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport, Replace};
+pub use health::{declare_unreachable, sds_data_address};
 pub use nodes::{heartbeat, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, request_token};
@@ -54,6 +55,7 @@ pub struct Settings {
     pub stale_after_secs: u64,
     pub failed_after_secs: u64,
     pub token_ttl_secs: u64,
+    pub probe_on_report: bool,
 }
 
 /// What every operation may need besides the database.
@@ -89,10 +91,12 @@ pub fn new_credential() -> String {
     hex::encode(pflex_proto::random_bytes::<32>())
 }
 
-/// ACTIVE, STALE or FAILED from the time since a node was last heard from.
-pub fn liveness(settings: &Settings, last_seen: u64, now: u64) -> &'static str {
+/// ACTIVE, STALE or FAILED from the time since a node was last heard from;
+/// FAILED also when it was declared failed (`failed_at`, 0 for never) and
+/// has not been heard from since.
+pub fn liveness(settings: &Settings, last_seen: u64, failed_at: u64, now: u64) -> &'static str {
     let silent = now.saturating_sub(last_seen);
-    if silent >= settings.failed_after_secs {
+    if silent >= settings.failed_after_secs || (failed_at > 0 && failed_at >= last_seen) {
         "FAILED"
     } else if silent >= settings.stale_after_secs {
         "STALE"

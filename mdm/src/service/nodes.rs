@@ -289,13 +289,13 @@ pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> 
     Ok(conn
         .prepare(
             "SELECT n.id, n.name, n.host, n.data_port, n.control_port, n.mgmt_port, f.name, p.name,
-                    s.capacity_bytes, s.used_bytes, n.last_seen
+                    s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
              FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
              JOIN fault_sets f ON f.id = s.fault_set_id JOIN storage_pools p ON p.id = s.pool_id
              ORDER BY n.id",
         )?
         .query_map([], |r| {
-            let last_seen: u64 = r.get(10)?;
+            let (last_seen, failed_at): (u64, u64) = (r.get(10)?, r.get(11)?);
             Ok(SdsInfo {
                 id: r.get(0)?,
                 name: r.get(1)?,
@@ -307,7 +307,7 @@ pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> 
                 pool: r.get(7)?,
                 capacity_bytes: r.get(8)?,
                 used_bytes: r.get(9)?,
-                status: liveness(&ctx.settings, last_seen, ctx.now).to_string(),
+                status: liveness(&ctx.settings, last_seen, failed_at, ctx.now).to_string(),
                 last_seen,
             })
         })?
@@ -326,7 +326,7 @@ pub fn sdc_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdcInfo>, MdmError> 
             )?;
             Ok(SdcInfo {
                 id: n.id,
-                status: liveness(&ctx.settings, n.last_seen, ctx.now).to_string(),
+                status: liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now).to_string(),
                 name: n.name,
                 host: n.host,
                 nbd_port: n.data_port,

@@ -143,16 +143,22 @@ pub(super) fn candidates(
 ) -> Result<Vec<Candidate>, MdmError> {
     let usage = pool_usage(conn, pool_id)?;
     let mut stmt = conn.prepare(
-        "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen
+        "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
          FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
          JOIN fault_sets f ON f.id = s.fault_set_id WHERE s.pool_id = ?1 ORDER BY n.id",
     )?;
     let mut rows = stmt.query([pool_id])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        let (id, fault_set, capacity, used, last_seen): (u64, String, u64, u64, u64) =
-            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
-        if liveness(&ctx.settings, last_seen, ctx.now) == "FAILED" {
+        let (id, fault_set, capacity, used, last_seen, failed_at): (
+            u64,
+            String,
+            u64,
+            u64,
+            u64,
+            u64,
+        ) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+        if liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
             continue;
         }
         let load = usage.get(&id).copied().unwrap_or_default();

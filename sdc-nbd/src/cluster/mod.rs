@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use pflex_mdm_client::{MdmClient, MdmClientError};
+use pflex_mdm_client::{MdmClient, MdmClientError, UnreachableReports};
 use pflex_proto::api::MappedVolume;
 use pflex_proto::token::AccessMode;
 
@@ -47,6 +47,8 @@ impl Default for ClusterConfig {
 pub struct ClusterContext {
     mdm: RwLock<Option<MdmClient>>,
     pub pool: pool::SdsPool,
+    /// SDS nodes this SDC could not reach, reported to the MDM (rate-limited).
+    pub unreachable: UnreachableReports,
     pub config: ClusterConfig,
 }
 
@@ -54,6 +56,7 @@ impl ClusterContext {
     pub fn new(config: ClusterConfig) -> Arc<Self> {
         Arc::new(Self {
             mdm: RwLock::new(None),
+            unreachable: UnreachableReports::default(),
             pool: pool::SdsPool::new(
                 config.connections_per_sds,
                 config.request_timeout,

@@ -103,11 +103,19 @@ pub struct Options {
     pub device_size: &'static str,
     pub token_ttl_secs: u64,
     pub failed_after_secs: u64,
+    /// Whether the MDM fails an SDS at once when a report of it being
+    /// unreachable is confirmed by its own probe (the MDM's default).
+    pub probe_on_report: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { device_size: "512M", token_ttl_secs: 60, failed_after_secs: 120 }
+        Self {
+            device_size: "512M",
+            token_ttl_secs: 60,
+            failed_after_secs: 120,
+            probe_on_report: true,
+        }
     }
 }
 
@@ -212,6 +220,8 @@ impl Cluster {
             self.options.failed_after_secs.to_string(),
             "--token-ttl-secs".into(),
             self.options.token_ttl_secs.to_string(),
+            "--probe-on-report".into(),
+            self.options.probe_on_report.to_string(),
         ];
         self.spawn("mdm", "mdm", mdm_args);
         self.wait_until("MDM ready", || self.mdm_ready());

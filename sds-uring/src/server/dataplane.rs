@@ -349,7 +349,7 @@ async fn replicate_write(
         Ok(reply) => reply.status(),
         Err(e) => {
             tracing::warn!(peer = %secondary.name, error = %e, "forward to the secondary failed");
-            refresh_after_unreachable_peer(node, header.volume_id, &e).await;
+            refresh_after_unreachable_peer(node, pg.secondary, header.volume_id, &e).await;
             Status::ReplicaFailed
         }
     };
@@ -371,10 +371,33 @@ async fn replicate_write(
     }
 }
 
-/// A peer that cannot be reached may have registered again at another
-/// address (which does not change the epoch): refetch the map, rate-limited.
-async fn refresh_after_unreachable_peer(node: &SdsNode, volume_id: u64, error: &ClientError) {
-    let unreachable = matches!(error, ClientError::Connect { .. } | ClientError::Transport(_));
+/// A peer that cannot be reached is reported to the MDM, which fails it at
+/// once if its own probe fails too (both rate-limited). It may also have
+/// registered again at another address (which does not change the epoch):
+/// refetch the map, rate-limited.
+pub(super) async fn refresh_after_unreachable_peer(
+    node: &SdsNode,
+    peer_id: u64,
+    volume_id: u64,
+    error: &ClientError,
+) {
+    let unreachable = matches!(
+        error,
+        ClientError::Connect { .. } | ClientError::Transport(_) | ClientError::Timeout(_)
+    );
+    if unreachable && node.unreachable.due(peer_id) {
+        if let Some(identity) = node.identity() {
+            match identity.mdm.report_unreachable(peer_id).await {
+                Ok(verdict) => tracing::warn!(
+                    peer = peer_id,
+                    status = %verdict.status,
+                    copies_moved = verdict.copies_replaced,
+                    "reported an unreachable peer"
+                ),
+                Err(e) => tracing::debug!(peer = peer_id, error = %e, "report not taken"),
+            }
+        }
+    }
     if unreachable && node.placement.peer_refresh_due(volume_id, PEER_REFRESH_INTERVAL) {
         let _ = node.fetch_placement(volume_id).await;
     }
@@ -408,16 +431,16 @@ async fn flush_volume(
             ..FrameHeader::default()
         };
         let key = identity.peer_key.clone();
-        forwards.spawn(async move { peer.client.call(forward, &key, &[]).await });
+        forwards.spawn(async move { (secondary, peer.client.call(forward, &key, &[]).await) });
     }
     let local = node.store.flush().await;
     let mut replicas_ok = true;
     while let Some(joined) = forwards.join_next().await {
-        let ok = matches!(joined, Ok(Ok(ref reply)) if reply.status() == Status::Ok);
+        let ok = matches!(joined, Ok((_, Ok(ref reply))) if reply.status() == Status::Ok);
         if !ok {
             tracing::warn!(outcome = ?joined, "flush on a secondary failed");
-            if let Ok(Err(e)) = &joined {
-                refresh_after_unreachable_peer(node, map.volume_id, e).await;
+            if let Ok((secondary, Err(e))) = &joined {
+                refresh_after_unreachable_peer(node, *secondary, map.volume_id, e).await;
             }
             replicas_ok = false;
         }

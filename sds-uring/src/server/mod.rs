@@ -98,6 +98,8 @@ pub struct SdsNode {
     pub acks: AckBatcher,
     pub local_log: LocalLog,
     pub rebuilds: rebuild::RebuildRunner,
+    /// Peers this node could not reach, reported to the MDM (rate-limited).
+    pub unreachable: pflex_mdm_client::UnreachableReports,
     started: Instant,
 }
 
@@ -170,6 +172,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         metrics: SdsMetrics::default(),
         acks: AckBatcher::default(),
         rebuilds: rebuild::RebuildRunner::default(),
+        unreachable: pflex_mdm_client::UnreachableReports::default(),
         started: Instant::now(),
     });
     node.local_log.health("started", format!("data port {}", ports.data));

@@ -67,7 +67,7 @@ async fn start_mdm(
     port: u16,
     join_key_file: &Path,
     http: &reqwest::Client,
-    failed_after_secs: u64,
+    detection: FailureDetection,
 ) -> (ProcessGuard, MdmClient) {
     let logs = root.join("logs");
     let mdm_url = format!("http://127.0.0.1:{port}");
@@ -81,9 +81,11 @@ async fn start_mdm(
         "--heartbeat-interval-secs",
         "1",
         "--stale-after-secs",
-        &(failed_after_secs / 4).max(2).to_string(),
+        &(detection.failed_after_secs / 4).max(2).to_string(),
         "--failed-after-secs",
-        &failed_after_secs.to_string(),
+        &detection.failed_after_secs.to_string(),
+        "--probe-on-report",
+        &detection.probe_on_report.to_string(),
         "--token-ttl-secs",
         "600",
     ]
@@ -104,6 +106,16 @@ async fn start_mdm(
     .await;
     let admin_token = std::fs::read_to_string(&token_path).unwrap().trim().to_string();
     (mdm, MdmClient::new(&mdm_url, Some(admin_token)).unwrap())
+}
+
+/// How the MDM decides an SDS has failed.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureDetection {
+    /// Silence after which a node is FAILED and its copies move.
+    pub failed_after_secs: u64,
+    /// Whether a peer's unreachable report, confirmed by the MDM's probe,
+    /// fails a node at once.
+    pub probe_on_report: bool,
 }
 
 /// One SDS process and how to start it again.
@@ -132,7 +144,7 @@ pub struct Cluster {
     http: reqwest::Client,
     join_key_file: PathBuf,
     mdm_port: u16,
-    failed_after_secs: u64,
+    detection: FailureDetection,
     /// The running MDM's data directory.
     pub mdm_dir: PathBuf,
 }
@@ -140,13 +152,18 @@ pub struct Cluster {
 impl Cluster {
     /// Starts an MDM and `sds_count` SDS nodes (each its own fault set) and
     /// waits until all are registered.
+    /// The MDM fails a node only after 120 s of silence, so tests can kill
+    /// and restart nodes without their copies moving.
     pub async fn start(sds_count: usize) -> Cluster {
-        Self::start_with_failure_timeout(sds_count, 120).await
+        Self::start_with(
+            sds_count,
+            FailureDetection { failed_after_secs: 120, probe_on_report: false },
+        )
+        .await
     }
 
-    /// As [`Cluster::start`], with the MDM declaring a silent SDS FAILED (and
-    /// moving its copies) after `failed_after_secs`.
-    pub async fn start_with_failure_timeout(sds_count: usize, failed_after_secs: u64) -> Cluster {
+    /// As [`Cluster::start`], with the MDM's failure detection as given.
+    pub async fn start_with(sds_count: usize, detection: FailureDetection) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let join_key_file = dir.path().join("join_key");
         std::fs::write(&join_key_file, "test-join-key-0123456789").unwrap();
@@ -159,7 +176,7 @@ impl Cluster {
             mdm_port,
             &join_key_file,
             &http,
-            failed_after_secs,
+            detection,
         )
         .await;
         let mut cluster = Cluster {
@@ -172,7 +189,7 @@ impl Cluster {
             http,
             join_key_file,
             mdm_port,
-            failed_after_secs,
+            detection,
         };
         for n in 1..=sds_count {
             cluster.add_sds(n).await;
@@ -192,7 +209,7 @@ impl Cluster {
             self.mdm_port,
             &self.join_key_file,
             &self.http,
-            self.failed_after_secs,
+            self.detection,
         )
         .await;
         self.mdm = mdm;
