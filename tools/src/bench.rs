@@ -5,10 +5,14 @@
 //!    run with `pflex up`'s code, or one already running given by `--uri`);
 //! 2. the peer: `qemu-nbd --cache=none --aio=io_uring` serving a local file,
 //!    through the same NBD engine (one copy, no replication);
-//! 3. the floor: fio's io_uring engine with O_DIRECT on a local file.
+//! 3. the floor: fio's io_uring engine with O_DIRECT on a local file;
+//! 4. the hop: the same qemu-nbd behind one `nbdkit nbd` proxy on loopback,
+//!    which shows what a single extra network hop costs on this machine
+//!    (pflex's writes make two: SDC to primary, primary to secondary).
 //!
 //! Prints IOPS, MB/s and p50/p99 completion latency per job and target, and
-//! pflex's ratios to qemu-nbd; `--json FILE` writes every number.
+//! the ratios of pflex and of the hop to qemu-nbd; `--json FILE` writes
+//! every number.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -35,8 +39,8 @@ pub struct BenchArgs {
     /// Only run job files whose name contains one of these (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub filter: Vec<String>,
-    /// Targets to run, comma separated, from: pflex, qemu-nbd, floor.
-    #[arg(long, default_value = "pflex,qemu-nbd,floor", value_delimiter = ',')]
+    /// Targets to run, comma separated, from: pflex, qemu-nbd, floor, hop.
+    #[arg(long, default_value = "pflex,qemu-nbd,floor,hop", value_delimiter = ',')]
     pub targets: Vec<String>,
     /// Scratch directory for the qemu-nbd and floor files (must support O_DIRECT).
     #[arg(long, default_value = "/var/tmp")]
@@ -70,8 +74,12 @@ pub struct JobResult {
     pub error: Option<String>,
 }
 
-fn check_tools() -> Result<()> {
-    for tool in ["fio", "qemu-nbd"] {
+fn check_tools(targets: &[String]) -> Result<()> {
+    let mut tools = vec!["fio", "qemu-nbd"];
+    if targets.iter().any(|t| t == "hop") {
+        tools.push("nbdkit");
+    }
+    for tool in tools {
         let ok = std::process::Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -80,7 +88,7 @@ fn check_tools() -> Result<()> {
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            bail!("{tool} is not installed (Debian: apt-get install fio qemu-utils)");
+            bail!("{tool} is not installed (Debian: apt-get install fio qemu-utils nbdkit)");
         }
     }
     Ok(())
@@ -130,7 +138,8 @@ async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>,
     Ok((j.get("read").and_then(parse_dir), j.get("write").and_then(parse_dir)))
 }
 
-/// A qemu-nbd serving a local file (also killed if dropped).
+/// A qemu-nbd serving a local file, or the nbdkit proxy in front of it
+/// (also killed if dropped).
 struct Peer {
     child: tokio::process::Child,
 }
@@ -139,6 +148,36 @@ impl Peer {
     async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Port of the hop: `nbdkit nbd` forwarding to the qemu-nbd peer.
+fn hop_port(args: &BenchArgs) -> u16 {
+    args.peer_port + 1
+}
+
+async fn start_hop(args: &BenchArgs) -> Result<Peer> {
+    let child = tokio::process::Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-e", "hop", "-p"])
+        .arg(hop_port(args).to_string())
+        .arg("nbd")
+        .arg(format!("uri=nbd://127.0.0.1:{}/peer", args.peer_port))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting nbdkit")?;
+    wait_serving(hop_port(args), "hop", "nbdkit").await?;
+    Ok(Peer { child })
+}
+
+async fn wait_serving(port: u16, export: &str, what: &str) -> Result<()> {
+    let start = Instant::now();
+    while !nbd_probe::export_listed(("127.0.0.1", port), export).await.unwrap_or(false) {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("{what} did not start serving on port {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 async fn start_peer(args: &BenchArgs) -> Result<Peer> {
@@ -154,13 +193,7 @@ async fn start_peer(args: &BenchArgs) -> Result<Peer> {
         .kill_on_drop(true)
         .spawn()
         .context("starting qemu-nbd")?;
-    let start = Instant::now();
-    while !nbd_probe::export_listed(("127.0.0.1", args.peer_port), "peer").await.unwrap_or(false) {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("qemu-nbd did not start serving on port {}", args.peer_port);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_serving(args.peer_port, "peer", "qemu-nbd").await?;
     Ok(Peer { child })
 }
 
@@ -176,7 +209,7 @@ fn fmt_fig(f: &Option<Figures>) -> String {
 
 /// `pflex bench`.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    check_tools()?;
+    check_tools(&args.targets)?;
     let mut jobs: Vec<PathBuf> = std::fs::read_dir(&args.jobs_dir)
         .with_context(|| format!("reading job files in {}", args.jobs_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -193,6 +226,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
     let mut cluster = None;
     let mut peer = None;
+    let mut hop = None;
     let mut targets: Vec<(String, Vec<String>)> = Vec::new();
     for t in &args.targets {
         match t.as_str() {
@@ -210,7 +244,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     .push(("pflex".into(), vec!["--ioengine=nbd".into(), format!("--uri={uri}")]));
             }
             "qemu-nbd" => {
-                peer = Some(start_peer(&args).await?);
+                if peer.is_none() {
+                    peer = Some(start_peer(&args).await?);
+                }
                 targets.push((
                     "qemu-nbd".into(),
                     vec![
@@ -230,7 +266,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     ],
                 ));
             }
-            other => bail!("unknown target {other:?} (pflex, qemu-nbd, floor)"),
+            "hop" => {
+                if peer.is_none() {
+                    peer = Some(start_peer(&args).await?);
+                }
+                hop = Some(start_hop(&args).await?);
+                targets.push((
+                    "hop".into(),
+                    vec![
+                        "--ioengine=nbd".into(),
+                        format!("--uri=nbd://127.0.0.1:{}/hop", hop_port(&args)),
+                    ],
+                ));
+            }
+            other => bail!("unknown target {other:?} (pflex, qemu-nbd, floor, hop)"),
         }
     }
 
@@ -258,6 +307,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             results.push(jr);
         }
     }
+    if let Some(h) = hop {
+        h.stop().await;
+    }
     if let Some(p) = peer {
         p.stop().await;
     }
@@ -265,13 +317,36 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         c.stop().await;
     }
 
-    println!("\npflex / qemu-nbd (IOPS ratio, p50 latency ratio):");
+    let ratios = print_ratios(&jobs, &results, "pflex");
+    let hop_ratios = print_ratios(&jobs, &results, "hop");
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "results": results,
+            "ratios_to_qemu_nbd": ratios,
+            "hop_ratios_to_qemu_nbd": hop_ratios,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: numbers written to {}", path.display());
+    }
+    if let Some(bad) = results.iter().find(|r| r.error.is_some()) {
+        bail!("job {} on {} failed", bad.job, bad.target);
+    }
+    Ok(())
+}
+
+/// Prints (and returns) `target`'s IOPS and p50 ratios to qemu-nbd per job.
+fn print_ratios(jobs: &[PathBuf], results: &[JobResult], target: &str) -> Vec<serde_json::Value> {
     let find =
         |job: &str, target: &str| results.iter().find(|r| r.job == job && r.target == target);
     let mut ratios = Vec::new();
-    for job in &jobs {
+    let mut header = false;
+    for job in jobs {
         let name = job.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-        let (Some(p), Some(q)) = (find(&name, "pflex"), find(&name, "qemu-nbd")) else { continue };
+        let (Some(p), Some(q)) = (find(&name, target), find(&name, "qemu-nbd")) else { continue };
+        if !std::mem::replace(&mut header, true) {
+            println!("\n{target} / qemu-nbd (IOPS ratio, p50 latency ratio):");
+        }
         for (dir, pf, qf) in [("read", &p.read, &q.read), ("write", &p.write, &q.write)] {
             if let (Some(pf), Some(qf)) = (pf, qf) {
                 let iops = pf.iops / qf.iops.max(1e-9);
@@ -281,14 +356,5 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    if let Some(path) = &args.json {
-        let doc = serde_json::json!({ "results": results, "ratios_to_qemu_nbd": ratios });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("bench: numbers written to {}", path.display());
-    }
-    if let Some(bad) = results.iter().find(|r| r.error.is_some()) {
-        bail!("job {} on {} failed", bad.job, bad.target);
-    }
-    Ok(())
+    ratios
 }
