@@ -157,7 +157,7 @@ fn hop_port(args: &BenchArgs) -> u16 {
 
 async fn start_hop(args: &BenchArgs) -> Result<Peer> {
     let child = tokio::process::Command::new("nbdkit")
-        .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-e", "hop", "-p"])
+        .args(["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
         .arg(hop_port(args).to_string())
         .arg("nbd")
         .arg(format!("uri=nbd://127.0.0.1:{}/peer", args.peer_port))
@@ -165,7 +165,8 @@ async fn start_hop(args: &BenchArgs) -> Result<Peer> {
         .kill_on_drop(true)
         .spawn()
         .context("starting nbdkit")?;
-    wait_serving(hop_port(args), "hop", "nbdkit").await?;
+    // The proxy lists its upstream's default export, "".
+    wait_serving(hop_port(args), "", "nbdkit").await?;
     Ok(Peer { child })
 }
 
@@ -275,7 +276,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     "hop".into(),
                     vec![
                         "--ioengine=nbd".into(),
-                        format!("--uri=nbd://127.0.0.1:{}/hop", hop_port(&args)),
+                        format!("--uri=nbd://127.0.0.1:{}/", hop_port(&args)),
                     ],
                 ));
             }
