@@ -7,7 +7,9 @@
 //!   IO acknowledgements, re-registration when the MDM answers 401;
 //! - [`dataplane`]: the TCP data plane (AUTH, READ, WRITE, FLUSH, TRIM,
 //!   WRITE_ZEROES, ALLOCATION, PING), every check before any IO, and
-//!   two-copy replication;
+//!   two-copy replication; a peer it cannot reach is reported to the MDM;
+//! - [`rebuild`]: copying a PG to its new secondary when the MDM's heartbeat
+//!   reply assigns a rebuild job;
 //! - [`http`]: `/health`, `/metrics` on both HTTP ports and the per-chunk
 //!   checksum query on the control port;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
