@@ -3,7 +3,8 @@
 //! - [`cli`]: operator commands against the MDM (cluster, SDS, SDC and
 //!   volume administration), human tables or `--json`;
 //! - [`up`]: `pflex up`, a whole local cluster as child processes;
-//! - [`bench`]: `pflex bench`, fio against pflex, qemu-nbd and the local disk;
+//! - [`mod@bench`]: `pflex bench`, fio against pflex, qemu-nbd, qemu-nbd behind one proxy hop
+//!   and the local disk;
 //! - [`nbd_probe`]: the few NBD handshake steps `up` and `bench` use to wait for a server.
 
 pub mod bench;
