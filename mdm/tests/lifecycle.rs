@@ -3,13 +3,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Mdm, Timing};
 use pflex_proto::api::{
     HeartbeatRequest, NodeMetrics, TokenAck, TokenAckBatch, VolumeCreate, VolumeMap, VolumeUnmap,
 };
 use pflex_proto::token::{AccessMode, SessionKey, SignedToken, TokenError};
+use pflex_testkit::wait_for;
 
 fn create(name: &str, size_bytes: u64) -> VolumeCreate {
     VolumeCreate { name: name.into(), size_bytes, pool: None, thick: false }
@@ -240,18 +241,6 @@ async fn restart_keeps_all_state() {
     assert_eq!(again.id(), sds.id());
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn health_states_and_replacement_of_a_failed_sds() {
     let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
@@ -271,28 +260,14 @@ async fn health_states_and_replacement_of_a_failed_sds() {
     assert!(status.components.iter().all(|c| c.status == "ACTIVE"));
 
     // Everyone but sds0 keeps heartbeating.
-    let beating: Vec<_> = nodes[1..]
-        .iter()
-        .map(|n| (n.client.clone(), n.id()))
-        .chain([(sdc.client.clone(), sdc.id())])
-        .collect();
-    let heartbeats = tokio::spawn(async move {
-        loop {
-            for (client, id) in &beating {
-                let _ = client
-                    .heartbeat(&HeartbeatRequest {
-                        node_id: *id,
-                        metrics: NodeMetrics {
-                            capacity_bytes: 10 << 30,
-                            used_bytes: 1 << 20,
-                            ..Default::default()
-                        },
-                    })
-                    .await;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    let beating = std::sync::Arc::new(std::sync::Mutex::new(
+        nodes[1..]
+            .iter()
+            .map(|n| (n.client.clone(), n.id()))
+            .chain([(sdc.client.clone(), sdc.id())])
+            .collect::<Vec<_>>(),
+    ));
+    let heartbeats = heartbeat_while(beating);
     let status_of = |status: &pflex_proto::api::HealthStatus, id: u64| {
         status.components.iter().find(|c| c.node_id == id).unwrap().status.clone()
     };

@@ -13,21 +13,9 @@ use pflex_mdm_client::MdmClient;
 use pflex_proto::frame::{Op, Status};
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
+use pflex_testkit::wait_for;
 
 const CHUNK: usize = CHUNK_SIZE as usize;
-
-/// Polls `check` every 200 ms until it holds, or fails the test.
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Writes `data` at `offset` of `chunk`, opening a fresh session (new map,
 /// new token) whenever the cluster is moving; returns the session used.

@@ -4,6 +4,7 @@
 //! - [`ProcessGuard`] and [`spawn_logged`]: a spawned component with its
 //!   output in a log file, killed by its own PID when the guard drops, pass
 //!   or fail (never by name or pattern);
+//! - [`wait_for`]: polls a condition until it holds, or fails the test;
 //! - [`workspace_binary`]: another package's binary from the same target
 //!   directory, built on demand (cargo only builds the binaries of the
 //!   package under test).
@@ -60,6 +61,20 @@ impl ProcessGuard {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
+    }
+}
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` once
+/// `timeout` has passed. For waiting on state, never as a sleep.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -179,17 +179,7 @@ async fn target_allocation(
     let mut start = 0;
     while start < map.chunk_count() {
         let count = (map.chunk_count() - start).min(u64::from(MAX_ALLOCATION_CHUNKS));
-        let header = FrameHeader {
-            op: Op::Allocation as u8,
-            flags: flags::REPLICA,
-            volume_id: map.volume_id,
-            chunk_index: start,
-            length: count as u32,
-            epoch: map.epoch,
-            token_id: identity.node_id,
-            seq: peer.seq.next(),
-            ..FrameHeader::default()
-        };
+        let header = replica_header(identity, peer, map, Op::Allocation, start, count as u32);
         let reply = peer
             .client
             .call(header, &identity.peer_key, &[])
@@ -222,18 +212,8 @@ async fn send(
     chunk: u64,
     payload: Bytes,
 ) -> Result<(), RebuildError> {
-    let header = FrameHeader {
-        op: op as u8,
-        flags: flags::REPLICA,
-        volume_id: map.volume_id,
-        chunk_index: chunk,
-        offset: 0,
-        length: if op == Op::Trim { CHUNK_SIZE as u32 } else { 0 },
-        epoch: map.epoch,
-        token_id: identity.node_id,
-        seq: peer.seq.next(),
-        ..FrameHeader::default()
-    };
+    let length = if op == Op::Trim { CHUNK_SIZE as u32 } else { 0 };
+    let header = replica_header(identity, peer, map, op, chunk, length);
     let reply = peer
         .client
         .call_shared(header, &identity.peer_key, payload)
@@ -242,6 +222,29 @@ async fn send(
     match reply.status() {
         Status::Ok => Ok(()),
         status => Err(RebuildError::Refused { what: op_label(op), chunk, status: status.name() }),
+    }
+}
+
+/// A replication frame from this node to `peer` under `map` (the client
+/// sets a write's length from its payload).
+fn replica_header(
+    identity: &Identity,
+    peer: &Peer,
+    map: &PlacementMap,
+    op: Op,
+    chunk_index: u64,
+    length: u32,
+) -> FrameHeader {
+    FrameHeader {
+        op: op as u8,
+        flags: flags::REPLICA,
+        volume_id: map.volume_id,
+        chunk_index,
+        length,
+        epoch: map.epoch,
+        token_id: identity.node_id,
+        seq: peer.seq.next(),
+        ..FrameHeader::default()
     }
 }
 
