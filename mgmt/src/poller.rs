@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use pflex_mdm_client::MdmClient;
 use pflex_proto::api::{
-    ClusterSummary, HealthStatus, HeartbeatRequest, NodeType, RegisterRequest, SdcInfo, SdsInfo,
-    Volume,
+    ClusterSummary, HealthStatus, HeartbeatRequest, NodeType, RebuildJob, RegisterRequest, SdcInfo,
+    SdsInfo, Volume,
 };
 
 use crate::Shared;
@@ -23,9 +23,14 @@ pub struct Overview {
     pub volumes: Vec<Volume>,
     pub sds: Vec<SdsInfo>,
     pub sdc: Vec<SdcInfo>,
+    /// Rebuild jobs, newest first (at most [`REBUILD_JOBS_SHOWN`]).
+    pub rebuilds: Vec<RebuildJob>,
     /// (component name, reachable) for each SDS/SDC mgmt port.
     pub endpoints: Vec<(String, bool)>,
 }
+
+/// How many rebuild jobs the dashboard lists.
+pub const REBUILD_JOBS_SHOWN: usize = 50;
 
 async fn register(shared: &Shared, join_key: &str) -> Option<(MdmClient, u64)> {
     let client = MdmClient::new(&shared.config.mdm, None).ok()?;
@@ -93,6 +98,7 @@ pub async fn run(shared: Arc<Shared>, join_key: String) {
                     volumes: Vec::new(),
                     sds: Vec::new(),
                     sdc: Vec::new(),
+                    rebuilds: Vec::new(),
                     endpoints: Vec::new(),
                 }
             }
@@ -111,6 +117,8 @@ async fn poll_once(client: &MdmClient, http: &reqwest::Client) -> Result<Overvie
     let volumes = client.volume_list().await.unwrap_or_default();
     let sds = client.sds_list().await.unwrap_or_default();
     let sdc = client.sdc_list().await.unwrap_or_default();
+    let mut rebuilds = client.rebuild_jobs().await.unwrap_or_default();
+    rebuilds.truncate(REBUILD_JOBS_SHOWN);
     let mut endpoints = Vec::new();
     let targets = sds
         .iter()
@@ -133,6 +141,7 @@ async fn poll_once(client: &MdmClient, http: &reqwest::Client) -> Result<Overvie
         volumes,
         sds,
         sdc,
+        rebuilds,
         endpoints,
     })
 }

@@ -156,6 +156,21 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
             maps.join(", ")
         );
     }
+    h.push_str("</table><h2>Rebuilds</h2><table><tr><th>job</th><th>volume</th><th>PG</th><th>failed SDS</th><th>copy</th><th>state</th><th>chunks copied</th></tr>");
+    for j in &o.rebuilds {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} &rarr; {}</td><td>{}</td><td>{}</td></tr>",
+            j.job_id,
+            j.volume_id,
+            j.pg_index,
+            j.failed_sds,
+            j.source_sds,
+            j.target_sds,
+            esc(&j.state),
+            j.chunks_copied
+        );
+    }
     h.push_str("</table><h2>Alerts</h2><table><tr><th>severity</th><th>component</th><th>message</th><th>raised</th><th>resolved</th></tr>");
     for a in &alerts {
         let _ = write!(
