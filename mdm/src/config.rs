@@ -50,6 +50,12 @@ pub struct MdmConfig {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub probe_on_report: bool,
 
+    /// How long an SDS must stay unreachable to the MDM's probes (made on
+    /// reports, at most one a second) before it is declared FAILED: an SDS
+    /// restarting in place is not a failed one.
+    #[arg(long, default_value_t = 5)]
+    pub unreachable_grace_secs: u64,
+
     /// Lifetime of an IO token, in seconds (SDCs renew before expiry).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_ttl_secs: u64,

@@ -60,6 +60,8 @@ pub struct AppState {
     pub started_at: std::time::Instant,
     /// When each SDS was last probed after an unreachable report.
     last_probe: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    /// Since when each SDS has failed every probe (cleared by one that works).
+    unreachable_since: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
 }
 
 fn digest(value: &str) -> [u8; 32] {
@@ -88,6 +90,7 @@ impl AppState {
             counters: Counters::default(),
             started_at: std::time::Instant::now(),
             last_probe: Mutex::new(std::collections::HashMap::new()),
+            unreachable_since: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -356,17 +359,31 @@ async fn unreachable_report(
             }
         }
     };
+    let probe_started = pflex_proto::unix_now();
     let reachable = if due { Some(probe(&host, port).await) } else { None };
+    // Declared FAILED only once every probe for the grace period has failed:
+    // a node restarting in place is not a failed node.
+    let declare = reachable == Some(false) && {
+        let mut since = state.unreachable_since.lock().unwrap_or_else(|p| p.into_inner());
+        let first = *since.entry(node_id).or_insert_with(std::time::Instant::now);
+        first.elapsed() >= std::time::Duration::from_secs(state.settings.unreachable_grace_secs)
+    };
+    if reachable == Some(true) {
+        state.unreachable_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&node_id);
+    }
     let verdict = state
-        .transact(move |conn, ctx| service::declare_unreachable(conn, ctx, node_id, reachable))
+        .transact(move |conn, ctx| {
+            service::declare_unreachable(conn, ctx, node_id, reachable, declare, probe_started)
+        })
         .await?;
-    if reachable == Some(false) {
+    if declare {
+        state.unreachable_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&node_id);
         state.counters.copies_replaced.fetch_add(verdict.copies_replaced, Ordering::Relaxed);
         tracing::warn!(
             sds = node_id,
             reported_by = %caller.describe(),
             copies = verdict.copies_replaced,
-            "SDS reported unreachable and the probe failed too: declared FAILED"
+            "SDS reported unreachable and the MDM's probes failed for the grace period: declared FAILED"
         );
     }
     Ok(Json(verdict))

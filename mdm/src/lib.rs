@@ -121,6 +121,7 @@ pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartErro
         failed_after_secs: config.failed_after_secs,
         token_ttl_secs: config.token_ttl_secs,
         probe_on_report: config.probe_on_report,
+        unreachable_grace_secs: config.unreachable_grace_secs,
     };
     Ok(Prepared { state: Arc::new(AppState::new(conn, settings, secret, join_key, &admin_token)) })
 }

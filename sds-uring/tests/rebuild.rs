@@ -42,7 +42,10 @@ async fn write_through_changes(
                 assert!(Instant::now() < deadline, "write kept failing: {}", status.name());
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 session = VolumeSession::open(sdc, volume_id, AccessMode::ReadWrite).await;
-                session.auth_all().await;
+                // The map may still list the dead node: authenticate where we can.
+                for node in session.map.nodes.clone() {
+                    session.auth(node.id).await;
+                }
             }
             other => panic!("write to chunk {chunk}: {}", other.name()),
         }
@@ -184,14 +187,17 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
     assert_eq!(again.reachable, None, "a second report within a second is not probed");
     assert_eq!(cluster.admin.placement(volume_id).await.unwrap().epoch, epoch);
 
-    // The secondary of chunk 0 dies; the write that finds it gone fails,
-    // and the primary's report makes the MDM move its copies at once.
+    // The secondary of chunk 0 dies; the write that finds it gone fails.
+    // The writes retried after it keep failing, the primary keeps reporting,
+    // and once the MDM's probes have failed for the grace period it moves
+    // the dead node's copies and the retried write goes through.
     let victim = session.secondary_of(0);
     let victim_index = cluster.sds_index(victim).await;
     cluster.kill_sds(victim_index);
     // (It rewrites bytes already there: a failed write's outcome is undefined.)
     let same = model[&0][..4096].to_vec();
     assert_eq!(session.write(0, 0, &same).await, Status::ReplicaFailed);
+    session = write_through_changes(&sdc, volume_id, session, 0, 0, &same).await;
     wait_for("the reported node's copies to move", Duration::from_secs(30), || async {
         let map = cluster.admin.placement(volume_id).await.unwrap();
         map.pgs.iter().all(|pg| pg.primary != victim && pg.secondary != victim)

@@ -341,22 +341,28 @@ pub fn sds_data_address(conn: &Connection, node_id: u64) -> Result<(String, u16)
     .ok_or_else(|| MdmError::not_found("no_such_sds", format!("no SDS with id {node_id}")))
 }
 
-/// After a report that SDS `node_id` is unreachable: when the MDM's probe
-/// failed as well (`reachable == Some(false)`), the node is FAILED from now
-/// until it is heard from again, and its copies move at once.
+/// After a report that SDS `node_id` is unreachable, with the MDM's probe
+/// result: when `declare` (the MDM's probes have failed for the grace
+/// period), the node is FAILED from now until it is heard from again and its
+/// copies move at once, unless it was heard from after `probe_started`.
 pub fn declare_unreachable(
     conn: &Connection,
     ctx: &Ctx,
     node_id: u64,
     reachable: Option<bool>,
+    declare: bool,
+    probe_started: u64,
 ) -> Result<UnreachableVerdict, MdmError> {
     let mut copies_replaced = 0;
-    if reachable == Some(false) {
-        conn.execute(
-            "UPDATE cluster_nodes SET failed_at = ?2 WHERE id = ?1 AND node_type = 'SDS'",
-            params![node_id, ctx.now],
+    if declare {
+        let declared = conn.execute(
+            "UPDATE cluster_nodes SET failed_at = ?2
+             WHERE id = ?1 AND node_type = 'SDS' AND last_seen <= ?3",
+            params![node_id, ctx.now, probe_started],
         )?;
-        copies_replaced = monitor_tick(conn, ctx, Replace::Only(node_id))?.copies_replaced;
+        if declared > 0 {
+            copies_replaced = monitor_tick(conn, ctx, Replace::Only(node_id))?.copies_replaced;
+        }
     }
     let (last_seen, failed_at): (u64, u64) = conn.query_row(
         "SELECT last_seen, failed_at FROM cluster_nodes WHERE id = ?1",

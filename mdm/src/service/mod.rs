@@ -56,6 +56,7 @@ pub struct Settings {
     pub failed_after_secs: u64,
     pub token_ttl_secs: u64,
     pub probe_on_report: bool,
+    pub unreachable_grace_secs: u64,
 }
 
 /// What every operation may need besides the database.

@@ -229,22 +229,26 @@ impl ClusterVolume {
     /// second per node): if its own probe fails too, the MDM fails the node
     /// and moves its copies now, not after the failure timeout, and the
     /// map refetched next already routes around it.
-    async fn report_unreachable(&self, node_id: u64) {
+    fn report_unreachable(&self, node_id: u64) {
         if !self.ctx.unreachable.due(node_id) {
             return;
         }
         let Ok(mdm) = self.ctx.mdm() else { return };
-        match mdm.report_unreachable(node_id).await {
-            Ok(verdict) => tracing::info!(
-                sds = node_id,
-                status = %verdict.status,
-                copies_moved = verdict.copies_replaced,
-                "reported an unreachable SDS"
-            ),
-            Err(e) => {
-                tracing::debug!(sds = node_id, error = %e, "report of an unreachable SDS not taken")
+        // In the background: the MDM's probe may take seconds, which the
+        // request's retry budget should not pay.
+        tokio::spawn(async move {
+            match mdm.report_unreachable(node_id).await {
+                Ok(verdict) => tracing::info!(
+                    sds = node_id,
+                    status = %verdict.status,
+                    copies_moved = verdict.copies_replaced,
+                    "reported an unreachable SDS"
+                ),
+                Err(e) => {
+                    tracing::debug!(sds = node_id, error = %e, "report of an unreachable SDS not taken")
+                }
             }
-        }
+        });
     }
 
     /// Refetches the placement map unless a fetch completed since
@@ -440,7 +444,7 @@ impl ClusterVolume {
                     | ClientError::Timeout(_)
                     | ClientError::BadReplyCrc),
                 ) => {
-                    self.report_unreachable(node_id).await;
+                    self.report_unreachable(node_id);
                     let _ = self.refresh_map(fetches).await;
                     backoff = true;
                     reason = format!("SDS {node_id}: {e}");

@@ -387,15 +387,19 @@ pub(super) async fn refresh_after_unreachable_peer(
     );
     if unreachable && node.unreachable.due(peer_id) {
         if let Some(identity) = node.identity() {
-            match identity.mdm.report_unreachable(peer_id).await {
-                Ok(verdict) => tracing::warn!(
-                    peer = peer_id,
-                    status = %verdict.status,
-                    copies_moved = verdict.copies_replaced,
-                    "reported an unreachable peer"
-                ),
-                Err(e) => tracing::debug!(peer = peer_id, error = %e, "report not taken"),
-            }
+            // In the background: the caller may hold a chunk's ordering lock,
+            // and the MDM's probe takes up to seconds.
+            tokio::spawn(async move {
+                match identity.mdm.report_unreachable(peer_id).await {
+                    Ok(verdict) => tracing::warn!(
+                        peer = peer_id,
+                        status = %verdict.status,
+                        copies_moved = verdict.copies_replaced,
+                        "reported an unreachable peer"
+                    ),
+                    Err(e) => tracing::debug!(peer = peer_id, error = %e, "report not taken"),
+                }
+            });
         }
     }
     if unreachable && node.placement.peer_refresh_due(volume_id, PEER_REFRESH_INTERVAL) {
@@ -518,6 +522,17 @@ async fn serve_replica(
                 return Err(Status::BadCrc);
             }
             accept(header.seq)?;
+            // The same ordering lock the primary takes: if this node becomes
+            // a primary and copies the chunk for a rebuild, a copy from the
+            // old primary that passed the epoch check lands before that copy
+            // reads the chunk, or is refused after it.
+            let _in_order = node
+                .chunk_locks
+                .lock(header.volume_id, header.chunk_index, header.offset, header.length)
+                .await;
+            if node.placement.known_epoch(header.volume_id) != map.epoch {
+                return Err(Status::StaleEpoch);
+            }
             apply_local(node, op, header, &payload).await?;
             Ok(Vec::new())
         }

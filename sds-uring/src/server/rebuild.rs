@@ -40,8 +40,8 @@ pub enum RebuildError {
     Target(u64),
     #[error("reading chunk {chunk} locally: {error}")]
     Read { chunk: u64, error: String },
-    #[error("target refused {what} of chunk {chunk}: {status}")]
-    Refused { what: &'static str, chunk: u64, status: &'static str },
+    #[error("target refused {what} of chunk {chunk}: {}", .status.name())]
+    Refused { what: &'static str, chunk: u64, status: Status },
     #[error("target unreachable: {0}")]
     Transport(String),
     #[error("the MDM did not take the completion: {0}")]
@@ -120,42 +120,42 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
     let pg_count = map.pgs.len().max(1) as u64;
     for chunk in (job.pg_index..map.chunk_count()).step_by(pg_count as usize) {
-        let held_here = node.store.is_allocated(job.volume_id, chunk);
-        let held_there = on_target.contains(&chunk);
-        if !held_here && !held_there {
-            continue;
-        }
+        // Every chunk of the PG is looked at under its lock: a write in
+        // flight may be creating it right now.
         let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
-        // Under the lock: the map may have changed while we waited.
-        let map = current_map(node, &identity, job)?;
         if node.store.is_allocated(job.volume_id, chunk) {
             let data = node
                 .store
                 .read(job.volume_id, chunk, 0, CHUNK_SIZE as u32)
                 .await
                 .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
-            send(&identity, &peer, &map, Op::Write, chunk, Bytes::from(data)).await?;
+            send(node, &identity, &peer, job, Op::Write, chunk, Bytes::from(data)).await?;
             done.chunks_copied += 1;
             node.metrics.rebuild_chunks_copied.fetch_add(1, Ordering::Relaxed);
-        } else {
-            send(&identity, &peer, &map, Op::Trim, chunk, Bytes::new()).await?;
+        } else if on_target.contains(&chunk) {
+            send(node, &identity, &peer, job, Op::Trim, chunk, Bytes::new()).await?;
             done.chunks_released += 1;
         }
     }
-    let map = current_map(node, &identity, job)?;
-    send(&identity, &peer, &map, Op::Flush, 0, Bytes::new()).await?;
+    send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
     identity.mdm.rebuild_complete(&done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
     Ok(done)
 }
 
-/// The cached map, if the job's PG still has this node as primary and the
-/// job's target as secondary.
-fn current_map(
+/// The newest map, if the job's PG still has this node as primary and the
+/// job's target as secondary (a change elsewhere in the volume is fine).
+async fn current_map(
     node: &SdsNode,
     identity: &Identity,
     job: &RebuildAssignment,
 ) -> Result<Arc<PlacementMap>, RebuildError> {
-    let map = node.placement.cached(job.volume_id).ok_or(RebuildError::Placement("not cached"))?;
+    let map = match node.placement.cached(job.volume_id) {
+        Some(map) if map.epoch >= node.placement.known_epoch(job.volume_id) => map,
+        _ => node
+            .fetch_placement(job.volume_id)
+            .await
+            .map_err(|status| RebuildError::Placement(status.name()))?,
+    };
     let pg = map.pgs.get(job.pg_index as usize);
     let ours =
         pg.is_some_and(|pg| pg.primary == identity.node_id && pg.secondary == job.target_sds);
@@ -189,7 +189,7 @@ async fn target_allocation(
             return Err(RebuildError::Refused {
                 what: "the allocation query",
                 chunk: start,
-                status: reply.status().name(),
+                status: reply.status(),
             });
         }
         let bits = &reply.payload;
@@ -203,25 +203,40 @@ async fn target_allocation(
     Ok(held)
 }
 
-/// One replica frame to the target: a full-chunk write or trim, or a flush.
+/// How many times a frame the target refuses as stale is sent again, each
+/// time under the newest map.
+const STALE_RETRIES: usize = 3;
+
+/// One replica frame to the target under the newest map: a full-chunk write
+/// or trim, or a flush. A target that knows a newer epoch makes the source
+/// refetch its map and send again (another PG of the volume may have moved).
 async fn send(
+    node: &SdsNode,
     identity: &Identity,
     peer: &Peer,
-    map: &PlacementMap,
+    job: &RebuildAssignment,
     op: Op,
     chunk: u64,
     payload: Bytes,
 ) -> Result<(), RebuildError> {
     let length = if op == Op::Trim { CHUNK_SIZE as u32 } else { 0 };
-    let header = replica_header(identity, peer, map, op, chunk, length);
-    let reply = peer
-        .client
-        .call_shared(header, &identity.peer_key, payload)
-        .await
-        .map_err(|e| RebuildError::Transport(e.to_string()))?;
-    match reply.status() {
-        Status::Ok => Ok(()),
-        status => Err(RebuildError::Refused { what: op_label(op), chunk, status: status.name() }),
+    let mut attempt = 0;
+    loop {
+        let map = current_map(node, identity, job).await?;
+        let header = replica_header(identity, peer, &map, op, chunk, length);
+        let reply = peer
+            .client
+            .call_shared(header, &identity.peer_key, payload.clone())
+            .await
+            .map_err(|e| RebuildError::Transport(e.to_string()))?;
+        match reply.status() {
+            Status::Ok => return Ok(()),
+            Status::StaleEpoch if attempt < STALE_RETRIES => {
+                attempt += 1;
+                let _ = node.fetch_placement(job.volume_id).await;
+            }
+            status => return Err(RebuildError::Refused { what: op_label(op), chunk, status }),
+        }
     }
 }
 

@@ -86,6 +86,8 @@ async fn start_mdm(
         &detection.failed_after_secs.to_string(),
         "--probe-on-report",
         &detection.probe_on_report.to_string(),
+        "--unreachable-grace-secs",
+        "2",
         "--token-ttl-secs",
         "600",
     ]
@@ -510,7 +512,7 @@ impl VolumeSession {
         }
     }
 
-    /// Presents the token to SDS `node_id`.
+    /// Presents the token to SDS `node_id` (`IoError` if it cannot be reached).
     pub async fn auth(&self, node_id: u64) -> Status {
         let header = FrameHeader {
             op: Op::Auth as u8,
@@ -519,7 +521,7 @@ impl VolumeSession {
             ..Default::default()
         };
         let reply = self.client(node_id).call(header, &self.key, &self.token.encode()).await;
-        let reply = reply.expect("AUTH reply");
+        let Ok(reply) = reply else { return Status::IoError };
         if reply.status() == Status::Ok {
             let floor = pflex_proto::frame::decode_sequence_floor(&reply.payload)
                 .expect("AUTH reply carries the floor");
