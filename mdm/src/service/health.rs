@@ -327,6 +327,10 @@ pub fn monitor_tick(
         "DELETE FROM cluster_metrics WHERE at < ?1",
         [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],
     )?;
+    conn.execute(
+        "DELETE FROM rebuild_jobs WHERE state IN ('done', 'failed') AND updated_at < ?1",
+        [ctx.now.saturating_sub(FINISHED_REBUILDS_KEEP_SECS)],
+    )?;
     Ok(report)
 }
 

@@ -43,6 +43,8 @@ const HEARTBEAT_LOG_KEEP_SECS: u64 = 3600;
 const TOKEN_KEEP_AFTER_EXPIRY_SECS: u64 = 3600;
 /// Cluster metric samples older than this are pruned.
 const CLUSTER_METRICS_KEEP_SECS: u64 = 24 * 3600;
+/// Finished rebuild jobs are kept this long for the record.
+const FINISHED_REBUILDS_KEEP_SECS: u64 = 7 * 24 * 3600;
 /// Most records one `/token/ack` batch may carry.
 pub const MAX_ACK_RECORDS: usize = 10_000;
 /// Most devices one SDS may report.
