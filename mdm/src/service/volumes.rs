@@ -158,7 +158,12 @@ pub(super) fn candidates(
             u64,
             u64,
         ) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
-        if liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
+        // A node failed on evidence is no candidate for a while after it comes
+        // back: a node the MDM cannot reach would otherwise flap between
+        // FAILED and ACTIVE, taking new copies each time.
+        let recently_failed =
+            failed_at > 0 && ctx.now.saturating_sub(failed_at) < ctx.settings.failed_after_secs;
+        if recently_failed || liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
             continue;
         }
         let load = usage.get(&id).copied().unwrap_or_default();
