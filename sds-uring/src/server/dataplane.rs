@@ -42,6 +42,7 @@ use tokio::sync::Semaphore;
 
 use super::auth::{check_client_request, verify_auth, VerifiedToken};
 use super::metrics::op_name;
+use super::replication::ChunkOrderLock;
 use super::{Identity, SdsNode};
 use crate::store::StoreError;
 
@@ -309,16 +310,7 @@ async fn replicate_write(
         tracing::warn!(error = %e, "cannot reach the secondary");
         Status::ReplicaFailed
     })?;
-    let _in_order = node
-        .chunk_locks
-        .lock(header.volume_id, header.chunk_index, header.offset, header.length)
-        .await;
-    // A newer map may have arrived while this write waited (a rebuild copies
-    // a chunk under the same lock, for the secondary of the newest map): a
-    // write forwarded by the older map could miss the new secondary.
-    if node.placement.known_epoch(header.volume_id) != map.epoch {
-        return Err(Status::StaleEpoch);
-    }
+    let _in_order = lock_in_order(node, header, map).await?;
     // The sequence number is taken in order, after the wait for the chunk,
     // so a write queued behind others cannot fall out of the peer's window.
     let forward = FrameHeader {
@@ -369,6 +361,25 @@ async fn replicate_write(
             Err(Status::ReplicaFailed)
         }
     }
+}
+
+/// Waits for the written range's ordering lock, then refuses the write as
+/// `StaleEpoch` if a newer map arrived meanwhile: a rebuild copies a chunk
+/// under the same lock for the secondary of the newest map, so a write
+/// applied or forwarded under the older map could miss the new copy.
+async fn lock_in_order<'a>(
+    node: &'a SdsNode,
+    header: &FrameHeader,
+    map: &PlacementMap,
+) -> Result<ChunkOrderLock<'a>, Status> {
+    let lock = node
+        .chunk_locks
+        .lock(header.volume_id, header.chunk_index, header.offset, header.length)
+        .await;
+    if node.placement.known_epoch(header.volume_id) != map.epoch {
+        return Err(Status::StaleEpoch);
+    }
+    Ok(lock)
 }
 
 /// A peer that cannot be reached is reported to the MDM, which fails it at
@@ -526,13 +537,7 @@ async fn serve_replica(
             // a primary and copies the chunk for a rebuild, a copy from the
             // old primary that passed the epoch check lands before that copy
             // reads the chunk, or is refused after it.
-            let _in_order = node
-                .chunk_locks
-                .lock(header.volume_id, header.chunk_index, header.offset, header.length)
-                .await;
-            if node.placement.known_epoch(header.volume_id) != map.epoch {
-                return Err(Status::StaleEpoch);
-            }
+            let _in_order = lock_in_order(node, header, &map).await?;
             apply_local(node, op, header, &payload).await?;
             Ok(Vec::new())
         }
