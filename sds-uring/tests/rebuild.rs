@@ -215,4 +215,20 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
     }
     wait_for_rebuilds(&cluster, victim).await;
     assert_copies_match(&cluster, volume_id, &model).await;
+
+    // The dead node comes back: it holds no copy any more, so the chunks it
+    // still stores are released, and nothing else is.
+    cluster.start_sds(victim_index).await;
+    let returned = &cluster.sds[victim_index];
+    wait_for("the returned node to release its stale chunks", Duration::from_secs(30), || async {
+        let mut any = false;
+        for chunk in model.keys() {
+            any |= cluster.checksum(returned, volume_id, *chunk).await.allocated;
+        }
+        !any
+    })
+    .await;
+    let text = cluster.metrics(returned).await;
+    assert!(dataplane_cluster::metric_sum(&text, "pflex_sds_chunks_reclaimed_total") >= 1);
+    assert_copies_match(&cluster, volume_id, &model).await;
 }

@@ -76,6 +76,10 @@ pub struct SdsArgs {
     /// Seconds between batched IO acknowledgements to the MDM.
     #[arg(long, default_value_t = 2)]
     pub ack_interval_secs: u64,
+    /// Seconds between passes that release chunks of PGs this node no longer
+    /// holds a copy of (after it came back from a failure); 0 turns it off.
+    #[arg(long, default_value_t = 60)]
+    pub reclaim_interval_secs: u64,
     /// Data-plane connections to each peer SDS (replication); default: one
     /// per network thread.
     #[arg(long)]
@@ -117,6 +121,7 @@ pub struct NodeConfig {
     pub engine: EngineKind,
     pub heartbeat_interval: Option<Duration>,
     pub ack_interval: Duration,
+    pub reclaim_interval: Option<Duration>,
     pub peer_connections: usize,
 }
 
@@ -168,6 +173,8 @@ impl SdsArgs {
             engine: self.io_engine,
             heartbeat_interval: self.heartbeat_interval_secs.map(|s| Duration::from_secs(s.max(1))),
             ack_interval: Duration::from_secs(self.ack_interval_secs.max(1)),
+            reclaim_interval: (self.reclaim_interval_secs > 0)
+                .then(|| Duration::from_secs(self.reclaim_interval_secs)),
             peer_connections: self.peer_connections.unwrap_or(self.network_threads).max(1),
         })
     }

@@ -103,6 +103,7 @@ pub struct SdsMetrics {
     pub rebuild_chunks_copied: AtomicU64,
     pub rebuilds_completed: AtomicU64,
     pub rebuild_failures: AtomicU64,
+    pub chunks_reclaimed: AtomicU64,
 }
 
 /// Point-in-time values that are not counters (passed in when rendering).
@@ -223,7 +224,12 @@ impl SdsMetrics {
                 );
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 15] = [
+        let counters: [(&str, &str, &AtomicU64); 16] = [
+            (
+                "pflex_sds_chunks_reclaimed_total",
+                "Chunks released because their PG no longer has a copy on this node.",
+                &self.chunks_reclaimed,
+            ),
             (
                 "pflex_sds_rebuild_chunks_copied_total",
                 "Chunks this node copied to a new secondary.",

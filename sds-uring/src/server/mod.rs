@@ -9,7 +9,8 @@
 //!   WRITE_ZEROES, ALLOCATION, PING), every check before any IO, and
 //!   two-copy replication; a peer it cannot reach is reported to the MDM;
 //! - [`rebuild`]: copying a PG to its new secondary when the MDM's heartbeat
-//!   reply assigns a rebuild job;
+//!   reply assigns a rebuild job; [`reclaim`]: releasing the chunks of PGs
+//!   that moved away while this node was failed;
 //! - [`http`]: `/health`, `/metrics` on both HTTP ports and the per-chunk
 //!   checksum query on the control port;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
@@ -29,6 +30,7 @@ pub mod membership;
 pub mod metrics;
 pub mod placement;
 pub mod rebuild;
+pub mod reclaim;
 pub mod replication;
 
 use std::net::SocketAddr;
@@ -197,6 +199,9 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     tokio::spawn(dataplane::serve(node.clone(), data));
     tokio::spawn(membership::heartbeat_loop(node.clone()));
     tokio::spawn(membership::ack_loop(node.clone()));
+    if let Some(every) = node.config.reclaim_interval {
+        tokio::spawn(reclaim::reclaim_loop(node.clone(), every));
+    }
 
     shutdown_signal().await;
     tracing::info!("shutting down: flushing the chunk store");

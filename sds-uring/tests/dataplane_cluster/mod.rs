@@ -259,6 +259,9 @@ impl Cluster {
             "1".into(),
             "--ack-interval-secs".into(),
             "1".into(),
+            // Every test also checks that reclaiming never touches live copies.
+            "--reclaim-interval-secs".into(),
+            "1".into(),
         ];
         self.sds.push(SdsNode { name, control_port, mgmt_port, data_port, args, process: None });
         self.start_sds(self.sds.len() - 1).await;
