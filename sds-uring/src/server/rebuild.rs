@@ -17,11 +17,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use pflex_dataplane::{ClientError, Reply};
 use pflex_proto::api::{RebuildAssignment, RebuildComplete};
 use pflex_proto::frame::{flags, FrameHeader, Op, Status, MAX_ALLOCATION_CHUNKS};
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::CHUNK_SIZE;
 
+use super::dataplane::refresh_after_unreachable_peer;
 use super::replication::Peer;
 use super::{Identity, SdsNode};
 
@@ -115,7 +117,7 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
         .map_err(|status| RebuildError::Placement(status.name()))?;
     let endpoint = map.node(job.target_sds).ok_or(RebuildError::Target(job.target_sds))?;
     let peer = node.peers.get(endpoint).map_err(|_| RebuildError::Target(job.target_sds))?;
-    let on_target = target_allocation(&identity, &peer, &map).await?;
+    let on_target = target_allocation(node, &identity, &peer, job, &map).await?;
 
     let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
     let pg_count = map.pgs.len().max(1) as u64;
@@ -171,8 +173,10 @@ async fn current_map(
 
 /// The chunks of the volume the target holds (from its allocation bitmap).
 async fn target_allocation(
+    node: &SdsNode,
     identity: &Identity,
     peer: &Peer,
+    job: &RebuildAssignment,
     map: &PlacementMap,
 ) -> Result<HashSet<u64>, RebuildError> {
     let mut held = HashSet::new();
@@ -180,11 +184,8 @@ async fn target_allocation(
     while start < map.chunk_count() {
         let count = (map.chunk_count() - start).min(u64::from(MAX_ALLOCATION_CHUNKS));
         let header = replica_header(identity, peer, map, Op::Allocation, start, count as u32);
-        let reply = peer
-            .client
-            .call(header, &identity.peer_key, &[])
-            .await
-            .map_err(|e| RebuildError::Transport(e.to_string()))?;
+        let reply = peer.client.call(header, &identity.peer_key, &[]).await;
+        let reply = target_reached(node, job, reply).await?;
         if reply.status() != Status::Ok {
             return Err(RebuildError::Refused {
                 what: "the allocation query",
@@ -224,11 +225,8 @@ async fn send(
     loop {
         let map = current_map(node, identity, job).await?;
         let header = replica_header(identity, peer, &map, op, chunk, length);
-        let reply = peer
-            .client
-            .call_shared(header, &identity.peer_key, payload.clone())
-            .await
-            .map_err(|e| RebuildError::Transport(e.to_string()))?;
+        let reply = peer.client.call_shared(header, &identity.peer_key, payload.clone()).await;
+        let reply = target_reached(node, job, reply).await?;
         match reply.status() {
             Status::Ok => return Ok(()),
             Status::StaleEpoch if attempt < STALE_RETRIES => {
@@ -236,6 +234,22 @@ async fn send(
                 let _ = node.fetch_placement(job.volume_id).await;
             }
             status => return Err(RebuildError::Refused { what: op_label(op), chunk, status }),
+        }
+    }
+}
+
+/// The target's reply; a target that cannot be reached is reported to the
+/// MDM like any peer, so a dead target is replaced by another one.
+async fn target_reached(
+    node: &SdsNode,
+    job: &RebuildAssignment,
+    reply: Result<Reply, ClientError>,
+) -> Result<Reply, RebuildError> {
+    match reply {
+        Ok(reply) => Ok(reply),
+        Err(e) => {
+            refresh_after_unreachable_peer(node, job.target_sds, job.volume_id, &e).await;
+            Err(RebuildError::Transport(e.to_string()))
         }
     }
 }
