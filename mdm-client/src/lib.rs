@@ -403,8 +403,8 @@ mod tests {
     }
 }
 
-/// Rate limit for [`MdmClient::report_unreachable`]: one report per SDS per
-/// interval from this process, however many requests fail.
+/// Reports of unreachable SDS nodes from one process: at most one per node
+/// per interval, however many requests fail, each sent in the background.
 #[derive(Debug)]
 pub struct UnreachableReports {
     last: std::sync::Mutex<std::collections::HashMap<u64, std::time::Instant>>,
@@ -416,8 +416,33 @@ impl UnreachableReports {
         Self { last: std::sync::Mutex::new(std::collections::HashMap::new()), interval }
     }
 
+    /// Tells the MDM that SDS `node_id` could not be reached, unless this
+    /// process did so within the interval. The report goes out on its own
+    /// task: the MDM's probe may take seconds, and the caller may hold a
+    /// chunk's ordering lock or spend a request's retry budget. Needs a
+    /// tokio runtime.
+    pub fn report(&self, mdm: &MdmClient, node_id: u64) {
+        if !self.due(node_id) {
+            return;
+        }
+        let mdm = mdm.clone();
+        tokio::spawn(async move {
+            match mdm.report_unreachable(node_id).await {
+                Ok(verdict) => tracing::warn!(
+                    sds = node_id,
+                    status = %verdict.status,
+                    copies_moved = verdict.copies_replaced,
+                    "reported an unreachable SDS"
+                ),
+                Err(e) => {
+                    tracing::debug!(sds = node_id, error = %e, "unreachable report not taken")
+                }
+            }
+        });
+    }
+
     /// Whether a report about `node_id` is due now; if so it is counted as sent.
-    pub fn due(&self, node_id: u64) -> bool {
+    fn due(&self, node_id: u64) -> bool {
         let now = std::time::Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         match last.get(&node_id) {

@@ -225,30 +225,13 @@ impl ClusterVolume {
         self.unmapped.load(Ordering::Relaxed)
     }
 
-    /// Tells the MDM that SDS `node_id` could not be reached (at most once a
-    /// second per node): if its own probe fails too, the MDM fails the node
-    /// and moves its copies now, not after the failure timeout, and the
-    /// map refetched next already routes around it.
+    /// Tells the MDM that SDS `node_id` could not be reached (rate-limited,
+    /// in the background): if its own probes fail too, the MDM fails the
+    /// node and moves its copies, and a map refetched later routes around it.
     fn report_unreachable(&self, node_id: u64) {
-        if !self.ctx.unreachable.due(node_id) {
-            return;
+        if let Ok(mdm) = self.ctx.mdm() {
+            self.ctx.unreachable.report(&mdm, node_id);
         }
-        let Ok(mdm) = self.ctx.mdm() else { return };
-        // In the background: the MDM's probe may take seconds, which the
-        // request's retry budget should not pay.
-        tokio::spawn(async move {
-            match mdm.report_unreachable(node_id).await {
-                Ok(verdict) => tracing::info!(
-                    sds = node_id,
-                    status = %verdict.status,
-                    copies_moved = verdict.copies_replaced,
-                    "reported an unreachable SDS"
-                ),
-                Err(e) => {
-                    tracing::debug!(sds = node_id, error = %e, "report of an unreachable SDS not taken")
-                }
-            }
-        });
     }
 
     /// Refetches the placement map unless a fetch completed since

@@ -396,21 +396,9 @@ pub(super) async fn refresh_after_unreachable_peer(
         error,
         ClientError::Connect { .. } | ClientError::Transport(_) | ClientError::Timeout(_)
     );
-    if unreachable && node.unreachable.due(peer_id) {
+    if unreachable {
         if let Some(identity) = node.identity() {
-            // In the background: the caller may hold a chunk's ordering lock,
-            // and the MDM's probe takes up to seconds.
-            tokio::spawn(async move {
-                match identity.mdm.report_unreachable(peer_id).await {
-                    Ok(verdict) => tracing::warn!(
-                        peer = peer_id,
-                        status = %verdict.status,
-                        copies_moved = verdict.copies_replaced,
-                        "reported an unreachable peer"
-                    ),
-                    Err(e) => tracing::debug!(peer = peer_id, error = %e, "report not taken"),
-                }
-            });
+            node.unreachable.report(&identity.mdm, peer_id);
         }
     }
     if unreachable && node.placement.peer_refresh_due(volume_id, PEER_REFRESH_INTERVAL) {
