@@ -165,6 +165,15 @@ impl SdsNode {
         }
     }
 
+    /// The newest map of a volume this node can have: the cached one unless
+    /// a newer epoch has been heard of, else a fresh one from the MDM.
+    pub async fn newest_placement(&self, volume_id: u64) -> Result<Arc<PlacementMap>, Status> {
+        match self.placement.cached(volume_id) {
+            Some(map) if map.epoch >= self.placement.known_epoch(volume_id) => Ok(map),
+            _ => self.fetch_placement(volume_id).await,
+        }
+    }
+
     /// The map to serve a request routed with `request_epoch`: the cached
     /// one if current, else a fresh one (one fetch per volume at a time);
     /// `StaleEpoch` if the request was routed by an older map.

@@ -151,13 +151,10 @@ async fn current_map(
     identity: &Identity,
     job: &RebuildAssignment,
 ) -> Result<Arc<PlacementMap>, RebuildError> {
-    let map = match node.placement.cached(job.volume_id) {
-        Some(map) if map.epoch >= node.placement.known_epoch(job.volume_id) => map,
-        _ => node
-            .fetch_placement(job.volume_id)
-            .await
-            .map_err(|status| RebuildError::Placement(status.name()))?,
-    };
+    let map = node
+        .newest_placement(job.volume_id)
+        .await
+        .map_err(|status| RebuildError::Placement(status.name()))?;
     let pg = map.pgs.get(job.pg_index as usize);
     let ours =
         pg.is_some_and(|pg| pg.primary == identity.node_id && pg.secondary == job.target_sds);

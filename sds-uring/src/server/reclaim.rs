@@ -44,13 +44,7 @@ pub async fn reclaim_once(node: &SdsNode) -> u64 {
     }
     let mut released = 0;
     for (vol, chunks) in by_volume {
-        let map = match node.placement.cached(vol) {
-            Some(map) if map.epoch >= node.placement.known_epoch(vol) => map,
-            _ => match node.fetch_placement(vol).await {
-                Ok(map) => map,
-                Err(_) => continue,
-            },
-        };
+        let Ok(map) = node.newest_placement(vol).await else { continue };
         for chunk in chunks {
             if holds_copy(&map, chunk, me) {
                 continue;
