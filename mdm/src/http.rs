@@ -58,10 +58,8 @@ pub struct AppState {
     admin_token_sha256: [u8; 32],
     pub counters: Counters,
     pub started_at: std::time::Instant,
-    /// When each SDS was last probed after an unreachable report.
-    last_probe: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
-    /// Since when each SDS has failed every probe (cleared by one that works).
-    unreachable_since: Mutex<std::collections::HashMap<u64, std::time::Instant>>,
+    /// The MDM's probes of SDS nodes reported unreachable.
+    probes: crate::probe::Probes,
 }
 
 fn digest(value: &str) -> [u8; 32] {
@@ -89,8 +87,7 @@ impl AppState {
             admin_token_sha256: digest(admin_token),
             counters: Counters::default(),
             started_at: std::time::Instant::now(),
-            last_probe: Mutex::new(std::collections::HashMap::new()),
-            unreachable_since: Mutex::new(std::collections::HashMap::new()),
+            probes: crate::probe::Probes::default(),
         }
     }
 
@@ -333,12 +330,6 @@ async fn heartbeat(
     Ok(Json(response))
 }
 
-/// One probe per SDS per this interval, however many clients report it.
-const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-/// Each probe attempt's connect timeout; the node is unreachable only if
-/// both attempts fail.
-const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
-
 async fn unreachable_report(
     State(state): State<Shared>,
     Auth(caller): Auth,
@@ -348,36 +339,19 @@ async fn unreachable_report(
     let node_id = report.node_id;
     let (host, port) =
         state.transact(move |conn, _| service::sds_data_address(conn, node_id)).await?;
-    let due = state.settings.probe_on_report && {
-        let mut last = state.last_probe.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        match last.get(&node_id) {
-            Some(at) if now.duration_since(*at) < PROBE_INTERVAL => false,
-            _ => {
-                last.insert(node_id, now);
-                true
-            }
-        }
-    };
+    let due = state.settings.probe_on_report && state.probes.begin(node_id);
     let probe_started = pflex_proto::unix_now();
-    let reachable = if due { Some(probe(&host, port).await) } else { None };
-    // Declared FAILED only once every probe for the grace period has failed:
+    let reachable = if due { Some(crate::probe::probe(&host, port).await) } else { None };
+    // Declared FAILED only once the probes have failed for the grace period:
     // a node restarting in place is not a failed node.
-    let declare = reachable == Some(false) && {
-        let mut since = state.unreachable_since.lock().unwrap_or_else(|p| p.into_inner());
-        let first = *since.entry(node_id).or_insert_with(std::time::Instant::now);
-        first.elapsed() >= std::time::Duration::from_secs(state.settings.unreachable_grace_secs)
-    };
-    if reachable == Some(true) {
-        state.unreachable_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&node_id);
-    }
+    let grace = std::time::Duration::from_secs(state.settings.unreachable_grace_secs);
+    let declare = reachable.is_some_and(|ok| state.probes.record(node_id, ok, grace));
     let verdict = state
         .transact(move |conn, ctx| {
             service::declare_unreachable(conn, ctx, node_id, reachable, declare, probe_started)
         })
         .await?;
     if declare {
-        state.unreachable_since.lock().unwrap_or_else(|p| p.into_inner()).remove(&node_id);
         state.counters.copies_replaced.fetch_add(verdict.copies_replaced, Ordering::Relaxed);
         tracing::warn!(
             sds = node_id,
@@ -387,20 +361,6 @@ async fn unreachable_report(
         );
     }
     Ok(Json(verdict))
-}
-
-/// Whether a TCP connection to the SDS's data port opens (two attempts).
-async fn probe(host: &str, port: u16) -> bool {
-    for attempt in 0..2 {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-        let connect = tokio::net::TcpStream::connect((host, port));
-        if matches!(tokio::time::timeout(PROBE_TIMEOUT, connect).await, Ok(Ok(_))) {
-            return true;
-        }
-    }
-    false
 }
 
 async fn health_status(
@@ -444,6 +404,7 @@ async fn rebuild_complete(
     ApiJson(request): ApiJson<RebuildComplete>,
 ) -> Result<Json<pflex_proto::api::RebuildJob>, MdmError> {
     allow(caller, &[Role::Sds])?;
+    let released = request.chunks_released;
     let job = state
         .transact(move |conn, ctx| service::rebuild_complete(conn, ctx, caller, &request))
         .await?;
@@ -452,7 +413,8 @@ async fn rebuild_complete(
         volume = job.volume_id,
         pg = job.pg_index,
         target = job.target_sds,
-        chunks = job.chunks_copied,
+        copied = job.chunks_copied,
+        released,
         "rebuild complete"
     );
     Ok(Json(job))

@@ -11,6 +11,7 @@
 //! - [`placement`]: the placement policy (pure);
 //! - [`service`]: what each request does, inside one transaction;
 //! - [`http`]: routes, authentication, JSON errors;
+//! - [`probe`]: the MDM's own check of an SDS reported unreachable;
 //! - [`metrics`]: Prometheus text.
 //!
 //! [`run`] starts everything; [`prepare`] creates the data directory's
@@ -22,6 +23,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod placement;
+pub mod probe;
 pub mod service;
 pub mod validate;
 
