@@ -191,14 +191,51 @@ pub struct MonitorReport {
     pub unrebuilt_survivors: u64,
 }
 
-/// Periodic pass: re-places every copy held by a FAILED SDS onto a live
-/// node outside the surviving copy's fault set (the survivor becomes
-/// primary, since it holds the data), records a rebuild job per moved copy
-/// (a survivor that is itself an unfinished rebuild target is not promoted),
-/// bumps the epoch of each changed volume, and samples cluster metrics.
-/// `replace` says whose copies may move; with [`Replace::Nothing`] only the
-/// metrics are sampled.
+/// Periodic pass: moves the copies of FAILED SDS nodes as `replace` allows
+/// (with [`Replace::Nothing`], nothing moves; see `replace_copies`), then
+/// samples cluster metrics and prunes old metrics and finished rebuild jobs.
 pub fn monitor_tick(
+    conn: &Connection,
+    ctx: &Ctx,
+    replace: Replace,
+) -> Result<MonitorReport, MdmError> {
+    let report = replace_copies(conn, ctx, replace)?;
+    let summary = cluster_summary(conn, ctx)?;
+    let sds_active = nodes(conn, Some(NodeType::Sds))?
+        .iter()
+        .filter(|n| liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now) == "ACTIVE")
+        .count() as u64;
+    conn.execute(
+        "INSERT INTO cluster_metrics (at, capacity_bytes, used_bytes, provisioned_bytes, volumes, sds_active, degraded_chunks)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            ctx.now,
+            summary.capacity_bytes,
+            summary.used_bytes,
+            summary.provisioned_bytes,
+            summary.volume_count,
+            sds_active,
+            summary.degraded_chunks
+        ],
+    )?;
+    conn.execute(
+        "DELETE FROM cluster_metrics WHERE at < ?1",
+        [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],
+    )?;
+    conn.execute(
+        "DELETE FROM rebuild_jobs WHERE state IN ('done', 'failed') AND updated_at < ?1",
+        [ctx.now.saturating_sub(FINISHED_REBUILDS_KEEP_SECS)],
+    )?;
+    Ok(report)
+}
+
+/// Re-places every copy held by a FAILED SDS (with [`Replace::Only`], only
+/// that node's copies) onto a live node outside the surviving copy's fault
+/// set (the survivor becomes primary, since it holds the data), records a
+/// rebuild job per moved copy (a survivor that is itself an unfinished
+/// rebuild target is not promoted), and bumps the epoch of each changed
+/// volume.
+fn replace_copies(
     conn: &Connection,
     ctx: &Ctx,
     replace: Replace,
@@ -307,30 +344,6 @@ pub fn monitor_tick(
         conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
     }
     report.volumes_replaced = changed_volumes.len() as u64;
-
-    let summary = cluster_summary(conn, ctx)?;
-    let sds_active = status.values().filter(|s| **s == "ACTIVE").count() as u64;
-    conn.execute(
-        "INSERT INTO cluster_metrics (at, capacity_bytes, used_bytes, provisioned_bytes, volumes, sds_active, degraded_chunks)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            ctx.now,
-            summary.capacity_bytes,
-            summary.used_bytes,
-            summary.provisioned_bytes,
-            summary.volume_count,
-            sds_active,
-            summary.degraded_chunks
-        ],
-    )?;
-    conn.execute(
-        "DELETE FROM cluster_metrics WHERE at < ?1",
-        [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],
-    )?;
-    conn.execute(
-        "DELETE FROM rebuild_jobs WHERE state IN ('done', 'failed') AND updated_at < ?1",
-        [ctx.now.saturating_sub(FINISHED_REBUILDS_KEEP_SECS)],
-    )?;
     Ok(report)
 }
 
@@ -365,7 +378,7 @@ pub fn declare_unreachable(
             params![node_id, ctx.now, probe_started],
         )?;
         if declared > 0 {
-            copies_replaced = monitor_tick(conn, ctx, Replace::Only(node_id))?.copies_replaced;
+            copies_replaced = replace_copies(conn, ctx, Replace::Only(node_id))?.copies_replaced;
         }
     }
     let (last_seen, failed_at): (u64, u64) = conn.query_row(
