@@ -166,6 +166,11 @@ async fn cli_manages_volumes_against_a_running_mdm() {
         status.contains("HEALTHY") && status.contains("sds2") && status.contains("48.0 GiB"),
         "{status}"
     );
+    // No node has failed, so there is nothing to rebuild.
+    let rebuilds: Vec<pflex_proto::api::RebuildJob> = cli.json(&["cluster", "rebuilds"]);
+    assert!(rebuilds.is_empty(), "{rebuilds:?}");
+    let table = cli.ok(&["cluster", "rebuilds"]);
+    assert!(table.contains("FAILED SDS") && table.contains("(none)"), "{table}");
     let sds = cli.ok(&["sds", "list"]);
     assert_eq!(sds.lines().count(), 4, "{sds}");
     assert!(sds.contains("FAULT SET") && sds.contains("127.0.0.1:9701"), "{sds}");
