@@ -81,18 +81,7 @@ pub struct Args {
 
 fn parse_memory_export(s: &str) -> Result<(String, u64), String> {
     let (name, size) = s.split_once(':').ok_or("expected NAME:SIZE")?;
-    let size = size.trim();
-    let (digits, unit) =
-        size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
-    let n: u64 = digits.parse().map_err(|_| format!("bad size {size:?}"))?;
-    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" | "KIB" => 1 << 10,
-        "M" | "MIB" => 1 << 20,
-        "G" | "GIB" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?}")),
-    };
-    let bytes = n.checked_mul(mult).ok_or("size too large")?;
+    let bytes = pflex_proto::size::parse_size(size)?;
     if name.is_empty() || bytes == 0 {
         return Err("name and size must be non-empty".into());
     }
@@ -327,7 +316,8 @@ mod tests {
         assert_eq!(parse_memory_export("c:4096"), Ok(("c".into(), 4096)));
         assert!(parse_memory_export("d").is_err());
         assert!(parse_memory_export(":1G").is_err());
-        assert!(parse_memory_export("e:1T").is_err());
+        assert_eq!(parse_memory_export("e:1T"), Ok(("e".into(), 1 << 40)));
+        assert!(parse_memory_export("e:1Q").is_err());
         assert!(parse_memory_export("f:0").is_err());
     }
 }

@@ -3,7 +3,9 @@
 //! - mgmt port: `GET /health` (JSON [`ComponentStatus`]) and `GET /metrics`
 //!   (Prometheus text: NBD front end, per-volume IO, routing refreshes);
 //! - control port: `GET /volumes` (the mapped volumes with their routing
-//!   state and NBD URI).
+//!   state and NBD URI) and `POST /volumes/refresh` (fetch the mappings from
+//!   the MDM now, then answer like `GET /volumes`), so `pflex volume map`
+//!   returns once the SDC serves the change instead of a heartbeat later.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -38,7 +40,11 @@ pub fn mgmt_router(state: Arc<HttpState>) -> Router {
 }
 
 pub fn control_router(state: Arc<HttpState>) -> Router {
-    Router::new().route("/volumes", get(volumes)).route("/health", get(health)).with_state(state)
+    Router::new()
+        .route("/volumes", get(volumes))
+        .route("/volumes/refresh", axum::routing::post(refresh_volumes))
+        .route("/health", get(health))
+        .with_state(state)
 }
 
 async fn health(State(s): State<Arc<HttpState>>) -> Json<ComponentStatus> {
@@ -71,6 +77,18 @@ pub struct VolumeView {
     pub token_id: Option<u64>,
     pub token_expires_at: Option<u64>,
     pub in_flight: i64,
+}
+
+/// Fetches the mappings now (the MDM is the authority; at most one fetch
+/// runs at a time and repeated calls within [`crate::cluster::MIN_REFRESH`]
+/// share the last one), then lists the volumes.
+async fn refresh_volumes(
+    State(s): State<Arc<HttpState>>,
+) -> Result<Json<Vec<VolumeView>>, (axum::http::StatusCode, String)> {
+    s.backend.refresh_mappings_soon().await.map_err(|e| {
+        (axum::http::StatusCode::BAD_GATEWAY, format!("fetching mappings from the MDM failed: {e}"))
+    })?;
+    Ok(volumes(State(s)).await)
 }
 
 async fn volumes(State(s): State<Arc<HttpState>>) -> Json<Vec<VolumeView>> {

@@ -2,8 +2,9 @@
 //!
 //! Data lives in 64 KiB pages allocated on first write; a page never
 //! written (or fully trimmed) is a hole, which makes BLOCK_STATUS answers
-//! meaningful. It is exported for the crate's tests and for comparing the
-//! protocol layer with other NBD servers; the `sdc` binary never uses it.
+//! meaningful. The crate's tests use it, and `sdc --memory-export NAME:SIZE`
+//! serves it instead of the cluster (no MDM, nothing kept), to check NBD
+//! clients and measure the protocol layer alone.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

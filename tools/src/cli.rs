@@ -130,6 +130,15 @@ pub enum SdcCommand {
     List(CommonArgs),
 }
 
+/// Whether a mapping change waits until the SDCs concerned serve it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct WaitArgs {
+    /// Return once the MDM has recorded the change, without waiting for the SDC to serve it
+    /// (it then takes effect at the SDC's next heartbeat, within a few seconds).
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum VolumeCommand {
     /// Create a volume (thin unless --thick).
@@ -157,7 +166,7 @@ pub enum VolumeCommand {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Grow a volume.
+    /// Grow a volume; returns once every SDC it is mapped to exports the new size.
     Resize {
         /// Volume name or id.
         volume: String,
@@ -165,14 +174,18 @@ pub enum VolumeCommand {
         #[arg(long, value_parser = parse_size)]
         size: u64,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         common: CommonArgs,
     },
-    /// Rename a volume.
+    /// Rename a volume; returns once every SDC it is mapped to exports the new name.
     Rename {
         /// Volume name or id.
         volume: String,
         /// The new name.
         new_name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -183,7 +196,7 @@ pub enum VolumeCommand {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// Map a volume to an SDC, which then exports it over NBD.
+    /// Map a volume to an SDC; returns once the SDC exports it over NBD.
     Map {
         /// Volume name or id.
         volume: String,
@@ -194,15 +207,19 @@ pub enum VolumeCommand {
         #[arg(long)]
         read_only: bool,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         common: CommonArgs,
     },
-    /// Unmap a volume from an SDC (revokes its IO tokens).
+    /// Unmap a volume from an SDC (revokes its IO tokens); returns once the SDC stops exporting it.
     Unmap {
         /// Volume name or id.
         volume: String,
         /// SDC name or id.
         #[arg(long)]
         sdc: String,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -433,11 +450,15 @@ async fn volume(client: &MdmClient, command: VolumeCommand, json: bool) -> Resul
             out.push_str(&table(&["SDS", "DATA", "FAULT SET", "PRIMARY", "SECONDARY"], rows));
             Ok(out)
         }
-        VolumeCommand::Resize { volume, size, .. } => {
-            done("Resized", client.volume_resize(&volume, size).await?)
+        VolumeCommand::Resize { volume, size, wait, .. } => {
+            let resized = client.volume_resize(&volume, size).await?;
+            settle(client, &resized, None, &wait).await?;
+            done("Resized", resized)
         }
-        VolumeCommand::Rename { volume, new_name, .. } => {
-            done("Renamed", client.volume_rename(&volume, &new_name).await?)
+        VolumeCommand::Rename { volume, new_name, wait, .. } => {
+            let renamed = client.volume_rename(&volume, &new_name).await?;
+            settle(client, &renamed, None, &wait).await?;
+            done("Renamed", renamed)
         }
         VolumeCommand::Delete { volume, .. } => {
             let deleted = client.volume_delete(&volume).await?;
@@ -446,14 +467,62 @@ async fn volume(client: &MdmClient, command: VolumeCommand, json: bool) -> Resul
             }
             Ok(format!("Deleted volume {} (id {})\n", deleted.name, deleted.id))
         }
-        VolumeCommand::Map { volume, sdc, read_only, .. } => {
+        VolumeCommand::Map { volume, sdc, read_only, wait, .. } => {
             let access_mode = if read_only { AccessMode::ReadOnly } else { AccessMode::ReadWrite };
-            done("Mapped", client.volume_map(&VolumeMap { volume, sdc, access_mode }).await?)
+            let mapped = client.volume_map(&VolumeMap { volume, sdc, access_mode }).await?;
+            settle(client, &mapped, None, &wait).await?;
+            done("Mapped", mapped)
         }
-        VolumeCommand::Unmap { volume, sdc, .. } => {
-            done("Unmapped", client.volume_unmap(&VolumeUnmap { volume, sdc }).await?)
+        VolumeCommand::Unmap { volume, sdc, wait, .. } => {
+            let before = client.volume_show(&volume).await?;
+            let unmapped = client.volume_unmap(&VolumeUnmap { volume, sdc }).await?;
+            let gone: Vec<u64> = before
+                .mappings
+                .iter()
+                .filter(|m| !unmapped.mappings.iter().any(|n| n.sdc_id == m.sdc_id))
+                .map(|m| m.sdc_id)
+                .collect();
+            settle(client, &unmapped, Some(&gone), &wait).await?;
+            done("Unmapped", unmapped)
         }
     }
+}
+
+/// Waits until every SDC `volume` is mapped to serves it as the MDM now
+/// describes it, and every SDC in `unmapped_from` has stopped exporting it.
+/// Says on stderr where each SDC serves it (stdout stays the command's
+/// table or JSON).
+async fn settle(
+    client: &MdmClient,
+    volume: &Volume,
+    unmapped_from: Option<&[u64]>,
+    wait: &WaitArgs,
+) -> Result<()> {
+    use crate::sdc_wait::{wait_in_effect, Expected, DEFAULT_WAIT};
+    if wait.no_wait {
+        eprintln!("pflex: the SDCs concerned pick this up at their next heartbeat");
+        return Ok(());
+    }
+    let sdcs = client.sdc_list().await.context("listing SDCs to wait for")?;
+    let http = reqwest::Client::new();
+    for sdc in &sdcs {
+        let expected = if volume.mappings.iter().any(|m| m.sdc_id == sdc.id) {
+            Expected::Served {
+                volume_id: volume.id,
+                name: volume.name.clone(),
+                size_bytes: volume.size_bytes,
+            }
+        } else if unmapped_from.is_some_and(|ids| ids.contains(&sdc.id)) {
+            Expected::Gone { volume_id: volume.id }
+        } else {
+            continue;
+        };
+        match wait_in_effect(&http, sdc, &expected, DEFAULT_WAIT).await? {
+            Some(entry) => eprintln!("pflex: {} serves it at {}", sdc.name, entry.nbd_uri),
+            None => eprintln!("pflex: {} no longer exports it", sdc.name),
+        }
+    }
+    Ok(())
 }
 
 fn to_json(value: &impl Serialize) -> Result<String> {

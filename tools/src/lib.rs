@@ -10,4 +10,5 @@
 pub mod bench;
 pub mod cli;
 pub mod nbd_probe;
+pub mod sdc_wait;
 pub mod up;

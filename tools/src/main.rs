@@ -32,8 +32,26 @@ enum Command {
         #[arg(long = "data-dir", value_name = "DIR")]
         data_dir: Option<std::path::PathBuf>,
     },
+    /// Bring back a component of a `pflex up` cluster (after a crash or a kill), with its data.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Run the fio jobs against pflex, qemu-nbd and the local disk, and print the ratios.
     Bench(BenchArgs),
+}
+
+/// Components of a cluster started with `pflex up`.
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Start component NAME (mdm, sds1, sds2, …, sdc1, mgmt) again from the command line
+    /// `pflex up` recorded, and wait until it is back; Ctrl-C of `pflex up` or `pflex down`
+    /// stops it like the others.
+    Start {
+        /// The component's name, as in `pflex up`'s output and `logs/pids`.
+        name: String,
+        /// Data dir of that cluster [default: ./pflex-data].
+        #[arg(long = "data-dir", value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn data_dir(flag: Option<std::path::PathBuf>, conn: &ConnectionArgs) -> std::path::PathBuf {
@@ -51,6 +69,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             up::run(args).await?;
         }
         Command::Down { data_dir: dir } => up::down(&data_dir(dir, &cli.connection)).await?,
+        Command::Node(NodeCommand::Start { name, data_dir: dir }) => {
+            up::node_start(&data_dir(dir, &cli.connection), &name).await?
+        }
         Command::Bench(args) => bench::run(args).await?,
     }
     Ok(())

@@ -4,14 +4,20 @@
 //! data dir), one SDC and the MGMT dashboard as separate processes on
 //! loopback, creates and maps the thin volume `vol1`, waits until the volume
 //! answers an NBD handshake, prints how to use it, and stays in the
-//! foreground. Ctrl-C (or SIGTERM) stops every child, newest first; if any
-//! child dies on its own the whole cluster is stopped and the exit code says
-//! so. Running it again with the same data dir reuses everything: the join
-//! key, the MDM database, the SDS devices and the volume.
+//! foreground. A component that dies on its own is reported (name, exit
+//! status, log) and the others keep serving: losing one node is what the
+//! cluster is built to survive. `pflex node start NAME` brings it back from
+//! the command line recorded in `components.json`, with its data. Ctrl-C (or
+//! SIGTERM) stops every component, newest first, restarted ones included.
+//! Running it again with the same data dir reuses everything: the join key,
+//! the MDM database, the SDS devices and the volume.
 //!
-//! Children get `PR_SET_PDEATHSIG`, so even a `kill -9` of `pflex up` leaves
-//! no orphaned component behind.
+//! Children of the foreground `pflex up` get `PR_SET_PDEATHSIG`, so even a
+//! `kill -9` of `pflex up` leaves none of them behind; components started by
+//! `pflex node start` (or `--detach`) live in their own process group and
+//! are stopped through the PIDs recorded in `logs/pids`.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -95,50 +101,33 @@ impl LocalCluster {
         name: &str,
         program: &Path,
         args: &[String],
-        logs: &Path,
+        data_dir: &Path,
         detach: bool,
     ) -> Result<()> {
-        let log_path = logs.join(format!("{name}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("opening {}", log_path.display()))?;
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-        if detach {
-            cmd.process_group(0);
-        } else {
-            // SAFETY: the closure runs in the forked child before exec and only calls
-            // prctl(2), which is async-signal-safe; it touches no memory of the parent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = Command::from(cmd)
-            .kill_on_drop(!detach)
-            .spawn()
-            .with_context(|| format!("starting {} ({})", name, program.display()))?;
-        if let Some(pid) = child.id() {
-            let pids = logs.join("pids");
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(pids)?;
-            use std::io::Write;
-            writeln!(f, "{pid} {name}")?;
-        }
+        let recorded = RecordedCommand {
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            health_url: health_url_of(name, args),
+        };
+        record_command(data_dir, name, &recorded)?;
+        let child = spawn_component(name, &recorded, data_dir, detach)?;
         self.components.push(Component { name: name.to_string(), child });
         Ok(())
     }
 
-    /// Fails if a component has exited.
+    /// Reports components that exited since the last look (name, status, log,
+    /// how to bring them back) and forgets them; the others keep running.
+    fn reap_exited(&mut self, data_dir: &Path) {
+        self.components.retain_mut(|c| match c.child.try_wait() {
+            Ok(Some(status)) => {
+                report_exit(&c.name, &status.to_string(), data_dir);
+                false
+            }
+            _ => true,
+        });
+    }
+
+    /// Fails if a component has exited (while the cluster is starting).
     fn check_alive(&mut self) -> Result<()> {
         for c in &mut self.components {
             if let Some(status) = c.child.try_wait()? {
@@ -167,6 +156,244 @@ impl LocalCluster {
             }
         }
     }
+}
+
+/// How a component was started, kept in `DATA_DIR/components.json` so
+/// `pflex node start` can bring it back exactly as it was.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RecordedCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Polled until the component is back: a `/health` answering
+    /// `registered: true`, or (for the MDM) any HTTP answer.
+    pub health_url: Option<String>,
+}
+
+fn components_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("components.json")
+}
+
+fn recorded_commands(data_dir: &Path) -> Result<BTreeMap<String, RecordedCommand>> {
+    let path = components_file(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn record_command(data_dir: &Path, name: &str, command: &RecordedCommand) -> Result<()> {
+    let mut all = recorded_commands(data_dir)?;
+    all.insert(name.to_string(), command.clone());
+    let path = components_file(data_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&all)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Where a component says it is up, read from its own command line.
+fn health_url_of(name: &str, args: &[String]) -> Option<String> {
+    let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1));
+    if let Some(port) = flag("--mgmt-port") {
+        return Some(format!("http://127.0.0.1:{port}/health"));
+    }
+    let listen = flag("--listen")?;
+    if name == "mdm" {
+        Some(format!("http://{listen}/health/status"))
+    } else {
+        Some(format!("http://{listen}/health"))
+    }
+}
+
+fn log_path(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("logs").join(format!("{name}.log"))
+}
+
+/// Starts one component with its output appended to its log and records its
+/// PID in `logs/pids`. A foreground child dies with `pflex up`
+/// (`PR_SET_PDEATHSIG`); a detached one gets its own process group.
+fn spawn_component(
+    name: &str,
+    command: &RecordedCommand,
+    data_dir: &Path,
+    detach: bool,
+) -> Result<Child> {
+    let log_path = log_path(data_dir, name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(&command.program);
+    cmd.args(&command.args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+    if detach {
+        cmd.process_group(0);
+    } else {
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = Command::from(cmd)
+        .kill_on_drop(!detach)
+        .spawn()
+        .with_context(|| format!("starting {} ({})", name, command.program.display()))?;
+    if let Some(pid) = child.id() {
+        let pids = pids_file(data_dir);
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(pids)?;
+        use std::io::Write;
+        writeln!(f, "{pid} {name}")?;
+    }
+    Ok(child)
+}
+
+fn pids_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("logs").join("pids")
+}
+
+/// `(pid, name)` pairs recorded in `logs/pids`, oldest first.
+fn recorded_pids(data_dir: &Path) -> Vec<(i32, String)> {
+    std::fs::read_to_string(pids_file(data_dir))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (pid, name) = l.split_once(' ')?;
+            Some((pid.parse().ok()?, name.to_string()))
+        })
+        .collect()
+}
+
+/// Whether `pid` is alive and still the component `name` we started (its
+/// command name matches), so a reused PID is never signalled.
+fn is_component(pid: i32, name: &str) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let expected = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // A zombie (state Z) has exited; only its parent's wait is missing.
+    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !comm.is_empty() && comm.trim().starts_with(expected) && !zombie
+}
+
+/// The live PID of component `name`, if `logs/pids` records one.
+fn running_pid(data_dir: &Path, name: &str) -> Option<i32> {
+    recorded_pids(data_dir)
+        .into_iter()
+        .rev()
+        .find(|(pid, n)| n == name && is_component(*pid, n))
+        .map(|(pid, _)| pid)
+}
+
+fn report_exit(name: &str, status: &str, data_dir: &Path) {
+    eprintln!(
+        "pflex: {name} exited ({status}); log: {log}; the others keep serving. Bring it back \
+         with: pflex node start {name} --data-dir {dir}",
+        log = log_path(data_dir, name).display(),
+        dir = data_dir.display(),
+    );
+}
+
+/// Sends SIGTERM to the recorded component `pid` and waits up to 10 s for it to go.
+async fn stop_pid(pid: i32, name: &str) {
+    // SAFETY: kill(2) with a PID from our own record, checked by the caller
+    // (`is_component`) to still be the component we started.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while is_component(pid, name) && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if is_component(pid, name) {
+        // SAFETY: as above; the process has not exited, so the PID is still its own.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        eprintln!("pflex: killed {name} (pid {pid}, did not stop within 10 s)");
+    } else {
+        eprintln!("pflex: stopped {name} (pid {pid})");
+    }
+}
+
+/// Stops every component recorded in `logs/pids` that is still running,
+/// newest first, except the PIDs in `skip`.
+async fn stop_recorded(data_dir: &Path, skip: &[i32]) {
+    let mut entries = recorded_pids(data_dir);
+    entries.reverse();
+    for (pid, name) in entries {
+        if !skip.contains(&pid) && is_component(pid, &name) {
+            stop_pid(pid, &name).await;
+        }
+    }
+}
+
+/// `pflex node start NAME`: starts a component of a `pflex up` cluster
+/// again, from its recorded command line and with its data, and waits until
+/// it is back (registered with the MDM, or serving HTTP for the MDM).
+pub async fn node_start(data_dir: &Path, name: &str) -> Result<()> {
+    let commands = recorded_commands(data_dir)?;
+    let Some(command) = commands.get(name) else {
+        let known: Vec<_> = commands.keys().cloned().collect();
+        bail!(
+            "no component {name} recorded in {} (known: {})",
+            components_file(data_dir).display(),
+            if known.is_empty() {
+                "none; was this cluster started with `pflex up`?".into()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    if let Some(pid) = running_pid(data_dir, name) {
+        bail!("{name} is already running (pid {pid})");
+    }
+    let mut child = spawn_component(name, command, data_dir, true)?;
+    let pid = child.id().unwrap_or(0);
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited at once ({status}); see {}", log_path(data_dir, name).display());
+        }
+        let ready = match &command.health_url {
+            None => true,
+            Some(url) if name == "mdm" => {
+                http.get(url).timeout(Duration::from_secs(2)).send().await.is_ok()
+            }
+            Some(url) => registered(&http, url).await.unwrap_or(false),
+        };
+        if ready {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "{name} (pid {pid}) is not ready after 120 s; see {}",
+                log_path(data_dir, name).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The component outlives this command: it is stopped by `pflex up`'s
+    // Ctrl-C or by `pflex down`, through its recorded PID.
+    std::mem::forget(child);
+    println!(
+        "pflex: {name} running again as pid {pid} (log: {})",
+        log_path(data_dir, name).display()
+    );
+    Ok(())
 }
 
 fn bin_dir(args: &UpArgs) -> Result<PathBuf> {
@@ -277,7 +504,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
         std::mem::forget(cluster);
         return Ok(());
     }
-    let outcome = supervise(&mut cluster).await;
+    let outcome = supervise(&mut cluster, &args.data_dir).await;
+    let ours: Vec<i32> =
+        cluster.components.iter().filter_map(|c| c.child.id()).map(|p| p as i32).collect();
+    // Components brought back by `pflex node start` are not our children:
+    // stop them through their recorded PIDs, then our own, newest first.
+    stop_recorded(&args.data_dir, &ours).await;
     cluster.stop().await;
     outcome
 }
@@ -319,7 +551,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             "--heartbeat-interval-secs".into(),
             hb.clone(),
         ];
-        cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, &logs, args.detach).await?;
+        cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
         let token_path = mdm_dir.join("admin_token");
         let mut admin = String::new();
         wait_for(&mut cluster, "MDM", Duration::from_secs(30), || {
@@ -373,7 +605,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
                 "--heartbeat-interval-secs".into(),
                 hb.clone(),
             ];
-            cluster.spawn(&name, &binary(&bins, "sds")?, &sds_args, &logs, args.detach).await?;
+            cluster.spawn(&name, &binary(&bins, "sds")?, &sds_args, dir, args.detach).await?;
         }
         for n in 0..args.sds_count {
             let url = format!("http://127.0.0.1:{}/health", args.sds_base_port + 100 + n);
@@ -406,7 +638,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             "--heartbeat-interval-secs".into(),
             hb.clone(),
         ];
-        cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, &logs, args.detach).await?;
+        cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, dir, args.detach).await?;
         let url = format!("http://127.0.0.1:{}/health", args.sdc_control_port + 1);
         wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url)).await?;
 
@@ -425,7 +657,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
                     "--listen".into(),
                     format!("127.0.0.1:{}", args.mgmt_port),
                 ];
-                cluster.spawn("mgmt", &mgmt_bin, &mgmt_args, &logs, args.detach).await?;
+                cluster.spawn("mgmt", &mgmt_bin, &mgmt_args, dir, args.detach).await?;
                 let url = format!("http://127.0.0.1:{}/health", args.mgmt_port);
                 wait_for(&mut cluster, "mgmt", Duration::from_secs(30), || http_ok(&http, &url))
                     .await?;
@@ -518,11 +750,19 @@ async fn ensure_volume(mdm: &MdmClient, args: &UpArgs) -> Result<()> {
 fn print_ready(args: &UpArgs) {
     let uri = format!("nbd://127.0.0.1:{}/{}", args.nbd_port, args.volume);
     let dir = args.data_dir.display();
+    let dashboard = if args.mgmt_port == 0 {
+        String::new()
+    } else {
+        format!(
+            "  dashboard http://127.0.0.1:{}   (user admin, password in {dir}/mgmt/admin_password)\n",
+            args.mgmt_port
+        )
+    };
     println!(
         r#"pflex: ready
   volume  {vol} served at {uri}
   MDM     http://127.0.0.1:{mdm}   (admin token: {dir}/mdm/admin_token)
-  logs    {dir}/logs/
+{dashboard}  logs    {dir}/logs/
 
 Try it (in another shell):
   nbdinfo {uri}
@@ -532,60 +772,61 @@ Try it (in another shell):
 A file system through FUSE and a loop device (works without the kernel nbd module):
   mkdir -p /tmp/pflex-fuse /mnt/pflex && nbdfuse /tmp/pflex-fuse/{vol} {uri} &
   dev=$(losetup -f --show /tmp/pflex-fuse/{vol}) && mkfs.ext4 -q $dev && mount $dev /mnt/pflex
+  umount /mnt/pflex; losetup -d $dev; fusermount3 -u /tmp/pflex-fuse
 
 With the kernel nbd module (modprobe nbd):
   nbd-client 127.0.0.1 {port} /dev/nbd0 -N {vol} -b 4096 && mkfs.ext4 /dev/nbd0 && mount /dev/nbd0 /mnt/pflex
 
-Ctrl-C stops the cluster; running `pflex up` again reuses its data."#,
+If a component dies the others keep serving; `pflex node start NAME --data-dir {dir}` brings it
+back. Ctrl-C stops the cluster; running `pflex up` again reuses its data."#,
         vol = args.volume,
         mdm = args.mdm_port,
         port = args.nbd_port,
     );
 }
 
-/// Waits for Ctrl-C / SIGTERM, or for a component to die.
-async fn supervise(cluster: &mut LocalCluster) -> Result<()> {
+/// Waits for Ctrl-C / SIGTERM. A component that dies meanwhile (a child of
+/// ours, or one that `pflex node start` brought back) is reported once; the
+/// rest of the cluster keeps serving.
+async fn supervise(cluster: &mut LocalCluster, data_dir: &Path) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut restarted_alive: Vec<(i32, String)> = Vec::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { eprintln!("pflex: stopping (Ctrl-C)"); return Ok(()); }
             _ = term.recv() => { eprintln!("pflex: stopping (SIGTERM)"); return Ok(()); }
-            _ = tick.tick() => cluster.check_alive()?,
+            _ = tick.tick() => {
+                cluster.reap_exited(data_dir);
+                let ours: Vec<i32> =
+                    cluster.components.iter().filter_map(|c| c.child.id()).map(|p| p as i32).collect();
+                let now: Vec<(i32, String)> = recorded_pids(data_dir)
+                    .into_iter()
+                    .filter(|(pid, name)| !ours.contains(pid) && is_component(*pid, name))
+                    .collect();
+                for (pid, name) in &restarted_alive {
+                    if !now.iter().any(|(p, _)| p == pid) {
+                        report_exit(name, &format!("pid {pid} is gone"), data_dir);
+                    }
+                }
+                restarted_alive = now;
+            }
         }
     }
 }
 
-/// `pflex down`: stops a cluster started with `pflex up --detach`, by the PIDs it recorded.
+/// `pflex down`: stops a cluster started with `pflex up --detach` (and any
+/// component `pflex node start` brought back), by the PIDs it recorded.
 pub async fn down(data_dir: &Path) -> Result<()> {
-    let pids_path = data_dir.join("logs").join("pids");
-    let text = std::fs::read_to_string(&pids_path)
-        .with_context(|| format!("reading {}", pids_path.display()))?;
-    let mut entries: Vec<(i32, String)> = text
-        .lines()
-        .filter_map(|l| {
-            let (pid, name) = l.split_once(' ')?;
-            Some((pid.parse().ok()?, name.to_string()))
-        })
-        .collect();
-    entries.reverse();
-    for (pid, name) in entries {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let expected = name.trim_end_matches(|c: char| c.is_ascii_digit());
-        if !comm.trim().starts_with(expected) {
-            continue; // already gone, or the PID now belongs to something else
-        }
-        // SAFETY: kill(2) with a PID read from our own record, checked above to still be
-        // the component we started (its command name matches).
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let start = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed().as_secs() < 10 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        eprintln!("pflex: stopped {name} (pid {pid})");
+    let pids_path = pids_file(data_dir);
+    if !pids_path.exists() {
+        bail!(
+            "{} does not exist: no cluster was started in {}",
+            pids_path.display(),
+            data_dir.display()
+        );
     }
+    stop_recorded(data_dir, &[]).await;
     let _ = std::fs::remove_file(&pids_path);
     Ok(())
 }

@@ -92,6 +92,9 @@ pub fn describe(m: &MappedVolume) -> String {
 /// Least time between two mapping fetches triggered by unknown export names.
 const UNKNOWN_NAME_REFRESH: Duration = Duration::from_millis(500);
 
+/// Least time between two mapping fetches asked for on the control port.
+pub const MIN_REFRESH: Duration = Duration::from_millis(100);
+
 /// The exports of this SDC.
 pub struct ClusterBackend {
     ctx: Arc<ClusterContext>,
@@ -189,6 +192,21 @@ impl ClusterBackend {
             }
         }
         Ok(())
+    }
+
+    /// [`Self::refresh_mappings`], unless one finished less than
+    /// [`MIN_REFRESH`] ago: a caller polling for a change it just made
+    /// cannot make this SDC hammer the MDM.
+    pub async fn refresh_mappings_soon(&self) -> Result<(), MdmClientError> {
+        let recent = self
+            .last_refresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < MIN_REFRESH);
+        if recent {
+            return Ok(());
+        }
+        self.refresh_mappings().await
     }
 
     fn find_mapping(&self, name: &str) -> Option<MappedVolume> {
