@@ -58,8 +58,7 @@ pub async fn wait_in_effect(
     let url = format!("http://{}:{}/volumes/refresh", sdc.host, sdc.control_port);
     let start = Instant::now();
     loop {
-        let last_problem;
-        match fetch(http, &url).await {
+        let last_problem = match fetch(http, &url).await {
             Ok(volumes) if in_effect(expected, &volumes) => {
                 let entry = match expected {
                     Expected::Served { volume_id, .. } => {
@@ -69,9 +68,9 @@ pub async fn wait_in_effect(
                 };
                 return Ok(entry);
             }
-            Ok(_) => last_problem = "its volume list does not show the change yet".into(),
-            Err(e) => last_problem = format!("{e:#}"),
-        }
+            Ok(_) => "its volume list does not show the change yet".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
         if start.elapsed() >= limit {
             bail!(
                 "the MDM recorded the change, but SDC {} ({}:{}) does not serve it after {} s: \
