@@ -23,6 +23,13 @@ if ((${#need[@]})); then
 fi
 
 start=$(date +%s)
+# Every test runs: a tool missing after the install above fails the run instead of skipping.
+export PFLEX_REQUIRE_TOOLS=1
+echo "test.sh: cargo fmt --check, cargo clippy (-D warnings)"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 echo "test.sh: cargo test --workspace"
 cargo build --workspace --bins
 cargo test --workspace -- --test-threads="${PFLEX_TEST_THREADS:-2}"
