@@ -5,10 +5,12 @@
 //! - [`up`]: `pflex up`, a whole local cluster as child processes;
 //! - [`mod@bench`]: `pflex bench`, fio against pflex, qemu-nbd, qemu-nbd behind one proxy hop
 //!   and the local disk;
-//! - [`nbd_probe`]: the few NBD handshake steps `up` and `bench` use to wait for a server.
+//! - [`nbd_probe`]: the few NBD handshake steps `up` and `bench` use to wait for a server;
+//! - [`verify`]: `pflex verify`, the "no acknowledged write lost" check (write, then check).
 
 pub mod bench;
 pub mod cli;
 pub mod nbd_probe;
 pub mod sdc_wait;
 pub mod up;
+pub mod verify;

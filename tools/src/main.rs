@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use pflex_tools::bench::{self, BenchArgs};
 use pflex_tools::cli::{self, AdminCommand, ConnectionArgs};
 use pflex_tools::up::{self, UpArgs};
+use pflex_tools::verify::{self, VerifyArgs};
 
 /// Operate a pflex cluster: inspect health, manage volumes and mappings.
 #[derive(Debug, Parser)]
@@ -37,6 +38,8 @@ enum Command {
     Node(NodeCommand),
     /// Run the fio jobs against pflex, qemu-nbd and the local disk, and print the ratios.
     Bench(BenchArgs),
+    /// Prove no acknowledged write is lost: write self-describing blocks, later check them.
+    Verify(VerifyArgs),
 }
 
 /// Components of a cluster started with `pflex up`.
@@ -73,6 +76,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             up::node_start(&data_dir(dir, &cli.connection), &name).await?
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::Verify(args) => verify::run(args).await?,
     }
     Ok(())
 }
