@@ -53,11 +53,15 @@ pub struct MdmConfig {
     /// How long an SDS must stay unreachable to the MDM's probes (made on
     /// reports, at most one a second) before it is declared FAILED: an SDS
     /// restarting in place is not a failed one.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 2)]
     pub unreachable_grace_secs: u64,
 
-    /// Lifetime of an IO token, in seconds (SDCs renew before expiry).
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Lifetime of an IO token, in seconds. SDCs renew at a third of it, so
+    /// the data path keeps working through an MDM outage of two thirds of
+    /// it (40 minutes by default). Revocation does not wait for expiry: an
+    /// unmap or mode change bumps the mapping generation, which every SDS
+    /// learns within a heartbeat and then refuses older tokens.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_ttl_secs: u64,
 }
 

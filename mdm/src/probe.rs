@@ -1,6 +1,8 @@
 //! The MDM's own check of an SDS that a peer or client reported unreachable:
-//! a TCP connection to its data port, at most once a second per node, and
-//! the run of failed checks that decides when the node is declared FAILED.
+//! a data-plane `PING` that the SDS's serving loop must answer, at most once
+//! a second per node, and the run of failed checks that decides when the
+//! node is declared FAILED. A connect alone is not enough: the kernel of a
+//! frozen (SIGSTOPped) or wedged process still completes TCP handshakes.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,8 +10,8 @@ use std::time::{Duration, Instant};
 
 /// One probe per SDS per this interval, however many clients report it.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Each probe attempt's connect timeout; the node is unreachable only if
-/// both attempts fail.
+/// Each probe attempt's timeout (connect, PING, reply); the node is
+/// unreachable only if both attempts fail.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// What the MDM knows of its recent probes, per SDS.
@@ -76,18 +78,31 @@ impl Probes {
     }
 }
 
-/// Whether a TCP connection to `host:port` opens (two attempts).
+/// Whether the SDS at `host:port` answers a data-plane `PING` (two attempts).
 pub async fn probe(host: &str, port: u16) -> bool {
     for attempt in 0..2 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let connect = tokio::net::TcpStream::connect((host, port));
-        if matches!(tokio::time::timeout(PROBE_TIMEOUT, connect).await, Ok(Ok(_))) {
+        if matches!(tokio::time::timeout(PROBE_TIMEOUT, ping(host, port)).await, Ok(Ok(true))) {
             return true;
         }
     }
     false
+}
+
+/// One `PING` on a fresh connection: true if the reply echoes it with `Ok`.
+async fn ping(host: &str, port: u16) -> std::io::Result<bool> {
+    use pflex_proto::frame::{FrameHeader, Op, Status, HEADER_LEN};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PROBE_ID: u64 = 0x7072_6f62_6521; // "probe!"
+    let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
+    let ping = FrameHeader { op: Op::Ping as u8, request_id: PROBE_ID, ..Default::default() };
+    stream.write_all(&ping.encode()).await?;
+    let mut raw = [0u8; HEADER_LEN];
+    stream.read_exact(&mut raw).await?;
+    Ok(FrameHeader::decode(&raw)
+        .is_ok_and(|r| r.request_id == PROBE_ID && r.status == Status::Ok as u16))
 }
 
 #[cfg(test)]

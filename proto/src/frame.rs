@@ -54,6 +54,11 @@ pub enum Op {
     /// byte `i / 8`). The SDC asks each chunk's primary, for NBD
     /// BLOCK_STATUS: a chunk never written is a hole. `offset` must be 0.
     Allocation = 8,
+    /// Between SDS nodes only (flag `REPLICA`): a primary asks the secondary
+    /// of its placement groups in `volume_id` for a lease under `epoch`. No
+    /// payload. `Ok` grants it; `StaleEpoch` means the secondary knows a
+    /// newer map and will not renew the sender's leases under this one.
+    Lease = 9,
 }
 
 /// Most chunks one [`Op::Allocation`] request may cover.
@@ -70,6 +75,7 @@ impl Op {
             6 => Op::Auth,
             7 => Op::Ping,
             8 => Op::Allocation,
+            9 => Op::Lease,
             _ => return None,
         })
     }
@@ -118,6 +124,10 @@ pub enum Status {
     MalformedToken = 21,
     /// The SDS has no copy of this chunk it may serve (rebuild pending).
     NotAvailable = 22,
+    /// A newer write of the same SDC to an overlapping range was applied
+    /// first: this one is a late copy (its sender retried or gave up) and
+    /// is dropped; a sender still waiting for it sends it again.
+    Superseded = 23,
 }
 
 impl Status {
@@ -143,6 +153,7 @@ impl Status {
             20 => ReplicaFailed,
             21 => MalformedToken,
             22 => NotAvailable,
+            23 => Superseded,
             _ => return None,
         })
     }
@@ -169,6 +180,7 @@ impl Status {
             ReplicaFailed => "replica_failed",
             MalformedToken => "malformed_token",
             NotAvailable => "not_available",
+            Superseded => "superseded",
         }
     }
 }
@@ -293,6 +305,9 @@ impl FrameHeader {
             Op::Read | Op::Trim | Op::WriteZeroes | Op::Write if !in_chunk => Err(Status::Invalid),
             Op::Read | Op::Trim | Op::WriteZeroes if self.length == 0 => Err(Status::Invalid),
             Op::Write if self.length == 0 => Err(Status::Invalid),
+            Op::Lease if self.flags & flags::REPLICA == 0 || self.length != 0 => {
+                Err(Status::Invalid)
+            }
             _ => Ok(op),
         }
     }

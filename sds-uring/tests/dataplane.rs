@@ -140,7 +140,18 @@ async fn concurrent_writers_to_overlapping_ranges_leave_identical_replicas() {
                 let offset = if i % 3 == 0 { offset & !4095 } else { offset };
                 let len = 1 + ((x >> 8) % 65_536) as usize;
                 let data = pattern(writer * 1000 + i, len);
-                assert_eq!(s.write(chunk, offset, &data).await, Status::Ok);
+                // Writers share one token, like the NBD connections of one
+                // SDC: an overlapping write of theirs that was numbered later
+                // but applied first makes this one `Superseded`, and it goes
+                // again with a fresh number, as the SDC does.
+                let mut status = s.write(chunk, offset, &data).await;
+                for _ in 0..100 {
+                    if status != Status::Superseded {
+                        break;
+                    }
+                    status = s.write(chunk, offset, &data).await;
+                }
+                assert_eq!(status, Status::Ok);
             }
         }));
     }
@@ -376,4 +387,51 @@ async fn garbage_closes_only_its_own_connection() {
     assert_eq!((status, read == data), (Status::Ok, true));
     let metrics = cluster.metrics(primary).await;
     assert!(metric_sum(&metrics, "pflex_sds_framing_errors_total") >= 2);
+}
+
+/// Write fencing: the first case of a late request. A write is read by the
+/// primary but its sender gave up on it (here: it is simply delivered late,
+/// on a connection of its own); the sender's retry and a newer write to an
+/// overlapping range are acknowledged first. The late original must then be
+/// refused as `Superseded` and change neither copy, while a write of the
+/// same age to a range nothing newer touched still lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_copy_of_a_write_never_lands_after_a_newer_one() {
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let chunk = 1;
+    let primary = cluster.sds_by_node_id(s.primary_of(chunk)).await;
+    let original = pattern(20, 8192);
+    let newer = pattern(21, 4096);
+    let disjoint = pattern(22, 4096);
+    // Numbered in the order the SDC sent them.
+    let original_header = s.header(Op::Write, chunk, 0, 8192);
+    let disjoint_header = s.header(Op::Write, chunk, 65536, 4096);
+    let retry_header = s.header(Op::Write, chunk, 0, 8192);
+    let newer_header = s.header(Op::Write, chunk, 4096, 4096);
+
+    let send = |header, data: &[u8]| {
+        let raw = sealed(header, &s.key, data);
+        let data = data.to_vec();
+        let addr = primary.data_addr();
+        async move { send_raw(addr, &raw, &data).await.status }
+    };
+    assert_eq!(send(retry_header, &original).await, Status::Ok as u16, "the retry");
+    assert_eq!(send(newer_header, &newer).await, Status::Ok as u16, "the newer write");
+    assert_eq!(
+        send(original_header, &original).await,
+        Status::Superseded as u16,
+        "the late original must not overwrite the newer write"
+    );
+    assert_eq!(send(disjoint_header, &disjoint).await, Status::Ok as u16, "an unrelated range");
+
+    let mut model = vec![0u8; CHUNK];
+    model[..8192].copy_from_slice(&original);
+    model[4096..8192].copy_from_slice(&newer);
+    model[65536..65536 + 4096].copy_from_slice(&disjoint);
+    let (status, data) = s.read(chunk, 0, CHUNK as u32).await;
+    assert_eq!(status, Status::Ok);
+    assert!(data == model, "the primary holds the acknowledged history");
+    assert_replicas_match(&cluster, &s, chunk, &model).await;
+    let metrics = cluster.metrics(primary).await;
+    assert!(metrics.contains("status=\"superseded\""), "no superseded counter:\n{metrics}");
 }

@@ -31,14 +31,18 @@ async fn write_through_changes(
     loop {
         let header = session.header(Op::Write, chunk, offset, data.len() as u32);
         let primary = session.client(session.primary_of(chunk));
-        // A transport error means the primary is down: as retryable as a refusal.
+        // A transport error means the primary is down: as retryable as a refusal;
+        // so is `NotAvailable` (a primary whose secondary died holds no lease).
         let status = match primary.call(header, &session.key, data).await {
             Ok(reply) => reply.status(),
             Err(_) => Status::ReplicaFailed,
         };
         match status {
             Status::Ok => return session,
-            status @ (Status::StaleEpoch | Status::ReplicaFailed | Status::NotPrimary) => {
+            status @ (Status::StaleEpoch
+            | Status::ReplicaFailed
+            | Status::NotPrimary
+            | Status::NotAvailable) => {
                 assert!(Instant::now() < deadline, "write kept failing: {}", status.name());
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 session = VolumeSession::open(sdc, volume_id, AccessMode::ReadWrite).await;

@@ -193,7 +193,10 @@ async fn cli_manages_volumes_against_a_running_mdm() {
     assert_eq!(volumes.len(), 2);
     assert_eq!(volumes[0].size_bytes, 4 << 30);
 
-    let mapped: Volume = cli.json(&["volume", "map", "vol1", "--sdc", "sdc1", "--read-only"]);
+    // The SDC here is registered through the API only (no process), so
+    // nothing would ever serve the change: --no-wait.
+    let mapped: Volume =
+        cli.json(&["volume", "map", "vol1", "--sdc", "sdc1", "--read-only", "--no-wait"]);
     assert_eq!(mapped.mappings.len(), 1);
     assert_eq!(mapped.mappings[0].access_mode, pflex_proto::token::AccessMode::ReadOnly);
     let show = cli.ok(&["volume", "show", "vol1"]);
@@ -204,17 +207,17 @@ async fn cli_manages_volumes_against_a_running_mdm() {
     let shown: serde_json::Value = cli.json(&["volume", "show", "vol1"]);
     assert_eq!(shown["placement"]["pgs"].as_array().unwrap().len(), 64);
 
-    let resized: Volume = cli.json(&["volume", "resize", "vol1", "--size", "8G"]);
+    let resized: Volume = cli.json(&["volume", "resize", "vol1", "--size", "8G", "--no-wait"]);
     assert_eq!(resized.size_bytes, 8 << 30);
     assert!(resized.epoch > volumes[0].epoch);
-    let err = cli.fails(&["volume", "resize", "vol1", "--size", "1G"]);
+    let err = cli.fails(&["volume", "resize", "vol1", "--size", "1G", "--no-wait"]);
     assert!(err.contains("can only grow"), "{err}");
 
     let err = cli.fails(&["volume", "delete", "vol1"]);
     assert!(err.contains("unmap it first"), "{err}");
-    let unmapped = cli.ok(&["volume", "unmap", "vol1", "--sdc", "sdc1"]);
+    let unmapped = cli.ok(&["volume", "unmap", "vol1", "--sdc", "sdc1", "--no-wait"]);
     assert!(unmapped.contains("Unmapped volume vol1"), "{unmapped}");
-    cli.ok(&["volume", "rename", "vol1", "data"]);
+    cli.ok(&["volume", "rename", "vol1", "data", "--no-wait"]);
     let err = cli.fails(&["volume", "show", "vol1"]);
     assert!(err.contains("no volume named or numbered \"vol1\""), "{err}");
     assert!(cli.ok(&["volume", "delete", "data"]).contains("Deleted volume data"));

@@ -27,7 +27,9 @@ pub struct ClusterConfig {
     pub connections_per_sds: usize,
     /// How long one piece of IO keeps retrying (SDS restart, map change).
     pub retry_for: Duration,
-    /// Wait for one data-plane reply.
+    /// Wait for one data-plane reply. Short, so a frozen SDS (whose kernel
+    /// still holds the connection open) is reported within seconds; a retry
+    /// after a timeout is safe because a late copy of a write is fenced.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
 }
@@ -37,7 +39,7 @@ impl Default for ClusterConfig {
         Self {
             connections_per_sds: 4,
             retry_for: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
         }
     }

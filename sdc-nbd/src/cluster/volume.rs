@@ -13,11 +13,16 @@
 //! | `NoToken` | present the token with `AUTH` to that SDS, retry |
 //! | `Expired`, `Revoked` | fetch a new token, retry (once) |
 //! | `NotAvailable`, `ReplicaFailed`, lost connection | back off, refetch the map, retry until the retry budget is spent |
-//! | no reply in time | reads: as above; writes: fail (a late copy could overtake a newer write) |
+//! | `Superseded` (a newer overlapping write of ours was applied first) | retry with a fresh sequence number |
+//! | no reply in time | as above: the copy still queued on the SDS can never land after the retry (write fencing, below) |
 //! | anything else | fail the request with the matching NBD error |
 //!
-//! Every attempt takes a fresh sequence number from the token's counter
-//! (starting at 1), since the SDS keeps a replay window per token.
+//! Every attempt takes a fresh sequence number from the token's counter,
+//! since the SDS keeps a replay window per token. The counter starts at the
+//! wall clock in nanoseconds and carries over to each renewed token, so for
+//! the SDS a higher number from this SDC always means "sent later": that is
+//! what its write fencing (a late copy never lands after a newer write)
+//! compares.
 //!
 //! # No data cache
 //!
@@ -54,6 +59,8 @@ use crate::metrics::OpCounters;
 const MAX_STATUS_CHUNKS: u64 = 8192;
 /// Pieces of one TRIM/WRITE_ZEROES sent at once.
 const ZERO_CONCURRENCY: usize = 64;
+/// Rounds of FLUSH under a changing map before the flush fails.
+const FLUSH_ROUNDS: usize = 5;
 /// Immediate retries (fresh map, fresh token) before backing off.
 const IMMEDIATE_RETRIES: u32 = 3;
 
@@ -66,13 +73,23 @@ pub struct TokenState {
     pub mode: AccessMode,
     pub mapping_gen: u64,
     pub expires_at: u64,
-    /// Unix seconds after which the token is renewed (2/3 of its life).
+    /// Unix seconds after which the token is renewed (1/3 of its life, so
+    /// two thirds of it cover an MDM outage: see "IO without the MDM" in
+    /// the architecture notes).
     pub renew_at: u64,
     seq: AtomicU64,
 }
 
 impl TokenState {
-    pub fn from_response(resp: &TokenResponse, mode: AccessMode) -> Result<Self, BackendError> {
+    /// `first_seq`: the sequence number to continue from (the previous
+    /// token's next one, or [`first_sequence_number`] for a volume's first
+    /// token), so numbers grow for as long as this SDC runs: the SDS's
+    /// write fencing compares them across tokens.
+    pub fn from_response(
+        resp: &TokenResponse,
+        mode: AccessMode,
+        first_seq: u64,
+    ) -> Result<Self, BackendError> {
         let signed = SignedToken::from_hex(&resp.token)
             .map_err(|e| BackendError::Io(format!("MDM sent a bad token: {e}")))?;
         let key = SessionKey::from_hex(&resp.session_key)
@@ -86,12 +103,12 @@ impl TokenState {
             mode,
             mapping_gen: resp.mapping_gen,
             expires_at: resp.expires_at,
-            renew_at: now + life * 2 / 3,
-            seq: AtomicU64::new(1),
+            renew_at: now + life / 3,
+            seq: AtomicU64::new(first_seq.max(1)),
         })
     }
 
-    /// The next sequence number of this token (1, 2, 3, ...).
+    /// The next sequence number of this token (n, n + 1, ...).
     pub fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
@@ -105,6 +122,18 @@ impl TokenState {
     pub fn needs_renewal(&self, now: u64) -> bool {
         now >= self.renew_at
     }
+}
+
+/// Where this process's sequence numbers start: the wall clock in
+/// nanoseconds, so an SDC that restarts continues above every number it
+/// sent before (it sends far fewer than one request per nanosecond), and a
+/// late request from its previous life is fenced like any other.
+pub fn first_sequence_number() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// Counters of one volume (read by acks, heartbeats, the SQLite writer).
@@ -176,7 +205,7 @@ impl ClusterVolume {
             .request_token(mapping.volume_id, mapping.access_mode)
             .await
             .map_err(|e| BackendError::Io(format!("token for {}: {e}", mapping.name)))?;
-        let token = TokenState::from_response(&resp, mapping.access_mode)?;
+        let token = TokenState::from_response(&resp, mapping.access_mode, first_sequence_number())?;
         Ok(Arc::new(Self {
             id: mapping.volume_id,
             ctx,
@@ -276,7 +305,8 @@ impl ClusterVolume {
             .request_token(self.id, mode)
             .await
             .map_err(|e| BackendError::Io(format!("renewing the token: {e}")))?;
-        let token = TokenState::from_response(&resp, mode)?;
+        let next = self.token().seq.load(Ordering::Relaxed);
+        let token = TokenState::from_response(&resp, mode, next)?;
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(token);
         self.stats.token_refreshes.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -405,6 +435,9 @@ impl ClusterVolume {
                             backoff = false;
                         }
                         Status::Replay if attempt <= IMMEDIATE_RETRIES => backoff = false,
+                        // A newer overlapping write of ours went first; ours
+                        // goes again with a fresh (higher) number.
+                        Status::Superseded => backoff = attempt > IMMEDIATE_RETRIES,
                         Status::NotAvailable | Status::ReplicaFailed => {
                             let _ = self.refresh_map(fetches).await;
                             backoff = true;
@@ -412,14 +445,6 @@ impl ClusterVolume {
                         other => return Err(status_error(other, node_id)),
                     }
                     reason = format!("SDS {node_id} answered {}", status.name());
-                }
-                Err(ClientError::Timeout(t)) if op.is_write() => {
-                    // The request may still be queued on the SDS: sending it
-                    // again could let this stale copy land after a later
-                    // write to the same bytes. Fail it instead.
-                    return Err(BackendError::Io(format!(
-                        "SDS {node_id} did not answer a {op:?} within {t:?}"
-                    )));
                 }
                 Err(
                     e @ (ClientError::Connect { .. }
@@ -528,10 +553,14 @@ impl ClusterVolume {
     }
 
     /// FLUSH to every SDS that is primary for some chunk of the volume;
-    /// each primary flushes its secondaries before answering. Repeated if
-    /// the map changed meanwhile, so new primaries are covered too.
+    /// each primary flushes its secondaries before answering (under the map
+    /// the SDC routed by: a primary that knows a newer one answers
+    /// `StaleEpoch` and the call goes again under the new map). Ok only when
+    /// one whole round ran under an unchanged map, so every copy of the
+    /// current replica set is covered; if the map keeps changing, EIO rather
+    /// than Ok on a partial flush.
     async fn flush_all(&self) -> Result<(), BackendError> {
-        for _ in 0..3 {
+        for _ in 0..FLUSH_ROUNDS {
             let map = self.placement();
             let primaries: BTreeSet<u64> = map.pgs.iter().map(|pg| pg.primary).collect();
             futures_util::future::try_join_all(primaries.iter().map(|&node| {
@@ -542,7 +571,10 @@ impl ClusterVolume {
                 return Ok(());
             }
         }
-        Ok(())
+        Err(BackendError::Io(format!(
+            "FLUSH: the placement map changed during each of {FLUSH_ROUNDS} rounds; \
+             not every copy is known to be flushed"
+        )))
     }
 
     /// Allocation of the chunks covering `offset .. offset + length`, from

@@ -84,6 +84,16 @@ pub struct SdsArgs {
     /// per network thread.
     #[arg(long)]
     pub peer_connections: Option<usize>,
+    /// Length of the lease a primary holds from its secondary, in ms; a
+    /// promoted copy serves only after the leases it granted ran out (see
+    /// "Leases" in docs/ARCHITECTURE.md). 0 turns leases off (never in
+    /// production: a primary cut off from the MDM could then serve stale
+    /// reads).
+    #[arg(long, default_value_t = 3000)]
+    pub lease_ms: u64,
+    /// Margin for clock-rate differences between copies, in ms.
+    #[arg(long, default_value_t = 300)]
+    pub lease_drift_ms: u64,
 }
 
 /// Size of a device created when none is given.
@@ -123,6 +133,8 @@ pub struct NodeConfig {
     pub ack_interval: Duration,
     pub reclaim_interval: Option<Duration>,
     pub peer_connections: usize,
+    /// `None`: leases off.
+    pub lease: Option<super::lease::LeaseConfig>,
 }
 
 impl SdsArgs {
@@ -176,6 +188,11 @@ impl SdsArgs {
             reclaim_interval: (self.reclaim_interval_secs > 0)
                 .then(|| Duration::from_secs(self.reclaim_interval_secs)),
             peer_connections: self.peer_connections.unwrap_or(self.network_threads).max(1),
+            lease: (self.lease_ms > 0).then(|| super::lease::LeaseConfig {
+                length: Duration::from_millis(self.lease_ms),
+                drift: Duration::from_millis(self.lease_drift_ms),
+                renew_every: Duration::from_millis((self.lease_ms / 4).max(50)),
+            }),
         })
     }
 }

@@ -14,6 +14,9 @@
 //! chunk's primary (`NotPrimary`), payload CRC (`BadCrc`), replay window
 //! (`Replay`). The sequence number is accepted last, so a request refused
 //! for another reason can be corrected and sent again with the same one.
+//! Under the chunk's ordering lock a write is then refused as `Superseded`
+//! if a newer write of the same SDC to an overlapping range was applied
+//! first (a late copy: see [`super::fencing`]).
 //!
 //! A replication frame (flag `REPLICA`, from the chunk's primary) is MACed
 //! with the peer key and carries the sender's node id in `token_id`; the
@@ -41,6 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::auth::{check_client_request, verify_auth, VerifiedToken};
+use super::lease::PrimaryLease;
 use super::metrics::op_name;
 use super::replication::ChunkOrderLock;
 use super::{Identity, SdsNode};
@@ -219,13 +223,126 @@ async fn serve_checked_client(
                 return Err(Status::BadCrc);
             }
             accept_seq(token, header.seq)?;
+            hold_lease(node, identity, &map, header.chunk_index, pg).await?;
             if op == Op::Read {
                 return read_local(node, header).await;
             }
-            replicate_write(node, identity, &map, pg, op, header, payload).await?;
+            replicate_write(node, identity, &map, pg, op, header, payload, token.token.sdc_id)
+                .await?;
             Ok(Vec::new())
         }
-        Op::Auth | Op::Ping => Err(Status::Invalid),
+        Op::Auth | Op::Ping | Op::Lease => Err(Status::Invalid),
+    }
+}
+
+/// How long a primary waits for a lease reply before it stops counting on it.
+const LEASE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// A primary serves a PG only under a lease from its secondary, and only
+/// once every lease this node granted for the PG (as its secondary, or
+/// before a restart) has run out: see [`super::lease`]. Renews inline when
+/// the lease is missing; `NotAvailable` if the secondary does not grant it
+/// (the SDC backs off and refetches the map).
+async fn hold_lease(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    chunk_index: u64,
+    pg: PlacementGroup,
+) -> Result<(), Status> {
+    let Some(leases) = &node.leases else { return Ok(()) };
+    let pg_index = (chunk_index % map.pgs.len().max(1) as u64) as usize;
+    let secondary =
+        map.node(pg.secondary).filter(|_| pg.secondary != identity.node_id).map(|n| n.id);
+    for _ in 0..3 {
+        let now = std::time::Instant::now();
+        match leases.check_primary(map.volume_id, pg_index, map.epoch, secondary, now) {
+            PrimaryLease::Valid => return Ok(()),
+            PrimaryLease::WaitOut(wait) => {
+                node.metrics.lease_waits.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+            }
+            PrimaryLease::Renew => {
+                let secondary = secondary.ok_or(Status::NotAvailable)?;
+                renew_lease(node, identity, map, secondary).await?;
+            }
+        }
+    }
+    Err(Status::NotAvailable)
+}
+
+/// Asks `secondary` for a lease on `map`'s volume under `map.epoch`.
+async fn renew_lease(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    secondary: u64,
+) -> Result<(), Status> {
+    let leases = node.leases.as_ref().ok_or(Status::Invalid)?;
+    let endpoint = map.node(secondary).ok_or(Status::NotAvailable)?;
+    let peer = node.peers.get(endpoint).map_err(|_| Status::NotAvailable)?;
+    let header = FrameHeader {
+        op: Op::Lease as u8,
+        flags: flags::REPLICA,
+        volume_id: map.volume_id,
+        epoch: map.epoch,
+        token_id: identity.node_id,
+        seq: peer.seq.next(),
+        ..FrameHeader::default()
+    };
+    let sent = std::time::Instant::now();
+    let call = peer.client.call_shared(header, &identity.peer_key, Bytes::new());
+    let status = match tokio::time::timeout(LEASE_REQUEST_TIMEOUT, call).await {
+        Ok(Ok(reply)) => reply.status(),
+        Ok(Err(_)) | Err(_) => Status::NotAvailable,
+    };
+    match status {
+        Status::Ok => {
+            leases.record_held(map.volume_id, secondary, map.epoch, sent);
+            node.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Status::StaleEpoch => {
+            // The secondary knows a newer map: it will not vouch for us under
+            // this one. Stop serving under it and learn the new map.
+            leases.drop_held(map.volume_id, secondary);
+            node.metrics.lease_failures.fetch_add(1, Ordering::Relaxed);
+            let _ = node.fetch_placement(map.volume_id).await;
+            Err(Status::StaleEpoch)
+        }
+        _ => {
+            node.metrics.lease_failures.fetch_add(1, Ordering::Relaxed);
+            Err(Status::NotAvailable)
+        }
+    }
+}
+
+/// Renews, ahead of need, the leases of every volume this node is primary
+/// in, so IO rarely waits for one.
+pub async fn lease_loop(node: Arc<SdsNode>) {
+    let Some(config) = node.leases.as_ref().map(|l| l.config()) else { return };
+    let mut tick = tokio::time::interval(config.renew_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(identity) = node.identity() else { continue };
+        let mut renewals = Vec::new();
+        for map in node.placement.all() {
+            let secondaries: BTreeSet<u64> = map
+                .pgs
+                .iter()
+                .filter(|pg| pg.primary == identity.node_id && pg.secondary != identity.node_id)
+                .map(|pg| pg.secondary)
+                .filter(|id| map.node(*id).is_some())
+                .collect();
+            for secondary in secondaries {
+                let (node, identity, map) = (&node, &identity, map.clone());
+                renewals.push(async move {
+                    let _ = renew_lease(node, identity, &map, secondary).await;
+                });
+            }
+        }
+        futures_util::future::join_all(renewals).await;
     }
 }
 
@@ -292,7 +409,10 @@ fn store_status(e: &StoreError) -> Status {
     }
 }
 
-/// Primary side: local write and forward under the chunk's ordering lock.
+/// Primary side: local write and forward under the chunk's ordering lock,
+/// unless a newer write of the same SDC (`sdc_id`) to an overlapping range
+/// was applied first ([`super::fencing`]).
+#[allow(clippy::too_many_arguments)]
 async fn replicate_write(
     node: &SdsNode,
     identity: &Identity,
@@ -301,6 +421,7 @@ async fn replicate_write(
     op: Op,
     header: &FrameHeader,
     payload: Vec<u8>,
+    sdc_id: u64,
 ) -> Result<(), Status> {
     let secondary = map
         .node(pg.secondary)
@@ -311,6 +432,10 @@ async fn replicate_write(
         Status::ReplicaFailed
     })?;
     let _in_order = lock_in_order(node, header, map).await?;
+    let fence_key = (sdc_id, header.volume_id, header.chunk_index);
+    if !node.fences.admit(fence_key, header.offset, header.length, header.seq) {
+        return Err(Status::Superseded);
+    }
     // The sequence number is taken in order, after the wait for the chunk,
     // so a write queued behind others cannot fall out of the peer's window.
     let forward = FrameHeader {
@@ -527,6 +652,26 @@ async fn serve_replica(
             // reads the chunk, or is refused after it.
             let _in_order = lock_in_order(node, header, &map).await?;
             apply_local(node, op, header, &payload).await?;
+            Ok(Vec::new())
+        }
+        Op::Lease => {
+            // Granted only under the newest map this node knows
+            // (`placement_for` refused older epochs), for the PGs where it is
+            // the sender's secondary.
+            let pgs: Vec<usize> = map
+                .pgs
+                .iter()
+                .enumerate()
+                .filter(|(_, pg)| pg.primary == sender && pg.secondary == identity.node_id)
+                .map(|(i, _)| i)
+                .collect();
+            if pgs.is_empty() || map.epoch != header.epoch {
+                return Err(Status::NotPrimary);
+            }
+            accept(header.seq)?;
+            if let Some(leases) = &node.leases {
+                leases.grant(header.volume_id, &pgs, std::time::Instant::now());
+            }
             Ok(Vec::new())
         }
         Op::Auth | Op::Ping => Err(Status::Invalid),

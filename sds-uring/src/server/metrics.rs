@@ -16,7 +16,7 @@ const STATUS_SLOTS: usize = 32;
 /// Highest op code + 1 (see [`Op`]).
 const OP_SLOTS: usize = 16;
 
-const ALL_STATUSES: [Status; 19] = [
+const ALL_STATUSES: [Status; 20] = [
     Status::Ok,
     Status::IoError,
     Status::Invalid,
@@ -36,10 +36,20 @@ const ALL_STATUSES: [Status; 19] = [
     Status::ReplicaFailed,
     Status::MalformedToken,
     Status::NotAvailable,
+    Status::Superseded,
 ];
 
-const ALL_OPS: [Op; 8] =
-    [Op::Read, Op::Write, Op::Flush, Op::Trim, Op::WriteZeroes, Op::Auth, Op::Ping, Op::Allocation];
+const ALL_OPS: [Op; 9] = [
+    Op::Read,
+    Op::Write,
+    Op::Flush,
+    Op::Trim,
+    Op::WriteZeroes,
+    Op::Auth,
+    Op::Ping,
+    Op::Allocation,
+    Op::Lease,
+];
 
 /// Short stable op name, used in labels and IO acknowledgements.
 pub fn op_name(op: Op) -> &'static str {
@@ -52,6 +62,7 @@ pub fn op_name(op: Op) -> &'static str {
         Op::Auth => "auth",
         Op::Ping => "ping",
         Op::Allocation => "allocation",
+        Op::Lease => "lease",
     }
 }
 
@@ -92,6 +103,9 @@ pub struct SdsMetrics {
     pub write_bytes: AtomicU64,
     pub forwards: AtomicU64,
     pub forward_failures: AtomicU64,
+    pub leases_renewed: AtomicU64,
+    pub lease_failures: AtomicU64,
+    pub lease_waits: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub framing_errors: AtomicU64,
     pub heartbeats_sent: AtomicU64,
@@ -224,7 +238,7 @@ impl SdsMetrics {
                 );
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 16] = [
+        let counters: [(&str, &str, &AtomicU64); 19] = [
             (
                 "pflex_sds_chunks_reclaimed_total",
                 "Chunks released because their PG no longer has a copy on this node.",
@@ -260,6 +274,21 @@ impl SdsMetrics {
                 "pflex_sds_replica_forward_failures_total",
                 "Forwards that failed.",
                 &self.forward_failures,
+            ),
+            (
+                "pflex_sds_leases_renewed_total",
+                "Leases this node's secondaries granted it.",
+                &self.leases_renewed,
+            ),
+            (
+                "pflex_sds_lease_failures_total",
+                "Lease requests refused or unanswered.",
+                &self.lease_failures,
+            ),
+            (
+                "pflex_sds_lease_waits_total",
+                "Requests that waited out a lease this node granted before serving as primary.",
+                &self.lease_waits,
             ),
             (
                 "pflex_sds_connections_total",

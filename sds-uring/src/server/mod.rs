@@ -13,6 +13,8 @@
 //!   that moved away while this node was failed;
 //! - [`http`]: `/health`, `/metrics` on both HTTP ports and the per-chunk
 //!   checksum query on the control port;
+//! - [`fencing`]: late copies of writes never land after newer ones;
+//!   [`lease`]: a primary serves only while its secondary vouches for it;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
 //!   [`local_log`]: the state those use.
 //!
@@ -24,7 +26,9 @@ pub mod acks;
 pub mod auth;
 pub mod config;
 pub mod dataplane;
+pub mod fencing;
 pub mod http;
+pub mod lease;
 pub mod local_log;
 pub mod membership;
 pub mod metrics;
@@ -98,6 +102,9 @@ pub struct SdsNode {
     pub placement: PlacementCache,
     pub peers: PeerClients,
     pub chunk_locks: ChunkOrderLocks,
+    pub fences: fencing::WriteFences,
+    /// `None` when leases are off (`--lease-ms 0`).
+    pub leases: Option<lease::Leases>,
     pub metrics: SdsMetrics,
     pub acks: AckBatcher,
     pub local_log: LocalLog,
@@ -161,6 +168,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         "SDS listening"
     );
 
+    let leases = config.lease.map(lease::Leases::new);
     let node = Arc::new(SdsNode {
         local_log: LocalLog::open(store.db_path()),
         peers: PeerClients::new(config.peer_connections),
@@ -173,6 +181,8 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         peer_windows: PeerReplayWindows::default(),
         placement: PlacementCache::default(),
         chunk_locks: ChunkOrderLocks::default(),
+        fences: fencing::WriteFences::default(),
+        leases,
         metrics: SdsMetrics::default(),
         acks: AckBatcher::default(),
         rebuilds: rebuild::RebuildRunner::default(),
@@ -198,6 +208,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     }
     tokio::spawn(dataplane::serve(node.clone(), data));
     tokio::spawn(membership::heartbeat_loop(node.clone()));
+    tokio::spawn(dataplane::lease_loop(node.clone()));
     tokio::spawn(membership::ack_loop(node.clone()));
     if let Some(every) = node.config.reclaim_interval {
         tokio::spawn(reclaim::reclaim_loop(node.clone(), every));

@@ -36,6 +36,11 @@ pub enum Lookup {
 }
 
 impl PlacementCache {
+    /// Every cached map.
+    pub fn all(&self) -> Vec<Arc<PlacementMap>> {
+        self.maps.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
     pub fn cached(&self, volume_id: u64) -> Option<Arc<PlacementMap>> {
         self.maps.read().unwrap_or_else(|p| p.into_inner()).get(&volume_id).cloned()
     }

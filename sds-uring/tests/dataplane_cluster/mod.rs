@@ -145,7 +145,7 @@ pub struct Cluster {
     mdm: ProcessGuard,
     http: reqwest::Client,
     join_key_file: PathBuf,
-    mdm_port: u16,
+    pub mdm_port: u16,
     detection: FailureDetection,
     /// The running MDM's data directory.
     pub mdm_dir: PathBuf,
@@ -224,13 +224,21 @@ impl Cluster {
     }
 
     async fn add_sds(&mut self, n: usize) {
+        let mdm_url = self.mdm_url.clone();
+        self.add_sds_via(n, &mdm_url).await;
+    }
+
+    /// Adds SDS number `n` (the next one) that reaches the MDM at `mdm_url`
+    /// (say a [`pflex_testkit::TcpRelay`] in front of it, to cut that link
+    /// alone) and waits until it is registered.
+    pub async fn add_sds_via(&mut self, n: usize, mdm_url: &str) {
         let name = format!("sds{n}");
         let data_dir = self.dir.path().join(&name);
         let (control_port, mgmt_port, data_port) = (free_port(), free_port(), free_port());
         let engine = std::env::var("PFLEX_TEST_IO_ENGINE").unwrap_or_else(|_| "uring".into());
         let args: Vec<String> = vec![
             "--mdm".into(),
-            self.mdm_url.clone(),
+            mdm_url.to_string(),
             "--join-key-file".into(),
             self.join_key_file.display().to_string(),
             "--name".into(),
@@ -359,6 +367,14 @@ impl Cluster {
 
     /// The index in `sds` (for `kill_sds`, `start_sds`) of running node
     /// `node_id`.
+    /// The node id SDS `i` registered under.
+    pub async fn node_id(&self, i: usize) -> u64 {
+        let url = format!("http://127.0.0.1:{}/health", self.sds[i].mgmt_port);
+        let status: ComponentStatus =
+            self.http.get(url).send().await.unwrap().json().await.unwrap();
+        status.node_id.expect("registered")
+    }
+
     pub async fn sds_index(&self, node_id: u64) -> usize {
         for (index, node) in self.sds.iter().enumerate().filter(|(_, n)| n.process.is_some()) {
             let url = format!("http://127.0.0.1:{}/health", node.mgmt_port);
@@ -479,7 +495,15 @@ impl VolumeSession {
             map,
             token,
             key,
-            seq: Arc::new(AtomicU64::new(1)),
+            // As the SDC does: numbers start at the wall clock in ns, so a
+            // session opened later (a new token) numbers above an earlier
+            // one, which the SDS's write fencing relies on.
+            seq: Arc::new(AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64,
+            )),
             clients,
         }
     }

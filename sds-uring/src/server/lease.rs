@@ -1,0 +1,220 @@
+//! Leases between the copies of a placement group: a primary serves a PG
+//! only while its secondary vouches for it, and a copy that was promoted
+//! serves only after every lease it granted for that PG has run out.
+//!
+//! Without leases a primary that the MDM replaced while it was cut off
+//! (from the MDM only) would go on answering reads from SDCs that still hold
+//! the old map, after its successor had acknowledged newer writes. As in
+//! Ceph, where read leases live between the OSDs of a PG and not with the
+//! monitors, the lease here is granted by the PG's other copy, so a primary
+//! that can reach its secondaries keeps serving while the MDM is down:
+//!
+//! - The primary asks each of its secondaries for a lease on a volume under
+//!   its current epoch (`Op::Lease`), every [`LeaseConfig::renew_every`], and
+//!   counts the lease from the moment it *sent* the request:
+//!   valid until `sent + length - drift`.
+//! - A secondary grants only under the newest epoch it knows (else
+//!   `StaleEpoch`), and records, per PG it is secondary of under that map,
+//!   `granted + length`, counted on its own clock from the later moment it
+//!   *received* the request. So the grantor's view of expiry is never
+//!   earlier than the holder's, with no clock shared between hosts: only
+//!   clock rates matter, and `drift` covers them.
+//! - A node that becomes primary of a PG serves it only from
+//!   `granted + length + drift` on. The copy that is promoted when a
+//!   primary fails is its secondary, the only node that could have vouched
+//!   for the old primary: once it knows the new map it refuses to renew the
+//!   old one, and waits out what it granted before serving.
+//! - A node that restarts has forgotten what it granted: it serves as a
+//!   primary only `length + drift` after it started.
+//!
+//! A PG with no distinct secondary (one copy left) needs no lease: any
+//! successor must first be rebuilt from this copy.
+//!
+//! Decisions here are pure functions of the recorded instants; the node
+//! sends the requests (see `dataplane`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Lease timing. See `docs/ARCHITECTURE.md` ("Leases") for how these relate
+/// to the failure timeout and the longest stall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// How long a granted lease lasts.
+    pub length: Duration,
+    /// Margin for clock-rate differences between holder and grantor.
+    pub drift: Duration,
+    /// How often a primary renews its leases.
+    pub renew_every: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            length: Duration::from_millis(3000),
+            drift: Duration::from_millis(300),
+            renew_every: Duration::from_millis(750),
+        }
+    }
+}
+
+/// Leases this node holds (as a primary) and has granted (as a secondary).
+pub struct Leases {
+    config: LeaseConfig,
+    started: Instant,
+    /// (volume, secondary node) -> (epoch, valid until).
+    held: Mutex<HashMap<(u64, u64), (u64, Instant)>>,
+    /// (volume, PG index) -> the grantor's expiry of the newest lease granted.
+    granted: Mutex<HashMap<(u64, usize), Instant>>,
+}
+
+/// What a primary may do with a PG right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryLease {
+    /// Serve.
+    Valid,
+    /// A lease granted for this PG (or before a restart) may still be held
+    /// by another node: wait this long first.
+    WaitOut(Duration),
+    /// Ask the secondary for a lease first.
+    Renew,
+}
+
+impl Leases {
+    pub fn new(config: LeaseConfig) -> Self {
+        Self::new_at(config, Instant::now())
+    }
+
+    fn new_at(config: LeaseConfig, started: Instant) -> Self {
+        Leases {
+            config,
+            started,
+            held: Mutex::new(HashMap::new()),
+            granted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> LeaseConfig {
+        self.config
+    }
+
+    /// Whether this node, primary of PG `pg` of `volume` under `epoch`
+    /// with secondary `secondary` (`None`: no other copy), may serve it at
+    /// `now`.
+    pub fn check_primary(
+        &self,
+        volume: u64,
+        pg: usize,
+        epoch: u64,
+        secondary: Option<u64>,
+        now: Instant,
+    ) -> PrimaryLease {
+        let c = self.config;
+        let mut not_before = self.started + c.length + c.drift;
+        if let Some(&granted) =
+            self.granted.lock().unwrap_or_else(|p| p.into_inner()).get(&(volume, pg))
+        {
+            not_before = not_before.max(granted + c.drift);
+        }
+        if now < not_before {
+            return PrimaryLease::WaitOut(not_before - now);
+        }
+        let Some(secondary) = secondary else { return PrimaryLease::Valid };
+        match self.held.lock().unwrap_or_else(|p| p.into_inner()).get(&(volume, secondary)) {
+            Some(&(held_epoch, until)) if held_epoch == epoch && now < until => PrimaryLease::Valid,
+            _ => PrimaryLease::Renew,
+        }
+    }
+
+    /// The secondary granted a lease requested at `sent` under `epoch`.
+    pub fn record_held(&self, volume: u64, secondary: u64, epoch: u64, sent: Instant) {
+        let until = sent + self.config.length.saturating_sub(self.config.drift);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = held.entry((volume, secondary)).or_insert((epoch, until));
+        if epoch > entry.0 || (epoch == entry.0 && until > entry.1) {
+            *entry = (epoch, until);
+        }
+    }
+
+    /// The secondary refused (it knows a newer map, or is gone): stop
+    /// serving under what this node held from it.
+    pub fn drop_held(&self, volume: u64, secondary: u64) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&(volume, secondary));
+    }
+
+    /// As a secondary: grants the sender a lease on `pgs` of `volume`,
+    /// received at `now`.
+    pub fn grant(&self, volume: u64, pgs: &[usize], now: Instant) {
+        let expires = now + self.config.length;
+        let mut granted = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+        for &pg in pgs {
+            let e = granted.entry((volume, pg)).or_insert(expires);
+            *e = (*e).max(expires);
+        }
+    }
+
+    /// Forgets a volume this node no longer has.
+    pub fn forget_volume(&self, volume: u64) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != volume);
+        self.granted.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != volume);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn config() -> LeaseConfig {
+        LeaseConfig { length: 3000 * MS, drift: 300 * MS, renew_every: 750 * MS }
+    }
+
+    #[test]
+    fn a_fresh_node_waits_out_leases_it_may_have_granted_before_a_restart() {
+        let t0 = Instant::now();
+        let leases = Leases::new_at(config(), t0);
+        assert_eq!(leases.check_primary(1, 0, 5, None, t0), PrimaryLease::WaitOut(3300 * MS));
+        assert_eq!(leases.check_primary(1, 0, 5, None, t0 + 3300 * MS), PrimaryLease::Valid);
+    }
+
+    #[test]
+    fn a_primary_serves_only_under_a_lease_of_its_current_epoch() {
+        let t0 = Instant::now();
+        let leases = Leases::new_at(config(), t0);
+        let t = t0 + 10_000 * MS;
+        assert_eq!(leases.check_primary(1, 0, 5, Some(2), t), PrimaryLease::Renew);
+        leases.record_held(1, 2, 5, t);
+        // (time, epoch, expected)
+        let table = [
+            (t, 5, PrimaryLease::Valid),
+            (t + 2699 * MS, 5, PrimaryLease::Valid),
+            (t + 2700 * MS, 5, PrimaryLease::Renew), // sent + length - drift
+            (t, 6, PrimaryLease::Renew),             // a newer map: ask again
+        ];
+        for (i, (now, epoch, want)) in table.into_iter().enumerate() {
+            assert_eq!(leases.check_primary(1, 0, epoch, Some(2), now), want, "row {i}");
+        }
+        // Another secondary, another volume: no lease.
+        assert_eq!(leases.check_primary(1, 0, 5, Some(3), t), PrimaryLease::Renew);
+        assert_eq!(leases.check_primary(2, 0, 5, Some(2), t), PrimaryLease::Renew);
+        leases.drop_held(1, 2);
+        assert_eq!(leases.check_primary(1, 0, 5, Some(2), t), PrimaryLease::Renew);
+    }
+
+    #[test]
+    fn a_promoted_copy_waits_out_the_lease_it_granted_the_old_primary() {
+        let t0 = Instant::now();
+        let leases = Leases::new_at(config(), t0);
+        let t = t0 + 10_000 * MS;
+        // As secondary of PGs 0 and 2, it vouched for the old primary at t.
+        leases.grant(1, &[0, 2], t);
+        // Promoted at t + 1 s: it may serve PG 0 only at t + length + drift.
+        let promoted = t + 1000 * MS;
+        assert_eq!(leases.check_primary(1, 0, 6, None, promoted), PrimaryLease::WaitOut(2300 * MS));
+        assert_eq!(leases.check_primary(1, 0, 6, None, t + 3300 * MS), PrimaryLease::Valid);
+        // PG 1 was never vouched for here: no wait.
+        assert_eq!(leases.check_primary(1, 1, 6, None, promoted), PrimaryLease::Valid);
+    }
+}
