@@ -64,8 +64,12 @@ impl Probes {
             h.failing = None;
             return false;
         }
+        // Reports (and so probes) come as often as the reporters notice:
+        // once a second for refused connections, once per request timeout
+        // (2 s) for a node that accepts but does not answer. A gap up to the
+        // grace plus two probe intervals continues the run.
         let began = match h.failing {
-            Some((began, last)) if now.duration_since(last) <= grace => began,
+            Some((began, last)) if now.duration_since(last) <= grace + 2 * PROBE_INTERVAL => began,
             _ => h.last_probe,
         };
         if now.duration_since(began) >= grace {
@@ -135,6 +139,23 @@ mod tests {
         let probes = Probes::default();
         let verdicts = run(&probes, t0, &[false, false, false, true, false, false, false, false]);
         assert!(verdicts.iter().all(|v| !v), "{verdicts:?}");
+    }
+
+    #[test]
+    fn reports_a_request_timeout_apart_still_make_one_run() {
+        // A frozen node: the SDC notices once per 2 s request timeout.
+        let probes = Probes::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(2);
+        let at = |s: u64| t0 + Duration::from_millis(s);
+        let verdicts: Vec<bool> = [0, 2050, 4100]
+            .into_iter()
+            .map(|ms| {
+                assert!(probes.begin_at(1, at(ms)));
+                probes.record_at(1, false, grace, at(ms))
+            })
+            .collect();
+        assert_eq!(verdicts, [false, true, false]);
     }
 
     #[test]

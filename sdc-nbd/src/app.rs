@@ -45,9 +45,13 @@ pub struct Args {
     /// Port of the management API (GET /health, GET /metrics).
     #[arg(long, default_value_t = 8004)]
     pub mgmt_port: u16,
-    /// Address the HTTP ports bind to and that this SDC registers with.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address the HTTP ports bind to (`--listen` is the same flag); also
+    /// the one this SDC registers with unless `--advertise` says otherwise.
+    #[arg(long, alias = "listen", default_value = "127.0.0.1")]
     pub host: String,
+    /// Address the MDM and the CLI reach this SDC at, if not the listen address.
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Heartbeat interval; by default the one the MDM suggests at registration.
     #[arg(long)]
     pub heartbeat_interval_secs: Option<u64>,
@@ -197,7 +201,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
             mdm_url: args.mdm.clone(),
             join_key,
             name: args.name.clone(),
-            host: args.host.clone(),
+            host: args.advertise.clone().unwrap_or_else(|| args.host.clone()),
             nbd_port,
             control_port: args.control_port,
             mgmt_port: args.mgmt_port,

@@ -97,7 +97,11 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
     loop {
         match s.write(chunk, 0, &healed).await {
             Status::Ok => break,
-            Status::ReplicaFailed if std::time::Instant::now() < deadline => {
+            // `NotAvailable`: the primary holds no lease while it cannot
+            // reach its secondary; an SDC retries both.
+            Status::ReplicaFailed | Status::NotAvailable
+                if std::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             other => panic!("write after the secondary came back: {}", other.name()),
@@ -131,7 +135,11 @@ async fn a_secondary_back_on_another_port_is_found_again() {
     loop {
         match s.write(chunk, 0, &data).await {
             Status::Ok => break,
-            Status::ReplicaFailed if std::time::Instant::now() < deadline => {
+            // `NotAvailable`: the primary holds no lease while it cannot
+            // reach its secondary; an SDC retries both.
+            Status::ReplicaFailed | Status::NotAvailable
+                if std::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             other => panic!("write after the secondary moved: {}", other.name()),

@@ -7,7 +7,7 @@ mod dataplane_cluster;
 
 use std::time::{Duration, Instant};
 
-use dataplane_cluster::{pattern, Cluster, FailureDetection, VolumeSession};
+use dataplane_cluster::{metric_sum, pattern, Cluster, FailureDetection, VolumeSession};
 use pflex_proto::frame::{Op, Status};
 use pflex_proto::token::AccessMode;
 use pflex_testkit::{wait_for, TcpRelay};
@@ -37,6 +37,13 @@ async fn a_primary_replaced_while_cut_from_the_mdm_serves_no_stale_read() {
     // Cut sds3 from the MDM only. Its heartbeats stop, the MDM fails it and
     // promotes the chunk's secondary; sds3 itself never hears of it.
     relay.cut();
+    // Control: cut from the MDM only, the primary keeps serving (its lease
+    // comes from its secondary, not from the MDM).
+    let served_at = Instant::now();
+    while served_at.elapsed() < Duration::from_secs(2) {
+        let (status, data) = old.read(chunk, 0, 4096).await;
+        assert_eq!((status, data == x), (Status::Ok, true), "a healthy primary stopped serving");
+    }
     let old_epoch = old.map.epoch;
     wait_for("the MDM to move sds3's copies", Duration::from_secs(30), || async {
         let map = cluster.admin.placement(volume_id).await.unwrap();
@@ -61,7 +68,8 @@ async fn a_primary_replaced_while_cut_from_the_mdm_serves_no_stale_read() {
         status.name()
     );
     let metrics = cluster.metrics(&cluster.sds[2]).await;
-    assert!(metrics.contains("pflex_sds_lease_failures_total"), "{metrics}");
+    let refused = metric_sum(&metrics, "pflex_sds_lease_failures_total");
+    assert!(refused > 0, "the cut primary's leases were never refused:\n{metrics}");
     drop(relay);
 }
 

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod lab;
 pub mod nbd_probe;
 pub mod sdc_wait;
 pub mod up;

@@ -33,6 +33,9 @@ enum Command {
         #[arg(long = "data-dir", value_name = "DIR")]
         data_dir: Option<std::path::PathBuf>,
     },
+    /// A cluster over emulated hosts (network namespaces) whose links and processes can be
+    /// cut, killed and frozen: rehearse faults.
+    Lab(pflex_tools::lab::LabArgs),
     /// Bring back a component of a `pflex up` cluster (after a crash or a kill), with its data.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -76,6 +79,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             up::node_start(&data_dir(dir, &cli.connection), &name).await?
         }
         Command::Bench(args) => bench::run(args).await?,
+        Command::Lab(args) => pflex_tools::lab::run(args).await?,
         Command::Verify(args) => verify::run(args).await?,
     }
     Ok(())

@@ -162,6 +162,7 @@ impl LocalCluster {
 /// `pflex node start` can bring it back exactly as it was.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RecordedCommand {
+    /// The program (for a lab host: `ip`, with `netns exec NS BINARY` first).
     pub program: PathBuf,
     pub args: Vec<String>,
     /// Polled until the component is back: a `/health` answering
@@ -184,7 +185,7 @@ fn recorded_commands(data_dir: &Path) -> Result<BTreeMap<String, RecordedCommand
     }
 }
 
-fn record_command(data_dir: &Path, name: &str, command: &RecordedCommand) -> Result<()> {
+pub(crate) fn record_command(data_dir: &Path, name: &str, command: &RecordedCommand) -> Result<()> {
     let mut all = recorded_commands(data_dir)?;
     all.insert(name.to_string(), command.clone());
     let path = components_file(data_dir);
@@ -196,10 +197,11 @@ fn record_command(data_dir: &Path, name: &str, command: &RecordedCommand) -> Res
 }
 
 /// Where a component says it is up, read from its own command line.
-fn health_url_of(name: &str, args: &[String]) -> Option<String> {
+pub(crate) fn health_url_of(name: &str, args: &[String]) -> Option<String> {
     let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1));
     if let Some(port) = flag("--mgmt-port") {
-        return Some(format!("http://127.0.0.1:{port}/health"));
+        let host = flag("--host").map_or("127.0.0.1", String::as_str);
+        return Some(format!("http://{host}:{port}/health"));
     }
     let listen = flag("--listen")?;
     if name == "mdm" {
@@ -216,7 +218,7 @@ fn log_path(data_dir: &Path, name: &str) -> PathBuf {
 /// Starts one component with its output appended to its log and records its
 /// PID in `logs/pids`. A foreground child dies with `pflex up`
 /// (`PR_SET_PDEATHSIG`); a detached one gets its own process group.
-fn spawn_component(
+pub(crate) fn spawn_component(
     name: &str,
     command: &RecordedCommand,
     data_dir: &Path,
@@ -289,7 +291,7 @@ fn is_component(pid: i32, name: &str) -> bool {
 }
 
 /// The live PID of component `name`, if `logs/pids` records one.
-fn running_pid(data_dir: &Path, name: &str) -> Option<i32> {
+pub(crate) fn running_pid(data_dir: &Path, name: &str) -> Option<i32> {
     recorded_pids(data_dir)
         .into_iter()
         .rev()
@@ -330,7 +332,7 @@ async fn stop_pid(pid: i32, name: &str) {
 
 /// Stops every component recorded in `logs/pids` that is still running,
 /// newest first, except the PIDs in `skip`.
-async fn stop_recorded(data_dir: &Path, skip: &[i32]) {
+pub(crate) async fn stop_recorded(data_dir: &Path, skip: &[i32]) {
     let mut entries = recorded_pids(data_dir);
     entries.reverse();
     for (pid, name) in entries {
@@ -404,7 +406,7 @@ fn bin_dir(args: &UpArgs) -> Result<PathBuf> {
     Ok(exe.parent().context("pflex binary has no parent directory")?.to_path_buf())
 }
 
-fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if !p.is_file() {
         bail!(
@@ -416,7 +418,7 @@ fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// Reads `path`, or creates it (mode 0600) holding `make()`.
-fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
+pub(crate) fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
     if let Ok(s) = std::fs::read_to_string(path) {
         let s = s.trim().to_string();
         if !s.is_empty() {
@@ -712,7 +714,7 @@ fn ensure_ports_free(args: &UpArgs) -> Result<()> {
     Ok(())
 }
 
-async fn registered(http: &reqwest::Client, url: &str) -> Result<bool> {
+pub(crate) async fn registered(http: &reqwest::Client, url: &str) -> Result<bool> {
     let resp = http.get(url).timeout(Duration::from_secs(2)).send().await?;
     if !resp.status().is_success() {
         return Ok(false);
@@ -721,7 +723,7 @@ async fn registered(http: &reqwest::Client, url: &str) -> Result<bool> {
     Ok(v.get("registered").and_then(|r| r.as_bool()).unwrap_or(false))
 }
 
-async fn ensure_volume(mdm: &MdmClient, args: &UpArgs) -> Result<()> {
+pub(crate) async fn ensure_volume(mdm: &MdmClient, args: &UpArgs) -> Result<()> {
     let volumes = mdm.volume_list().await.context("listing volumes")?;
     let vol = match volumes.into_iter().find(|v| v.name == args.volume) {
         Some(v) => v,

@@ -77,18 +77,19 @@ pub struct TokenState {
     /// two thirds of it cover an MDM outage: see "IO without the MDM" in
     /// the architecture notes).
     pub renew_at: u64,
-    seq: AtomicU64,
+    /// Shared by every token of the volume, so numbers never repeat across
+    /// a renewal (an attempt that picked the old token still draws from it).
+    seq: Arc<AtomicU64>,
 }
 
 impl TokenState {
-    /// `first_seq`: the sequence number to continue from (the previous
-    /// token's next one, or [`first_sequence_number`] for a volume's first
-    /// token), so numbers grow for as long as this SDC runs: the SDS's
-    /// write fencing compares them across tokens.
+    /// `seq`: the volume's counter, shared with its previous tokens (a new
+    /// one starts at [`first_sequence_number`]), so numbers grow for as long
+    /// as this SDC runs: the SDS's write fencing compares them across tokens.
     pub fn from_response(
         resp: &TokenResponse,
         mode: AccessMode,
-        first_seq: u64,
+        seq: Arc<AtomicU64>,
     ) -> Result<Self, BackendError> {
         let signed = SignedToken::from_hex(&resp.token)
             .map_err(|e| BackendError::Io(format!("MDM sent a bad token: {e}")))?;
@@ -104,7 +105,7 @@ impl TokenState {
             mapping_gen: resp.mapping_gen,
             expires_at: resp.expires_at,
             renew_at: now + life / 3,
-            seq: AtomicU64::new(first_seq.max(1)),
+            seq,
         })
     }
 
@@ -205,7 +206,8 @@ impl ClusterVolume {
             .request_token(mapping.volume_id, mapping.access_mode)
             .await
             .map_err(|e| BackendError::Io(format!("token for {}: {e}", mapping.name)))?;
-        let token = TokenState::from_response(&resp, mapping.access_mode, first_sequence_number())?;
+        let seq = Arc::new(AtomicU64::new(first_sequence_number()));
+        let token = TokenState::from_response(&resp, mapping.access_mode, seq)?;
         Ok(Arc::new(Self {
             id: mapping.volume_id,
             ctx,
@@ -305,8 +307,8 @@ impl ClusterVolume {
             .request_token(self.id, mode)
             .await
             .map_err(|e| BackendError::Io(format!("renewing the token: {e}")))?;
-        let next = self.token().seq.load(Ordering::Relaxed);
-        let token = TokenState::from_response(&resp, mode, next)?;
+        let seq = self.token().seq.clone();
+        let token = TokenState::from_response(&resp, mode, seq)?;
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(token);
         self.stats.token_refreshes.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -440,7 +442,8 @@ impl ClusterVolume {
                         Status::Superseded => backoff = attempt > IMMEDIATE_RETRIES,
                         Status::NotAvailable | Status::ReplicaFailed => {
                             let _ = self.refresh_map(fetches).await;
-                            backoff = true;
+                            // A new map (the MDM moved copies): go at once.
+                            backoff = self.placement().epoch == map.epoch;
                         }
                         other => return Err(status_error(other, node_id)),
                     }
@@ -454,7 +457,7 @@ impl ClusterVolume {
                 ) => {
                     self.report_unreachable(node_id);
                     let _ = self.refresh_map(fetches).await;
-                    backoff = true;
+                    backoff = self.placement().epoch == map.epoch;
                     reason = format!("SDS {node_id}: {e}");
                 }
                 Err(e) => return Err(BackendError::Io(format!("SDS {node_id}: {e}"))),
@@ -468,7 +471,9 @@ impl ClusterVolume {
             }
             tracing::debug!(volume = self.id, chunk_index, op = ?op, attempt, %reason, "retrying");
             if backoff {
-                let exp = attempt.saturating_sub(IMMEDIATE_RETRIES).min(5);
+                // 100, 200, 400 ms, then every 400 ms: a failover is found
+                // within 0.4 s of the MDM publishing it.
+                let exp = attempt.saturating_sub(IMMEDIATE_RETRIES).min(3);
                 let delay = Duration::from_millis(50 << exp).min(deadline - now);
                 tokio::time::sleep(delay).await;
             }

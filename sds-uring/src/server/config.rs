@@ -33,9 +33,14 @@ pub struct SdsArgs {
     /// Node number N: default ports are control 9100+N, mgmt 9200+N, data 9700+N.
     #[arg(long, default_value_t = 1)]
     pub index: u16,
-    /// Address to listen on and to advertise to the MDM.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address to listen on (`--listen` is the same flag); also the one
+    /// advertised to the MDM unless `--advertise` says otherwise.
+    #[arg(long, alias = "listen", default_value = "127.0.0.1")]
     pub host: String,
+    /// Address peers, clients and the MDM's probes reach this node at, if
+    /// not the listen address (say it listens on 0.0.0.0).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Control HTTP port (health, metrics, chunk checksums); default 9100+N.
     #[arg(long)]
     pub control_port: Option<u16>,
@@ -121,6 +126,8 @@ pub struct NodeConfig {
     pub join_key: String,
     pub name: String,
     pub host: String,
+    /// What the node registers as its address.
+    pub advertise: String,
     pub control_port: u16,
     pub mgmt_port: u16,
     pub data_port: u16,
@@ -175,6 +182,7 @@ impl SdsArgs {
             join_key,
             name: self.name.clone(),
             host: self.host.clone(),
+            advertise: self.advertise.clone().unwrap_or_else(|| self.host.clone()),
             control_port: port(self.control_port, 9100)?,
             mgmt_port: port(self.mgmt_port, 9200)?,
             data_port: port(self.data_port, 9700)?,

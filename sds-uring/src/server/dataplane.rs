@@ -161,6 +161,11 @@ async fn serve_auth(
     let mapping_gen = node.placement.mapping_gen(volume_id);
     let (signed, session_key) =
         verify_auth(&identity.secret, header, raw, payload, unix_now(), mapping_gen)?;
+    // A token signed for a newer mapping generation than this node heard of
+    // (it may be cut off from the MDM) is proof of a remap: older tokens of
+    // the volume are revoked from now on, here and, through the lease, on
+    // the secondary's say.
+    node.placement.raise_mapping_gen(volume_id, signed.token.mapping_gen);
     if node.tokens.insert(&signed, session_key) {
         node.local_log.token_verified(&signed);
     }
@@ -235,6 +240,10 @@ async fn serve_checked_client(
     }
 }
 
+/// Longest lease wait a request sits through; longer ones are refused as
+/// `NotAvailable` and retried by the SDC.
+const MAX_LEASE_WAIT_IN_REQUEST: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long a primary waits for a lease reply before it stops counting on it.
 const LEASE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
 
@@ -252,14 +261,18 @@ async fn hold_lease(
 ) -> Result<(), Status> {
     let Some(leases) = &node.leases else { return Ok(()) };
     let pg_index = (chunk_index % map.pgs.len().max(1) as u64) as usize;
-    let secondary =
-        map.node(pg.secondary).filter(|_| pg.secondary != identity.node_id).map(|n| n.id);
+    let secondary = (pg.secondary != identity.node_id && pg.secondary != 0).then_some(pg.secondary);
     for _ in 0..3 {
         let now = std::time::Instant::now();
         match leases.check_primary(map.volume_id, pg_index, map.epoch, secondary, now) {
             PrimaryLease::Valid => return Ok(()),
             PrimaryLease::WaitOut(wait) => {
                 node.metrics.lease_waits.fetch_add(1, Ordering::Relaxed);
+                if wait > MAX_LEASE_WAIT_IN_REQUEST {
+                    // Longer than is worth holding a request (the SDC's
+                    // request timeout is 2 s): it backs off and comes back.
+                    return Err(Status::NotAvailable);
+                }
                 tokio::time::sleep(wait).await;
             }
             PrimaryLease::Renew => {
@@ -285,6 +298,13 @@ async fn renew_lease(
         op: Op::Lease as u8,
         flags: flags::REPLICA,
         volume_id: map.volume_id,
+        // A volume-wide op: the chunk field carries the mapping generation
+        // this node knows (a secondary that knows a newer one refuses, so a
+        // primary cut off from the MDM cannot go on serving revoked tokens),
+        // the offset field the lease length in ms (the grantor honours the
+        // longer of its own and this).
+        chunk_index: node.placement.mapping_gen(map.volume_id),
+        offset: u32::try_from(leases.config().length.as_millis()).unwrap_or(u32::MAX),
         epoch: map.epoch,
         token_id: identity.node_id,
         seq: peer.seq.next(),
@@ -294,7 +314,16 @@ async fn renew_lease(
     let call = peer.client.call_shared(header, &identity.peer_key, Bytes::new());
     let status = match tokio::time::timeout(LEASE_REQUEST_TIMEOUT, call).await {
         Ok(Ok(reply)) => reply.status(),
-        Ok(Err(_)) | Err(_) => Status::NotAvailable,
+        Ok(Err(e)) => {
+            // Unreachable: tell the MDM, and look for a newer address.
+            refresh_after_unreachable_peer(node, secondary, map.volume_id, &e).await;
+            Status::NotAvailable
+        }
+        Err(_) => {
+            let timeout = ClientError::Timeout(LEASE_REQUEST_TIMEOUT);
+            refresh_after_unreachable_peer(node, secondary, map.volume_id, &timeout).await;
+            Status::NotAvailable
+        }
     };
     match status {
         Status::Ok => {
@@ -302,13 +331,14 @@ async fn renew_lease(
             node.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
-        Status::StaleEpoch => {
-            // The secondary knows a newer map: it will not vouch for us under
-            // this one. Stop serving under it and learn the new map.
-            leases.drop_held(map.volume_id, secondary);
+        Status::StaleEpoch | Status::Revoked => {
+            // The secondary knows a newer map or mapping generation: it will
+            // not vouch for us under what we know. Stop serving under it and
+            // learn the new map.
+            leases.drop_held(map.volume_id, secondary, map.epoch);
             node.metrics.lease_failures.fetch_add(1, Ordering::Relaxed);
             let _ = node.fetch_placement(map.volume_id).await;
-            Err(Status::StaleEpoch)
+            Err(status)
         }
         _ => {
             node.metrics.lease_failures.fetch_add(1, Ordering::Relaxed);
@@ -651,6 +681,14 @@ async fn serve_replica(
             // old primary that passed the epoch check lands before that copy
             // reads the chunk, or is refused after it.
             let _in_order = lock_in_order(node, header, &map).await?;
+            // A forward the primary gave up on (its reply timed out) may still
+            // arrive after later forwards of the same blocks: the peer
+            // sequence number is taken under the primary's lock, so a lower
+            // one is older.
+            let key = (sender, header.volume_id, header.chunk_index);
+            if !node.replica_fences.admit(key, header.offset, header.length, header.seq) {
+                return Err(Status::Superseded);
+            }
             apply_local(node, op, header, &payload).await?;
             Ok(Vec::new())
         }
@@ -668,9 +706,20 @@ async fn serve_replica(
             if pgs.is_empty() || map.epoch != header.epoch {
                 return Err(Status::NotPrimary);
             }
+            let Some(leases) = &node.leases else {
+                // Leases are off here: vouching without recording would let
+                // this node serve as primary before the holder's lease ends.
+                return Err(Status::Invalid);
+            };
+            if header.chunk_index < node.placement.mapping_gen(header.volume_id) {
+                return Err(Status::Revoked);
+            }
             accept(header.seq)?;
-            if let Some(leases) = &node.leases {
-                leases.grant(header.volume_id, &pgs, std::time::Instant::now());
+            let asked = std::time::Duration::from_millis(u64::from(header.offset));
+            let volume = header.volume_id;
+            let still_current = || node.placement.known_epoch(volume) == header.epoch;
+            if !leases.grant(volume, &pgs, asked, std::time::Instant::now(), still_current) {
+                return Err(Status::StaleEpoch);
             }
             Ok(Vec::new())
         }

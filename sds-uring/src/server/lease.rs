@@ -137,21 +137,40 @@ impl Leases {
         }
     }
 
-    /// The secondary refused (it knows a newer map, or is gone): stop
-    /// serving under what this node held from it.
-    pub fn drop_held(&self, volume: u64, secondary: u64) {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&(volume, secondary));
+    /// The secondary refused a renewal under `epoch` (it knows a newer map,
+    /// or a newer mapping generation): stop serving under what this node
+    /// held from it, unless that was already a lease of a newer epoch.
+    pub fn drop_held(&self, volume: u64, secondary: u64, epoch: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(&(volume, secondary)).is_some_and(|&(e, _)| e <= epoch) {
+            held.remove(&(volume, secondary));
+        }
     }
 
     /// As a secondary: grants the sender a lease on `pgs` of `volume`,
-    /// received at `now`.
-    pub fn grant(&self, volume: u64, pgs: &[usize], now: Instant) {
-        let expires = now + self.config.length;
+    /// received at `now`, for the longer of this node's lease and `asked`
+    /// (the holder's). `still_current` is checked under the same lock that
+    /// [`Leases::check_primary`] takes, so a grant under a map this node has
+    /// just replaced is refused (false) rather than recorded after this node
+    /// began serving as primary under the new one.
+    pub fn grant(
+        &self,
+        volume: u64,
+        pgs: &[usize],
+        asked: Duration,
+        now: Instant,
+        still_current: impl FnOnce() -> bool,
+    ) -> bool {
+        let expires = now + self.config.length.max(asked);
         let mut granted = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+        if !still_current() {
+            return false;
+        }
         for &pg in pgs {
             let e = granted.entry((volume, pg)).or_insert(expires);
             *e = (*e).max(expires);
         }
+        true
     }
 
     /// Forgets a volume this node no longer has.
@@ -199,7 +218,9 @@ mod tests {
         // Another secondary, another volume: no lease.
         assert_eq!(leases.check_primary(1, 0, 5, Some(3), t), PrimaryLease::Renew);
         assert_eq!(leases.check_primary(2, 0, 5, Some(2), t), PrimaryLease::Renew);
-        leases.drop_held(1, 2);
+        leases.drop_held(1, 2, 4); // a refusal under an older epoch: kept
+        assert_eq!(leases.check_primary(1, 0, 5, Some(2), t), PrimaryLease::Valid);
+        leases.drop_held(1, 2, 5);
         assert_eq!(leases.check_primary(1, 0, 5, Some(2), t), PrimaryLease::Renew);
     }
 
@@ -209,12 +230,24 @@ mod tests {
         let leases = Leases::new_at(config(), t0);
         let t = t0 + 10_000 * MS;
         // As secondary of PGs 0 and 2, it vouched for the old primary at t.
-        leases.grant(1, &[0, 2], t);
+        assert!(leases.grant(1, &[0, 2], Duration::ZERO, t, || true));
+        // A grant under a map this node has just replaced is not recorded.
+        assert!(!leases.grant(1, &[1], Duration::ZERO, t, || false));
         // Promoted at t + 1 s: it may serve PG 0 only at t + length + drift.
         let promoted = t + 1000 * MS;
         assert_eq!(leases.check_primary(1, 0, 6, None, promoted), PrimaryLease::WaitOut(2300 * MS));
         assert_eq!(leases.check_primary(1, 0, 6, None, t + 3300 * MS), PrimaryLease::Valid);
         // PG 1 was never vouched for here: no wait.
         assert_eq!(leases.check_primary(1, 1, 6, None, promoted), PrimaryLease::Valid);
+    }
+
+    #[test]
+    fn a_holder_with_a_longer_lease_is_waited_out_in_full() {
+        let t0 = Instant::now();
+        let leases = Leases::new_at(config(), t0);
+        let t = t0 + 10_000 * MS;
+        // The holder runs with 5 s leases, this node with 3 s.
+        assert!(leases.grant(1, &[0], 5000 * MS, t, || true));
+        assert_eq!(leases.check_primary(1, 0, 6, None, t), PrimaryLease::WaitOut(5300 * MS));
     }
 }

@@ -69,7 +69,7 @@ impl SdsNode {
             join_key: config.join_key.clone(),
             node_type: NodeType::Sds,
             name: config.name.clone(),
-            host: config.host.clone(),
+            host: config.advertise.clone(),
             control_port: self.ports.control,
             mgmt_port: self.ports.mgmt,
             data_port: self.ports.data,

@@ -103,6 +103,9 @@ pub struct SdsNode {
     pub peers: PeerClients,
     pub chunk_locks: ChunkOrderLocks,
     pub fences: fencing::WriteFences,
+    /// The same rule on the secondary, per sending primary, by the forward's
+    /// peer sequence number (taken under the primary's ordering lock).
+    pub replica_fences: fencing::WriteFences,
     /// `None` when leases are off (`--lease-ms 0`).
     pub leases: Option<lease::Leases>,
     pub metrics: SdsMetrics,
@@ -182,6 +185,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         placement: PlacementCache::default(),
         chunk_locks: ChunkOrderLocks::default(),
         fences: fencing::WriteFences::default(),
+        replica_fences: fencing::WriteFences::default(),
         leases,
         metrics: SdsMetrics::default(),
         acks: AckBatcher::default(),

@@ -92,6 +92,18 @@ impl PlacementCache {
     /// Records a heartbeat's generations; returns the volumes whose cached
     /// map is now older than the MDM's (to refetch in the background).
     /// Volumes the MDM no longer lists are forgotten.
+    /// Raises a volume's known mapping generation to `mapping_gen` (learnt
+    /// from a token the MDM signed).
+    pub fn raise_mapping_gen(&self, volume_id: u64, mapping_gen: u64) {
+        let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
+        let g = generations.entry(volume_id).or_insert(VolumeGeneration {
+            volume_id,
+            epoch: 0,
+            mapping_gen: 0,
+        });
+        g.mapping_gen = g.mapping_gen.max(mapping_gen);
+    }
+
     pub fn apply_heartbeat(&self, volumes: &[VolumeGeneration]) -> Vec<u64> {
         {
             let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());

@@ -1,0 +1,583 @@
+//! `pflex lab`: a cluster spread over emulated hosts, to rehearse faults.
+//!
+//! Each component host (the MDM with the dashboard, every SDS, the SDC) is a
+//! network namespace of its own with one address, `10.N.0.H/32` on its
+//! loopback. Every pair of hosts is joined by its own veth pair with a /32
+//! route over it, so one link can be cut (taken down) without touching the
+//! others: "cut sds1 from the MDM only" is one `ip link set … down` on each
+//! side. The root namespace has a management link to every host (address
+//! `10.N.0.254`), so `nbdinfo nbd://10.N.0.2:10809/vol1`, fio and the `pflex`
+//! CLI work unchanged from the root namespace; cutting a host leaves that
+//! link up. Nothing leaves the machine: the only addresses are the ones the
+//! lab creates, inside namespaces it creates.
+//!
+//! Components run under `ip netns exec`, detached, with their command lines
+//! and PIDs recorded exactly as `pflex up --detach` records them, so
+//! `pflex node start NAME --data-dir DIR` brings a killed one back and
+//! `pflex lab down` stops everything and removes every namespace and link.
+//! The lab's layout is kept in `DIR/lab.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pflex_mdm_client::MdmClient;
+use serde::{Deserialize, Serialize};
+
+use crate::up::{self, RecordedCommand, UpArgs};
+
+/// `pflex lab …`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabArgs {
+    /// Where the lab keeps its state (lab.json, logs, device files).
+    #[arg(
+        long = "data-dir",
+        value_name = "DIR",
+        default_value = "/var/tmp/pflex-lab",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LabCommand {
+    /// Create the hosts and links and start the cluster on them; waits until the
+    /// volume serves over NBD, then prints how to reach it.
+    Up(LabUp),
+    /// Cut HOST's links to every other lab host, or only the one to --from.
+    Cut {
+        host: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Restore what `cut` took down (the same HOST and --from).
+    Heal {
+        host: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// `kill -9` HOST's component (bring it back with `pflex node start HOST --data-dir DIR`).
+    Kill { host: String },
+    /// Freeze HOST's component (SIGSTOP): its kernel still accepts connections.
+    Stop { host: String },
+    /// Resume a frozen component (SIGCONT).
+    Cont { host: String },
+    /// Hosts, addresses, links (up or cut) and processes.
+    Status,
+    /// Stop every component and remove every namespace and link the lab made.
+    Down,
+}
+
+/// Options of `pflex lab up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabUp {
+    /// Number of SDS hosts, each its own fault set.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=32))]
+    pub sds: u16,
+    /// Prefix of the namespaces' and root links' names (at most 6 characters).
+    #[arg(long, default_value = "pflex")]
+    pub name: String,
+    /// Second octet of the lab's addresses (10.N.0.0/24).
+    #[arg(long, default_value_t = 213)]
+    pub net: u8,
+    /// Size of each SDS device file.
+    #[arg(long, default_value = "2G", value_parser = pflex_proto::size::parse_size)]
+    pub device_size: u64,
+    /// Size of the volume vol1.
+    #[arg(long, default_value = "1G", value_parser = pflex_proto::size::parse_size)]
+    pub volume_size: u64,
+    /// Heartbeat interval of every component, seconds.
+    #[arg(long, default_value_t = 2)]
+    pub heartbeat_interval_secs: u64,
+    /// The MDM fails a silent SDS after this many seconds (its copies move).
+    #[arg(long, default_value_t = 120)]
+    pub failure_timeout_secs: u64,
+    /// IO token lifetime in seconds (the data path needs the MDM for renewal
+    /// only, at a third of it).
+    #[arg(long, default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+    /// Directory holding the component binaries (default: next to `pflex`).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// One emulated host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub namespace: String,
+    pub address: String,
+}
+
+/// What `lab.json` keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabLayout {
+    pub name: String,
+    pub net: u8,
+    pub hosts: Vec<LabHost>,
+    /// Name of each root-namespace management link, by host.
+    pub root_links: BTreeMap<String, String>,
+    pub nbd_uri: String,
+    pub mdm_url: String,
+}
+
+impl LabLayout {
+    fn host(&self, name: &str) -> Result<&LabHost> {
+        self.hosts.iter().find(|h| h.name == name).with_context(|| {
+            let names: Vec<_> = self.hosts.iter().map(|h| h.name.as_str()).collect();
+            format!("no lab host {name} (hosts: {})", names.join(", "))
+        })
+    }
+}
+
+/// The link inside `host`'s namespace that leads to `peer`.
+fn link_name(peer: &str) -> String {
+    format!("to-{peer}")
+}
+
+fn layout_file(dir: &Path) -> PathBuf {
+    dir.join("lab.json")
+}
+
+fn load(dir: &Path) -> Result<LabLayout> {
+    let path = layout_file(dir);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (is a lab up in this data dir?)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Runs `ip ARGS…`; an error carries its stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `pflex lab …`.
+pub async fn run(args: LabArgs) -> Result<()> {
+    let dir = &args.data_dir;
+    match args.command {
+        LabCommand::Up(up_args) => up_lab(dir, &up_args).await,
+        LabCommand::Cut { host, from } => set_links(dir, &host, from.as_deref(), false),
+        LabCommand::Heal { host, from } => set_links(dir, &host, from.as_deref(), true),
+        LabCommand::Kill { host } => signal(dir, &host, libc::SIGKILL),
+        LabCommand::Stop { host } => signal(dir, &host, libc::SIGSTOP),
+        LabCommand::Cont { host } => signal(dir, &host, libc::SIGCONT),
+        LabCommand::Status => status(dir),
+        LabCommand::Down => down(dir).await,
+    }
+}
+
+/// Builds the namespaces and links; on any failure removes what it made.
+fn build_network(layout: &LabLayout) -> Result<()> {
+    let root_addr = format!("10.{}.0.254", layout.net);
+    for h in &layout.hosts {
+        ip(&["netns", "add", &h.namespace])?;
+        ip(&["-n", &h.namespace, "link", "set", "lo", "up"])?;
+        ip(&["-n", &h.namespace, "addr", "add", &format!("{}/32", h.address), "dev", "lo"])?;
+        // The management link from the root namespace.
+        let root_link = &layout.root_links[&h.name];
+        ip(&[
+            "link",
+            "add",
+            root_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "to-root",
+            "netns",
+            &h.namespace,
+        ])?;
+        ip(&["addr", "add", &format!("{root_addr}/32"), "dev", root_link])?;
+        ip(&["link", "set", root_link, "up"])?;
+        ip(&["route", "add", &format!("{}/32", h.address), "dev", root_link, "src", &root_addr])?;
+        ip(&["-n", &h.namespace, "link", "set", "to-root", "up"])?;
+        ip(&[
+            "-n",
+            &h.namespace,
+            "route",
+            "add",
+            &format!("{root_addr}/32"),
+            "dev",
+            "to-root",
+            "src",
+            &h.address,
+        ])?;
+    }
+    for (i, a) in layout.hosts.iter().enumerate() {
+        for b in &layout.hosts[i + 1..] {
+            ip(&[
+                "link",
+                "add",
+                &link_name(&b.name),
+                "netns",
+                &a.namespace,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &link_name(&a.name),
+                "netns",
+                &b.namespace,
+            ])?;
+            link_up(a, b)?;
+            link_up(b, a)?;
+        }
+    }
+    Ok(())
+}
+
+/// Brings `from`'s link to `to` up and routes `to`'s address over it.
+fn link_up(from: &LabHost, to: &LabHost) -> Result<()> {
+    let link = link_name(&to.name);
+    ip(&["-n", &from.namespace, "link", "set", &link, "up"])?;
+    ip(&[
+        "-n",
+        &from.namespace,
+        "route",
+        "replace",
+        &format!("{}/32", to.address),
+        "dev",
+        &link,
+        "src",
+        &from.address,
+    ])
+}
+
+fn link_down(from: &LabHost, to: &LabHost) -> Result<()> {
+    ip(&["-n", &from.namespace, "link", "set", &link_name(&to.name), "down"])
+}
+
+fn set_links(dir: &Path, host: &str, from: Option<&str>, up: bool) -> Result<()> {
+    let layout = load(dir)?;
+    let a = layout.host(host)?;
+    let peers: Vec<&LabHost> = match from {
+        Some(peer) => vec![layout.host(peer)?],
+        None => layout.hosts.iter().filter(|h| h.name != a.name).collect(),
+    };
+    for b in peers {
+        if up {
+            link_up(a, b)?;
+            link_up(b, a)?;
+        } else {
+            link_down(a, b)?;
+            link_down(b, a)?;
+        }
+        println!("{} {} <-> {}", if up { "healed" } else { "cut" }, a.name, b.name);
+    }
+    Ok(())
+}
+
+fn signal(dir: &Path, host: &str, signal: libc::c_int) -> Result<()> {
+    let layout = load(dir)?;
+    layout.host(host)?;
+    let Some(pid) = up::running_pid(dir, host) else {
+        bail!("{host}'s component is not running (bring it back: pflex node start {host} --data-dir {})", dir.display());
+    };
+    // SAFETY: kill(2) on a PID the lab recorded for this host, checked by
+    // `running_pid` to still be that component.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        bail!("signalling {host} (pid {pid}): {}", std::io::Error::last_os_error());
+    }
+    println!("{host}: pid {pid} signalled ({signal})");
+    Ok(())
+}
+
+fn status(dir: &Path) -> Result<()> {
+    let layout = load(dir)?;
+    println!(
+        "lab {} (10.{}.0.0/24): NBD {}  MDM {}",
+        layout.name, layout.net, layout.nbd_uri, layout.mdm_url
+    );
+    for h in &layout.hosts {
+        let pid =
+            up::running_pid(dir, &h.name).map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let out = Command::new("ip").args(["-n", &h.namespace, "-o", "link", "show"]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let cut: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("to-") && !l.contains("to-root") && !l.contains(",UP"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|n| n.trim_end_matches(':').split('@').next().unwrap_or("").to_string())
+            .collect();
+        println!(
+            "  {:<6} {:<15} ns {:<14} pid {:<8} cut: {}",
+            h.name,
+            h.address,
+            h.namespace,
+            pid,
+            if cut.is_empty() { "-".into() } else { cut.join(" ") }
+        );
+    }
+    Ok(())
+}
+
+/// `pflex lab down`: stops the components, deletes the namespaces (which
+/// removes their links and the root ends with them) and `lab.json`.
+pub async fn down(dir: &Path) -> Result<()> {
+    let layout = load(dir)?;
+    up::stop_recorded(dir, &[]).await;
+    for h in &layout.hosts {
+        let _ = ip(&["netns", "del", &h.namespace]);
+        let _ = ip(&["link", "del", &layout.root_links[&h.name]]);
+    }
+    let _ = std::fs::remove_file(dir.join("logs").join("pids"));
+    std::fs::remove_file(layout_file(dir))?;
+    println!("lab {} removed", layout.name);
+    Ok(())
+}
+
+fn plan(args: &LabUp) -> Result<LabLayout> {
+    if args.name.is_empty()
+        || args.name.len() > 6
+        || !args.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        bail!("--name must be 1 to 6 of a-z 0-9 -");
+    }
+    let addr = |h: u16| format!("10.{}.0.{h}", args.net);
+    let mut hosts = vec![("mdm".to_string(), addr(1)), ("sdc1".to_string(), addr(2))];
+    for n in 1..=args.sds {
+        hosts.push((format!("sds{n}"), addr(10 + n)));
+    }
+    let hosts: Vec<LabHost> = hosts
+        .into_iter()
+        .map(|(name, address)| LabHost {
+            namespace: format!("{}-{name}", args.name),
+            name,
+            address,
+        })
+        .collect();
+    let root_links =
+        hosts.iter().map(|h| (h.name.clone(), format!("{}-{}", args.name, h.name))).collect();
+    Ok(LabLayout {
+        name: args.name.clone(),
+        net: args.net,
+        nbd_uri: format!("nbd://{}:10809/vol1", addr(2)),
+        mdm_url: format!("http://{}:8001", addr(1)),
+        hosts,
+        root_links,
+    })
+}
+
+/// Runs `binary` with `args` on lab host `host` and records it.
+fn start_on(
+    dir: &Path,
+    layout: &LabLayout,
+    host: &str,
+    binary: &Path,
+    args: Vec<String>,
+) -> Result<()> {
+    let h = layout.host(host)?;
+    let mut full = vec!["netns".to_string(), "exec".into(), h.namespace.clone()];
+    full.push(binary.display().to_string());
+    let health_url = up::health_url_of(host, &args);
+    full.extend(args);
+    let command = RecordedCommand { program: PathBuf::from("ip"), args: full, health_url };
+    up::record_command(dir, host, &command)?;
+    let child = up::spawn_component(host, &command, dir, true)?;
+    // Detached: `pflex lab down` (or `pflex down`) stops it by its recorded PID.
+    std::mem::forget(child);
+    Ok(())
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut ready: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !ready().await {
+        if start.elapsed() > limit {
+            bail!("{what} not ready after {} s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+async fn up_lab(dir: &Path, args: &LabUp) -> Result<()> {
+    if layout_file(dir).exists() {
+        bail!("a lab is already up in {} (pflex lab down --data-dir {0} first)", dir.display());
+    }
+    if dir.join("mdm").exists() {
+        bail!(
+            "{} holds an earlier lab's state; a lab starts from nothing: remove it or use another --data-dir",
+            dir.display()
+        );
+    }
+    let layout = plan(args)?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let _ = std::fs::remove_file(dir.join("logs").join("pids"));
+    std::fs::write(layout_file(dir), serde_json::to_string_pretty(&layout)?)?;
+    if let Err(e) = build_network(&layout) {
+        let _ = down(dir).await;
+        return Err(e.context("building the lab's network"));
+    }
+    match start_cluster(dir, &layout, args).await {
+        Ok(()) => {
+            println!(
+                "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab down --data-dir {d}",
+                name = layout.name,
+                nbd = layout.nbd_uri,
+                mdm = layout.mdm_url,
+                d = dir.display(),
+                hosts = layout
+                    .hosts
+                    .iter()
+                    .map(|h| format!("{}={}", h.name, h.address))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = down(dir).await;
+            Err(e)
+        }
+    }
+}
+
+async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<()> {
+    let bins = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?.parent().context("pflex has no directory")?.to_path_buf(),
+    };
+    let join_key = dir.join("join_key");
+    up::read_or_create_secret(&join_key, || hex::encode(pflex_proto::random_bytes::<24>()))?;
+    let jk = join_key.display().to_string();
+    let hb = args.heartbeat_interval_secs.to_string();
+    let http = reqwest::Client::new();
+    let mdm_host = layout.host("mdm")?;
+    std::fs::write(
+        dir.join("cluster.json"),
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "mdm_url": layout.mdm_url, "nbd_uri": layout.nbd_uri }),
+        )?,
+    )?;
+
+    let mdm_dir = dir.join("mdm");
+    std::fs::create_dir_all(&mdm_dir)?;
+    let mdm_args = vec![
+        "--listen".into(),
+        format!("{}:8001", mdm_host.address),
+        "--data-dir".into(),
+        mdm_dir.display().to_string(),
+        "--join-key-file".into(),
+        jk.clone(),
+        "--heartbeat-interval-secs".into(),
+        hb.clone(),
+        "--failed-after-secs".into(),
+        args.failure_timeout_secs.to_string(),
+        "--stale-after-secs".into(),
+        (args.failure_timeout_secs / 2).max(1).to_string(),
+        "--token-ttl-secs".into(),
+        args.token_ttl_secs.to_string(),
+    ];
+    start_on(dir, layout, "mdm", &up::binary(&bins, "mdm")?, mdm_args)?;
+    let token_path = mdm_dir.join("admin_token");
+    let status_url = format!("{}/health/status", layout.mdm_url);
+    wait_until("the MDM", Duration::from_secs(60), || {
+        let (http, url) = (http.clone(), status_url.clone());
+        let token = std::fs::read_to_string(&token_path).ok();
+        async move {
+            let Some(token) = token else { return false };
+            let r = http.get(url).bearer_auth(token.trim()).send().await;
+            matches!(r, Ok(r) if r.status().is_success())
+        }
+    })
+    .await?;
+    let admin = std::fs::read_to_string(&token_path)?.trim().to_string();
+    let mdm = MdmClient::new(&layout.mdm_url, Some(admin))?;
+
+    for n in 1..=args.sds {
+        let name = format!("sds{n}");
+        let host = layout.host(&name)?;
+        let sds_dir = dir.join(&name);
+        std::fs::create_dir_all(&sds_dir)?;
+        let sds_args = vec![
+            "--mdm".into(),
+            layout.mdm_url.clone(),
+            "--join-key-file".into(),
+            jk.clone(),
+            "--name".into(),
+            name.clone(),
+            "--host".into(),
+            host.address.clone(),
+            "--data-dir".into(),
+            sds_dir.display().to_string(),
+            "--device".into(),
+            sds_dir.join("dev0.img").display().to_string(),
+            "--device-size".into(),
+            args.device_size.to_string(),
+            "--fault-set".into(),
+            format!("fs{n}"),
+            "--control-port".into(),
+            "9100".into(),
+            "--mgmt-port".into(),
+            "9200".into(),
+            "--data-port".into(),
+            "9700".into(),
+            "--heartbeat-interval-secs".into(),
+            hb.clone(),
+        ];
+        start_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
+    }
+    for n in 1..=args.sds {
+        let host = layout.host(&format!("sds{n}"))?;
+        let url = format!("http://{}:9200/health", host.address);
+        wait_until(&format!("sds{n}"), Duration::from_secs(120), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { up::registered(&http, &url).await.unwrap_or(false) }
+        })
+        .await?;
+    }
+
+    let sdc = layout.host("sdc1")?;
+    let sdc_dir = dir.join("sdc1");
+    std::fs::create_dir_all(&sdc_dir)?;
+    let sdc_args = vec![
+        "--mdm".into(),
+        layout.mdm_url.clone(),
+        "--join-key-file".into(),
+        jk.clone(),
+        "--name".into(),
+        "sdc1".into(),
+        "--host".into(),
+        sdc.address.clone(),
+        "--data-dir".into(),
+        sdc_dir.display().to_string(),
+        "--nbd-listen".into(),
+        format!("{}:10809", sdc.address),
+        "--control-port".into(),
+        "8003".into(),
+        "--mgmt-port".into(),
+        "8004".into(),
+        "--heartbeat-interval-secs".into(),
+        hb.clone(),
+    ];
+    start_on(dir, layout, "sdc1", &up::binary(&bins, "sdc")?, sdc_args)?;
+    let url = format!("http://{}:8004/health", sdc.address);
+    wait_until("sdc1", Duration::from_secs(60), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { up::registered(&http, &url).await.unwrap_or(false) }
+    })
+    .await?;
+
+    let mut volume = UpArgs::for_bench(dir, "uring");
+    volume.volume_size = args.volume_size;
+    up::ensure_volume(&mdm, &volume).await?;
+    let nbd = (sdc.address.clone(), 10809u16);
+    wait_until("the NBD export", Duration::from_secs(60), || {
+        let nbd = nbd.clone();
+        async move { crate::nbd_probe::export_listed(nbd, "vol1").await.unwrap_or(false) }
+    })
+    .await?;
+    Ok(())
+}
