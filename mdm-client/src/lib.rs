@@ -422,18 +422,34 @@ impl UnreachableReports {
     /// chunk's ordering lock or spend a request's retry budget. Needs a
     /// tokio runtime.
     pub fn report(&self, mdm: &MdmClient, node_id: u64) {
+        self.report_then(mdm, node_id, || {});
+    }
+
+    /// [`Self::report`], calling `on_failed` if the MDM answers that the
+    /// node is FAILED (its copies moved: the caller's maps are out of date).
+    pub fn report_then(
+        &self,
+        mdm: &MdmClient,
+        node_id: u64,
+        on_failed: impl FnOnce() + Send + 'static,
+    ) {
         if !self.due(node_id) {
             return;
         }
         let mdm = mdm.clone();
         tokio::spawn(async move {
             match mdm.report_unreachable(node_id).await {
-                Ok(verdict) => tracing::warn!(
-                    sds = node_id,
-                    status = %verdict.status,
-                    copies_moved = verdict.copies_replaced,
-                    "reported an unreachable SDS"
-                ),
+                Ok(verdict) => {
+                    tracing::warn!(
+                        sds = node_id,
+                        status = %verdict.status,
+                        copies_moved = verdict.copies_replaced,
+                        "reported an unreachable SDS"
+                    );
+                    if verdict.status == "FAILED" {
+                        on_failed();
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(sds = node_id, error = %e, "unreachable report not taken")
                 }

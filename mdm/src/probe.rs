@@ -8,11 +8,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One probe per SDS per this interval, however many clients report it.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// One probe per SDS per this interval, however many clients report it
+/// (a probe itself takes up to two timeouts when the node does not answer).
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Each probe attempt's timeout (connect, PING, reply); the node is
 /// unreachable only if both attempts fail.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// What the MDM knows of its recent probes, per SDS.
 #[derive(Debug, Default)]
@@ -163,7 +164,7 @@ mod tests {
         let probes = Probes::default();
         let t0 = Instant::now();
         assert!(probes.begin_at(1, t0));
-        assert!(!probes.begin_at(1, t0 + Duration::from_millis(500)));
+        assert!(!probes.begin_at(1, t0 + Duration::from_millis(400)));
         assert!(probes.begin_at(2, t0), "limits are per node");
         assert!(!probes.record_at(1, false, GRACE, t0));
         // Reports stop for a minute, then the node fails again: a new grace.

@@ -188,6 +188,11 @@ pub struct ClusterVolume {
     map_refresh: tokio::sync::Mutex<()>,
     token_refresh: tokio::sync::Mutex<()>,
     unmapped: AtomicBool,
+    /// Woken when the map may have changed (a newer one was stored, or the
+    /// MDM answered a report with FAILED): requests waiting on a node that
+    /// may no longer be the primary look again instead of waiting out their
+    /// timeout. Safe because a late copy of a write is fenced.
+    reroute: Arc<tokio::sync::Notify>,
     pub stats: VolumeStats,
 }
 
@@ -218,6 +223,7 @@ impl ClusterVolume {
             map_refresh: tokio::sync::Mutex::new(()),
             token_refresh: tokio::sync::Mutex::new(()),
             unmapped: AtomicBool::new(false),
+            reroute: Arc::new(tokio::sync::Notify::new()),
             stats: VolumeStats::default(),
         }))
     }
@@ -261,7 +267,8 @@ impl ClusterVolume {
     /// node and moves its copies, and a map refetched later routes around it.
     fn report_unreachable(&self, node_id: u64) {
         if let Ok(mdm) = self.ctx.mdm() {
-            self.ctx.unreachable.report(&mdm, node_id);
+            let reroute = self.reroute.clone();
+            self.ctx.unreachable.report_then(&mdm, node_id, move || reroute.notify_waiters());
         }
     }
 
@@ -278,13 +285,18 @@ impl ClusterVolume {
             .placement(self.id)
             .await
             .map_err(|e| BackendError::Io(format!("refetching placement: {e}")))?;
-        {
+        let newer = {
             let mut cur = self.map.write().unwrap_or_else(|p| p.into_inner());
+            let newer = map.epoch > cur.epoch;
             if map.epoch >= cur.epoch {
                 *cur = Arc::new(map);
             }
-        }
+            newer
+        };
         self.map_fetches.fetch_add(1, Ordering::Release);
+        if newer {
+            self.reroute.notify_waiters();
+        }
         self.stats.map_refreshes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -418,7 +430,25 @@ impl ClusterVolume {
             };
             let backoff: bool;
             let reason: String;
-            match client.call_shared(header, &token.key, payload.clone()).await {
+            let request = client.call_shared(header, &token.key, payload.clone());
+            tokio::pin!(request);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut request => break Some(outcome),
+                    () = self.reroute.notified() => {
+                        let _ = self.refresh_map(fetches).await;
+                        if self.placement().epoch != map.epoch {
+                            break None;
+                        }
+                    }
+                }
+            };
+            let Some(outcome) = outcome else {
+                // A newer map: go again under it at once.
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            match outcome {
                 Ok(reply) => {
                     let status = reply.status();
                     match status {

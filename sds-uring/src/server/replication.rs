@@ -21,7 +21,10 @@ use tokio::sync::watch;
 use super::auth::ReplicationSeq;
 
 /// How long a forward may take before the write fails as `ReplicaFailed`.
-pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Short: the primary holds the chunk's ordering lock meanwhile, so a frozen
+/// secondary would otherwise hold up every retry behind it. A forward that
+/// is given up may still arrive late; the secondary fences it.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Pooled data-plane clients to peer SDS nodes, by node id.
