@@ -15,6 +15,8 @@ have mkfs.ext4 || need+=(e2fsprogs)
 have fusermount3 || need+=(fuse3)
 have qemu-io || need+=(qemu-utils)
 have losetup || need+=(mount)
+have ip || need+=(iproute2)
+have ss || need+=(iproute2)
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -14,7 +14,8 @@
 //! Components run under `ip netns exec`, detached, with their command lines
 //! and PIDs recorded exactly as `pflex up --detach` records them, so
 //! `pflex node start NAME --data-dir DIR` brings a killed one back and
-//! `pflex lab down` stops everything and removes every namespace and link.
+//! `pflex lab down` stops everything and removes every namespace, link and
+//! device file (the logs stay).
 //! The lab's layout is kept in `DIR/lab.json`.
 
 use std::collections::BTreeMap;
@@ -70,6 +71,9 @@ pub enum LabCommand {
     Status,
     /// Stop every component and remove every namespace and link the lab made.
     Down,
+    /// Run fault scenarios, each in a fresh lab under DIR, with `pflex verify`
+    /// writing at queue depth 1 and 16 while the fault happens, then check.
+    Chaos(crate::chaos::ChaosArgs),
 }
 
 /// Options of `pflex lab up`.
@@ -163,7 +167,11 @@ fn ip(args: &[&str]) -> Result<()> {
 pub async fn run(args: LabArgs) -> Result<()> {
     let dir = &args.data_dir;
     match args.command {
-        LabCommand::Up(up_args) => up_lab(dir, &up_args).await,
+        LabCommand::Up(up_args) => {
+            let layout = up_lab(dir, &up_args).await?;
+            print_ready(dir, &layout);
+            Ok(())
+        }
         LabCommand::Cut { host, from } => set_links(dir, &host, from.as_deref(), false),
         LabCommand::Heal { host, from } => set_links(dir, &host, from.as_deref(), true),
         LabCommand::Kill { host } => signal(dir, &host, libc::SIGKILL),
@@ -171,6 +179,7 @@ pub async fn run(args: LabArgs) -> Result<()> {
         LabCommand::Cont { host } => signal(dir, &host, libc::SIGCONT),
         LabCommand::Status => status(dir),
         LabCommand::Down => down(dir).await,
+        LabCommand::Chaos(chaos) => crate::chaos::run(dir, chaos).await,
     }
 }
 
@@ -329,8 +338,16 @@ pub async fn down(dir: &Path) -> Result<()> {
         let _ = ip(&["link", "del", &layout.root_links[&h.name]]);
     }
     let _ = std::fs::remove_file(dir.join("logs").join("pids"));
+    // Everything but the logs: the device files are preallocated, and the
+    // next `pflex lab up` starts from nothing.
+    for h in &layout.hosts {
+        let _ = std::fs::remove_dir_all(dir.join(&h.name));
+    }
+    for file in ["join_key", "cluster.json", "components.json"] {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
     std::fs::remove_file(layout_file(dir))?;
-    println!("lab {} removed", layout.name);
+    eprintln!("lab {} removed (logs kept in {})", layout.name, dir.join("logs").display());
     Ok(())
 }
 
@@ -402,7 +419,8 @@ where
     Ok(())
 }
 
-async fn up_lab(dir: &Path, args: &LabUp) -> Result<()> {
+/// `pflex lab up`: builds the lab and starts the cluster on it.
+pub async fn up_lab(dir: &Path, args: &LabUp) -> Result<LabLayout> {
     if layout_file(dir).exists() {
         bail!("a lab is already up in {} (pflex lab down --data-dir {0} first)", dir.display());
     }
@@ -421,27 +439,28 @@ async fn up_lab(dir: &Path, args: &LabUp) -> Result<()> {
         return Err(e.context("building the lab's network"));
     }
     match start_cluster(dir, &layout, args).await {
-        Ok(()) => {
-            println!(
-                "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab down --data-dir {d}",
-                name = layout.name,
-                nbd = layout.nbd_uri,
-                mdm = layout.mdm_url,
-                d = dir.display(),
-                hosts = layout
-                    .hosts
-                    .iter()
-                    .map(|h| format!("{}={}", h.name, h.address))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            );
-            Ok(())
-        }
+        Ok(()) => Ok(layout),
         Err(e) => {
             let _ = down(dir).await;
             Err(e)
         }
     }
+}
+
+fn print_ready(dir: &Path, layout: &LabLayout) {
+    println!(
+        "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab down --data-dir {d}",
+        name = layout.name,
+        nbd = layout.nbd_uri,
+        mdm = layout.mdm_url,
+        d = dir.display(),
+        hosts = layout
+            .hosts
+            .iter()
+            .map(|h| format!("{}={}", h.name, h.address))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
 }
 
 async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<()> {

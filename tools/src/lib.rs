@@ -9,6 +9,7 @@
 //! - [`verify`]: `pflex verify`, the "no acknowledged write lost" check (write, then check).
 
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod lab;
 pub mod nbd_probe;

@@ -151,6 +151,10 @@ impl Drop for FuseCleanup {
         quiet("umount /mnt/pflex");
         quiet("for d in $(losetup -j /tmp/pflex-fuse/vol1 -O NAME -n); do losetup -d $d; done");
         quiet("fusermount3 -u /tmp/pflex-fuse");
+        // The lab block: its namespaces and processes if the tour stopped
+        // half-way (harmless when it ran through).
+        let pflex = env!("CARGO_BIN_EXE_pflex");
+        quiet(&format!("{pflex} lab down --data-dir /var/tmp/pflex-lab"));
     }
 }
 

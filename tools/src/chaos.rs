@@ -1,0 +1,431 @@
+//! `pflex lab chaos SCENARIO`: one fault, injected into a fresh lab while
+//! `pflex verify` writes through NBD, then checked.
+//!
+//! Each run brings a lab up (its own data dir, namespaces and addresses),
+//! starts `pflex verify write` at the given queue depth, injects the fault on
+//! a fixed timeline, undoes it (heal, SIGCONT, restart), lets the writer
+//! finish, runs `pflex verify check`, then waits until the cluster has
+//! recovered (every SDS ACTIVE, no rebuild running) and both copies of every
+//! chunk the writer touched are equal. The report gives acknowledged writes,
+//! lost, stale and torn blocks, the longest stall and the recovery time. The
+//! lab is removed afterwards, pass or fail.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pflex_mdm_client::MdmClient;
+use serde::Serialize;
+
+use crate::lab::{self, LabUp};
+
+/// A fault the suite knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// `kill -9` of sds2, restarted 5 s later.
+    KillSds,
+    /// SIGSTOP of sds2 for 7 s (longer than the IO timeout), then SIGCONT.
+    StopSds,
+    /// sds1 cut from the MDM only for 10 s (the MDM fails it after 5 s of silence).
+    CutPrimaryFromMdm,
+    /// sds1 cut from the SDC only, for 4 s.
+    CutSdsFromSdc,
+    /// sds1 cut from its peer sds2 only, for 4 s.
+    CutSdsFromPeer,
+    /// The MDM killed for --mdm-down-secs, then restarted.
+    MdmDown,
+    /// The SDC's and the SDS's data-plane connections reset (`ss -K`) five
+    /// times while writes to the same blocks are in flight.
+    ConnectionReset,
+    /// sds2 killed; once its copies are rebuilt, sds3 killed (four SDS).
+    TwoFailures,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 8] = [
+        Scenario::KillSds,
+        Scenario::StopSds,
+        Scenario::CutPrimaryFromMdm,
+        Scenario::CutSdsFromSdc,
+        Scenario::CutSdsFromPeer,
+        Scenario::MdmDown,
+        Scenario::ConnectionReset,
+        Scenario::TwoFailures,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::KillSds => "kill-sds",
+            Scenario::StopSds => "stop-sds",
+            Scenario::CutPrimaryFromMdm => "cut-primary-from-mdm",
+            Scenario::CutSdsFromSdc => "cut-sds-from-sdc",
+            Scenario::CutSdsFromPeer => "cut-sds-from-peer",
+            Scenario::MdmDown => "mdm-down",
+            Scenario::ConnectionReset => "connection-reset",
+            Scenario::TwoFailures => "two-failures",
+        }
+    }
+}
+
+/// Options of `pflex lab chaos`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChaosArgs {
+    /// The scenario (or `all`, one after the other).
+    #[arg(value_enum)]
+    pub scenario: Vec<Scenario>,
+    /// Queue depths to run the checker at, one fresh lab each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub qd: Vec<u32>,
+    /// How long the MDM stays down in `mdm-down` (600 for the full ten minutes).
+    #[arg(long, default_value_t = 20)]
+    pub mdm_down_secs: u64,
+    /// Namespace prefix and address octet of the labs (see `pflex lab up`).
+    #[arg(long, default_value = "chaos")]
+    pub name: String,
+    #[arg(long, default_value_t = 214)]
+    pub net: u8,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The outcome of one scenario at one queue depth.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    pub scenario: String,
+    pub qd: u32,
+    pub acknowledged: u64,
+    pub write_errors: u64,
+    pub lost: u64,
+    pub stale: u64,
+    pub torn: u64,
+    pub unexpected: u64,
+    pub longest_stall_ms: u64,
+    /// From the end of the fault until the cluster was healthy again with
+    /// equal copies.
+    pub recovery_ms: u64,
+    pub chunks_compared: u64,
+    pub passed: bool,
+}
+
+/// `pflex lab chaos`: every scenario at every queue depth; fails if any did.
+pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
+    let scenarios =
+        if args.scenario.is_empty() { Scenario::ALL.to_vec() } else { args.scenario.clone() };
+    let mut reports = Vec::new();
+    for scenario in scenarios {
+        for &qd in &args.qd {
+            let run_dir = dir.join(format!("{}-qd{qd}", scenario.name()));
+            let report = run_one(&run_dir, scenario, qd, &args).await?;
+            if !args.json {
+                println!(
+                    "{:<22} qd {:<3} acknowledged {:>7}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  {}",
+                    report.scenario,
+                    report.qd,
+                    report.acknowledged,
+                    report.lost,
+                    report.stale,
+                    report.torn,
+                    report.longest_stall_ms,
+                    report.recovery_ms,
+                    if report.passed { "ok" } else { "FAILED" }
+                );
+            }
+            reports.push(report);
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    if reports.iter().any(|r| !r.passed) {
+        bail!("a scenario lost, tore or served stale data, or did not recover");
+    }
+    Ok(())
+}
+
+/// One fresh lab, one scenario, one queue depth; the lab is removed after.
+pub async fn run_one(
+    dir: &Path,
+    scenario: Scenario,
+    qd: u32,
+    args: &ChaosArgs,
+) -> Result<ChaosReport> {
+    if dir.exists() {
+        let _ = lab::down(dir).await;
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let up = LabUp {
+        sds: if scenario == Scenario::TwoFailures { 4 } else { 3 },
+        name: args.name.clone(),
+        net: args.net,
+        device_size: 1 << 30,
+        volume_size: 256 << 20,
+        heartbeat_interval_secs: 1,
+        failure_timeout_secs: if scenario == Scenario::CutPrimaryFromMdm { 5 } else { 120 },
+        token_ttl_secs: 3600,
+        bin_dir: None,
+    };
+    lab::up_lab(dir, &up).await?;
+    let outcome = drive(dir, scenario, qd, args).await;
+    let down = lab::down(dir).await;
+    let report = outcome?;
+    down?;
+    Ok(report)
+}
+
+fn pflex_exe() -> Result<PathBuf> {
+    std::env::current_exe().context("locating the pflex binary")
+}
+
+async fn pflex(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(pflex_exe()?).args(args).output().await?;
+    if !out.status.success() {
+        bail!("pflex {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn lab_cmd(dir: &Path, args: &[&str]) -> Result<String> {
+    let d = dir.display().to_string();
+    let mut all = vec!["lab", "--data-dir", d.as_str()];
+    all.extend_from_slice(args);
+    pflex(&all).await
+}
+
+async fn node_start(dir: &Path, host: &str) -> Result<()> {
+    let d = dir.display().to_string();
+    pflex(&["node", "start", host, "--data-dir", &d]).await.map(|_| ())
+}
+
+/// `ss -K` the data-plane connections between the SDC and sds1, on both sides.
+async fn reset_connections(layout: &lab::LabLayout) -> Result<()> {
+    let sdc = layout.hosts.iter().find(|h| h.name == "sdc1").context("no sdc1")?;
+    let sds = layout.hosts.iter().find(|h| h.name == "sds1").context("no sds1")?;
+    for (ns, peer) in [(&sdc.namespace, &sds.address), (&sds.namespace, &sdc.address)] {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-K", "-tn", "dst", peer])
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("ss -K in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Result<ChaosReport> {
+    let layout: lab::LabLayout =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json"))?)?;
+    let state = dir.join("verify.state");
+    let write_secs: u64 = match scenario {
+        Scenario::MdmDown => args.mdm_down_secs + 10,
+        Scenario::TwoFailures => 30,
+        Scenario::CutPrimaryFromMdm => 18,
+        _ => 14,
+    };
+    let writer = tokio::process::Command::new(pflex_exe()?)
+        .args(["verify", "write", &layout.nbd_uri, "--state"])
+        .arg(&state)
+        .args(["--qd", &qd.to_string(), "--duration", &write_secs.to_string(), "--blocks", "16384"])
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let t0 = Instant::now();
+    let at = |secs: f64| async move {
+        let due = t0 + Duration::from_secs_f64(secs);
+        tokio::time::sleep_until(due.into()).await;
+    };
+    let mdm = admin_client(dir, &layout)?;
+    at(3.0).await;
+    let fault_end: Instant = match scenario {
+        Scenario::KillSds => {
+            lab_cmd(dir, &["kill", "sds2"]).await?;
+            at(8.0).await;
+            node_start(dir, "sds2").await?;
+            Instant::now()
+        }
+        Scenario::StopSds => {
+            lab_cmd(dir, &["stop", "sds2"]).await?;
+            at(10.0).await;
+            lab_cmd(dir, &["cont", "sds2"]).await?;
+            Instant::now()
+        }
+        Scenario::CutPrimaryFromMdm => {
+            lab_cmd(dir, &["cut", "sds1", "--from", "mdm"]).await?;
+            at(13.0).await;
+            lab_cmd(dir, &["heal", "sds1", "--from", "mdm"]).await?;
+            Instant::now()
+        }
+        Scenario::CutSdsFromSdc => {
+            lab_cmd(dir, &["cut", "sds1", "--from", "sdc1"]).await?;
+            at(7.0).await;
+            lab_cmd(dir, &["heal", "sds1", "--from", "sdc1"]).await?;
+            Instant::now()
+        }
+        Scenario::CutSdsFromPeer => {
+            lab_cmd(dir, &["cut", "sds1", "--from", "sds2"]).await?;
+            at(7.0).await;
+            lab_cmd(dir, &["heal", "sds1", "--from", "sds2"]).await?;
+            Instant::now()
+        }
+        Scenario::MdmDown => {
+            lab_cmd(dir, &["kill", "mdm"]).await?;
+            at(3.0 + args.mdm_down_secs as f64).await;
+            node_start(dir, "mdm").await?;
+            Instant::now()
+        }
+        Scenario::ConnectionReset => {
+            for i in 0..5 {
+                at(3.0 + i as f64).await;
+                reset_connections(&layout).await?;
+            }
+            Instant::now()
+        }
+        Scenario::TwoFailures => {
+            lab_cmd(dir, &["kill", "sds2"]).await?;
+            let failed = node_id(&mdm, "sds2").await?;
+            wait_until("sds2's copies to be rebuilt", Duration::from_secs(60), || async {
+                rebuilds_done_for(&mdm, failed).await
+            })
+            .await?;
+            lab_cmd(dir, &["kill", "sds3"]).await?;
+            at(write_secs as f64 - 4.0).await;
+            node_start(dir, "sds2").await?;
+            node_start(dir, "sds3").await?;
+            Instant::now()
+        }
+    };
+    let written = writer.wait_with_output().await?;
+    let write: serde_json::Value = serde_json::from_slice(&written.stdout).with_context(|| {
+        format!("pflex verify write said: {}", String::from_utf8_lossy(&written.stderr))
+    })?;
+    let checked = tokio::process::Command::new(pflex_exe()?)
+        .args(["verify", "check", &layout.nbd_uri, "--state"])
+        .arg(&state)
+        .arg("--json")
+        .output()
+        .await?;
+    let check: serde_json::Value = serde_json::from_slice(&checked.stdout).with_context(|| {
+        format!("pflex verify check said: {}", String::from_utf8_lossy(&checked.stderr))
+    })?;
+    let chunks = recover(&mdm, &layout).await;
+    let recovery_ms = fault_end.elapsed().as_millis() as u64;
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let (lost, stale, torn, unexpected) =
+        (n(&check, "lost"), n(&check, "stale"), n(&check, "torn"), n(&check, "unexpected"));
+    let chunks_compared = chunks.as_ref().copied().unwrap_or(0);
+    if let Err(e) = &chunks {
+        eprintln!("pflex lab chaos {}: {e:#}", scenario.name());
+    }
+    Ok(ChaosReport {
+        scenario: scenario.name().into(),
+        qd,
+        acknowledged: n(&write, "acknowledged"),
+        write_errors: n(&write, "errors"),
+        lost,
+        stale,
+        torn,
+        unexpected,
+        longest_stall_ms: n(&write, "longest_stall_ms").max(n(&check, "longest_stall_ms")),
+        recovery_ms,
+        chunks_compared,
+        passed: lost + stale + torn + unexpected == 0
+            && chunks.is_ok()
+            && checked.status.success()
+            && n(&write, "acknowledged") > 0,
+    })
+}
+
+fn admin_client(dir: &Path, layout: &lab::LabLayout) -> Result<MdmClient> {
+    let token = std::fs::read_to_string(dir.join("mdm").join("admin_token"))?;
+    Ok(MdmClient::new(&layout.mdm_url, Some(token.trim().to_string()))?)
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut ready: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !ready().await {
+        if start.elapsed() > limit {
+            bail!("timed out after {} s waiting for {what}", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+async fn node_id(mdm: &MdmClient, name: &str) -> Result<u64> {
+    let list = mdm.sds_list().await?;
+    list.iter().find(|s| s.name == name).map(|s| s.id).with_context(|| format!("no SDS {name}"))
+}
+
+async fn rebuilds_done_for(mdm: &MdmClient, failed: u64) -> bool {
+    let Ok(jobs) = mdm.rebuild_jobs().await else { return false };
+    let ours: Vec<_> = jobs.iter().filter(|j| j.failed_sds == failed).collect();
+    !ours.is_empty() && ours.iter().all(|j| j.state == "done")
+}
+
+/// Waits until every SDS is ACTIVE, no rebuild runs and both copies of
+/// every chunk of vol1 are equal; returns how many chunks were compared.
+async fn recover(mdm: &MdmClient, layout: &lab::LabLayout) -> Result<u64> {
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    loop {
+        let last = match copies_equal(mdm, layout, &http).await {
+            Ok(compared) => return Ok(compared),
+            Err(e) => format!("{e:#}"),
+        };
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("the cluster did not recover within 120 s: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn copies_equal(
+    mdm: &MdmClient,
+    layout: &lab::LabLayout,
+    http: &reqwest::Client,
+) -> Result<u64> {
+    let nodes = mdm.sds_list().await?;
+    if let Some(n) = nodes.iter().find(|n| n.status != "ACTIVE") {
+        bail!("{} is {}", n.name, n.status);
+    }
+    let jobs = mdm.rebuild_jobs().await?;
+    if let Some(j) = jobs.iter().find(|j| j.state != "done" && j.state != "failed") {
+        bail!("rebuild job {} is {}", j.job_id, j.state);
+    }
+    let volume = mdm.volume_show("vol1").await?;
+    let map = mdm.placement(volume.id).await?;
+    let address = |id: u64| -> Result<String> {
+        let name = &nodes.iter().find(|n| n.id == id).context("a copy on an unknown SDS")?.name;
+        let host = layout.hosts.iter().find(|h| &h.name == name).context("SDS not in the lab")?;
+        Ok(host.address.clone())
+    };
+    let mut compared = 0;
+    for chunk in 0..map.chunk_count() {
+        let pg = map.pg_of(chunk).context("no PGs")?;
+        let mut sums = Vec::new();
+        for id in [pg.primary, pg.secondary] {
+            let url = format!("http://{}:9100/chunk/{}/{chunk}/checksum", address(id)?, volume.id);
+            let sum: pflex_proto::api::ChunkChecksum =
+                http.get(&url).timeout(Duration::from_secs(5)).send().await?.json().await?;
+            sums.push((sum.allocated, sum.crc32));
+        }
+        if sums[0] != sums[1] {
+            bail!(
+                "chunk {chunk}: copies differ ({:?} on SDS {}, {:?} on SDS {})",
+                sums[0],
+                pg.primary,
+                sums[1],
+                pg.secondary
+            );
+        }
+        compared += 1;
+    }
+    Ok(compared)
+}
