@@ -7,8 +7,8 @@
 //! - [`wait_for`]: polls a condition until it holds, or fails the test;
 //! - [`TcpRelay`]: one link of a cluster that a test can cut and heal;
 //! - [`workspace_binary`]: another package's binary from the same target
-//!   directory, built on demand (cargo only builds the binaries of the
-//!   package under test).
+//!   directory, brought up to date once per test process (cargo only builds
+//!   the binaries of the package under test).
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -112,78 +112,29 @@ fn profile_dir() -> PathBuf {
 }
 
 /// The binary `name` of package `package` in this profile directory, built
-/// first if it is missing.
+/// (or brought up to date: `cargo build` is a no-op when it is) once per test
+/// process, so a test never runs a binary older than the sources.
 pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(HashSet::new()));
     let dir = profile_dir();
     let path = dir.join(name);
-    if !path.exists() {
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.contains(name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut args = vec!["build", "-p", package, "--bin", name];
+        let mut args = vec!["build", "--quiet", "-p", package, "--bin", name];
         if dir.ends_with("release") {
             args.push("--release");
         }
-        let status = Command::new(cargo).args(&args).status().expect("run cargo build");
+        let mut build = Command::new(cargo);
+        build.args(&args);
+        if let Some(target) = dir.parent() {
+            build.env("CARGO_TARGET_DIR", target);
+        }
+        let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build -p {package} --bin {name} failed");
+        built.insert(name.to_string());
     }
     assert!(path.exists(), "no {name} binary at {}", path.display());
     path
-}
-
-/// A TCP relay on loopback that a test can cut and heal: one link of the
-/// cluster (say an SDS's connection to the MDM) goes through it while the
-/// others stay direct, so a node can be cut off from one peer only.
-/// Cutting closes every relayed connection and refuses new ones (accepted,
-/// then closed at once); healing relays again. Stops when dropped.
-pub struct TcpRelay {
-    pub port: u16,
-    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl TcpRelay {
-    /// Relays `127.0.0.1:{port}` to `target`.
-    pub async fn start(target: std::net::SocketAddr) -> TcpRelay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (cut, _) = tokio::sync::watch::channel(false);
-        let cut = std::sync::Arc::new(cut);
-        let watch = cut.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if *watch.borrow() {
-                    continue; // dropped: the peer sees the connection close
-                }
-                let mut cut_rx = watch.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.wait_for(|cut| *cut) => {}
-                    }
-                });
-            }
-        });
-        TcpRelay { port, cut, task }
-    }
-
-    /// `http://127.0.0.1:{port}`.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn cut(&self) {
-        self.cut.send_replace(true);
-    }
-
-    pub fn heal(&self) {
-        self.cut.send_replace(false);
-    }
-}
-
-impl Drop for TcpRelay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }

@@ -101,8 +101,9 @@ pub struct ChaosReport {
     pub torn: u64,
     pub unexpected: u64,
     pub longest_stall_ms: u64,
-    /// From the end of the fault until the cluster was healthy again with
-    /// equal copies.
+    /// From the end of the fault (restart, heal, SIGCONT) until every SDS
+    /// was ACTIVE again and no rebuild ran (copies are compared after the
+    /// writer stopped).
     pub recovery_ms: u64,
     pub chunks_compared: u64,
     pub passed: bool,
@@ -297,6 +298,22 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
             Instant::now()
         }
     };
+    // Recovery: from the end of the fault until every SDS is ACTIVE and no
+    // rebuild runs, watched while the writer goes on.
+    let healthy = {
+        let mdm = admin_client(dir, &layout)?;
+        tokio::spawn(async move {
+            loop {
+                if cluster_healthy(&mdm).await {
+                    return fault_end.elapsed();
+                }
+                if fault_end.elapsed() > Duration::from_secs(180) {
+                    return fault_end.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let written = writer.wait_with_output().await?;
     let write: serde_json::Value = serde_json::from_slice(&written.stdout).with_context(|| {
         format!("pflex verify write said: {}", String::from_utf8_lossy(&written.stderr))
@@ -311,7 +328,7 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         format!("pflex verify check said: {}", String::from_utf8_lossy(&checked.stderr))
     })?;
     let chunks = recover(&mdm, &layout).await;
-    let recovery_ms = fault_end.elapsed().as_millis() as u64;
+    let recovery_ms = healthy.await?.as_millis() as u64;
     let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let (lost, stale, torn, unexpected) =
         (n(&check, "lost"), n(&check, "stale"), n(&check, "torn"), n(&check, "unexpected"));
@@ -361,6 +378,14 @@ where
 async fn node_id(mdm: &MdmClient, name: &str) -> Result<u64> {
     let list = mdm.sds_list().await?;
     list.iter().find(|s| s.name == name).map(|s| s.id).with_context(|| format!("no SDS {name}"))
+}
+
+async fn cluster_healthy(mdm: &MdmClient) -> bool {
+    let (Ok(nodes), Ok(jobs)) = (mdm.sds_list().await, mdm.rebuild_jobs().await) else {
+        return false;
+    };
+    nodes.iter().all(|n| n.status == "ACTIVE")
+        && jobs.iter().all(|j| j.state == "done" || j.state == "failed")
 }
 
 async fn rebuilds_done_for(mdm: &MdmClient, failed: u64) -> bool {

@@ -12,19 +12,7 @@ const JOIN_KEY: &str = "cli-test-join-key";
 
 /// The `mdm` binary, built next to `pflex` with the same profile.
 fn mdm_binary() -> PathBuf {
-    let pflex = PathBuf::from(env!("CARGO_BIN_EXE_pflex"));
-    let dir = pflex.parent().unwrap().to_path_buf();
-    let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--quiet", "-p", "mdm", "--bin", "mdm"]);
-    if dir.ends_with("release") {
-        build.arg("--release");
-    }
-    if let Some(target) = dir.parent() {
-        build.env("CARGO_TARGET_DIR", target);
-    }
-    let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("run cargo build");
-    assert!(status.success(), "building the mdm binary failed");
-    dir.join("mdm")
+    pflex_testkit::workspace_binary("mdm", "mdm")
 }
 
 /// A running MDM, killed by PID on drop.

@@ -10,7 +10,6 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pflex_mdm_client::MdmClient;
@@ -25,24 +24,10 @@ pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_sdc")).parent().expect("binary dir").to_path_buf()
 }
 
-/// Builds the MDM and SDS binaries once per test process.
+/// Brings the MDM and SDS binaries up to date (once per test process).
 fn build_peers() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = bin_dir();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "mdm", "-p", "sds-uring"])
-            .arg("--manifest-path")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for mdm and sds");
-        assert!(status.success(), "cargo build -p mdm -p sds-uring failed");
-        for b in ["mdm", "sds"] {
-            assert!(dir.join(b).exists(), "{} missing after build", dir.join(b).display());
-        }
-    });
+    pflex_testkit::workspace_binary("mdm", "mdm");
+    pflex_testkit::workspace_binary("sds-uring", "sds");
 }
 
 pub use pflex_testkit::free_port;

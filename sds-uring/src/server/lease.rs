@@ -24,8 +24,13 @@
 //!   primary fails is its secondary, the only node that could have vouched
 //!   for the old primary: once it knows the new map it refuses to renew the
 //!   old one, and waits out what it granted before serving.
-//! - A node that restarts has forgotten what it granted: it serves as a
-//!   primary only `length + drift` after it started.
+//! - A node that restarts has forgotten what it granted, except for one
+//!   number it keeps on disk: a wall-clock time before which a lease it
+//!   granted may still run (the *horizon*, written and synced before a grant
+//!   that would pass it is answered, pushed `2 × length` ahead so that
+//!   happens at most every `length`). Restarted, it serves as a primary only
+//!   from the horizon plus the drift margin on; a node that never granted,
+//!   or was down longer than that, serves at once.
 //!
 //! A PG with no distinct secondary (one copy left) needs no lease: any
 //! successor must first be rebuilt from this copy.
@@ -62,11 +67,60 @@ impl Default for LeaseConfig {
 /// Leases this node holds (as a primary) and has granted (as a secondary).
 pub struct Leases {
     config: LeaseConfig,
-    started: Instant,
+    /// Before this, a lease granted before the last restart may still run.
+    restart_not_before: Instant,
+    horizon: Mutex<Horizon>,
     /// (volume, secondary node) -> (epoch, valid until).
     held: Mutex<HashMap<(u64, u64), (u64, Instant)>>,
     /// (volume, PG index) -> the grantor's expiry of the newest lease granted.
     granted: Mutex<HashMap<(u64, usize), Instant>>,
+}
+
+/// The on-disk horizon (see the module doc).
+struct Horizon {
+    /// `None` in unit tests: nothing kept.
+    path: Option<std::path::PathBuf>,
+    /// Unix ms before which a granted lease may still run.
+    until_ms: u64,
+}
+
+impl Horizon {
+    /// Makes sure a lease of `length` granted now ends before the horizon on
+    /// disk, moving it `2 × length` ahead (written and synced) if not. False
+    /// if it cannot be written: then the lease must not be granted.
+    fn cover(&mut self, length: Duration) -> bool {
+        let now = unix_ms();
+        let needed = now + length.as_millis() as u64;
+        if needed <= self.until_ms {
+            return true;
+        }
+        let next = now + 2 * length.as_millis() as u64;
+        if let Some(path) = &self.path {
+            let written = (|| -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(path)?;
+                f.write_all(format!("{next:020}\n").as_bytes())?;
+                f.sync_data()
+            })();
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep the lease horizon: granting no lease");
+                return false;
+            }
+        }
+        self.until_ms = next;
+        true
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What a primary may do with a PG right now.
@@ -82,14 +136,30 @@ pub enum PrimaryLease {
 }
 
 impl Leases {
-    pub fn new(config: LeaseConfig) -> Self {
-        Self::new_at(config, Instant::now())
+    /// Leases whose horizon is kept in the file `horizon` (see the module
+    /// doc). An unreadable file counts as a grant just before the start.
+    pub fn open(config: LeaseConfig, horizon: std::path::PathBuf) -> Self {
+        let now = Instant::now();
+        let now_ms = unix_ms();
+        let persisted = match std::fs::read_to_string(&horizon) {
+            Ok(text) => {
+                text.trim().parse::<u64>().unwrap_or(now_ms + config.length.as_millis() as u64)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(_) => now_ms + config.length.as_millis() as u64,
+        };
+        let wait = Duration::from_millis(persisted.saturating_sub(now_ms));
+        let restart_not_before = if wait.is_zero() { now } else { now + wait + config.drift };
+        let mut leases = Self::new_at(config, restart_not_before);
+        leases.horizon = Mutex::new(Horizon { path: Some(horizon), until_ms: persisted });
+        leases
     }
 
-    fn new_at(config: LeaseConfig, started: Instant) -> Self {
+    fn new_at(config: LeaseConfig, restart_not_before: Instant) -> Self {
         Leases {
             config,
-            started,
+            restart_not_before,
+            horizon: Mutex::new(Horizon { path: None, until_ms: 0 }),
             held: Mutex::new(HashMap::new()),
             granted: Mutex::new(HashMap::new()),
         }
@@ -111,7 +181,7 @@ impl Leases {
         now: Instant,
     ) -> PrimaryLease {
         let c = self.config;
-        let mut not_before = self.started + c.length + c.drift;
+        let mut not_before = self.restart_not_before;
         if let Some(&granted) =
             self.granted.lock().unwrap_or_else(|p| p.into_inner()).get(&(volume, pg))
         {
@@ -161,9 +231,13 @@ impl Leases {
         now: Instant,
         still_current: impl FnOnce() -> bool,
     ) -> bool {
-        let expires = now + self.config.length.max(asked);
+        let length = self.config.length.max(asked);
+        let expires = now + length;
         let mut granted = self.granted.lock().unwrap_or_else(|p| p.into_inner());
         if !still_current() {
+            return false;
+        }
+        if !self.horizon.lock().unwrap_or_else(|p| p.into_inner()).cover(length) {
             return false;
         }
         for &pg in pgs {
@@ -191,17 +265,39 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_node_waits_out_leases_it_may_have_granted_before_a_restart() {
-        let t0 = Instant::now();
-        let leases = Leases::new_at(config(), t0);
-        assert_eq!(leases.check_primary(1, 0, 5, None, t0), PrimaryLease::WaitOut(3300 * MS));
-        assert_eq!(leases.check_primary(1, 0, 5, None, t0 + 3300 * MS), PrimaryLease::Valid);
+    fn a_restarted_node_waits_out_the_horizon_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lease_horizon");
+        // Never granted: serves at once.
+        let fresh = Leases::open(config(), path.clone());
+        assert_eq!(fresh.check_primary(1, 0, 5, None, Instant::now()), PrimaryLease::Valid);
+        // A grant moves the horizon 2 x length ahead, on disk.
+        assert!(fresh.grant(1, &[0], Duration::ZERO, Instant::now(), || true));
+        let kept: u64 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
+        assert!(kept >= unix_ms() + 5000, "horizon {kept}");
+        // Restarted now: waits until the horizon plus the drift margin.
+        let restarted = Leases::open(config(), path.clone());
+        match restarted.check_primary(1, 1, 5, None, Instant::now()) {
+            PrimaryLease::WaitOut(w) => assert!(w > 5000 * MS && w <= 6300 * MS, "{w:?}"),
+            other => panic!("{other:?}"),
+        }
+        // A horizon in the past: no wait.
+        std::fs::write(&path, "1\n").unwrap();
+        let later = Leases::open(config(), path.clone());
+        assert_eq!(later.check_primary(1, 0, 5, None, Instant::now()), PrimaryLease::Valid);
+        // An unreadable one: the full wait, to be safe.
+        std::fs::write(&path, "garbage").unwrap();
+        let unsure = Leases::open(config(), path);
+        assert!(matches!(
+            unsure.check_primary(1, 0, 5, None, Instant::now()),
+            PrimaryLease::WaitOut(_)
+        ));
     }
 
     #[test]
     fn a_primary_serves_only_under_a_lease_of_its_current_epoch() {
         let t0 = Instant::now();
-        let leases = Leases::new_at(config(), t0);
+        let leases = Leases::new_at(config(), t0 + 3300 * MS);
         let t = t0 + 10_000 * MS;
         assert_eq!(leases.check_primary(1, 0, 5, Some(2), t), PrimaryLease::Renew);
         leases.record_held(1, 2, 5, t);
@@ -227,7 +323,7 @@ mod tests {
     #[test]
     fn a_promoted_copy_waits_out_the_lease_it_granted_the_old_primary() {
         let t0 = Instant::now();
-        let leases = Leases::new_at(config(), t0);
+        let leases = Leases::new_at(config(), t0 + 3300 * MS);
         let t = t0 + 10_000 * MS;
         // As secondary of PGs 0 and 2, it vouched for the old primary at t.
         assert!(leases.grant(1, &[0, 2], Duration::ZERO, t, || true));
@@ -244,7 +340,7 @@ mod tests {
     #[test]
     fn a_holder_with_a_longer_lease_is_waited_out_in_full() {
         let t0 = Instant::now();
-        let leases = Leases::new_at(config(), t0);
+        let leases = Leases::new_at(config(), t0 + 3300 * MS);
         let t = t0 + 10_000 * MS;
         // The holder runs with 5 s leases, this node with 3 s.
         assert!(leases.grant(1, &[0], 5000 * MS, t, || true));

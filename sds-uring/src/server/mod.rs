@@ -171,7 +171,8 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         "SDS listening"
     );
 
-    let leases = config.lease.map(lease::Leases::new);
+    let leases =
+        config.lease.map(|c| lease::Leases::open(c, config.data_dir.join("lease_horizon")));
     let node = Arc::new(SdsNode {
         local_log: LocalLog::open(store.db_path()),
         peers: PeerClients::new(config.peer_connections),
