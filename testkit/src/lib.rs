@@ -138,3 +138,62 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     assert!(path.exists(), "no {name} binary at {}", path.display());
     path
 }
+
+/// A TCP relay on loopback that a test can cut and heal: one link of the
+/// cluster (say an SDS's connection to the MDM) goes through it while the
+/// others stay direct, so a node can be cut off from one peer only.
+/// Cutting closes every relayed connection and refuses new ones (accepted,
+/// then closed at once); healing relays again. Stops when dropped.
+pub struct TcpRelay {
+    pub port: u16,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpRelay {
+    /// Relays `127.0.0.1:{port}` to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> TcpRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = std::sync::Arc::new(cut);
+        let watch = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    continue; // dropped: the peer sees the connection close
+                }
+                let mut cut_rx = watch.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        TcpRelay { port, cut, task }
+    }
+
+    /// `http://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
