@@ -32,7 +32,8 @@ pub enum Scenario {
     CutSdsFromSdc,
     /// sds1 cut from its peer sds2 only, for 4 s.
     CutSdsFromPeer,
-    /// The MDM killed for --mdm-down-secs, then restarted.
+    /// The MDM killed for --mdm-down-secs, then restarted; tokens live twice
+    /// that plus 10 s, so a renewal falls inside the outage.
     MdmDown,
     /// The SDC's and the SDS's data-plane connections reset (`ss -K`) five
     /// times while writes to the same blocks are in flight.
@@ -163,7 +164,14 @@ pub async fn run_one(
         volume_size: 256 << 20,
         heartbeat_interval_secs: 1,
         failure_timeout_secs: if scenario == Scenario::CutPrimaryFromMdm { 5 } else { 120 },
-        token_ttl_secs: 3600,
+        // The MDM outage covers a token renewal (due at a third of the
+        // lifetime) and ends before expiry: IO must go on through a failed
+        // renewal, then renew once the MDM is back.
+        token_ttl_secs: if scenario == Scenario::MdmDown {
+            2 * (args.mdm_down_secs + 5)
+        } else {
+            3600
+        },
         bin_dir: None,
     };
     lab::up_lab(dir, &up).await?;

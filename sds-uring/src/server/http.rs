@@ -46,7 +46,15 @@ async fn health(State(node): State<Arc<SdsNode>>) -> Json<ComponentStatus> {
     Json(ComponentStatus {
         component: "sds".into(),
         name: node.config.name.clone(),
-        status: if identity.is_some() { "ACTIVE" } else { "REGISTERING" }.into(),
+        // RECOVERING: registered, but leases this node may have granted
+        // before a restart may still run, so it does not serve as a primary
+        // yet (see `lease`).
+        status: match (&identity, node.leases.as_ref().is_some_and(|l| l.restart_wait_pending())) {
+            (None, _) => "REGISTERING",
+            (Some(_), true) => "RECOVERING",
+            (Some(_), false) => "ACTIVE",
+        }
+        .into(),
         node_id: identity.as_ref().map(|i| i.node_id),
         registered: identity.is_some(),
         uptime_secs: node.uptime_secs(),

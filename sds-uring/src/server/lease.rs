@@ -27,8 +27,8 @@
 //! - A node that restarts has forgotten what it granted, except for one
 //!   number it keeps on disk: a wall-clock time before which a lease it
 //!   granted may still run (the *horizon*, written and synced before a grant
-//!   that would pass it is answered, pushed `2 × length` ahead so that
-//!   happens at most every `length`). Restarted, it serves as a primary only
+//!   that would pass it is answered, pushed `1.5 × length` ahead so that
+//!   happens at most every half lease). Restarted, it serves as a primary only
 //!   from the horizon plus the drift margin on; a node that never granted,
 //!   or was down longer than that, serves at once.
 //!
@@ -86,7 +86,7 @@ struct Horizon {
 
 impl Horizon {
     /// Makes sure a lease of `length` granted now ends before the horizon on
-    /// disk, moving it `2 × length` ahead (written and synced) if not. False
+    /// disk, moving it `1.5 × length` ahead (written and synced) if not. False
     /// if it cannot be written: then the lease must not be granted.
     fn cover(&mut self, length: Duration) -> bool {
         let now = unix_ms();
@@ -94,7 +94,7 @@ impl Horizon {
         if needed <= self.until_ms {
             return true;
         }
-        let next = now + 2 * length.as_millis() as u64;
+        let next = now + length.as_millis() as u64 * 3 / 2;
         if let Some(path) = &self.path {
             let written = (|| -> std::io::Result<()> {
                 use std::io::Write;
@@ -167,6 +167,12 @@ impl Leases {
 
     pub fn config(&self) -> LeaseConfig {
         self.config
+    }
+
+    /// Whether leases granted before the last restart may still run (this
+    /// node does not serve as a primary yet).
+    pub fn restart_wait_pending(&self) -> bool {
+        Instant::now() < self.restart_not_before
     }
 
     /// Whether this node, primary of PG `pg` of `volume` under `epoch`
@@ -271,14 +277,15 @@ mod tests {
         // Never granted: serves at once.
         let fresh = Leases::open(config(), path.clone());
         assert_eq!(fresh.check_primary(1, 0, 5, None, Instant::now()), PrimaryLease::Valid);
-        // A grant moves the horizon 2 x length ahead, on disk.
+        // A grant moves the horizon 1.5 x length ahead, on disk.
         assert!(fresh.grant(1, &[0], Duration::ZERO, Instant::now(), || true));
         let kept: u64 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
-        assert!(kept >= unix_ms() + 5000, "horizon {kept}");
+        assert!(kept >= unix_ms() + 4000, "horizon {kept}");
         // Restarted now: waits until the horizon plus the drift margin.
         let restarted = Leases::open(config(), path.clone());
+        assert!(restarted.restart_wait_pending());
         match restarted.check_primary(1, 1, 5, None, Instant::now()) {
-            PrimaryLease::WaitOut(w) => assert!(w > 5000 * MS && w <= 6300 * MS, "{w:?}"),
+            PrimaryLease::WaitOut(w) => assert!(w > 4000 * MS && w <= 4800 * MS, "{w:?}"),
             other => panic!("{other:?}"),
         }
         // A horizon in the past: no wait.

@@ -110,10 +110,6 @@ async fn start_mdm(
     (mdm, MdmClient::new(&mdm_url, Some(admin_token)).unwrap())
 }
 
-/// Seconds after its start from which an SDS serves as a primary (the
-/// default lease, 3 s, plus its drift margin, rounded up).
-pub const PRIMARY_READY_SECS: u64 = 4;
-
 /// How the MDM decides an SDS has failed.
 #[derive(Debug, Clone, Copy)]
 pub struct FailureDetection {
@@ -292,14 +288,13 @@ impl Cluster {
             let (http, url) = (http.clone(), url.clone());
             async move {
                 let Ok(reply) = http.get(url).send().await else { return false };
-                // Registered, and past the wait a fresh process observes
+                // Registered, and past the wait a restarted process observes
                 // before it serves as a primary (leases it may have granted
-                // in an earlier life: 3 s + 0.3 s by default), so a test's
-                // raw requests, which are not retried like an SDC's, find
-                // it serving.
+                // in its earlier life): ACTIVE, not RECOVERING. A test's raw
+                // requests are not retried like an SDC's.
                 matches!(
                     reply.json::<ComponentStatus>().await,
-                    Ok(s) if s.registered && s.uptime_secs >= PRIMARY_READY_SECS
+                    Ok(s) if s.registered && s.status == "ACTIVE"
                 )
             }
         })
