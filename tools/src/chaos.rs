@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use pflex_mdm_client::MdmClient;
 use serde::Serialize;
 
-use crate::lab::{self, LabUp};
+use crate::lab::{self, wait_until, LabUp};
 
 /// A fault the suite knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -366,21 +366,6 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
 fn admin_client(dir: &Path, layout: &lab::LabLayout) -> Result<MdmClient> {
     let token = std::fs::read_to_string(dir.join("mdm").join("admin_token"))?;
     Ok(MdmClient::new(&layout.mdm_url, Some(token.trim().to_string()))?)
-}
-
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut ready: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !ready().await {
-        if start.elapsed() > limit {
-            bail!("timed out after {} s waiting for {what}", limit.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
 }
 
 async fn node_id(mdm: &MdmClient, name: &str) -> Result<u64> {

@@ -404,7 +404,8 @@ fn start_on(
     Ok(())
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut ready: F) -> Result<()>
+/// Polls `ready` every 100 ms until it holds, or fails naming `what`.
+pub(crate) async fn wait_until<F, Fut>(what: &str, limit: Duration, mut ready: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

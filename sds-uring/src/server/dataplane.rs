@@ -716,6 +716,9 @@ async fn serve_replica(
             }
             accept(header.seq)?;
             let asked = std::time::Duration::from_millis(u64::from(header.offset));
+            if !leases.keep_horizon(leases.config().length.max(asked)).await {
+                return Err(Status::IoError);
+            }
             let volume = header.volume_id;
             let still_current = || node.placement.known_epoch(volume) == header.epoch;
             if !leases.grant(volume, &pgs, asked, std::time::Instant::now(), still_current) {

@@ -85,35 +85,20 @@ struct Horizon {
 }
 
 impl Horizon {
-    /// Makes sure a lease of `length` granted now ends before the horizon on
-    /// disk, moving it `1.5 × length` ahead (written and synced) if not. False
-    /// if it cannot be written: then the lease must not be granted.
-    fn cover(&mut self, length: Duration) -> bool {
-        let now = unix_ms();
-        let needed = now + length.as_millis() as u64;
-        if needed <= self.until_ms {
-            return true;
-        }
-        let next = now + length.as_millis() as u64 * 3 / 2;
-        if let Some(path) = &self.path {
-            let written = (|| -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(false)
-                    .open(path)?;
-                f.write_all(format!("{next:020}\n").as_bytes())?;
-                f.sync_data()
-            })();
-            if let Err(e) = written {
-                tracing::warn!(path = %path.display(), error = %e, "cannot keep the lease horizon: granting no lease");
-                return false;
-            }
-        }
-        self.until_ms = next;
-        true
+    /// Whether a lease of `length` granted now ends before the horizon on
+    /// disk (always, when nothing is kept).
+    fn covers(&self, length: Duration) -> bool {
+        self.path.is_none() || unix_ms() + length.as_millis() as u64 <= self.until_ms
     }
+}
+
+/// Writes the horizon and syncs it (on a blocking thread: see
+/// [`Leases::keep_horizon`]).
+fn write_horizon(path: &std::path::Path, until_ms: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(path)?;
+    f.write_all(format!("{until_ms:020}\n").as_bytes())?;
+    f.sync_data()
 }
 
 fn unix_ms() -> u64 {
@@ -223,9 +208,37 @@ impl Leases {
         }
     }
 
+    /// Before a grant of `length`: moves the on-disk horizon `1.5 × length`
+    /// ahead if the lease would pass it, writing and syncing it on a blocking
+    /// thread (never on the network thread). False if it cannot be written:
+    /// then no lease may be granted.
+    pub async fn keep_horizon(&self, length: Duration) -> bool {
+        let (path, next) = {
+            let h = self.horizon.lock().unwrap_or_else(|p| p.into_inner());
+            if h.covers(length) {
+                return true;
+            }
+            let next = unix_ms() + length.as_millis() as u64 * 3 / 2;
+            (h.path.clone().expect("covers() is true without a path"), next)
+        };
+        let shown = path.display().to_string();
+        match tokio::task::spawn_blocking(move || write_horizon(&path, next)).await {
+            Ok(Ok(())) => {
+                let mut h = self.horizon.lock().unwrap_or_else(|p| p.into_inner());
+                h.until_ms = h.until_ms.max(next);
+                true
+            }
+            outcome => {
+                tracing::warn!(path = %shown, ?outcome, "cannot keep the lease horizon: granting no lease");
+                false
+            }
+        }
+    }
+
     /// As a secondary: grants the sender a lease on `pgs` of `volume`,
     /// received at `now`, for the longer of this node's lease and `asked`
-    /// (the holder's). `still_current` is checked under the same lock that
+    /// (the holder's), once [`Leases::keep_horizon`] covered that length.
+    /// `still_current` is checked under the same lock that
     /// [`Leases::check_primary`] takes, so a grant under a map this node has
     /// just replaced is refused (false) rather than recorded after this node
     /// began serving as primary under the new one.
@@ -243,8 +256,8 @@ impl Leases {
         if !still_current() {
             return false;
         }
-        if !self.horizon.lock().unwrap_or_else(|p| p.into_inner()).cover(length) {
-            return false;
+        if !self.horizon.lock().unwrap_or_else(|p| p.into_inner()).covers(length) {
+            return false; // the caller did not keep the horizon first
         }
         for &pg in pgs {
             let e = granted.entry((volume, pg)).or_insert(expires);
@@ -270,14 +283,17 @@ mod tests {
         LeaseConfig { length: 3000 * MS, drift: 300 * MS, renew_every: 750 * MS }
     }
 
-    #[test]
-    fn a_restarted_node_waits_out_the_horizon_it_kept() {
+    #[tokio::test]
+    async fn a_restarted_node_waits_out_the_horizon_it_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lease_horizon");
         // Never granted: serves at once.
         let fresh = Leases::open(config(), path.clone());
         assert_eq!(fresh.check_primary(1, 0, 5, None, Instant::now()), PrimaryLease::Valid);
-        // A grant moves the horizon 1.5 x length ahead, on disk.
+        // A grant without the horizon kept first is refused.
+        assert!(!fresh.grant(1, &[0], Duration::ZERO, Instant::now(), || true));
+        // Keeping it moves it 1.5 x length ahead, on disk.
+        assert!(fresh.keep_horizon(3000 * MS).await);
         assert!(fresh.grant(1, &[0], Duration::ZERO, Instant::now(), || true));
         let kept: u64 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
         assert!(kept >= unix_ms() + 4000, "horizon {kept}");
