@@ -432,6 +432,18 @@ pub async fn up_lab(dir: &Path, args: &LabUp) -> Result<LabLayout> {
         );
     }
     let layout = plan(args)?;
+    // Never touch what another lab made: refuse before creating anything.
+    let existing = Command::new("ip").args(["netns", "list"]).output().context("running ip")?;
+    let existing = String::from_utf8_lossy(&existing.stdout);
+    for h in &layout.hosts {
+        if existing.lines().any(|l| l.split_whitespace().next() == Some(h.namespace.as_str())) {
+            bail!(
+                "network namespace {} exists already (another lab named {}? use --name and --net)",
+                h.namespace,
+                layout.name
+            );
+        }
+    }
     std::fs::create_dir_all(dir.join("logs"))?;
     let _ = std::fs::remove_file(dir.join("logs").join("pids"));
     std::fs::write(layout_file(dir), serde_json::to_string_pretty(&layout)?)?;
