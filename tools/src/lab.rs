@@ -496,22 +496,15 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
 
     let mdm_dir = dir.join("mdm");
     std::fs::create_dir_all(&mdm_dir)?;
-    let mdm_args = vec![
-        "--listen".into(),
-        format!("{}:8001", mdm_host.address),
-        "--data-dir".into(),
-        mdm_dir.display().to_string(),
-        "--join-key-file".into(),
-        jk.clone(),
-        "--heartbeat-interval-secs".into(),
-        hb.clone(),
+    let mut mdm_args = up::mdm_args(&format!("{}:8001", mdm_host.address), &mdm_dir, &jk, &hb);
+    mdm_args.extend([
         "--failed-after-secs".into(),
         args.failure_timeout_secs.to_string(),
         "--stale-after-secs".into(),
         (args.failure_timeout_secs / 2).max(1).to_string(),
         "--token-ttl-secs".into(),
         args.token_ttl_secs.to_string(),
-    ];
+    ]);
     start_on(dir, layout, "mdm", &up::binary(&bins, "mdm")?, mdm_args)?;
     let token_path = mdm_dir.join("admin_token");
     let status_url = format!("{}/health/status", layout.mdm_url);

@@ -543,16 +543,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         // MDM.
         let mdm_dir = dir.join("mdm");
         std::fs::create_dir_all(&mdm_dir)?;
-        let mdm_args = vec![
-            "--listen".into(),
-            format!("127.0.0.1:{}", args.mdm_port),
-            "--data-dir".into(),
-            mdm_dir.display().to_string(),
-            "--join-key-file".into(),
-            jk.clone(),
-            "--heartbeat-interval-secs".into(),
-            hb.clone(),
-        ];
+        let mdm_args = mdm_args(&format!("127.0.0.1:{}", args.mdm_port), &mdm_dir, &jk, &hb);
         cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
         let token_path = mdm_dir.join("admin_token");
         let mut admin = String::new();
@@ -685,6 +676,25 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             Err(e)
         }
     }
+}
+
+/// The MDM's command line in a local cluster or a lab.
+pub(crate) fn mdm_args(
+    listen: &str,
+    mdm_dir: &Path,
+    join_key: &str,
+    heartbeat: &str,
+) -> Vec<String> {
+    vec![
+        "--listen".into(),
+        listen.into(),
+        "--data-dir".into(),
+        mdm_dir.display().to_string(),
+        "--join-key-file".into(),
+        join_key.into(),
+        "--heartbeat-interval-secs".into(),
+        heartbeat.into(),
+    ]
 }
 
 /// Every port the cluster will listen on must be free: otherwise a component
