@@ -526,32 +526,21 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         let host = layout.host(&name)?;
         let sds_dir = dir.join(&name);
         std::fs::create_dir_all(&sds_dir)?;
-        let sds_args = vec![
-            "--mdm".into(),
-            layout.mdm_url.clone(),
-            "--join-key-file".into(),
-            jk.clone(),
-            "--name".into(),
-            name.clone(),
-            "--host".into(),
-            host.address.clone(),
-            "--data-dir".into(),
-            sds_dir.display().to_string(),
-            "--device".into(),
-            sds_dir.join("dev0.img").display().to_string(),
+        let mut sds_args = up::sds_args(&up::NodeLaunch {
+            mdm_url: &layout.mdm_url,
+            join_key: &jk,
+            name: &name,
+            host: &host.address,
+            dir: &sds_dir,
+            heartbeat: &hb,
+            ports: [9100, 9200, 9700],
+        });
+        sds_args.extend([
             "--device-size".into(),
             args.device_size.to_string(),
             "--fault-set".into(),
             format!("fs{n}"),
-            "--control-port".into(),
-            "9100".into(),
-            "--mgmt-port".into(),
-            "9200".into(),
-            "--data-port".into(),
-            "9700".into(),
-            "--heartbeat-interval-secs".into(),
-            hb.clone(),
-        ];
+        ]);
         start_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
     }
     for n in 1..=args.sds {
@@ -567,26 +556,15 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     let sdc = layout.host("sdc1")?;
     let sdc_dir = dir.join("sdc1");
     std::fs::create_dir_all(&sdc_dir)?;
-    let sdc_args = vec![
-        "--mdm".into(),
-        layout.mdm_url.clone(),
-        "--join-key-file".into(),
-        jk.clone(),
-        "--name".into(),
-        "sdc1".into(),
-        "--host".into(),
-        sdc.address.clone(),
-        "--data-dir".into(),
-        sdc_dir.display().to_string(),
-        "--nbd-listen".into(),
-        format!("{}:10809", sdc.address),
-        "--control-port".into(),
-        "8003".into(),
-        "--mgmt-port".into(),
-        "8004".into(),
-        "--heartbeat-interval-secs".into(),
-        hb.clone(),
-    ];
+    let sdc_args = up::sdc_args(&up::NodeLaunch {
+        mdm_url: &layout.mdm_url,
+        join_key: &jk,
+        name: "sdc1",
+        host: &sdc.address,
+        dir: &sdc_dir,
+        heartbeat: &hb,
+        ports: [8003, 8004, 10809],
+    });
     start_on(dir, layout, "sdc1", &up::binary(&bins, "sdc")?, sdc_args)?;
     let url = format!("http://{}:8004/health", sdc.address);
     wait_until("sdc1", Duration::from_secs(60), || {

@@ -570,34 +570,27 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             let name = format!("sds{}", n + 1);
             let sds_dir = dir.join(&name);
             std::fs::create_dir_all(&sds_dir)?;
-            let sds_args = vec![
-                "--mdm".into(),
-                mdm_url.clone(),
-                "--join-key-file".into(),
-                jk.clone(),
-                "--name".into(),
-                name.clone(),
-                "--host".into(),
-                "127.0.0.1".into(),
-                "--data-dir".into(),
-                sds_dir.display().to_string(),
-                "--device".into(),
-                sds_dir.join("dev0.img").display().to_string(),
+            let mut sds_args = sds_args(&NodeLaunch {
+                mdm_url: &mdm_url,
+                join_key: &jk,
+                name: &name,
+                host: "127.0.0.1",
+                dir: &sds_dir,
+                heartbeat: &hb,
+                ports: [
+                    args.sds_base_port + n,
+                    args.sds_base_port + 100 + n,
+                    args.sds_base_port + 600 + n,
+                ],
+            });
+            sds_args.extend([
                 "--device-size".into(),
                 args.device_size.to_string(),
                 "--fault-set".into(),
                 format!("fs{}", n + 1),
-                "--control-port".into(),
-                (args.sds_base_port + n).to_string(),
-                "--mgmt-port".into(),
-                (args.sds_base_port + 100 + n).to_string(),
-                "--data-port".into(),
-                (args.sds_base_port + 600 + n).to_string(),
                 "--io-engine".into(),
                 args.io_engine.clone(),
-                "--heartbeat-interval-secs".into(),
-                hb.clone(),
-            ];
+            ]);
             cluster.spawn(&name, &binary(&bins, "sds")?, &sds_args, dir, args.detach).await?;
         }
         for n in 0..args.sds_count {
@@ -611,26 +604,15 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         // SDC.
         let sdc_dir = dir.join("sdc1");
         std::fs::create_dir_all(&sdc_dir)?;
-        let sdc_args = vec![
-            "--mdm".into(),
-            mdm_url.clone(),
-            "--join-key-file".into(),
-            jk.clone(),
-            "--name".into(),
-            "sdc1".into(),
-            "--host".into(),
-            "127.0.0.1".into(),
-            "--data-dir".into(),
-            sdc_dir.display().to_string(),
-            "--nbd-listen".into(),
-            format!("127.0.0.1:{}", args.nbd_port),
-            "--control-port".into(),
-            args.sdc_control_port.to_string(),
-            "--mgmt-port".into(),
-            (args.sdc_control_port + 1).to_string(),
-            "--heartbeat-interval-secs".into(),
-            hb.clone(),
-        ];
+        let sdc_args = sdc_args(&NodeLaunch {
+            mdm_url: &mdm_url,
+            join_key: &jk,
+            name: "sdc1",
+            host: "127.0.0.1",
+            dir: &sdc_dir,
+            heartbeat: &hb,
+            ports: [args.sdc_control_port, args.sdc_control_port + 1, args.nbd_port],
+        });
         cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, dir, args.detach).await?;
         let url = format!("http://127.0.0.1:{}/health", args.sdc_control_port + 1);
         wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url)).await?;
@@ -676,6 +658,62 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             Err(e)
         }
     }
+}
+
+/// What an SDS's or SDC's command line says, in a local cluster or a lab.
+pub(crate) struct NodeLaunch<'a> {
+    pub mdm_url: &'a str,
+    pub join_key: &'a str,
+    pub name: &'a str,
+    /// Listen and advertised address.
+    pub host: &'a str,
+    pub dir: &'a Path,
+    pub heartbeat: &'a str,
+    /// SDS: control, mgmt, data. SDC: control, mgmt, NBD.
+    pub ports: [u16; 3],
+}
+
+impl NodeLaunch<'_> {
+    fn common(&self) -> Vec<String> {
+        vec![
+            "--mdm".into(),
+            self.mdm_url.into(),
+            "--join-key-file".into(),
+            self.join_key.into(),
+            "--name".into(),
+            self.name.into(),
+            "--host".into(),
+            self.host.into(),
+            "--data-dir".into(),
+            self.dir.display().to_string(),
+            "--control-port".into(),
+            self.ports[0].to_string(),
+            "--mgmt-port".into(),
+            self.ports[1].to_string(),
+            "--heartbeat-interval-secs".into(),
+            self.heartbeat.into(),
+        ]
+    }
+}
+
+/// An SDS's command line (one device, `dev0.img` in its dir); the caller
+/// adds size, fault set and engine.
+pub(crate) fn sds_args(launch: &NodeLaunch) -> Vec<String> {
+    let mut args = launch.common();
+    args.extend([
+        "--data-port".into(),
+        launch.ports[2].to_string(),
+        "--device".into(),
+        launch.dir.join("dev0.img").display().to_string(),
+    ]);
+    args
+}
+
+/// An SDC's command line.
+pub(crate) fn sdc_args(launch: &NodeLaunch) -> Vec<String> {
+    let mut args = launch.common();
+    args.extend(["--nbd-listen".into(), format!("{}:{}", launch.host, launch.ports[2])]);
+    args
 }
 
 /// The MDM's command line in a local cluster or a lab.
