@@ -17,7 +17,7 @@ pub use join_key::{resolve_join_key, JoinKeyError};
 use std::time::Duration;
 
 use pflex_proto::api::{
-    AckResponse, ApiError, ClusterSummary, HealthStatus, HeartbeatRequest, HeartbeatResponse,
+    AckResponse, ApiError, ClusterSummary, DeviceFailure, DeviceFailureVerdict, HealthStatus, HeartbeatRequest, HeartbeatResponse,
     MappedVolume, RebuildComplete, RebuildJob, RegisterRequest, RegisterResponse, SdcInfo, SdsInfo,
     TokenAckBatch, TokenRequest, TokenResponse, UnreachableReport, UnreachableVerdict, Volume,
     VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
@@ -76,6 +76,11 @@ impl MdmClientError {
     /// True for 404.
     pub fn is_not_found(&self) -> bool {
         self.status() == Some(404)
+    }
+    /// True when the MDM said the volume existed and was deleted (its
+    /// number is never given to another volume).
+    pub fn is_volume_deleted(&self) -> bool {
+        self.is_not_found() && self.code() == Some("volume_deleted")
     }
 }
 
@@ -258,6 +263,14 @@ impl MdmClient {
         node_id: u64,
     ) -> Result<UnreachableVerdict, MdmClientError> {
         self.post(&["health", "unreachable"], &UnreachableReport { node_id }).await
+    }
+
+    /// `POST /sds/device-failed` (SDS): one of the caller's devices failed.
+    pub async fn device_failed(
+        &self,
+        report: &DeviceFailure,
+    ) -> Result<DeviceFailureVerdict, MdmClientError> {
+        self.post(&["sds", "device-failed"], report).await
     }
 
     /// `POST /rebuild/complete` (SDS, the job's source).

@@ -181,6 +181,21 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE cluster_nodes ADD COLUMN failed_at INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4: tombstones of deleted volumes (ids are never reused), so an SDS
+    // that held copies, even one that was down at the time, learns for sure
+    // that it may release them.
+    r#"
+    CREATE TABLE deleted_volumes (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        deleted_at INTEGER NOT NULL
+    );
+    "#,
+    // 5: devices an SDS reported failed (until it registers again: a
+    // restarted SDS tries its devices afresh).
+    r#"
+    ALTER TABLE sds_devices ADD COLUMN failed_reason TEXT;
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pflex_proto::api::{
-    HeartbeatRequest, NodeType, RebuildComplete, RegisterRequest, TokenAckBatch, TokenRequest,
+    DeviceFailure, DeviceFailureVerdict, HeartbeatRequest, NodeType, RebuildComplete, RegisterRequest, TokenAckBatch, TokenRequest,
     UnreachableReport, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::token::ClusterSecret;
@@ -262,6 +262,7 @@ pub fn router(state: Shared) -> Router {
         .route("/vol/{volume}/placement", get(volume_placement))
         .route("/sdc/mappings", get(sdc_mappings))
         .route("/sds/list", get(sds_list))
+        .route("/sds/device-failed", post(device_failed))
         .route("/sdc/list", get(sdc_list))
         .route("/cluster/summary", get(cluster_summary))
         .route("/metrics", get(metrics))
@@ -328,6 +329,15 @@ async fn heartbeat(
         state.transact(move |conn, ctx| service::heartbeat(conn, ctx, caller, &request)).await?;
     state.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
     Ok(Json(response))
+}
+
+async fn device_failed(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(report): ApiJson<DeviceFailure>,
+) -> Result<Json<DeviceFailureVerdict>, MdmError> {
+    allow(caller, &[Role::Sds])?;
+    Ok(Json(state.transact(move |conn, ctx| service::device_failed(conn, ctx, caller, &report)).await?))
 }
 
 async fn unreachable_report(

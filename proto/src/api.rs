@@ -177,6 +177,36 @@ pub struct UnreachableVerdict {
     pub copies_replaced: u64,
 }
 
+/// `POST /sds/device-failed`: one of the caller's devices failed (missed an
+/// IO deadline or reported that it is gone). The caller no longer serves
+/// the chunks it held; `pgs` are the (volume, PG) pairs that had a chunk on
+/// it, and the MDM moves the caller's copies of those PGs elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceFailure {
+    pub path: String,
+    pub reason: String,
+    pub pgs: Vec<PgRef>,
+}
+
+/// One placement group of one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgRef {
+    pub volume_id: u64,
+    pub pg_index: u64,
+}
+
+/// What the MDM did about a [`DeviceFailure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFailureVerdict {
+    /// Copies moved off the caller (each with a rebuild job).
+    pub copies_replaced: u64,
+    /// PGs that could not move because their other copy has missed data
+    /// (an unfinished rebuild target); they stay unavailable.
+    pub unrebuilt_survivors: u64,
+}
+
 /// One copy to rebuild: every chunk of PG `pg_index` of the volume that the
 /// source holds goes to `target_sds`, the PG's new secondary. Until the
 /// source reports it complete, the target is never promoted to primary.

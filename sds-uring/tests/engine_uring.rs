@@ -50,6 +50,7 @@ async fn uring_store_devices_are_opened_with_o_direct() {
         data_dir: dir.clone(),
         devices: vec![(dir.join("a.img"), 2 << 20), (dir.join("b.img"), 2 << 20)],
         engine: EngineKind::Uring,
+        health: Default::default(),
     })
     .unwrap();
     let fds = store.device_fds();
@@ -64,6 +65,7 @@ async fn uring_store_devices_are_opened_with_o_direct() {
         data_dir: dir.clone(),
         devices: vec![(dir.join("a.img"), 2 << 20), (dir.join("b.img"), 2 << 20)],
         engine: EngineKind::Sync,
+        health: Default::default(),
     })
     .unwrap();
     for fd in store.device_fds() {

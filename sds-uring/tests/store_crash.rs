@@ -26,6 +26,7 @@ fn config(dir: &Path, engine: EngineKind) -> StoreConfig {
             (dir.join("dev1.img"), 16 * CHUNK_SIZE),
         ],
         engine,
+        health: Default::default(),
     }
 }
 

@@ -30,6 +30,7 @@ fn config(dir: &std::path::Path, engine: EngineKind, device_sizes: &[u64]) -> St
             .map(|(i, &size)| (dir.join(format!("dev{i}.img")), size))
             .collect(),
         engine,
+        health: Default::default(),
     }
 }
 

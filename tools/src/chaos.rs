@@ -40,10 +40,15 @@ pub enum Scenario {
     ConnectionReset,
     /// sds2 killed; once its copies are rebuilt, sds3 killed (four SDS).
     TwoFailures,
+    /// sds1's device hangs (every IO held) and stays hung: sds1 fails the
+    /// device after its IO deadline and the MDM moves its copies.
+    DeviceHang,
+    /// sds1's device returns EIO from then on: the same.
+    DeviceEio,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::KillSds,
         Scenario::StopSds,
         Scenario::CutPrimaryFromMdm,
@@ -52,6 +57,8 @@ impl Scenario {
         Scenario::MdmDown,
         Scenario::ConnectionReset,
         Scenario::TwoFailures,
+        Scenario::DeviceHang,
+        Scenario::DeviceEio,
     ];
 
     fn name(self) -> &'static str {
@@ -64,6 +71,8 @@ impl Scenario {
             Scenario::MdmDown => "mdm-down",
             Scenario::ConnectionReset => "connection-reset",
             Scenario::TwoFailures => "two-failures",
+            Scenario::DeviceHang => "device-hang",
+            Scenario::DeviceEio => "device-eio",
         }
     }
 }
@@ -304,6 +313,19 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
             node_start(dir, "sds2").await?;
             node_start(dir, "sds3").await?;
             Instant::now()
+        }
+        Scenario::DeviceHang | Scenario::DeviceEio => {
+            let fault = if scenario == Scenario::DeviceHang { "hang" } else { "eio" };
+            lab_cmd(dir, &["fault", "sds1", fault]).await?;
+            // The device stays bad: recovery is the rebuild of its copies
+            // elsewhere, counted from the fault.
+            let injected = Instant::now();
+            let failed = node_id(&mdm, "sds1").await?;
+            wait_until("sds1's lost copies to be rebuilt", Duration::from_secs(90), || async {
+                rebuilds_done_for(&mdm, failed).await
+            })
+            .await?;
+            injected
         }
     };
     // Recovery: from the end of the fault until every SDS is ACTIVE and no

@@ -67,6 +67,20 @@ pub enum LabCommand {
     Stop { host: String },
     /// Resume a frozen component (SIGCONT).
     Cont { host: String },
+    /// Make a device of SDS host HOST hang, fail with EIO or slow down (lab
+    /// SDS nodes run with `--fault-injection`); `none` clears it, and a hung
+    /// device then completes what it held.
+    Fault {
+        host: String,
+        #[arg(value_enum)]
+        fault: FaultKind,
+        /// Device index (or path) on that SDS.
+        #[arg(long, default_value = "0")]
+        device: String,
+        /// Delay of each IO with `slow`, ms.
+        #[arg(long, default_value_t = 500)]
+        delay_ms: u64,
+    },
     /// Hosts, addresses, links (up or cut) and processes.
     Status,
     /// Stop every component and remove every namespace and link the lab made.
@@ -74,6 +88,15 @@ pub enum LabCommand {
     /// Run fault scenarios, each in a fresh lab under DIR, with `pflex verify`
     /// writing at queue depth 1 and 16 while the fault happens, then check.
     Chaos(crate::chaos::ChaosArgs),
+}
+
+/// A device fault `pflex lab fault` injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultKind {
+    Hang,
+    Eio,
+    Slow,
+    None,
 }
 
 /// Options of `pflex lab up`.
@@ -177,10 +200,51 @@ pub async fn run(args: LabArgs) -> Result<()> {
         LabCommand::Kill { host } => signal(dir, &host, libc::SIGKILL),
         LabCommand::Stop { host } => signal(dir, &host, libc::SIGSTOP),
         LabCommand::Cont { host } => signal(dir, &host, libc::SIGCONT),
+        LabCommand::Fault { host, fault, device, delay_ms } => {
+            inject_fault(dir, &host, fault, &device, delay_ms).await
+        }
         LabCommand::Status => status(dir),
         LabCommand::Down => down(dir).await,
         LabCommand::Chaos(chaos) => crate::chaos::run(dir, chaos).await,
     }
+}
+
+/// `pflex lab fault`: POSTs the fault to the SDS's control port.
+pub async fn inject_fault(
+    dir: &Path,
+    host: &str,
+    fault: FaultKind,
+    device: &str,
+    delay_ms: u64,
+) -> Result<()> {
+    let layout = load(dir)?;
+    let target = layout.host(host)?;
+    if !host.starts_with("sds") {
+        bail!("{host} is not an SDS host: only SDS devices take faults");
+    }
+    let body = match fault {
+        FaultKind::Hang => serde_json::json!({"device": device, "fault": "hang"}),
+        FaultKind::Eio => serde_json::json!({"device": device, "fault": "eio"}),
+        FaultKind::Slow => {
+            serde_json::json!({"device": device, "fault": "slow", "delay_ms": delay_ms})
+        }
+        FaultKind::None => serde_json::json!({"device": device, "fault": "none"}),
+    };
+    let url = format!("http://{}:9100/faults/device", target.address);
+    let reply = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = reply.status();
+    let text = reply.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{host} refused the fault ({status}): {text}");
+    }
+    println!("{host}: device faults now {text}");
+    Ok(())
 }
 
 /// Builds the namespaces and links; on any failure removes what it made.
@@ -540,6 +604,8 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
             args.device_size.to_string(),
             "--fault-set".into(),
             format!("fs{n}"),
+            // A lab is for rehearsing faults: `pflex lab fault` needs it.
+            "--fault-injection".into(),
         ]);
         start_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
     }

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use pflex_proto::api::{
-    ClusterSummary, ComponentHealth, HealthStatus, NodeType, UnreachableVerdict,
+    ClusterSummary, ComponentHealth, DeviceFailure, DeviceFailureVerdict, HealthStatus, NodeType,
+    UnreachableVerdict,
 };
 use pflex_proto::CHUNK_SIZE;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -240,44 +241,8 @@ fn replace_copies(
     ctx: &Ctx,
     replace: Replace,
 ) -> Result<MonitorReport, MdmError> {
-    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
-        .into_iter()
-        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
-        .collect();
-    let failed = |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED";
-    let fault_sets: HashMap<u64, String> = conn
-        .prepare(
-            "SELECT s.node_id, f.name FROM sds_nodes s JOIN fault_sets f ON f.id = s.fault_set_id",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    struct AffectedPg {
-        volume_id: u64,
-        pool_id: u64,
-        index: u64,
-        primary: u64,
-        secondary: u64,
-        bytes: u64,
-    }
-    let affected: Vec<AffectedPg> = conn
-        .prepare(
-            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds, p.secondary_sds, v.size_bytes,
-                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
-             FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
-        )?
-        .query_map([], |r| {
-            let (size, index, count): (u64, u64, u64) = (r.get(5)?, r.get(2)?, r.get(6)?);
-            Ok(AffectedPg {
-                volume_id: r.get(0)?,
-                pool_id: r.get(1)?,
-                index,
-                primary: r.get(3)?,
-                secondary: r.get(4)?,
-                bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
-                    * CHUNK_SIZE,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?
+    let failed = failed_nodes(conn, ctx)?;
+    let lost: Vec<LostCopy> = pg_rows(conn)?
         .into_iter()
         .filter(|pg| {
             let moving = match replace {
@@ -287,15 +252,112 @@ fn replace_copies(
             };
             moving && failed(pg.primary) != failed(pg.secondary)
         })
+        .map(|pg| {
+            let (survivor, lost) =
+                if failed(pg.primary) { (pg.secondary, pg.primary) } else { (pg.primary, pg.secondary) };
+            LostCopy { pg, survivor, lost }
+        })
         .collect();
+    move_lost_copies(conn, ctx, lost)
+}
+
+/// Re-places the copies SDS `node` lost with a failed device: each listed
+/// PG of which it is primary or secondary, and whose other copy is on a
+/// node that is not FAILED, moves off `node` exactly as if `node` had
+/// failed (the other copy becomes primary, a rebuild job fills the new
+/// secondary). The node's other PGs stay where they are.
+pub(super) fn replace_device_copies(
+    conn: &Connection,
+    ctx: &Ctx,
+    node: u64,
+    pgs: &std::collections::BTreeSet<(u64, u64)>,
+) -> Result<MonitorReport, MdmError> {
+    let failed = failed_nodes(conn, ctx)?;
+    let lost: Vec<LostCopy> = pg_rows(conn)?
+        .into_iter()
+        .filter(|pg| pgs.contains(&(pg.volume_id, pg.index)))
+        .filter_map(|pg| {
+            let survivor = match node {
+                n if n == pg.primary => pg.secondary,
+                n if n == pg.secondary => pg.primary,
+                _ => return None,
+            };
+            (!failed(survivor) && survivor != node).then_some(LostCopy { pg, survivor, lost: node })
+        })
+        .collect();
+    move_lost_copies(conn, ctx, lost)
+}
+
+/// Whether an SDS is FAILED now (an unknown id counts as failed).
+fn failed_nodes(conn: &Connection, ctx: &Ctx) -> Result<impl Fn(u64) -> bool, MdmError> {
+    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
+        .into_iter()
+        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
+        .collect();
+    Ok(move |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED")
+}
+
+/// One PG of a volume, with its copies and the bytes it holds.
+struct PgRow {
+    volume_id: u64,
+    pool_id: u64,
+    index: u64,
+    primary: u64,
+    secondary: u64,
+    bytes: u64,
+}
+
+fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
+    let rows = conn
+        .prepare(
+            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds, p.secondary_sds, v.size_bytes,
+                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
+             FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
+        )?
+        .query_map([], |r| {
+            let (size, index, count): (u64, u64, u64) = (r.get(5)?, r.get(2)?, r.get(6)?);
+            Ok(PgRow {
+                volume_id: r.get(0)?,
+                pool_id: r.get(1)?,
+                index,
+                primary: r.get(3)?,
+                secondary: r.get(4)?,
+                bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
+                    * CHUNK_SIZE,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// A PG copy that is gone (on `lost`) while `survivor` holds the data.
+struct LostCopy {
+    pg: PgRow,
+    survivor: u64,
+    lost: u64,
+}
+
+/// Moves each lost copy onto a live node outside the survivor's fault set
+/// (the survivor becomes primary), records a rebuild job per moved copy
+/// (a survivor that is itself an unfinished rebuild target is not
+/// promoted), and bumps the epoch of each changed volume.
+fn move_lost_copies(
+    conn: &Connection,
+    ctx: &Ctx,
+    lost_copies: Vec<LostCopy>,
+) -> Result<MonitorReport, MdmError> {
+    let fault_sets: HashMap<u64, String> = conn
+        .prepare(
+            "SELECT s.node_id, f.name FROM sds_nodes s JOIN fault_sets f ON f.id = s.fault_set_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut report = MonitorReport::default();
     let mut changed_volumes = std::collections::BTreeSet::new();
     let mut pool_candidates: HashMap<u64, Vec<Candidate>> = HashMap::new();
-    for pg in affected {
-        let AffectedPg { volume_id, pool_id, index, primary, secondary, bytes } = pg;
-        let (survivor, lost) =
-            if failed(primary) { (secondary, primary) } else { (primary, secondary) };
+    for LostCopy { pg, survivor, lost } in lost_copies {
+        let PgRow { volume_id, pool_id, index, bytes, .. } = pg;
         if rebuilding.get(&(volume_id, index)) == Some(&survivor) {
             // The survivor is a copy still being rebuilt: it has missed data,
             // so it must not become the only copy. The PG stays unavailable
@@ -309,9 +371,12 @@ fn replace_copies(
                 entry.insert(candidates(conn, ctx, pool_id)?)
             }
         };
+        // The node that lost the copy (a failed device on a live node) must
+        // not get it back.
+        let eligible: Vec<Candidate> = candidates.iter().filter(|c| c.id != lost).cloned().collect();
         let survivor_fault_set = fault_sets.get(&survivor).cloned().unwrap_or_default();
         let Some(target) = placement::replacement(
-            candidates,
+            &eligible,
             survivor,
             &survivor_fault_set,
             bytes.max(CHUNK_SIZE),
@@ -345,6 +410,56 @@ fn replace_copies(
     }
     report.volumes_replaced = changed_volumes.len() as u64;
     Ok(report)
+}
+
+/// `POST /sds/device-failed`: records the device as failed and moves the
+/// caller's copies of the PGs it held (see [`replace_device_copies`]).
+pub fn device_failed(
+    conn: &Connection,
+    ctx: &Ctx,
+    caller: Caller,
+    report: &DeviceFailure,
+) -> Result<DeviceFailureVerdict, MdmError> {
+    let Caller::Node { id: node, node_type: NodeType::Sds } = caller else {
+        return Err(MdmError::forbidden("only an SDS reports its own devices"));
+    };
+    if report.path.is_empty() || report.path.len() > 4096 || report.reason.len() > 4096 {
+        return Err(MdmError::bad_request("device path and reason must be 1..4096 bytes"));
+    }
+    conn.execute(
+        "UPDATE sds_devices SET failed_reason = ?3 WHERE sds_id = ?1 AND path = ?2",
+        params![node, report.path, report.reason],
+    )?;
+    let healthy_devices: u64 = conn.query_row(
+        "SELECT COUNT(*) FROM sds_devices WHERE sds_id = ?1 AND failed_reason IS NULL",
+        [node],
+        |r| r.get(0),
+    )?;
+    let pgs: std::collections::BTreeSet<(u64, u64)> = if healthy_devices == 0 {
+        // No device left: the node can hold no copy at all, so every PG it
+        // is in moves, not only those that had a chunk on this device.
+        conn.prepare(
+            "SELECT volume_id, pg_index FROM placement_groups
+             WHERE primary_sds = ?1 OR secondary_sds = ?1",
+        )?
+        .query_map([node], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?
+    } else {
+        report.pgs.iter().map(|pg| (pg.volume_id, pg.pg_index)).collect()
+    };
+    let moved = replace_device_copies(conn, ctx, node, &pgs)?;
+    tracing::warn!(
+        sds = node,
+        device = %report.path,
+        reason = %report.reason,
+        pgs = pgs.len(),
+        copies_replaced = moved.copies_replaced,
+        "an SDS device failed"
+    );
+    Ok(DeviceFailureVerdict {
+        copies_replaced: moved.copies_replaced,
+        unrebuilt_survivors: moved.unrebuilt_survivors,
+    })
 }
 
 /// Host and data port of SDS `node_id`, for the MDM's own probe.

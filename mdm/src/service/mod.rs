@@ -18,7 +18,7 @@ mod tokens;
 mod volumes;
 
 pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport, Replace};
-pub use health::{declare_unreachable, sds_data_address};
+pub use health::{declare_unreachable, device_failed, sds_data_address};
 pub use nodes::{heartbeat, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, request_token};

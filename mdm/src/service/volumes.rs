@@ -64,10 +64,24 @@ pub(super) fn find_volume(conn: &Connection, name_or_id: &str) -> Result<VolumeR
             }
         }
     }
+    if let Some(name) = deleted_volume(conn, name_or_id)? {
+        return Err(MdmError::not_found(
+            "volume_deleted",
+            format!("volume {name_or_id} ({name:?}) was deleted"),
+        ));
+    }
     Err(MdmError::not_found(
         "volume_not_found",
         format!("no volume named or numbered {name_or_id:?}"),
     ))
+}
+
+/// The name a deleted volume had, if `id` is the number of one.
+fn deleted_volume(conn: &Connection, id: &str) -> Result<Option<String>, MdmError> {
+    let Ok(id) = id.parse::<i64>() else { return Ok(None) };
+    Ok(conn
+        .query_row("SELECT name FROM deleted_volumes WHERE id = ?1", [id], |r| r.get(0))
+        .optional()?)
 }
 
 fn volume_json(conn: &Connection, row: VolumeRow) -> Result<Volume, MdmError> {
@@ -145,7 +159,11 @@ pub(super) fn candidates(
     let mut stmt = conn.prepare(
         "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
          FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
-         JOIN fault_sets f ON f.id = s.fault_set_id WHERE s.pool_id = ?1 ORDER BY n.id",
+         JOIN fault_sets f ON f.id = s.fault_set_id WHERE s.pool_id = ?1
+           AND NOT (EXISTS (SELECT 1 FROM sds_devices d WHERE d.sds_id = n.id)
+                    AND NOT EXISTS (SELECT 1 FROM sds_devices d
+                                    WHERE d.sds_id = n.id AND d.failed_reason IS NULL))
+         ORDER BY n.id",
     )?;
     let mut rows = stmt.query([pool_id])?;
     let mut out = Vec::new();
@@ -158,6 +176,7 @@ pub(super) fn candidates(
             u64,
             u64,
         ) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+        // (A node whose every device failed has no room: not selected above.)
         // A node failed on evidence is no candidate for a while after it comes
         // back: a node the MDM cannot reach would otherwise flap between
         // FAILED and ACTIVE, taking new copies each time.
@@ -384,6 +403,10 @@ pub fn volume_delete(conn: &Connection, name_or_id: &str) -> Result<Volume, MdmE
     conn.execute("DELETE FROM snapshots WHERE volume_id = ?1", [volume.id])?;
     conn.execute("DELETE FROM rebuild_jobs WHERE volume_id = ?1", [volume.id])?;
     conn.execute("DELETE FROM volumes WHERE id = ?1", [volume.id])?;
+    conn.execute(
+        "INSERT INTO deleted_volumes (id, name, deleted_at) VALUES (?1, ?2, strftime('%s','now'))",
+        params![volume.id, volume.name],
+    )?;
     Ok(volume)
 }
 

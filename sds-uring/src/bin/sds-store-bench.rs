@@ -145,6 +145,7 @@ async fn run(args: Args) -> Result<()> {
         data_dir: store_dir.clone(),
         devices: vec![(store_dir.join("dev0.img"), args.size)],
         engine: args.engine,
+        health: Default::default(),
     };
     let tuning = UringConfig {
         idle_poll: Duration::from_micros(args.idle_poll_us),

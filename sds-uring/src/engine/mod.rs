@@ -32,6 +32,7 @@
 
 pub mod aligned;
 pub mod completion;
+pub mod faults;
 pub mod sync;
 pub mod uring;
 

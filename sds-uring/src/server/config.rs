@@ -99,6 +99,15 @@ pub struct SdsArgs {
     /// Margin for clock-rate differences between copies, in ms.
     #[arg(long, default_value_t = 300)]
     pub lease_drift_ms: u64,
+    /// A device IO that takes longer than this (ms) fails its device: its
+    /// chunks are served from their other copies and rebuilt elsewhere.
+    /// 0: wait forever.
+    #[arg(long, default_value_t = 2000)]
+    pub device_timeout_ms: u64,
+    /// Accept `POST /faults/device` (make a device hang, fail or slow down):
+    /// for tests and fault rehearsals only, never in production.
+    #[arg(long)]
+    pub fault_injection: bool,
 }
 
 /// Size of a device created when none is given.
@@ -142,6 +151,7 @@ pub struct NodeConfig {
     pub peer_connections: usize,
     /// `None`: leases off.
     pub lease: Option<super::lease::LeaseConfig>,
+    pub device_health: crate::store::DeviceHealthConfig,
 }
 
 impl SdsArgs {
@@ -196,6 +206,11 @@ impl SdsArgs {
             reclaim_interval: (self.reclaim_interval_secs > 0)
                 .then(|| Duration::from_secs(self.reclaim_interval_secs)),
             peer_connections: self.peer_connections.unwrap_or(self.network_threads).max(1),
+            device_health: crate::store::DeviceHealthConfig {
+                io_deadline: (self.device_timeout_ms > 0)
+                    .then(|| Duration::from_millis(self.device_timeout_ms)),
+                fault_injection: self.fault_injection,
+            },
             lease: (self.lease_ms > 0).then(|| super::lease::LeaseConfig {
                 length: Duration::from_millis(self.lease_ms),
                 drift: Duration::from_millis(self.lease_drift_ms),

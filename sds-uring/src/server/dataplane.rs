@@ -435,6 +435,8 @@ fn store_status(e: &StoreError) -> Status {
     match e {
         StoreError::NoSpace => Status::NoSpace,
         StoreError::OutOfRange { .. } => Status::Invalid,
+        // Served from the other copy once the MDM has moved this one.
+        StoreError::DeviceFailed { .. } => Status::NotAvailable,
         _ => Status::IoError,
     }
 }

@@ -31,6 +31,16 @@ pub const SECRET_FILE: &str = "cluster_secret";
 /// Expired tokens are kept this long (seconds) so late requests get `Expired`, not `NoToken`.
 const EXPIRED_TOKEN_GRACE_SECS: u64 = 300;
 
+/// What the MDM says about a volume this node stores chunks of.
+pub enum VolumeFate {
+    /// It exists; its newest map.
+    Live(Arc<PlacementMap>),
+    /// It was deleted: every chunk of it here may be erased.
+    Deleted,
+    /// The MDM could not be asked: decide nothing.
+    Unknown,
+}
+
 /// Why registration failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
@@ -145,6 +155,39 @@ impl SdsNode {
     /// Fetches a volume's map from the MDM and caches it.
     pub async fn fetch_placement(&self, volume_id: u64) -> Result<Arc<PlacementMap>, Status> {
         let identity = self.identity().ok_or(Status::NotAvailable)?;
+        match self.ask_mdm_for_placement(identity, volume_id).await {
+            Ok(map) => Ok(map),
+            Err(e) if e.is_not_found() => Err(Status::UnknownVolume),
+            Err(e) => {
+                tracing::warn!(volume_id, error = %e, "cannot fetch the placement map");
+                Err(Status::IoError)
+            }
+        }
+    }
+
+    /// What becomes of a volume this node stores chunks of: its newest map,
+    /// or the MDM's word that it was deleted (so its chunks may go).
+    pub async fn volume_fate(&self, volume_id: u64) -> VolumeFate {
+        if let Some(map) = self.placement.cached(volume_id) {
+            if map.epoch >= self.placement.known_epoch(volume_id) {
+                return VolumeFate::Live(map);
+            }
+        }
+        let Some(identity) = self.identity() else { return VolumeFate::Unknown };
+        match self.ask_mdm_for_placement(identity, volume_id).await {
+            Ok(map) => VolumeFate::Live(map),
+            Err(e) if e.is_volume_deleted() => VolumeFate::Deleted,
+            Err(_) => VolumeFate::Unknown,
+        }
+    }
+
+    /// `GET /vol/{id}/placement`, registering again once if the MDM no
+    /// longer knows this node; a map it returns is cached.
+    async fn ask_mdm_for_placement(
+        &self,
+        identity: Arc<Identity>,
+        volume_id: u64,
+    ) -> Result<Arc<PlacementMap>, MdmClientError> {
         let fetched = match identity.mdm.placement(volume_id).await {
             Err(e) if e.is_unauthorized() => match self.reregister(identity.generation).await {
                 Some(fresh) => fresh.mdm.placement(volume_id).await,
@@ -152,17 +195,9 @@ impl SdsNode {
             },
             other => other,
         };
-        match fetched {
-            Ok(map) => {
-                self.metrics.placement_fetches.fetch_add(1, Ordering::Relaxed);
-                Ok(self.placement.store(map))
-            }
-            Err(e) if e.is_not_found() => Err(Status::UnknownVolume),
-            Err(e) => {
-                tracing::warn!(volume_id, error = %e, "cannot fetch the placement map");
-                Err(Status::IoError)
-            }
-        }
+        let map = fetched?;
+        self.metrics.placement_fetches.fetch_add(1, Ordering::Relaxed);
+        Ok(self.placement.store(map))
     }
 
     /// The newest map of a volume this node can have: the cached one unless

@@ -13,6 +13,8 @@
 //!   that moved away while this node was failed;
 //! - [`http`]: `/health`, `/metrics` on both HTTP ports and the per-chunk
 //!   checksum query on the control port;
+//! - [`device_health`]: a failed device's copies reported to the MDM,
+//!   which moves them;
 //! - [`fencing`]: late copies of writes never land after newer ones;
 //!   [`lease`]: a primary serves only while its secondary vouches for it;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
@@ -26,6 +28,7 @@ pub mod acks;
 pub mod auth;
 pub mod config;
 pub mod dataplane;
+pub mod device_health;
 pub mod fencing;
 pub mod http;
 pub mod lease;
@@ -155,6 +158,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         data_dir: config.data_dir.clone(),
         devices: config.devices.clone(),
         engine: config.engine,
+        health: config.device_health,
     })?;
     let control = bind(&config.host, config.control_port).await?;
     let mgmt = bind(&config.host, config.mgmt_port).await?;
@@ -215,6 +219,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     tokio::spawn(membership::heartbeat_loop(node.clone()));
     tokio::spawn(dataplane::lease_loop(node.clone()));
     tokio::spawn(membership::ack_loop(node.clone()));
+    tokio::spawn(device_health::device_watch(node.clone()));
     if let Some(every) = node.config.reclaim_interval {
         tokio::spawn(reclaim::reclaim_loop(node.clone(), every));
     }

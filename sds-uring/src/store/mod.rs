@@ -46,14 +46,16 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use pflex_proto::api::{ChunkChecksum, DeviceInfo};
 use pflex_proto::CHUNK_SIZE;
 
+use crate::engine::faults::{FaultHandle, FaultyEngine};
 use crate::engine::uring::UringConfig;
 use crate::engine::{
-    open_engine_with, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoEngine, IoRequest,
-    KeepAlive, IO_ALIGN,
+    open_engine_with, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoCompletion, IoEngine,
+    IoRequest, KeepAlive, IO_ALIGN,
 };
 use db::{ChunkRow, MapChange, MapWriter};
 use slots::{SlotLocation, SlotTable};
@@ -80,6 +82,16 @@ pub struct StoreConfig {
     /// file is created and preallocated.
     pub devices: Vec<(PathBuf, u64)>,
     pub engine: EngineKind,
+    pub health: DeviceHealthConfig,
+}
+
+/// When a device counts as failed, and whether faults can be injected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceHealthConfig {
+    /// An IO that takes longer fails its device (`None`: wait forever).
+    pub io_deadline: Option<Duration>,
+    /// Put the engine behind a [`FaultyEngine`] (tests and labs only).
+    pub fault_injection: bool,
 }
 
 /// Why a chunk store operation failed.
@@ -100,6 +112,8 @@ pub enum StoreError {
     Config(String),
     #[error("the store is shut down")]
     Closed,
+    #[error("device {path} has failed ({reason}); its chunks are not served")]
+    DeviceFailed { path: String, reason: String },
 }
 
 impl SlotLocation {
@@ -113,6 +127,9 @@ struct StoreDevice {
     db_id: i64,
     size_bytes: u64,
     slot_count: u32,
+    /// Set once, when the device misses an IO deadline or returns an error
+    /// that means it is gone (`EIO`, `EROFS`, ...): why it failed.
+    failed: OnceLock<String>,
 }
 
 /// Operation counters since the store was opened (for `/metrics`).
@@ -146,6 +163,10 @@ pub struct ChunkStore {
     next_generation: AtomicU64,
     db_path: PathBuf,
     counters: StoreCounters,
+    io_deadline: Option<Duration>,
+    faults: Option<FaultHandle>,
+    /// Bumped whenever a device fails; the server watches it.
+    device_failures: tokio::sync::watch::Sender<u64>,
 }
 
 /// The content of a write: caller bytes, or zeroes.
@@ -198,6 +219,7 @@ impl ChunkStore {
                 db_id,
                 size_bytes: provisioned.size_bytes,
                 slot_count: provisioned.slot_count,
+                failed: OnceLock::new(),
             });
         }
 
@@ -239,7 +261,13 @@ impl ChunkStore {
 
         let files: Vec<DeviceFile> =
             devices.iter().map(|d| DeviceFile { path: d.path.clone() }).collect();
-        let engine = open_engine_with(cfg.engine, &files, uring)?;
+        let mut engine = open_engine_with(cfg.engine, &files, uring)?;
+        let mut faults = None;
+        if cfg.health.fault_injection {
+            let (faulty, handle) = FaultyEngine::new(engine);
+            engine = Box::new(faulty);
+            faults = Some(handle);
+        }
         let map_writer = MapWriter::start(conn, slots.clone())?;
         tracing::info!(
             devices = devices.len(),
@@ -257,6 +285,9 @@ impl ChunkStore {
             next_generation: AtomicU64::new(next_generation),
             db_path,
             counters: StoreCounters::default(),
+            io_deadline: cfg.health.io_deadline,
+            faults,
+            device_failures: tokio::sync::watch::channel(0).0,
         }))
     }
 
@@ -270,6 +301,7 @@ impl ChunkStore {
     ) -> Result<Vec<u8>, StoreError> {
         check_range(offset, len as usize)?;
         let key = (vol, chunk);
+        self.check_chunk_device(key)?;
         let _shared = self.lock_for(key).read().await;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
@@ -326,20 +358,38 @@ impl ChunkStore {
         self.discard((vol, chunk), offset, len, false).await
     }
 
+    /// Overwrites the chunk's slot with zeroes, durably, and then frees it:
+    /// for chunks of deleted volumes, whose bytes must not outlive them on
+    /// the device (a plain release leaves them there until the slot's next
+    /// owner overwrites it). The chunk stays locked throughout.
+    pub async fn erase(&self, vol: u64, chunk: u64) -> Result<(), StoreError> {
+        let key = (vol, chunk);
+        let exclusive = self.lock_for(key).clone().write_owned().await;
+        let Some(location) = self.location(key) else { return Ok(()) };
+        let mut buf = self.pool.take(CHUNK_BYTES);
+        buf.fill(0);
+        let (written, keep_alive) =
+            self.write_slot(location, 0, buf, true, KeepAlive::new(exclusive)).await;
+        written?;
+        let exclusive = keep_alive
+            .and_then(|k| k.downcast::<ChunkGuard>().ok())
+            .ok_or_else(|| StoreError::MapUpdate("the chunk lock did not come back".into()))?;
+        let change = MapChange::Unmap { volume_id: vol, chunk_index: chunk };
+        self.map_writer.apply(change, exclusive).await?;
+        self.counters.slots_freed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable (`fdatasync` of every device).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        let pending: Vec<_> = (0..self.devices.len())
-            .map(|device| self.engine.submit(IoRequest::data_sync(device)))
-            .collect();
-        let mut first_error = None;
-        for completion in pending {
-            if let Err(error) = completion.await.result {
-                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-                first_error.get_or_insert(error);
-            }
+        let syncs = (0..self.devices.len())
+            .filter(|&device| self.devices[device].failed.get().is_none())
+            .map(|device| self.run_io(IoRequest::data_sync(device)));
+        for outcome in futures_util::future::join_all(syncs).await {
+            outcome?;
         }
-        first_error.map_or(Ok(()), |e| Err(e.into()))
+        Ok(())
     }
 
     /// CRC32 of a chunk's full 1 MiB content (zeroes when never written).
@@ -374,6 +424,48 @@ impl ChunkStore {
                 used_bytes: u64::from(used) * CHUNK_SIZE,
             })
             .collect()
+    }
+
+    /// Failed devices: (index, path, why).
+    pub fn failed_devices(&self) -> Vec<(usize, PathBuf, String)> {
+        self.devices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.failed.get().map(|why| (i, d.path.clone(), why.clone())))
+            .collect()
+    }
+
+    /// Index of the device at `path` (as configured or canonical).
+    pub fn device_index(&self, path: &Path) -> Option<usize> {
+        let canonical = std::fs::canonicalize(path).ok();
+        self.devices.iter().position(|d| d.path == path || Some(&d.path) == canonical.as_ref())
+    }
+
+    /// Every (volume, chunk) whose slot is on device `device`, sorted.
+    pub fn chunks_on_device(&self, device: usize) -> Vec<(u64, u64)> {
+        let mut chunks: Vec<_> = self
+            .read_map()
+            .iter()
+            .filter(|(_, location)| location.device == device)
+            .map(|(key, _)| *key)
+            .collect();
+        chunks.sort_unstable();
+        chunks
+    }
+
+    /// Whether the chunk's slot is on a failed device.
+    pub fn on_failed_device(&self, vol: u64, chunk: u64) -> bool {
+        self.check_chunk_device((vol, chunk)).is_err()
+    }
+
+    /// Changes (a counter) whenever a device fails.
+    pub fn device_failures(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.device_failures.subscribe()
+    }
+
+    /// Sets device faults, if the store was opened with fault injection.
+    pub fn fault_handle(&self) -> Option<&FaultHandle> {
+        self.faults.as_ref()
     }
 
     /// Every (volume, chunk) pair that holds a slot, sorted.
@@ -440,14 +532,83 @@ impl ChunkStore {
     ) -> Result<AlignedBuf, StoreError> {
         let buf = self.pool.take(len);
         let request = IoRequest::read(location.device, location.byte_offset(offset), buf);
-        let completion = self.engine.submit(request).await;
-        match completion.result {
-            Ok(()) => Ok(completion.buf.expect("a completed read returns its buffer")),
+        let completion = self.run_io(request).await?;
+        Ok(completion.buf.expect("a completed read returns its buffer"))
+    }
+
+    /// Submits `request` under the device's health rules: refused if the
+    /// device has failed; the device fails if the IO misses the deadline or
+    /// reports that the device is gone. An IO given up on stays with the
+    /// engine (buffer and keep-alive) until the kernel is done with it.
+    async fn run_io(&self, request: IoRequest) -> Result<IoCompletion, StoreError> {
+        let device = request.device;
+        self.check_device(device)?;
+        let pending = self.engine.submit(request);
+        let completion = match self.io_deadline {
+            None => pending.await,
+            Some(deadline) => match tokio::time::timeout(deadline, pending).await {
+                Ok(completion) => completion,
+                Err(_) => {
+                    self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                    let reason = format!("an IO took longer than {deadline:?}");
+                    return Err(self.fail_device(device, reason));
+                }
+            },
+        };
+        match &completion.result {
+            Ok(()) => Ok(completion),
             Err(error) => {
                 self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-                Err(error.into())
+                if device_is_gone(error) {
+                    return Err(self.fail_device(device, format!("IO error: {error}")));
+                }
+                let IoCompletion { result, .. } = completion;
+                Err(result.expect_err("matched an error").into())
             }
         }
+    }
+
+    /// No free slot: `NoSpace`, unless a failed device took the room, in
+    /// which case the chunk belongs elsewhere and the error says so (the
+    /// MDM moves this node's copies; the client retries).
+    fn out_of_slots(&self) -> StoreError {
+        match self.devices.iter().find(|d| d.failed.get().is_some()) {
+            Some(device) => StoreError::DeviceFailed {
+                path: device.path.display().to_string(),
+                reason: "no healthy device has a free slot".into(),
+            },
+            None => StoreError::NoSpace,
+        }
+    }
+
+    /// `DeviceFailed` if the chunk lives on a failed device.
+    fn check_chunk_device(&self, key: (u64, u64)) -> Result<(), StoreError> {
+        match self.location(key) {
+            Some(location) => self.check_device(location.device),
+            None => Ok(()),
+        }
+    }
+
+    /// `DeviceFailed` if device `device` has failed.
+    fn check_device(&self, device: usize) -> Result<(), StoreError> {
+        match self.devices[device].failed.get() {
+            None => Ok(()),
+            Some(reason) => Err(StoreError::DeviceFailed {
+                path: self.devices[device].path.display().to_string(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// Marks device `device` failed (the first reason sticks): it takes no
+    /// new chunks and serves none of its own, and the server is told.
+    fn fail_device(&self, device: usize, reason: String) -> StoreError {
+        if self.devices[device].failed.set(reason.clone()).is_ok() {
+            tracing::error!(device = %self.devices[device].path.display(), %reason, "device failed");
+            self.slots.retire(device);
+            self.device_failures.send_modify(|count| *count += 1);
+        }
+        self.check_device(device).expect_err("the device has just failed")
     }
 
     /// Writes an aligned buffer at aligned `offset` within the slot.
@@ -464,12 +625,10 @@ impl ChunkStore {
     ) -> (Result<(), StoreError>, Option<KeepAlive>) {
         let request = IoRequest::write(location.device, location.byte_offset(offset), buf, fua)
             .keeping(keep_alive);
-        let completion = self.engine.submit(request).await;
-        let result = completion.result.map_err(|error| {
-            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-            error.into()
-        });
-        (result, completion.keep_alive)
+        match self.run_io(request).await {
+            Ok(completion) => (Ok(()), completion.keep_alive),
+            Err(error) => (Err(error), None),
+        }
     }
 
     async fn discard(
@@ -501,6 +660,9 @@ impl ChunkStore {
         if len == 0 {
             return Ok(());
         }
+        // Not even queued behind the lock of a chunk whose device failed
+        // (a hung IO may hold that lock for as long as it hangs).
+        self.check_chunk_device(key)?;
         let offset = u64::from(offset);
         let aligned = offset.is_multiple_of(ALIGN) && (len as u64).is_multiple_of(ALIGN);
         let lock = self.lock_for(key);
@@ -600,7 +762,7 @@ impl ChunkStore {
         payload: Payload<'_>,
         exclusive: ChunkGuard,
     ) -> Result<(), StoreError> {
-        let (device, slot) = self.slots.reserve().ok_or(StoreError::NoSpace)?;
+        let (device, slot) = self.slots.reserve().ok_or_else(|| self.out_of_slots())?;
         let location = SlotLocation {
             device,
             slot,
@@ -668,6 +830,15 @@ impl Drop for SlotReservation {
             self.slots.unreserve(self.device, self.slot);
         }
     }
+}
+
+/// Whether an IO error means the device is gone, rather than that one
+/// request was bad.
+fn device_is_gone(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EIO | libc::EROFS | libc::ENODEV | libc::ENXIO | libc::EREMOTEIO)
+    )
 }
 
 fn check_range(offset: u32, len: usize) -> Result<(), StoreError> {

@@ -9,6 +9,7 @@
 //! if the commit fails, puts it back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 /// Where a chunk lives.
@@ -29,6 +30,8 @@ pub struct SlotTable {
     /// Free slots per device; the lowest is last (taken first).
     free: Mutex<Vec<Vec<u32>>>,
     slot_counts: Vec<u32>,
+    /// Devices that take no new chunks (failed).
+    retired: Vec<AtomicBool>,
 }
 
 impl SlotTable {
@@ -46,7 +49,8 @@ impl SlotTable {
                 (0..taken.len() as u32).rev().filter(|&slot| !taken[slot as usize]).collect()
             })
             .collect();
-        Self { map: RwLock::new(map), free: Mutex::new(free), slot_counts }
+        let retired = slot_counts.iter().map(|_| AtomicBool::new(false)).collect();
+        Self { map: RwLock::new(map), free: Mutex::new(free), slot_counts, retired }
     }
 
     pub fn read_map(&self) -> RwLockReadGuard<'_, HashMap<ChunkKey, SlotLocation>> {
@@ -57,15 +61,24 @@ impl SlotTable {
         self.read_map().get(&key).copied()
     }
 
-    /// Reserves a free slot on the device with the most free slots.
+    /// Reserves a free slot on the device with the most free slots, among
+    /// those not retired.
     pub fn reserve(&self) -> Option<(usize, u32)> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let (device, slots) = free
             .iter_mut()
             .enumerate()
+            .filter(|(index, _)| !self.retired[*index].load(Ordering::Relaxed))
             .max_by_key(|(index, slots)| (slots.len(), std::cmp::Reverse(*index)))
             .filter(|(_, slots)| !slots.is_empty())?;
         Some((device, slots.pop().expect("the chosen device has a free slot")))
+    }
+
+    /// Device `device` takes no new chunks from now on.
+    pub fn retire(&self, device: usize) {
+        if let Some(flag) = self.retired.get(device) {
+            flag.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Gives back a reserved slot that was never published.
