@@ -138,7 +138,7 @@ async fn an_erased_chunk_leaves_nothing_on_the_device() {
         health: DeviceHealthConfig::default(),
     })
     .unwrap();
-    let marker = b"pflex-erase-marker-0123456789abcdef".repeat(64);
+    let marker = b"pflex-erase-marker-0123456789abcdef".repeat(128);
     let block = &marker[..4096];
     store.write(7, 0, 8192, block, true).await.unwrap();
     store.write(7, 1, 0, block, true).await.unwrap();
