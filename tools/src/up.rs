@@ -32,6 +32,9 @@ use tokio::process::{Child, Command};
 
 use crate::nbd_probe;
 
+// The command lines: shared with `pflex lab` and the integration-test cluster.
+pub(crate) use pflex_launch::{mdm_args, mgmt_args, sdc_args, sds_args, NodeLaunch};
+
 /// Options of `pflex up`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -622,16 +625,8 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             if let Ok(mgmt_bin) = binary(&bins, "mgmt") {
                 let mgmt_dir = dir.join("mgmt");
                 std::fs::create_dir_all(&mgmt_dir)?;
-                let mgmt_args = vec![
-                    "--mdm".into(),
-                    mdm_url.clone(),
-                    "--join-key-file".into(),
-                    jk.clone(),
-                    "--data-dir".into(),
-                    mgmt_dir.display().to_string(),
-                    "--listen".into(),
-                    format!("127.0.0.1:{}", args.mgmt_port),
-                ];
+                let listen = format!("127.0.0.1:{}", args.mgmt_port);
+                let mgmt_args = mgmt_args(&mdm_url, &jk, &mgmt_dir, &listen);
                 cluster.spawn("mgmt", &mgmt_bin, &mgmt_args, dir, args.detach).await?;
                 let url = format!("http://127.0.0.1:{}/health", args.mgmt_port);
                 wait_for(&mut cluster, "mgmt", Duration::from_secs(30), || http_ok(&http, &url))
@@ -658,81 +653,6 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             Err(e)
         }
     }
-}
-
-/// What an SDS's or SDC's command line says, in a local cluster or a lab.
-pub(crate) struct NodeLaunch<'a> {
-    pub mdm_url: &'a str,
-    pub join_key: &'a str,
-    pub name: &'a str,
-    /// Listen and advertised address.
-    pub host: &'a str,
-    pub dir: &'a Path,
-    pub heartbeat: &'a str,
-    /// SDS: control, mgmt, data. SDC: control, mgmt, NBD.
-    pub ports: [u16; 3],
-}
-
-impl NodeLaunch<'_> {
-    fn common(&self) -> Vec<String> {
-        vec![
-            "--mdm".into(),
-            self.mdm_url.into(),
-            "--join-key-file".into(),
-            self.join_key.into(),
-            "--name".into(),
-            self.name.into(),
-            "--host".into(),
-            self.host.into(),
-            "--data-dir".into(),
-            self.dir.display().to_string(),
-            "--control-port".into(),
-            self.ports[0].to_string(),
-            "--mgmt-port".into(),
-            self.ports[1].to_string(),
-            "--heartbeat-interval-secs".into(),
-            self.heartbeat.into(),
-        ]
-    }
-}
-
-/// An SDS's command line (one device, `dev0.img` in its dir); the caller
-/// adds size, fault set and engine.
-pub(crate) fn sds_args(launch: &NodeLaunch) -> Vec<String> {
-    let mut args = launch.common();
-    args.extend([
-        "--data-port".into(),
-        launch.ports[2].to_string(),
-        "--device".into(),
-        launch.dir.join("dev0.img").display().to_string(),
-    ]);
-    args
-}
-
-/// An SDC's command line.
-pub(crate) fn sdc_args(launch: &NodeLaunch) -> Vec<String> {
-    let mut args = launch.common();
-    args.extend(["--nbd-listen".into(), format!("{}:{}", launch.host, launch.ports[2])]);
-    args
-}
-
-/// The MDM's command line in a local cluster or a lab.
-pub(crate) fn mdm_args(
-    listen: &str,
-    mdm_dir: &Path,
-    join_key: &str,
-    heartbeat: &str,
-) -> Vec<String> {
-    vec![
-        "--listen".into(),
-        listen.into(),
-        "--data-dir".into(),
-        mdm_dir.display().to_string(),
-        "--join-key-file".into(),
-        join_key.into(),
-        "--heartbeat-interval-secs".into(),
-        heartbeat.into(),
-    ]
 }
 
 /// Every port the cluster will listen on must be free: otherwise a component
