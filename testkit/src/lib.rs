@@ -6,9 +6,13 @@
 //!   or fail (never by name or pattern);
 //! - [`wait_for`]: polls a condition until it holds, or fails the test;
 //! - [`TcpRelay`]: one link of a cluster that a test can cut and heal;
-//! - [`workspace_binary`]: another package's binary from the same target
+//! - [`workspace_binary`]: a package's binary from the same target
 //!   directory, brought up to date once per test process (cargo only builds
-//!   the binaries of the package under test).
+//!   the binaries of the package under test, and only before the run);
+//! - [`cluster`]: a whole cluster of real processes (MDM, SDS, SDC, MGMT),
+//!   the one harness every crate's integration tests start components with.
+
+pub mod cluster;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -31,6 +35,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A spawned process, killed by its PID (and reaped) when dropped.
+#[derive(Debug)]
 pub struct ProcessGuard {
     child: Child,
     pub name: String,
@@ -39,6 +44,16 @@ pub struct ProcessGuard {
 impl ProcessGuard {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERM (the process exits on its own; see [`ProcessGuard::wait_exit`]).
+    pub fn terminate(&mut self) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("a PID fits pid_t");
+        // SAFETY: kill(2) with the PID of a child this guard spawned and has
+        // not reaped, so the PID cannot belong to another process.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
     }
 
     /// `kill -9` and reap.
@@ -86,13 +101,17 @@ impl Drop for ProcessGuard {
 }
 
 /// Starts `program` with `args`, `RUST_LOG=info`, no stdin, and stdout and
-/// stderr in the file `log` (created or truncated).
+/// stderr appended to the file `log` (so a restarted process keeps the log
+/// of its earlier lives).
 pub fn spawn_logged(name: &str, program: &Path, args: &[String], log: &Path) -> ProcessGuard {
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
-    let out = std::fs::File::create(log)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
     let child = Command::new(program)
         .args(args)
         .env("RUST_LOG", "info")
