@@ -20,8 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pflex_proto::api::{
-    DeviceFailure, DeviceFailureVerdict, HeartbeatRequest, NodeType, RebuildComplete, RegisterRequest, TokenAckBatch, TokenRequest,
-    UnreachableReport, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+    DeviceFailure, DeviceFailureVerdict, HeartbeatRequest, NodeType, RebuildComplete,
+    RegisterRequest, TokenAckBatch, TokenRequest, UnreachableReport, VolumeCreate, VolumeMap,
+    VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::token::ClusterSecret;
 use rusqlite::{Connection, TransactionBehavior};
@@ -337,7 +338,9 @@ async fn device_failed(
     ApiJson(report): ApiJson<DeviceFailure>,
 ) -> Result<Json<DeviceFailureVerdict>, MdmError> {
     allow(caller, &[Role::Sds])?;
-    Ok(Json(state.transact(move |conn, ctx| service::device_failed(conn, ctx, caller, &report)).await?))
+    Ok(Json(
+        state.transact(move |conn, ctx| service::device_failed(conn, ctx, caller, &report)).await?,
+    ))
 }
 
 async fn unreachable_report(

@@ -130,10 +130,11 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
             let report = run_one(&run_dir, scenario, qd, &args).await?;
             if !args.json {
                 println!(
-                    "{:<22} qd {:<3} acknowledged {:>7}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  {}",
+                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  {}",
                     report.scenario,
                     report.qd,
                     report.acknowledged,
+                    report.write_errors,
                     report.lost,
                     report.stale,
                     report.torn,
@@ -379,6 +380,10 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         recovery_ms,
         chunks_compared,
         passed: lost + stale + torn + unexpected == 0
+            // A failed device is the one fault a client never sees: its
+            // copies are served from the other node.
+            && (n(&write, "errors") == 0
+                || !matches!(scenario, Scenario::DeviceHang | Scenario::DeviceEio))
             && chunks.is_ok()
             && checked.status.success()
             && n(&write, "acknowledged") > 0,

@@ -1,6 +1,7 @@
 //! The fault suite: `pflex lab chaos` runs every scenario (SDS killed,
 //! frozen, cut from the MDM, the SDC or its peer, the MDM down, connections
-//! reset under overlapping writes, two failures in a row) in fresh labs of
+//! reset under overlapping writes, two failures in a row, a device that
+//! hangs or returns EIO) in fresh labs of
 //! network namespaces, with `pflex verify` writing at queue depth 1 and 16
 //! while the fault happens. Every acknowledged write must read back: no
 //! lost, stale or torn block, and both copies of every chunk equal after
@@ -50,7 +51,7 @@ fn every_fault_scenario_keeps_every_acknowledged_write() {
     let reports: Vec<serde_json::Value> = serde_json::from_str(&stdout[json_start..])
         .unwrap_or_else(|e| panic!("bad report ({e}):\n{stdout}\n{stderr}"));
     eprintln!("{}", serde_json::to_string_pretty(&reports).unwrap());
-    assert_eq!(reports.len(), 16, "8 scenarios at 2 queue depths");
+    assert_eq!(reports.len(), 20, "10 scenarios at 2 queue depths");
     for r in &reports {
         let what = format!("{} at qd {}", r["scenario"], r["qd"]);
         for field in ["lost", "stale", "torn", "unexpected"] {

@@ -253,8 +253,11 @@ fn replace_copies(
             moving && failed(pg.primary) != failed(pg.secondary)
         })
         .map(|pg| {
-            let (survivor, lost) =
-                if failed(pg.primary) { (pg.secondary, pg.primary) } else { (pg.primary, pg.secondary) };
+            let (survivor, lost) = if failed(pg.primary) {
+                (pg.secondary, pg.primary)
+            } else {
+                (pg.primary, pg.secondary)
+            };
             LostCopy { pg, survivor, lost }
         })
         .collect();
@@ -373,14 +376,12 @@ fn move_lost_copies(
         };
         // The node that lost the copy (a failed device on a live node) must
         // not get it back.
-        let eligible: Vec<Candidate> = candidates.iter().filter(|c| c.id != lost).cloned().collect();
+        let eligible: Vec<Candidate> =
+            candidates.iter().filter(|c| c.id != lost).cloned().collect();
         let survivor_fault_set = fault_sets.get(&survivor).cloned().unwrap_or_default();
-        let Some(target) = placement::replacement(
-            &eligible,
-            survivor,
-            &survivor_fault_set,
-            bytes.max(CHUNK_SIZE),
-        ) else {
+        let Some(target) =
+            placement::replacement(&eligible, survivor, &survivor_fault_set, bytes.max(CHUNK_SIZE))
+        else {
             continue;
         };
         if let Some(c) = candidates.iter_mut().find(|c| c.id == target) {

@@ -103,7 +103,12 @@ impl FaultHandle {
 
 /// Runs `request` on `engine` and answers `sender`, `delay` late. Needs a
 /// tokio runtime (the store always runs in one).
-fn forward(engine: Arc<dyn IoEngine>, request: IoRequest, sender: CompletionSender, delay: Duration) {
+fn forward(
+    engine: Arc<dyn IoEngine>,
+    request: IoRequest,
+    sender: CompletionSender,
+    delay: Duration,
+) {
     let pending = engine.submit(request);
     let answer = async move {
         let completion = pending.await;
@@ -127,9 +132,10 @@ impl IoEngine for FaultyEngine {
         let fault = self.table.lock().get(request.device).map(|d| d.fault).unwrap_or_default();
         match fault {
             DeviceFault::None => self.inner.submit(request),
-            DeviceFault::Eio => {
-                PendingIo::ready(IoCompletion::failed(request, io::Error::from_raw_os_error(libc::EIO)))
-            }
+            DeviceFault::Eio => PendingIo::ready(IoCompletion::failed(
+                request,
+                io::Error::from_raw_os_error(libc::EIO),
+            )),
             DeviceFault::Hang => {
                 let (sender, pending) = PendingIo::channel();
                 let mut state = self.table.lock();

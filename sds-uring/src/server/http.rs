@@ -138,8 +138,8 @@ async fn chunks(
     Json(chunks)
 }
 
+// (No `deny_unknown_fields`: serde does not support it with `flatten`.)
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct FaultRequest {
     /// Device index or path.
     device: String,

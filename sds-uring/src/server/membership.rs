@@ -253,6 +253,25 @@ impl SdsNode {
                         tracing::debug!(volume_id, status = status.name(), "map refresh failed");
                     }
                 }
+                // A volume this node served is gone from the MDM's list: it
+                // was deleted, and its chunks here should go now rather
+                // than at the next periodic pass.
+                let listed: std::collections::HashSet<u64> =
+                    reply.volumes.iter().map(|v| v.volume_id).collect();
+                let mut deleted = false;
+                for map in self.placement.all() {
+                    if listed.contains(&map.volume_id) {
+                        continue;
+                    }
+                    let asked = self.ask_mdm_for_placement(identity.clone(), map.volume_id).await;
+                    if asked.is_err_and(|e| e.is_volume_deleted()) {
+                        self.placement.forget(map.volume_id);
+                        deleted = true;
+                    }
+                }
+                if deleted {
+                    self.reclaim_now.notify_one();
+                }
                 return reply.rebuilds;
             }
             Err(e) if e.is_unauthorized() => {

@@ -117,6 +117,8 @@ pub struct SdsNode {
     pub rebuilds: rebuild::RebuildRunner,
     /// Peers this node could not reach, reported to the MDM (rate-limited).
     pub unreachable: pflex_mdm_client::UnreachableReports,
+    /// Wakes the reclaim pass early (a volume this node served was deleted).
+    pub reclaim_now: tokio::sync::Notify,
     started: Instant,
 }
 
@@ -196,6 +198,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         acks: AckBatcher::default(),
         rebuilds: rebuild::RebuildRunner::default(),
         unreachable: pflex_mdm_client::UnreachableReports::default(),
+        reclaim_now: tokio::sync::Notify::new(),
         started: Instant::now(),
     });
     node.local_log.health("started", format!("data port {}", ports.data));

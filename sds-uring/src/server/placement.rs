@@ -146,6 +146,11 @@ impl PlacementCache {
     }
 
     /// Number of cached maps.
+    /// Drops a deleted volume's map.
+    pub fn forget(&self, volume_id: u64) {
+        self.maps.write().unwrap_or_else(|p| p.into_inner()).remove(&volume_id);
+    }
+
     pub fn len(&self) -> usize {
         self.maps.read().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -30,10 +30,20 @@ use pflex_proto::CHUNK_SIZE;
 use super::membership::VolumeFate;
 use super::SdsNode;
 
-/// Runs [`reclaim_once`] every `every`, the first time after one interval.
+/// First pass after a start: soon, so a node that was down when volumes
+/// were deleted or its copies moved gives the space back at once.
+const FIRST_PASS_AFTER: Duration = Duration::from_secs(5);
+
+/// Runs [`reclaim_once`] shortly after the start, then every `every` and
+/// whenever a heartbeat shows that a volume this node served is gone.
 pub async fn reclaim_loop(node: Arc<SdsNode>, every: Duration) {
+    let mut wait = FIRST_PASS_AFTER.min(every);
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = node.reclaim_now.notified() => {}
+        }
+        wait = every;
         let released = reclaim_once(&node).await;
         if released > 0 {
             tracing::info!(chunks = released, "released chunks of PGs that moved to other nodes");
