@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::{raw, Mdm, JOIN_KEY};
+use common::{dump, raw, start_mdm};
 use pflex_proto::api::{NodeType, RegisterRequest};
+use pflex_testkit::cluster::JOIN_KEY;
 
 /// Every endpoint with a body that would be valid, to prove the refusal is
 /// about the credential and nothing else.
@@ -45,14 +46,14 @@ fn sds_request(key: &str, name: &str) -> RegisterRequest {
 
 #[tokio::test]
 async fn bad_or_missing_join_key_is_401_and_writes_nothing() {
-    let mdm = Mdm::start();
-    let before = mdm.dump();
+    let mdm = start_mdm().await;
+    let before = dump(&mdm);
     let err = mdm.anonymous().register(&sds_request("wrong-key", "sds1")).await.unwrap_err();
     assert_eq!(err.status(), Some(401), "{err}");
     assert_eq!(err.code(), Some("unauthorized"));
     let err = mdm.anonymous().register(&sds_request("", "sds1")).await.unwrap_err();
     assert_eq!(err.status(), Some(401));
-    let url = format!("{}/discovery/register", mdm.url);
+    let url = format!("{}/discovery/register", mdm.mdm_url());
     let (status, body) = raw(
         "POST",
         &url,
@@ -75,12 +76,12 @@ async fn bad_or_missing_join_key_is_401_and_writes_nothing() {
     )
     .await;
     assert_eq!(status, 401);
-    assert_eq!(mdm.dump(), before, "a refused registration wrote to the database");
+    assert_eq!(dump(&mdm), before, "a refused registration wrote to the database");
 }
 
 #[tokio::test]
 async fn no_or_unknown_credential_is_401_on_every_endpoint() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     mdm.register_sds("sds1", "fs1", "default", 10).await;
     mdm.register_sds("sds2", "fs2", "default", 10).await;
     mdm.register_sdc("sdc1").await;
@@ -93,9 +94,9 @@ async fn no_or_unknown_credential_is_401_on_every_endpoint() {
         })
         .await
         .unwrap();
-    let before = mdm.dump();
+    let before = dump(&mdm);
     for (method, path, body) in ENDPOINTS {
-        let url = format!("{}{path}", mdm.url);
+        let url = format!("{}{path}", mdm.mdm_url());
         let content_type = body.map(|_| "application/json");
         let (status, reply) = raw(method, &url, None, content_type, *body).await;
         assert_eq!(status, 401, "{method} {path} without credential: {reply}");
@@ -106,21 +107,21 @@ async fn no_or_unknown_credential_is_401_on_every_endpoint() {
         }
     }
     // Basic auth or a bare token is not a bearer credential.
-    let url = format!("{}/vol/list", mdm.url);
+    let url = format!("{}/vol/list", mdm.mdm_url());
     let client = reqwest::Client::new();
-    for header in [format!("Basic {}", mdm.admin_token), mdm.admin_token.clone()] {
+    for header in [format!("Basic {}", mdm.admin_token()), mdm.admin_token().to_string()] {
         let status =
             client.get(&url).header("authorization", header).send().await.unwrap().status();
         assert_eq!(status.as_u16(), 401);
     }
-    assert_eq!(mdm.dump(), before);
+    assert_eq!(dump(&mdm), before);
     // The admin token works everywhere it should.
     assert_eq!(mdm.admin().volume_list().await.unwrap().len(), 1);
 }
 
 #[tokio::test]
 async fn roles_are_enforced() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
     mdm.register_sds("sds2", "fs2", "default", 10).await;
     let sdc = mdm.register_sdc("sdc1").await;
@@ -175,7 +176,7 @@ async fn roles_are_enforced() {
 
 #[tokio::test]
 async fn only_sds_gets_the_secret_and_credentials_are_stored_hashed() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
     let sdc = mdm.register_sdc("sdc1").await;
     let mgmt = mdm.register_mgmt("mgmt1").await;
@@ -183,23 +184,23 @@ async fn only_sds_gets_the_secret_and_credentials_are_stored_hashed() {
     assert_eq!(sds.reply.cluster_secret.as_deref(), Some(secret.to_hex().as_str()));
     assert_eq!(sdc.reply.cluster_secret, None);
     assert_eq!(mgmt.reply.cluster_secret, None);
-    let dump = mdm.dump();
+    let rows = dump(&mdm);
     for node in [&sds, &sdc, &mgmt] {
-        assert!(!dump.contains(&node.reply.credential), "plain credential in the database");
-        assert!(dump.contains(&pflex_mdm::service::sha256_hex(&node.reply.credential)));
+        assert!(!rows.contains(&node.reply.credential), "plain credential in the database");
+        assert!(rows.contains(&pflex_mdm::service::sha256_hex(&node.reply.credential)));
     }
-    assert!(!dump.contains(&secret.to_hex()));
-    assert!(!dump.contains(&mdm.admin_token));
+    assert!(!rows.contains(&secret.to_hex()));
+    assert!(!rows.contains(mdm.admin_token()));
     use std::os::unix::fs::PermissionsExt;
     for file in ["cluster_secret", "admin_token"] {
-        let mode = std::fs::metadata(mdm.data_dir().join(file)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(mdm.mdm_dir().join(file)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{file}");
     }
 }
 
 #[tokio::test]
 async fn registering_again_keeps_the_id_and_rotates_the_credential() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let first = mdm.register_sds("sds1", "fs1", "default", 10).await;
     let second = mdm.register_sds("sds1", "fs1", "default", 20).await;
     assert_eq!(first.id(), second.id());

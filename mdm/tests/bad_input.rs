@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{raw, Mdm, JOIN_KEY};
+use common::{dump, raw, start_mdm};
 use pflex_proto::api::{VolumeCreate, VolumeMap};
 use pflex_proto::token::AccessMode;
+use pflex_testkit::cluster::JOIN_KEY;
 
 enum Who {
     Admin,
@@ -40,7 +41,7 @@ fn get(path: &str, who: Who, status: u16) -> Case {
 
 #[tokio::test]
 async fn malformed_requests_are_4xx_and_change_nothing() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
     mdm.register_sds("sds2", "fs2", "default", 10).await;
@@ -338,15 +339,15 @@ async fn malformed_requests_are_4xx_and_change_nothing() {
     cases.push(case("POST", "/vol/create", Who::Sdc, r#"{"name":"a","size_bytes":512}"#, 403));
     assert!(cases.len() >= 20);
 
-    let before = mdm.dump();
+    let before = dump(&mdm);
     for case in &cases {
         let token = match case.who {
-            Who::Admin => Some(mdm.admin_token.clone()),
+            Who::Admin => Some(mdm.admin_token().to_string()),
             Who::Sds => Some(sds.reply.credential.clone()),
             Who::Sdc => Some(sdc.reply.credential.clone()),
             Who::Nobody => None,
         };
-        let url = format!("{}{}", mdm.url, case.path);
+        let url = format!("{}{}", mdm.mdm_url(), case.path);
         let (status, body) =
             raw(case.method, &url, token.as_deref(), case.content_type, case.body.as_deref()).await;
         let shown = case.body.as_deref().unwrap_or("").chars().take(120).collect::<String>();
@@ -358,7 +359,7 @@ async fn malformed_requests_are_4xx_and_change_nothing() {
             case.path
         );
     }
-    assert_eq!(mdm.dump(), before, "a refused request changed the database");
+    assert_eq!(dump(&mdm), before, "a refused request changed the database");
     let metrics = admin.metrics_text().await.unwrap();
     assert!(metrics.contains("pflex_mdm_http_responses_total{class=\"5xx\"} 0"), "{metrics}");
     // The service is still fine.

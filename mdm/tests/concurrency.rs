@@ -5,13 +5,13 @@ mod common;
 
 use std::time::Instant;
 
-use common::Mdm;
+use common::start_mdm;
 use pflex_proto::api::{HeartbeatRequest, NodeMetrics, VolumeCreate, VolumeMap};
 use pflex_proto::token::AccessMode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_requests_are_serialised_correctly() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     let mut sds = Vec::new();
     for n in 0..3 {

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 fn mdm() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mdm"));
+    let mut command = Command::new(pflex_testkit::workspace_binary("mdm", "mdm"));
     command.env_remove("PFLEX_JOIN_KEY");
     command
 }

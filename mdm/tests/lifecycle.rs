@@ -5,11 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Mdm, Timing};
+use common::{dump, start_mdm, start_mdm_with, Timing};
 use pflex_proto::api::{
     HeartbeatRequest, NodeMetrics, TokenAck, TokenAckBatch, VolumeCreate, VolumeMap, VolumeUnmap,
 };
 use pflex_proto::token::{AccessMode, SessionKey, SignedToken, TokenError};
+use pflex_testkit::cluster::Component;
 use pflex_testkit::wait_for;
 
 fn create(name: &str, size_bytes: u64) -> VolumeCreate {
@@ -26,7 +27,7 @@ fn unmap(volume: &str, sdc: &str) -> VolumeUnmap {
 
 #[tokio::test]
 async fn epoch_and_mapping_generation() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     for n in 0..3 {
         mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 10).await;
@@ -110,7 +111,7 @@ async fn epoch_and_mapping_generation() {
 
 #[tokio::test]
 async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
     mdm.register_sds("sds2", "fs2", "default", 10).await;
@@ -174,7 +175,7 @@ async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(403), "an SDC acks only its own tokens");
-    assert!(mdm.dump().contains("\"write\"|3|12288|0"));
+    assert!(dump(&mdm).contains("\"write\"|3|12288|0"));
 
     // Read-only mapping: read tokens yes, write tokens no.
     admin.volume_map(&map("vol1", "sdc2", AccessMode::ReadOnly)).await.unwrap();
@@ -201,7 +202,7 @@ async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
 
 #[tokio::test]
 async fn restart_keeps_all_state() {
-    let mut mdm = Mdm::start();
+    let mut mdm = start_mdm().await;
     let admin = mdm.admin();
     let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
     mdm.register_sds("sds2", "fs2", "default", 10).await;
@@ -221,17 +222,17 @@ async fn restart_keeps_all_state() {
     let volumes = admin.volume_list().await.unwrap();
     let placement = admin.placement("vol1").await.unwrap();
     let secret = mdm.cluster_secret().to_hex();
-    let token = mdm.admin_token.clone();
-    let dump = mdm.dump();
+    let token = mdm.admin_token().to_string();
+    let rows = dump(&mdm);
 
-    mdm.restart();
+    mdm.restart(Component::Mdm).await;
 
-    assert_eq!(mdm.admin_token, token, "admin token kept");
+    assert_eq!(mdm.admin_token(), token, "admin token kept");
     assert_eq!(mdm.cluster_secret().to_hex(), secret, "cluster secret kept");
     let admin = mdm.admin();
     assert_eq!(admin.volume_list().await.unwrap(), volumes);
     assert_eq!(admin.placement("vol1").await.unwrap(), placement);
-    assert_eq!(mdm.dump(), dump);
+    assert_eq!(dump(&mdm), rows);
     // Component credentials survive too.
     assert_eq!(sdc.client.sdc_mappings().await.unwrap().len(), 1);
     sds.client
@@ -244,7 +245,7 @@ async fn restart_keeps_all_state() {
 
 #[tokio::test]
 async fn health_states_and_replacement_of_a_failed_sds() {
-    let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
+    let mdm = start_mdm_with(Timing { heartbeat: 1, stale: 2, failed: 4 }).await;
     let admin = mdm.admin();
     let mut nodes = Vec::new();
     for n in 0..4 {
@@ -315,7 +316,7 @@ async fn health_states_and_replacement_of_a_failed_sds() {
 
 #[tokio::test]
 async fn a_silent_dashboard_does_not_degrade_the_cluster() {
-    let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
+    let mdm = start_mdm_with(Timing { heartbeat: 1, stale: 2, failed: 4 }).await;
     let a = mdm.register_sds("sds-a", "fs-a", "default", 10).await;
     let b = mdm.register_sds("sds-b", "fs-b", "default", 10).await;
     let mgmt = mdm.register_mgmt("mgmt").await;
@@ -366,7 +367,7 @@ fn heartbeat_while(
 
 #[tokio::test]
 async fn rebuild_jobs_go_to_their_source_and_an_unrebuilt_copy_is_never_promoted() {
-    let mdm = Mdm::start_with(Timing { heartbeat: 1, stale: 2, failed: 4 });
+    let mdm = start_mdm_with(Timing { heartbeat: 1, stale: 2, failed: 4 }).await;
     let admin = mdm.admin();
     let mut nodes = Vec::new();
     for n in 0..4 {

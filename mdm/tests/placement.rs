@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{Mdm, Rng};
+use common::{dump, start_mdm, Rng};
 use pflex_proto::api::VolumeCreate;
 use pflex_proto::placement::{PlacementMap, PGS_PER_VOLUME};
 
@@ -35,7 +35,7 @@ fn check_separation(map: &PlacementMap, fault_set_of: &HashMap<u64, String>) {
 
 #[tokio::test]
 async fn copies_never_share_a_fault_set_over_random_topologies() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     let mut rng = Rng::new(2026);
     let mut fault_set_of: HashMap<u64, String> = HashMap::new();
@@ -76,15 +76,15 @@ async fn copies_never_share_a_fault_set_over_random_topologies() {
 
 #[tokio::test]
 async fn one_fault_set_is_a_clear_error() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     mdm.register_sds("a1", "rack-a", "small", 10).await;
     mdm.register_sds("a2", "rack-a", "small", 10).await;
-    let before = mdm.dump();
+    let before = dump(&mdm);
     let err = mdm.admin().volume_create(&create("v", 1 << 30, "small", false)).await.unwrap_err();
     assert_eq!(err.status(), Some(409), "{err}");
     assert_eq!(err.code(), Some("insufficient_fault_sets"));
     assert!(err.to_string().contains("1 fault set"), "{err}");
-    assert_eq!(mdm.dump(), before);
+    assert_eq!(dump(&mdm), before);
     // The default pool without any SDS, and an unknown pool.
     let err = mdm.admin().volume_create(&create("v", 1 << 30, "default", false)).await.unwrap_err();
     assert_eq!(err.status(), Some(409));
@@ -98,7 +98,7 @@ async fn one_fault_set_is_a_clear_error() {
 
 #[tokio::test]
 async fn placement_is_balanced_and_weighted() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     let mut ids = Vec::new();
     for n in 0..4 {
@@ -134,7 +134,7 @@ async fn placement_is_balanced_and_weighted() {
 
 #[tokio::test]
 async fn thick_volumes_reserve_capacity_and_fail_cleanly() {
-    let mdm = Mdm::start();
+    let mdm = start_mdm().await;
     let admin = mdm.admin();
     for n in 0..3 {
         mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 4).await;
@@ -145,13 +145,13 @@ async fn thick_volumes_reserve_capacity_and_fail_cleanly() {
     let summary = admin.cluster_summary().await.unwrap();
     assert_eq!(summary.reserved_bytes, 8 << 30);
     assert_eq!(summary.provisioned_bytes, 4 << 30);
-    let before = mdm.dump();
+    let before = dump(&mdm);
     let err = admin.volume_create(&create("thick2", 4 << 30, "default", true)).await.unwrap_err();
     assert_eq!(err.status(), Some(507), "{err}");
     assert_eq!(err.code(), Some("insufficient_capacity"));
     let err = admin.volume_resize("thick1", 8 << 30).await.unwrap_err();
     assert_eq!(err.status(), Some(507), "{err}");
-    assert_eq!(mdm.dump(), before);
+    assert_eq!(dump(&mdm), before);
     // Thin volumes reserve nothing and may overcommit.
     admin.volume_create(&create("thin", 100 << 30, "default", false)).await.unwrap();
     assert_eq!(admin.cluster_summary().await.unwrap().reserved_bytes, 8 << 30);
