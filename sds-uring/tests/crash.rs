@@ -1,19 +1,20 @@
 //! Crash test: `kill -9` of an SDS after acknowledged writes, restart, and
 //! every acknowledged write reads back (from both copies).
 
-mod dataplane_cluster;
+mod common;
 
-use dataplane_cluster::{model_crc, pattern, sealed, send_raw, Cluster, VolumeSession};
+use common::{model_crc, pattern, sealed, send_raw, start_cluster, VolumeSession};
 use pflex_proto::frame::{FrameHeader, Op, Status};
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
+use pflex_testkit::cluster::Component;
 
 const CHUNK: usize = CHUNK_SIZE as usize;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kill_9_and_restart() {
-    let mut cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-crash").await;
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-crash").await.client;
     let volume_id = cluster.create_mapped_volume("crashvol", 32 << 20, "sdc-crash").await;
     let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     s.auth_all().await;
@@ -31,12 +32,12 @@ async fn acknowledged_writes_survive_kill_9_and_restart() {
 
     // Kill sds1 hard (it is primary of some chunks, secondary of others).
     let victim = 0;
-    cluster.kill_sds(victim);
-    cluster.start_sds(victim).await;
+    cluster.kill(Component::Sds(victim));
+    cluster.start_again(Component::Sds(victim)).await;
 
     // The restarted node forgot its tokens: NoToken, then AUTH again.
     let restarted_id = {
-        let node = &cluster.sds[victim];
+        let node = cluster.sds(victim);
         let url = format!("http://127.0.0.1:{}/health", node.mgmt_port);
         let status: pflex_proto::api::ComponentStatus =
             reqwest::get(url).await.unwrap().json().await.unwrap();
@@ -66,8 +67,8 @@ async fn acknowledged_writes_survive_kill_9_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
-    let mut cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-degraded").await;
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-degraded").await.client;
     let volume_id = cluster.create_mapped_volume("degraded", 16 << 20, "sdc-degraded").await;
     let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     s.auth_all().await;
@@ -77,7 +78,7 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
 
     let secondary_id = s.secondary_of(chunk);
     let victim = cluster.sds_index(secondary_id).await;
-    cluster.kill_sds(victim);
+    cluster.kill(Component::Sds(victim));
     let started = std::time::Instant::now();
     assert_eq!(s.write(chunk, 0, &pattern(2, 4096)).await, Status::ReplicaFailed);
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "failure took too long");
@@ -86,12 +87,10 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
     assert_eq!(status, Status::Ok);
     let primary = cluster.sds_by_node_id(s.primary_of(chunk)).await;
     let metrics = cluster.metrics(primary).await;
-    assert!(
-        dataplane_cluster::metric_sum(&metrics, "pflex_sds_replica_forward_failures_total") >= 1
-    );
+    assert!(common::metric_sum(&metrics, "pflex_sds_replica_forward_failures_total") >= 1);
 
     // Once it is back, writes are acknowledged by both again.
-    cluster.start_sds(victim).await;
+    cluster.start_again(Component::Sds(victim)).await;
     let healed = pattern(3, CHUNK);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -115,8 +114,8 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_secondary_back_on_another_port_is_found_again() {
-    let mut cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-moved").await;
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-moved").await.client;
     let volume_id = cluster.create_mapped_volume("moved", 16 << 20, "sdc-moved").await;
     let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     s.auth_all().await;
@@ -124,9 +123,9 @@ async fn a_secondary_back_on_another_port_is_found_again() {
     assert_eq!(s.write(chunk, 0, &pattern(1, 4096)).await, Status::Ok);
 
     let victim = cluster.sds_index(s.secondary_of(chunk)).await;
-    cluster.kill_sds(victim);
-    cluster.move_sds_to_new_ports(victim);
-    cluster.start_sds(victim).await;
+    cluster.kill(Component::Sds(victim));
+    cluster.move_to_new_ports(Component::Sds(victim));
+    cluster.start_again(Component::Sds(victim)).await;
 
     // The primary's map still names the old port (the epoch did not change);
     // a failed forward makes it refetch the map and find the new one.
@@ -153,17 +152,17 @@ async fn a_secondary_back_on_another_port_is_found_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_stops_cleanly_and_data_is_there_after_restart() {
-    let mut cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-term").await;
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-term").await.client;
     let volume_id = cluster.create_mapped_volume("term", 8 << 20, "sdc-term").await;
     let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     s.auth_all().await;
     let data = pattern(5, 300_000);
     assert_eq!(s.write(0, 4096, &data).await, Status::Ok);
     let i = cluster.sds_index(s.primary_of(0)).await;
-    let status = cluster.terminate_sds(i).await;
+    let status = cluster.terminate(Component::Sds(i)).await;
     assert!(status.success(), "exit status {status}");
-    cluster.start_sds(i).await;
+    cluster.start_again(Component::Sds(i)).await;
     s.auth_all().await;
     let (status, read) = s.read(0, 4096, data.len() as u32).await;
     assert_eq!((status, read == data), (Status::Ok, true));
@@ -171,8 +170,8 @@ async fn sigterm_stops_cleanly_and_data_is_there_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_recorded_before_a_restart_are_refused_after_it() {
-    let mut cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-replay").await;
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-replay").await.client;
     let volume_id = cluster.create_mapped_volume("replayvol", 16 << 20, "sdc-replay").await;
     let s = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     s.auth_all().await;
@@ -191,7 +190,7 @@ async fn requests_recorded_before_a_restart_are_refused_after_it() {
     let auth_raw = sealed(auth, &s.key, &token_bytes);
     let recorded = pattern(1, 4096);
     let recorded_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &recorded);
-    let addr = cluster.sds[victim].data_addr();
+    let addr = cluster.sds(victim).data_addr();
     assert_eq!(send_raw(addr, &recorded_raw, &recorded).await.status, Status::Ok as u16);
 
     let current = pattern(2, 4096);
@@ -200,9 +199,9 @@ async fn requests_recorded_before_a_restart_are_refused_after_it() {
     // The primary restarts and so forgets its replay windows. The recording
     // is played back before the real client comes back: the token is taken
     // again, the write is not.
-    cluster.kill_sds(victim);
-    cluster.start_sds(victim).await;
-    let addr = cluster.sds[victim].data_addr();
+    cluster.kill(Component::Sds(victim));
+    cluster.start_again(Component::Sds(victim)).await;
+    let addr = cluster.sds(victim).data_addr();
     assert_eq!(send_raw(addr, &auth_raw, &token_bytes).await.status, Status::Ok as u16);
     assert_eq!(send_raw(addr, &recorded_raw, &recorded).await.status, Status::Replay as u16);
 

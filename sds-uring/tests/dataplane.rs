@@ -1,20 +1,21 @@
 //! Data-plane acceptance tests: two real `sds` processes and a real `mdm`
 //! on loopback, driven by a test-side SDC with real tokens.
 
-mod dataplane_cluster;
+mod common;
 
-use dataplane_cluster::{metric_sum, model_crc, pattern, sealed, send_raw, Cluster, VolumeSession};
+use common::{metric_sum, model_crc, pattern, sealed, send_raw, start_cluster, VolumeSession};
 use pflex_proto::frame::{flags, Op, Status};
 use pflex_proto::token::{AccessMode, ClusterSecret, IoToken, SessionKey};
 use pflex_proto::{unix_now, CHUNK_SIZE};
+use pflex_testkit::cluster::Cluster;
 
 const VOLUME_SIZE: u64 = 64 << 20;
 const CHUNK: usize = CHUNK_SIZE as usize;
 
 /// Starts a cluster with one mapped volume and an authenticated session.
 async fn cluster_with_volume() -> (Cluster, VolumeSession, pflex_mdm_client::MdmClient) {
-    let cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-test").await;
+    let cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-test").await.client;
     let volume_id = cluster.create_mapped_volume("vol1", VOLUME_SIZE, "sdc-test").await;
     let session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     assert_ne!(session.primary_of(0), session.secondary_of(0));
@@ -109,7 +110,7 @@ async fn acknowledged_writes_read_back_from_both_replicas() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let sds = cluster.metrics(primary).await;
-        let mdm = cluster.admin.metrics_text().await.unwrap_or_default();
+        let mdm = cluster.admin().metrics_text().await.unwrap_or_default();
         let sent = metric_sum(&sds, "pflex_sds_ack_batches_total");
         let recorded = metric_sum(&mdm, "pflex_mdm_token_acks_total");
         let heartbeats = metric_sum(&sds, "pflex_sds_heartbeats_total");
@@ -332,7 +333,7 @@ async fn unmapping_revokes_tokens_within_a_heartbeat() {
     let (cluster, s, _sdc) = cluster_with_volume().await;
     assert_eq!(s.write(0, 0, &pattern(1, 4096)).await, Status::Ok);
     cluster
-        .admin
+        .admin()
         .volume_unmap(&pflex_proto::api::VolumeUnmap {
             volume: "vol1".into(),
             sdc: "sdc-test".into(),

@@ -2,19 +2,19 @@
 //! 401 and has a new cluster secret) registers again on its own, drops the
 //! tokens signed under the old secret and serves the new cluster.
 
-mod dataplane_cluster;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use dataplane_cluster::{model_crc, pattern, Cluster, VolumeSession};
+use common::{model_crc, pattern, start_cluster, VolumeSession};
 use pflex_proto::frame::Status;
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sds_registers_again_when_the_mdm_forgets_it() {
-    let mut cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-a").await;
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-a").await.client;
     let volume_id = cluster.create_mapped_volume("before", 16 << 20, "sdc-a").await;
     let old = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     old.auth_all().await;
@@ -25,7 +25,7 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
     // Both SDS nodes are back in the new MDM's view within a few heartbeats.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let nodes = cluster.admin.sds_list().await.unwrap_or_default();
+        let nodes = cluster.admin().sds_list().await.unwrap_or_default();
         if nodes.len() == 2 && nodes.iter().all(|n| n.status == "ACTIVE") {
             break;
         }
@@ -47,7 +47,7 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
     assert_eq!(old.auth(primary).await, Status::BadSignature);
 
     // The new cluster works end to end.
-    let (sdc, _) = cluster.register_sdc("sdc-b").await;
+    let sdc = cluster.register_sdc("sdc-b").await.client;
     let volume_id = cluster.create_mapped_volume("after", 16 << 20, "sdc-b").await;
     let new = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     new.auth_all().await;
@@ -61,15 +61,12 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_join_key_stops_the_sds_with_a_clear_error() {
-    let cluster = Cluster::start(0).await;
+    let cluster = start_cluster(0).await;
     let mut intruder = cluster.spawn_sds_with_join_key("intruder", "not-the-join-key");
     let status = intruder.wait_exit(Duration::from_secs(30)).await.expect("the SDS gives up");
     assert!(!status.success(), "exit status {status}");
     let log = cluster.log("intruder");
     assert!(log.contains("refused"), "log says why: {log}");
-    assert!(cluster.admin.sds_list().await.unwrap().is_empty(), "nothing registered");
-    assert!(
-        !cluster.dir.path().join("intruder/cluster_secret").exists(),
-        "no secret was handed out"
-    );
+    assert!(cluster.admin().sds_list().await.unwrap().is_empty(), "nothing registered");
+    assert!(!cluster.dir().join("intruder/cluster_secret").exists(), "no secret was handed out");
 }

@@ -6,12 +6,12 @@
 //! Scale with `PFLEX_PERF_OPS` (default 2000); meaningful numbers need a
 //! release build: `cargo test --release -p sds-uring --test dataplane_perf -- --nocapture`.
 
-mod dataplane_cluster;
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dataplane_cluster::{pattern, Cluster, VolumeSession};
+use common::{pattern, start_cluster, VolumeSession};
 use pflex_proto::frame::Status;
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
@@ -87,8 +87,8 @@ where
 async fn replicated_io_latency_and_throughput() {
     let ops: usize =
         std::env::var("PFLEX_PERF_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let cluster = Cluster::start(2).await;
-    let (sdc, _) = cluster.register_sdc("sdc-perf").await;
+    let cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-perf").await.client;
     let volume_id = cluster.create_mapped_volume("perf", VOLUME_SIZE, "sdc-perf").await;
     let session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     session.auth_all().await;

@@ -3,13 +3,14 @@
 //! from an SDC that still routes by the old map once its successor has
 //! acknowledged a newer write.
 
-mod dataplane_cluster;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use dataplane_cluster::{metric_sum, pattern, Cluster, FailureDetection, VolumeSession};
+use common::{metric_sum, pattern, start_cluster_with, FailureDetection, VolumeSession};
 use pflex_proto::frame::{Op, Status};
 use pflex_proto::token::AccessMode;
+use pflex_testkit::cluster::{Component, NodeOverrides};
 use pflex_testkit::{wait_for, TcpRelay};
 
 const VOLUME_SIZE: u64 = 64 << 20;
@@ -19,14 +20,14 @@ async fn a_primary_replaced_while_cut_from_the_mdm_serves_no_stale_read() {
     // The MDM fails a silent node after 4 s; no report will come (the cut
     // node can still reach everyone but the MDM).
     let detection = FailureDetection { failed_after_secs: 4, probe_on_report: true };
-    let mut cluster = Cluster::start_with(2, detection).await;
-    let relay = TcpRelay::start(([127, 0, 0, 1], cluster.mdm_port).into()).await;
-    cluster.add_sds_via(3, &relay.url()).await;
-    let (sdc, _) = cluster.register_sdc("sdc-old-map").await;
+    let mut cluster = start_cluster_with(2, detection).await;
+    let relay = TcpRelay::start(cluster.mdm_addr()).await;
+    cluster.add_sds(NodeOverrides { mdm_url: Some(relay.url()), ..NodeOverrides::default() }).await;
+    let sdc = cluster.register_sdc("sdc-old-map").await.client;
     let volume_id = cluster.create_mapped_volume("vol1", VOLUME_SIZE, "sdc-old-map").await;
     let old = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     old.auth_all().await;
-    let cut_node = cluster.node_id(2).await;
+    let cut_node = cluster.node_id(Component::Sds(2)).await;
     let chunk = (0..64).find(|c| old.primary_of(*c) == cut_node).expect("sds3 is a primary");
 
     let x = pattern(1, 4096);
@@ -46,7 +47,7 @@ async fn a_primary_replaced_while_cut_from_the_mdm_serves_no_stale_read() {
     }
     let old_epoch = old.map.epoch;
     wait_for("the MDM to move sds3's copies", Duration::from_secs(30), || async {
-        let map = cluster.admin.placement(volume_id).await.unwrap();
+        let map = cluster.admin().placement(volume_id).await.unwrap();
         map.epoch > old_epoch && map.pg_of(chunk).unwrap().primary != cut_node
     })
     .await;
@@ -67,7 +68,7 @@ async fn a_primary_replaced_while_cut_from_the_mdm_serves_no_stale_read() {
         "stale read: the replaced primary answered {} with the data before the acknowledged write",
         status.name()
     );
-    let metrics = cluster.metrics(&cluster.sds[2]).await;
+    let metrics = cluster.metrics(cluster.sds(2)).await;
     let refused = metric_sum(&metrics, "pflex_sds_lease_failures_total");
     assert!(refused > 0, "the cut primary's leases were never refused:\n{metrics}");
     drop(relay);

@@ -3,16 +3,17 @@
 //! writing, and after a second failure the rebuilt copies serve every
 //! acknowledged byte.
 
-mod dataplane_cluster;
+mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use dataplane_cluster::{model_crc, pattern, Cluster, FailureDetection, VolumeSession};
+use common::{model_crc, pattern, start_cluster_with, FailureDetection, VolumeSession};
 use pflex_mdm_client::MdmClient;
 use pflex_proto::frame::{Op, Status};
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
+use pflex_testkit::cluster::{Cluster, Component};
 use pflex_testkit::wait_for;
 
 const CHUNK: usize = CHUNK_SIZE as usize;
@@ -58,7 +59,7 @@ async fn write_through_changes(
 
 /// Every written chunk has the model's content on both of its copies.
 async fn assert_copies_match(cluster: &Cluster, volume_id: u64, model: &BTreeMap<u64, Vec<u8>>) {
-    let map = cluster.admin.placement(volume_id).await.unwrap();
+    let map = cluster.admin().placement(volume_id).await.unwrap();
     for (chunk, content) in model {
         let pg = map.pg_of(*chunk).unwrap();
         for node_id in [pg.primary, pg.secondary] {
@@ -71,7 +72,7 @@ async fn assert_copies_match(cluster: &Cluster, volume_id: u64, model: &BTreeMap
 
 async fn wait_for_rebuilds(cluster: &Cluster, failed: u64) {
     wait_for("every rebuild job to finish", Duration::from_secs(90), || async {
-        let jobs = cluster.admin.rebuild_jobs().await.unwrap();
+        let jobs = cluster.admin().rebuild_jobs().await.unwrap();
         let ours: Vec<_> = jobs.iter().filter(|j| j.failed_sds == failed).collect();
         !ours.is_empty()
             && ours.iter().all(|j| j.state == "done" || j.state == "failed")
@@ -83,8 +84,8 @@ async fn wait_for_rebuilds(cluster: &Cluster, failed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_failure() {
     let detection = FailureDetection { failed_after_secs: 6, probe_on_report: false };
-    let mut cluster = Cluster::start_with(4, detection).await;
-    let (sdc, _) = cluster.register_sdc("sdc-rebuild").await;
+    let mut cluster = start_cluster_with(4, detection).await;
+    let sdc = cluster.register_sdc("sdc-rebuild").await.client;
     let volume_id = cluster.create_mapped_volume("rebuilt", 128 << 20, "sdc-rebuild").await;
     let mut session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     session.auth_all().await;
@@ -107,9 +108,9 @@ async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_fai
     // Kill the primary of chunk 0 and wait until its copies have moved.
     let first = session.primary_of(0);
     let first_index = cluster.sds_index(first).await;
-    cluster.kill_sds(first_index);
+    cluster.kill(Component::Sds(first_index));
     wait_for("the failed node's copies to move", Duration::from_secs(60), || async {
-        let map = cluster.admin.placement(volume_id).await.unwrap();
+        let map = cluster.admin().placement(volume_id).await.unwrap();
         map.pgs.iter().all(|pg| pg.primary != first && pg.secondary != first)
     })
     .await;
@@ -128,11 +129,10 @@ async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_fai
     assert_copies_match(&cluster, volume_id, &model).await;
     let copied: u64 = {
         let mut total = 0;
-        for i in 0..cluster.sds.len() {
+        for i in 0..cluster.sds_nodes().len() {
             if i != first_index {
-                let text = cluster.metrics(&cluster.sds[i]).await;
-                total +=
-                    dataplane_cluster::metric_sum(&text, "pflex_sds_rebuild_chunks_copied_total");
+                let text = cluster.metrics(cluster.sds(i)).await;
+                total += common::metric_sum(&text, "pflex_sds_rebuild_chunks_copied_total");
             }
         }
         total
@@ -141,17 +141,17 @@ async fn a_failed_sds_is_rebuilt_and_the_rebuilt_copies_serve_after_a_second_fai
 
     // A second node fails: the source of some rebuilt copy. The rebuilt copy
     // becomes primary and serves every acknowledged byte.
-    let jobs = cluster.admin.rebuild_jobs().await.unwrap();
+    let jobs = cluster.admin().rebuild_jobs().await.unwrap();
     let job = jobs.iter().find(|j| j.failed_sds == first && j.state == "done").unwrap();
     let second = job.source_sds;
     let second_index = cluster.sds_index(second).await;
-    cluster.kill_sds(second_index);
+    cluster.kill(Component::Sds(second_index));
     wait_for("the second node's copies to move", Duration::from_secs(60), || async {
-        let map = cluster.admin.placement(volume_id).await.unwrap();
+        let map = cluster.admin().placement(volume_id).await.unwrap();
         map.pgs.iter().all(|pg| pg.primary != second && pg.secondary != second)
     })
     .await;
-    let map = cluster.admin.placement(volume_id).await.unwrap();
+    let map = cluster.admin().placement(volume_id).await.unwrap();
     assert_eq!(map.pgs[job.pg_index as usize].primary, job.target_sds);
     let session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     session.auth_all().await;
@@ -169,8 +169,8 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
     // The failure timeout is far away: only a report confirmed by the MDM's
     // own probe can fail a node during this test.
     let detection = FailureDetection { failed_after_secs: 600, probe_on_report: true };
-    let mut cluster = Cluster::start_with(3, detection).await;
-    let (sdc, _) = cluster.register_sdc("sdc-report").await;
+    let mut cluster = start_cluster_with(3, detection).await;
+    let sdc = cluster.register_sdc("sdc-report").await.client;
     let volume_id = cluster.create_mapped_volume("reported", 64 << 20, "sdc-report").await;
     let mut session = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     session.auth_all().await;
@@ -189,7 +189,7 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
     assert_eq!(verdict.copies_replaced, 0);
     let again = sdc.report_unreachable(live).await.unwrap();
     assert_eq!(again.reachable, None, "a second report within a second is not probed");
-    assert_eq!(cluster.admin.placement(volume_id).await.unwrap().epoch, epoch);
+    assert_eq!(cluster.admin().placement(volume_id).await.unwrap().epoch, epoch);
 
     // The secondary of chunk 0 dies; the write that finds it gone fails.
     // The writes retried after it keep failing, the primary keeps reporting,
@@ -197,17 +197,17 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
     // the dead node's copies and the retried write goes through.
     let victim = session.secondary_of(0);
     let victim_index = cluster.sds_index(victim).await;
-    cluster.kill_sds(victim_index);
+    cluster.kill(Component::Sds(victim_index));
     // (It rewrites bytes already there: a failed write's outcome is undefined.)
     let same = model[&0][..4096].to_vec();
     assert_eq!(session.write(0, 0, &same).await, Status::ReplicaFailed);
     session = write_through_changes(&sdc, volume_id, session, 0, 0, &same).await;
     wait_for("the reported node's copies to move", Duration::from_secs(30), || async {
-        let map = cluster.admin.placement(volume_id).await.unwrap();
+        let map = cluster.admin().placement(volume_id).await.unwrap();
         map.pgs.iter().all(|pg| pg.primary != victim && pg.secondary != victim)
     })
     .await;
-    let status = cluster.admin.health_status().await.unwrap();
+    let status = cluster.admin().health_status().await.unwrap();
     let component = status.components.iter().find(|c| c.node_id == victim).unwrap();
     assert_eq!(component.status, "FAILED");
 
@@ -222,8 +222,8 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
 
     // The dead node comes back: it holds no copy any more, so the chunks it
     // still stores are released, and nothing else is.
-    cluster.start_sds(victim_index).await;
-    let returned = &cluster.sds[victim_index];
+    cluster.start_again(Component::Sds(victim_index)).await;
+    let returned = cluster.sds(victim_index);
     wait_for("the returned node to release its stale chunks", Duration::from_secs(30), || async {
         let mut any = false;
         for chunk in model.keys() {
@@ -233,6 +233,6 @@ async fn a_secondary_reported_unreachable_is_failed_at_once_and_rebuilt() {
     })
     .await;
     let text = cluster.metrics(returned).await;
-    assert!(dataplane_cluster::metric_sum(&text, "pflex_sds_chunks_reclaimed_total") >= 1);
+    assert!(common::metric_sum(&text, "pflex_sds_chunks_reclaimed_total") >= 1);
     assert_copies_match(&cluster, volume_id, &model).await;
 }
