@@ -7,27 +7,30 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cmd, pseudo_random, rw, Cluster, NbdClient, Options, MIB};
+use common::{cmd, pseudo_random, rw, NbdClient, Options, MIB};
 use pflex_proto::api::VolumeUnmap;
+use pflex_proto::token::AccessMode;
+use pflex_testkit::cluster::{Cluster, Component, NodeOverrides};
 
-fn volumes_json(cluster: &Cluster) -> Vec<serde_json::Value> {
-    cluster.get_json(cluster.ports.sdc_control, "/volumes").expect("GET /volumes")
+async fn volumes_json(cluster: &Cluster) -> Vec<serde_json::Value> {
+    cluster.sdc_volumes(0).await.expect("GET /volumes")
 }
 
-fn token_id(cluster: &Cluster, volume: &str) -> u64 {
+async fn token_id(cluster: &Cluster, volume: &str) -> u64 {
     volumes_json(cluster)
+        .await
         .iter()
         .find(|v| v["name"] == volume)
         .and_then(|v| v["token_id"].as_u64())
         .expect("token id")
 }
 
-#[test]
-fn short_lived_tokens_are_renewed_while_io_goes_on() {
+#[tokio::test]
+async fn short_lived_tokens_are_renewed_while_io_goes_on() {
     let options = Options { token_ttl_secs: 3, ..Options::default() };
-    let cluster = Cluster::start_with(&[rw("vol1", 64 * MIB)], options);
-    let first_token = token_id(&cluster, "vol1");
-    let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
+    let cluster = common::start_with(&[rw("vol1", 64 * MIB)], options).await;
+    let first_token = token_id(&cluster, "vol1").await;
+    let mut c = NbdClient::open(cluster.sdc(0).data_port, "vol1");
     let started = Instant::now();
     let mut round = 0u64;
     // Three token lifetimes of continuous IO, every request must succeed.
@@ -39,45 +42,46 @@ fn short_lived_tokens_are_renewed_while_io_goes_on() {
         let back = c.request(cmd::READ, offset, data.len() as u32, &[]).unwrap();
         assert!(back == data, "round {round}: read back differs");
         round += 1;
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.request(cmd::FLUSH, 0, 0, &[]).unwrap();
-    assert_ne!(token_id(&cluster, "vol1"), first_token, "the token was never renewed");
-    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    assert_ne!(token_id(&cluster, "vol1").await, first_token, "the token was never renewed");
+    let metrics = cluster.get_text(cluster.sdc(0).mgmt_port, "/metrics").await.unwrap();
     let renewals: u64 = metrics
         .lines()
         .filter_map(|l| l.strip_prefix("pflex_sdc_token_refreshes_total{"))
         .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
         .sum();
     assert!(renewals >= 2, "expected at least two renewals, metrics say {renewals}");
-    assert!(cluster.check_replicas("vol1", 0..64) > 0);
+    assert!(cluster.check_replicas("vol1", 0..64).await > 0);
 }
 
-#[test]
-fn unmapping_a_volume_revokes_it_and_removes_the_export() {
-    let cluster = Cluster::start(&[rw("vol1", 64 * MIB), rw("vol2", 64 * MIB)]);
-    let mut c1 = NbdClient::open(cluster.ports.nbd, "vol1");
-    let mut c2 = NbdClient::open(cluster.ports.nbd, "vol2");
+#[tokio::test]
+async fn unmapping_a_volume_revokes_it_and_removes_the_export() {
+    let cluster = common::start(&[rw("vol1", 64 * MIB), rw("vol2", 64 * MIB)]).await;
+    let mut c1 = NbdClient::open(cluster.sdc(0).data_port, "vol1");
+    let mut c2 = NbdClient::open(cluster.sdc(0).data_port, "vol2");
     c2.request(cmd::WRITE, 0, 4096, &[7u8; 4096]).unwrap();
     let admin = cluster.admin();
-    cluster
-        .block_on(admin.volume_unmap(&VolumeUnmap { volume: "vol2".into(), sdc: "sdc1".into() }))
+    admin
+        .volume_unmap(&VolumeUnmap { volume: "vol2".into(), sdc: "sdc1".into() })
+        .await
         .expect("unmap");
     // Within a few heartbeats the export is gone and its IO is refused.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let gone = !volumes_json(&cluster).iter().any(|v| v["name"] == "vol2");
+        let gone = !volumes_json(&cluster).await.iter().any(|v| v["name"] == "vol2");
         if gone {
             break;
         }
         assert!(Instant::now() < deadline, "vol2 still listed after unmap");
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let err = c2.request(cmd::READ, 0, 4096, &[]).expect_err("IO on an unmapped volume");
     assert_eq!(err, 5, "expected EIO");
     let list = common::run_ok(
         "nbdinfo",
-        &["--list", "--json", &format!("nbd://127.0.0.1:{}", cluster.ports.nbd)],
+        &["--list", "--json", &format!("nbd://127.0.0.1:{}", cluster.sdc(0).data_port)],
         Duration::from_secs(60),
     );
     assert!(list.contains("vol1") && !list.contains("vol2"), "{list}");
@@ -86,30 +90,30 @@ fn unmapping_a_volume_revokes_it_and_removes_the_export() {
     assert_eq!(c1.request(cmd::READ, 0, 4096, &[]).unwrap(), vec![1u8; 4096]);
 }
 
-#[test]
-fn io_resumes_after_an_sds_fails_and_the_mdm_moves_its_chunks() {
+#[tokio::test]
+async fn io_resumes_after_an_sds_fails_and_the_mdm_moves_its_chunks() {
     // Only the failure timeout fails the node here.
     let options = Options { failed_after_secs: 6, probe_on_report: false, ..Options::default() };
-    io_resumes_after_sds1_is_killed(options);
+    io_resumes_after_sds1_is_killed(options).await;
 }
 
-#[test]
-fn io_resumes_within_the_retry_budget_when_clients_report_a_dead_sds() {
+#[tokio::test]
+async fn io_resumes_within_the_retry_budget_when_clients_report_a_dead_sds() {
     // The failure timeout (120 s) is far beyond the SDC's retry budget (30 s):
     // IO resumes only because the SDC and the SDS report sds1 unreachable and
     // the MDM, finding it down too, moves its copies at once.
-    io_resumes_after_sds1_is_killed(Options::default());
+    io_resumes_after_sds1_is_killed(Options::default()).await;
 }
 
-fn io_resumes_after_sds1_is_killed(options: Options) {
-    let mut cluster = Cluster::start_with(&[rw("vol1", 32 * MIB)], options);
-    let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
+async fn io_resumes_after_sds1_is_killed(options: Options) {
+    let mut cluster = common::start_with(&[rw("vol1", 32 * MIB)], options).await;
+    let mut c = NbdClient::open(cluster.sdc(0).data_port, "vol1");
     let before = pseudo_random(1, 16 * MIB as usize);
     for (i, block) in before.chunks(MIB as usize).enumerate() {
         c.request(cmd::WRITE, i as u64 * MIB, MIB as u32, block).unwrap();
     }
-    let epoch_before = volumes_json(&cluster)[0]["epoch"].as_u64().unwrap();
-    cluster.kill("sds1");
+    let epoch_before = volumes_json(&cluster).await[0]["epoch"].as_u64().unwrap();
+    cluster.kill(Component::Sds(0));
     // Every chunk is read and rewritten: pieces whose primary was sds1 wait
     // (retrying) until the MDM promotes the surviving copy.
     for (i, block) in before.chunks(MIB as usize).enumerate() {
@@ -129,9 +133,9 @@ fn io_resumes_after_sds1_is_killed(options: Options) {
         let back = c.request(cmd::READ, i as u64 * MIB, MIB as u32, &[]).unwrap();
         assert!(back == block, "chunk {i} differs after rewriting");
     }
-    let epoch_after = volumes_json(&cluster)[0]["epoch"].as_u64().unwrap();
+    let epoch_after = volumes_json(&cluster).await[0]["epoch"].as_u64().unwrap();
     assert!(epoch_after > epoch_before, "the SDC did not pick up the new placement");
-    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    let metrics = cluster.get_text(cluster.sdc(0).mgmt_port, "/metrics").await.unwrap();
     let retries: u64 = metrics
         .lines()
         .filter_map(|l| l.strip_prefix("pflex_sdc_dataplane_retries_total{"))
@@ -140,19 +144,19 @@ fn io_resumes_after_sds1_is_killed(options: Options) {
     assert!(retries > 0, "no request was ever retried, so the failure was not exercised");
 }
 
-#[test]
-fn state_files_and_http_ports_describe_the_sdc() {
-    let cluster = Cluster::start(&[rw("vol1", 64 * MIB)]);
-    let mut c = NbdClient::open(cluster.ports.nbd, "vol1");
+#[tokio::test]
+async fn state_files_and_http_ports_describe_the_sdc() {
+    let cluster = common::start(&[rw("vol1", 64 * MIB)]).await;
+    let mut c = NbdClient::open(cluster.sdc(0).data_port, "vol1");
     c.request(cmd::WRITE, 0, 4096, &[3u8; 4096]).unwrap();
     let health: pflex_proto::api::ComponentStatus =
-        cluster.get_json(cluster.ports.sdc_mgmt, "/health").unwrap();
+        cluster.get_json(cluster.sdc(0).mgmt_port, "/health").await.unwrap();
     assert_eq!(health.component, "sdc");
     assert!(health.registered && health.node_id.is_some());
-    let v = &volumes_json(&cluster)[0];
+    let v = &volumes_json(&cluster).await[0];
     assert_eq!(v["nbd_uri"], cluster.nbd_uri("vol1"));
     assert!(v["placement_groups"].as_u64().unwrap() > 0);
-    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    let metrics = cluster.get_text(cluster.sdc(0).mgmt_port, "/metrics").await.unwrap();
     assert!(metrics.contains("pflex_sdc_nbd_requests_total{op=\"write\"} 1"), "{metrics}");
     // The periodic writer fills both SQLite files within a few seconds.
     let local = cluster.path("sdc1/sdc_local.db");
@@ -178,15 +182,18 @@ fn state_files_and_http_ports_describe_the_sdc() {
             Instant::now() < deadline,
             "state files not written (tokens {tokens}, writes {writes})"
         );
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-#[test]
-fn a_volume_mapped_to_two_sdcs_reads_back_each_others_writes() {
-    let mut cluster = Cluster::start(&[rw("shared", 64 * MIB)]);
-    let other_port = cluster.add_sdc("sdc2", "shared");
-    let mut a = NbdClient::open(cluster.ports.nbd, "shared");
+#[tokio::test]
+async fn a_volume_mapped_to_two_sdcs_reads_back_each_others_writes() {
+    let mut cluster = common::start(&[rw("shared", 64 * MIB)]).await;
+    let other = cluster.add_sdc("sdc2", NodeOverrides::default()).await;
+    cluster.map_volume("shared", "sdc2", AccessMode::ReadWrite).await;
+    cluster.wait_served(other, &["shared"]).await;
+    let other_port = cluster.sdc(other).data_port;
+    let mut a = NbdClient::open(cluster.sdc(0).data_port, "shared");
     let mut b = NbdClient::open(other_port, "shared");
     // Interleaved writes through both SDCs, each read back through the
     // other: any cached data on either side would show up as stale.
@@ -206,5 +213,5 @@ fn a_volume_mapped_to_two_sdcs_reads_back_each_others_writes() {
         );
     }
     a.request(cmd::FLUSH, 0, 0, &[]).unwrap();
-    assert!(cluster.check_replicas("shared", 0..64) > 0);
+    assert!(cluster.check_replicas("shared", 0..64).await > 0);
 }

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pseudo_random, run, run_ok, rw, Cluster, MIB};
+use common::{pseudo_random, run, run_ok, rw, MIB};
+use pflex_testkit::cluster::Cluster;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -142,8 +143,8 @@ fn read_tree(root: &Path, names: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String,
         .collect()
 }
 
-#[test]
-fn ext4_over_nbdfuse_survives_a_cluster_restart() {
+#[tokio::test]
+async fn ext4_over_nbdfuse_survives_a_cluster_restart() {
     if let Some(why) = missing_capability() {
         // Under the README's test command (`PFLEX_REQUIRE_TOOLS=1`) a missing
         // tool fails the run; a bare `cargo test` on a laptop may skip.
@@ -154,7 +155,7 @@ fn ext4_over_nbdfuse_survives_a_cluster_restart() {
         eprintln!("skipping the ext4 test: {why}");
         return;
     }
-    let mut cluster = Cluster::start(&[rw("vol1", 256 * MIB)]);
+    let mut cluster = common::start(&[rw("vol1", 256 * MIB)]).await;
     let files = file_tree();
     let mnt = cluster.path("mnt");
     {
@@ -171,7 +172,8 @@ fn ext4_over_nbdfuse_survives_a_cluster_restart() {
         a.detach();
     }
 
-    cluster.restart();
+    cluster.restart_all().await;
+    cluster.wait_served(0, &["vol1"]).await;
 
     let mut a = Attached::new(&cluster, "vol1", "second");
     let fsck = run("e2fsck", &["-fn", a.dev()], TOOL_TIMEOUT);
@@ -187,6 +189,6 @@ fn ext4_over_nbdfuse_survives_a_cluster_restart() {
         assert!(back[name] == *data, "{name} differs after the restart");
     }
     a.detach();
-    let allocated = cluster.check_replicas("vol1", 0..256);
+    let allocated = cluster.check_replicas("vol1", 0..256).await;
     assert!(allocated > 10, "only {allocated} chunks hold data");
 }

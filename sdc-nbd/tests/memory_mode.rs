@@ -5,7 +5,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin_dir, free_port, run_ok};
+use common::run_ok;
+use pflex_testkit::free_port;
 
 struct Killed(std::process::Child);
 
@@ -19,7 +20,7 @@ impl Drop for Killed {
 #[test]
 fn memory_exports_serve_real_clients_without_a_cluster() {
     let port = free_port();
-    let child = Command::new(bin_dir().join("sdc"))
+    let child = Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
         .args(["--memory-export", "scratch:64M", "--memory-export", "tiny:1M"])
         .arg("--nbd-listen")
         .arg(format!("127.0.0.1:{port}"))

@@ -7,17 +7,18 @@ mod common;
 use std::io::Write as _;
 use std::time::Duration;
 
-use common::{pseudo_random, run, run_ok, rw, Cluster, VolumeSpec, MIB};
+use common::{pseudo_random, run, run_ok, rw, VolumeSpec, MIB};
 use pflex_proto::token::AccessMode;
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[test]
-fn nbdinfo_reports_size_flags_and_every_mapped_volume() {
-    let cluster = Cluster::start(&[
+#[tokio::test]
+async fn nbdinfo_reports_size_flags_and_every_mapped_volume() {
+    let cluster = common::start(&[
         rw("vol1", 3 * 1024 * MIB),
         VolumeSpec { name: "archive", size: 256 * MIB, mode: AccessMode::ReadOnly },
-    ]);
+    ])
+    .await;
     let out = run_ok("nbdinfo", &["--json", &cluster.nbd_uri("vol1")], TOOL_TIMEOUT);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     let e = &json["exports"][0];
@@ -46,7 +47,7 @@ fn nbdinfo_reports_size_flags_and_every_mapped_volume() {
     assert_eq!(json["exports"][0]["is_read_only"], true, "{out}");
     assert_eq!(json["exports"][0]["export-size"], 256 * MIB);
 
-    let list_uri = format!("nbd://127.0.0.1:{}", cluster.ports.nbd);
+    let list_uri = format!("nbd://127.0.0.1:{}", cluster.sdc(0).data_port);
     let out = run_ok("nbdinfo", &["--list", "--json", &list_uri], TOOL_TIMEOUT);
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut names: Vec<&str> = json["exports"]
@@ -63,9 +64,9 @@ fn nbdinfo_reports_size_flags_and_every_mapped_volume() {
     assert!(out.contains("hole,zero") && !out.contains("data"), "{out}");
 }
 
-#[test]
-fn qemu_io_patterns_unaligned_and_across_chunks_read_back_exactly() {
-    let cluster = Cluster::start(&[rw("vol1", 64 * MIB)]);
+#[tokio::test]
+async fn qemu_io_patterns_unaligned_and_across_chunks_read_back_exactly() {
+    let cluster = common::start(&[rw("vol1", 64 * MIB)]).await;
     let uri = cluster.nbd_uri("vol1");
     let commands = [
         // Unaligned, across the first chunk boundary.
@@ -115,7 +116,7 @@ fn qemu_io_patterns_unaligned_and_across_chunks_read_back_exactly() {
         "{text}"
     );
 
-    let allocated = cluster.check_replicas("vol1", 0..64);
+    let allocated = cluster.check_replicas("vol1", 0..64).await;
     assert!(allocated >= 5, "only {allocated} chunks hold data");
 
     // Block status: written chunks are data, never-written (and discarded) ones holes.
@@ -139,9 +140,9 @@ fn qemu_io_patterns_unaligned_and_across_chunks_read_back_exactly() {
     assert_eq!(total, 64 * MIB);
 }
 
-#[test]
-fn nbdcopy_with_four_connections_copies_64_mib_both_ways() {
-    let cluster = Cluster::start(&[rw("vol1", 128 * MIB)]);
+#[tokio::test]
+async fn nbdcopy_with_four_connections_copies_64_mib_both_ways() {
+    let cluster = common::start(&[rw("vol1", 128 * MIB)]).await;
     let uri = cluster.nbd_uri("vol1");
     let src = cluster.path("src.img");
     let back = cluster.path("back.img");
@@ -154,12 +155,12 @@ fn nbdcopy_with_four_connections_copies_64_mib_both_ways() {
     assert_eq!(copied.len() as u64, 128 * MIB);
     assert!(copied[..data.len()] == data[..], "64 MiB read back differs from what was written");
     assert!(copied[data.len()..].iter().all(|&b| b == 0), "tail beyond the copy is not zero");
-    assert_eq!(cluster.check_replicas("vol1", 0..128), 64);
+    assert_eq!(cluster.check_replicas("vol1", 0..128).await, 64);
 }
 
-#[test]
-fn fio_random_writes_of_mixed_sizes_verify_at_queue_depth_32() {
-    let cluster = Cluster::start(&[rw("vol1", 256 * MIB)]);
+#[tokio::test]
+async fn fio_random_writes_of_mixed_sizes_verify_at_queue_depth_32() {
+    let cluster = common::start(&[rw("vol1", 256 * MIB)]).await;
     let uri = cluster.nbd_uri("vol1");
     let uri_arg = format!("--uri={uri}");
     let out = run_ok(
@@ -187,5 +188,5 @@ fn fio_random_writes_of_mixed_sizes_verify_at_queue_depth_32() {
     assert_eq!(job["error"], 0, "{out}");
     assert!(job["write"]["io_bytes"].as_u64().unwrap() > 0);
     assert!(job["read"]["io_bytes"].as_u64().unwrap() > 0, "fio verified nothing");
-    assert!(cluster.check_replicas("vol1", 0..256) > 0);
+    assert!(cluster.check_replicas("vol1", 0..256).await > 0);
 }

@@ -7,7 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{cmd, pseudo_random, run_ok, rw, Cluster, NbdClient as Client, MIB};
+use common::{cmd, pseudo_random, run_ok, rw, NbdClient as Client, MIB};
+use pflex_testkit::cluster::Component;
 
 const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
 
@@ -20,10 +21,10 @@ fn send_and_close(port: u16, bytes: &[u8]) {
     }
 }
 
-#[test]
-fn garbage_and_truncated_streams_close_only_their_own_connection() {
-    let mut cluster = Cluster::start(&[rw("vol1", 64 * MIB)]);
-    let port = cluster.ports.nbd;
+#[tokio::test]
+async fn garbage_and_truncated_streams_close_only_their_own_connection() {
+    let mut cluster = common::start(&[rw("vol1", 64 * MIB)]).await;
+    let port = cluster.sdc(0).data_port;
     let mut good = Client::open(port, "vol1");
     let block = pseudo_random(7, 8192);
     good.request(cmd::WRITE, MIB - 4096, 8192, &block).unwrap();
@@ -69,7 +70,7 @@ fn garbage_and_truncated_streams_close_only_their_own_connection() {
     let _ = c.s.write_all(&w);
     drop(c);
 
-    assert!(cluster.sdc_alive(), "the SDC died\n{}", cluster.log_tails());
+    assert!(cluster.is_running(Component::Sdc(0)), "the SDC died\n{}", cluster.log_tails());
     // The connection opened before all this still serves IO.
     let back = good.request(cmd::READ, MIB - 4096, 8192, &[]).unwrap();
     assert!(back == block, "data read back on the surviving connection differs");
@@ -77,7 +78,7 @@ fn garbage_and_truncated_streams_close_only_their_own_connection() {
     // New clients are still served.
     let out = run_ok("nbdinfo", &["--size", &cluster.nbd_uri("vol1")], Duration::from_secs(60));
     assert_eq!(out.trim(), (64 * MIB).to_string());
-    let metrics = cluster.get_text(cluster.ports.sdc_mgmt, "/metrics").unwrap();
+    let metrics = cluster.get_text(cluster.sdc(0).mgmt_port, "/metrics").await.unwrap();
     let failed: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("pflex_sdc_nbd_handshakes_failed_total "))
