@@ -15,7 +15,7 @@
 //!   removed when the cluster drops;
 //! - readiness is polled over HTTP (the MDM's `/health/status` with the admin
 //!   token it wrote; an SDS's `/health` saying registered and ACTIVE; an
-//!   SDC's saying registered; the dashboard's `/health`), never slept for. A
+//!   SDC's or the dashboard's saying registered), never slept for. A
 //!   component that exits while awaited fails the test at once, with its log;
 //! - every process is killed by its own PID when the cluster drops, pass or
 //!   fail (never by name or pattern); when a test fails, the tail of every
@@ -136,10 +136,12 @@ struct Mdm {
     process: Option<ProcessGuard>,
 }
 
-/// The dashboard process.
+/// The dashboard process, and how to start it (again).
 struct Mgmt {
     port: u16,
     dir: PathBuf,
+    mdm_url: String,
+    flags: Vec<String>,
     process: Option<ProcessGuard>,
 }
 
@@ -190,8 +192,7 @@ impl Cluster {
             cluster.define_sdc(&name, NodeOverrides::default());
         }
         if cluster.spec.mgmt {
-            let dir = cluster.path("mgmt");
-            cluster.mgmt = Some(Mgmt { port: free_port(), dir, process: None });
+            cluster.define_mgmt(NodeOverrides::default());
         }
         cluster.start_all_again().await;
         cluster
@@ -271,7 +272,12 @@ impl Cluster {
         format!("nbd://127.0.0.1:{}/{volume}", self.sdc[0].data_port)
     }
 
-    /// The dashboard's base URL, if it was started.
+    /// The dashboard's data directory, if it has one.
+    pub fn mgmt_dir(&self) -> Option<&Path> {
+        self.mgmt.as_ref().map(|m| m.dir.as_path())
+    }
+
+    /// The dashboard's base URL, if the cluster has one.
     pub fn mgmt_url(&self) -> Option<String> {
         self.mgmt.as_ref().map(|m| format!("http://127.0.0.1:{}", m.port))
     }
@@ -292,6 +298,13 @@ impl Cluster {
         let i = self.define_sdc(name, overrides);
         self.start_again(Component::Sdc(i)).await;
         i
+    }
+
+    /// Adds the dashboard (the spec asked for none) and waits until it is
+    /// registered.
+    pub async fn add_mgmt(&mut self, overrides: NodeOverrides) {
+        self.define_mgmt(overrides);
+        self.start_again(Component::Mgmt).await;
     }
 
     /// Starts an extra `sds` named `name` with `join_key` (not waited for,
@@ -337,6 +350,17 @@ impl Cluster {
         let node = self.node(Role::Sdc, name, overrides.mdm_url, overrides.flags);
         self.sdc.push(node);
         self.sdc.len() - 1
+    }
+
+    fn define_mgmt(&mut self, overrides: NodeOverrides) {
+        assert!(self.mgmt.is_none(), "the cluster has a dashboard already");
+        self.mgmt = Some(Mgmt {
+            port: free_port(),
+            dir: self.path("mgmt"),
+            mdm_url: overrides.mdm_url.unwrap_or_else(|| self.mdm_url()),
+            flags: overrides.flags,
+            process: None,
+        });
     }
 
     fn node(&self, role: Role, name: &str, mdm_url: Option<String>, flags: Vec<String>) -> Node {
@@ -495,8 +519,8 @@ impl Cluster {
             Component::Mgmt => {
                 let mgmt = self.mgmt.as_ref().expect("the cluster has a dashboard");
                 let listen = format!("127.0.0.1:{}", mgmt.port);
-                let args = pflex_launch::mgmt_args(&self.mdm_url(), &join_key, &mgmt.dir, &listen);
-                (workspace_binary("mgmt", "mgmt"), args)
+                let args = pflex_launch::mgmt_args(&mgmt.mdm_url, &join_key, &mgmt.dir, &listen);
+                (workspace_binary("mgmt", "mgmt"), with_flags(args, &mgmt.flags))
             }
         }
     }
@@ -570,9 +594,8 @@ impl Cluster {
                 self.node_status(self.sdc[i].mgmt_port).await.is_some_and(|s| s.registered)
             }
             Component::Mgmt => {
-                let url = format!("{}/health", self.mgmt_url().unwrap());
-                let reply = self.http.get(url).timeout(Duration::from_secs(2)).send().await;
-                matches!(reply, Ok(r) if r.status().is_success())
+                let port = self.mgmt.as_ref().expect("the cluster has a dashboard").port;
+                self.node_status(port).await.is_some_and(|s| s.registered)
             }
         }
     }
