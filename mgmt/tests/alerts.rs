@@ -1,20 +1,10 @@
 //! The dashboard against a real MDM: it registers, logs users in, raises an
 //! alert when an SDS stops heartbeating and resolves it when the SDS is back.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pflex_testkit::{free_port, spawn_logged, workspace_binary, ProcessGuard};
+use pflex_testkit::cluster::{Cluster, ClusterSpec, MdmOptions, NodeOverrides, JOIN_KEY};
 use serde_json::{json, Value};
-
-fn mdm_binary() -> PathBuf {
-    workspace_binary("mdm", "mdm")
-}
-
-fn spawn(program: &Path, args: &[String], log: &Path) -> ProcessGuard {
-    let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    spawn_logged(&name, program, args, log)
-}
 
 /// Polls `probe` every 200 ms for at most 30 s.
 async fn eventually<F, Fut>(what: &str, mut probe: F) -> Value
@@ -45,50 +35,21 @@ fn stale_alert(alerts: &Value, name: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_sds_raises_an_alert_that_resolves_when_it_heartbeats_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let join_key_file = dir.path().join("join_key");
-    std::fs::write(&join_key_file, "test-join-key\n").unwrap();
-    let (mdm_port, mgmt_port) = (free_port(), free_port());
-    let mdm_url = format!("http://127.0.0.1:{mdm_port}");
-    let mgmt_url = format!("http://127.0.0.1:{mgmt_port}");
-    let mdm_dir = dir.path().join("mdm");
-    let _mdm = spawn(
-        &mdm_binary(),
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{mdm_port}"),
-            "--data-dir".into(),
-            mdm_dir.display().to_string(),
-            "--join-key-file".into(),
-            join_key_file.display().to_string(),
-            "--heartbeat-interval-secs".into(),
-            "1".into(),
-            "--stale-after-secs".into(),
-            "2".into(),
-            "--failed-after-secs".into(),
-            "600".into(),
-        ],
-        &dir.path().join("mdm.log"),
-    );
+    let mdm = MdmOptions {
+        stale_after_secs: Some(2),
+        failed_after_secs: Some(600),
+        ..MdmOptions::default()
+    };
+    let mut cluster = Cluster::start(ClusterSpec { mdm, ..ClusterSpec::default() }).await;
+    let mdm_url = cluster.mdm_url();
     let http =
         reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let admin = eventually("the MDM", || {
-        let (http, url, token_file) =
-            (http.clone(), format!("{mdm_url}/health/status"), mdm_dir.join("admin_token"));
-        async move {
-            let token = std::fs::read_to_string(token_file).ok()?.trim().to_string();
-            let ok = http.get(url).bearer_auth(&token).send().await.ok()?.status().is_success();
-            ok.then_some(Value::String(token))
-        }
-    })
-    .await;
-    assert!(admin.is_string());
 
     // A storage node registers (exactly as a real SDS does), heartbeats once, then goes quiet.
     let reg: Value = http
         .post(format!("{mdm_url}/discovery/register"))
         .json(&json!({
-            "join_key": "test-join-key", "node_type": "SDS", "name": "sds-quiet",
+            "join_key": JOIN_KEY, "node_type": "SDS", "name": "sds-quiet",
             "host": "127.0.0.1", "control_port": 1, "mgmt_port": 1, "data_port": 1,
             "devices": [{"path": "/dev/null", "capacity_bytes": 1u64 << 30}]
         }))
@@ -116,31 +77,11 @@ async fn stale_sds_raises_an_alert_that_resolves_when_it_heartbeats_again() {
     };
     heartbeat().await;
 
-    let mgmt_dir = dir.path().join("mgmt");
-    let _mgmt = spawn(
-        &PathBuf::from(env!("CARGO_BIN_EXE_mgmt")),
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{mgmt_port}"),
-            "--mdm".into(),
-            mdm_url.clone(),
-            "--join-key-file".into(),
-            join_key_file.display().to_string(),
-            "--data-dir".into(),
-            mgmt_dir.display().to_string(),
-            "--poll-interval-secs".into(),
-            "1".into(),
-        ],
-        &dir.path().join("mgmt.log"),
-    );
-    eventually("the dashboard to register", || {
-        let (http, url) = (http.clone(), format!("{mgmt_url}/health"));
-        async move {
-            let v: Value = http.get(url).send().await.ok()?.json().await.ok()?;
-            (v["registered"] == true).then_some(v)
-        }
-    })
-    .await;
+    // The dashboard, once registered.
+    let poll_fast = ["--poll-interval-secs", "1"].map(String::from).to_vec();
+    cluster.add_mgmt(NodeOverrides { flags: poll_fast, ..NodeOverrides::default() }).await;
+    let mgmt_url = cluster.mgmt_url().unwrap();
+    let mgmt_dir = cluster.mgmt_dir().unwrap();
 
     // Logging in: a wrong password is refused, the real one gives a session cookie.
     let r = http.get(format!("{mgmt_url}/")).send().await.unwrap();
