@@ -44,6 +44,13 @@ pub struct MdmConfig {
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub failed_after_secs: u64,
 
+    /// How long a PG whose copy was lost with a FAILED SDS runs degraded (on
+    /// its other copy, which logs what it writes) waiting for that SDS to
+    /// come back and be resynced with only those chunks, before the copy is
+    /// rebuilt in full elsewhere. 0: rebuild elsewhere at once.
+    #[arg(long, default_value_t = 0)]
+    pub resync_window_secs: u64,
+
     /// Act on unreachable-SDS reports from peers and clients: probe the
     /// SDS's data port and, if it is down too, declare it FAILED at once.
     /// With `false`, only the failure timeout fails a node.

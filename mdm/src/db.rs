@@ -196,6 +196,16 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sds_devices ADD COLUMN failed_reason TEXT;
     "#,
+    // 6: degraded PGs (one copy out of the set, waiting to be resynced: it
+    // stays in `secondary_sds`, the foreign key, and `absent_sds` names it
+    // while the PG is degraded) and the kind of a copy job (a full rebuild
+    // or a resync).
+    r#"
+    ALTER TABLE placement_groups ADD COLUMN absent_sds INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE placement_groups ADD COLUMN absent_since INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE rebuild_jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rebuild'
+        CHECK (kind IN ('rebuild', 'resync'));
+    "#,
 ];
 
 /// Schema version this build writes.

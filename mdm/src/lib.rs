@@ -124,6 +124,7 @@ pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartErro
         token_ttl_secs: config.token_ttl_secs,
         probe_on_report: config.probe_on_report,
         unreachable_grace_secs: config.unreachable_grace_secs,
+        resync_window_secs: config.resync_window_secs,
     };
     Ok(Prepared { state: Arc::new(AppState::new(conn, settings, secret, join_key, &admin_token)) })
 }

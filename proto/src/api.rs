@@ -219,6 +219,30 @@ pub struct RebuildAssignment {
     /// Placement epoch that made this assignment; the source copies under
     /// this map or a newer one.
     pub epoch: u64,
+    /// A full rebuild (every chunk of the PG) or a resync (only the chunks
+    /// the source logged while the target was away).
+    #[serde(default)]
+    pub kind: CopyKind,
+}
+
+/// What a rebuild job copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyKind {
+    /// Every chunk of the PG, to a node that had none of them.
+    #[default]
+    Rebuild,
+    /// The chunks written while the target's copy was out of the set.
+    Resync,
+}
+
+impl CopyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyKind::Rebuild => "rebuild",
+            CopyKind::Resync => "resync",
+        }
+    }
 }
 
 /// `POST /rebuild/complete`: the source copied every chunk and the target
@@ -245,6 +269,8 @@ pub struct RebuildJob {
     pub target_sds: u64,
     /// pending, running, done or failed (superseded by a later change).
     pub state: String,
+    #[serde(default)]
+    pub kind: CopyKind,
     pub chunks_copied: u64,
     pub created_at: u64,
     pub updated_at: u64,

@@ -29,7 +29,17 @@ pub struct SdsEndpoint {
 #[serde(deny_unknown_fields)]
 pub struct PlacementGroup {
     pub primary: u64,
+    /// 0 while the PG is degraded (one copy).
     pub secondary: u64,
+    /// While degraded: the node whose copy was taken out of the set and may
+    /// come back to be resynced (it keeps its chunks of the PG meanwhile);
+    /// 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub absent: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What the SDC (and the SDS) need to route a volume's IO.
@@ -80,8 +90,8 @@ mod tests {
             epoch: 1,
             mapping_gen: 1,
             pgs: vec![
-                PlacementGroup { primary: 1, secondary: 2 },
-                PlacementGroup { primary: 2, secondary: 3 },
+                PlacementGroup { primary: 1, secondary: 2, absent: 0 },
+                PlacementGroup { primary: 2, secondary: 3, absent: 0 },
             ],
             nodes: vec![],
         };

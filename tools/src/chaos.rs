@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pflex_mdm_client::MdmClient;
+use pflex_proto::api::CopyKind;
 use serde::Serialize;
 
 use crate::lab::{self, wait_until, LabUp};
@@ -116,6 +117,12 @@ pub struct ChaosReport {
     /// writer stopped).
     pub recovery_ms: u64,
     pub chunks_compared: u64,
+    /// Copy jobs the MDM ran for the fault: resyncs of a copy that came
+    /// back (only the chunks written meanwhile) and full rebuilds elsewhere.
+    pub resync_jobs: u64,
+    pub resync_chunks: u64,
+    pub rebuild_jobs: u64,
+    pub rebuild_chunks: u64,
     pub passed: bool,
 }
 
@@ -130,7 +137,7 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
             let report = run_one(&run_dir, scenario, qd, &args).await?;
             if !args.json {
                 println!(
-                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  {}",
+                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  resync {}/{}  rebuild {}/{}  {}",
                     report.scenario,
                     report.qd,
                     report.acknowledged,
@@ -140,6 +147,10 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
                     report.torn,
                     report.longest_stall_ms,
                     report.recovery_ms,
+                    report.resync_chunks,
+                    report.resync_jobs,
+                    report.rebuild_chunks,
+                    report.rebuild_jobs,
                     if report.passed { "ok" } else { "FAILED" }
                 );
             }
@@ -173,7 +184,12 @@ pub async fn run_one(
         device_size: 1 << 30,
         volume_size: 256 << 20,
         heartbeat_interval_secs: 1,
-        failure_timeout_secs: if scenario == Scenario::CutPrimaryFromMdm { 5 } else { 120 },
+        // Short where the scenario needs copies rebuilt elsewhere; long
+        // elsewhere, so a node that comes back is resynced.
+        failure_timeout_secs: match scenario {
+            Scenario::CutPrimaryFromMdm | Scenario::TwoFailures => 5,
+            _ => 120,
+        },
         // The MDM outage covers a token renewal (due at a third of the
         // lifetime) and ends before expiry: IO must go on through a failed
         // renewal, then renew once the MDM is back.
@@ -360,6 +376,16 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
     })?;
     let chunks = recover(&mdm, &layout).await;
     let recovery_ms = healthy.await?.as_millis() as u64;
+    let jobs = mdm.rebuild_jobs().await.unwrap_or_default();
+    let done = |kind: CopyKind| jobs.iter().filter(move |j| j.kind == kind && j.state == "done");
+    let (resync_jobs, resync_chunks) = (
+        done(CopyKind::Resync).count() as u64,
+        done(CopyKind::Resync).map(|j| j.chunks_copied).sum(),
+    );
+    let (rebuild_jobs, rebuild_chunks) = (
+        done(CopyKind::Rebuild).count() as u64,
+        done(CopyKind::Rebuild).map(|j| j.chunks_copied).sum(),
+    );
     let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let (lost, stale, torn, unexpected) =
         (n(&check, "lost"), n(&check, "stale"), n(&check, "torn"), n(&check, "unexpected"));
@@ -379,6 +405,10 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         longest_stall_ms: n(&write, "longest_stall_ms").max(n(&check, "longest_stall_ms")),
         recovery_ms,
         chunks_compared,
+        resync_jobs,
+        resync_chunks,
+        rebuild_jobs,
+        rebuild_chunks,
         passed: lost + stale + torn + unexpected == 0
             // A failed device is the one fault a client never sees: its
             // copies are served from the other node.

@@ -568,6 +568,10 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         (args.failure_timeout_secs / 2).max(1).to_string(),
         "--token-ttl-secs".into(),
         args.token_ttl_secs.to_string(),
+        // A copy lost with a FAILED node waits that long to come back and be
+        // resynced before it is rebuilt elsewhere.
+        "--resync-window-secs".into(),
+        args.failure_timeout_secs.to_string(),
     ]);
     start_on(dir, layout, "mdm", &up::binary(&bins, "mdm")?, mdm_args)?;
     let token_path = mdm_dir.join("admin_token");

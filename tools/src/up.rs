@@ -546,7 +546,10 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         // MDM.
         let mdm_dir = dir.join("mdm");
         std::fs::create_dir_all(&mdm_dir)?;
-        let mdm_args = mdm_args(&format!("127.0.0.1:{}", args.mdm_port), &mdm_dir, &jk, &hb);
+        let mut mdm_args = mdm_args(&format!("127.0.0.1:{}", args.mdm_port), &mdm_dir, &jk, &hb);
+        // An SDS back within the failure timeout (the MDM's default, 120 s)
+        // is resynced with what it missed instead of rebuilt elsewhere.
+        mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
         cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
         let token_path = mdm_dir.join("admin_token");
         let mut admin = String::new();

@@ -68,7 +68,8 @@ pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, Md
         .collect();
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut stmt = conn.prepare(
-        "SELECT v.id, v.size_bytes, p.pg_index, p.primary_sds, p.secondary_sds,
+        "SELECT v.id, v.size_bytes, p.pg_index, p.primary_sds,
+                CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END,
                 (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
          FROM placement_groups p JOIN volumes v ON v.id = p.volume_id",
     )?;
@@ -190,6 +191,10 @@ pub struct MonitorReport {
     /// PGs left unavailable because their only live copy was still being
     /// rebuilt.
     pub unrebuilt_survivors: u64,
+    /// PGs that went degraded (their lost copy may come back and be resynced).
+    pub pgs_degraded: u64,
+    /// Degraded PGs whose absent copy came back (a resync job each).
+    pub pgs_resynced: u64,
 }
 
 /// Periodic pass: moves the copies of FAILED SDS nodes as `replace` allows
@@ -200,7 +205,11 @@ pub fn monitor_tick(
     ctx: &Ctx,
     replace: Replace,
 ) -> Result<MonitorReport, MdmError> {
-    let report = replace_copies(conn, ctx, replace)?;
+    let mut report = replace_copies(conn, ctx, replace)?;
+    let resolved = resolve_degraded(conn, ctx, replace)?;
+    report.copies_replaced += resolved.copies_replaced;
+    report.volumes_replaced += resolved.volumes_replaced;
+    report.pgs_resynced += resolved.pgs_resynced;
     let summary = cluster_summary(conn, ctx)?;
     let sds_active = nodes(conn, Some(NodeType::Sds))?
         .iter()
@@ -250,7 +259,9 @@ fn replace_copies(
                 Replace::EveryFailedNode => true,
                 Replace::Only(node) => pg.primary == node || pg.secondary == node,
             };
-            moving && failed(pg.primary) != failed(pg.secondary)
+            // A degraded PG has lost one copy already; nothing can replace
+            // the other if it fails too.
+            moving && pg.secondary != 0 && failed(pg.primary) != failed(pg.secondary)
         })
         .map(|pg| {
             let (survivor, lost) = if failed(pg.primary) {
@@ -261,7 +272,125 @@ fn replace_copies(
             LostCopy { pg, survivor, lost }
         })
         .collect();
-    move_lost_copies(conn, ctx, lost)
+    if ctx.settings.resync_window_secs == 0 {
+        return move_lost_copies(conn, ctx, lost);
+    }
+    degrade(conn, ctx, lost)
+}
+
+/// Takes each lost copy out of its PG, which goes on degraded on the
+/// survivor (now primary; it logs the chunks it writes) until the lost node
+/// comes back to be resynced or the resync window closes (see
+/// [`resolve_degraded`]). A copy that was itself still being rebuilt has no
+/// complete data to come back with: it is rebuilt elsewhere at once.
+fn degrade(
+    conn: &Connection,
+    ctx: &Ctx,
+    lost_copies: Vec<LostCopy>,
+) -> Result<MonitorReport, MdmError> {
+    let rebuilding = super::rebuild::unfinished_targets(conn)?;
+    let mut report = MonitorReport::default();
+    let mut rebuild_now = Vec::new();
+    let mut changed_volumes = std::collections::BTreeSet::new();
+    for copy in lost_copies {
+        let key = (copy.pg.volume_id, copy.pg.index);
+        match rebuilding.get(&key) {
+            Some(&target) if target == copy.survivor => {
+                // The survivor has missed data itself: the PG is unavailable
+                // until the lost copy comes back.
+                report.unrebuilt_survivors += 1;
+                continue;
+            }
+            Some(_) => {
+                rebuild_now.push(copy);
+                continue;
+            }
+            None => {}
+        }
+        conn.execute(
+            "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, absent_sds = ?4,
+                    absent_since = ?5
+             WHERE volume_id = ?1 AND pg_index = ?2",
+            params![key.0, key.1, copy.survivor, copy.lost, ctx.now],
+        )?;
+        report.pgs_degraded += 1;
+        changed_volumes.insert(key.0);
+    }
+    for volume_id in &changed_volumes {
+        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+    }
+    let moved = move_lost_copies(conn, ctx, rebuild_now)?;
+    report.copies_replaced = moved.copies_replaced;
+    report.unrebuilt_survivors += moved.unrebuilt_survivors;
+    report.volumes_replaced = moved.volumes_replaced + changed_volumes.len() as u64;
+    Ok(report)
+}
+
+/// Ends degraded states: a PG whose absent copy's node is ACTIVE again
+/// takes it back as secondary with a resync job (the primary copies the
+/// chunks it logged meanwhile; until that is done the node is never
+/// promoted); a PG whose resync window has closed gets a new secondary and a
+/// full rebuild (only when `replace` allows moves).
+fn resolve_degraded(
+    conn: &Connection,
+    ctx: &Ctx,
+    replace: Replace,
+) -> Result<MonitorReport, MdmError> {
+    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
+        .into_iter()
+        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
+        .collect();
+    let degraded: Vec<(u64, u64, u64, u64, u64)> = conn
+        .prepare(
+            "SELECT volume_id, pg_index, primary_sds, absent_sds, absent_since
+             FROM placement_groups WHERE absent_sds != 0",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut report = MonitorReport::default();
+    let mut changed_volumes = std::collections::BTreeSet::new();
+    let mut expired = Vec::new();
+    for (volume_id, index, primary, absent, since) in degraded {
+        if status.get(&absent) == Some(&"ACTIVE") && status.get(&primary) == Some(&"ACTIVE") {
+            conn.execute(
+                "UPDATE placement_groups SET secondary_sds = ?3, absent_sds = 0, absent_since = 0
+                 WHERE volume_id = ?1 AND pg_index = ?2",
+                params![volume_id, index, absent],
+            )?;
+            conn.execute(
+                "INSERT INTO rebuild_jobs (volume_id, pg_index, failed_sds, source_sds, target_sds,
+                                           state, kind, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?3, 'pending', 'resync', ?5, ?5)",
+                params![volume_id, index, absent, primary, ctx.now],
+            )?;
+            report.pgs_resynced += 1;
+            changed_volumes.insert(volume_id);
+        } else if ctx.now >= since + ctx.settings.resync_window_secs
+            && !matches!(replace, Replace::Nothing)
+        {
+            expired.push((volume_id, index, absent));
+        }
+    }
+    for volume_id in &changed_volumes {
+        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+    }
+    report.volumes_replaced = changed_volumes.len() as u64;
+    if !expired.is_empty() {
+        let rows = pg_rows(conn)?;
+        let lost: Vec<LostCopy> = expired
+            .into_iter()
+            .filter_map(|(volume_id, index, absent)| {
+                let pg = rows.iter().find(|p| p.volume_id == volume_id && p.index == index)?;
+                let survivor = pg.primary;
+                Some(LostCopy { pg: pg.clone(), survivor, lost: absent })
+            })
+            .collect();
+        let moved = move_lost_copies(conn, ctx, lost)?;
+        report.copies_replaced += moved.copies_replaced;
+        report.unrebuilt_survivors += moved.unrebuilt_survivors;
+        report.volumes_replaced += moved.volumes_replaced;
+    }
+    Ok(report)
 }
 
 /// Re-places the copies SDS `node` lost with a failed device: each listed
@@ -300,7 +429,9 @@ fn failed_nodes(conn: &Connection, ctx: &Ctx) -> Result<impl Fn(u64) -> bool, Md
     Ok(move |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED")
 }
 
-/// One PG of a volume, with its copies and the bytes it holds.
+/// One PG of a volume, with its copies and the bytes it holds (`secondary`
+/// is 0 while the PG is degraded).
+#[derive(Clone)]
 struct PgRow {
     volume_id: u64,
     pool_id: u64,
@@ -313,7 +444,8 @@ struct PgRow {
 fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
     let rows = conn
         .prepare(
-            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds, p.secondary_sds, v.size_bytes,
+            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds,
+                    CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END, v.size_bytes,
                     (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
              FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
         )?
@@ -388,7 +520,9 @@ fn move_lost_copies(
             c.placed_bytes += bytes;
         }
         conn.execute(
-            "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4 WHERE volume_id = ?1 AND pg_index = ?2",
+            "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, absent_sds = 0,
+                    absent_since = 0
+             WHERE volume_id = ?1 AND pg_index = ?2",
             params![volume_id, index, survivor, target],
         )?;
         // An older job for this PG copied to a node that is no longer its

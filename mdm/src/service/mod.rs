@@ -59,6 +59,8 @@ pub struct Settings {
     pub token_ttl_secs: u64,
     pub probe_on_report: bool,
     pub unreachable_grace_secs: u64,
+    /// See `--resync-window-secs`.
+    pub resync_window_secs: u64,
 }
 
 /// What every operation may need besides the database.

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use pflex_proto::api::{RebuildAssignment, RebuildComplete, RebuildJob};
+use pflex_proto::api::{CopyKind, RebuildAssignment, RebuildComplete, RebuildJob};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::MdmError;
@@ -41,7 +41,7 @@ pub(super) fn assignments(
     )?;
     let jobs = conn
         .prepare(
-            "SELECT j.id, j.volume_id, j.pg_index, j.target_sds, v.epoch
+            "SELECT j.id, j.volume_id, j.pg_index, j.target_sds, v.epoch, j.kind
              FROM rebuild_jobs j JOIN volumes v ON v.id = j.volume_id
              WHERE j.source_sds = ?1 AND j.state = 'running' ORDER BY j.id",
         )?
@@ -52,6 +52,7 @@ pub(super) fn assignments(
                 pg_index: r.get(2)?,
                 target_sds: r.get(3)?,
                 epoch: r.get(4)?,
+                kind: copy_kind(&r.get::<_, String>(5)?),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -133,7 +134,7 @@ pub fn rebuild_jobs(conn: &Connection) -> Result<Vec<RebuildJob>, MdmError> {
 
 const JOB_COLUMNS: &str =
     "SELECT id, volume_id, pg_index, failed_sds, source_sds, target_sds, state,
-        chunks_copied, created_at, updated_at FROM rebuild_jobs";
+        chunks_copied, created_at, updated_at, kind FROM rebuild_jobs";
 
 fn job(conn: &Connection, job_id: u64) -> Result<Option<RebuildJob>, MdmError> {
     Ok(conn.query_row(&format!("{JOB_COLUMNS} WHERE id = ?1"), [job_id], job_row).optional()?)
@@ -151,5 +152,14 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RebuildJob> {
         chunks_copied: r.get(7)?,
         created_at: r.get(8)?,
         updated_at: r.get(9)?,
+        kind: copy_kind(&r.get::<_, String>(10)?),
     })
+}
+
+fn copy_kind(s: &str) -> CopyKind {
+    if s == CopyKind::Resync.as_str() {
+        CopyKind::Resync
+    } else {
+        CopyKind::Rebuild
+    }
 }

@@ -324,9 +324,19 @@ pub fn volume_show(conn: &Connection, name_or_id: &str) -> Result<Volume, MdmErr
 fn volume_pgs(conn: &Connection, volume_id: u64) -> Result<Vec<PlacementGroup>, MdmError> {
     Ok(conn
         .prepare(
-            "SELECT primary_sds, secondary_sds FROM placement_groups WHERE volume_id = ?1 ORDER BY pg_index",
+            "SELECT primary_sds, secondary_sds, absent_sds FROM placement_groups
+             WHERE volume_id = ?1 ORDER BY pg_index",
         )?
-        .query_map([volume_id], |r| Ok(PlacementGroup { primary: r.get(0)?, secondary: r.get(1)? }))?
+        .query_map([volume_id], |r| {
+            // A degraded PG keeps its absent copy in `secondary_sds` (a
+            // foreign key); the map shows it as absent, with no secondary.
+            let (primary, secondary, absent): (u64, u64, u64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            Ok(if absent != 0 {
+                PlacementGroup { primary, secondary: 0, absent }
+            } else {
+                PlacementGroup { primary, secondary, absent: 0 }
+            })
+        })?
         .collect::<Result<_, _>>()?)
 }
 

@@ -38,7 +38,7 @@ use pflex_dataplane::{read_request, ClientError, ReplyWriter};
 use pflex_proto::frame::{crc32, flags, FrameHeader, Op, Status, HEADER_LEN};
 use pflex_proto::placement::{PlacementGroup, PlacementMap};
 use pflex_proto::token::SignedToken;
-use pflex_proto::unix_now;
+use pflex_proto::{unix_now, CHUNK_SIZE};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -229,6 +229,7 @@ async fn serve_checked_client(
             }
             accept_seq(token, header.seq)?;
             hold_lease(node, identity, &map, header.chunk_index, pg).await?;
+            reconcile_if_dirty(node, identity, &map, pg, header).await?;
             if op == Op::Read {
                 return read_local(node, header).await;
             }
@@ -455,6 +456,10 @@ async fn replicate_write(
     payload: Vec<u8>,
     sdc_id: u64,
 ) -> Result<(), Status> {
+    let pg_key = (header.volume_id, pg_index(map, header.chunk_index));
+    if pg.secondary == 0 {
+        return write_degraded(node, map, op, header, &payload, sdc_id, pg_key).await;
+    }
     let secondary = map
         .node(pg.secondary)
         .filter(|_| pg.secondary != identity.node_id)
@@ -504,6 +509,11 @@ async fn replicate_write(
     };
     if remote_status != Status::Ok {
         node.metrics.forward_failures.fetch_add(1, Ordering::Relaxed);
+        if local.is_ok() {
+            // This copy may now be ahead of the secondary's: never serve the
+            // chunk again before the secondary has it (or has left the set).
+            mark_dirty(node, pg_key, header.chunk_index).await?;
+        }
     }
     local?;
     match remote_status {
@@ -518,6 +528,73 @@ async fn replicate_write(
             Err(Status::ReplicaFailed)
         }
     }
+}
+
+/// The PG index of `chunk` in `map`.
+fn pg_index(map: &PlacementMap, chunk: u64) -> u64 {
+    chunk % map.pgs.len().max(1) as u64
+}
+
+async fn mark_dirty(node: &SdsNode, pg: super::dirty::PgKey, chunk: u64) -> Result<(), Status> {
+    node.dirty.mark(pg, chunk).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot log a dirty chunk");
+        Status::IoError
+    })
+}
+
+/// A write to a degraded PG (no secondary): logged as dirty (durably,
+/// before it is applied), so the copy that comes back gets it by resync,
+/// then applied locally only.
+async fn write_degraded(
+    node: &SdsNode,
+    map: &PlacementMap,
+    op: Op,
+    header: &FrameHeader,
+    payload: &[u8],
+    sdc_id: u64,
+    pg_key: super::dirty::PgKey,
+) -> Result<(), Status> {
+    let _in_order = lock_in_order(node, header, map).await?;
+    let fence_key = (sdc_id, header.volume_id, header.chunk_index);
+    if !node.fences.admit(fence_key, header.offset, header.length, header.seq) {
+        return Err(Status::Superseded);
+    }
+    mark_dirty(node, pg_key, header.chunk_index).await?;
+    node.metrics.degraded_writes.fetch_add(1, Ordering::Relaxed);
+    apply_local(node, op, header, payload).await
+}
+
+/// A chunk in the dirty log is served only once the PG's secondary has it:
+/// the whole chunk is copied there first (under the chunk's ordering lock),
+/// then taken out of the log. A degraded PG (no secondary) serves it as it
+/// is: this copy is the only one. `NotAvailable` if the copy fails (the SDC
+/// retries; the MDM takes an unreachable secondary out of the set).
+async fn reconcile_if_dirty(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    pg: PlacementGroup,
+    header: &FrameHeader,
+) -> Result<(), Status> {
+    let chunk = header.chunk_index;
+    let pg_key = (header.volume_id, pg_index(map, chunk));
+    if pg.secondary == 0 || !node.dirty.contains(pg_key, chunk) {
+        return Ok(());
+    }
+    let _whole_chunk = node.chunk_locks.lock(header.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
+    if !node.dirty.contains(pg_key, chunk) {
+        return Ok(()); // copied by someone else meanwhile
+    }
+    if node.placement.known_epoch(header.volume_id) != map.epoch {
+        return Err(Status::StaleEpoch);
+    }
+    super::rebuild::push_chunk(node, identity, map, pg.secondary, chunk).await.map_err(|e| {
+        tracing::warn!(chunk, secondary = pg.secondary, error = %e, "cannot reconcile a dirty chunk");
+        Status::NotAvailable
+    })?;
+    node.dirty.clear(pg_key, chunk).await.map_err(|_| Status::IoError)?;
+    node.metrics.chunks_reconciled.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Waits for the written range's ordering lock, then refuses the write as
@@ -574,7 +651,7 @@ async fn flush_volume(
     let secondaries: BTreeSet<u64> = map
         .pgs
         .iter()
-        .filter(|pg| pg.primary == me && pg.secondary != me)
+        .filter(|pg| pg.primary == me && pg.secondary != me && pg.secondary != 0)
         .map(|pg| pg.secondary)
         .collect();
     let mut forwards = tokio::task::JoinSet::new();

@@ -118,6 +118,8 @@ pub struct SdsMetrics {
     pub rebuilds_completed: AtomicU64,
     pub rebuild_failures: AtomicU64,
     pub chunks_reclaimed: AtomicU64,
+    pub degraded_writes: AtomicU64,
+    pub chunks_reconciled: AtomicU64,
 }
 
 /// Point-in-time values that are not counters (passed in when rendering).
@@ -127,6 +129,8 @@ pub struct Gauges {
     pub used_bytes: u64,
     pub cached_tokens: u64,
     pub cached_placements: u64,
+    /// Chunks in the dirty log (their other copy may lack them).
+    pub dirty_chunks: u64,
     pub registered: bool,
     pub uptime_secs: u64,
 }
@@ -238,7 +242,17 @@ impl SdsMetrics {
                 );
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 19] = [
+        let counters: [(&str, &str, &AtomicU64); 21] = [
+            (
+                "pflex_sds_degraded_writes_total",
+                "Writes to a PG running on this copy alone (logged for resync).",
+                &self.degraded_writes,
+            ),
+            (
+                "pflex_sds_chunks_reconciled_total",
+                "Dirty chunks copied to the secondary before they were served.",
+                &self.chunks_reconciled,
+            ),
             (
                 "pflex_sds_chunks_reclaimed_total",
                 "Chunks released because their PG no longer has a copy on this node.",
@@ -332,6 +346,11 @@ impl SdsMetrics {
             ("pflex_sds_used_bytes", "Capacity holding chunks.", gauges.used_bytes),
             ("pflex_sds_cached_tokens", "Verified IO tokens in memory.", gauges.cached_tokens),
             ("pflex_sds_cached_placements", "Placement maps in memory.", gauges.cached_placements),
+            (
+                "pflex_sds_dirty_chunks",
+                "Chunks whose other copy may lack them (resynced when it is back).",
+                gauges.dirty_chunks,
+            ),
             (
                 "pflex_sds_registered",
                 "1 when registered with the MDM.",

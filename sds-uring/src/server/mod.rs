@@ -15,6 +15,8 @@
 //!   checksum query on the control port;
 //! - [`device_health`]: a failed device's copies reported to the MDM,
 //!   which moves them;
+//! - [`dirty`]: the chunks a PG's other copy may lack (degraded writes,
+//!   failed forwards), resynced when it comes back;
 //! - [`fencing`]: late copies of writes never land after newer ones;
 //!   [`lease`]: a primary serves only while its secondary vouches for it;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
@@ -29,6 +31,7 @@ pub mod auth;
 pub mod config;
 pub mod dataplane;
 pub mod device_health;
+pub mod dirty;
 pub mod fencing;
 pub mod http;
 pub mod lease;
@@ -66,6 +69,8 @@ pub enum ServerError {
     DataDir { path: String, source: std::io::Error },
     #[error("cannot open the chunk store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    DirtyLog(#[from] dirty::DirtyLogError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error(transparent)]
@@ -117,6 +122,8 @@ pub struct SdsNode {
     pub rebuilds: rebuild::RebuildRunner,
     /// Peers this node could not reach, reported to the MDM (rate-limited).
     pub unreachable: pflex_mdm_client::UnreachableReports,
+    /// Chunks the other copy of their PG may lack (see [`dirty`]).
+    pub dirty: dirty::DirtyLog,
     /// Wakes the reclaim pass early (a volume this node served was deleted).
     pub reclaim_now: tokio::sync::Notify,
     started: Instant,
@@ -144,6 +151,7 @@ impl SdsNode {
             used_bytes,
             cached_tokens: self.tokens.len() as u64,
             cached_placements: self.placement.len() as u64,
+            dirty_chunks: self.dirty.len() as u64,
             registered: self.identity().is_some(),
             uptime_secs: self.uptime_secs(),
         }
@@ -177,6 +185,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         "SDS listening"
     );
 
+    let dirty = dirty::DirtyLog::open(store.db_path())?;
     let leases =
         config.lease.map(|c| lease::Leases::open(c, config.data_dir.join("lease_horizon")));
     let node = Arc::new(SdsNode {
@@ -199,6 +208,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         rebuilds: rebuild::RebuildRunner::default(),
         unreachable: pflex_mdm_client::UnreachableReports::default(),
         reclaim_now: tokio::sync::Notify::new(),
+        dirty,
         started: Instant::now(),
     });
     node.local_log.health("started", format!("data port {}", ports.data));

@@ -9,6 +9,11 @@
 //! the target. Then the target is flushed and the job reported complete;
 //! until then the MDM never makes the target the only copy.
 //!
+//! A resync job (the target's copy was out of the set for a while and came
+//! back) copies only the chunks in this node's dirty log for the PG, the
+//! ones written meanwhile (see [`super::dirty`]), each taken out of the log
+//! once the target has it.
+//!
 //! A failed attempt is retried when the next heartbeat hands the job out
 //! again; copying a chunk twice is harmless.
 
@@ -18,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use pflex_dataplane::{ClientError, Reply};
-use pflex_proto::api::{RebuildAssignment, RebuildComplete};
+use pflex_proto::api::{CopyKind, RebuildAssignment, RebuildComplete};
 use pflex_proto::frame::{flags, FrameHeader, Op, Status, MAX_ALLOCATION_CHUNKS};
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::CHUNK_SIZE;
@@ -121,6 +126,35 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
 
     let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
     let pg_count = map.pgs.len().max(1) as u64;
+    let pg_key = (job.volume_id, job.pg_index);
+    if job.kind == CopyKind::Resync {
+        // Only what was written while the target was away (the dirty log).
+        for chunk in node.dirty.chunks(pg_key) {
+            let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
+            if !node.dirty.contains(pg_key, chunk) {
+                continue; // reconciled by a client request meanwhile
+            }
+            current_map(node, &identity, job).await?;
+            let map = node
+                .newest_placement(job.volume_id)
+                .await
+                .map_err(|s| RebuildError::Placement(s.name()))?;
+            push_chunk(node, &identity, &map, job.target_sds, chunk).await?;
+            node.dirty
+                .clear(pg_key, chunk)
+                .await
+                .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
+            done.chunks_copied += 1;
+            node.metrics.rebuild_chunks_copied.fetch_add(1, Ordering::Relaxed);
+        }
+        send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
+        identity
+            .mdm
+            .rebuild_complete(&done)
+            .await
+            .map_err(|e| RebuildError::Report(e.to_string()))?;
+        return Ok(done);
+    }
     for chunk in (job.pg_index..map.chunk_count()).step_by(pg_count as usize) {
         // Every chunk of the PG is looked at under its lock: a write in
         // flight may be creating it right now.
@@ -141,7 +175,43 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     }
     send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
     identity.mdm.rebuild_complete(&done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
+    // The target has every chunk now: nothing is left to resync.
+    let _ = node.dirty.clear_pg(pg_key).await;
     Ok(done)
+}
+
+/// Copies `chunk` whole from this node to `target` under `map`: its data if
+/// this node holds it, else a release of the whole chunk. The caller holds
+/// the chunk's ordering lock, so no client write interleaves.
+pub(super) async fn push_chunk(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    target: u64,
+    chunk: u64,
+) -> Result<(), RebuildError> {
+    let endpoint = map.node(target).ok_or(RebuildError::Target(target))?;
+    let peer = node.peers.get(endpoint).map_err(|_| RebuildError::Target(target))?;
+    let (op, payload, length) = if node.store.is_allocated(map.volume_id, chunk) {
+        let data = node
+            .store
+            .read(map.volume_id, chunk, 0, CHUNK_SIZE as u32)
+            .await
+            .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
+        (Op::Write, Bytes::from(data), 0)
+    } else {
+        (Op::Trim, Bytes::new(), CHUNK_SIZE as u32)
+    };
+    let header = replica_header(identity, &peer, map, op, chunk, length);
+    let reply = peer
+        .client
+        .call_shared(header, &identity.peer_key, payload)
+        .await
+        .map_err(|e| RebuildError::Transport(e.to_string()))?;
+    match reply.status() {
+        Status::Ok => Ok(()),
+        status => Err(RebuildError::Refused { what: op_label(op), chunk, status }),
+    }
 }
 
 /// The newest map, if the job's PG still has this node as primary and the

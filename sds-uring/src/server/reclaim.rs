@@ -114,12 +114,16 @@ async fn erase_volume(node: &SdsNode, vol: u64, chunks: &[u64]) -> u64 {
     }
     node.fences.forget_volume(vol);
     node.replica_fences.forget_volume(vol);
+    let _ = node.dirty.forget_volume(vol).await;
     tracing::info!(vol, chunks = erased, "erased the chunks of a deleted volume");
     erased
 }
 
-/// Whether node `me` is the primary or the secondary of the chunk's PG.
+/// Whether node `me` is the primary or the secondary of the chunk's PG, or
+/// its absent copy (kept to be resynced when the node is taken back).
 fn holds_copy(map: &PlacementMap, chunk: u64, me: u64) -> bool {
     chunk < map.chunk_count()
-        && map.pg_of(chunk).is_some_and(|pg| pg.primary == me || pg.secondary == me)
+        && map
+            .pg_of(chunk)
+            .is_some_and(|pg| pg.primary == me || pg.secondary == me || pg.absent == me)
 }
