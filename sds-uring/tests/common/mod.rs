@@ -46,6 +46,7 @@ pub async fn start_cluster_with(sds_count: usize, detection: FailureDetection) -
         probe_on_report: Some(detection.probe_on_report),
         unreachable_grace_secs: Some(2),
         token_ttl_secs: Some(600),
+        ..MdmOptions::default()
     };
     let sds_flags = [
         "--ack-interval-secs",

@@ -13,6 +13,9 @@ pub struct MdmOptions {
     pub probe_on_report: Option<bool>,
     pub unreachable_grace_secs: Option<u64>,
     pub token_ttl_secs: Option<u64>,
+    /// Any other `--flag value` pairs (a flag set above takes the value
+    /// given here).
+    pub flags: Vec<String>,
 }
 
 impl Default for MdmOptions {
@@ -25,6 +28,7 @@ impl Default for MdmOptions {
             probe_on_report: None,
             unreachable_grace_secs: None,
             token_ttl_secs: None,
+            flags: Vec::new(),
         }
     }
 }
@@ -38,11 +42,12 @@ impl MdmOptions {
             ("--unreachable-grace-secs", self.unreachable_grace_secs.map(|s| s.to_string())),
             ("--token-ttl-secs", self.token_ttl_secs.map(|s| s.to_string())),
         ];
-        optional
+        let typed = optional
             .into_iter()
             .filter_map(|(flag, value)| Some([flag.to_string(), value?]))
             .flatten()
-            .collect()
+            .collect();
+        with_flags(typed, &self.flags)
     }
 }
 
@@ -124,5 +129,16 @@ mod tests {
     fn unset_mdm_options_leave_the_flags_out() {
         let options = MdmOptions { failed_after_secs: Some(6), ..MdmOptions::default() };
         assert_eq!(options.flags(), strings(&["--failed-after-secs", "6"]));
+    }
+
+    #[test]
+    fn other_mdm_flags_follow_the_typed_ones() {
+        let options = MdmOptions {
+            token_ttl_secs: Some(60),
+            flags: strings(&["--token-ttl-secs", "5", "--resync-window-secs", "9"]),
+            ..MdmOptions::default()
+        };
+        let expected = ["--token-ttl-secs", "5", "--resync-window-secs", "9"];
+        assert_eq!(options.flags(), strings(&expected));
     }
 }
