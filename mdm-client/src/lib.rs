@@ -17,10 +17,11 @@ pub use join_key::{resolve_join_key, JoinKeyError};
 use std::time::Duration;
 
 use pflex_proto::api::{
-    AckResponse, ApiError, ClusterSummary, DeviceFailure, DeviceFailureVerdict, HealthStatus, HeartbeatRequest, HeartbeatResponse,
-    MappedVolume, RebuildComplete, RebuildJob, RegisterRequest, RegisterResponse, SdcInfo, SdsInfo,
-    TokenAckBatch, TokenRequest, TokenResponse, UnreachableReport, UnreachableVerdict, Volume,
-    VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+    AckResponse, ApiError, ClusterSummary, DeviceFailure, DeviceFailureVerdict, HealthStatus,
+    HeartbeatRequest, HeartbeatResponse, MappedVolume, RebuildComplete, RebuildJob,
+    RegisterRequest, RegisterResponse, SdcInfo, SdsInfo, TokenAckBatch, TokenRequest,
+    TokenResponse, UnreachableReport, UnreachableVerdict, Volume, VolumeCreate, VolumeMap,
+    VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::token::AccessMode;

@@ -59,6 +59,13 @@ pub enum Op {
     /// payload. `Ok` grants it; `StaleEpoch` means the secondary knows a
     /// newer map and will not renew the sender's leases under this one.
     Lease = 9,
+    /// Between SDS nodes only (flag `REPLICA`): the primary of placement
+    /// group `chunk_index` of `volume_id` asks a copy it is about to resync
+    /// which chunks of that PG the copy itself logged as possibly ahead of
+    /// the other copy (writes it applied whose forward failed). No payload;
+    /// the reply's payload is those chunk indices, 8 bytes little-endian
+    /// each, and the primary copies them over too.
+    DirtyList = 10,
 }
 
 /// Most chunks one [`Op::Allocation`] request may cover.
@@ -76,6 +83,7 @@ impl Op {
             7 => Op::Ping,
             8 => Op::Allocation,
             9 => Op::Lease,
+            10 => Op::DirtyList,
             _ => return None,
         })
     }
@@ -305,7 +313,7 @@ impl FrameHeader {
             Op::Read | Op::Trim | Op::WriteZeroes | Op::Write if !in_chunk => Err(Status::Invalid),
             Op::Read | Op::Trim | Op::WriteZeroes if self.length == 0 => Err(Status::Invalid),
             Op::Write if self.length == 0 => Err(Status::Invalid),
-            Op::Lease if self.flags & flags::REPLICA == 0 || self.length != 0 => {
+            Op::Lease | Op::DirtyList if self.flags & flags::REPLICA == 0 || self.length != 0 => {
                 Err(Status::Invalid)
             }
             _ => Ok(op),
@@ -316,8 +324,10 @@ impl FrameHeader {
     pub fn payload_len(&self, is_reply: bool) -> usize {
         let op = Op::from_u8(self.op);
         let carries = if is_reply {
-            matches!(op, Some(Op::Read) | Some(Op::Allocation) | Some(Op::Auth))
-                && self.status == Status::Ok as u16
+            matches!(
+                op,
+                Some(Op::Read) | Some(Op::Allocation) | Some(Op::Auth) | Some(Op::DirtyList)
+            ) && self.status == Status::Ok as u16
         } else {
             matches!(op, Some(Op::Write) | Some(Op::Auth))
         };

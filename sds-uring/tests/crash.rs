@@ -82,8 +82,16 @@ async fn writes_fail_with_replica_failed_while_the_secondary_is_down() {
     let started = std::time::Instant::now();
     assert_eq!(s.write(chunk, 0, &pattern(2, 4096)).await, Status::ReplicaFailed);
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "failure took too long");
-    // Reads of the surviving primary still work.
+    // The primary applied the failed write locally: until its secondary has
+    // the chunk (or leaves the set) it must not serve it, or a failover
+    // would show the write disappear. The SDC retries `NotAvailable`.
     let (status, _) = s.read(chunk, 0, 4096).await;
+    assert_eq!(status, Status::NotAvailable, "a chunk ahead of its secondary was served");
+    // Other chunks of the primary are served as before.
+    let other = (1..s.map.chunk_count())
+        .find(|&c| s.primary_of(c) == s.primary_of(chunk))
+        .expect("another chunk on the same primary");
+    let (status, _) = s.read(other, 0, 4096).await;
     assert_eq!(status, Status::Ok);
     let primary = cluster.sds_by_node_id(s.primary_of(chunk)).await;
     let metrics = cluster.metrics(primary).await;

@@ -198,6 +198,7 @@ pub async fn run_one(
         } else {
             3600
         },
+        io_retry_secs: 30,
         bin_dir: None,
     };
     lab::up_lab(dir, &up).await?;
@@ -374,7 +375,15 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
     let check: serde_json::Value = serde_json::from_slice(&checked.stdout).with_context(|| {
         format!("pflex verify check said: {}", String::from_utf8_lossy(&checked.stderr))
     })?;
-    let chunks = recover(&mdm, &layout).await;
+    let device_scenario = matches!(scenario, Scenario::DeviceHang | Scenario::DeviceEio);
+    let mut chunks = recover(&mdm, &layout).await;
+    if chunks.is_ok() && !device_scenario {
+        // Only a device fault may fail a device: a paused or cut-off node's
+        // disks are fine.
+        if let Err(e) = no_failed_device(&layout).await {
+            chunks = Err(e);
+        }
+    }
     let recovery_ms = healthy.await?.as_millis() as u64;
     let jobs = mdm.rebuild_jobs().await.unwrap_or_default();
     let done = |kind: CopyKind| jobs.iter().filter(move |j| j.kind == kind && j.state == "done");
@@ -459,6 +468,20 @@ async fn recover(mdm: &MdmClient, layout: &lab::LabLayout) -> Result<u64> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Fails if any SDS of the lab reports a failed device.
+async fn no_failed_device(layout: &lab::LabLayout) -> Result<()> {
+    let http = reqwest::Client::new();
+    for host in layout.hosts.iter().filter(|h| h.name.starts_with("sds")) {
+        let url = format!("http://{}:9100/devices", host.address);
+        let devices: Vec<serde_json::Value> =
+            http.get(&url).timeout(Duration::from_secs(5)).send().await?.json().await?;
+        if let Some(d) = devices.iter().find(|d| d.get("failed").is_some()) {
+            bail!("{}: device {} failed: {}", host.name, d["path"], d["failed"]);
+        }
+    }
+    Ok(())
 }
 
 async fn copies_equal(

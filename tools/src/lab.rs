@@ -127,6 +127,9 @@ pub struct LabUp {
     /// only, at a third of it).
     #[arg(long, default_value_t = 3600)]
     pub token_ttl_secs: u64,
+    /// How long the SDC retries one IO before failing it with EIO.
+    #[arg(long, default_value_t = 30)]
+    pub io_retry_secs: u64,
     /// Directory holding the component binaries (default: next to `pflex`).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -626,7 +629,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     let sdc = layout.host("sdc1")?;
     let sdc_dir = dir.join("sdc1");
     std::fs::create_dir_all(&sdc_dir)?;
-    let sdc_args = up::sdc_args(&up::NodeLaunch {
+    let mut sdc_args = up::sdc_args(&up::NodeLaunch {
         mdm_url: &layout.mdm_url,
         join_key: &jk,
         name: "sdc1",
@@ -635,6 +638,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         heartbeat: &hb,
         ports: [8003, 8004, 10809],
     });
+    sdc_args.extend(["--io-retry-secs".into(), args.io_retry_secs.to_string()]);
     start_on(dir, layout, "sdc1", &up::binary(&bins, "sdc")?, sdc_args)?;
     let url = format!("http://{}:8004/health", sdc.address);
     wait_until("sdc1", Duration::from_secs(60), || {

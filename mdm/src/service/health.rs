@@ -351,7 +351,8 @@ fn resolve_degraded(
     let mut changed_volumes = std::collections::BTreeSet::new();
     let mut expired = Vec::new();
     for (volume_id, index, primary, absent, since) in degraded {
-        if status.get(&absent) == Some(&"ACTIVE") && status.get(&primary) == Some(&"ACTIVE") {
+        let back = status.get(&absent) == Some(&"ACTIVE") && has_healthy_device(conn, absent)?;
+        if back && status.get(&primary) == Some(&"ACTIVE") {
             conn.execute(
                 "UPDATE placement_groups SET secondary_sds = ?3, absent_sds = 0, absent_since = 0
                  WHERE volume_id = ?1 AND pg_index = ?2",
@@ -412,12 +413,25 @@ pub(super) fn replace_device_copies(
             let survivor = match node {
                 n if n == pg.primary => pg.secondary,
                 n if n == pg.secondary => pg.primary,
+                // The copy waiting to be resynced is gone with the device:
+                // rebuild it elsewhere now.
+                n if n == pg.absent => pg.primary,
                 _ => return None,
             };
             (!failed(survivor) && survivor != node).then_some(LostCopy { pg, survivor, lost: node })
         })
         .collect();
     move_lost_copies(conn, ctx, lost)
+}
+
+/// Whether SDS `node` has a device that has not failed (or reported none).
+fn has_healthy_device(conn: &Connection, node: u64) -> Result<bool, MdmError> {
+    Ok(conn.query_row(
+        "SELECT NOT EXISTS (SELECT 1 FROM sds_devices WHERE sds_id = ?1)
+             OR EXISTS (SELECT 1 FROM sds_devices WHERE sds_id = ?1 AND failed_reason IS NULL)",
+        [node],
+        |r| r.get(0),
+    )?)
 }
 
 /// Whether an SDS is FAILED now (an unknown id counts as failed).
@@ -438,6 +452,8 @@ struct PgRow {
     index: u64,
     primary: u64,
     secondary: u64,
+    /// The copy taken out while the PG is degraded (0 otherwise).
+    absent: u64,
     bytes: u64,
 }
 
@@ -446,7 +462,8 @@ fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
         .prepare(
             "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds,
                     CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END, v.size_bytes,
-                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
+                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id),
+                    p.absent_sds
              FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
         )?
         .query_map([], |r| {
@@ -457,6 +474,7 @@ fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
                 index,
                 primary: r.get(3)?,
                 secondary: r.get(4)?,
+                absent: r.get(7)?,
                 bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
                     * CHUNK_SIZE,
             })
@@ -575,7 +593,7 @@ pub fn device_failed(
         // is in moves, not only those that had a chunk on this device.
         conn.prepare(
             "SELECT volume_id, pg_index FROM placement_groups
-             WHERE primary_sds = ?1 OR secondary_sds = ?1",
+             WHERE primary_sds = ?1 OR secondary_sds = ?1 OR absent_sds = ?1",
         )?
         .query_map([node], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?

@@ -39,7 +39,7 @@ impl Default for ClusterConfig {
         Self {
             connections_per_sds: 4,
             retry_for: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_secs(2),
         }
     }

@@ -237,7 +237,7 @@ async fn serve_checked_client(
                 .await?;
             Ok(Vec::new())
         }
-        Op::Auth | Op::Ping | Op::Lease => Err(Status::Invalid),
+        Op::Auth | Op::Ping | Op::Lease | Op::DirtyList => Err(Status::Invalid),
     }
 }
 
@@ -769,7 +769,25 @@ async fn serve_replica(
                 return Err(Status::Superseded);
             }
             apply_local(node, op, header, &payload).await?;
+            let whole_chunk = header.offset == 0 && u64::from(header.length) == CHUNK_SIZE;
+            let pg_key = (header.volume_id, pg_index(&map, header.chunk_index));
+            if whole_chunk && node.dirty.contains(pg_key, header.chunk_index) {
+                // This copy now equals the primary's for the whole chunk:
+                // whatever it was ahead with is gone.
+                node.dirty.clear(pg_key, header.chunk_index).await.map_err(|_| Status::IoError)?;
+            }
             Ok(Vec::new())
+        }
+        Op::DirtyList => {
+            // Only to the PG's primary, for a PG where this node is the
+            // secondary being resynced.
+            let pg = map.pgs.get(header.chunk_index as usize).ok_or(Status::Invalid)?;
+            if pg.primary != sender || pg.secondary != identity.node_id {
+                return Err(Status::NotPrimary);
+            }
+            accept(header.seq)?;
+            let chunks = node.dirty.chunks((header.volume_id, header.chunk_index));
+            Ok(chunks.iter().flat_map(|c| c.to_le_bytes()).collect())
         }
         Op::Lease => {
             // Granted only under the newest map this node knows

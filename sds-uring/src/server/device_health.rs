@@ -95,7 +95,7 @@ async fn lost_pgs(node: &SdsNode, me: u64, index: usize) -> Option<BTreeSet<PgRe
         }
         let pg_index = chunk % pg_count;
         let pg = &map.pgs[pg_index as usize];
-        if pg.primary == me || pg.secondary == me {
+        if pg.primary == me || pg.secondary == me || pg.absent == me {
             pgs.insert(PgRef { volume_id, pg_index });
         }
     }

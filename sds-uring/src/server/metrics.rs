@@ -39,7 +39,7 @@ const ALL_STATUSES: [Status; 20] = [
     Status::Superseded,
 ];
 
-const ALL_OPS: [Op; 9] = [
+const ALL_OPS: [Op; 10] = [
     Op::Read,
     Op::Write,
     Op::Flush,
@@ -49,6 +49,7 @@ const ALL_OPS: [Op; 9] = [
     Op::Ping,
     Op::Allocation,
     Op::Lease,
+    Op::DirtyList,
 ];
 
 /// Short stable op name, used in labels and IO acknowledgements.
@@ -63,6 +64,7 @@ pub fn op_name(op: Op) -> &'static str {
         Op::Ping => "ping",
         Op::Allocation => "allocation",
         Op::Lease => "lease",
+        Op::DirtyList => "dirty_list",
     }
 }
 

@@ -128,12 +128,14 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     let pg_count = map.pgs.len().max(1) as u64;
     let pg_key = (job.volume_id, job.pg_index);
     if job.kind == CopyKind::Resync {
-        // Only what was written while the target was away (the dirty log).
-        for chunk in node.dirty.chunks(pg_key) {
+        // Only what was written while the target was away (this node's
+        // dirty log), and what the target itself may hold ahead of this
+        // copy (writes it applied as primary whose forward failed).
+        let mut chunks: std::collections::BTreeSet<u64> =
+            node.dirty.chunks(pg_key).into_iter().collect();
+        chunks.extend(target_dirty_list(node, &identity, &peer, job, &map).await?);
+        for chunk in chunks {
             let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
-            if !node.dirty.contains(pg_key, chunk) {
-                continue; // reconciled by a client request meanwhile
-            }
             current_map(node, &identity, job).await?;
             let map = node
                 .newest_placement(job.volume_id)
@@ -236,6 +238,32 @@ async fn current_map(
         });
     }
     Ok(map)
+}
+
+/// The chunks of the job's PG the target logged as possibly ahead of this
+/// copy ([`Op::DirtyList`]).
+async fn target_dirty_list(
+    node: &SdsNode,
+    identity: &Identity,
+    peer: &Peer,
+    job: &RebuildAssignment,
+    map: &PlacementMap,
+) -> Result<Vec<u64>, RebuildError> {
+    let header = replica_header(identity, peer, map, Op::DirtyList, job.pg_index, 0);
+    let reply = peer.client.call(header, &identity.peer_key, &[]).await;
+    let reply = target_reached(node, job, reply).await?;
+    if reply.status() != Status::Ok {
+        return Err(RebuildError::Refused {
+            what: "the dirty-list query",
+            chunk: job.pg_index,
+            status: reply.status(),
+        });
+    }
+    Ok(reply
+        .payload
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// The chunks of the volume the target holds (from its allocation bitmap).

@@ -67,6 +67,10 @@ pub const DB_FILE_NAME: &str = "sds_local.db";
 type ChunkLock = tokio::sync::RwLock<()>;
 pub(crate) type ChunkGuard = tokio::sync::OwnedRwLockWriteGuard<()>;
 
+/// How long an IO that missed its deadline gets to complete before its
+/// device is failed (see [`ChunkStore::run_io`]).
+const HANG_CONFIRMATION: Duration = Duration::from_secs(1);
+
 /// Number of lock stripes shared by all chunks.
 const LOCK_STRIPES: usize = 1024;
 
@@ -543,16 +547,25 @@ impl ChunkStore {
     async fn run_io(&self, request: IoRequest) -> Result<IoCompletion, StoreError> {
         let device = request.device;
         self.check_device(device)?;
-        let pending = self.engine.submit(request);
+        let mut pending = self.engine.submit(request);
         let completion = match self.io_deadline {
             None => pending.await,
-            Some(deadline) => match tokio::time::timeout(deadline, pending).await {
+            Some(deadline) => match tokio::time::timeout(deadline, &mut pending).await {
                 Ok(completion) => completion,
-                Err(_) => {
-                    self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
-                    let reason = format!("an IO took longer than {deadline:?}");
-                    return Err(self.fail_device(device, reason));
-                }
+                // A second, shorter wait before the verdict: when this
+                // process itself was not running (SIGSTOP, a long pause),
+                // the timer fires as it resumes, before the completion the
+                // kernel has long had is delivered. A hung device stays
+                // silent through the confirmation too.
+                Err(_) => match tokio::time::timeout(HANG_CONFIRMATION, pending).await {
+                    Ok(completion) => completion,
+                    Err(_) => {
+                        self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                        let reason =
+                            format!("an IO took longer than {:?}", deadline + HANG_CONFIRMATION);
+                        return Err(self.fail_device(device, reason));
+                    }
+                },
             },
         };
         match &completion.result {
