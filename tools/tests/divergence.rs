@@ -1,11 +1,12 @@
 //! A write that fails on the secondary, then a failover: the copies are
 //! reconciled before either serves the range. In a lab: block X of a chunk
-//! whose primary is sds1 and secondary sds2 holds A (acknowledged); sds1 is
-//! cut from sds2 and B is written to X, which sds1 applies locally but
-//! cannot forward, so the write fails; sds1 is killed (the PG goes on
-//! degraded on sds2) and X reads back A; sds1 comes back and is resynced.
-//! Afterwards both copies of the chunk are equal (the resync asked sds1
-//! which chunks it held ahead and copied them back) and X still reads A.
+//! holds A (acknowledged); the chunk's primary is cut from its secondary and
+//! B is written to X, which the primary applies locally but cannot forward,
+//! so the write fails; the primary is killed (the PG goes on degraded on
+//! the secondary) and X reads back A; the old primary comes back and is
+//! resynced. Afterwards both copies of the chunk are equal (the resync
+//! asked the old primary which chunks it held ahead and copied them back)
+//! and X still reads A.
 //! Needs root and qemu-io.
 
 mod common;
@@ -62,30 +63,27 @@ async fn a_write_that_failed_on_the_secondary_is_reconciled_after_a_failover() {
     let http = reqwest::Client::new();
     let uri = lab.nbd_uri();
     let nodes = mdm.sds_list().await.unwrap();
-    let id = |name: &str| nodes.iter().find(|n| n.name == name).unwrap().id;
+    let name = |id: u64| nodes.iter().find(|n| n.id == id).unwrap().name.clone();
     let volume = mdm.volume_show("vol1").await.unwrap().id;
     let map = mdm.placement(volume).await.unwrap();
-    let chunk = (0..map.chunk_count())
-        .find(|&c| {
-            let pg = map.pg_of(c).unwrap();
-            pg.primary == id("sds1") && pg.secondary == id("sds2")
-        })
-        .expect("a chunk with sds1 primary and sds2 secondary");
+    let chunk = 5;
+    let pg = *map.pg_of(chunk).unwrap();
+    let (primary, secondary) = (name(pg.primary), name(pg.secondary));
     let offset = chunk * CHUNK_SIZE + 8192;
 
     let (ok, out) = qemu_io(&uri, &format!("write -P 0xaa {offset} 4k"));
     assert!(ok, "writing A: {out}");
-    lab.run(&["cut", "sds1", "--from", "sds2"]);
+    lab.run(&["cut", &primary, "--from", &secondary]);
     let (ok, out) = qemu_io(&uri, &format!("write -P 0xbb {offset} 4k"));
-    assert!(!ok, "B cannot be acknowledged while sds1 cannot forward it: {out}");
-    lab.run(&["kill", "sds1"]);
-    lab.run(&["heal", "sds1", "--from", "sds2"]);
+    assert!(!ok, "B cannot be acknowledged while {primary} cannot forward it: {out}");
+    lab.run(&["kill", &primary]);
+    lab.run(&["heal", &primary, "--from", &secondary]);
     let (ok, out) = qemu_io(&uri, &format!("read -P 0xaa {offset} 4k"));
     assert!(ok, "after the failover X must read A (the acknowledged write): {out}");
 
-    lab.start("sds1");
+    lab.start(&primary);
     let deadline = Instant::now() + Duration::from_secs(90);
-    let (sds1, sds2) = (lab.address("sds1"), lab.address("sds2"));
+    let (old_primary, old_secondary) = (lab.address(&primary), lab.address(&secondary));
     loop {
         let map = mdm.placement(volume).await.unwrap();
         let pg = *map.pg_of(chunk).unwrap();
@@ -94,8 +92,8 @@ async fn a_write_that_failed_on_the_secondary_is_reconciled_after_a_failover() {
             && pg.secondary != 0
             && jobs.iter().all(|j| j.state == "done" || j.state == "failed");
         let sums = (
-            checksum(&http, &sds1, volume, chunk).await,
-            checksum(&http, &sds2, volume, chunk).await,
+            checksum(&http, &old_primary, volume, chunk).await,
+            checksum(&http, &old_secondary, volume, chunk).await,
         );
         if settled && sums.0.is_some() && sums.0 == sums.1 {
             break;
