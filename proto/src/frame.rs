@@ -136,6 +136,9 @@ pub enum Status {
     /// first: this one is a late copy (its sender retried or gave up) and
     /// is dropped; a sender still waiting for it sends it again.
     Superseded = 23,
+    /// Blocks of this copy do not match their checksums (silent corruption
+    /// on its device): read the other copy.
+    DataCorrupt = 24,
 }
 
 impl Status {
@@ -162,6 +165,7 @@ impl Status {
             21 => MalformedToken,
             22 => NotAvailable,
             23 => Superseded,
+            24 => DataCorrupt,
             _ => return None,
         })
     }
@@ -189,6 +193,7 @@ impl Status {
             MalformedToken => "malformed_token",
             NotAvailable => "not_available",
             Superseded => "superseded",
+            DataCorrupt => "data_corrupt",
         }
     }
 }

@@ -116,6 +116,10 @@ pub enum ClusterCommand {
     Status(CommonArgs),
     /// Rebuild jobs: copies moved off failed SDS nodes, and their progress.
     Rebuilds(CommonArgs),
+    /// Scrub now: every SDS reads both copies of the chunks it is primary
+    /// of, checks them against their block checksums and rewrites a copy
+    /// that is corrupt or differs. Waits until every pass has finished.
+    Scrub(CommonArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -245,7 +249,9 @@ pub enum AdminCommand {
 impl AdminCommand {
     fn common(&self) -> &CommonArgs {
         match self {
-            AdminCommand::Cluster(ClusterCommand::Status(c) | ClusterCommand::Rebuilds(c))
+            AdminCommand::Cluster(
+                ClusterCommand::Status(c) | ClusterCommand::Rebuilds(c) | ClusterCommand::Scrub(c),
+            )
             | AdminCommand::Sds(SdsCommand::List(c))
             | AdminCommand::Sdc(SdcCommand::List(c))
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
@@ -260,6 +266,52 @@ impl AdminCommand {
             ) => common,
         }
     }
+}
+
+/// Starts a scrub pass on every ACTIVE SDS (`POST /scrub` on its control
+/// port) and waits until each has finished one; returns each one's
+/// `GET /scrub` state.
+async fn scrub_every_sds(
+    nodes: &[pflex_proto::api::SdsInfo],
+) -> Result<Vec<(String, serde_json::Value)>> {
+    let http = reqwest::Client::new();
+    let mut started = Vec::new();
+    for node in nodes.iter().filter(|n| n.status == "ACTIVE") {
+        let url = format!("http://{}:{}/scrub", node.host, node.control_port);
+        // A pass that runs already may have passed some chunks: wait for it
+        // to end, then start a fresh one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        loop {
+            let status: serde_json::Value = http.get(&url).send().await?.json().await?;
+            if status["running"] == false {
+                let passes = status["passes"].as_u64().unwrap_or(0);
+                if http.post(&url).send().await?.status() == reqwest::StatusCode::ACCEPTED {
+                    started.push((node.name.clone(), url, passes + 1));
+                    break;
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{}: its running scrub pass did not end within an hour", node.name);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let mut reports = Vec::new();
+    for (name, url, wanted) in started {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        loop {
+            let status: serde_json::Value = http.get(&url).send().await?.json().await?;
+            if status["passes"].as_u64().unwrap_or(0) >= wanted {
+                reports.push((name, status));
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{name}: the scrub pass did not finish within an hour");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    Ok(reports)
 }
 
 /// Runs one admin command; `outer` holds connection flags given before the
@@ -300,6 +352,29 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
             out.push('\n');
             out.push_str(&components_table(&health.components));
             Ok(out)
+        }
+        AdminCommand::Cluster(ClusterCommand::Scrub(_)) => {
+            let reports = scrub_every_sds(&client.sds_list().await?).await?;
+            if json {
+                return to_json(&reports);
+            }
+            let rows = reports
+                .iter()
+                .map(|(name, r)| {
+                    let n = |k: &str| r["last"][k].as_u64().unwrap_or(0).to_string();
+                    vec![
+                        name.clone(),
+                        n("chunks_checked"),
+                        n("repaired_here"),
+                        n("repaired_there"),
+                        n("unchecked"),
+                    ]
+                })
+                .collect();
+            Ok(table(
+                &["SDS", "CHECKED", "REPAIRED (PRIMARY)", "REPAIRED (SECONDARY)", "UNCHECKED"],
+                rows,
+            ))
         }
         AdminCommand::Cluster(ClusterCommand::Rebuilds(_)) => {
             let jobs = client.rebuild_jobs().await?;

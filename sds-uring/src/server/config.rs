@@ -104,6 +104,13 @@ pub struct SdsArgs {
     /// 0: wait forever.
     #[arg(long, default_value_t = 2000)]
     pub device_timeout_ms: u64,
+    /// Seconds between scrub passes (both copies of every chunk read,
+    /// checked against their checksums and compared); 0: only on demand.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub scrub_interval_secs: u64,
+    /// Scrub reads at most this many MB/s (both copies counted).
+    #[arg(long, default_value_t = 100)]
+    pub scrub_mb_per_sec: u64,
     /// Accept `POST /faults/device` (make a device hang, fail or slow down):
     /// for tests and fault rehearsals only, never in production.
     #[arg(long)]
@@ -152,6 +159,8 @@ pub struct NodeConfig {
     /// `None`: leases off.
     pub lease: Option<super::lease::LeaseConfig>,
     pub device_health: crate::store::DeviceHealthConfig,
+    pub scrub_interval: Option<Duration>,
+    pub scrub_bytes_per_sec: u64,
 }
 
 impl SdsArgs {
@@ -206,6 +215,9 @@ impl SdsArgs {
             reclaim_interval: (self.reclaim_interval_secs > 0)
                 .then(|| Duration::from_secs(self.reclaim_interval_secs)),
             peer_connections: self.peer_connections.unwrap_or(self.network_threads).max(1),
+            scrub_interval: (self.scrub_interval_secs > 0)
+                .then(|| Duration::from_secs(self.scrub_interval_secs)),
+            scrub_bytes_per_sec: self.scrub_mb_per_sec.max(1) * 1_000_000,
             device_health: crate::store::DeviceHealthConfig {
                 io_deadline: (self.device_timeout_ms > 0)
                     .then(|| Duration::from_millis(self.device_timeout_ms)),

@@ -231,7 +231,12 @@ async fn serve_checked_client(
             hold_lease(node, identity, &map, header.chunk_index, pg).await?;
             reconcile_if_dirty(node, identity, &map, pg, header).await?;
             if op == Op::Read {
-                return read_local(node, header).await;
+                return match read_local(node, header).await {
+                    Err(Status::DataCorrupt) => {
+                        repair_from_copy(node, identity, &map, pg, header).await
+                    }
+                    other => other,
+                };
             }
             replicate_write(node, identity, &map, pg, op, header, payload, token.token.sdc_id)
                 .await?;
@@ -393,6 +398,36 @@ fn chunk_group(map: &PlacementMap, header: &FrameHeader) -> Result<PlacementGrou
     map.pg_of(header.chunk_index).copied().ok_or(Status::NotAvailable)
 }
 
+/// A read of the primary's copy found blocks that do not match their
+/// checksums: the chunk is read from the secondary (which checks its own),
+/// written back here whole, and the request answered from it, all under the
+/// chunk's ordering lock so no client write interleaves. `IoError` if the
+/// PG has no other copy or it is bad too.
+async fn repair_from_copy(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    pg: PlacementGroup,
+    header: &FrameHeader,
+) -> Result<Vec<u8>, Status> {
+    let (vol, chunk) = (header.volume_id, header.chunk_index);
+    if pg.secondary == 0 {
+        return Err(Status::IoError);
+    }
+    let _whole_chunk = node.chunk_locks.lock(vol, chunk, 0, CHUNK_SIZE as u32).await;
+    let good = super::rebuild::pull_chunk(node, identity, map, pg.secondary, chunk)
+        .await
+        .map_err(|e| {
+            tracing::error!(vol, chunk, error = %e, "corrupt chunk and no good copy to repair it from");
+            Status::IoError
+        })?;
+    node.store.write(vol, chunk, 0, &good, true).await.map_err(|e| store_status(&e))?;
+    node.metrics.checksum_repairs.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(vol, chunk, "repaired a corrupt chunk from the other copy");
+    let from = header.offset as usize;
+    Ok(good[from..from + header.length as usize].to_vec())
+}
+
 async fn read_local(node: &SdsNode, header: &FrameHeader) -> Result<Vec<u8>, Status> {
     let data = node
         .store
@@ -438,6 +473,7 @@ fn store_status(e: &StoreError) -> Status {
         StoreError::OutOfRange { .. } => Status::Invalid,
         // Served from the other copy once the MDM has moved this one.
         StoreError::DeviceFailed { .. } => Status::NotAvailable,
+        StoreError::Corrupt { .. } => Status::DataCorrupt,
         _ => Status::IoError,
     }
 }

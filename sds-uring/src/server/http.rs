@@ -8,7 +8,9 @@
 //!   its use, and why it failed if it did); `GET /chunks` (every allocated
 //!   chunk, `?volume=ID` for one volume's); and, only on an SDS started with
 //!   `--fault-injection`, `POST /faults/device` (`{"device": "0" or a path,
-//!   "fault": "hang" | "eio" | "slow" (with "delay_ms") | "none"}`).
+//!   "fault": "hang" | "eio" | "slow" (with "delay_ms") | "none"}`);
+//!   `GET /scrub` (scrub state and the last pass's report) and `POST
+//!   /scrub` (start a pass now).
 //!
 //! Errors are mapped to [`ApiError`] bodies in one place ([`ErrorReply`]).
 
@@ -46,6 +48,7 @@ pub fn control_router(node: Arc<SdsNode>) -> Router {
         .route("/devices", get(devices))
         .route("/chunks", get(chunks))
         .route("/faults/device", post(set_device_fault))
+        .route("/scrub", get(scrub_status).post(scrub_start))
         .with_state(node)
 }
 
@@ -83,6 +86,20 @@ async fn chunk_checksum(
         .await
         .map(Json)
         .map_err(|e| ErrorReply(StatusCode::INTERNAL_SERVER_ERROR, "io_error", e.to_string()))
+}
+
+async fn scrub_status(State(node): State<Arc<SdsNode>>) -> Json<super::scrub::ScrubStatus> {
+    Json(node.scrubber.status())
+}
+
+/// Starts a scrub pass now (202), unless one runs (409).
+async fn scrub_start(State(node): State<Arc<SdsNode>>) -> Response {
+    if super::scrub::Scrubber::start(&node) {
+        (StatusCode::ACCEPTED, Json(node.scrubber.status())).into_response()
+    } else {
+        ErrorReply(StatusCode::CONFLICT, "scrub_running", "a scrub pass is running".into())
+            .into_response()
+    }
 }
 
 /// One device of `GET /devices`.

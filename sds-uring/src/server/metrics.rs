@@ -16,7 +16,7 @@ const STATUS_SLOTS: usize = 32;
 /// Highest op code + 1 (see [`Op`]).
 const OP_SLOTS: usize = 16;
 
-const ALL_STATUSES: [Status; 20] = [
+const ALL_STATUSES: [Status; 21] = [
     Status::Ok,
     Status::IoError,
     Status::Invalid,
@@ -37,6 +37,7 @@ const ALL_STATUSES: [Status; 20] = [
     Status::MalformedToken,
     Status::NotAvailable,
     Status::Superseded,
+    Status::DataCorrupt,
 ];
 
 const ALL_OPS: [Op; 10] = [
@@ -122,6 +123,9 @@ pub struct SdsMetrics {
     pub chunks_reclaimed: AtomicU64,
     pub degraded_writes: AtomicU64,
     pub chunks_reconciled: AtomicU64,
+    pub checksum_repairs: AtomicU64,
+    pub scrub_chunks: AtomicU64,
+    pub scrub_repairs: AtomicU64,
 }
 
 /// Point-in-time values that are not counters (passed in when rendering).
@@ -244,7 +248,22 @@ impl SdsMetrics {
                 );
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 21] = [
+        let counters: [(&str, &str, &AtomicU64); 24] = [
+            (
+                "pflex_sds_checksum_repairs_total",
+                "Chunks of this copy found corrupt on a read and rewritten from the other copy.",
+                &self.checksum_repairs,
+            ),
+            (
+                "pflex_sds_scrub_chunks_total",
+                "Chunks checked by scrub passes (both copies read and compared).",
+                &self.scrub_chunks,
+            ),
+            (
+                "pflex_sds_scrub_repairs_total",
+                "Chunk copies rewritten by scrub (corrupt or different from the primary's).",
+                &self.scrub_repairs,
+            ),
             (
                 "pflex_sds_degraded_writes_total",
                 "Writes to a PG running on this copy alone (logged for resync).",

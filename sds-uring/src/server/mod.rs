@@ -17,6 +17,7 @@
 //!   which moves them;
 //! - [`dirty`]: the chunks a PG's other copy may lack (degraded writes,
 //!   failed forwards), resynced when it comes back;
+//! - [`scrub`]: both copies of every chunk read, checked and made equal;
 //! - [`fencing`]: late copies of writes never land after newer ones;
 //!   [`lease`]: a primary serves only while its secondary vouches for it;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
@@ -42,6 +43,7 @@ pub mod placement;
 pub mod rebuild;
 pub mod reclaim;
 pub mod replication;
+pub mod scrub;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -122,6 +124,8 @@ pub struct SdsNode {
     pub rebuilds: rebuild::RebuildRunner,
     /// Peers this node could not reach, reported to the MDM (rate-limited).
     pub unreachable: pflex_mdm_client::UnreachableReports,
+    /// Scrub passes (see [`scrub`]).
+    pub scrubber: scrub::Scrubber,
     /// Chunks the other copy of their PG may lack (see [`dirty`]).
     pub dirty: dirty::DirtyLog,
     /// Wakes the reclaim pass early (a volume this node served was deleted).
@@ -208,6 +212,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         rebuilds: rebuild::RebuildRunner::default(),
         unreachable: pflex_mdm_client::UnreachableReports::default(),
         reclaim_now: tokio::sync::Notify::new(),
+        scrubber: scrub::Scrubber::default(),
         dirty,
         started: Instant::now(),
     });
@@ -233,6 +238,9 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     tokio::spawn(dataplane::lease_loop(node.clone()));
     tokio::spawn(membership::ack_loop(node.clone()));
     tokio::spawn(device_health::device_watch(node.clone()));
+    if let Some(every) = node.config.scrub_interval {
+        tokio::spawn(scrub::scrub_loop(node.clone(), every));
+    }
     if let Some(every) = node.config.reclaim_interval {
         tokio::spawn(reclaim::reclaim_loop(node.clone(), every));
     }

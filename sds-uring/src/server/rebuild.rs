@@ -182,6 +182,29 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     Ok(done)
 }
 
+/// Reads `chunk` whole from the copy on `source` under `map` (the copy
+/// checks its own block checksums: a corrupt copy answers `IoError`).
+pub(super) async fn pull_chunk(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    source: u64,
+    chunk: u64,
+) -> Result<Vec<u8>, RebuildError> {
+    let endpoint = map.node(source).ok_or(RebuildError::Target(source))?;
+    let peer = node.peers.get(endpoint).map_err(|_| RebuildError::Target(source))?;
+    let header = replica_header(identity, &peer, map, Op::Read, chunk, CHUNK_SIZE as u32);
+    let reply = peer
+        .client
+        .call(header, &identity.peer_key, &[])
+        .await
+        .map_err(|e| RebuildError::Transport(e.to_string()))?;
+    match reply.status() {
+        Status::Ok => Ok(reply.payload),
+        status => Err(RebuildError::Refused { what: "the read", chunk, status }),
+    }
+}
+
 /// Copies `chunk` whole from this node to `target` under `map`: its data if
 /// this node holds it, else a release of the whole chunk. The caller holds
 /// the chunk's ordering lock, so no client write interleaves.

@@ -38,6 +38,7 @@
 //! (module `slots`). A write dropped midway may or may not have reached the
 //! device, as NBD allows.
 //!
+pub mod checksums;
 mod db;
 pub mod device;
 mod slots;
@@ -57,6 +58,7 @@ use crate::engine::{
     open_engine_with, AlignedBuf, BufferPool, DeviceFile, EngineKind, IoCompletion, IoEngine,
     IoRequest, KeepAlive, IO_ALIGN,
 };
+use checksums::BlockSums;
 use db::{ChunkRow, MapChange, MapWriter};
 use slots::{SlotLocation, SlotTable};
 
@@ -118,6 +120,8 @@ pub enum StoreError {
     Closed,
     #[error("device {path} has failed ({reason}); its chunks are not served")]
     DeviceFailed { path: String, reason: String },
+    #[error("chunk {chunk} of volume {vol}: blocks {blocks:?} do not match their checksums")]
+    Corrupt { vol: u64, chunk: u64, blocks: Vec<usize> },
 }
 
 impl SlotLocation {
@@ -134,6 +138,8 @@ struct StoreDevice {
     /// Set once, when the device misses an IO deadline or returns an error
     /// that means it is gone (`EIO`, `EROFS`, ...): why it failed.
     failed: OnceLock<String>,
+    /// A checksum per 4 KiB block of every slot.
+    sums: BlockSums,
 }
 
 /// Operation counters since the store was opened (for `/metrics`).
@@ -149,6 +155,8 @@ pub struct StoreCounters {
     pub slots_freed: AtomicU64,
     pub flushes: AtomicU64,
     pub io_errors: AtomicU64,
+    /// Reads that found blocks not matching their checksums.
+    pub checksum_errors: AtomicU64,
 }
 
 /// Stores 1 MiB chunks of volumes on local devices. `Send + Sync`; shared
@@ -218,12 +226,15 @@ impl ChunkStore {
             if devices.iter().any(|d: &StoreDevice| d.db_id == db_id) {
                 return Err(StoreError::Config(format!("{} is listed twice", path.display())));
             }
+            let sums_path = cfg.data_dir.join("sums").join(format!("{db_id}.sums"));
+            let sums = BlockSums::open(&sums_path, provisioned.slot_count)?;
             devices.push(StoreDevice {
                 path,
                 db_id,
                 size_bytes: provisioned.size_bytes,
                 slot_count: provisioned.slot_count,
                 failed: OnceLock::new(),
+                sums,
             });
         }
 
@@ -306,21 +317,52 @@ impl ChunkStore {
         check_range(offset, len as usize)?;
         let key = (vol, chunk);
         self.check_chunk_device(key)?;
-        let _shared = self.lock_for(key).read().await;
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
         self.counters.read_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        let Some(location) = self.location(key) else {
-            return Ok(vec![0; len as usize]);
-        };
         if len == 0 {
             return Ok(Vec::new());
         }
         let offset = u64::from(offset);
         let start = offset / ALIGN * ALIGN;
         let end = (offset + u64::from(len)).div_ceil(ALIGN) * ALIGN;
-        let buf = self.read_slot(location, start, (end - start) as usize).await?;
+        let Some(buf) = self.read_verified(key, start, (end - start) as usize).await? else {
+            return Ok(vec![0; len as usize]);
+        };
         let from = (offset - start) as usize;
         Ok(buf[from..from + len as usize].to_vec())
+    }
+
+    /// Reads the aligned range `start .. start + len` of a chunk and checks
+    /// every block against its checksum; `None` if the chunk has no slot
+    /// (it reads as zeroes). A mismatch is checked again under the chunk's
+    /// exclusive lock (a write of the same block may have been in flight)
+    /// before it is `Corrupt`.
+    async fn read_verified(
+        &self,
+        key: (u64, u64),
+        start: u64,
+        len: usize,
+    ) -> Result<Option<AlignedBuf>, StoreError> {
+        {
+            let _shared = self.lock_for(key).read().await;
+            let Some(location) = self.location(key) else { return Ok(None) };
+            let buf = self.read_slot(location, start, len).await?;
+            let sums = &self.devices[location.device].sums;
+            if sums.mismatches(location.slot, (start / ALIGN) as usize, &buf).is_empty() {
+                return Ok(Some(buf));
+            }
+        }
+        let _exclusive = self.lock_for(key).write().await;
+        let Some(location) = self.location(key) else { return Ok(None) };
+        let buf = self.read_slot(location, start, len).await?;
+        let sums = &self.devices[location.device].sums;
+        let blocks = sums.mismatches(location.slot, (start / ALIGN) as usize, &buf);
+        if blocks.is_empty() {
+            return Ok(Some(buf));
+        }
+        self.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(vol = key.0, chunk = key.1, ?blocks, "blocks do not match their checksums");
+        Err(StoreError::Corrupt { vol: key.0, chunk: key.1, blocks })
     }
 
     /// Writes `data` at `offset` of a chunk; with `fua` the data is durable
@@ -393,19 +435,19 @@ impl ChunkStore {
         for outcome in futures_util::future::join_all(syncs).await {
             outcome?;
         }
+        for device in self.devices.iter().filter(|d| d.failed.get().is_none()) {
+            device.sums.sync()?;
+        }
         Ok(())
     }
 
     /// CRC32 of a chunk's full 1 MiB content (zeroes when never written).
     pub async fn chunk_checksum(&self, vol: u64, chunk: u64) -> Result<ChunkChecksum, StoreError> {
         let key = (vol, chunk);
-        let _shared = self.lock_for(key).read().await;
-        let (allocated, crc32, generation) = match self.location(key) {
-            None => (false, zero_chunk_crc(), 0),
-            Some(location) => {
-                let buf = self.read_slot(location, 0, CHUNK_BYTES).await?;
-                (true, crc32fast::hash(&buf), location.generation)
-            }
+        let generation = self.location(key).map_or(0, |l| l.generation);
+        let (allocated, crc32) = match self.read_verified(key, 0, CHUNK_BYTES).await? {
+            None => (false, zero_chunk_crc()),
+            Some(buf) => (true, crc32fast::hash(&buf)),
         };
         Ok(ChunkChecksum { volume_id: vol, chunk_index: chunk, allocated, crc32, generation })
     }
@@ -636,6 +678,8 @@ impl ChunkStore {
         fua: bool,
         keep_alive: KeepAlive,
     ) -> (Result<(), StoreError>, Option<KeepAlive>) {
+        // The sums go first, under the chunk's lock (see `checksums`).
+        self.devices[location.device].sums.record(location.slot, (offset / ALIGN) as usize, &buf);
         let request = IoRequest::write(location.device, location.byte_offset(offset), buf, fua)
             .keeping(keep_alive);
         match self.run_io(request).await {
