@@ -359,6 +359,9 @@ async fn unreachable_report(
     // a node restarting in place is not a failed node.
     let grace = std::time::Duration::from_secs(state.settings.unreachable_grace_secs);
     let declare = reachable.is_some_and(|ok| state.probes.record(node_id, ok, grace));
+    if reachable == Some(false) && !declare && state.probes.start_following(node_id) {
+        tokio::spawn(follow_up_probes(state.clone(), node_id, host, port, caller.describe()));
+    }
     let verdict = state
         .transact(move |conn, ctx| {
             service::declare_unreachable(conn, ctx, node_id, reachable, declare, probe_started)
@@ -374,6 +377,55 @@ async fn unreachable_report(
         );
     }
     Ok(Json(verdict))
+}
+
+/// After a failed probe, the MDM keeps probing the node itself until it
+/// answers or the grace period has passed (then it is declared FAILED), so
+/// the verdict does not wait for the next report: a frozen node is reported
+/// only once per request timeout.
+async fn follow_up_probes(state: Shared, node_id: u64, host: String, port: u16, reporter: String) {
+    let grace = std::time::Duration::from_secs(state.settings.unreachable_grace_secs);
+    let rounds = grace.as_millis() / crate::probe::PROBE_INTERVAL.as_millis() + 3;
+    for _ in 0..rounds {
+        tokio::time::sleep(crate::probe::PROBE_INTERVAL).await;
+        if !state.probes.begin(node_id) {
+            continue;
+        }
+        let probe_started = pflex_proto::unix_now();
+        let reachable = crate::probe::probe(&host, port).await;
+        let declare = state.probes.record(node_id, reachable, grace);
+        if reachable {
+            break;
+        }
+        if declare {
+            let verdict = state
+                .transact(move |conn, ctx| {
+                    service::declare_unreachable(
+                        conn,
+                        ctx,
+                        node_id,
+                        Some(false),
+                        true,
+                        probe_started,
+                    )
+                })
+                .await;
+            if let Ok(verdict) = verdict {
+                state
+                    .counters
+                    .copies_replaced
+                    .fetch_add(verdict.copies_replaced, Ordering::Relaxed);
+                tracing::warn!(
+                    sds = node_id,
+                    reported_by = %reporter,
+                    copies = verdict.copies_replaced,
+                    "SDS reported unreachable and the MDM's probes failed for the grace period: declared FAILED"
+                );
+            }
+            break;
+        }
+    }
+    state.probes.stop_following(node_id);
 }
 
 async fn health_status(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// One probe per SDS per this interval, however many clients report it
 /// (a probe itself takes up to two timeouts when the node does not answer).
-const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Each probe attempt's timeout (connect, PING, reply); the node is
 /// unreachable only if both attempts fail.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
@@ -19,6 +19,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 #[derive(Debug, Default)]
 pub struct Probes {
     nodes: Mutex<HashMap<u64, History>>,
+    /// Nodes whose failed probe is being followed up by the MDM itself.
+    following: Mutex<std::collections::HashSet<u64>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +43,17 @@ impl Probes {
     /// stopped), so an old failure never shortens a later grace period.
     pub fn record(&self, node_id: u64, reachable: bool, grace: Duration) -> bool {
         self.record_at(node_id, reachable, grace, Instant::now())
+    }
+
+    /// Whether the caller should follow up a failed probe of `node_id` with
+    /// probes of its own (false if someone does already); end with
+    /// [`Self::stop_following`].
+    pub fn start_following(&self, node_id: u64) -> bool {
+        self.following.lock().unwrap_or_else(|p| p.into_inner()).insert(node_id)
+    }
+
+    pub fn stop_following(&self, node_id: u64) {
+        self.following.lock().unwrap_or_else(|p| p.into_inner()).remove(&node_id);
     }
 
     fn begin_at(&self, node_id: u64, now: Instant) -> bool {

@@ -114,7 +114,8 @@ pub struct CommonArgs {
 pub enum ClusterCommand {
     /// Overall health, capacity and every component's liveness.
     Status(CommonArgs),
-    /// Rebuild jobs: copies moved off failed SDS nodes, and their progress.
+    /// Copy jobs: resyncs of copies that came back (only what they missed) and
+    /// rebuilds of copies moved off failed SDS nodes or devices.
     Rebuilds(CommonArgs),
     /// Scrub now: every SDS reads both copies of the chunks it is primary
     /// of, checks them against their block checksums and rewrites a copy
@@ -388,6 +389,7 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                         j.job_id.to_string(),
                         j.volume_id.to_string(),
                         j.pg_index.to_string(),
+                        j.kind.as_str().to_string(),
                         j.failed_sds.to_string(),
                         format!("{} -> {}", j.source_sds, j.target_sds),
                         j.state.clone(),
@@ -397,7 +399,17 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                 })
                 .collect();
             Ok(table(
-                &["JOB", "VOLUME", "PG", "FAILED SDS", "COPY", "STATE", "CHUNKS", "UPDATED"],
+                &[
+                    "JOB",
+                    "VOLUME",
+                    "PG",
+                    "KIND",
+                    "FAILED SDS",
+                    "COPY",
+                    "STATE",
+                    "CHUNKS",
+                    "UPDATED",
+                ],
                 rows,
             ))
         }

@@ -90,6 +90,9 @@ pub enum LabCommand {
     Chaos(crate::chaos::ChaosArgs),
 }
 
+/// The dashboard's port, on the MDM's host.
+const MGMT_PORT: u16 = 8080;
+
 /// A device fault `pflex lab fault` injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FaultKind {
@@ -410,6 +413,7 @@ pub async fn down(dir: &Path) -> Result<()> {
     for h in &layout.hosts {
         let _ = std::fs::remove_dir_all(dir.join(&h.name));
     }
+    let _ = std::fs::remove_dir_all(dir.join("mgmt"));
     for file in ["join_key", "cluster.json", "components.json"] {
         let _ = std::fs::remove_file(dir.join(file));
     }
@@ -458,14 +462,27 @@ fn start_on(
     binary: &Path,
     args: Vec<String>,
 ) -> Result<()> {
+    start_as(dir, layout, host, host, binary, args)
+}
+
+/// Starts `component` in `host`'s namespace (the dashboard shares the
+/// MDM's host), recorded under the component's name.
+fn start_as(
+    dir: &Path,
+    layout: &LabLayout,
+    host: &str,
+    component: &str,
+    binary: &Path,
+    args: Vec<String>,
+) -> Result<()> {
     let h = layout.host(host)?;
     let mut full = vec!["netns".to_string(), "exec".into(), h.namespace.clone()];
     full.push(binary.display().to_string());
-    let health_url = up::health_url_of(host, &args);
+    let health_url = up::health_url_of(component, &args);
     full.extend(args);
     let command = RecordedCommand { program: PathBuf::from("ip"), args: full, health_url };
-    up::record_command(dir, host, &command)?;
-    let child = up::spawn_component(host, &command, dir, true)?;
+    up::record_command(dir, component, &command)?;
+    let child = up::spawn_component(component, &command, dir, true)?;
     // Detached: `pflex lab down` (or `pflex down`) stops it by its recorded PID.
     std::mem::forget(child);
     Ok(())
@@ -529,10 +546,11 @@ pub async fn up_lab(dir: &Path, args: &LabUp) -> Result<LabLayout> {
 
 fn print_ready(dir: &Path, layout: &LabLayout) {
     println!(
-        "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab down --data-dir {d}",
+        "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  dashboard http://{dash}:{MGMT_PORT}   (user admin, password in {d}/mgmt/admin_password)\n  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab fault sds1 eio --data-dir {d}\n     pflex lab down --data-dir {d}",
         name = layout.name,
         nbd = layout.nbd_uri,
         mdm = layout.mdm_url,
+        dash = layout.hosts.iter().find(|h| h.name == "mdm").map_or("?", |h| h.address.as_str()),
         d = dir.display(),
         hosts = layout
             .hosts
@@ -644,6 +662,19 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     wait_until("sdc1", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), url.clone());
         async move { up::registered(&http, &url).await.unwrap_or(false) }
+    })
+    .await?;
+
+    // The dashboard, on the MDM's host: it is not on the data path.
+    let mgmt_dir = dir.join("mgmt");
+    std::fs::create_dir_all(&mgmt_dir)?;
+    let listen = format!("{}:{MGMT_PORT}", mdm_host.address);
+    let mgmt_args = up::mgmt_args(&layout.mdm_url, &jk, &mgmt_dir, &listen);
+    start_as(dir, layout, "mdm", "mgmt", &up::binary(&bins, "mgmt")?, mgmt_args)?;
+    let url = format!("http://{listen}/health");
+    wait_until("the dashboard", Duration::from_secs(60), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) }
     })
     .await?;
 

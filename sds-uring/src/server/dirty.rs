@@ -147,16 +147,6 @@ impl DirtyLog {
         .await
     }
 
-    /// Forgets every entry of a PG (a full rebuild copied all of it).
-    pub async fn clear_pg(&self, pg: PgKey) -> Result<(), DirtyLogError> {
-        self.lock().remove(&pg);
-        self.write(
-            "DELETE FROM dirty_chunks WHERE volume_id = ?1 AND pg_index = ?2",
-            vec![pg.0, pg.1],
-        )
-        .await
-    }
-
     /// Forgets a deleted volume.
     pub async fn forget_volume(&self, volume: u64) -> Result<(), DirtyLogError> {
         self.lock().retain(|(v, _), _| *v != volume);
@@ -198,7 +188,7 @@ mod tests {
         assert_eq!(log.chunks((1, 0)), vec![4, 8]);
         assert!(log.contains((1, 1), 5));
         log.clear((1, 0), 4).await.unwrap();
-        log.clear_pg((1, 1)).await.unwrap();
+        log.clear((1, 1), 5).await.unwrap();
         log.forget_volume(2).await.unwrap();
         drop(log);
         let log = DirtyLog::open(&path).unwrap();

@@ -127,6 +127,7 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
     let pg_count = map.pgs.len().max(1) as u64;
     let pg_key = (job.volume_id, job.pg_index);
+    let logged_before = node.dirty.chunks(pg_key);
     if job.kind == CopyKind::Resync {
         // Only what was written while the target was away (this node's
         // dirty log), and what the target itself may hold ahead of this
@@ -177,8 +178,12 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     }
     send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
     identity.mdm.rebuild_complete(&done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
-    // The target has every chunk now: nothing is left to resync.
-    let _ = node.dirty.clear_pg(pg_key).await;
+    // The target has every chunk as it was when it was copied: what was
+    // logged before the copy began is settled. (An entry logged during the
+    // copy, a forward that failed after its chunk was copied, stays.)
+    for chunk in logged_before {
+        let _ = node.dirty.clear(pg_key, chunk).await;
+    }
     Ok(done)
 }
 
