@@ -62,10 +62,11 @@ pub struct PlacementMap {
 impl PlacementMap {
     /// The PG a chunk belongs to.
     pub fn pg_of(&self, chunk_index: u64) -> Option<&PlacementGroup> {
-        if self.pgs.is_empty() {
-            return None;
-        }
-        self.pgs.get((chunk_index % self.pgs.len() as u64) as usize)
+        self.pgs.get(self.pg_index_of(chunk_index)? as usize)
+    }
+    /// The index of the PG chunk `chunk_index` belongs to (`None` without PGs).
+    pub fn pg_index_of(&self, chunk_index: u64) -> Option<u64> {
+        (!self.pgs.is_empty()).then(|| chunk_index % self.pgs.len() as u64)
     }
     pub fn node(&self, id: u64) -> Option<&SdsEndpoint> {
         self.nodes.iter().find(|n| n.id == id)

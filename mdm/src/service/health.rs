@@ -62,10 +62,7 @@ pub(super) struct DataHealth {
 }
 
 pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, MdmError> {
-    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
-        .into_iter()
-        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
-        .collect();
+    let status = sds_liveness(conn, ctx)?;
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
     let mut stmt = conn.prepare(
         "SELECT v.id, v.size_bytes, p.pg_index, p.primary_sds,
@@ -336,10 +333,7 @@ fn resolve_degraded(
     ctx: &Ctx,
     replace: Replace,
 ) -> Result<MonitorReport, MdmError> {
-    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
-        .into_iter()
-        .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
-        .collect();
+    let status = sds_liveness(conn, ctx)?;
     let degraded: Vec<(u64, u64, u64, u64, u64)> = conn
         .prepare(
             "SELECT volume_id, pg_index, primary_sds, absent_sds, absent_since
@@ -434,12 +428,17 @@ fn has_healthy_device(conn: &Connection, node: u64) -> Result<bool, MdmError> {
     )?)
 }
 
-/// Whether an SDS is FAILED now (an unknown id counts as failed).
-fn failed_nodes(conn: &Connection, ctx: &Ctx) -> Result<impl Fn(u64) -> bool, MdmError> {
-    let status: HashMap<u64, &'static str> = nodes(conn, Some(NodeType::Sds))?
+/// ACTIVE, STALE or FAILED, per SDS id.
+fn sds_liveness(conn: &Connection, ctx: &Ctx) -> Result<HashMap<u64, &'static str>, MdmError> {
+    Ok(nodes(conn, Some(NodeType::Sds))?
         .into_iter()
         .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
-        .collect();
+        .collect())
+}
+
+/// Whether an SDS is FAILED now (an unknown id counts as failed).
+fn failed_nodes(conn: &Connection, ctx: &Ctx) -> Result<impl Fn(u64) -> bool, MdmError> {
+    let status = sds_liveness(conn, ctx)?;
     Ok(move |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED")
 }
 

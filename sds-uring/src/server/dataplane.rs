@@ -266,7 +266,7 @@ async fn hold_lease(
     pg: PlacementGroup,
 ) -> Result<(), Status> {
     let Some(leases) = &node.leases else { return Ok(()) };
-    let pg_index = (chunk_index % map.pgs.len().max(1) as u64) as usize;
+    let pg_index = map.pg_index_of(chunk_index).unwrap_or(0) as usize;
     let secondary = (pg.secondary != identity.node_id && pg.secondary != 0).then_some(pg.secondary);
     for _ in 0..3 {
         let now = std::time::Instant::now();
@@ -415,13 +415,12 @@ async fn repair_from_copy(
         return Err(Status::IoError);
     }
     let _whole_chunk = node.chunk_locks.lock(vol, chunk, 0, CHUNK_SIZE as u32).await;
-    let good = super::rebuild::pull_chunk(node, identity, map, pg.secondary, chunk)
+    let good = super::rebuild::rewrite_from_copy(node, identity, map, pg.secondary, chunk)
         .await
         .map_err(|e| {
-            tracing::error!(vol, chunk, error = %e, "corrupt chunk and no good copy to repair it from");
+            tracing::error!(vol, chunk, error = %e, "cannot repair a corrupt chunk from its other copy");
             Status::IoError
         })?;
-    node.store.write(vol, chunk, 0, &good, true).await.map_err(|e| store_status(&e))?;
     node.metrics.checksum_repairs.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(vol, chunk, "repaired a corrupt chunk from the other copy");
     let from = header.offset as usize;
@@ -492,7 +491,7 @@ async fn replicate_write(
     payload: Vec<u8>,
     sdc_id: u64,
 ) -> Result<(), Status> {
-    let pg_key = (header.volume_id, pg_index(map, header.chunk_index));
+    let pg_key = (header.volume_id, map.pg_index_of(header.chunk_index).unwrap_or(0));
     if pg.secondary == 0 {
         return write_degraded(node, map, op, header, &payload, sdc_id, pg_key).await;
     }
@@ -566,11 +565,6 @@ async fn replicate_write(
     }
 }
 
-/// The PG index of `chunk` in `map`.
-fn pg_index(map: &PlacementMap, chunk: u64) -> u64 {
-    chunk % map.pgs.len().max(1) as u64
-}
-
 async fn mark_dirty(node: &SdsNode, pg: super::dirty::PgKey, chunk: u64) -> Result<(), Status> {
     node.dirty.mark(pg, chunk).await.map_err(|e| {
         tracing::error!(error = %e, "cannot log a dirty chunk");
@@ -613,7 +607,7 @@ async fn reconcile_if_dirty(
     header: &FrameHeader,
 ) -> Result<(), Status> {
     let chunk = header.chunk_index;
-    let pg_key = (header.volume_id, pg_index(map, chunk));
+    let pg_key = (header.volume_id, map.pg_index_of(chunk).unwrap_or(0));
     if pg.secondary == 0 || !node.dirty.contains(pg_key, chunk) {
         return Ok(());
     }
@@ -806,7 +800,7 @@ async fn serve_replica(
             }
             apply_local(node, op, header, &payload).await?;
             let whole_chunk = header.offset == 0 && u64::from(header.length) == CHUNK_SIZE;
-            let pg_key = (header.volume_id, pg_index(&map, header.chunk_index));
+            let pg_key = (header.volume_id, map.pg_index_of(header.chunk_index).unwrap_or(0));
             if whole_chunk && node.dirty.contains(pg_key, header.chunk_index) {
                 // This copy now equals the primary's for the whole chunk:
                 // whatever it was ahead with is gone.

@@ -89,11 +89,7 @@ async fn lost_pgs(node: &SdsNode, me: u64, index: usize) -> Option<BTreeSet<PgRe
             VolumeFate::Deleted => continue,
             VolumeFate::Unknown => return None,
         };
-        let pg_count = map.pgs.len() as u64;
-        if pg_count == 0 {
-            continue;
-        }
-        let pg_index = chunk % pg_count;
+        let Some(pg_index) = map.pg_index_of(chunk) else { continue };
         let pg = &map.pgs[pg_index as usize];
         if pg.primary == me || pg.secondary == me || pg.absent == me {
             pgs.insert(PgRef { volume_id, pg_index });

@@ -47,6 +47,8 @@ pub enum RebuildError {
     Target(u64),
     #[error("reading chunk {chunk} locally: {error}")]
     Read { chunk: u64, error: String },
+    #[error("writing chunk {chunk} locally: {error}")]
+    Write { chunk: u64, error: String },
     #[error("target refused {what} of chunk {chunk}: {}", .status.name())]
     Refused { what: &'static str, chunk: u64, status: Status },
     #[error("target unreachable: {0}")]
@@ -125,42 +127,25 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
     let on_target = target_allocation(node, &identity, &peer, job, &map).await?;
 
     let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
-    let pg_count = map.pgs.len().max(1) as u64;
     let pg_key = (job.volume_id, job.pg_index);
-    let logged_before = node.dirty.chunks(pg_key);
-    if job.kind == CopyKind::Resync {
+    let chunks: Vec<u64> = match job.kind {
+        CopyKind::Rebuild => {
+            let pg_count = map.pgs.len().max(1);
+            (job.pg_index..map.chunk_count()).step_by(pg_count).collect()
+        }
         // Only what was written while the target was away (this node's
         // dirty log), and what the target itself may hold ahead of this
         // copy (writes it applied as primary whose forward failed).
-        let mut chunks: std::collections::BTreeSet<u64> =
-            node.dirty.chunks(pg_key).into_iter().collect();
-        chunks.extend(target_dirty_list(node, &identity, &peer, job, &map).await?);
-        for chunk in chunks {
-            let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
-            current_map(node, &identity, job).await?;
-            let map = node
-                .newest_placement(job.volume_id)
-                .await
-                .map_err(|s| RebuildError::Placement(s.name()))?;
-            push_chunk(node, &identity, &map, job.target_sds, chunk).await?;
-            node.dirty
-                .clear(pg_key, chunk)
-                .await
-                .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
-            done.chunks_copied += 1;
-            node.metrics.rebuild_chunks_copied.fetch_add(1, Ordering::Relaxed);
+        CopyKind::Resync => {
+            let mut chunks: std::collections::BTreeSet<u64> =
+                node.dirty.chunks(pg_key).into_iter().collect();
+            chunks.extend(target_dirty_list(node, &identity, &peer, job, &map).await?);
+            chunks.into_iter().collect()
         }
-        send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
-        identity
-            .mdm
-            .rebuild_complete(&done)
-            .await
-            .map_err(|e| RebuildError::Report(e.to_string()))?;
-        return Ok(done);
-    }
-    for chunk in (job.pg_index..map.chunk_count()).step_by(pg_count as usize) {
-        // Every chunk of the PG is looked at under its lock: a write in
-        // flight may be creating it right now.
+    };
+    for chunk in chunks {
+        // Every chunk is looked at under its lock: a write in flight may be
+        // creating it right now.
         let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
         if node.store.is_allocated(job.volume_id, chunk) {
             let data = node
@@ -175,15 +160,15 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
             send(node, &identity, &peer, job, Op::Trim, chunk, Bytes::new()).await?;
             done.chunks_released += 1;
         }
+        // The target has the chunk as it is now: a dirty entry is settled
+        // (one logged later, by a forward that fails after this, stays).
+        node.dirty
+            .clear(pg_key, chunk)
+            .await
+            .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
     }
     send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
     identity.mdm.rebuild_complete(&done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
-    // The target has every chunk as it was when it was copied: what was
-    // logged before the copy began is settled. (An entry logged during the
-    // copy, a forward that failed after its chunk was copied, stays.)
-    for chunk in logged_before {
-        let _ = node.dirty.clear(pg_key, chunk).await;
-    }
     Ok(done)
 }
 
@@ -208,6 +193,24 @@ pub(super) async fn pull_chunk(
         Status::Ok => Ok(reply.payload),
         status => Err(RebuildError::Refused { what: "the read", chunk, status }),
     }
+}
+
+/// Rewrites this node's copy of `chunk` from the copy on `source` (it
+/// checks its own block checksums) and returns the data; the caller holds
+/// the chunk's ordering lock.
+pub(super) async fn rewrite_from_copy(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    source: u64,
+    chunk: u64,
+) -> Result<Vec<u8>, RebuildError> {
+    let good = pull_chunk(node, identity, map, source, chunk).await?;
+    node.store
+        .write(map.volume_id, chunk, 0, &good, true)
+        .await
+        .map_err(|e| RebuildError::Write { chunk, error: e.to_string() })?;
+    Ok(good)
 }
 
 /// Copies `chunk` whole from this node to `target` under `map`: its data if

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use pflex_proto::CHUNK_SIZE;
 use serde::Serialize;
 
-use super::rebuild::{pull_chunk, push_chunk};
+use super::rebuild::{pull_chunk, push_chunk, rewrite_from_copy};
 use super::SdsNode;
 use crate::store::StoreError;
 
@@ -114,13 +114,13 @@ pub async fn scrub_once(node: &SdsNode) -> ScrubReport {
             let local = match node.store.read(vol, chunk, 0, CHUNK_SIZE as u32).await {
                 Ok(data) => data,
                 Err(StoreError::Corrupt { .. }) => {
-                    match pull_chunk(node, &identity, &map, pg.secondary, chunk).await {
-                        Ok(good) if node.store.write(vol, chunk, 0, &good, true).await.is_ok() => {
+                    match rewrite_from_copy(node, &identity, &map, pg.secondary, chunk).await {
+                        Ok(good) => {
                             report.repaired_here += 1;
                             node.metrics.scrub_repairs.fetch_add(1, Ordering::Relaxed);
                             good
                         }
-                        _ => {
+                        Err(_) => {
                             report.unchecked += 1;
                             continue;
                         }

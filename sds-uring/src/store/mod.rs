@@ -139,7 +139,7 @@ struct StoreDevice {
     /// that means it is gone (`EIO`, `EROFS`, ...): why it failed.
     failed: OnceLock<String>,
     /// A checksum per 4 KiB block of every slot.
-    sums: BlockSums,
+    sums: Arc<BlockSums>,
 }
 
 /// Operation counters since the store was opened (for `/metrics`).
@@ -227,7 +227,7 @@ impl ChunkStore {
                 return Err(StoreError::Config(format!("{} is listed twice", path.display())));
             }
             let sums_path = cfg.data_dir.join("sums").join(format!("{db_id}.sums"));
-            let sums = BlockSums::open(&sums_path, provisioned.slot_count)?;
+            let sums = Arc::new(BlockSums::open(&sums_path, provisioned.slot_count)?);
             devices.push(StoreDevice {
                 path,
                 db_id,
@@ -420,10 +420,7 @@ impl ChunkStore {
         let exclusive = keep_alive
             .and_then(|k| k.downcast::<ChunkGuard>().ok())
             .ok_or_else(|| StoreError::MapUpdate("the chunk lock did not come back".into()))?;
-        let change = MapChange::Unmap { volume_id: vol, chunk_index: chunk };
-        self.map_writer.apply(change, exclusive).await?;
-        self.counters.slots_freed.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.unmap(key, exclusive).await
     }
 
     /// Makes every acknowledged write durable (`fdatasync` of every device).
@@ -435,8 +432,12 @@ impl ChunkStore {
         for outcome in futures_util::future::join_all(syncs).await {
             outcome?;
         }
+        // The sums' write-back (`msync`) blocks: off the runtime's threads.
         for device in self.devices.iter().filter(|d| d.failed.get().is_none()) {
-            device.sums.sync()?;
+            let sums = device.sums.clone();
+            tokio::task::spawn_blocking(move || sums.sync())
+                .await
+                .map_err(|_| StoreError::Closed)??;
         }
         Ok(())
     }
@@ -859,6 +860,12 @@ impl ChunkStore {
         if self.location(key).is_none() {
             return Ok(());
         }
+        self.unmap(key, exclusive).await
+    }
+
+    /// Has the map writer unmap the chunk and free its slot; `exclusive`,
+    /// the chunk's guard, is held until that is committed.
+    async fn unmap(&self, key: (u64, u64), exclusive: ChunkGuard) -> Result<(), StoreError> {
         let change = MapChange::Unmap { volume_id: key.0, chunk_index: key.1 };
         self.map_writer.apply(change, exclusive).await?;
         self.counters.slots_freed.fetch_add(1, Ordering::Relaxed);
