@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use pflex_proto::api::{
     AckResponse, ApiError, ClusterSummary, DeviceFailure, DeviceFailureVerdict, HealthStatus,
-    HeartbeatRequest, HeartbeatResponse, MappedVolume, RebuildComplete, RebuildJob,
-    RegisterRequest, RegisterResponse, SdcInfo, SdsInfo, TokenAckBatch, TokenRequest,
-    TokenResponse, UnreachableReport, UnreachableVerdict, Volume, VolumeCreate, VolumeMap,
-    VolumeRename, VolumeResize, VolumeUnmap,
+    HeartbeatRequest, HeartbeatResponse, MappedVolume, MovementPolicy, MovementStatus,
+    RebuildComplete, RebuildJob, RebuildProgress, RegisterRequest, RegisterResponse, SdcInfo,
+    SdsInfo, TokenAckBatch, TokenRequest, TokenResponse, UnreachableReport, UnreachableVerdict,
+    Volume, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::token::AccessMode;
@@ -280,6 +280,38 @@ impl MdmClient {
         request: &RebuildComplete,
     ) -> Result<RebuildJob, MdmClientError> {
         self.post(&["rebuild", "complete"], request).await
+    }
+
+    /// `POST /rebuild/progress` (the job's source SDS); 409 once the job is
+    /// no longer running.
+    pub async fn rebuild_progress(
+        &self,
+        request: &RebuildProgress,
+    ) -> Result<RebuildJob, MdmClientError> {
+        self.post(&["rebuild", "progress"], request).await
+    }
+
+    /// `GET /rebuild/status` (admin, MGMT): all data movement at a glance.
+    pub async fn movement_status(&self) -> Result<MovementStatus, MdmClientError> {
+        self.get(&["rebuild", "status"]).await
+    }
+
+    /// `GET /rebuild/policy`.
+    pub async fn movement_policy(&self) -> Result<MovementPolicy, MdmClientError> {
+        self.get(&["rebuild", "policy"]).await
+    }
+
+    /// `PUT /rebuild/policy` (admin).
+    pub async fn set_movement_policy(
+        &self,
+        policy: &MovementPolicy,
+    ) -> Result<MovementPolicy, MdmClientError> {
+        self.call(Method::PUT, &["rebuild", "policy"], Some(policy)).await
+    }
+
+    /// `POST /sds/{name-or-id}/remove` (admin): drain the SDS, then remove it.
+    pub async fn remove_sds(&self, name_or_id: &str) -> Result<SdsInfo, MdmClientError> {
+        self.post(&["sds", name_or_id, "remove"], &()).await
     }
 
     /// `GET /rebuild/jobs` (admin, MGMT): every rebuild job, newest first.

@@ -206,6 +206,48 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE rebuild_jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'rebuild'
         CHECK (kind IN ('rebuild', 'resync'));
     "#,
+    // 7: data movement. A PG copy that moves (rebalance, drain) has its
+    // receiving node in `joining_sds` until the move completes; jobs may be
+    // moves and record progress; the movement policy; bytes moved per
+    // second (for the rate); SDS nodes being drained or removed.
+    r#"
+    ALTER TABLE placement_groups ADD COLUMN joining_sds INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sds_nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sds_nodes ADD COLUMN removed_at INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE rebuild_jobs_v7 (
+        id INTEGER PRIMARY KEY,
+        volume_id INTEGER NOT NULL,
+        pg_index INTEGER NOT NULL,
+        failed_sds INTEGER NOT NULL,
+        source_sds INTEGER NOT NULL,
+        target_sds INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        chunks_copied INTEGER NOT NULL DEFAULT 0,
+        kind TEXT NOT NULL DEFAULT 'rebuild' CHECK (kind IN ('rebuild', 'resync', 'move')),
+        chunks_total INTEGER NOT NULL DEFAULT 0,
+        bytes_copied INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO rebuild_jobs_v7 (id, volume_id, pg_index, failed_sds, source_sds, target_sds,
+                                 state, created_at, updated_at, chunks_copied, kind)
+        SELECT id, volume_id, pg_index, failed_sds, source_sds, target_sds, state, created_at,
+               updated_at, chunks_copied, kind FROM rebuild_jobs;
+    DROP TABLE rebuild_jobs;
+    ALTER TABLE rebuild_jobs_v7 RENAME TO rebuild_jobs;
+    CREATE INDEX rebuild_jobs_source ON rebuild_jobs (source_sds, state);
+    CREATE TABLE movement_policy (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        mb_per_sec INTEGER NOT NULL,
+        chunks_in_flight INTEGER NOT NULL,
+        priority TEXT NOT NULL CHECK (priority IN ('client', 'movement'))
+    );
+    INSERT INTO movement_policy VALUES (1, 0, 4, 'client');
+    CREATE TABLE movement_bytes (
+        at INTEGER PRIMARY KEY,
+        bytes INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Schema version this build writes.

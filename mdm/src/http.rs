@@ -253,6 +253,9 @@ pub fn router(state: Shared) -> Router {
         .route("/token/ack", post(token_ack))
         .route("/rebuild/complete", post(rebuild_complete))
         .route("/rebuild/jobs", get(rebuild_jobs))
+        .route("/rebuild/progress", post(rebuild_progress))
+        .route("/rebuild/status", get(movement_status))
+        .route("/rebuild/policy", get(movement_policy).put(set_movement_policy))
         .route("/vol/create", post(volume_create))
         .route("/vol/list", get(volume_list))
         .route("/vol/map", post(volume_map))
@@ -264,6 +267,7 @@ pub fn router(state: Shared) -> Router {
         .route("/sdc/mappings", get(sdc_mappings))
         .route("/sds/list", get(sds_list))
         .route("/sds/device-failed", post(device_failed))
+        .route("/sds/{sds}/remove", post(sds_remove))
         .route("/sdc/list", get(sdc_list))
         .route("/cluster/summary", get(cluster_summary))
         .route("/metrics", get(metrics))
@@ -485,6 +489,62 @@ async fn rebuild_complete(
     Ok(Json(job))
 }
 
+async fn rebuild_progress(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<pflex_proto::api::RebuildProgress>,
+) -> Result<Json<pflex_proto::api::RebuildJob>, MdmError> {
+    allow(caller, &[Role::Sds])?;
+    Ok(Json(
+        state
+            .transact(move |conn, ctx| service::rebuild_progress(conn, ctx, caller, &request))
+            .await?,
+    ))
+}
+
+async fn movement_status(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<pflex_proto::api::MovementStatus>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(service::movement_status).await?))
+}
+
+async fn movement_policy(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<pflex_proto::api::MovementPolicy>, MdmError> {
+    allow(caller, READERS)?;
+    Ok(Json(state.transact(|conn, _| service::movement_policy(conn)).await?))
+}
+
+async fn set_movement_policy(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(policy): ApiJson<pflex_proto::api::MovementPolicy>,
+) -> Result<Json<pflex_proto::api::MovementPolicy>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let policy = state.transact(move |conn, _| service::set_movement_policy(conn, &policy)).await?;
+    tracing::info!(
+        mb_per_sec = policy.mb_per_sec,
+        chunks_in_flight = policy.chunks_in_flight,
+        priority = policy.priority.as_str(),
+        "data movement policy changed"
+    );
+    Ok(Json(policy))
+}
+
+async fn sds_remove(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiPath(sds): ApiPath,
+) -> Result<Json<pflex_proto::api::SdsInfo>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let info = state.transact(move |conn, ctx| service::remove_sds(conn, ctx, &sds)).await?;
+    tracing::warn!(sds = %info.name, "draining SDS for removal");
+    Ok(Json(info))
+}
+
 async fn rebuild_jobs(
     State(state): State<Shared>,
     Auth(caller): Auth,
@@ -622,11 +682,15 @@ async fn cluster_summary(
 
 async fn metrics(State(state): State<Shared>, Auth(caller): Auth) -> Result<Response, MdmError> {
     allow(caller, ANY)?;
-    let (summary, health) = state
+    let (summary, health, movement) = state
         .transact(|conn, ctx| {
-            Ok((service::cluster_summary(conn, ctx)?, service::health_status(conn, ctx)?))
+            Ok((
+                service::cluster_summary(conn, ctx)?,
+                service::health_status(conn, ctx)?,
+                service::movement_status(conn, ctx)?,
+            ))
         })
         .await?;
-    let text = crate::metrics::render(&state, &summary, &health);
+    let text = crate::metrics::render(&state, &summary, &health, &movement);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }

@@ -24,6 +24,7 @@ pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod probe;
+pub mod rebalance;
 pub mod service;
 pub mod validate;
 

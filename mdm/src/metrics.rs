@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use pflex_proto::api::{ClusterSummary, HealthStatus};
+use pflex_proto::api::{ClusterSummary, HealthStatus, MovementStatus};
 
 use crate::http::AppState;
 
@@ -13,10 +13,15 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Renders every MDM metric.
-pub fn render(state: &AppState, summary: &ClusterSummary, health: &HealthStatus) -> String {
+pub fn render(
+    state: &AppState,
+    summary: &ClusterSummary,
+    health: &HealthStatus,
+    movement: &MovementStatus,
+) -> String {
     let mut out = String::new();
     let c = &state.counters;
-    let gauges: [(&str, &str, u64); 10] = [
+    let gauges: [(&str, &str, u64); 16] = [
         (
             "pflex_mdm_uptime_seconds",
             "Seconds since the MDM started.",
@@ -43,6 +48,32 @@ pub fn render(state: &AppState, summary: &ClusterSummary, health: &HealthStatus)
             "Rebuild jobs pending or running.",
             summary.rebuild_jobs_active,
         ),
+        (
+            "pflex_mdm_move_jobs_active",
+            "Rebalance and drain moves pending or running.",
+            movement.move_jobs,
+        ),
+        (
+            "pflex_mdm_movement_chunks_remaining",
+            "Chunks the unfinished copy jobs still have to send.",
+            movement.chunks_total.saturating_sub(movement.chunks_copied),
+        ),
+        (
+            "pflex_mdm_movement_bytes_per_second",
+            "Bytes per second sent by all copy jobs (rebuild, resync, move) over the last seconds.",
+            movement.rate_bytes_per_sec,
+        ),
+        (
+            "pflex_mdm_movement_eta_seconds",
+            "Seconds until the unfinished copy jobs are done at the current rate (0 when idle).",
+            movement.eta_secs.unwrap_or(0),
+        ),
+        (
+            "pflex_mdm_movement_limit_mb_per_second",
+            "Per-SDS data movement limit in MB/s (0: no limit).",
+            movement.policy.mb_per_sec,
+        ),
+        ("pflex_mdm_sds_draining", "SDS nodes being drained.", movement.draining.len() as u64),
     ];
     for (name, help, value) in gauges {
         family(&mut out, name, "gauge", help);

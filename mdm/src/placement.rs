@@ -146,7 +146,7 @@ pub fn place(
         pgs.push(PlacementGroup {
             primary: loads[primary].candidate.id,
             secondary: loads[secondary].candidate.id,
-            absent: 0,
+            ..PlacementGroup::default()
         });
     }
     Ok(pgs)

@@ -15,7 +15,10 @@
 //! | POST /token/ack | [`TokenAckBatch`] → [`AckResponse`] | SDS, SDC |
 //! | POST /health/unreachable | [`UnreachableReport`] → [`UnreachableVerdict`] | SDS, SDC |
 //! | POST /rebuild/complete | [`RebuildComplete`] → [`RebuildJob`] | SDS (the job's source) |
+//! | POST /rebuild/progress | [`RebuildProgress`] → [`RebuildJob`] | SDS (the job's source) |
 //! | GET /rebuild/jobs | → `Vec<RebuildJob>` | admin, MGMT |
+//! | GET /rebuild/status | → [`MovementStatus`] | admin, MGMT |
+//! | PUT /rebuild/policy | [`MovementPolicy`] → [`MovementPolicy`] | admin |
 //! | POST /vol/create | [`VolumeCreate`] → [`Volume`] | admin |
 //! | GET /vol/list | → `Vec<Volume>` | admin, MGMT |
 //! | GET /vol/{name-or-id} | → [`Volume`] | admin, MGMT |
@@ -27,6 +30,7 @@
 //! | POST /vol/unmap | [`VolumeUnmap`] → [`Volume`] | admin |
 //! | GET /sdc/mappings | → `Vec<MappedVolume>` (the calling SDC's) | SDC |
 //! | GET /sds/list | → `Vec<SdsInfo>` | admin, MGMT |
+//! | POST /sds/{name-or-id}/remove | → [`SdsInfo`] (draining) | admin |
 //! | GET /sdc/list | → `Vec<SdcInfo>` | admin, MGMT |
 //! | GET /cluster/summary | → [`ClusterSummary`] | admin, MGMT |
 //! | GET /metrics | Prometheus text | any credential |
@@ -153,6 +157,51 @@ pub struct HeartbeatResponse {
     /// the source of: it is the PG's primary and holds the data).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rebuilds: Vec<RebuildAssignment>,
+    /// How fast an SDS may move data (only for an SDS).
+    #[serde(default)]
+    pub movement: MovementPolicy,
+}
+
+/// How data movement (rebuild, resync, rebalance, drain) shares each SDS
+/// with client IO; set cluster-wide on the MDM, handed to every SDS with
+/// its heartbeat reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MovementPolicy {
+    /// Bytes per second one SDS sends for data movement, in MB/s (10^6);
+    /// 0 means no limit.
+    pub mb_per_sec: u64,
+    /// Chunks one job keeps in flight at once (1..=64).
+    pub chunks_in_flight: u32,
+    pub priority: MovementPriority,
+}
+
+impl Default for MovementPolicy {
+    fn default() -> Self {
+        MovementPolicy { mb_per_sec: 0, chunks_in_flight: 4, priority: MovementPriority::Client }
+    }
+}
+
+/// Who wins when client IO and data movement compete on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovementPriority {
+    /// While the node serves client IO, a job keeps one chunk in flight
+    /// (the MB/s limit still applies); at full width when clients are idle.
+    #[default]
+    Client,
+    /// Jobs keep `chunks_in_flight` chunks in flight whatever the client
+    /// load, up to the MB/s limit.
+    Movement,
+}
+
+impl MovementPriority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovementPriority::Client => "client",
+            MovementPriority::Movement => "movement",
+        }
+    }
 }
 
 /// `POST /health/unreachable`: the caller could not reach SDS `node_id` on
@@ -220,9 +269,13 @@ pub struct RebuildAssignment {
     /// this map or a newer one.
     pub epoch: u64,
     /// A full rebuild (every chunk of the PG) or a resync (only the chunks
-    /// the source logged while the target was away).
+    /// the source logged while the target was away), or a move.
     #[serde(default)]
     pub kind: CopyKind,
+    /// For a move: the copy the target replaces (the source itself, or the
+    /// PG's secondary); 0 otherwise.
+    #[serde(default)]
+    pub replaces: u64,
 }
 
 /// What a rebuild job copies.
@@ -234,6 +287,10 @@ pub enum CopyKind {
     Rebuild,
     /// The chunks written while the target's copy was out of the set.
     Resync,
+    /// Every chunk of the PG, to a node joining it as a third copy, which
+    /// then takes the place of one of the two (rebalance or drain): the PG
+    /// keeps two complete copies throughout.
+    Move,
 }
 
 impl CopyKind {
@@ -241,6 +298,7 @@ impl CopyKind {
         match self {
             CopyKind::Rebuild => "rebuild",
             CopyKind::Resync => "resync",
+            CopyKind::Move => "move",
         }
     }
 }
@@ -258,12 +316,47 @@ pub struct RebuildComplete {
     pub chunks_released: u64,
 }
 
+/// `POST /rebuild/progress`: how far the source is with a job. A job the
+/// MDM no longer runs is answered 409, and the source stops it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildProgress {
+    pub job_id: u64,
+    /// Chunks of the PG the source holds (the ones to send).
+    pub chunks_total: u64,
+    pub chunks_copied: u64,
+    pub bytes_copied: u64,
+}
+
+/// `GET /rebuild/status`: all data movement at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MovementStatus {
+    pub policy: MovementPolicy,
+    /// Jobs pending or running, by kind.
+    pub rebuild_jobs: u64,
+    pub resync_jobs: u64,
+    pub move_jobs: u64,
+    /// Over the unfinished jobs that reported progress.
+    pub chunks_total: u64,
+    pub chunks_copied: u64,
+    /// Bytes sent by every job over the last few seconds, per second.
+    pub rate_bytes_per_sec: u64,
+    /// Seconds until the known remaining chunks are sent at that rate;
+    /// `None` while nothing moves.
+    pub eta_secs: Option<u64>,
+    /// SDS nodes being drained (their copies move away, then they are
+    /// removed).
+    pub draining: Vec<String>,
+}
+
 /// A rebuild job as the MDM records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebuildJob {
     pub job_id: u64,
     pub volume_id: u64,
     pub pg_index: u64,
+    /// The copy this job replaces: the failed node's, the absent one's
+    /// (resync), or the one a move takes away.
     pub failed_sds: u64,
     pub source_sds: u64,
     pub target_sds: u64,
@@ -272,6 +365,11 @@ pub struct RebuildJob {
     #[serde(default)]
     pub kind: CopyKind,
     pub chunks_copied: u64,
+    /// Chunks to send (known once the source reported progress).
+    #[serde(default)]
+    pub chunks_total: u64,
+    #[serde(default)]
+    pub bytes_copied: u64,
     pub created_at: u64,
     pub updated_at: u64,
 }
@@ -430,6 +528,9 @@ pub struct SdsInfo {
     pub used_bytes: u64,
     pub status: String,
     pub last_seen: u64,
+    /// Being drained by `POST /sds/{name}/remove`.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ pub struct SdsEndpoint {
 }
 
 /// One PG: where the two copies of its chunks live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementGroup {
     pub primary: u64,
@@ -36,6 +36,12 @@ pub struct PlacementGroup {
     /// 0 otherwise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub absent: u64,
+    /// While a copy moves (rebalance or drain): the node receiving it. The
+    /// primary forwards every write to it as well as to the secondary, and
+    /// copies the PG's chunks to it; it is never read from and never holds
+    /// a lease until the MDM makes it the secondary. 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub joining: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -91,8 +97,8 @@ mod tests {
             epoch: 1,
             mapping_gen: 1,
             pgs: vec![
-                PlacementGroup { primary: 1, secondary: 2, absent: 0 },
-                PlacementGroup { primary: 2, secondary: 3, absent: 0 },
+                PlacementGroup { primary: 1, secondary: 2, ..PlacementGroup::default() },
+                PlacementGroup { primary: 2, secondary: 3, ..PlacementGroup::default() },
             ],
             nodes: vec![],
         };

@@ -46,10 +46,18 @@ pub enum Scenario {
     DeviceHang,
     /// sds1's device returns EIO from then on: the same.
     DeviceEio,
+    /// A fourth SDS (a spare host) starts while the writer runs over a
+    /// volume whose other blocks are full: copies move onto it until every
+    /// node's capacity use is within 5 percentage points.
+    AddSds,
+    /// sds4 of four is drained and removed (`pflex sds remove`) while the
+    /// writer runs over a full volume; a watcher polls the placement map and
+    /// counts every moment a PG had fewer than two complete copies.
+    DrainSds,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::KillSds,
         Scenario::StopSds,
         Scenario::CutPrimaryFromMdm,
@@ -60,6 +68,8 @@ impl Scenario {
         Scenario::TwoFailures,
         Scenario::DeviceHang,
         Scenario::DeviceEio,
+        Scenario::AddSds,
+        Scenario::DrainSds,
     ];
 
     fn name(self) -> &'static str {
@@ -74,6 +84,8 @@ impl Scenario {
             Scenario::TwoFailures => "two-failures",
             Scenario::DeviceHang => "device-hang",
             Scenario::DeviceEio => "device-eio",
+            Scenario::AddSds => "add-sds",
+            Scenario::DrainSds => "drain-sds",
         }
     }
 }
@@ -123,6 +135,17 @@ pub struct ChaosReport {
     pub resync_chunks: u64,
     pub rebuild_jobs: u64,
     pub rebuild_chunks: u64,
+    /// Moves of rebalance and drain, and the chunks they sent.
+    pub move_jobs: u64,
+    pub move_chunks: u64,
+    /// Largest minus smallest capacity use across the SDS nodes at the end,
+    /// in percentage points (add-sds and drain-sds).
+    pub capacity_spread_points: Option<f64>,
+    /// Placement polls that found a PG with fewer than two complete copies
+    /// (degraded, or a copy still being rebuilt); drain-sds and add-sds.
+    pub single_copy_windows: u64,
+    /// Placement epochs the watcher saw.
+    pub epochs_watched: u64,
     pub passed: bool,
 }
 
@@ -137,7 +160,7 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
             let report = run_one(&run_dir, scenario, qd, &args).await?;
             if !args.json {
                 println!(
-                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  resync {}/{}  rebuild {}/{}  {}",
+                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  resync {}/{}  rebuild {}/{}  move {}/{}  {}",
                     report.scenario,
                     report.qd,
                     report.acknowledged,
@@ -151,6 +174,8 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
                     report.resync_jobs,
                     report.rebuild_chunks,
                     report.rebuild_jobs,
+                    report.move_chunks,
+                    report.move_jobs,
                     if report.passed { "ok" } else { "FAILED" }
                 );
             }
@@ -177,12 +202,15 @@ pub async fn run_one(
         let _ = lab::down(dir).await;
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
+    let moving = matches!(scenario, Scenario::AddSds | Scenario::DrainSds);
     let up = LabUp {
-        sds: if scenario == Scenario::TwoFailures { 4 } else { 3 },
+        sds: if matches!(scenario, Scenario::TwoFailures | Scenario::DrainSds) { 4 } else { 3 },
+        spare_sds: u16::from(scenario == Scenario::AddSds),
         name: args.name.clone(),
         net: args.net,
-        device_size: 1 << 30,
-        volume_size: 256 << 20,
+        // Data movement is watched on nodes about half full.
+        device_size: if moving { 512 << 20 } else { 1 << 30 },
+        volume_size: if moving { 384 << 20 } else { 256 << 20 },
         heartbeat_interval_secs: 1,
         // Short where the scenario needs copies rebuilt elsewhere; long
         // elsewhere, so a node that comes back is resynced.
@@ -257,8 +285,13 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         Scenario::MdmDown => args.mdm_down_secs + 10,
         Scenario::TwoFailures => 30,
         Scenario::CutPrimaryFromMdm => 18,
+        Scenario::AddSds | Scenario::DrainSds => 25,
         _ => 14,
     };
+    let moving = matches!(scenario, Scenario::AddSds | Scenario::DrainSds);
+    if moving {
+        fill_beyond_checker(&layout.nbd_uri).await?;
+    }
     let writer = tokio::process::Command::new(pflex_exe()?)
         .args(["verify", "write", &layout.nbd_uri, "--state"])
         .arg(&state)
@@ -274,6 +307,11 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         tokio::time::sleep_until(due.into()).await;
     };
     let mdm = admin_client(dir, &layout)?;
+    let watch = moving.then(|| {
+        let mdm = admin_client(dir, &layout).expect("admin client");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (stop.clone(), tokio::spawn(watch_copies(mdm, stop)))
+    });
     at(3.0).await;
     let fault_end: Instant = match scenario {
         Scenario::KillSds => {
@@ -345,6 +383,14 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
             .await?;
             injected
         }
+        Scenario::AddSds => {
+            node_start(dir, "sds4").await?;
+            Instant::now()
+        }
+        Scenario::DrainSds => {
+            mdm.remove_sds("sds4").await?;
+            Instant::now()
+        }
     };
     // Recovery: from the end of the fault until every SDS is ACTIVE and no
     // rebuild runs, watched while the writer goes on.
@@ -377,10 +423,28 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
     })?;
     let device_scenario = matches!(scenario, Scenario::DeviceHang | Scenario::DeviceEio);
     let mut chunks = recover(&mdm, &layout).await;
+    let mut spread = None;
+    if moving && chunks.is_ok() {
+        match settle_movement(&mdm, scenario).await {
+            Ok(points) => spread = Some(points),
+            Err(e) => chunks = Err(e),
+        }
+        if chunks.is_ok() {
+            // The moves changed placements: compare the copies again.
+            chunks = recover(&mdm, &layout).await;
+        }
+    }
+    let (single_copy_windows, epochs_watched) = match watch {
+        Some((stop, task)) => {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            task.await?
+        }
+        None => (0, 0),
+    };
     if chunks.is_ok() && !device_scenario {
         // Only a device fault may fail a device: a paused or cut-off node's
         // disks are fine.
-        if let Err(e) = no_failed_device(&layout).await {
+        if let Err(e) = no_failed_device(&layout, &mdm).await {
             chunks = Err(e);
         }
     }
@@ -395,6 +459,8 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         done(CopyKind::Rebuild).count() as u64,
         done(CopyKind::Rebuild).map(|j| j.chunks_copied).sum(),
     );
+    let (move_jobs, move_chunks) =
+        (done(CopyKind::Move).count() as u64, done(CopyKind::Move).map(|j| j.chunks_copied).sum());
     let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let (lost, stale, torn, unexpected) =
         (n(&check, "lost"), n(&check, "stale"), n(&check, "torn"), n(&check, "unexpected"));
@@ -418,7 +484,14 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         resync_chunks,
         rebuild_jobs,
         rebuild_chunks,
+        move_jobs,
+        move_chunks,
+        capacity_spread_points: spread,
+        single_copy_windows,
+        epochs_watched,
         passed: lost + stale + torn + unexpected == 0
+            && single_copy_windows == 0
+            && (!moving || (move_jobs > 0 && spread.is_some_and(|p| p <= MAX_SPREAD_POINTS)))
             // A failed device is the one fault a client never sees: its
             // copies are served from the other node.
             && (n(&write, "errors") == 0
@@ -470,10 +543,11 @@ async fn recover(mdm: &MdmClient, layout: &lab::LabLayout) -> Result<u64> {
     }
 }
 
-/// Fails if any SDS of the lab reports a failed device.
-async fn no_failed_device(layout: &lab::LabLayout) -> Result<()> {
+/// Fails if any SDS of the cluster reports a failed device.
+async fn no_failed_device(layout: &lab::LabLayout, mdm: &MdmClient) -> Result<()> {
     let http = reqwest::Client::new();
-    for host in layout.hosts.iter().filter(|h| h.name.starts_with("sds")) {
+    let members: Vec<String> = mdm.sds_list().await?.into_iter().map(|s| s.name).collect();
+    for host in layout.hosts.iter().filter(|h| members.contains(&h.name)) {
         let url = format!("http://{}:9100/devices", host.address);
         let devices: Vec<serde_json::Value> =
             http.get(&url).timeout(Duration::from_secs(5)).send().await?.json().await?;
@@ -482,6 +556,91 @@ async fn no_failed_device(layout: &lab::LabLayout) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Capacity use may differ by this many percentage points across nodes
+/// once a rebalance or drain is over.
+const MAX_SPREAD_POINTS: f64 = 5.0;
+
+/// Blocks `pflex verify write` uses (16384 of 4 KiB from offset 0); the
+/// rest of the volume is filled first so that moves have data to carry.
+const CHECKER_BYTES: u64 = 16384 * 4096;
+
+/// Writes a non-zero pattern over the volume beyond the checker's blocks,
+/// 1 MiB at a time, and flushes.
+async fn fill_beyond_checker(uri: &str) -> Result<()> {
+    let uri = crate::verify::nbd::NbdUri::parse(uri)?;
+    let client = crate::verify::nbd::Client::connect(&uri).await?;
+    let block: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    let mut offset = CHECKER_BYTES;
+    while offset < client.size() {
+        let len = (client.size() - offset).min(block.len() as u64) as usize;
+        client.write(offset, &block[..len]).await.context("filling the volume")?;
+        offset += len as u64;
+    }
+    client.flush().await.context("flushing the fill")?;
+    client.disconnect().await;
+    Ok(())
+}
+
+/// Polls vol1's placement every 50 ms until `stop`; counts polls that found
+/// a PG without two complete copies (degraded, or a copy still being
+/// rebuilt or resynced), and the epochs seen.
+async fn watch_copies(
+    mdm: MdmClient,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    let (mut windows, mut epochs) = (0, std::collections::BTreeSet::new());
+    let Ok(volume) = mdm.volume_show("vol1").await else { return (1, 0) };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let (Ok(map), Ok(jobs)) = (mdm.placement(volume.id).await, mdm.rebuild_jobs().await) {
+            epochs.insert(map.epoch);
+            let single = map.pgs.iter().any(|pg| pg.secondary == 0 || pg.absent != 0)
+                || jobs.iter().any(|j| {
+                    j.kind != CopyKind::Move && (j.state == "pending" || j.state == "running")
+                });
+            if single {
+                windows += 1;
+                eprintln!("a PG of vol1 had one complete copy at epoch {}", map.epoch);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (windows, epochs.len() as u64)
+}
+
+/// Waits until no move is outstanding (and, for drain-sds, sds4 is gone);
+/// returns the spread of capacity use across the nodes, in points.
+async fn settle_movement(mdm: &MdmClient, scenario: Scenario) -> Result<f64> {
+    let start = Instant::now();
+    // Capacity use settles after the last move: the nodes a copy left
+    // release its chunks, and heartbeats carry the new figures.
+    let mut recent: Vec<Vec<u64>> = Vec::new();
+    loop {
+        let status = mdm.movement_status().await?;
+        let nodes = mdm.sds_list().await?;
+        let uses: Vec<f64> = nodes
+            .iter()
+            .map(|n| n.used_bytes as f64 * 100.0 / n.capacity_bytes.max(1) as f64)
+            .collect();
+        let spread = uses.iter().cloned().fold(f64::MIN, f64::max)
+            - uses.iter().cloned().fold(f64::MAX, f64::min);
+        let gone = scenario != Scenario::DrainSds || !nodes.iter().any(|n| n.name == "sds4");
+        let joined = scenario != Scenario::AddSds || nodes.iter().any(|n| n.name == "sds4");
+        recent.push(nodes.iter().map(|n| n.used_bytes).collect());
+        let steady =
+            recent.len() >= 5 && recent[recent.len() - 5..].windows(2).all(|w| w[0] == w[1]);
+        if status.move_jobs == 0 && gone && joined && steady && spread <= MAX_SPREAD_POINTS {
+            return Ok(spread);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "data movement did not settle within 120 s: {} moves outstanding, capacity use {uses:.1?} %, sds4 gone: {gone}",
+                status.move_jobs
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn copies_equal(

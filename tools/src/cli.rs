@@ -11,11 +11,15 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use pflex_mdm_client::MdmClient;
-use pflex_proto::api::{ComponentHealth, Volume, VolumeCreate, VolumeMap, VolumeUnmap};
+use pflex_proto::api::{
+    ComponentHealth, MovementPolicy, MovementPriority, MovementStatus, Volume, VolumeCreate,
+    VolumeMap, VolumeUnmap,
+};
 use pflex_proto::token::AccessMode;
 use serde::Serialize;
 
@@ -114,9 +118,26 @@ pub struct CommonArgs {
 pub enum ClusterCommand {
     /// Overall health, capacity and every component's liveness.
     Status(CommonArgs),
-    /// Copy jobs: resyncs of copies that came back (only what they missed) and
-    /// rebuilds of copies moved off failed SDS nodes or devices.
+    /// Data movement: the rate, the ETA and every copy job (resyncs of
+    /// copies that came back, rebuilds of copies moved off failed SDS nodes
+    /// or devices, moves of rebalance and drain).
     Rebuilds(CommonArgs),
+    /// Show or set how fast each SDS may move data (rebuild, resync,
+    /// rebalance, drain) and whether client IO comes first.
+    RebuildPolicy {
+        /// MB/s (10^6 bytes) each SDS may send; 0 means no limit.
+        #[arg(long)]
+        mb_per_sec: Option<u64>,
+        /// Chunks each job keeps in flight (1 to 64).
+        #[arg(long)]
+        chunks_in_flight: Option<u32>,
+        /// `client`: while clients do IO on a node, its jobs keep one chunk
+        /// in flight; `movement`: always the full width.
+        #[arg(long, value_parser = ["client", "movement"])]
+        priority: Option<String>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Scrub now: every SDS reads both copies of the chunks it is primary
     /// of, checks them against their block checksums and rewrites a copy
     /// that is corrupt or differs. Waits until every pass has finished.
@@ -127,6 +148,21 @@ pub enum ClusterCommand {
 pub enum SdsCommand {
     /// Storage servers: address, fault set, pool, capacity, liveness.
     List(CommonArgs),
+    /// Drain an SDS (its copies move to the pool's other nodes while IO
+    /// goes on, each PG keeping two complete copies), then remove it; waits
+    /// until it is removed.
+    Remove {
+        /// SDS name or id.
+        name: String,
+        /// Return once draining has started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait for the drain, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -256,6 +292,8 @@ impl AdminCommand {
             | AdminCommand::Sds(SdsCommand::List(c))
             | AdminCommand::Sdc(SdcCommand::List(c))
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
+            AdminCommand::Cluster(ClusterCommand::RebuildPolicy { common, .. })
+            | AdminCommand::Sds(SdsCommand::Remove { common, .. }) => common,
             AdminCommand::Volume(
                 VolumeCommand::Create { common, .. }
                 | VolumeCommand::Show { common, .. }
@@ -377,11 +415,38 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                 rows,
             ))
         }
+        AdminCommand::Cluster(ClusterCommand::RebuildPolicy {
+            mb_per_sec,
+            chunks_in_flight,
+            priority,
+            ..
+        }) => {
+            let mut policy = client.movement_policy().await?;
+            let changing = mb_per_sec.is_some() || chunks_in_flight.is_some() || priority.is_some();
+            if changing {
+                policy.mb_per_sec = mb_per_sec.unwrap_or(policy.mb_per_sec);
+                policy.chunks_in_flight = chunks_in_flight.unwrap_or(policy.chunks_in_flight);
+                if let Some(p) = priority {
+                    policy.priority = if p == "movement" {
+                        MovementPriority::Movement
+                    } else {
+                        MovementPriority::Client
+                    };
+                }
+                policy = client.set_movement_policy(&policy).await?;
+            }
+            if json {
+                return to_json(&policy);
+            }
+            Ok(format!("{}\n", policy_line(&policy)))
+        }
         AdminCommand::Cluster(ClusterCommand::Rebuilds(_)) => {
             let jobs = client.rebuild_jobs().await?;
+            let status = client.movement_status().await?;
             if json {
-                return to_json(&jobs);
+                return to_json(&serde_json::json!({ "status": status, "jobs": jobs }));
             }
+            let mut out = movement_summary(&status);
             let rows = jobs
                 .iter()
                 .map(|j| {
@@ -393,25 +458,35 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                         j.failed_sds.to_string(),
                         format!("{} -> {}", j.source_sds, j.target_sds),
                         j.state.clone(),
-                        j.chunks_copied.to_string(),
+                        if j.chunks_total > 0 {
+                            format!("{}/{}", j.chunks_copied, j.chunks_total)
+                        } else {
+                            j.chunks_copied.to_string()
+                        },
                         ago(j.updated_at),
                     ]
                 })
                 .collect();
-            Ok(table(
-                &[
-                    "JOB",
-                    "VOLUME",
-                    "PG",
-                    "KIND",
-                    "FAILED SDS",
-                    "COPY",
-                    "STATE",
-                    "CHUNKS",
-                    "UPDATED",
-                ],
+            out.push_str(&table(
+                &["JOB", "VOLUME", "PG", "KIND", "REPLACES", "COPY", "STATE", "CHUNKS", "UPDATED"],
                 rows,
-            ))
+            ));
+            Ok(out)
+        }
+        AdminCommand::Sds(SdsCommand::Remove { name, no_wait, timeout_secs, .. }) => {
+            let info = client.remove_sds(&name).await?;
+            if no_wait {
+                return if json {
+                    to_json(&info)
+                } else {
+                    Ok(format!("draining SDS {} (id {})\n", info.name, info.id))
+                };
+            }
+            wait_removed(&client, info.id, Duration::from_secs(timeout_secs)).await?;
+            if json {
+                return to_json(&info);
+            }
+            Ok(format!("SDS {} (id {}) drained and removed\n", info.name, info.id))
         }
         AdminCommand::Sds(SdsCommand::List(_)) => {
             let list = client.sds_list().await?;
@@ -429,7 +504,11 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                         s.pool.clone(),
                         format_size(s.capacity_bytes),
                         format_size(s.used_bytes),
-                        s.status.clone(),
+                        if s.draining {
+                            format!("{} (draining)", s.status)
+                        } else {
+                            s.status.clone()
+                        },
                         ago(s.last_seen),
                     ]
                 })
@@ -662,6 +741,61 @@ fn components_table(components: &[ComponentHealth]) -> String {
 }
 
 /// `12s ago` from a Unix timestamp.
+/// One line: the movement policy.
+fn policy_line(policy: &MovementPolicy) -> String {
+    let limit = if policy.mb_per_sec == 0 {
+        "no limit".to_string()
+    } else {
+        format!("{} MB/s per SDS", policy.mb_per_sec)
+    };
+    format!(
+        "Policy:       {limit}, {} chunks in flight per job, {} first",
+        policy.chunks_in_flight,
+        policy.priority.as_str()
+    )
+}
+
+/// Rate, ETA, outstanding jobs and drains, above the job table.
+fn movement_summary(status: &MovementStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", policy_line(&status.policy));
+    let _ = writeln!(
+        out,
+        "Outstanding:  {} rebuild, {} resync, {} move jobs; {}/{} chunks sent",
+        status.rebuild_jobs,
+        status.resync_jobs,
+        status.move_jobs,
+        status.chunks_copied,
+        status.chunks_total
+    );
+    let eta = status.eta_secs.map_or("-".to_string(), |s| format!("{s} s"));
+    let _ = writeln!(out, "Rate:         {}/s, ETA {eta}", format_size(status.rate_bytes_per_sec));
+    if !status.draining.is_empty() {
+        let _ = writeln!(out, "Draining:     {}", status.draining.join(", "));
+    }
+    out.push('\n');
+    out
+}
+
+/// Polls until SDS `id` is gone from the list (drained and removed).
+async fn wait_removed(client: &MdmClient, id: u64, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if !client.sds_list().await?.iter().any(|s| s.id == id) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let status = client.movement_status().await?;
+            bail!(
+                "SDS {id} still drains after {} s ({} move jobs outstanding)",
+                timeout.as_secs(),
+                status.move_jobs
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn ago(unix_secs: u64) -> String {
     let secs = pflex_proto::unix_now().saturating_sub(unix_secs);
     match secs {

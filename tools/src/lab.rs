@@ -108,6 +108,11 @@ pub struct LabUp {
     /// Number of SDS hosts, each its own fault set.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=32))]
     pub sds: u16,
+    /// SDS hosts made ready but not started (after the others, each its
+    /// own fault set): start one with `pflex node start sdsN` to add it to
+    /// the pool and watch the rebalance.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
+    pub spare_sds: u16,
     /// Prefix of the namespaces' and root links' names (at most 6 characters).
     #[arg(long, default_value = "pflex")]
     pub name: String,
@@ -431,7 +436,7 @@ fn plan(args: &LabUp) -> Result<LabLayout> {
     }
     let addr = |h: u16| format!("10.{}.0.{h}", args.net);
     let mut hosts = vec![("mdm".to_string(), addr(1)), ("sdc1".to_string(), addr(2))];
-    for n in 1..=args.sds {
+    for n in 1..=args.sds + args.spare_sds {
         hosts.push((format!("sds{n}"), addr(10 + n)));
     }
     let hosts: Vec<LabHost> = hosts
@@ -465,6 +470,38 @@ fn start_on(
     start_as(dir, layout, host, host, binary, args)
 }
 
+/// Records how to start `binary` on `host` without starting it (a spare:
+/// `pflex node start HOST` starts it).
+fn record_on(
+    dir: &Path,
+    layout: &LabLayout,
+    host: &str,
+    binary: &Path,
+    args: Vec<String>,
+) -> Result<()> {
+    recorded(dir, layout, host, host, binary, args).map(|_| ())
+}
+
+/// The command that runs `binary` in `host`'s namespace, recorded under
+/// `component`.
+fn recorded(
+    dir: &Path,
+    layout: &LabLayout,
+    host: &str,
+    component: &str,
+    binary: &Path,
+    args: Vec<String>,
+) -> Result<RecordedCommand> {
+    let h = layout.host(host)?;
+    let mut full = vec!["netns".to_string(), "exec".into(), h.namespace.clone()];
+    full.push(binary.display().to_string());
+    let health_url = up::health_url_of(component, &args);
+    full.extend(args);
+    let command = RecordedCommand { program: PathBuf::from("ip"), args: full, health_url };
+    up::record_command(dir, component, &command)?;
+    Ok(command)
+}
+
 /// Starts `component` in `host`'s namespace (the dashboard shares the
 /// MDM's host), recorded under the component's name.
 fn start_as(
@@ -475,13 +512,7 @@ fn start_as(
     binary: &Path,
     args: Vec<String>,
 ) -> Result<()> {
-    let h = layout.host(host)?;
-    let mut full = vec!["netns".to_string(), "exec".into(), h.namespace.clone()];
-    full.push(binary.display().to_string());
-    let health_url = up::health_url_of(component, &args);
-    full.extend(args);
-    let command = RecordedCommand { program: PathBuf::from("ip"), args: full, health_url };
-    up::record_command(dir, component, &command)?;
+    let command = recorded(dir, layout, host, component, binary, args)?;
     let child = up::spawn_component(component, &command, dir, true)?;
     // Detached: `pflex lab down` (or `pflex down`) stops it by its recorded PID.
     std::mem::forget(child);
@@ -610,7 +641,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     let admin = std::fs::read_to_string(&token_path)?.trim().to_string();
     let mdm = MdmClient::new(&layout.mdm_url, Some(admin))?;
 
-    for n in 1..=args.sds {
+    for n in 1..=args.sds + args.spare_sds {
         let name = format!("sds{n}");
         let host = layout.host(&name)?;
         let sds_dir = dir.join(&name);
@@ -632,7 +663,11 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
             // A lab is for rehearsing faults: `pflex lab fault` needs it.
             "--fault-injection".into(),
         ]);
-        start_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
+        if n <= args.sds {
+            start_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
+        } else {
+            record_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
+        }
     }
     for n in 1..=args.sds {
         let host = layout.host(&format!("sds{n}"))?;

@@ -1,11 +1,14 @@
 //! The fault suite: `pflex lab chaos` runs every scenario (SDS killed,
 //! frozen, cut from the MDM, the SDC or its peer, the MDM down, connections
 //! reset under overlapping writes, two failures in a row, a device that
-//! hangs or returns EIO) in fresh labs of
+//! hangs or returns EIO, an SDS added to a full pool, an SDS drained and
+//! removed) in fresh labs of
 //! network namespaces, with `pflex verify` writing at queue depth 1 and 16
 //! while the fault happens. Every acknowledged write must read back: no
 //! lost, stale or torn block, and both copies of every chunk equal after
-//! recovery. Needs root (namespaces and veth links).
+//! recovery; an added or drained SDS leaves capacity use within 5 points
+//! across nodes, and no placement poll ever finds a PG with one complete
+//! copy. Needs root (namespaces and veth links).
 
 use std::process::Command;
 
@@ -51,7 +54,7 @@ fn every_fault_scenario_keeps_every_acknowledged_write() {
     let reports: Vec<serde_json::Value> = serde_json::from_str(&stdout[json_start..])
         .unwrap_or_else(|e| panic!("bad report ({e}):\n{stdout}\n{stderr}"));
     eprintln!("{}", serde_json::to_string_pretty(&reports).unwrap());
-    assert_eq!(reports.len(), 20, "10 scenarios at 2 queue depths");
+    assert_eq!(reports.len(), 24, "12 scenarios at 2 queue depths");
     for r in &reports {
         let what = format!("{} at qd {}", r["scenario"], r["qd"]);
         for field in ["lost", "stale", "torn", "unexpected"] {
@@ -62,6 +65,13 @@ fn every_fault_scenario_keeps_every_acknowledged_write() {
             r["chunks_compared"].as_u64().unwrap() > 0,
             "{what}: copies not compared:\n{stderr}"
         );
+        if r["scenario"] == "add-sds" || r["scenario"] == "drain-sds" {
+            assert!(r["move_jobs"].as_u64().unwrap() > 0, "{what}: nothing moved:\n{r:#}");
+            let spread = r["capacity_spread_points"].as_f64();
+            assert!(spread.is_some_and(|p| p <= 5.0), "{what}: capacity spread {spread:?}");
+            assert!(r["epochs_watched"].as_u64().unwrap() > 1, "{what}: no placement change seen");
+        }
+        assert_eq!(r["single_copy_windows"], 0, "{what}: a PG had one complete copy:\n{r:#}");
         assert_eq!(r["passed"], true, "{what}:\n{r:#}\n{stderr}");
     }
     assert!(out.status.success(), "pflex lab chaos failed:\n{stderr}");

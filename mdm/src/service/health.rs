@@ -34,7 +34,8 @@ pub(super) fn nodes(
 ) -> Result<Vec<NodeRow>, MdmError> {
     let mut stmt = conn.prepare(
         "SELECT id, name, node_type, host, control_port, mgmt_port, data_port, last_seen, failed_at
-         FROM cluster_nodes WHERE ?1 IS NULL OR node_type = ?1 ORDER BY id",
+         FROM cluster_nodes WHERE (?1 IS NULL OR node_type = ?1)
+           AND id NOT IN (SELECT node_id FROM sds_nodes WHERE removed_at != 0) ORDER BY id",
     )?;
     let rows = stmt
         .query_map([node_type.map(|t| t.as_str())], |r| {
@@ -192,6 +193,8 @@ pub struct MonitorReport {
     pub pgs_degraded: u64,
     /// Degraded PGs whose absent copy came back (a resync job each).
     pub pgs_resynced: u64,
+    /// Rebalance and drain (see [`super::movement`]).
+    pub movement: super::movement::RebalanceReport,
 }
 
 /// Periodic pass: moves the copies of FAILED SDS nodes as `replace` allows
@@ -207,6 +210,16 @@ pub fn monitor_tick(
     report.copies_replaced += resolved.copies_replaced;
     report.volumes_replaced += resolved.volumes_replaced;
     report.pgs_resynced += resolved.pgs_resynced;
+    match replace {
+        Replace::Nothing => {}
+        Replace::EveryFailedNode => {
+            report.movement = super::movement::rebalance_tick(conn, ctx)?;
+        }
+        Replace::Only(node) => {
+            report.movement.moves_abandoned =
+                super::movement::abandon_moves(conn, ctx, |id| id == node)?;
+        }
+    }
     let summary = cluster_summary(conn, ctx)?;
     let sds_active = nodes(conn, Some(NodeType::Sds))?
         .iter()
@@ -306,9 +319,16 @@ fn degrade(
         }
         conn.execute(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, absent_sds = ?4,
-                    absent_since = ?5
+                    absent_since = ?5, joining_sds = 0
              WHERE volume_id = ?1 AND pg_index = ?2",
             params![key.0, key.1, copy.survivor, copy.lost, ctx.now],
+        )?;
+        // A move under way needed both copies: given up.
+        conn.execute(
+            "UPDATE rebuild_jobs SET state = 'failed', updated_at = ?3
+             WHERE volume_id = ?1 AND pg_index = ?2 AND kind = 'move'
+               AND state IN ('pending', 'running')",
+            params![key.0, key.1, ctx.now],
         )?;
         report.pgs_degraded += 1;
         changed_volumes.insert(key.0);
@@ -429,7 +449,10 @@ fn has_healthy_device(conn: &Connection, node: u64) -> Result<bool, MdmError> {
 }
 
 /// ACTIVE, STALE or FAILED, per SDS id.
-fn sds_liveness(conn: &Connection, ctx: &Ctx) -> Result<HashMap<u64, &'static str>, MdmError> {
+pub(super) fn sds_liveness(
+    conn: &Connection,
+    ctx: &Ctx,
+) -> Result<HashMap<u64, &'static str>, MdmError> {
     Ok(nodes(conn, Some(NodeType::Sds))?
         .into_iter()
         .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
@@ -445,24 +468,26 @@ fn failed_nodes(conn: &Connection, ctx: &Ctx) -> Result<impl Fn(u64) -> bool, Md
 /// One PG of a volume, with its copies and the bytes it holds (`secondary`
 /// is 0 while the PG is degraded).
 #[derive(Clone)]
-struct PgRow {
-    volume_id: u64,
-    pool_id: u64,
-    index: u64,
-    primary: u64,
-    secondary: u64,
+pub(super) struct PgRow {
+    pub(super) volume_id: u64,
+    pub(super) pool_id: u64,
+    pub(super) index: u64,
+    pub(super) primary: u64,
+    pub(super) secondary: u64,
     /// The copy taken out while the PG is degraded (0 otherwise).
-    absent: u64,
-    bytes: u64,
+    pub(super) absent: u64,
+    /// The node a copy is moving to (0 otherwise).
+    pub(super) joining: u64,
+    pub(super) bytes: u64,
 }
 
-fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
+pub(super) fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
     let rows = conn
         .prepare(
             "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds,
                     CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END, v.size_bytes,
                     (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id),
-                    p.absent_sds
+                    p.absent_sds, p.joining_sds
              FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
         )?
         .query_map([], |r| {
@@ -474,6 +499,7 @@ fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
                 primary: r.get(3)?,
                 secondary: r.get(4)?,
                 absent: r.get(7)?,
+                joining: r.get(8)?,
                 bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
                     * CHUNK_SIZE,
             })
@@ -538,7 +564,7 @@ fn move_lost_copies(
         }
         conn.execute(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, absent_sds = 0,
-                    absent_since = 0
+                    absent_since = 0, joining_sds = 0
              WHERE volume_id = ?1 AND pg_index = ?2",
             params![volume_id, index, survivor, target],
         )?;
@@ -599,6 +625,8 @@ pub fn device_failed(
     } else {
         report.pgs.iter().map(|pg| (pg.volume_id, pg.pg_index)).collect()
     };
+    // Copies moving onto the node go elsewhere later.
+    super::movement::abandon_moves(conn, ctx, |id| id == node)?;
     let moved = replace_device_copies(conn, ctx, node, &pgs)?;
     tracing::warn!(
         sds = node,

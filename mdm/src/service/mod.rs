@@ -12,6 +12,7 @@
 //! - `health`: liveness, summary, re-placement of failed nodes' copies.
 
 mod health;
+mod movement;
 mod nodes;
 mod rebuild;
 mod tokens;
@@ -19,6 +20,10 @@ mod volumes;
 
 pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport, Replace};
 pub use health::{declare_unreachable, device_failed, sds_data_address};
+pub use movement::{
+    movement_policy, movement_status, rebuild_progress, remove_sds, set_movement_policy,
+    RebalanceReport, MAX_CONCURRENT_MOVES,
+};
 pub use nodes::{heartbeat, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, request_token};

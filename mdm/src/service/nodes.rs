@@ -188,7 +188,7 @@ pub fn register(
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (node_id) DO UPDATE SET fault_set_id = excluded.fault_set_id,
                  pool_id = excluded.pool_id, capacity_bytes = excluded.capacity_bytes,
-                 used_bytes = excluded.used_bytes",
+                 used_bytes = excluded.used_bytes, removed_at = 0",
                 params![node_id, fault_set_id, pool_id, capacity, used],
             )?;
             conn.execute("DELETE FROM sds_devices WHERE sds_id = ?1", [node_id])?;
@@ -216,7 +216,8 @@ pub fn register(
 
 fn holds_copies(conn: &Connection, sds_id: u64) -> Result<bool, MdmError> {
     Ok(conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM placement_groups WHERE primary_sds = ?1 OR secondary_sds = ?1)",
+        "SELECT EXISTS (SELECT 1 FROM placement_groups
+                        WHERE primary_sds = ?1 OR secondary_sds = ?1 OR joining_sds = ?1)",
         [sds_id],
         |r| r.get(0),
     )?)
@@ -276,12 +277,21 @@ pub fn heartbeat(
             Ok(VolumeGeneration { volume_id: r.get(0)?, epoch: r.get(1)?, mapping_gen: r.get(2)? })
         })?
         .collect::<Result<_, _>>()?;
-    let rebuilds = if node_type == NodeType::Sds {
-        super::rebuild::assignments(conn, ctx, id)?
+    if super::movement::is_removed(conn, id, node_type)? {
+        // Drained and removed: the node is told so and stops.
+        return Ok(HeartbeatResponse {
+            status: "removed".to_string(),
+            volumes,
+            rebuilds: Vec::new(),
+            movement: Default::default(),
+        });
+    }
+    let (rebuilds, movement) = if node_type == NodeType::Sds {
+        (super::rebuild::assignments(conn, ctx, id)?, super::movement::movement_policy(conn)?)
     } else {
-        Vec::new()
+        (Vec::new(), Default::default())
     };
-    Ok(HeartbeatResponse { status: "ok".to_string(), volumes, rebuilds })
+    Ok(HeartbeatResponse { status: "ok".to_string(), volumes, rebuilds, movement })
 }
 
 /// `GET /sds/list`.
@@ -289,10 +299,10 @@ pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> 
     Ok(conn
         .prepare(
             "SELECT n.id, n.name, n.host, n.data_port, n.control_port, n.mgmt_port, f.name, p.name,
-                    s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
+                    s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at, s.draining
              FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
              JOIN fault_sets f ON f.id = s.fault_set_id JOIN storage_pools p ON p.id = s.pool_id
-             ORDER BY n.id",
+             WHERE s.removed_at = 0 ORDER BY n.id",
         )?
         .query_map([], |r| {
             let (last_seen, failed_at): (u64, u64) = (r.get(10)?, r.get(11)?);
@@ -309,6 +319,7 @@ pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> 
                 used_bytes: r.get(9)?,
                 status: liveness(&ctx.settings, last_seen, failed_at, ctx.now).to_string(),
                 last_seen,
+                draining: r.get(12)?,
             })
         })?
         .collect::<Result<_, _>>()?)

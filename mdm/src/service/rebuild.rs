@@ -8,6 +8,9 @@
 //! the same per-chunk ordering lock as client writes, flushes the target,
 //! and reports here. Until then the target is a secondary that has missed
 //! data: it receives new writes, but it is never promoted to primary.
+//!
+//! A move job (see [`super::movement`]) copies to the PG's joining node;
+//! its completion swaps that node in for the copy that leaves.
 
 use std::collections::HashMap;
 
@@ -31,7 +34,9 @@ pub(super) fn assignments(
          WHERE source_sds = ?1 AND state IN ('pending', 'running') AND NOT EXISTS (
              SELECT 1 FROM placement_groups p WHERE p.volume_id = rebuild_jobs.volume_id
                AND p.pg_index = rebuild_jobs.pg_index
-               AND p.primary_sds = rebuild_jobs.source_sds AND p.secondary_sds = rebuild_jobs.target_sds)",
+               AND p.primary_sds = rebuild_jobs.source_sds
+               AND ((rebuild_jobs.kind != 'move' AND p.secondary_sds = rebuild_jobs.target_sds)
+                    OR (rebuild_jobs.kind = 'move' AND p.joining_sds = rebuild_jobs.target_sds)))",
         params![sds, ctx.now],
     )?;
     conn.execute(
@@ -41,7 +46,7 @@ pub(super) fn assignments(
     )?;
     let jobs = conn
         .prepare(
-            "SELECT j.id, j.volume_id, j.pg_index, j.target_sds, v.epoch, j.kind
+            "SELECT j.id, j.volume_id, j.pg_index, j.target_sds, v.epoch, j.kind, j.failed_sds
              FROM rebuild_jobs j JOIN volumes v ON v.id = j.volume_id
              WHERE j.source_sds = ?1 AND j.state = 'running' ORDER BY j.id",
         )?
@@ -53,6 +58,7 @@ pub(super) fn assignments(
                 target_sds: r.get(3)?,
                 epoch: r.get(4)?,
                 kind: copy_kind(&r.get::<_, String>(5)?),
+                replaces: r.get(6)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -64,7 +70,8 @@ pub(super) fn assignments(
 pub(super) fn unfinished_targets(conn: &Connection) -> Result<HashMap<(u64, u64), u64>, MdmError> {
     let targets = conn
         .prepare(
-            "SELECT volume_id, pg_index, target_sds FROM rebuild_jobs WHERE state IN ('pending', 'running')",
+            "SELECT volume_id, pg_index, target_sds FROM rebuild_jobs
+             WHERE state IN ('pending', 'running') AND kind != 'move'",
         )?
         .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))?
         .collect::<Result<_, _>>()?;
@@ -98,14 +105,26 @@ pub fn rebuild_complete(
             format!("rebuild job {} is already {}", job.job_id, job.state),
         ));
     }
-    let current: Option<(u64, u64)> = conn
+    let current: Option<(u64, u64, u64)> = conn
         .query_row(
-            "SELECT primary_sds, secondary_sds FROM placement_groups WHERE volume_id = ?1 AND pg_index = ?2",
+            "SELECT primary_sds, secondary_sds, joining_sds FROM placement_groups
+             WHERE volume_id = ?1 AND pg_index = ?2",
             params![job.volume_id, job.pg_index],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    if current != Some((job.source_sds, job.target_sds)) {
+    let still_placed = match (job.kind, current) {
+        (CopyKind::Move, Some((primary, secondary, joining))) => {
+            primary == job.source_sds
+                && joining == job.target_sds
+                && (job.failed_sds == primary || job.failed_sds == secondary)
+        }
+        (_, Some((primary, secondary, _))) => {
+            (primary, secondary) == (job.source_sds, job.target_sds)
+        }
+        (_, None) => false,
+    };
+    if !still_placed {
         // (The job itself is marked failed by `assignments` at the source's
         // next heartbeat; an error here rolls back whatever this call wrote.)
         return Err(MdmError::conflict(
@@ -116,8 +135,26 @@ pub fn rebuild_complete(
             ),
         ));
     }
+    if job.kind == CopyKind::Move {
+        // The joining copy is complete: it takes the leaving copy's place
+        // (if the primary leaves, the secondary becomes primary), in one
+        // epoch change.
+        let (primary, secondary, _) = current.expect("checked above");
+        let (new_primary, new_secondary) = if job.failed_sds == secondary {
+            (primary, job.target_sds)
+        } else {
+            (secondary, job.target_sds)
+        };
+        conn.execute(
+            "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, joining_sds = 0
+             WHERE volume_id = ?1 AND pg_index = ?2",
+            params![job.volume_id, job.pg_index, new_primary, new_secondary],
+        )?;
+        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [job.volume_id])?;
+    }
     conn.execute(
-        "UPDATE rebuild_jobs SET state = 'done', chunks_copied = ?2, updated_at = ?3 WHERE id = ?1",
+        "UPDATE rebuild_jobs SET state = 'done', chunks_copied = ?2, updated_at = ?3,
+                chunks_total = MAX(chunks_total, ?2) WHERE id = ?1",
         params![job.job_id, request.chunks_copied, ctx.now],
     )?;
     Ok(self::job(conn, job.job_id)?.expect("the job was just updated"))
@@ -134,7 +171,7 @@ pub fn rebuild_jobs(conn: &Connection) -> Result<Vec<RebuildJob>, MdmError> {
 
 const JOB_COLUMNS: &str =
     "SELECT id, volume_id, pg_index, failed_sds, source_sds, target_sds, state,
-        chunks_copied, created_at, updated_at, kind FROM rebuild_jobs";
+        chunks_copied, created_at, updated_at, kind, chunks_total, bytes_copied FROM rebuild_jobs";
 
 fn job(conn: &Connection, job_id: u64) -> Result<Option<RebuildJob>, MdmError> {
     Ok(conn.query_row(&format!("{JOB_COLUMNS} WHERE id = ?1"), [job_id], job_row).optional()?)
@@ -153,13 +190,15 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RebuildJob> {
         created_at: r.get(8)?,
         updated_at: r.get(9)?,
         kind: copy_kind(&r.get::<_, String>(10)?),
+        chunks_total: r.get(11)?,
+        bytes_copied: r.get(12)?,
     })
 }
 
 fn copy_kind(s: &str) -> CopyKind {
-    if s == CopyKind::Resync.as_str() {
-        CopyKind::Resync
-    } else {
-        CopyKind::Rebuild
+    match s {
+        "resync" => CopyKind::Resync,
+        "move" => CopyKind::Move,
+        _ => CopyKind::Rebuild,
     }
 }

@@ -126,15 +126,18 @@ pub(super) fn pool_usage(
     let mut usage: HashMap<u64, NodeUsage> = HashMap::new();
     let mut stmt = conn.prepare(
         "SELECT v.size_bytes, v.thick, p.pg_index, p.primary_sds, p.secondary_sds,
-                (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
+                (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id), p.joining_sds
          FROM placement_groups p JOIN volumes v ON v.id = p.volume_id WHERE v.pool_id = ?1",
     )?;
     let mut rows = stmt.query([pool_id])?;
     while let Some(r) = rows.next()? {
         let (size, thick, index, primary, secondary, count): (u64, bool, u64, u64, u64, u64) =
             (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+        let joining: u64 = r.get(6)?;
         let bytes = placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index) * CHUNK_SIZE;
-        for (node, is_primary) in [(primary, true), (secondary, false)] {
+        // A copy moving onto a node counts there already.
+        let copies = [(primary, true), (secondary, false), (joining, false)];
+        for (node, is_primary) in copies.into_iter().filter(|&(node, _)| node != 0) {
             let entry = usage.entry(node).or_default();
             entry.placed += bytes;
             if is_primary {
@@ -160,6 +163,7 @@ pub(super) fn candidates(
         "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
          FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
          JOIN fault_sets f ON f.id = s.fault_set_id WHERE s.pool_id = ?1
+           AND s.draining = 0 AND s.removed_at = 0
            AND NOT (EXISTS (SELECT 1 FROM sds_devices d WHERE d.sds_id = n.id)
                     AND NOT EXISTS (SELECT 1 FROM sds_devices d
                                     WHERE d.sds_id = n.id AND d.failed_reason IS NULL))
@@ -324,17 +328,18 @@ pub fn volume_show(conn: &Connection, name_or_id: &str) -> Result<Volume, MdmErr
 fn volume_pgs(conn: &Connection, volume_id: u64) -> Result<Vec<PlacementGroup>, MdmError> {
     Ok(conn
         .prepare(
-            "SELECT primary_sds, secondary_sds, absent_sds FROM placement_groups
+            "SELECT primary_sds, secondary_sds, absent_sds, joining_sds FROM placement_groups
              WHERE volume_id = ?1 ORDER BY pg_index",
         )?
         .query_map([volume_id], |r| {
             // A degraded PG keeps its absent copy in `secondary_sds` (a
             // foreign key); the map shows it as absent, with no secondary.
             let (primary, secondary, absent): (u64, u64, u64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let joining = r.get(3)?;
             Ok(if absent != 0 {
-                PlacementGroup { primary, secondary: 0, absent }
+                PlacementGroup { primary, secondary: 0, absent, joining }
             } else {
-                PlacementGroup { primary, secondary, absent: 0 }
+                PlacementGroup { primary, secondary, absent: 0, joining }
             })
         })?
         .collect::<Result<_, _>>()?)
@@ -523,7 +528,8 @@ pub fn placement_map(
             "SELECT n.id, n.name, n.host, n.data_port, f.name FROM cluster_nodes n
              JOIN sds_nodes s ON s.node_id = n.id JOIN fault_sets f ON f.id = s.fault_set_id
              WHERE n.id IN (SELECT primary_sds FROM placement_groups WHERE volume_id = ?1
-                            UNION SELECT secondary_sds FROM placement_groups WHERE volume_id = ?1)
+                            UNION SELECT secondary_sds FROM placement_groups WHERE volume_id = ?1
+                            UNION SELECT joining_sds FROM placement_groups WHERE volume_id = ?1)
              ORDER BY n.id",
         )?
         .query_map([row.id], |r| {

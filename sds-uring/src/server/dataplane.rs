@@ -180,6 +180,7 @@ async fn serve_client(
     raw: &[u8; HEADER_LEN],
     payload: Vec<u8>,
 ) -> Result<Vec<u8>, Status> {
+    node.movement.client_io();
     let token = node.tokens.get(header.token_id).ok_or(Status::NoToken)?;
     let mapping_gen = node.placement.mapping_gen(header.volume_id);
     check_client_request(&token, header, raw, op, unix_now(), mapping_gen)?;
@@ -523,8 +524,18 @@ async fn replicate_write(
         ..FrameHeader::default()
     };
     let payload = Bytes::from(payload);
-    let (remote, local) = tokio::join!(
+    // A node joining the PG (a move) gets every write too; it is not part
+    // of the acknowledgement, but a write it misses breaks the move.
+    let joining = joining_peer(node, identity, map, pg, pg_key);
+    let to_joining = async {
+        let (id, peer) = joining.as_ref()?;
+        let mut frame = forward;
+        frame.seq = peer.seq.next();
+        Some((*id, peer.client.call_shared(frame, &identity.peer_key, payload.clone()).await))
+    };
+    let (remote, joined, local) = tokio::join!(
         peer.client.call_shared(forward, &identity.peer_key, payload.clone()),
+        to_joining,
         async {
             // Let the forward leave first: a local write alone on its device
             // is submitted from this thread (an `io_uring_enter`), and the
@@ -534,6 +545,16 @@ async fn replicate_write(
         }
     );
     node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
+    if let Some((joining_id, outcome)) = joined {
+        let ok = matches!(&outcome, Ok(reply) if reply.status() == Status::Ok);
+        if !ok {
+            tracing::warn!(peer = joining_id, outcome = ?outcome.as_ref().map(|r| r.status()), "forward to the joining copy failed: the move starts over");
+            node.movement.break_move(pg_key);
+            if let Err(e) = &outcome {
+                refresh_after_unreachable_peer(node, joining_id, header.volume_id, e).await;
+            }
+        }
+    }
     let remote_status = match remote {
         Ok(reply) => reply.status(),
         Err(e) => {
@@ -563,6 +584,26 @@ async fn replicate_write(
             Err(Status::ReplicaFailed)
         }
     }
+}
+
+/// The joining copy of `pg` (a move under way) and a client to it, if any;
+/// one that cannot be addressed breaks the move.
+fn joining_peer(
+    node: &SdsNode,
+    identity: &Identity,
+    map: &PlacementMap,
+    pg: PlacementGroup,
+    pg_key: super::dirty::PgKey,
+) -> Option<(u64, super::replication::Peer)> {
+    if pg.joining == 0 || pg.joining == identity.node_id {
+        return None;
+    }
+    let peer = map.node(pg.joining).and_then(|endpoint| node.peers.get(endpoint).ok());
+    if peer.is_none() {
+        tracing::warn!(node = pg.joining, "cannot address the joining copy: the move starts over");
+        node.movement.break_move(pg_key);
+    }
+    Some((pg.joining, peer?))
 }
 
 async fn mark_dirty(node: &SdsNode, pg: super::dirty::PgKey, chunk: u64) -> Result<(), Status> {
@@ -778,7 +819,8 @@ async fn serve_replica(
         }
         Op::Write | Op::Trim | Op::WriteZeroes => {
             let pg = chunk_group(&map, header)?;
-            if pg.secondary != identity.node_id || pg.primary != sender {
+            let copy_here = pg.secondary == identity.node_id || pg.joining == identity.node_id;
+            if !copy_here || pg.primary != sender {
                 return Err(Status::NotPrimary);
             }
             if op == Op::Write && crc32(&payload) != header.payload_crc {

@@ -91,7 +91,7 @@ async fn lost_pgs(node: &SdsNode, me: u64, index: usize) -> Option<BTreeSet<PgRe
         };
         let Some(pg_index) = map.pg_index_of(chunk) else { continue };
         let pg = &map.pgs[pg_index as usize];
-        if pg.primary == me || pg.secondary == me || pg.absent == me {
+        if pg.primary == me || pg.secondary == me || pg.absent == me || pg.joining == me {
             pgs.insert(PgRef { volume_id, pg_index });
         }
     }

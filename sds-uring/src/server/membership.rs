@@ -246,12 +246,25 @@ impl SdsNode {
             metrics: self.metrics.node_metrics(capacity, used),
         };
         match identity.mdm.heartbeat(&request).await {
+            Ok(reply) if reply.status == "removed" => {
+                tracing::warn!("the MDM drained and removed this node: stopping");
+                self.local_log.health("removed", "drained and removed by the MDM");
+                self.removed.notify_one();
+            }
             Ok(reply) => {
                 self.metrics.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
-                for volume_id in self.placement.apply_heartbeat(&reply.volumes) {
+                self.movement.set_policy(reply.movement);
+                let changed = self.placement.apply_heartbeat(&reply.volumes);
+                for &volume_id in &changed {
                     if let Err(status) = self.fetch_placement(volume_id).await {
                         tracing::debug!(volume_id, status = status.name(), "map refresh failed");
                     }
+                }
+                if !changed.is_empty() {
+                    // A copy may have moved off this node (rebalance, drain):
+                    // its chunks are released now rather than at the next
+                    // periodic pass.
+                    self.reclaim_now.notify_one();
                 }
                 // A volume this node served is gone from the MDM's list: it
                 // was deleted, and its chunks here should go now rather

@@ -8,9 +8,9 @@
 //! - [`dataplane`]: the TCP data plane (AUTH, READ, WRITE, FLUSH, TRIM,
 //!   WRITE_ZEROES, ALLOCATION, PING), every check before any IO, and
 //!   two-copy replication; a peer it cannot reach is reported to the MDM;
-//! - [`rebuild`]: copying a PG to its new secondary when the MDM's heartbeat
-//!   reply assigns a rebuild job; [`reclaim`]: releasing the chunks of PGs
-//!   that moved away while this node was failed;
+//! - [`rebuild`]: copying a PG to its new secondary (or to a node joining
+//!   it, for a move) when the MDM's heartbeat reply assigns a job, paced by
+//!   [`movement`]; [`reclaim`]: releasing the chunks of PGs that moved away;
 //! - [`http`]: `/health`, `/metrics` on both HTTP ports and the per-chunk
 //!   checksum query on the control port;
 //! - [`device_health`]: a failed device's copies reported to the MDM,
@@ -39,6 +39,7 @@ pub mod lease;
 pub mod local_log;
 pub mod membership;
 pub mod metrics;
+pub mod movement;
 pub mod placement;
 pub mod rebuild;
 pub mod reclaim;
@@ -130,6 +131,10 @@ pub struct SdsNode {
     pub dirty: dirty::DirtyLog,
     /// Wakes the reclaim pass early (a volume this node served was deleted).
     pub reclaim_now: tokio::sync::Notify,
+    /// Pacing of copy jobs and the state of moves (see [`movement`]).
+    pub movement: movement::MovementState,
+    /// The MDM drained and removed this node: the process stops.
+    pub removed: tokio::sync::Notify,
     started: Instant,
 }
 
@@ -214,6 +219,8 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         reclaim_now: tokio::sync::Notify::new(),
         scrubber: scrub::Scrubber::default(),
         dirty,
+        movement: movement::MovementState::default(),
+        removed: tokio::sync::Notify::new(),
         started: Instant::now(),
     });
     node.local_log.health("started", format!("data port {}", ports.data));
@@ -245,12 +252,15 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         tokio::spawn(reclaim::reclaim_loop(node.clone(), every));
     }
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: flushing the chunk store");
+    let why = tokio::select! {
+        _ = shutdown_signal() => "signal",
+        _ = node.removed.notified() => "removed from the cluster",
+    };
+    tracing::info!(why, "shutting down: flushing the chunk store");
     if let Err(e) = node.store.flush().await {
         tracing::warn!(error = %e, "flush at shutdown failed");
     }
-    node.local_log.health("stopped", "signal");
+    node.local_log.health("stopped", why);
     Ok(())
 }
 

@@ -18,12 +18,13 @@
 //! again; copying a chunk twice is harmless.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 use pflex_dataplane::{ClientError, Reply};
-use pflex_proto::api::{CopyKind, RebuildAssignment, RebuildComplete};
+use pflex_proto::api::{CopyKind, RebuildAssignment, RebuildComplete, RebuildProgress};
 use pflex_proto::frame::{flags, FrameHeader, Op, Status, MAX_ALLOCATION_CHUNKS};
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::CHUNK_SIZE;
@@ -53,8 +54,10 @@ pub enum RebuildError {
     Refused { what: &'static str, chunk: u64, status: Status },
     #[error("target unreachable: {0}")]
     Transport(String),
-    #[error("the MDM did not take the completion: {0}")]
+    #[error("the MDM did not take the report: {0}")]
     Report(String),
+    #[error("a write's forward to the joining copy failed; the move starts over")]
+    MoveBroken,
 }
 
 /// Rebuild jobs this node is running, so a job handed out again by a later
@@ -115,24 +118,36 @@ impl RebuildRunner {
     }
 }
 
-/// Copies the PG, flushes the target and reports to the MDM.
+/// How often a running job reports its progress to the MDM.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Counters of a running job.
+#[derive(Default)]
+struct Tally {
+    copied: AtomicU64,
+    released: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Copies the PG, flushes the target and reports to the MDM; a move then
+/// swaps the target in (see [`finish_move`]).
 async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildComplete, RebuildError> {
     let identity = node.identity().ok_or(RebuildError::NotRegistered)?;
-    let map = node
-        .placement_for(job.volume_id, job.epoch)
-        .await
-        .map_err(|status| RebuildError::Placement(status.name()))?;
+    // The newest map (other PGs of the volume may have moved since the job
+    // was handed out), as long as this PG still has this source and target.
+    let map = current_map(node, &identity, job).await?;
     let endpoint = map.node(job.target_sds).ok_or(RebuildError::Target(job.target_sds))?;
     let peer = node.peers.get(endpoint).map_err(|_| RebuildError::Target(job.target_sds))?;
+    let pg_key = (job.volume_id, job.pg_index);
+    if job.kind == CopyKind::Move {
+        node.movement.start_move(pg_key);
+    }
     let on_target = target_allocation(node, &identity, &peer, job, &map).await?;
 
-    let mut done = RebuildComplete { job_id: job.job_id, chunks_copied: 0, chunks_released: 0 };
-    let pg_key = (job.volume_id, job.pg_index);
+    let pg_count = map.pgs.len().max(1);
+    let pg_chunks: Vec<u64> = (job.pg_index..map.chunk_count()).step_by(pg_count).collect();
     let chunks: Vec<u64> = match job.kind {
-        CopyKind::Rebuild => {
-            let pg_count = map.pgs.len().max(1);
-            (job.pg_index..map.chunk_count()).step_by(pg_count).collect()
-        }
+        CopyKind::Rebuild | CopyKind::Move => pg_chunks.clone(),
         // Only what was written while the target was away (this node's
         // dirty log), and what the target itself may hold ahead of this
         // copy (writes it applied as primary whose forward failed).
@@ -143,33 +158,183 @@ async fn rebuild(node: &SdsNode, job: &RebuildAssignment) -> Result<RebuildCompl
             chunks.into_iter().collect()
         }
     };
-    for chunk in chunks {
-        // Every chunk is looked at under its lock: a write in flight may be
-        // creating it right now.
-        let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
-        if node.store.is_allocated(job.volume_id, chunk) {
-            let data = node
-                .store
-                .read(job.volume_id, chunk, 0, CHUNK_SIZE as u32)
-                .await
-                .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
-            send(node, &identity, &peer, job, Op::Write, chunk, Bytes::from(data)).await?;
-            done.chunks_copied += 1;
-            node.metrics.rebuild_chunks_copied.fetch_add(1, Ordering::Relaxed);
-        } else if on_target.contains(&chunk) {
-            send(node, &identity, &peer, job, Op::Trim, chunk, Bytes::new()).await?;
-            done.chunks_released += 1;
+    // What there is to send (a chunk allocated meanwhile is sent too).
+    let total = chunks
+        .iter()
+        .filter(|&&c| node.store.is_allocated(job.volume_id, c) || on_target.contains(&c))
+        .count() as u64;
+    let tally = Tally::default();
+    let copy_all = futures_util::stream::iter(chunks.iter().copied())
+        .map(|chunk| copy_one(node, &identity, &peer, job, &on_target, &tally, chunk))
+        .buffer_unordered(node.movement.width())
+        .try_collect::<Vec<()>>();
+    tokio::pin!(copy_all);
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            outcome = &mut copy_all => { outcome?; break; }
+            _ = ticker.tick() => report_progress(&identity, job, total, &tally).await?,
         }
+    }
+    report_progress(&identity, job, total, &tally).await?;
+    let done = RebuildComplete {
+        job_id: job.job_id,
+        chunks_copied: tally.copied.load(Ordering::Relaxed),
+        chunks_released: tally.released.load(Ordering::Relaxed),
+    };
+    if job.kind == CopyKind::Move {
+        finish_move(node, &identity, &peer, job, &pg_chunks, &done).await?;
+    } else {
+        send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
+        identity
+            .mdm
+            .rebuild_complete(&done)
+            .await
+            .map_err(|e| RebuildError::Report(e.to_string()))?;
+    }
+    Ok(done)
+}
+
+/// Sends one chunk as it is now, under its ordering lock (a write in
+/// flight may be creating it): its data, or a release if the target holds
+/// it and this node does not.
+async fn copy_one(
+    node: &SdsNode,
+    identity: &Identity,
+    peer: &Peer,
+    job: &RebuildAssignment,
+    on_target: &HashSet<u64>,
+    tally: &Tally,
+    chunk: u64,
+) -> Result<(), RebuildError> {
+    let pg_key = (job.volume_id, job.pg_index);
+    if job.kind == CopyKind::Move && node.movement.move_broken(pg_key) {
+        return Err(RebuildError::MoveBroken);
+    }
+    let held = node.store.is_allocated(job.volume_id, chunk);
+    let _lane = if held || on_target.contains(&chunk) {
+        node.movement.admit(CHUNK_SIZE).await
+    } else {
+        None
+    };
+    let _in_order = node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await;
+    if node.store.is_allocated(job.volume_id, chunk) {
+        let data = node
+            .store
+            .read(job.volume_id, chunk, 0, CHUNK_SIZE as u32)
+            .await
+            .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
+        send(node, identity, peer, job, Op::Write, chunk, Bytes::from(data)).await?;
+        tally.copied.fetch_add(1, Ordering::Relaxed);
+        tally.bytes.fetch_add(CHUNK_SIZE, Ordering::Relaxed);
+        node.metrics.rebuild_chunks_copied.fetch_add(1, Ordering::Relaxed);
+    } else if on_target.contains(&chunk) {
+        send(node, identity, peer, job, Op::Trim, chunk, Bytes::new()).await?;
+        tally.released.fetch_add(1, Ordering::Relaxed);
+    }
+    if job.kind != CopyKind::Move {
         // The target has the chunk as it is now: a dirty entry is settled
-        // (one logged later, by a forward that fails after this, stays).
+        // (one logged later, by a forward that fails after this, stays). A
+        // move's dirty entries are about the secondary, not the target.
         node.dirty
             .clear(pg_key, chunk)
             .await
             .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
     }
-    send(node, &identity, &peer, job, Op::Flush, 0, Bytes::new()).await?;
-    identity.mdm.rebuild_complete(&done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
-    Ok(done)
+    Ok(())
+}
+
+/// Tells the MDM how far the job is; a job it no longer runs stops here.
+async fn report_progress(
+    identity: &Identity,
+    job: &RebuildAssignment,
+    total: u64,
+    tally: &Tally,
+) -> Result<(), RebuildError> {
+    let copied = tally.copied.load(Ordering::Relaxed) + tally.released.load(Ordering::Relaxed);
+    let progress = RebuildProgress {
+        job_id: job.job_id,
+        chunks_total: total.max(copied),
+        chunks_copied: copied,
+        bytes_copied: tally.bytes.load(Ordering::Relaxed),
+    };
+    match identity.mdm.rebuild_progress(&progress).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.status() == Some(409) => Err(RebuildError::Report(e.to_string())),
+        // The MDM is briefly unreachable: the copy goes on.
+        Err(e) => {
+            tracing::debug!(job = job.job_id, error = %e, "progress not reported");
+            Ok(())
+        }
+    }
+}
+
+/// Ends a move with every write to the PG held back: the PG's chunk locks
+/// are all taken (writes already past them have landed on all three
+/// copies), the copy that stays is made equal to the target where this
+/// node's dirty log says it may differ, the target is flushed, and the MDM
+/// swaps the target in for the leaving copy. Writes waiting for the locks
+/// then find the new epoch and are retried under the new map.
+async fn finish_move(
+    node: &SdsNode,
+    identity: &Identity,
+    peer: &Peer,
+    job: &RebuildAssignment,
+    pg_chunks: &[u64],
+    done: &RebuildComplete,
+) -> Result<(), RebuildError> {
+    let pg_key = (job.volume_id, job.pg_index);
+    let mut held = Vec::with_capacity(pg_chunks.len());
+    for &chunk in pg_chunks {
+        held.push(node.chunk_locks.lock(job.volume_id, chunk, 0, CHUNK_SIZE as u32).await);
+    }
+    if node.movement.move_broken(pg_key) {
+        return Err(RebuildError::MoveBroken);
+    }
+    let map = current_map(node, identity, job).await?;
+    let pg = map.pgs[job.pg_index as usize];
+    for chunk in node.dirty.chunks(pg_key) {
+        if job.replaces == identity.node_id && pg.secondary != 0 {
+            // This copy leaves and the secondary stays: it must hold what
+            // this copy (and so the target) holds.
+            push_chunk(node, identity, &map, pg.secondary, chunk).await?;
+        }
+        // Either way the two copies that remain are now equal here.
+        node.dirty
+            .clear(pg_key, chunk)
+            .await
+            .map_err(|e| RebuildError::Read { chunk, error: e.to_string() })?;
+    }
+    if job.replaces == identity.node_id && pg.secondary != 0 {
+        let endpoint = map.node(pg.secondary).ok_or(RebuildError::Target(pg.secondary))?;
+        let secondary = node.peers.get(endpoint).map_err(|_| RebuildError::Target(pg.secondary))?;
+        flush_peer(identity, &secondary, &map).await?;
+    }
+    send(node, identity, peer, job, Op::Flush, 0, Bytes::new()).await?;
+    identity.mdm.rebuild_complete(done).await.map_err(|e| RebuildError::Report(e.to_string()))?;
+    // Learn the new map before the writes held back go on.
+    let _ = node.fetch_placement(job.volume_id).await;
+    drop(held);
+    Ok(())
+}
+
+/// A flush of `peer` under `map`.
+async fn flush_peer(
+    identity: &Identity,
+    peer: &Peer,
+    map: &PlacementMap,
+) -> Result<(), RebuildError> {
+    let header = replica_header(identity, peer, map, Op::Flush, 0, 0);
+    let reply = peer
+        .client
+        .call(header, &identity.peer_key, &[])
+        .await
+        .map_err(|e| RebuildError::Transport(e.to_string()))?;
+    match reply.status() {
+        Status::Ok => Ok(()),
+        status => Err(RebuildError::Refused { what: "the flush", chunk: 0, status }),
+    }
 }
 
 /// Reads `chunk` whole from the copy on `source` under `map` (the copy
@@ -259,8 +424,10 @@ async fn current_map(
         .await
         .map_err(|status| RebuildError::Placement(status.name()))?;
     let pg = map.pgs.get(job.pg_index as usize);
-    let ours =
-        pg.is_some_and(|pg| pg.primary == identity.node_id && pg.secondary == job.target_sds);
+    let ours = pg.is_some_and(|pg| {
+        let target = if job.kind == CopyKind::Move { pg.joining } else { pg.secondary };
+        pg.primary == identity.node_id && target == job.target_sds
+    });
     if map.epoch < job.epoch || !ours {
         return Err(RebuildError::Moved {
             volume: job.volume_id,

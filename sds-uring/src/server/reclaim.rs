@@ -123,7 +123,7 @@ async fn erase_volume(node: &SdsNode, vol: u64, chunks: &[u64]) -> u64 {
 /// its absent copy (kept to be resynced when the node is taken back).
 fn holds_copy(map: &PlacementMap, chunk: u64, me: u64) -> bool {
     chunk < map.chunk_count()
-        && map
-            .pg_of(chunk)
-            .is_some_and(|pg| pg.primary == me || pg.secondary == me || pg.absent == me)
+        && map.pg_of(chunk).is_some_and(|pg| {
+            pg.primary == me || pg.secondary == me || pg.absent == me || pg.joining == me
+        })
 }
