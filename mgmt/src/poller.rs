@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use pflex_mdm_client::MdmClient;
 use pflex_proto::api::{
-    ClusterSummary, HealthStatus, HeartbeatRequest, NodeType, RebuildJob, RegisterRequest, SdcInfo,
-    SdsInfo, Volume,
+    ClusterSummary, HealthStatus, HeartbeatRequest, MovementStatus, NodeType, RebuildJob,
+    RegisterRequest, SdcInfo, SdsInfo, Volume,
 };
 
 use crate::Shared;
@@ -25,6 +25,8 @@ pub struct Overview {
     pub sdc: Vec<SdcInfo>,
     /// Rebuild jobs, newest first (at most [`REBUILD_JOBS_SHOWN`]).
     pub rebuilds: Vec<RebuildJob>,
+    /// Data movement: policy, outstanding jobs, rate, ETA, drains.
+    pub movement: Option<MovementStatus>,
     /// (component name, reachable) for each SDS/SDC mgmt port.
     pub endpoints: Vec<(String, bool)>,
 }
@@ -99,6 +101,7 @@ pub async fn run(shared: Arc<Shared>, join_key: String) {
                     sds: Vec::new(),
                     sdc: Vec::new(),
                     rebuilds: Vec::new(),
+                    movement: None,
                     endpoints: Vec::new(),
                 }
             }
@@ -119,6 +122,7 @@ async fn poll_once(client: &MdmClient, http: &reqwest::Client) -> Result<Overvie
     let sdc = client.sdc_list().await.unwrap_or_default();
     let mut rebuilds = client.rebuild_jobs().await.unwrap_or_default();
     rebuilds.truncate(REBUILD_JOBS_SHOWN);
+    let movement = client.movement_status().await.ok();
     let mut endpoints = Vec::new();
     let targets = sds
         .iter()
@@ -142,6 +146,7 @@ async fn poll_once(client: &MdmClient, http: &reqwest::Client) -> Result<Overvie
         sds,
         sdc,
         rebuilds,
+        movement,
         endpoints,
     })
 }
@@ -195,6 +200,14 @@ pub fn conditions(o: &Overview) -> Vec<(String, &'static str, String, String)> {
                 format!("{} chunks have fewer than two live copies", s.degraded_chunks),
             ));
         }
+    }
+    for s in o.sds.iter().filter(|s| s.draining) {
+        out.push((
+            format!("sds:{}:draining", s.name),
+            "warning",
+            s.name.clone(),
+            format!("SDS {} is being drained for removal", s.name),
+        ));
     }
     for (name, ok) in &o.endpoints {
         if !ok {

@@ -132,11 +132,12 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
     }
     h.push_str("<h2>Storage servers</h2><table><tr><th>name</th><th>fault set</th><th>pool</th><th>capacity</th><th>used</th><th>status</th><th>data</th></tr>");
     for s in &o.sds {
+        let status = if s.draining { format!("{} (draining)", s.status) } else { s.status.clone() };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class={5}>{5}</td><td>{6}:{7}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class={5}>{8}</td><td>{6}:{7}</td></tr>",
             esc(&s.name), esc(&s.fault_set), esc(&s.pool), gib(s.capacity_bytes), gib(s.used_bytes),
-            esc(&s.status), esc(&s.host), s.data_port
+            esc(&s.status), esc(&s.host), s.data_port, esc(&status)
         );
     }
     h.push_str("</table><h2>Volumes</h2><table><tr><th>id</th><th>name</th><th>size</th><th>type</th><th>mapped to</th></tr>");
@@ -156,19 +157,46 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
             maps.join(", ")
         );
     }
-    h.push_str("</table><h2>Rebuilds</h2><table><tr><th>job</th><th>volume</th><th>PG</th><th>failed SDS</th><th>copy</th><th>state</th><th>chunks copied</th></tr>");
+    h.push_str("</table><h2>Data movement</h2>");
+    if let Some(m) = &o.movement {
+        let limit = if m.policy.mb_per_sec == 0 {
+            "no limit".to_string()
+        } else {
+            format!("{} MB/s per SDS", m.policy.mb_per_sec)
+        };
+        let eta = m.eta_secs.map_or("-".to_string(), |s| format!("{s} s"));
+        let _ = write!(
+            h,
+            "<table><tr><th>limit</th><th>priority</th><th>rebuild</th><th>resync</th><th>move</th>\
+             <th>chunks sent</th><th>rate</th><th>ETA</th><th>draining</th></tr>\
+             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}/{}</td><td>{:.1} MB/s</td><td>{}</td><td>{}</td></tr></table>",
+            esc(&limit),
+            m.policy.priority.as_str(),
+            m.rebuild_jobs,
+            m.resync_jobs,
+            m.move_jobs,
+            m.chunks_copied,
+            m.chunks_total,
+            m.rate_bytes_per_sec as f64 / 1e6,
+            esc(&eta),
+            esc(&m.draining.join(", "))
+        );
+    }
+    h.push_str("<table><tr><th>job</th><th>kind</th><th>volume</th><th>PG</th><th>replaces SDS</th><th>copy</th><th>state</th><th>chunks</th></tr>");
     for j in &o.rebuilds {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} &rarr; {}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} &rarr; {}</td><td>{}</td><td>{}/{}</td></tr>",
             j.job_id,
+            j.kind.as_str(),
             j.volume_id,
             j.pg_index,
             j.failed_sds,
             j.source_sds,
             j.target_sds,
             esc(&j.state),
-            j.chunks_copied
+            j.chunks_copied,
+            j.chunks_total.max(j.chunks_copied)
         );
     }
     h.push_str("</table><h2>Alerts</h2><table><tr><th>severity</th><th>component</th><th>message</th><th>raised</th><th>resolved</th></tr>");

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pflex_mdm_client::MdmClient;
-use pflex_proto::api::CopyKind;
+use pflex_proto::api::{CopyKind, MovementPolicy};
 use serde::Serialize;
 
 use crate::lab::{self, wait_until, LabUp};
@@ -47,8 +47,9 @@ pub enum Scenario {
     /// sds1's device returns EIO from then on: the same.
     DeviceEio,
     /// A fourth SDS (a spare host) starts while the writer runs over a
-    /// volume whose other blocks are full: copies move onto it until every
-    /// node's capacity use is within 5 percentage points.
+    /// volume whose other blocks are full: copies move onto it (at 5 MB/s
+    /// per SDS, so moves outlast the writer) until every node's capacity
+    /// use is within 5 percentage points.
     AddSds,
     /// sds4 of four is drained and removed (`pflex sds remove`) while the
     /// writer runs over a full volume; a watcher polls the placement map and
@@ -285,7 +286,7 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         Scenario::MdmDown => args.mdm_down_secs + 10,
         Scenario::TwoFailures => 30,
         Scenario::CutPrimaryFromMdm => 18,
-        Scenario::AddSds | Scenario::DrainSds => 25,
+        Scenario::AddSds | Scenario::DrainSds => 12,
         _ => 14,
     };
     let moving = matches!(scenario, Scenario::AddSds | Scenario::DrainSds);
@@ -312,6 +313,13 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         (stop.clone(), tokio::spawn(watch_copies(mdm, stop)))
     });
+    if moving {
+        // Throttled so that moves are still copying when the writer stops:
+        // a write a joining copy missed is then never overwritten, and the
+        // copy comparison at the end sees it.
+        let policy = MovementPolicy { mb_per_sec: MOVE_MB_PER_SEC, ..MovementPolicy::default() };
+        mdm.set_movement_policy(&policy).await?;
+    }
     at(3.0).await;
     let fault_end: Instant = match scenario {
         Scenario::KillSds => {
@@ -558,6 +566,10 @@ async fn no_failed_device(layout: &lab::LabLayout, mdm: &MdmClient) -> Result<()
     Ok(())
 }
 
+/// Per-SDS movement limit of add-sds and drain-sds (MB/s): their moves
+/// last past the writer's end.
+const MOVE_MB_PER_SEC: u64 = 5;
+
 /// Capacity use may differ by this many percentage points across nodes
 /// once a rebalance or drain is over.
 const MAX_SPREAD_POINTS: f64 = 5.0;
@@ -633,9 +645,9 @@ async fn settle_movement(mdm: &MdmClient, scenario: Scenario) -> Result<f64> {
         if status.move_jobs == 0 && gone && joined && steady && spread <= MAX_SPREAD_POINTS {
             return Ok(spread);
         }
-        if start.elapsed() > Duration::from_secs(120) {
+        if start.elapsed() > Duration::from_secs(180) {
             bail!(
-                "data movement did not settle within 120 s: {} moves outstanding, capacity use {uses:.1?} %, sds4 gone: {gone}",
+                "data movement did not settle within 180 s: {} moves outstanding, capacity use {uses:.1?} %, sds4 gone: {gone}",
                 status.move_jobs
             );
         }

@@ -88,6 +88,9 @@ pub enum LabCommand {
     /// Run fault scenarios, each in a fresh lab under DIR, with `pflex verify`
     /// writing at queue depth 1 and 16 while the fault happens, then check.
     Chaos(crate::chaos::ChaosArgs),
+    /// Measure a rebuild's cost to client IO at each movement limit, one
+    /// fresh lab per case (sds3 killed, fio during the rebuild).
+    RebuildBench(crate::rebuild_bench::RebuildBenchArgs),
 }
 
 /// The dashboard's port, on the MDM's host.
@@ -217,6 +220,7 @@ pub async fn run(args: LabArgs) -> Result<()> {
         LabCommand::Status => status(dir),
         LabCommand::Down => down(dir).await,
         LabCommand::Chaos(chaos) => crate::chaos::run(dir, chaos).await,
+        LabCommand::RebuildBench(bench) => crate::rebuild_bench::run(dir, bench).await,
     }
 }
 
@@ -359,7 +363,7 @@ fn set_links(dir: &Path, host: &str, from: Option<&str>, up: bool) -> Result<()>
     Ok(())
 }
 
-fn signal(dir: &Path, host: &str, signal: libc::c_int) -> Result<()> {
+pub(crate) fn signal(dir: &Path, host: &str, signal: libc::c_int) -> Result<()> {
     let layout = load(dir)?;
     layout.host(host)?;
     let Some(pid) = up::running_pid(dir, host) else {

@@ -13,6 +13,7 @@ pub mod chaos;
 pub mod cli;
 pub mod lab;
 pub mod nbd_probe;
+pub mod rebuild_bench;
 pub mod sdc_wait;
 pub mod up;
 pub mod verify;
