@@ -10,7 +10,9 @@
 //! not in the PG and not in the other copy's fault set. Then, while the
 //! most-filled node is more than `spread_points` percentage points above
 //! the least-filled one, one of its copies moves to the emptiest node that
-//! can take it (fault sets allowed) if that narrows the gap. Each PG moves at most once per plan; the moves
+//! can take it (fault sets allowed) if that narrows the gap; a secondary
+//! copy rather than a primary when there is one (a moved primary's
+//! successor waits out the lease it granted, pausing that PG's IO). Each PG moves at most once per plan; the moves
 //! themselves keep both copies complete (see `CopyKind::Move`).
 
 use std::collections::HashSet;
@@ -140,7 +142,10 @@ pub fn plan(
                 e.placed_bytes += pg.bytes;
                 fill(&f).abs_diff(fill(&e)) < gap
             };
-            if let Some(pg) = pgs.iter().find(fits) {
+            // A secondary copy first: moving a primary makes the new primary
+            // wait out the lease it granted (a pause of that PG's IO).
+            let secondary_first = pgs.iter().filter(|pg| pg.secondary == full.id).find(&fits);
+            if let Some(pg) = secondary_first.or_else(|| pgs.iter().find(&fits)) {
                 chosen = Some((pg.clone(), empty.id));
                 break;
             }
@@ -218,6 +223,17 @@ mod tests {
         let spread = fills.iter().cloned().fold(f64::MIN, f64::max)
             - fills.iter().cloned().fold(f64::MAX, f64::min);
         assert!(spread <= 2.0, "fills {fills:?}");
+    }
+
+    #[test]
+    fn rebalance_moves_secondary_copies_when_it_can() {
+        let pgs = three_node_pgs(64);
+        let nodes = vec![node(1, 43), node(2, 43), node(3, 42), node(4, 0)];
+        let moves = plan(&nodes, &pgs, 1000, 2);
+        assert!(!moves.is_empty());
+        for m in &moves {
+            assert_eq!(pgs[m.index as usize].secondary, m.from, "{m:?} moves a primary");
+        }
     }
 
     #[test]

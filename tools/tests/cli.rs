@@ -155,10 +155,17 @@ async fn cli_manages_volumes_against_a_running_mdm() {
         "{status}"
     );
     // No node has failed, so there is nothing to rebuild.
-    let rebuilds: Vec<pflex_proto::api::RebuildJob> = cli.json(&["cluster", "rebuilds"]);
-    assert!(rebuilds.is_empty(), "{rebuilds:?}");
+    let rebuilds: serde_json::Value = cli.json(&["cluster", "rebuilds"]);
+    assert_eq!(rebuilds["jobs"], serde_json::json!([]), "{rebuilds}");
+    assert_eq!(rebuilds["status"]["rebuild_jobs"], 0, "{rebuilds}");
     let table = cli.ok(&["cluster", "rebuilds"]);
-    assert!(table.contains("FAILED SDS") && table.contains("(none)"), "{table}");
+    assert!(table.contains("REPLACES") && table.contains("(none)"), "{table}");
+    assert!(table.contains("Rate:") && table.contains("no limit"), "{table}");
+    // The movement policy: shown, changed, refused when out of range.
+    let policy = cli.ok(&["cluster", "rebuild-policy", "--mb-per-sec", "150"]);
+    assert!(policy.contains("150 MB/s per SDS") && policy.contains("client first"), "{policy}");
+    let refused = cli.fails(&["cluster", "rebuild-policy", "--chunks-in-flight", "0"]);
+    assert!(refused.contains("chunks_in_flight"), "{refused}");
     let sds = cli.ok(&["sds", "list"]);
     assert_eq!(sds.lines().count(), 4, "{sds}");
     assert!(sds.contains("FAULT SET") && sds.contains("127.0.0.1:9701"), "{sds}");

@@ -211,8 +211,9 @@ pub fn monitor_tick(
     report.volumes_replaced += resolved.volumes_replaced;
     report.pgs_resynced += resolved.pgs_resynced;
     match replace {
-        Replace::Nothing => {}
-        Replace::EveryFailedNode => {
+        // Moves need no evidence of failure (they run between live nodes
+        // only), so they also run right after an MDM restart.
+        Replace::Nothing | Replace::EveryFailedNode => {
             report.movement = super::movement::rebalance_tick(conn, ctx)?;
         }
         Replace::Only(node) => {
