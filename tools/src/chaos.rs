@@ -441,6 +441,15 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
             // The moves changed placements: compare the copies again.
             chunks = recover(&mdm, &layout).await;
         }
+        if chunks.is_ok() && scenario == Scenario::DrainSds {
+            // The removed node is told so by its next heartbeat and stops.
+            let stopped = wait_until("sds4 to stop", Duration::from_secs(30), || async {
+                crate::up::running_pid(dir, "sds4").is_none()
+            });
+            if let Err(e) = stopped.await {
+                chunks = Err(e);
+            }
+        }
     }
     let (single_copy_windows, epochs_watched) = match watch {
         Some((stop, task)) => {
