@@ -66,6 +66,14 @@ pub enum Op {
     /// the reply's payload is those chunk indices, 8 bytes little-endian
     /// each, and the primary copies them over too.
     DirtyList = 10,
+    /// Between SDS nodes only (flag `REPLICA`): the sender was primary of
+    /// placement group `chunk_index` of `volume_id` until a move handed
+    /// that role to the receiver under `epoch`, and knows that map, so it
+    /// serves the PG no more: the receiver may drop the lease it granted the
+    /// sender for that PG instead of waiting it out. Refused unless, in the
+    /// receiver's newest map (at least `epoch`), the receiver is that PG's
+    /// primary and the sender holds no copy of it. No payload.
+    LeaseRelease = 11,
 }
 
 /// Most chunks one [`Op::Allocation`] request may cover.
@@ -84,6 +92,7 @@ impl Op {
             8 => Op::Allocation,
             9 => Op::Lease,
             10 => Op::DirtyList,
+            11 => Op::LeaseRelease,
             _ => return None,
         })
     }
@@ -318,7 +327,9 @@ impl FrameHeader {
             Op::Read | Op::Trim | Op::WriteZeroes | Op::Write if !in_chunk => Err(Status::Invalid),
             Op::Read | Op::Trim | Op::WriteZeroes if self.length == 0 => Err(Status::Invalid),
             Op::Write if self.length == 0 => Err(Status::Invalid),
-            Op::Lease | Op::DirtyList if self.flags & flags::REPLICA == 0 || self.length != 0 => {
+            Op::Lease | Op::DirtyList | Op::LeaseRelease
+                if self.flags & flags::REPLICA == 0 || self.length != 0 =>
+            {
                 Err(Status::Invalid)
             }
             _ => Ok(op),

@@ -3,6 +3,10 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    // Every file and directory this process creates (secrets, databases,
+    // device images, logs) is for its owner only: 0600 and 0700.
+    // SAFETY: umask(2) sets this process's file-mode mask and cannot fail.
+    unsafe { libc::umask(0o077) };
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(

@@ -87,6 +87,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Every file and directory this process creates (secrets, databases,
+    // device images, logs) is for its owner only: 0600 and 0700.
+    // SAFETY: umask(2) sets this process's file-mode mask and cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -195,6 +195,7 @@ async fn readme_tour_runs_as_written() {
     up.wait_ready().await;
     let banner = up.output();
     assert!(banner.contains("dashboard http://127.0.0.1:5000"), "no dashboard in:\n{banner}");
+    private_modes(&work.path().join("pflex-data"));
     assert!(banner.contains("pflex-data/mgmt/admin_password"), "no password path in:\n{banner}");
     assert!(banner.contains("fusermount3 -u /tmp/pflex-fuse\n"), "wrong unmount in:\n{banner}");
 
@@ -231,6 +232,31 @@ async fn readme_tour_runs_as_written() {
     let script = format!("export PATH=$PWD/target/release:$PATH\n{}", detach[0]);
     run_script(work.path(), &script, "the scripts block");
     let _ = std::fs::remove_dir_all("/var/tmp/demo");
+}
+
+/// Every file under `dir` (secrets, databases, device images, logs) is
+/// its owner's only (no group or other bits), every directory 0700.
+fn private_modes(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut seen = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{} is a directory with mode {mode:o}", path.display());
+            for entry in std::fs::read_dir(&path).unwrap() {
+                pending.push(entry.unwrap().path());
+            }
+        } else if meta.is_file() {
+            assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", path.display());
+            seen += 1;
+        }
+    }
+    for name in ["mdm/powerflex.db", "mdm/admin_token", "join_key", "sds1/dev0.img"] {
+        assert!(dir.join(name).exists(), "{name} missing: the walk must cover it");
+    }
+    assert!(seen > 10, "only {seen} files under {}", dir.display());
 }
 
 /// Sum of an SDC's write operations over every volume, from its metrics.

@@ -243,7 +243,7 @@ async fn serve_checked_client(
                 .await?;
             Ok(Vec::new())
         }
-        Op::Auth | Op::Ping | Op::Lease | Op::DirtyList => Err(Status::Invalid),
+        Op::Auth | Op::Ping | Op::Lease | Op::DirtyList | Op::LeaseRelease => Err(Status::Invalid),
     }
 }
 
@@ -892,6 +892,20 @@ async fn serve_replica(
             let still_current = || node.placement.known_epoch(volume) == header.epoch;
             if !leases.grant(volume, &pgs, asked, std::time::Instant::now(), still_current) {
                 return Err(Status::StaleEpoch);
+            }
+            Ok(Vec::new())
+        }
+        Op::LeaseRelease => {
+            let index = header.chunk_index as usize;
+            let pg = map.pgs.get(index).ok_or(Status::Invalid)?;
+            let sender_holds_copy =
+                pg.primary == sender || pg.secondary == sender || pg.joining == sender;
+            if pg.primary != identity.node_id || sender_holds_copy {
+                return Err(Status::NotPrimary);
+            }
+            accept(header.seq)?;
+            if let Some(leases) = &node.leases {
+                leases.release(header.volume_id, index);
             }
             Ok(Vec::new())
         }

@@ -266,6 +266,15 @@ impl Leases {
         true
     }
 
+    /// The primary this node granted leases for PG `pg` of `volume` handed
+    /// that role to this node and serves the PG no more (it knows the map
+    /// that moved it): what was granted need not be waited out. Only ever
+    /// one node holds such a lease: a copy that stays secondary keeps its
+    /// primary through every change of the PG.
+    pub fn release(&self, volume: u64, pg: usize) {
+        self.granted.lock().unwrap_or_else(|p| p.into_inner()).remove(&(volume, pg));
+    }
+
     /// Forgets a volume this node no longer has.
     pub fn forget_volume(&self, volume: u64) {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.0 != volume);
@@ -281,6 +290,21 @@ mod tests {
 
     fn config() -> LeaseConfig {
         LeaseConfig { length: 3000 * MS, drift: 300 * MS, renew_every: 750 * MS }
+    }
+
+    #[tokio::test]
+    async fn a_released_grant_is_not_waited_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let leases = Leases::open(config(), dir.path().join("lease_horizon"));
+        assert!(leases.keep_horizon(3000 * MS).await);
+        let now = Instant::now();
+        assert!(leases.grant(1, &[0, 1], Duration::ZERO, now, || true));
+        // Promoted to primary of PG 0: it waits out what it granted ...
+        assert!(matches!(leases.check_primary(1, 0, 6, None, now), PrimaryLease::WaitOut(_)));
+        // ... unless the old primary released it; PG 1's grant still holds.
+        leases.release(1, 0);
+        assert_eq!(leases.check_primary(1, 0, 6, None, now), PrimaryLease::Valid);
+        assert!(matches!(leases.check_primary(1, 1, 6, None, now), PrimaryLease::WaitOut(_)));
     }
 
     #[tokio::test]

@@ -40,7 +40,7 @@ const ALL_STATUSES: [Status; 21] = [
     Status::DataCorrupt,
 ];
 
-const ALL_OPS: [Op; 10] = [
+const ALL_OPS: [Op; 11] = [
     Op::Read,
     Op::Write,
     Op::Flush,
@@ -51,6 +51,7 @@ const ALL_OPS: [Op; 10] = [
     Op::Allocation,
     Op::Lease,
     Op::DirtyList,
+    Op::LeaseRelease,
 ];
 
 /// Short stable op name, used in labels and IO acknowledgements.
@@ -66,6 +67,7 @@ pub fn op_name(op: Op) -> &'static str {
         Op::Allocation => "allocation",
         Op::Lease => "lease",
         Op::DirtyList => "dirty_list",
+        Op::LeaseRelease => "lease_release",
     }
 }
 

@@ -316,7 +316,45 @@ async fn finish_move(
     // Learn the new map before the writes held back go on.
     let _ = node.fetch_placement(job.volume_id).await;
     drop(held);
+    if job.replaces == identity.node_id && pg.secondary != 0 {
+        release_lease(node, identity, &map, job, pg.secondary).await;
+    }
     Ok(())
+}
+
+/// This node, primary until the move, tells the promoted copy that it no
+/// longer serves the PG, so that copy need not wait out the lease it
+/// granted (a pause of the PG's IO as long as a lease). Only once this node
+/// knows the map that moved the role (it refuses requests routed by older
+/// maps from then on); without that, or if the message is lost, the
+/// promoted copy waits the lease out as after a failover.
+async fn release_lease(
+    node: &SdsNode,
+    identity: &Identity,
+    old_map: &PlacementMap,
+    job: &RebuildAssignment,
+    promoted: u64,
+) {
+    let known = node.placement.known_epoch(job.volume_id);
+    let Some(map) = node.placement.cached(job.volume_id).filter(|m| m.epoch == known) else {
+        return;
+    };
+    let moved = map.pgs.get(job.pg_index as usize).is_some_and(|pg| {
+        pg.primary == promoted && pg.secondary != identity.node_id && pg.joining != identity.node_id
+    });
+    if map.epoch <= old_map.epoch || !moved {
+        return;
+    }
+    let Some(peer) = map.node(promoted).and_then(|e| node.peers.get(e).ok()) else { return };
+    let header = replica_header(identity, &peer, &map, Op::LeaseRelease, job.pg_index, 0);
+    match peer.client.call(header, &identity.peer_key, &[]).await {
+        Ok(reply) if reply.status() == Status::Ok => {}
+        outcome => tracing::debug!(
+            promoted,
+            outcome = ?outcome.map(|r| r.status()),
+            "lease release not taken: the promoted copy waits the lease out"
+        ),
+    }
 }
 
 /// A flush of `peer` under `map`.
