@@ -24,6 +24,10 @@
 //!   primary fails is its secondary, the only node that could have vouched
 //!   for the old primary: once it knows the new map it refuses to renew the
 //!   old one, and waits out what it granted before serving.
+//! - A primary that hands its role over in a move (not a failure) tells
+//!   the promoted copy once it knows the new map (`Op::LeaseRelease`): it
+//!   refuses requests routed by older maps from then on, so the promoted
+//!   copy need not wait out what it granted.
 //! - A node that restarts has forgotten what it granted, except for one
 //!   number it keeps on disk: a wall-clock time before which a lease it
 //!   granted may still run (the *horizon*, written and synced before a grant
