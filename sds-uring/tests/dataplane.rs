@@ -481,3 +481,56 @@ async fn a_late_forward_never_lands_on_the_secondary_after_a_newer_one() {
     model[..4096].copy_from_slice(&newer);
     assert_eq!(cluster.checksum(secondary, s.volume_id, chunk).await.crc32, model_crc(&model));
 }
+
+/// A replication frame captured before the secondary restarted is refused
+/// when replayed after: the restarted node's windows start above its floor
+/// (the wall clock at its start). The real primary, whose counter started
+/// before that, learns the floor from the `Replay` reply and sends again
+/// above it, so client writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_frame_replayed_after_the_receiver_restarts_is_refused() {
+    let (mut cluster, s, _sdc) = cluster_with_volume().await;
+    let chunk = 3;
+    let secondary_id = s.secondary_of(chunk);
+    // A write first, so the primary's counter for the secondary exists and
+    // is below the captured frame's number (which, like every real one, is
+    // at most the wall clock when it was sent).
+    assert_eq!(s.write(chunk, 8192, &pattern(39, 4096)).await, Status::Ok);
+    let peer_key = cluster.cluster_secret().peer_key();
+    let captured_seq =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64;
+    let captured = pflex_proto::frame::FrameHeader {
+        op: Op::Write as u8,
+        flags: flags::REPLICA,
+        volume_id: s.volume_id,
+        chunk_index: chunk,
+        offset: 0,
+        length: 4096,
+        epoch: s.map.epoch,
+        token_id: s.primary_of(chunk),
+        seq: captured_seq,
+        ..Default::default()
+    };
+    let old = pattern(40, 4096);
+    let raw = sealed(captured, &peer_key, &old);
+    let addr = cluster.sds_by_node_id(secondary_id).await.data_addr();
+    assert_eq!(send_raw(addr, &raw, &old).await.status, Status::Ok as u16, "the original");
+
+    let index = cluster.sds_index(secondary_id).await;
+    cluster.restart(pflex_testkit::cluster::Component::Sds(index)).await;
+    let addr = cluster.sds_by_node_id(secondary_id).await.data_addr();
+    assert_eq!(
+        send_raw(addr, &raw, &old).await.status,
+        Status::Replay as u16,
+        "a frame captured before the restart must not be accepted again"
+    );
+    // A client write after the restart: the primary's forward is numbered
+    // below the new floor, refused, and sent again above it.
+    let newer = pattern(41, 4096);
+    assert_eq!(s.write(chunk, 0, &newer).await, Status::Ok, "a write after the restart");
+    let mut model = vec![0u8; CHUNK];
+    model[..4096].copy_from_slice(&newer);
+    model[8192..12288].copy_from_slice(&pattern(39, 4096));
+    assert_replicas_match(&cluster, &s, chunk, &model).await;
+}

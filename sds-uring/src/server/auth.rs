@@ -168,19 +168,45 @@ pub fn check_client_request(
 }
 
 /// Replay windows of replication frames, one per sending SDS node id.
-#[derive(Default)]
+///
+/// Like the token windows, every window starts above a floor, the wall
+/// clock in nanoseconds when this process started: a replication frame
+/// captured before a restart of this node carries a lower number (senders
+/// draw theirs from a counter seeded from their own wall clock, which
+/// grows far slower than one per nanosecond), so replaying it gets
+/// `Replay`. A `Replay` reply to a replica frame carries the floor in its
+/// `seq` field, and the sender moves its counter above it and sends again
+/// (see `replication::Peer::call`). This assumes the hosts' clocks agree
+/// within the time a restart takes.
 pub struct PeerReplayWindows {
+    floor: u64,
     windows: Mutex<HashMap<u64, ReplayWindow>>,
 }
 
+impl Default for PeerReplayWindows {
+    fn default() -> Self {
+        Self::with_floor(wall_clock_nanos())
+    }
+}
+
 impl PeerReplayWindows {
-    /// Records `seq` from `sender`; false if seen before or too old.
+    pub fn with_floor(floor: u64) -> Self {
+        Self { floor, windows: Mutex::default() }
+    }
+
+    /// Sequence numbers up to this one are refused from every sender.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// Records `seq` from `sender`; false if seen before, too old, or not
+    /// above the floor.
     pub fn accept(&self, sender: u64, seq: u64) -> bool {
         self.windows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(sender)
-            .or_default()
+            .or_insert_with(|| ReplayWindow::after(self.floor))
             .accept(seq)
     }
 }
@@ -200,12 +226,39 @@ impl ReplicationSeq {
     pub fn next(&self) -> u64 {
         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
     }
+
+    /// The receiver restarted with a replay floor of `floor`: later numbers
+    /// go above it. A floor further ahead than this node's clock plus a
+    /// day is ignored (replies carry no MAC: a forged one must not push the
+    /// counter toward its end); false then.
+    pub fn raise_above(&self, floor: u64) -> bool {
+        let plausible = wall_clock_nanos().saturating_add(86_400_000_000_000);
+        if floor >= plausible {
+            return false;
+        }
+        self.0.fetch_max(floor, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use pflex_proto::token::AccessMode;
+
+    #[test]
+    fn replica_windows_start_above_the_floor() {
+        let windows = PeerReplayWindows::with_floor(1_000);
+        assert!(!windows.accept(7, 999), "a frame from before the restart was accepted");
+        assert!(!windows.accept(7, 1_000));
+        assert!(windows.accept(7, 1_001));
+        assert!(!windows.accept(7, 1_001), "accepted twice");
+        let seq = ReplicationSeq::default();
+        let before = seq.next();
+        assert!(seq.raise_above(before + 5_000));
+        assert!(seq.next() > before + 5_000);
+        assert!(!seq.raise_above(u64::MAX - 1), "an implausible floor was taken");
+    }
 
     fn token(expires_at: u64, mode: AccessMode) -> IoToken {
         IoToken { token_id: 77, volume_id: 5, sdc_id: 1, mode, mapping_gen: 3, expires_at }
@@ -305,10 +358,12 @@ mod tests {
 
     #[test]
     fn replication_seq_grows_and_peer_windows_are_per_sender() {
+        // The receiver started first: the sender's counter, seeded later
+        // from the clock, is above its floor.
+        let windows = PeerReplayWindows::default();
         let a = ReplicationSeq::default();
         let (x, y) = (a.next(), a.next());
         assert!(y > x && x > 1_000_000_000);
-        let windows = PeerReplayWindows::default();
         assert!(windows.accept(1, x));
         assert!(!windows.accept(1, x));
         assert!(windows.accept(2, x));

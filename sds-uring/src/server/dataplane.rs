@@ -110,7 +110,15 @@ async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream) {
                     "request refused"
                 );
             }
-            let _ = replies.reply(&header, status, data).await;
+            if replica && status == Status::Replay {
+                // The sender learns the floor this node's windows start
+                // above (it restarted) and numbers its frames above it.
+                let mut refusal = header.reply(status, 0, 0);
+                refusal.seq = node.peer_windows.floor();
+                let _ = replies.send(&refusal, Vec::new()).await;
+            } else {
+                let _ = replies.reply(&header, status, data).await;
+            }
         });
     }
 }
@@ -318,7 +326,7 @@ async fn renew_lease(
         ..FrameHeader::default()
     };
     let sent = std::time::Instant::now();
-    let call = peer.client.call_shared(header, &identity.peer_key, Bytes::new());
+    let call = peer.call(header, &identity.peer_key, Bytes::new());
     let status = match tokio::time::timeout(LEASE_REQUEST_TIMEOUT, call).await {
         Ok(Ok(reply)) => reply.status(),
         Ok(Err(e)) => {
@@ -531,19 +539,16 @@ async fn replicate_write(
         let (id, peer) = joining.as_ref()?;
         let mut frame = forward;
         frame.seq = peer.seq.next();
-        Some((*id, peer.client.call_shared(frame, &identity.peer_key, payload.clone()).await))
+        Some((*id, peer.call(frame, &identity.peer_key, payload.clone()).await))
     };
-    let (remote, joined, local) = tokio::join!(
-        peer.client.call_shared(forward, &identity.peer_key, payload.clone()),
-        to_joining,
-        async {
+    let (remote, joined, local) =
+        tokio::join!(peer.call(forward, &identity.peer_key, payload.clone()), to_joining, async {
             // Let the forward leave first: a local write alone on its device
             // is submitted from this thread (an `io_uring_enter`), and the
             // copy on the secondary is the longer path.
             tokio::task::yield_now().await;
             apply_local(node, op, header, &payload).await
-        }
-    );
+        });
     node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
     if let Some((joining_id, outcome)) = joined {
         let ok = matches!(&outcome, Ok(reply) if reply.status() == Status::Ok);
@@ -739,7 +744,7 @@ async fn flush_volume(
             ..FrameHeader::default()
         };
         let key = identity.peer_key.clone();
-        forwards.spawn(async move { (secondary, peer.client.call(forward, &key, &[]).await) });
+        forwards.spawn(async move { (secondary, peer.call(forward, &key, Bytes::new()).await) });
     }
     let local = node.store.flush().await;
     let mut replicas_ok = true;

@@ -14,8 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pflex_dataplane::DataPlaneClient;
+use bytes::Bytes;
+use pflex_dataplane::{ClientError, DataPlaneClient, Reply};
+use pflex_proto::frame::{FrameHeader, Status};
 use pflex_proto::placement::SdsEndpoint;
+use pflex_proto::token::SessionKey;
 use tokio::sync::watch;
 
 use super::auth::ReplicationSeq;
@@ -40,6 +43,28 @@ pub struct PeerClients {
 pub struct Peer {
     pub client: DataPlaneClient,
     pub seq: Arc<ReplicationSeq>,
+}
+
+impl Peer {
+    /// Sends a replication frame. A receiver that restarted refuses it as
+    /// `Replay` with its new floor in the reply's `seq`: the counter moves
+    /// above the floor and the frame goes again, once, with a new number
+    /// (the caller still holds whatever ordering lock it took the first
+    /// number under, so the order of numbers stays the order of frames).
+    pub async fn call(
+        &self,
+        mut header: FrameHeader,
+        key: &SessionKey,
+        payload: Bytes,
+    ) -> Result<Reply, ClientError> {
+        let reply = self.client.call_shared(header, key, payload.clone()).await?;
+        let floor = reply.header.seq;
+        if reply.status() != Status::Replay || floor <= header.seq || !self.seq.raise_above(floor) {
+            return Ok(reply);
+        }
+        header.seq = self.seq.next();
+        self.client.call_shared(header, key, payload).await
+    }
 }
 
 /// A peer's advertised address is not an IP address and port.
