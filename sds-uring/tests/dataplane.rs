@@ -4,7 +4,7 @@
 mod common;
 
 use common::{metric_sum, model_crc, pattern, sealed, send_raw, start_cluster, VolumeSession};
-use pflex_proto::frame::{flags, Op, Status};
+use pflex_proto::frame::{flags, FrameHeader, Op, Status};
 use pflex_proto::token::{AccessMode, ClusterSecret, IoToken, SessionKey};
 use pflex_proto::{unix_now, CHUNK_SIZE};
 use pflex_testkit::cluster::Cluster;
@@ -21,6 +21,28 @@ async fn cluster_with_volume() -> (Cluster, VolumeSession, pflex_mdm_client::Mdm
     assert_ne!(session.primary_of(0), session.secondary_of(0));
     session.auth_all().await;
     (cluster, session, sdc)
+}
+
+/// A 4 KiB replica write at offset 0 of `chunk`, as its primary would
+/// forward it to the secondary, numbered `seq` (seal it with the peer key).
+fn forward_from_primary(s: &VolumeSession, chunk: u64, seq: u64) -> FrameHeader {
+    FrameHeader {
+        op: Op::Write as u8,
+        flags: flags::REPLICA,
+        volume_id: s.volume_id,
+        chunk_index: chunk,
+        offset: 0,
+        length: 4096,
+        epoch: s.map.epoch,
+        token_id: s.primary_of(chunk),
+        seq,
+        ..Default::default()
+    }
+}
+
+/// The wall clock in nanoseconds: at least any replication number sent so far.
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 /// Both copies of `chunk` report the model's CRC.
@@ -448,23 +470,10 @@ async fn a_late_forward_never_lands_on_the_secondary_after_a_newer_one() {
     let chunk = 2;
     let secondary = cluster.sds_by_node_id(s.secondary_of(chunk)).await;
     let peer_key = cluster.cluster_secret().peer_key();
-    let forward = |seq: u64| pflex_proto::frame::FrameHeader {
-        op: Op::Write as u8,
-        flags: flags::REPLICA,
-        volume_id: s.volume_id,
-        chunk_index: chunk,
-        offset: 0,
-        length: 4096,
-        epoch: s.map.epoch,
-        token_id: s.primary_of(chunk),
-        seq,
-        ..Default::default()
-    };
+    let forward = |seq: u64| forward_from_primary(&s, chunk, seq);
     // Numbers above anything the real primary used so far (its counter
     // started at its own start, in ns).
-    let newer_seq =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-            as u64;
+    let newer_seq = now_nanos();
     let (newer, late) = (pattern(30, 4096), pattern(31, 4096));
     let send = |seq: u64, data: &[u8]| {
         let raw = sealed(forward(seq), &peer_key, data);
@@ -497,21 +506,7 @@ async fn a_replica_frame_replayed_after_the_receiver_restarts_is_refused() {
     // at most the wall clock when it was sent).
     assert_eq!(s.write(chunk, 8192, &pattern(39, 4096)).await, Status::Ok);
     let peer_key = cluster.cluster_secret().peer_key();
-    let captured_seq =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-            as u64;
-    let captured = pflex_proto::frame::FrameHeader {
-        op: Op::Write as u8,
-        flags: flags::REPLICA,
-        volume_id: s.volume_id,
-        chunk_index: chunk,
-        offset: 0,
-        length: 4096,
-        epoch: s.map.epoch,
-        token_id: s.primary_of(chunk),
-        seq: captured_seq,
-        ..Default::default()
-    };
+    let captured = forward_from_primary(&s, chunk, now_nanos());
     let old = pattern(40, 4096);
     let raw = sealed(captured, &peer_key, &old);
     let addr = cluster.sds_by_node_id(secondary_id).await.data_addr();

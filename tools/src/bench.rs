@@ -94,7 +94,7 @@ fn check_tools(targets: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn parse_dir(v: &serde_json::Value) -> Option<Figures> {
+pub(crate) fn parse_dir(v: &serde_json::Value) -> Option<Figures> {
     let ios = v.get("total_ios")?.as_u64()?;
     if ios == 0 {
         return None;
@@ -114,10 +114,19 @@ fn parse_dir(v: &serde_json::Value) -> Option<Figures> {
 }
 
 async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>, Option<Figures>)> {
+    let mut args = target_args.to_vec();
+    args.push(job.display().to_string());
+    let doc = fio_json(&args).await?;
+    let j = doc.pointer("/jobs/0").context("fio JSON has no job")?;
+    Ok((j.get("read").and_then(parse_dir), j.get("write").and_then(parse_dir)))
+}
+
+/// Runs fio with `args` and JSON output; its document, or why it failed
+/// (an exit status, or a job's error).
+pub(crate) async fn fio_json(args: &[String]) -> Result<serde_json::Value> {
     let out = tokio::process::Command::new("fio")
-        .args(target_args)
+        .args(args)
         .arg("--output-format=json")
-        .arg(job)
         .stdin(Stdio::null())
         .output()
         .await
@@ -128,14 +137,16 @@ async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>,
     let doc: serde_json::Value = serde_json::from_str(&text[start..]).with_context(|| {
         format!("fio failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
     })?;
-    let j = doc.pointer("/jobs/0").context("fio JSON has no job")?;
-    if let Some(err) = j.get("error").and_then(|e| e.as_i64()).filter(|e| *e != 0) {
-        bail!("fio job error {err}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    let jobs = doc.get("jobs").and_then(|j| j.as_array()).context("fio JSON has no job")?;
+    for j in jobs {
+        if let Some(err) = j.get("error").and_then(|e| e.as_i64()).filter(|e| *e != 0) {
+            bail!("fio job error {err}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
     }
     if !out.status.success() {
         bail!("fio exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok((j.get("read").and_then(parse_dir), j.get("write").and_then(parse_dir)))
+    Ok(doc)
 }
 
 /// A qemu-nbd serving a local file, or the nbdkit proxy in front of it

@@ -185,37 +185,30 @@ async fn fill(uri: &str) -> Result<()> {
 /// fio: QD32 4 KiB random reads and QD1 4 KiB random writes side by side;
 /// (read IOPS, write p50 µs).
 async fn fio_pair(uri: &str, runtime: u64) -> Result<(f64, f64)> {
-    let out = tokio::process::Command::new("fio")
-        .args([
-            "--output-format=json",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--time_based=1",
-            &format!("--runtime={runtime}"),
-            "--randrepeat=0",
-            "--norandommap=1",
-            "--bs=4k",
-            "--name=read-qd32",
-            "--rw=randread",
-            "--iodepth=32",
-            "--name=write-qd1",
-            "--new_group",
-            "--rw=randwrite",
-            "--iodepth=1",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .context("running fio")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').unwrap_or(0);
-    let doc: serde_json::Value = serde_json::from_str(&text[start..]).with_context(|| {
-        format!("fio failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
-    })?;
-    let iops = doc.pointer("/jobs/0/read/iops").and_then(|v| v.as_f64()).context("read IOPS")?;
-    let p50 = doc
-        .pointer("/jobs/1/write/clat_ns/percentile/50.000000")
-        .and_then(|v| v.as_f64())
-        .context("write p50")?;
-    Ok((iops, p50 / 1000.0))
+    let args: Vec<String> = [
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--time_based=1",
+        &format!("--runtime={runtime}"),
+        "--randrepeat=0",
+        "--norandommap=1",
+        "--bs=4k",
+        "--name=read-qd32",
+        "--rw=randread",
+        "--iodepth=32",
+        "--name=write-qd1",
+        "--new_group",
+        "--rw=randwrite",
+        "--iodepth=1",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let doc = crate::bench::fio_json(&args).await?;
+    let figures = |job: &str, dir: &str| {
+        doc.pointer(&format!("/jobs/{job}/{dir}")).and_then(crate::bench::parse_dir)
+    };
+    let read = figures("0", "read").context("no read figures from fio")?;
+    let write = figures("1", "write").context("no write figures from fio")?;
+    Ok((read.iops, write.p50_us))
 }
