@@ -11,12 +11,31 @@
 
 use std::path::Path;
 
+/// How a component proves itself when it first registers.
+#[derive(Clone, Copy, Debug)]
+pub enum Enroll<'a> {
+    /// A one-time enrollment token in this file (what `pflex up` and `pflex
+    /// lab` use: one per node, minted with the admin token).
+    TokenFile(&'a str),
+    /// The cluster's join key in this file (test clusters).
+    JoinKeyFile(&'a str),
+}
+
+impl Enroll<'_> {
+    fn args(self) -> [String; 2] {
+        match self {
+            Enroll::TokenFile(path) => ["--enrollment-token-file".into(), path.into()],
+            Enroll::JoinKeyFile(path) => ["--join-key-file".into(), path.into()],
+        }
+    }
+}
+
 /// What an SDS's or SDC's command line says, in a local cluster, a lab or a
 /// test.
 pub struct NodeLaunch<'a> {
     pub mdm_url: &'a str,
-    /// Path of the file holding the join key.
-    pub join_key: &'a str,
+    /// How it enrolls.
+    pub enroll: Enroll<'a>,
     pub name: &'a str,
     /// Listen and advertised address.
     pub host: &'a str,
@@ -29,11 +48,12 @@ pub struct NodeLaunch<'a> {
 
 impl NodeLaunch<'_> {
     fn common(&self) -> Vec<String> {
+        let [flag, path] = self.enroll.args();
         vec![
             "--mdm".into(),
             self.mdm_url.into(),
-            "--join-key-file".into(),
-            self.join_key.into(),
+            flag,
+            path,
             "--name".into(),
             self.name.into(),
             "--host".into(),
@@ -70,28 +90,37 @@ pub fn sdc_args(launch: &NodeLaunch) -> Vec<String> {
     args
 }
 
-/// The MDM's command line; the caller adds failure timing and token
-/// lifetime if it wants other than the MDM's defaults.
-pub fn mdm_args(listen: &str, mdm_dir: &Path, join_key: &str, heartbeat: &str) -> Vec<String> {
-    vec![
+/// The MDM's command line (with a join key file only where the cluster uses
+/// one); the caller adds failure timing and token lifetime if it wants other
+/// than the MDM's defaults.
+pub fn mdm_args(
+    listen: &str,
+    mdm_dir: &Path,
+    join_key: Option<&str>,
+    heartbeat: &str,
+) -> Vec<String> {
+    let mut args = vec![
         "--listen".into(),
         listen.into(),
         "--data-dir".into(),
         mdm_dir.display().to_string(),
-        "--join-key-file".into(),
-        join_key.into(),
         "--heartbeat-interval-secs".into(),
         heartbeat.into(),
-    ]
+    ];
+    if let Some(path) = join_key {
+        args.extend(["--join-key-file".into(), path.into()]);
+    }
+    args
 }
 
 /// The MGMT dashboard's command line.
-pub fn mgmt_args(mdm_url: &str, join_key: &str, mgmt_dir: &Path, listen: &str) -> Vec<String> {
+pub fn mgmt_args(mdm_url: &str, enroll: Enroll, mgmt_dir: &Path, listen: &str) -> Vec<String> {
+    let [flag, path] = enroll.args();
     vec![
         "--mdm".into(),
         mdm_url.into(),
-        "--join-key-file".into(),
-        join_key.into(),
+        flag,
+        path,
         "--data-dir".into(),
         mgmt_dir.display().to_string(),
         "--listen".into(),
@@ -106,7 +135,7 @@ mod tests {
     fn launch(dir: &Path) -> NodeLaunch<'_> {
         NodeLaunch {
             mdm_url: "http://10.0.0.1:8001",
-            join_key: "/d/join_key",
+            enroll: Enroll::JoinKeyFile("/d/join_key"),
             name: "n1",
             host: "10.0.0.2",
             dir,

@@ -10,18 +10,19 @@
 //! Volumes are addressed by name or numeric id (anything that implements
 //! `Display`: a `&str`, a `String` or a `u64`); the MDM resolves either.
 
-mod join_key;
+mod enrollment;
 
-pub use join_key::{resolve_join_key, JoinKeyError};
+pub use enrollment::{Enrollment, EnrollmentError, CREDENTIAL_FILE};
 
 use std::time::Duration;
 
 use pflex_proto::api::{
-    AckResponse, ApiError, ClusterSummary, DeviceFailure, DeviceFailureVerdict, HealthStatus,
-    HeartbeatRequest, HeartbeatResponse, MappedVolume, MovementPolicy, MovementStatus,
-    RebuildComplete, RebuildJob, RebuildProgress, RegisterRequest, RegisterResponse, SdcInfo,
-    SdsInfo, TokenAckBatch, TokenRequest, TokenResponse, UnreachableReport, UnreachableVerdict,
-    Volume, VolumeCreate, VolumeMap, VolumeRename, VolumeResize, VolumeUnmap,
+    AckResponse, ApiError, ClusterSummary, DeviceFailure, DeviceFailureVerdict, EnrollmentRequest,
+    EnrollmentResponse, HealthStatus, HeartbeatRequest, HeartbeatResponse, MappedVolume,
+    MovementPolicy, MovementStatus, NodeType, RebuildComplete, RebuildJob, RebuildProgress,
+    RegisterRequest, RegisterResponse, SdcInfo, SdsInfo, TokenAckBatch, TokenRequest,
+    TokenResponse, UnreachableReport, UnreachableVerdict, Volume, VolumeCreate, VolumeMap,
+    VolumeRename, VolumeResize, VolumeUnmap,
 };
 use pflex_proto::placement::PlacementMap;
 use pflex_proto::token::AccessMode;
@@ -220,8 +221,8 @@ impl MdmClient {
         self.call(Method::POST, segments, Some(body)).await
     }
 
-    /// `POST /discovery/register`: join the cluster with the join key in
-    /// `request`. Needs no credential; keep the returned one.
+    /// `POST /discovery/register`: join the cluster with the proofs in
+    /// `request` (see [`Enrollment`]). Needs no credential; keep the returned one.
     pub async fn register(
         &self,
         request: &RegisterRequest,
@@ -312,6 +313,30 @@ impl MdmClient {
     /// `POST /sds/{name-or-id}/remove` (admin): drain the SDS, then remove it.
     pub async fn remove_sds(&self, name_or_id: &str) -> Result<SdsInfo, MdmClientError> {
         self.post(&["sds", name_or_id, "remove"], &()).await
+    }
+
+    /// `POST /admin/enrollments` (admin): a one-time enrollment token.
+    pub async fn create_enrollment(
+        &self,
+        request: &EnrollmentRequest,
+    ) -> Result<EnrollmentResponse, MdmClientError> {
+        self.post(&["admin", "enrollments"], request).await
+    }
+
+    /// `POST /admin/nodes/reset` (admin): the node's credential stops working
+    /// and its name may be enrolled again.
+    pub async fn reset_node(
+        &self,
+        node_type: NodeType,
+        name: &str,
+    ) -> Result<serde_json::Value, MdmClientError> {
+        let body = serde_json::json!({ "node_type": node_type, "name": name });
+        self.post(&["admin", "nodes", "reset"], &body).await
+    }
+
+    /// `GET /admin/audit` (admin, MGMT): the newest 100 audit rows, newest first.
+    pub async fn audit(&self) -> Result<Vec<serde_json::Value>, MdmClientError> {
+        self.get(&["admin", "audit"]).await
     }
 
     /// `GET /rebuild/jobs` (admin, MGMT): every rebuild job, newest first.

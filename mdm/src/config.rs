@@ -19,8 +19,10 @@ pub struct MdmConfig {
     #[arg(long, default_value = "./mdm-data")]
     pub data_dir: PathBuf,
 
-    /// File holding the join key that components must present to register
-    /// (surrounding whitespace ignored).
+    /// File holding a join key: a multi-use bootstrap secret for scripted
+    /// installs that lets a component of any role register a new name
+    /// (surrounding whitespace ignored). Without one, components enroll
+    /// with one-time tokens (`pflex sds add`, `pflex sdc add`).
     #[arg(long, conflicts_with = "join_key")]
     pub join_key_file: Option<PathBuf>,
 
@@ -73,9 +75,9 @@ pub struct MdmConfig {
 }
 
 impl MdmConfig {
-    /// The join key from the file or the flag; an error when neither is
-    /// given or the key is empty.
-    pub fn resolve_join_key(&self) -> Result<String, std::io::Error> {
+    /// The join key from the file or the flag, if one is given; an error when
+    /// it cannot be read or is empty.
+    pub fn resolve_join_key(&self) -> Result<Option<String>, std::io::Error> {
         let key = match (&self.join_key_file, &self.join_key) {
             (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
                 std::io::Error::new(
@@ -84,10 +86,7 @@ impl MdmConfig {
                 )
             })?,
             (None, Some(key)) => key.clone(),
-            (None, None) => return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "a join key is required: --join-key-file PATH, --join-key KEY or PFLEX_JOIN_KEY",
-            )),
+            (None, None) => return Ok(None),
         };
         let key = key.trim().to_string();
         if key.is_empty() {
@@ -96,6 +95,6 @@ impl MdmConfig {
                 "the join key is empty",
             ));
         }
-        Ok(key)
+        Ok(Some(key))
     }
 }

@@ -248,6 +248,38 @@ const MIGRATIONS: &[&str] = &[
         bytes INTEGER NOT NULL
     );
     "#,
+    // 8: identities. One-time enrollment tokens (stored as digests), the
+    // append-only audit log, and which nodes registered before credentials
+    // were kept by the node (`legacy`: such a name may be claimed once more
+    // by the join key or an enrollment token; an empty credential digest is
+    // an admin reset, which allows the same).
+    r#"
+    CREATE TABLE enrollment_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('SDS', 'SDC', 'MGMT')),
+        name TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER NOT NULL DEFAULT 0,
+        used_by INTEGER NOT NULL DEFAULT 0
+    );
+    ALTER TABLE cluster_nodes ADD COLUMN legacy INTEGER NOT NULL DEFAULT 0;
+    UPDATE cluster_nodes SET legacy = 1;
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL DEFAULT '',
+        outcome TEXT NOT NULL CHECK (outcome IN ('ok', 'refused')),
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    "#,
 ];
 
 /// Schema version this build writes.

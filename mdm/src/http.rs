@@ -8,11 +8,13 @@
 //! returns `Ok`, rolled back otherwise. Unknown paths and methods also
 //! answer with JSON errors.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::keys::Keys;
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -24,7 +26,6 @@ use pflex_proto::api::{
     RegisterRequest, TokenAckBatch, TokenRequest, UnreachableReport, VolumeCreate, VolumeMap,
     VolumeRename, VolumeResize, VolumeUnmap,
 };
-use pflex_proto::token::ClusterSecret;
 use rusqlite::{Connection, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -54,13 +55,15 @@ pub struct Counters {
 pub struct AppState {
     db: Mutex<Connection>,
     pub settings: Settings,
-    pub secret: ClusterSecret,
-    join_key_sha256: [u8; 32],
+    pub keys: Keys,
+    join_key_sha256: Option<[u8; 32]>,
     admin_token_sha256: [u8; 32],
     pub counters: Counters,
     pub started_at: std::time::Instant,
     /// The MDM's probes of SDS nodes reported unreachable.
     probes: crate::probe::Probes,
+    /// (second, refusals audited in it).
+    refusal_audits: Mutex<(u64, u32)>,
 }
 
 fn digest(value: &str) -> [u8; 32] {
@@ -76,19 +79,20 @@ impl AppState {
     pub fn new(
         db: Connection,
         settings: Settings,
-        secret: ClusterSecret,
-        join_key: &str,
+        keys: Keys,
+        join_key: Option<&str>,
         admin_token: &str,
     ) -> Self {
         Self {
             db: Mutex::new(db),
             settings,
-            secret,
-            join_key_sha256: digest(join_key),
+            keys,
+            join_key_sha256: join_key.map(digest),
             admin_token_sha256: digest(admin_token),
             counters: Counters::default(),
             started_at: std::time::Instant::now(),
             probes: crate::probe::Probes::default(),
+            refusal_audits: Mutex::new((0, 0)),
         }
     }
 
@@ -103,11 +107,8 @@ impl AppState {
         tokio::task::spawn_blocking(move || {
             let mut db = state.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let ctx = Ctx {
-                settings: state.settings,
-                secret: &state.secret,
-                now: pflex_proto::unix_now(),
-            };
+            let ctx =
+                Ctx { settings: state.settings, keys: &state.keys, now: pflex_proto::unix_now() };
             let value = work(&tx, &ctx)?;
             tx.commit()?;
             Ok(value)
@@ -117,7 +118,7 @@ impl AppState {
     }
 
     fn join_key_matches(&self, key: &str) -> bool {
-        digests_equal(&digest(key), &self.join_key_sha256)
+        self.join_key_sha256.is_some_and(|expected| digests_equal(&digest(key), &expected))
     }
 
     fn is_admin(&self, credential: &str) -> bool {
@@ -246,6 +247,9 @@ const ANY: &[Role] = &[Role::Admin, Role::Mgmt, Role::Sds, Role::Sdc];
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/discovery/register", post(register))
+        .route("/admin/enrollments", post(enrollment_create))
+        .route("/admin/nodes/reset", post(node_reset))
+        .route("/admin/audit", get(audit_log))
         .route("/health/heartbeat", post(heartbeat))
         .route("/health/status", get(health_status))
         .route("/health/unreachable", post(unreachable_report))
@@ -304,24 +308,138 @@ async fn method_not_allowed(request: Request) -> MdmError {
     ))
 }
 
-/// The join key is checked before anything else in the body, so a wrong
-/// or missing key is 401 whatever the rest says, and nothing is written.
+/// A registration must bring some proof (an enrollment token, the node's
+/// credential or the join key) before its body is even parsed, so a caller
+/// with none gets 401 whatever the rest says; the proofs are weighed in
+/// [`service::register`] before anything is written. Refusals are audited
+/// (at most [`REFUSALS_AUDITED_PER_SEC`] a second, so a flood of bad
+/// credentials cannot grow the database).
 async fn register(
     State(state): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<Json<pflex_proto::api::RegisterResponse>, MdmError> {
-    let key = body.get("join_key").and_then(|k| k.as_str()).unwrap_or_default();
-    if !state.join_key_matches(key) {
-        state.counters.registrations_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("registration refused: wrong or missing join key");
-        return Err(MdmError::Unauthorized("wrong or missing join key".to_string()));
+    let text = |field: &str| {
+        body.get(field).and_then(|v| v.as_str()).filter(|v| !v.is_empty()).map(str::to_string)
+    };
+    let join_key = text("join_key");
+    let join_key_ok = join_key.as_deref().is_some_and(|k| state.join_key_matches(k));
+    let source = peer.ip().to_string();
+    if !join_key_ok && text("enrollment_token").is_none() && text("credential").is_none() {
+        let why = if join_key.is_some() {
+            "wrong join key"
+        } else {
+            "registration needs an enrollment token (pflex sds add / pflex sdc add), this node's \
+             credential, or the join key"
+        };
+        state.record_refusal(&body, &source, why).await;
+        return Err(MdmError::Unauthorized(why.to_string()));
     }
-    let request: RegisterRequest = serde_json::from_value(body)
+    let request: RegisterRequest = serde_json::from_value(body.clone())
         .map_err(|e| MdmError::invalid("invalid_body", format!("invalid registration: {e}")))?;
-    let response = state.transact(move |conn, ctx| service::register(conn, ctx, &request)).await?;
-    state.counters.registrations.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(node_id = response.node_id, "component registered");
-    Ok(Json(response))
+    let from = source.clone();
+    let result = state
+        .transact(move |conn, ctx| service::register(conn, ctx, &request, join_key_ok, &from))
+        .await;
+    match result {
+        Ok(response) => {
+            state.counters.registrations.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(node_id = response.node_id, "component registered");
+            Ok(Json(response))
+        }
+        Err(e @ (MdmError::Unauthorized(_) | MdmError::Conflict { code: "name_taken", .. })) => {
+            state.record_refusal(&body, &source, &e.to_string()).await;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// At most this many refused registrations a second are written to the audit log.
+pub const REFUSALS_AUDITED_PER_SEC: u32 = 10;
+
+impl AppState {
+    /// Counts, logs and (rate-limited) audits a refused registration.
+    async fn record_refusal(self: &Arc<Self>, body: &serde_json::Value, source: &str, why: &str) {
+        self.counters.registrations_refused.fetch_add(1, Ordering::Relaxed);
+        let kind = body.get("node_type").and_then(|v| v.as_str()).unwrap_or("?");
+        let name = body.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+        let target: String = format!("{kind} {name}").chars().take(200).collect();
+        tracing::warn!(%source, %target, why, "registration refused");
+        if self.refusal_audit_allowed() {
+            let (source, why) = (source.to_string(), why.to_string());
+            let audited = self
+                .transact(move |conn, ctx| {
+                    service::audit(
+                        conn,
+                        ctx.now,
+                        &target,
+                        "node.register",
+                        &target,
+                        &source,
+                        "refused",
+                        &why,
+                    )
+                })
+                .await;
+            if let Err(e) = audited {
+                tracing::warn!(error = %e, "could not audit a refused registration");
+            }
+        }
+    }
+
+    fn refusal_audit_allowed(&self) -> bool {
+        let second = pflex_proto::unix_now();
+        let mut window = self.refusal_audits.lock().unwrap_or_else(|p| p.into_inner());
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        window.1 <= REFUSALS_AUDITED_PER_SEC
+    }
+}
+
+async fn enrollment_create(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<pflex_proto::api::EnrollmentRequest>,
+) -> Result<Json<pflex_proto::api::EnrollmentResponse>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    Ok(Json(state.transact(move |conn, ctx| service::mint_enrollment(conn, ctx, &request)).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeReset {
+    node_type: NodeType,
+    name: String,
+}
+
+async fn node_reset(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(request): ApiJson<NodeReset>,
+) -> Result<Json<serde_json::Value>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let id = state
+        .transact(move |conn, ctx| service::reset_node(conn, ctx, request.node_type, &request.name))
+        .await?;
+    Ok(Json(serde_json::json!({ "status": "reset", "node_id": id })))
+}
+
+#[derive(serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<u64>,
+}
+
+async fn audit_log(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Vec<serde_json::Value>>, MdmError> {
+    allow(caller, &[Role::Admin, Role::Mgmt])?;
+    let limit = query.limit.unwrap_or(100);
+    Ok(Json(state.transact(move |conn, _| service::audit_list(conn, limit)).await?))
 }
 
 async fn heartbeat(

@@ -21,6 +21,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod keys;
 pub mod metrics;
 pub mod placement;
 pub mod probe;
@@ -95,7 +96,7 @@ pub struct Prepared {
 
 /// Creates the data directory and its files when missing, opens the
 /// database and builds the shared state.
-pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartError> {
+pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, StartError> {
     if config.stale_after_secs >= config.failed_after_secs {
         return Err(StartError::Settings(format!(
             "--stale-after-secs ({}) must be below --failed-after-secs ({})",
@@ -127,7 +128,15 @@ pub fn prepare(config: &MdmConfig, join_key: &str) -> Result<Prepared, StartErro
         unreachable_grace_secs: config.unreachable_grace_secs,
         resync_window_secs: config.resync_window_secs,
     };
-    Ok(Prepared { state: Arc::new(AppState::new(conn, settings, secret, join_key, &admin_token)) })
+    Ok(Prepared {
+        state: Arc::new(AppState::new(
+            conn,
+            settings,
+            keys::Keys::new(secret),
+            join_key,
+            &admin_token,
+        )),
+    })
 }
 
 /// Re-places copies of failed SDS nodes and samples metrics, every
@@ -179,13 +188,18 @@ async fn monitor(state: Arc<AppState>) {
 /// Runs the MDM until SIGINT/SIGTERM.
 pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
     let join_key = config.resolve_join_key()?;
-    let Prepared { state } = prepare(&config, &join_key)?;
+    let Prepared { state } = prepare(&config, join_key.as_deref())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "MDM serving");
     let monitor_task = tokio::spawn(monitor(Arc::clone(&state)));
-    axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(
+        listener,
+        http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     monitor_task.abort();
     tracing::info!("MDM stopped");
     Ok(())

@@ -32,6 +32,8 @@ const ENDPOINTS: &[(&str, &str, Option<&str>)] = &[
 fn sds_request(key: &str, name: &str) -> RegisterRequest {
     RegisterRequest {
         join_key: key.into(),
+        enrollment_token: None,
+        credential: None,
         node_type: NodeType::Sds,
         name: name.into(),
         host: "127.0.0.1".into(),
@@ -175,15 +177,18 @@ async fn roles_are_enforced() {
 }
 
 #[tokio::test]
-async fn only_sds_gets_the_secret_and_credentials_are_stored_hashed() {
+async fn only_sds_gets_keys_never_the_secret_and_credentials_are_stored_hashed() {
     let mdm = start_mdm().await;
     let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
     let sdc = mdm.register_sdc("sdc1").await;
     let mgmt = mdm.register_mgmt("mgmt1").await;
     let secret = mdm.cluster_secret();
-    assert_eq!(sds.reply.cluster_secret.as_deref(), Some(secret.to_hex().as_str()));
-    assert_eq!(sdc.reply.cluster_secret, None);
-    assert_eq!(mgmt.reply.cluster_secret, None);
+    let keys = sds.reply.sds_keys.as_ref().expect("an SDS gets its keys");
+    assert_eq!(keys.node_key, secret.node_key(sds.id()).to_hex());
+    let sent = serde_json::to_string(&sds.reply).unwrap();
+    assert!(!sent.contains(&secret.to_hex()), "the cluster secret left the MDM");
+    assert_eq!(sdc.reply.sds_keys, None);
+    assert_eq!(mgmt.reply.sds_keys, None);
     let rows = dump(&mdm);
     for node in [&sds, &sdc, &mgmt] {
         assert!(!rows.contains(&node.reply.credential), "plain credential in the database");
@@ -199,18 +204,131 @@ async fn only_sds_gets_the_secret_and_credentials_are_stored_hashed() {
 }
 
 #[tokio::test]
-async fn registering_again_keeps_the_id_and_rotates_the_credential() {
+async fn registering_again_with_the_credential_keeps_the_id_and_the_credential() {
     let mdm = start_mdm().await;
     let first = mdm.register_sds("sds1", "fs1", "default", 10).await;
-    let second = mdm.register_sds("sds1", "fs1", "default", 20).await;
+    let mut again = sds_request("", "sds1");
+    again.fault_set = Some("fs1".into());
+    again.devices = vec![pflex_proto::api::DeviceInfo {
+        path: "/dev/fake/sds1".into(),
+        capacity_bytes: 20 << 30,
+        used_bytes: 0,
+    }];
+    again.credential = Some(first.reply.credential.clone());
+    let second = mdm.register(again).await;
     assert_eq!(first.id(), second.id());
-    assert_ne!(first.reply.credential, second.reply.credential);
-    assert_eq!(first.client.health_status().await.unwrap_err().status(), Some(401));
-    second.client.health_status().await.unwrap();
+    assert_eq!(first.reply.credential, second.reply.credential);
+    first.client.health_status().await.unwrap();
     let list = mdm.admin().sds_list().await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].capacity_bytes, 20 << 30);
     // Same name, other type: another node.
     let sdc = mdm.register_sdc("sds1").await;
     assert_ne!(sdc.id(), first.id());
+}
+
+fn request(node_type: NodeType, name: &str) -> RegisterRequest {
+    let mut r = sds_request("", name);
+    r.node_type = node_type;
+    if node_type != NodeType::Sds {
+        r.data_port = 0;
+    }
+    r
+}
+
+async fn mint(mdm: &pflex_testkit::cluster::Cluster, role: NodeType, name: Option<&str>) -> String {
+    let request = pflex_proto::api::EnrollmentRequest {
+        role,
+        name: name.map(str::to_string),
+        ttl_secs: None,
+    };
+    mdm.admin().create_enrollment(&request).await.unwrap().token
+}
+
+#[tokio::test]
+async fn enrollment_tokens_are_one_time_and_role_scoped() {
+    let mdm = start_mdm().await;
+    // A client's enrollment token cannot register a storage node.
+    let client_token = mint(&mdm, NodeType::Sdc, None).await;
+    let before = dump(&mdm);
+    let mut as_sds = request(NodeType::Sds, "sds9");
+    as_sds.enrollment_token = Some(client_token.clone());
+    let err = mdm.anonymous().register(&as_sds).await.unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    assert!(err.to_string().contains("another role"), "{err}");
+    // Nothing but the audit row was written.
+    assert_eq!(dump(&mdm), before);
+
+    // ... nor can a client's credential, new name or existing one.
+    let mut as_sdc = request(NodeType::Sdc, "sdc9");
+    as_sdc.enrollment_token = Some(client_token.clone());
+    let sdc = mdm.anonymous().register(&as_sdc).await.unwrap();
+    assert!(sdc.sds_keys.is_none());
+    let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    for name in ["sds9", "sds1"] {
+        let mut r = request(NodeType::Sds, name);
+        r.credential = Some(sdc.credential.clone());
+        let err = mdm.anonymous().register(&r).await.unwrap_err();
+        assert!(matches!(err.status(), Some(401 | 409)), "{name}: {err}");
+    }
+    // A token is used once.
+    let mut again = request(NodeType::Sdc, "sdc10");
+    again.enrollment_token = Some(client_token);
+    let err = mdm.anonymous().register(&again).await.unwrap_err();
+    assert!(err.to_string().contains("used already"), "{err}");
+    // A token bound to a name registers only that name.
+    let bound = mint(&mdm, NodeType::Sds, Some("sds2")).await;
+    let mut other = request(NodeType::Sds, "sds3");
+    other.enrollment_token = Some(bound.clone());
+    assert_eq!(mdm.anonymous().register(&other).await.unwrap_err().status(), Some(401));
+    let mut right = request(NodeType::Sds, "sds2");
+    right.enrollment_token = Some(bound);
+    let sds2 = mdm.anonymous().register(&right).await.unwrap();
+    assert!(sds2.sds_keys.is_some());
+    // The audit log has the enrollments and the refusals, and refuses edits.
+    let audit = mdm.admin().audit().await.unwrap();
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(text.contains("enrollment.create") && text.contains("node.enroll"), "{text}");
+    assert!(text.contains("refused") && text.contains("another role"), "{text}");
+    assert!(text.contains("127.0.0.1"), "the source address is recorded: {text}");
+    let conn = rusqlite::Connection::open(mdm.mdm_dir().join("powerflex.db")).unwrap();
+    assert!(conn.execute("DELETE FROM audit_log", []).is_err(), "the audit log is append-only");
+    assert!(conn.execute("UPDATE audit_log SET outcome = 'ok'", []).is_err());
+    let _ = sds;
+}
+
+#[tokio::test]
+async fn a_live_name_is_never_taken_over() {
+    let mdm = start_mdm().await;
+    let sds2 = mdm.register_sds("sds2", "fs2", "default", 10).await;
+    // Neither the join key nor a fresh enrollment token for that very name
+    // takes it: the holder's address and credential stay.
+    let mut with_key = request(NodeType::Sds, "sds2");
+    with_key.join_key = pflex_testkit::cluster::JOIN_KEY.into();
+    with_key.host = "10.9.9.9".into();
+    let err = mdm.anonymous().register(&with_key).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let mut with_token = with_key.clone();
+    with_token.join_key = String::new();
+    with_token.enrollment_token = Some(mint(&mdm, NodeType::Sds, Some("sds2")).await);
+    assert_eq!(mdm.anonymous().register(&with_token).await.unwrap_err().status(), Some(409));
+    let list = mdm.admin().sds_list().await.unwrap();
+    assert_eq!(list.iter().find(|s| s.name == "sds2").unwrap().host, "127.0.0.1");
+    let beat =
+        pflex_proto::api::HeartbeatRequest { node_id: sds2.id(), metrics: Default::default() };
+    sds2.client.heartbeat(&beat).await.expect("the holder's credential still works");
+
+    // The holder itself comes back with its credential and keeps it.
+    let mut holder = request(NodeType::Sds, "sds2");
+    holder.credential = Some(sds2.reply.credential.clone());
+    let back = mdm.anonymous().register(&holder).await.unwrap();
+    assert_eq!((back.node_id, &back.credential), (sds2.id(), &sds2.reply.credential));
+
+    // After an admin reset the old credential is dead and a token claims the name.
+    mdm.admin().reset_node(NodeType::Sds, "sds2").await.unwrap();
+    assert_eq!(sds2.client.heartbeat(&beat).await.unwrap_err().status(), Some(401));
+    with_token.enrollment_token = Some(mint(&mdm, NodeType::Sds, Some("sds2")).await);
+    let replaced = mdm.anonymous().register(&with_token).await.unwrap();
+    assert_eq!(replaced.node_id, sds2.id());
+    assert_ne!(replaced.credential, sds2.reply.credential);
 }

@@ -122,8 +122,11 @@ async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
 
     let reply = sdc.client.request_token(volume.id, AccessMode::ReadWrite).await.unwrap();
     let secret = mdm.cluster_secret();
+    let public = secret.token_signer().public_key();
     let signed = SignedToken::from_hex(&reply.token).unwrap();
-    secret.verify(&signed).expect("token verifies with the secret in the data dir");
+    public.verify(&signed).expect("token verifies with the MDM's public key");
+    let sds_keys = sds.reply.sds_keys.as_ref().expect("an SDS gets its keys");
+    assert_eq!(sds_keys.token_public_keys, vec![public.to_hex()]);
     assert_eq!(signed.token.volume_id, volume.id);
     assert_eq!(signed.token.sdc_id, sdc.id());
     assert_eq!(signed.token.mode, AccessMode::ReadWrite);
@@ -132,8 +135,12 @@ async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
     let now = pflex_proto::unix_now();
     // The default lifetime: an hour, so IO outlives an MDM outage (renewed at a third).
     assert!(reply.expires_at > now + 3590 && reply.expires_at <= now + 3601);
-    // The session key is the one an SDS derives from the secret.
-    assert_eq!(SessionKey::from_hex(&reply.session_key).unwrap(), secret.session_key(&signed));
+    // One session key per SDS, each the one that SDS derives from its own node key.
+    assert_eq!(reply.session_keys.len(), 2);
+    let at_sds1 = reply.session_keys.iter().find(|k| k.sds_id == sds.id()).unwrap();
+    let node_key = pflex_proto::token::NodeKey::from_hex(&sds_keys.node_key).unwrap();
+    assert_eq!(SessionKey::from_hex(&at_sds1.key).unwrap(), node_key.session_key(&signed));
+    assert!(reply.session_keys.iter().all(|k| k.sds_id == sds.id() || k.key != at_sds1.key));
     let current_gen = admin.volume_show("vol1").await.unwrap().mapping_gen;
     assert_eq!(reply.mapping_gen, current_gen);
     signed.token.check_scope(now, volume.id, true, current_gen).unwrap();
@@ -181,7 +188,7 @@ async fn tokens_verify_with_the_cluster_secret_and_follow_mappings() {
     admin.volume_map(&map("vol1", "sdc2", AccessMode::ReadOnly)).await.unwrap();
     let read = stranger.client.request_token(volume.id, AccessMode::ReadOnly).await.unwrap();
     let read_signed = SignedToken::from_hex(&read.token).unwrap();
-    secret.verify(&read_signed).unwrap();
+    public.verify(&read_signed).unwrap();
     assert_eq!(
         read_signed.token.check_scope(now, volume.id, true, read.mapping_gen),
         Err(TokenError::ReadOnly)
@@ -239,7 +246,7 @@ async fn restart_keeps_all_state() {
         .heartbeat(&HeartbeatRequest { node_id: sds.id(), metrics: NodeMetrics::default() })
         .await
         .unwrap();
-    let again = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    let again = mdm.register_sds_again(&sds, "sds1", "fs1", 10).await;
     assert_eq!(again.id(), sds.id());
 }
 

@@ -29,6 +29,10 @@ pub struct Config {
     /// MDM base URL.
     #[arg(long, env = "PFLEX_MDM", default_value = "http://127.0.0.1:8001")]
     pub mdm: String,
+    /// File holding a one-time enrollment token (role MGMT), used at the first
+    /// start; later starts use the credential kept in the data dir.
+    #[arg(long)]
+    pub enrollment_token_file: Option<PathBuf>,
     /// File holding the cluster's join key.
     #[arg(long)]
     pub join_key_file: Option<PathBuf>,
@@ -59,7 +63,9 @@ pub struct Shared {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let join_key = pflex_mdm_client::resolve_join_key(
+    let enrollment = pflex_mdm_client::Enrollment::resolve(
+        &config.data_dir,
+        config.enrollment_token_file.as_deref(),
         config.join_key_file.as_deref(),
         config.join_key.as_deref(),
     )?;
@@ -76,7 +82,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!("dashboard on http://{}", config.listen);
-    tokio::spawn(poller::run(shared.clone(), join_key));
+    tokio::spawn(poller::run(shared.clone(), enrollment));
     axum::serve(listener, web::router(shared)).await?;
     Ok(())
 }

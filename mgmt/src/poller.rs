@@ -34,10 +34,15 @@ pub struct Overview {
 /// How many rebuild jobs the dashboard lists.
 pub const REBUILD_JOBS_SHOWN: usize = 50;
 
-async fn register(shared: &Shared, join_key: &str) -> Option<(MdmClient, u64)> {
+async fn register(
+    shared: &Shared,
+    enrollment: &pflex_mdm_client::Enrollment,
+) -> Option<(MdmClient, u64)> {
     let client = MdmClient::new(&shared.config.mdm, None).ok()?;
-    let req = RegisterRequest {
-        join_key: join_key.to_string(),
+    let mut req = RegisterRequest {
+        join_key: String::new(),
+        enrollment_token: None,
+        credential: None,
         node_type: NodeType::Mgmt,
         name: shared.config.name.clone(),
         host: shared.config.listen.ip().to_string(),
@@ -48,8 +53,15 @@ async fn register(shared: &Shared, join_key: &str) -> Option<(MdmClient, u64)> {
         pool: None,
         devices: Vec::new(),
     };
+    enrollment.fill(&mut req);
     match client.register(&req).await {
         Ok(resp) => {
+            if req.credential.as_deref() != Some(resp.credential.as_str()) {
+                if let Err(e) = enrollment.store(&resp.credential) {
+                    tracing::warn!("registered, but the credential cannot be kept: {e}");
+                    return None;
+                }
+            }
             shared.registered.store(true, Ordering::Relaxed);
             tracing::info!(node_id = resp.node_id, "registered with the MDM");
             Some((client.with_credential(resp.credential), resp.node_id))
@@ -62,7 +74,7 @@ async fn register(shared: &Shared, join_key: &str) -> Option<(MdmClient, u64)> {
 }
 
 /// Polls forever.
-pub async fn run(shared: Arc<Shared>, join_key: String) {
+pub async fn run(shared: Arc<Shared>, enrollment: pflex_mdm_client::Enrollment) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()
@@ -73,7 +85,7 @@ pub async fn run(shared: Arc<Shared>, join_key: String) {
     loop {
         tick.tick().await;
         if mdm.is_none() {
-            mdm = register(&shared, &join_key).await;
+            mdm = register(&shared, &enrollment).await;
         }
         let overview = match &mdm {
             Some((client, node_id)) => {

@@ -78,8 +78,17 @@ pub struct DeviceInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    /// The join key given at install time.
+    /// The cluster's join key (a bootstrap secret for scripted installs; it
+    /// can add nodes but never take over a registered name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub join_key: String,
+    /// A one-time enrollment token minted for this role (and maybe name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_token: Option<String>,
+    /// This node's current credential: registering again under a name that is
+    /// taken needs it (or an admin reset of the name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     pub node_type: NodeType,
     /// Unique per node type; re-registering with the same name is the same node.
     pub name: String,
@@ -105,12 +114,55 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub status: String,
     pub node_id: u64,
-    /// Bearer credential for every later call of this node.
+    /// Bearer credential for every later call of this node (the one it
+    /// presented when it proved itself with it).
     pub credential: String,
-    /// Hex; only ever sent to SDS nodes.
+    /// Only ever sent to SDS nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster_secret: Option<String>,
+    pub sds_keys: Option<SdsKeys>,
     pub heartbeat_interval_secs: u64,
+}
+
+/// The key material of one SDS (see [`crate::token`]): it verifies tokens and
+/// derives its own session keys, but cannot sign tokens or derive another
+/// node's session keys.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsKeys {
+    /// Hex Ed25519 public keys that sign tokens (the current one first).
+    pub token_public_keys: Vec<String>,
+    /// Hex; this node's key.
+    pub node_key: String,
+    /// Hex; the key of replication frames between SDS nodes.
+    pub peer_key: String,
+}
+
+impl std::fmt::Debug for SdsKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SdsKeys").field("token_public_keys", &self.token_public_keys).finish()
+    }
+}
+
+/// `POST /admin/enrollments`: mint a one-time enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentRequest {
+    pub role: NodeType,
+    /// Bind the token to this node name (any name when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Lifetime; default one hour, at most a week.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentResponse {
+    pub token: String,
+    pub role: NodeType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub expires_at: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -405,10 +457,23 @@ pub struct TokenResponse {
     pub token_id: u64,
     /// Hex of the signed token ([`crate::token::SignedToken`]).
     pub token: String,
-    /// Hex of the per-token session key.
-    pub session_key: String,
+    /// The token's session key at each SDS (hex), one per storage node.
+    pub session_keys: Vec<NodeSessionKey>,
     pub expires_at: u64,
     pub mapping_gen: u64,
+}
+
+/// The session key of a token at one SDS.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSessionKey {
+    pub sds_id: u64,
+    pub key: String,
+}
+
+impl std::fmt::Debug for NodeSessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeSessionKey {{ sds_id: {}, .. }}", self.sds_id)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

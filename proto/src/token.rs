@@ -1,30 +1,39 @@
 //! IO capability tokens, request MACs and replay protection.
 //!
-//! The MDM signs one [`IoToken`] per (volume, SDC, access mode, mapping
-//! generation, expiry) with HMAC-SHA256 keyed by the 32-byte cluster secret.
-//! The SDC never sees the secret: it receives the signed token and a
-//! per-token *session key* (`HMAC(secret, "pflex-session-v1" || signature)`),
-//! which the SDS can derive again from the secret. Every data-plane request
-//! carries the token id, a sequence number and a 16-byte MAC of its header
-//! under the session key, so a request cannot be forged or altered without
-//! the session key and cannot be replayed (see [`ReplayWindow`]).
-//!
-//! SDS → SDS replication frames use the *peer key* (`HMAC(secret,
-//! "pflex-peer-v1")`), which only holders of the cluster secret can compute.
+//! Who holds which key (the threat model in the architecture notes says what
+//! each compromise allows):
+//! - The MDM alone holds the 32-byte [`ClusterSecret`]; every other key is
+//!   derived from it, so rotating it rotates them all.
+//! - Tokens are signed with Ed25519 ([`TokenSigner`], derived from the
+//!   secret). SDS nodes hold only the public key ([`TokenPublicKey`]), so a
+//!   compromised SDS can verify tokens but never make one.
+//! - Each SDS has its own [`NodeKey`] (`HMAC(secret, "pflex-node-v2" || id)`),
+//!   handed to that SDS alone at registration. The session key of a token at
+//!   one SDS is `HMAC(node key, "pflex-session-v2" || signature)`: the MDM
+//!   gives the SDC one per SDS with the token, so a node that sees a token
+//!   cannot compute the key another node expects for it.
+//! - Every data-plane request carries the token id, a sequence number and a
+//!   16-byte MAC of its header under that session key, so a request cannot be
+//!   forged or altered without it and cannot be replayed (see [`ReplayWindow`]).
+//! - SDS → SDS replication frames use the *peer key* (`HMAC(secret,
+//!   "pflex-peer-v1")`), which only storage nodes receive.
 
+use ed25519_dalek::Signer;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
 /// Length of an encoded, signed token.
-pub const SIGNED_TOKEN_LEN: usize = TOKEN_BODY_LEN + 32;
+pub const SIGNED_TOKEN_LEN: usize = TOKEN_BODY_LEN + SIGNATURE_LEN;
 const TOKEN_BODY_LEN: usize = 1 + 8 + 8 + 8 + 1 + 8 + 8;
-const TOKEN_VERSION: u8 = 1;
+const TOKEN_VERSION: u8 = 2;
 /// Length of the truncated HMAC carried by every data-plane request.
 pub const MAC_LEN: usize = 16;
 
-/// Cluster secret: the HMAC key for tokens; only the MDM and SDS hold it.
+/// The root secret every key is derived from; only the MDM holds it.
 #[derive(Clone)]
 pub struct ClusterSecret(pub [u8; 32]);
 
@@ -34,47 +43,115 @@ impl std::fmt::Debug for ClusterSecret {
     }
 }
 
+fn hmac_32(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
+    for part in parts {
+        m.update(part);
+    }
+    m.finalize().into_bytes().into()
+}
+
+fn decode_32(s: &str) -> Result<[u8; 32], TokenError> {
+    let v = hex::decode(s.trim()).map_err(|_| TokenError::Malformed)?;
+    v.try_into().map_err(|_| TokenError::Malformed)
+}
+
 impl ClusterSecret {
     pub fn generate() -> Self {
         Self(crate::random_bytes())
     }
     pub fn from_hex(s: &str) -> Result<Self, TokenError> {
-        let v = hex::decode(s.trim()).map_err(|_| TokenError::Malformed)?;
-        let arr: [u8; 32] = v.try_into().map_err(|_| TokenError::Malformed)?;
-        Ok(Self(arr))
+        Ok(Self(decode_32(s)?))
     }
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
-    fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length")
+    /// The key that signs IO tokens.
+    pub fn token_signer(&self) -> TokenSigner {
+        let seed = hmac_32(&self.0, &[b"pflex-token-signing-v2"]);
+        TokenSigner(ed25519_dalek::SigningKey::from_bytes(&seed))
     }
-    /// Signs `token`, producing what the MDM hands to the SDC.
-    pub fn sign(&self, token: &IoToken) -> SignedToken {
-        let body = token.encode_body();
-        let mut m = self.mac();
-        m.update(&body);
-        SignedToken { token: token.clone(), signature: m.finalize().into_bytes().into() }
-    }
-    /// Checks the signature of `signed` (constant time). Expiry and scope
-    /// are the caller's checks, see [`IoToken::check_scope`].
-    pub fn verify(&self, signed: &SignedToken) -> Result<(), TokenError> {
-        let mut m = self.mac();
-        m.update(&signed.token.encode_body());
-        m.verify_slice(&signed.signature).map_err(|_| TokenError::BadSignature)
-    }
-    /// The per-token session key the SDC uses to MAC its requests.
-    pub fn session_key(&self, signed: &SignedToken) -> SessionKey {
-        let mut m = self.mac();
-        m.update(b"pflex-session-v1");
-        m.update(&signed.signature);
-        SessionKey(m.finalize().into_bytes().into())
+    /// The key of SDS `sds_id`, from which its session keys are derived.
+    pub fn node_key(&self, sds_id: u64) -> NodeKey {
+        NodeKey(hmac_32(&self.0, &[b"pflex-node-v2", &sds_id.to_le_bytes()]))
     }
     /// The key SDS nodes use to authenticate replication frames to each other.
     pub fn peer_key(&self) -> SessionKey {
-        let mut m = self.mac();
-        m.update(b"pflex-peer-v1");
-        SessionKey(m.finalize().into_bytes().into())
+        SessionKey(hmac_32(&self.0, &[b"pflex-peer-v1"]))
+    }
+}
+
+/// The MDM's Ed25519 token signing key.
+pub struct TokenSigner(ed25519_dalek::SigningKey);
+
+impl TokenSigner {
+    /// A signer from a raw 32-byte Ed25519 seed (key import, and tests that
+    /// play a forger holding some other key).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    /// Signs `token`, producing what the MDM hands to the SDC.
+    pub fn sign(&self, token: &IoToken) -> SignedToken {
+        let signature = self.0.sign(&token.encode_body()).to_bytes();
+        SignedToken { token: token.clone(), signature }
+    }
+    pub fn public_key(&self) -> TokenPublicKey {
+        TokenPublicKey(self.0.verifying_key())
+    }
+}
+
+/// What verifies token signatures: the public half of a [`TokenSigner`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenPublicKey(ed25519_dalek::VerifyingKey);
+
+impl std::fmt::Debug for TokenPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenPublicKey({})", self.to_hex())
+    }
+}
+
+impl TokenPublicKey {
+    pub fn from_hex(s: &str) -> Result<Self, TokenError> {
+        let bytes = decode_32(s)?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes).map(Self).map_err(|_| TokenError::Malformed)
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.as_bytes())
+    }
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+    /// Checks the signature of `signed` (strict Ed25519 verification).
+    /// Expiry and scope are the caller's checks, see [`IoToken::check_scope`].
+    pub fn verify(&self, signed: &SignedToken) -> Result<(), TokenError> {
+        let signature = ed25519_dalek::Signature::from_bytes(&signed.signature);
+        self.0
+            .verify_strict(&signed.token.encode_body(), &signature)
+            .map_err(|_| TokenError::BadSignature)
+    }
+}
+
+/// The key of one SDS: its session keys derive from it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeKey(pub [u8; 32]);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeKey(..)")
+    }
+}
+
+impl NodeKey {
+    pub fn from_hex(s: &str) -> Result<Self, TokenError> {
+        Ok(Self(decode_32(s)?))
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    /// The key the SDC MACs its requests to this SDS with, under `signed`.
+    pub fn session_key(&self, signed: &SignedToken) -> SessionKey {
+        SessionKey(hmac_32(&self.0, &[b"pflex-session-v2", &signed.signature]))
     }
 }
 
@@ -90,8 +167,7 @@ impl std::fmt::Debug for SessionKey {
 
 impl SessionKey {
     pub fn from_hex(s: &str) -> Result<Self, TokenError> {
-        let v = hex::decode(s.trim()).map_err(|_| TokenError::Malformed)?;
-        Ok(Self(v.try_into().map_err(|_| TokenError::Malformed)?))
+        Ok(Self(decode_32(s)?))
     }
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -201,7 +277,7 @@ impl IoToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedToken {
     pub token: IoToken,
-    pub signature: [u8; 32],
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 impl SignedToken {
@@ -224,7 +300,7 @@ impl SignedToken {
             mapping_gen: u(26..34),
             expires_at: u(34..42),
         };
-        let mut signature = [0u8; 32];
+        let mut signature = [0u8; SIGNATURE_LEN];
         signature.copy_from_slice(&b[TOKEN_BODY_LEN..]);
         Ok(Self { token, signature })
     }
@@ -342,16 +418,30 @@ mod tests {
     #[test]
     fn sign_verify_roundtrip_and_tamper() {
         let s = ClusterSecret::generate();
-        let signed = s.sign(&token());
+        let signer = s.token_signer();
+        let public = TokenPublicKey::from_hex(&signer.public_key().to_hex()).unwrap();
+        let signed = signer.sign(&token());
         let back = SignedToken::from_hex(&signed.to_hex()).unwrap();
         assert_eq!(back, signed);
-        s.verify(&back).unwrap();
+        public.verify(&back).unwrap();
         let mut forged = back.clone();
         forged.token.mode = AccessMode::ReadWrite;
         forged.token.volume_id = 4;
-        assert_eq!(s.verify(&forged), Err(TokenError::BadSignature));
-        let other = ClusterSecret::generate();
+        assert_eq!(public.verify(&forged), Err(TokenError::BadSignature));
+        let other = ClusterSecret::generate().token_signer().public_key();
         assert_eq!(other.verify(&back), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn node_key_material_cannot_sign_tokens() {
+        // What an SDS holds (its node key, the peer key, the public key)
+        // used as a signing seed yields signatures the public key refuses.
+        let s = ClusterSecret::generate();
+        let public = s.token_signer().public_key();
+        for seed in [s.node_key(1).0, s.peer_key().0, public.0.to_bytes()] {
+            let forger = TokenSigner(ed25519_dalek::SigningKey::from_bytes(&seed));
+            assert_eq!(public.verify(&forger.sign(&token())), Err(TokenError::BadSignature));
+        }
     }
 
     #[test]
@@ -367,13 +457,15 @@ mod tests {
     }
 
     #[test]
-    fn session_key_depends_on_token() {
+    fn session_key_depends_on_token_and_node() {
         let s = ClusterSecret::generate();
-        let a = s.session_key(&s.sign(&token()));
+        let signer = s.token_signer();
+        let a = s.node_key(1).session_key(&signer.sign(&token()));
         let mut t2 = token();
         t2.token_id = 8;
-        let b = s.session_key(&s.sign(&t2));
+        let b = s.node_key(1).session_key(&signer.sign(&t2));
         assert_ne!(a, b);
+        assert_ne!(a, s.node_key(2).session_key(&signer.sign(&token())));
         let mac = a.mac(b"header");
         assert!(a.verify(b"header", &mac));
         assert!(!b.verify(b"header", &mac));

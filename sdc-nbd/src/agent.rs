@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pflex_mdm_client::{MdmClient, MdmClientError};
+use pflex_mdm_client::MdmClient;
 use pflex_proto::api::{
     HeartbeatRequest, NodeMetrics, NodeType, RegisterRequest, TokenAck, TokenAckBatch,
 };
@@ -24,7 +24,8 @@ use crate::cluster::ClusterBackend;
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub mdm_url: String,
-    pub join_key: String,
+    /// How this SDC proves itself at registration, and where its credential is kept.
+    pub enrollment: pflex_mdm_client::Enrollment,
     pub name: String,
     pub host: String,
     pub nbd_port: u16,
@@ -71,23 +72,28 @@ impl Agent {
         }
     }
 
-    async fn try_register(&self) -> Result<Duration, MdmClientError> {
+    async fn try_register(&self) -> Result<Duration, String> {
         let id = &self.identity;
-        let anonymous = MdmClient::new(&id.mdm_url, None)?;
-        let resp = anonymous
-            .register(&RegisterRequest {
-                join_key: id.join_key.clone(),
-                node_type: NodeType::Sdc,
-                name: id.name.clone(),
-                host: id.host.clone(),
-                control_port: id.control_port,
-                mgmt_port: id.mgmt_port,
-                data_port: id.nbd_port,
-                fault_set: None,
-                pool: None,
-                devices: Vec::new(),
-            })
-            .await?;
+        let anonymous = MdmClient::new(&id.mdm_url, None).map_err(|e| e.to_string())?;
+        let mut request = RegisterRequest {
+            join_key: String::new(),
+            enrollment_token: None,
+            credential: None,
+            node_type: NodeType::Sdc,
+            name: id.name.clone(),
+            host: id.host.clone(),
+            control_port: id.control_port,
+            mgmt_port: id.mgmt_port,
+            data_port: id.nbd_port,
+            fault_set: None,
+            pool: None,
+            devices: Vec::new(),
+        };
+        id.enrollment.fill(&mut request);
+        let resp = anonymous.register(&request).await.map_err(|e| e.to_string())?;
+        if request.credential.as_deref() != Some(resp.credential.as_str()) {
+            id.enrollment.store(&resp.credential).map_err(|e| e.to_string())?;
+        }
         let client = anonymous.with_credential(resp.credential.clone());
         self.backend.context().set_mdm(client);
         self.state.node_id.store(resp.node_id, Ordering::Relaxed);

@@ -195,9 +195,10 @@ async fn requests_recorded_before_a_restart_are_refused_after_it() {
         length: token_bytes.len() as u32,
         ..Default::default()
     };
-    let auth_raw = sealed(auth, &s.key, &token_bytes);
+    let auth_raw = sealed(auth, s.key(s.primary_of(chunk)), &token_bytes);
     let recorded = pattern(1, 4096);
-    let recorded_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &recorded);
+    let recorded_raw =
+        sealed(s.header(Op::Write, chunk, 0, 4096), s.key(s.primary_of(chunk)), &recorded);
     let addr = cluster.sds(victim).data_addr();
     assert_eq!(send_raw(addr, &recorded_raw, &recorded).await.status, Status::Ok as u16);
 

@@ -194,14 +194,15 @@ async fn concurrent_writers_to_overlapping_ranges_leave_identical_replicas() {
     }
 }
 
-/// Signs a token with `secret` for the test SDC.
+/// Signs a token with `secret`'s token key for the test SDC, with its
+/// session key at every SDS of the map.
 fn token(
     secret: &ClusterSecret,
     s: &VolumeSession,
     volume_id: u64,
     mode: AccessMode,
     expires_at: u64,
-) -> (pflex_proto::token::SignedToken, SessionKey) {
+) -> (pflex_proto::token::SignedToken, std::collections::HashMap<u64, SessionKey>) {
     let token = IoToken {
         token_id: u64::from_le_bytes(pflex_proto::random_bytes()),
         volume_id,
@@ -210,9 +211,54 @@ fn token(
         mapping_gen: s.map.mapping_gen,
         expires_at,
     };
-    let signed = secret.sign(&token);
-    let key = secret.session_key(&signed);
-    (signed, key)
+    let signed = secret.token_signer().sign(&token);
+    let keys =
+        s.map.nodes.iter().map(|n| (n.id, secret.node_key(n.id).session_key(&signed))).collect();
+    (signed, keys)
+}
+
+/// A compromised SDS holds its registration keys: the token public key, its
+/// own node key and the peer key. With them it can neither make a token
+/// another SDS accepts nor use a genuine token it saw (the SDC presents it to
+/// every node) against another SDS: session keys are per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_sds_cannot_forge_tokens_or_session_keys_for_another_sds() {
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let chunk = 0;
+    let (primary_id, compromised) = (s.primary_of(chunk), s.secondary_of(chunk));
+    let base = pattern(5, 4096);
+    assert_eq!(s.write(chunk, 0, &base).await, Status::Ok);
+    let evil = pattern(666, 4096);
+    // Exactly what the MDM sent the compromised node at registration.
+    let secret = cluster.cluster_secret();
+    let node_key = secret.node_key(compromised);
+    let held = [node_key.0, secret.peer_key().0, secret.token_signer().public_key().to_bytes()];
+
+    // 1. Tokens signed with anything it holds are refused by the primary.
+    for seed in held {
+        let token = IoToken {
+            token_id: u64::from_le_bytes(pflex_proto::random_bytes()),
+            volume_id: s.volume_id,
+            sdc_id: s.token.token.sdc_id,
+            mode: AccessMode::ReadWrite,
+            mapping_gen: s.map.mapping_gen,
+            expires_at: unix_now() + 600,
+        };
+        let forged = pflex_proto::token::TokenSigner::from_seed(seed).sign(&token);
+        let keys = s.map.nodes.iter().map(|n| (n.id, node_key.session_key(&forged))).collect();
+        let session = VolumeSession::with_token(s.map.clone(), forged, keys);
+        assert_eq!(session.auth(primary_id).await, Status::BadSignature);
+        assert_eq!(session.write(chunk, 0, &evil).await, Status::NoToken);
+    }
+
+    // 2. The genuine token it saw, with the session key it can derive.
+    let observed = s.token.clone();
+    let keys = s.map.nodes.iter().map(|n| (n.id, node_key.session_key(&observed))).collect();
+    let thief = VolumeSession::with_token(s.map.clone(), observed, keys);
+    assert_eq!(thief.auth(primary_id).await, Status::BadMac, "AUTH under a stolen token");
+    assert_eq!(thief.write(chunk, 0, &evil).await, Status::BadMac, "a write under it");
+    let (status, data) = s.read(chunk, 0, 4096).await;
+    assert_eq!((status, data == base), (Status::Ok, true), "nothing was written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -262,7 +308,7 @@ async fn every_forgery_is_refused_and_nothing_is_written() {
     other.auth_all().await;
     let mut header = s.header(Op::Write, chunk, 0, 4096);
     header.token_id = other.token.token.token_id;
-    let reply = other.client(primary_id).call(header, &other.key, &evil).await.unwrap();
+    let reply = other.client(primary_id).call(header, other.key(primary_id), &evil).await.unwrap();
     assert_eq!(reply.status(), Status::WrongVolume);
 
     // Read-only token: reads pass, writes, TRIM and WRITE_ZEROES do not.
@@ -279,7 +325,7 @@ async fn every_forgery_is_refused_and_nothing_is_written() {
 
     // Tampered header: sealed for offset 0, sent with offset 4096.
     let header = s.header(Op::Write, chunk, 0, 4096);
-    let mut raw = sealed(header, &s.key, &evil);
+    let mut raw = sealed(header, s.key(primary_id), &evil);
     raw[32..36].copy_from_slice(&4096u32.to_le_bytes());
     let reply = send_raw(primary.data_addr(), &raw, &evil).await;
     assert_eq!(reply.status, Status::BadMac as u16);
@@ -290,7 +336,7 @@ async fn every_forgery_is_refused_and_nothing_is_written() {
 
     // Payload that does not match its CRC.
     let header = s.header(Op::Write, chunk, 0, 4096);
-    let raw = sealed(header, &s.key, &base[..4096]);
+    let raw = sealed(header, s.key(primary_id), &base[..4096]);
     assert_eq!(send_raw(primary.data_addr(), &raw, &evil).await.status, Status::BadCrc as u16);
 
     // Routed by an older placement epoch; a chunk outside the volume.
@@ -309,7 +355,7 @@ async fn every_forgery_is_refused_and_nothing_is_written() {
     header.flags = flags::REPLICA;
     header.token_id = s.secondary_of(chunk);
     let secondary = cluster.sds_by_node_id(s.secondary_of(chunk)).await;
-    let raw = sealed(header, &s.key, &evil);
+    let raw = sealed(header, s.key(primary_id), &evil);
     assert_eq!(send_raw(secondary.data_addr(), &raw, &evil).await.status, Status::BadMac as u16);
 
     assert_replicas_match(&cluster, &s, chunk, &model).await;
@@ -317,8 +363,8 @@ async fn every_forgery_is_refused_and_nothing_is_written() {
     // Replay: X (seq n) then Y (seq n+1) are applied; X sent again is not.
     let x = pattern(10, 4096);
     let y = pattern(11, 4096);
-    let x_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &x);
-    let y_raw = sealed(s.header(Op::Write, chunk, 0, 4096), &s.key, &y);
+    let x_raw = sealed(s.header(Op::Write, chunk, 0, 4096), s.key(primary_id), &x);
+    let y_raw = sealed(s.header(Op::Write, chunk, 0, 4096), s.key(primary_id), &y);
     assert_eq!(send_raw(primary.data_addr(), &x_raw, &x).await.status, Status::Ok as u16);
     assert_eq!(send_raw(primary.data_addr(), &y_raw, &y).await.status, Status::Ok as u16);
     assert_eq!(send_raw(primary.data_addr(), &x_raw, &x).await.status, Status::Replay as u16);
@@ -433,7 +479,7 @@ async fn a_late_copy_of_a_write_never_lands_after_a_newer_one() {
     let newer_header = s.header(Op::Write, chunk, 4096, 4096);
 
     let send = |header, data: &[u8]| {
-        let raw = sealed(header, &s.key, data);
+        let raw = sealed(header, s.key(s.primary_of(chunk)), data);
         let data = data.to_vec();
         let addr = primary.data_addr();
         async move { send_raw(addr, &raw, &data).await.status }

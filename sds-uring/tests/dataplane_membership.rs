@@ -68,5 +68,5 @@ async fn a_wrong_join_key_stops_the_sds_with_a_clear_error() {
     let log = cluster.log("intruder");
     assert!(log.contains("refused"), "log says why: {log}");
     assert!(cluster.admin().sds_list().await.unwrap().is_empty(), "nothing registered");
-    assert!(!cluster.dir().join("intruder/cluster_secret").exists(), "no secret was handed out");
+    assert!(!cluster.dir().join("intruder/credential").exists(), "no credential was handed out");
 }

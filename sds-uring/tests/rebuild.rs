@@ -31,10 +31,11 @@ async fn write_through_changes(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let header = session.header(Op::Write, chunk, offset, data.len() as u32);
-        let primary = session.client(session.primary_of(chunk));
+        let primary_id = session.primary_of(chunk);
+        let primary = session.client(primary_id);
         // A transport error means the primary is down: as retryable as a refusal;
         // so is `NotAvailable` (a primary whose secondary died holds no lease).
-        let status = match primary.call(header, &session.key, data).await {
+        let status = match primary.call(header, session.key(primary_id), data).await {
             Ok(reply) => reply.status(),
             Err(_) => Status::ReplicaFailed,
         };

@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// SDS IO engine of the cluster started for the run.
     #[arg(long, default_value = "uring")]
     pub io_engine: String,
+    /// Keep what the run wrote: the data dir it created (its SDS devices take several GiB)
+    /// and the qemu-nbd and floor files. Without it they are deleted when the run ends.
+    #[arg(long)]
+    pub keep_data: bool,
 }
 
 /// One direction (read or write) of one fio job.
@@ -209,6 +213,30 @@ async fn start_peer(args: &BenchArgs) -> Result<Peer> {
     Ok(Peer { child })
 }
 
+/// Deletes what the run wrote: the data dir if this run created it (a dir that was
+/// there before may hold someone's cluster) and the qemu-nbd and floor files.
+fn remove_scratch(args: &BenchArgs, created_data_dir: bool) {
+    let mut gone = Vec::new();
+    if created_data_dir {
+        match std::fs::remove_dir_all(&args.data_dir) {
+            Ok(()) => gone.push(args.data_dir.clone()),
+            Err(e) => eprintln!("bench: could not delete {}: {e}", args.data_dir.display()),
+        }
+    }
+    for name in ["pflex-bench-peer.img", "pflex-bench-floor.img"] {
+        let file = args.scratch_dir.join(name);
+        match std::fs::remove_file(&file) {
+            Ok(()) => gone.push(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("bench: could not delete {}: {e}", file.display()),
+        }
+    }
+    if !gone.is_empty() {
+        let list: Vec<String> = gone.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("bench: deleted {} (keep them with --keep-data)", list.join(", "));
+    }
+}
+
 fn fmt_fig(f: &Option<Figures>) -> String {
     match f {
         Some(f) => format!(
@@ -237,6 +265,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut cluster = None;
+    let mut created_data_dir = false;
     let mut peer = None;
     let mut hop = None;
     let mut targets: Vec<(String, Vec<String>)> = Vec::new();
@@ -246,6 +275,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 let uri = match &args.uri {
                     Some(u) => u.clone(),
                     None => {
+                        if !args.data_dir.exists() {
+                            created_data_dir = true;
+                        }
                         let up_args = UpArgs::for_bench(&args.data_dir, &args.io_engine);
                         let c = up::start(&up_args).await?;
                         cluster = Some(c);
@@ -327,6 +359,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(mut c) = cluster {
         c.stop().await;
+    }
+    if !args.keep_data {
+        remove_scratch(&args, created_data_dir);
     }
 
     let ratios = print_ratios(&jobs, &results, "pflex");

@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use pflex_mdm_client::MdmClient;
 use pflex_proto::api::{
-    ComponentHealth, MovementPolicy, MovementPriority, MovementStatus, Volume, VolumeCreate,
-    VolumeMap, VolumeUnmap,
+    ComponentHealth, MovementPolicy, MovementPriority, MovementStatus, NodeType, Volume,
+    VolumeCreate, VolumeMap, VolumeUnmap,
 };
 use pflex_proto::token::AccessMode;
 use serde::Serialize;
@@ -148,6 +148,22 @@ pub enum ClusterCommand {
 pub enum SdsCommand {
     /// Storage servers: address, fault set, pool, capacity, liveness.
     List(CommonArgs),
+    /// Mint a one-time enrollment token for a new SDS named NAME (give it to
+    /// that host's `sds --enrollment-token-file`).
+    Add {
+        name: String,
+        #[command(flatten)]
+        enroll: EnrollArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Revoke SDS NAME's credential at once; its name can then be enrolled
+    /// again (`pflex sds add NAME`), e.g. for a replaced host.
+    Reset {
+        name: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Drain an SDS (its copies move to the pool's other nodes while IO
     /// goes on, each PG keeping two complete copies), then remove it; waits
     /// until it is removed.
@@ -169,6 +185,29 @@ pub enum SdsCommand {
 pub enum SdcCommand {
     /// Clients: address, NBD port, liveness, mapped volumes.
     List(CommonArgs),
+    /// Mint a one-time enrollment token for a new SDC (client host) named
+    /// NAME (give it to that host's `sdc --enrollment-token-file`).
+    Add {
+        name: String,
+        #[command(flatten)]
+        enroll: EnrollArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Revoke SDC NAME's credential at once; its name can then be enrolled again.
+    Reset {
+        name: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// Options of an enrollment token.
+#[derive(Debug, Clone, Args)]
+pub struct EnrollArgs {
+    /// How long the token may be used, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl_secs: u64,
 }
 
 /// Whether a mapping change waits until the SDCs concerned serve it.
@@ -281,6 +320,8 @@ pub enum AdminCommand {
     /// Volumes: create, list, show, resize, rename, delete, map, unmap.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The audit log: enrollments, resets and refused registrations, newest first.
+    Audit(CommonArgs),
 }
 
 impl AdminCommand {
@@ -291,9 +332,17 @@ impl AdminCommand {
             )
             | AdminCommand::Sds(SdsCommand::List(c))
             | AdminCommand::Sdc(SdcCommand::List(c))
+            | AdminCommand::Audit(c)
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
             AdminCommand::Cluster(ClusterCommand::RebuildPolicy { common, .. })
-            | AdminCommand::Sds(SdsCommand::Remove { common, .. }) => common,
+            | AdminCommand::Sds(
+                SdsCommand::Remove { common, .. }
+                | SdsCommand::Add { common, .. }
+                | SdsCommand::Reset { common, .. },
+            )
+            | AdminCommand::Sdc(
+                SdcCommand::Add { common, .. } | SdcCommand::Reset { common, .. },
+            ) => common,
             AdminCommand::Volume(
                 VolumeCommand::Create { common, .. }
                 | VolumeCommand::Show { common, .. }
@@ -305,6 +354,32 @@ impl AdminCommand {
             ) => common,
         }
     }
+}
+
+/// Mints and prints a one-time enrollment token for `name`.
+async fn enroll_node(
+    client: &MdmClient,
+    role: NodeType,
+    name: String,
+    ttl_secs: u64,
+    json: bool,
+) -> Result<String> {
+    let request = pflex_proto::api::EnrollmentRequest {
+        role,
+        name: Some(name.clone()),
+        ttl_secs: Some(ttl_secs),
+    };
+    let minted = client.create_enrollment(&request).await?;
+    if json {
+        return to_json(&minted);
+    }
+    let binary = if role == NodeType::Sds { "sds" } else { "sdc" };
+    eprintln!(
+        "one-time enrollment token for {} {name}, valid {ttl_secs} s: put it in a file (mode 0600) \
+         on that host and start `{binary} --name {name} --enrollment-token-file FILE ...`",
+        role.as_str()
+    );
+    Ok(format!("{}\n", minted.token))
 }
 
 /// Starts a scrub pass on every ACTIVE SDS (`POST /scrub` on its control
@@ -487,6 +562,51 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                 return to_json(&info);
             }
             Ok(format!("SDS {} (id {}) drained and removed\n", info.name, info.id))
+        }
+        AdminCommand::Sds(SdsCommand::Add { name, enroll, .. }) => {
+            enroll_node(&client, NodeType::Sds, name, enroll.ttl_secs, json).await
+        }
+        AdminCommand::Sdc(SdcCommand::Add { name, enroll, .. }) => {
+            enroll_node(&client, NodeType::Sdc, name, enroll.ttl_secs, json).await
+        }
+        AdminCommand::Sds(SdsCommand::Reset { name, .. }) => {
+            let reply = client.reset_node(NodeType::Sds, &name).await?;
+            if json {
+                return to_json(&reply);
+            }
+            Ok(format!(
+                "SDS {name}: credential revoked; enroll it again with `pflex sds add {name}`\n"
+            ))
+        }
+        AdminCommand::Sdc(SdcCommand::Reset { name, .. }) => {
+            let reply = client.reset_node(NodeType::Sdc, &name).await?;
+            if json {
+                return to_json(&reply);
+            }
+            Ok(format!(
+                "SDC {name}: credential revoked; enroll it again with `pflex sdc add {name}`\n"
+            ))
+        }
+        AdminCommand::Audit(_) => {
+            let rows = client.audit().await?;
+            if json {
+                return to_json(&rows);
+            }
+            let text = |row: &serde_json::Value, k: &str| {
+                row.get(k)
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    .unwrap_or_default()
+            };
+            let rows = rows
+                .iter()
+                .map(|row| {
+                    ["at", "outcome", "action", "target", "source", "detail"]
+                        .iter()
+                        .map(|k| text(row, k))
+                        .collect()
+                })
+                .collect();
+            Ok(table(&["AT", "OUTCOME", "ACTION", "TARGET", "FROM", "DETAIL"], rows))
         }
         AdminCommand::Sds(SdsCommand::List(_)) => {
             let list = client.sds_list().await?;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pflex_mdm_client::MdmClient;
+use pflex_proto::api::NodeType;
 use serde::{Deserialize, Serialize};
 
 use crate::up::{self, RecordedCommand, UpArgs};
@@ -423,7 +424,7 @@ pub async fn down(dir: &Path) -> Result<()> {
         let _ = std::fs::remove_dir_all(dir.join(&h.name));
     }
     let _ = std::fs::remove_dir_all(dir.join("mgmt"));
-    for file in ["join_key", "cluster.json", "components.json"] {
+    for file in ["cluster.json", "components.json"] {
         let _ = std::fs::remove_file(dir.join(file));
     }
     std::fs::remove_file(layout_file(dir))?;
@@ -601,9 +602,6 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         Some(d) => d.clone(),
         None => std::env::current_exe()?.parent().context("pflex has no directory")?.to_path_buf(),
     };
-    let join_key = dir.join("join_key");
-    up::read_or_create_secret(&join_key, || hex::encode(pflex_proto::random_bytes::<24>()))?;
-    let jk = join_key.display().to_string();
     let hb = args.heartbeat_interval_secs.to_string();
     let http = reqwest::Client::new();
     let mdm_host = layout.host("mdm")?;
@@ -616,7 +614,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
 
     let mdm_dir = dir.join("mdm");
     std::fs::create_dir_all(&mdm_dir)?;
-    let mut mdm_args = up::mdm_args(&format!("{}:8001", mdm_host.address), &mdm_dir, &jk, &hb);
+    let mut mdm_args = up::mdm_args(&format!("{}:8001", mdm_host.address), &mdm_dir, None, &hb);
     mdm_args.extend([
         "--failed-after-secs".into(),
         args.failure_timeout_secs.to_string(),
@@ -650,9 +648,10 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         let host = layout.host(&name)?;
         let sds_dir = dir.join(&name);
         std::fs::create_dir_all(&sds_dir)?;
+        let token = up::enrollment_file(&mdm, NodeType::Sds, &name, &sds_dir).await?;
         let mut sds_args = up::sds_args(&up::NodeLaunch {
             mdm_url: &layout.mdm_url,
-            join_key: &jk,
+            enroll: up::Enroll::TokenFile(&token),
             name: &name,
             host: &host.address,
             dir: &sds_dir,
@@ -686,9 +685,10 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     let sdc = layout.host("sdc1")?;
     let sdc_dir = dir.join("sdc1");
     std::fs::create_dir_all(&sdc_dir)?;
+    let token = up::enrollment_file(&mdm, NodeType::Sdc, "sdc1", &sdc_dir).await?;
     let mut sdc_args = up::sdc_args(&up::NodeLaunch {
         mdm_url: &layout.mdm_url,
-        join_key: &jk,
+        enroll: up::Enroll::TokenFile(&token),
         name: "sdc1",
         host: &sdc.address,
         dir: &sdc_dir,
@@ -708,7 +708,9 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     let mgmt_dir = dir.join("mgmt");
     std::fs::create_dir_all(&mgmt_dir)?;
     let listen = format!("{}:{MGMT_PORT}", mdm_host.address);
-    let mgmt_args = up::mgmt_args(&layout.mdm_url, &jk, &mgmt_dir, &listen);
+    let token = up::enrollment_file(&mdm, NodeType::Mgmt, "mgmt1", &mgmt_dir).await?;
+    let mgmt_args =
+        up::mgmt_args(&layout.mdm_url, up::Enroll::TokenFile(&token), &mgmt_dir, &listen);
     start_as(dir, layout, "mdm", "mgmt", &up::binary(&bins, "mgmt")?, mgmt_args)?;
     let url = format!("http://{listen}/health");
     wait_until("the dashboard", Duration::from_secs(60), || {

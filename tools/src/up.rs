@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pflex_mdm_client::MdmClient;
-use pflex_proto::api::{VolumeCreate, VolumeMap};
+use pflex_proto::api::{NodeType, VolumeCreate, VolumeMap};
 use pflex_proto::token::AccessMode;
 use tokio::process::{Child, Command};
 
 use crate::nbd_probe;
 
 // The command lines: shared with `pflex lab` and the integration-test cluster.
-pub(crate) use pflex_launch::{mdm_args, mgmt_args, sdc_args, sds_args, NodeLaunch};
+pub(crate) use pflex_launch::{mdm_args, mgmt_args, sdc_args, sds_args, Enroll, NodeLaunch};
 
 /// Options of `pflex up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -96,6 +96,8 @@ struct Component {
 /// The running cluster; stops every component when dropped.
 pub struct LocalCluster {
     components: Vec<Component>,
+    /// Where the components' logs are, to quote one that died while starting.
+    data_dir: PathBuf,
 }
 
 impl LocalCluster {
@@ -130,11 +132,14 @@ impl LocalCluster {
         });
     }
 
-    /// Fails if a component has exited (while the cluster is starting).
+    /// Fails if a component has exited (while the cluster is starting), quoting the
+    /// end of its log so the cause is in the error itself.
     fn check_alive(&mut self) -> Result<()> {
         for c in &mut self.components {
             if let Some(status) = c.child.try_wait()? {
-                bail!("{} exited ({status}); see its log under the data dir's logs/", c.name);
+                let log = log_path(&self.data_dir, &c.name);
+                let tail = log_tail(&log, 20);
+                bail!("{} exited ({status}); last lines of {}:\n{tail}", c.name, log.display());
             }
         }
         Ok(())
@@ -216,6 +221,22 @@ pub(crate) fn health_url_of(name: &str, args: &[String]) -> Option<String> {
 
 fn log_path(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("logs").join(format!("{name}.log"))
+}
+
+/// The last `lines` lines of the log at `path` (or why it cannot be read).
+fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            if tail.is_empty() {
+                "(the log is empty)".to_string()
+            } else {
+                tail.join("\n")
+            }
+        }
+        Err(e) => format!("(cannot read the log: {e})"),
+    }
 }
 
 /// Starts one component with its output appended to its log and records its
@@ -420,6 +441,35 @@ pub(crate) fn binary(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Name of the file a component's one-time enrollment token is written to.
+pub const ENROLLMENT_TOKEN_FILE: &str = "enrollment_token";
+
+/// The path of `node_dir`'s enrollment token file, holding a fresh one-time
+/// token for `name` unless the node keeps a credential already (it enrolled
+/// at an earlier start, and the file is not read again).
+pub(crate) async fn enrollment_file(
+    mdm: &MdmClient,
+    role: NodeType,
+    name: &str,
+    node_dir: &Path,
+) -> Result<String> {
+    let path = node_dir.join(ENROLLMENT_TOKEN_FILE);
+    if !node_dir.join(pflex_mdm_client::CREDENTIAL_FILE).exists() {
+        let request = pflex_proto::api::EnrollmentRequest {
+            role,
+            name: Some(name.to_string()),
+            ttl_secs: None,
+        };
+        let minted = mdm
+            .create_enrollment(&request)
+            .await
+            .with_context(|| format!("minting an enrollment token for {name}"))?;
+        let _ = std::fs::remove_file(&path);
+        read_or_create_secret(&path, || minted.token)?;
+    }
+    Ok(path.display().to_string())
+}
+
 /// Reads `path`, or creates it (mode 0600) holding `make()`.
 pub(crate) fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<String> {
     if let Ok(s) = std::fs::read_to_string(path) {
@@ -528,8 +578,6 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let _ = std::fs::remove_file(logs.join("pids"));
     let bins = bin_dir(args)?;
-    let join_key_file = dir.join("join_key");
-    read_or_create_secret(&join_key_file, || hex::encode(pflex_proto::random_bytes::<24>()))?;
     let mdm_url = format!("http://127.0.0.1:{}", args.mdm_port);
     std::fs::write(
         dir.join("cluster.json"),
@@ -538,15 +586,14 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             "nbd_uri": format!("nbd://127.0.0.1:{}/{}", args.nbd_port, args.volume),
         }))?,
     )?;
-    let jk = join_key_file.display().to_string();
     let hb = args.heartbeat_interval_secs.to_string();
     let http = reqwest::Client::new();
-    let mut cluster = LocalCluster { components: Vec::new() };
+    let mut cluster = LocalCluster { components: Vec::new(), data_dir: dir.to_path_buf() };
     let result = async {
         // MDM.
         let mdm_dir = dir.join("mdm");
         std::fs::create_dir_all(&mdm_dir)?;
-        let mut mdm_args = mdm_args(&format!("127.0.0.1:{}", args.mdm_port), &mdm_dir, &jk, &hb);
+        let mut mdm_args = mdm_args(&format!("127.0.0.1:{}", args.mdm_port), &mdm_dir, None, &hb);
         // An SDS back within the failure timeout (the MDM's default, 120 s)
         // is resynced with what it missed instead of rebuilt elsewhere.
         mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
@@ -576,9 +623,10 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             let name = format!("sds{}", n + 1);
             let sds_dir = dir.join(&name);
             std::fs::create_dir_all(&sds_dir)?;
+            let token = enrollment_file(&mdm, NodeType::Sds, &name, &sds_dir).await?;
             let mut sds_args = sds_args(&NodeLaunch {
                 mdm_url: &mdm_url,
-                join_key: &jk,
+                enroll: Enroll::TokenFile(&token),
                 name: &name,
                 host: "127.0.0.1",
                 dir: &sds_dir,
@@ -610,9 +658,10 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         // SDC.
         let sdc_dir = dir.join("sdc1");
         std::fs::create_dir_all(&sdc_dir)?;
+        let token = enrollment_file(&mdm, NodeType::Sdc, "sdc1", &sdc_dir).await?;
         let sdc_args = sdc_args(&NodeLaunch {
             mdm_url: &mdm_url,
-            join_key: &jk,
+            enroll: Enroll::TokenFile(&token),
             name: "sdc1",
             host: "127.0.0.1",
             dir: &sdc_dir,
@@ -629,7 +678,8 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
                 let mgmt_dir = dir.join("mgmt");
                 std::fs::create_dir_all(&mgmt_dir)?;
                 let listen = format!("127.0.0.1:{}", args.mgmt_port);
-                let mgmt_args = mgmt_args(&mdm_url, &jk, &mgmt_dir, &listen);
+                let token = enrollment_file(&mdm, NodeType::Mgmt, "mgmt1", &mgmt_dir).await?;
+                let mgmt_args = mgmt_args(&mdm_url, Enroll::TokenFile(&token), &mgmt_dir, &listen);
                 cluster.spawn("mgmt", &mgmt_bin, &mgmt_args, dir, args.detach).await?;
                 let url = format!("http://127.0.0.1:{}/health", args.mgmt_port);
                 wait_for(&mut cluster, "mgmt", Duration::from_secs(30), || http_ok(&http, &url))

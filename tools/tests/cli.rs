@@ -116,6 +116,8 @@ async fn register(url: &str, node_type: NodeType, name: &str) {
     client
         .register(&RegisterRequest {
             join_key: JOIN_KEY.into(),
+            enrollment_token: None,
+            credential: None,
             node_type,
             name: name.into(),
             host: "127.0.0.1".into(),

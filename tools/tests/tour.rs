@@ -253,7 +253,13 @@ fn private_modes(dir: &Path) {
             seen += 1;
         }
     }
-    for name in ["mdm/powerflex.db", "mdm/admin_token", "join_key", "sds1/dev0.img"] {
+    for name in [
+        "mdm/powerflex.db",
+        "mdm/admin_token",
+        "sds1/credential",
+        "sdc1/credential",
+        "sds1/dev0.img",
+    ] {
         assert!(dir.join(name).exists(), "{name} missing: the walk must cover it");
     }
     assert!(seen > 10, "only {seen} files under {}", dir.display());

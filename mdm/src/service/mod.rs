@@ -7,10 +7,12 @@
 //! so the health rules are testable.
 //!
 //! - `nodes`: registration, heartbeats, node lists;
+//! - `enrollment`: who may register under a name, enrollment tokens, resets, the audit log;
 //! - `volumes`: volumes, mappings, placement maps;
 //! - `tokens`: IO tokens and completion records;
 //! - `health`: liveness, summary, re-placement of failed nodes' copies.
 
+mod enrollment;
 mod health;
 mod movement;
 mod nodes;
@@ -18,6 +20,7 @@ mod rebuild;
 mod tokens;
 mod volumes;
 
+pub use enrollment::{audit, audit_list, mint_enrollment, reset_node};
 pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport, Replace};
 pub use health::{declare_unreachable, device_failed, sds_data_address};
 pub use movement::{
@@ -33,7 +36,7 @@ pub use volumes::{
 };
 
 use pflex_proto::api::NodeType;
-use pflex_proto::token::{AccessMode, ClusterSecret};
+use pflex_proto::token::AccessMode;
 use rusqlite::{Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
@@ -71,7 +74,7 @@ pub struct Settings {
 /// What every operation may need besides the database.
 pub struct Ctx<'a> {
     pub settings: Settings,
-    pub secret: &'a ClusterSecret,
+    pub keys: &'a crate::keys::Keys,
     pub now: u64,
 }
 
@@ -94,6 +97,11 @@ impl Caller {
 /// Hex SHA-256, the form in which credentials are stored.
 pub fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
+}
+
+/// Constant-time equality of two hex digests.
+pub(super) fn digests_equal_hex(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A fresh random credential (256 bits, hex).

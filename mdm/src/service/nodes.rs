@@ -44,11 +44,16 @@ fn ensure_fault_set(conn: &Connection, pd: u64, name: &str, now: u64) -> Result<
     )?)
 }
 
-/// `POST /discovery/register`. The join key has been checked by the caller.
+/// `POST /discovery/register`. `join_key` says whether the caller presented
+/// the cluster's join key (checked by the HTTP layer); the name's holder, the
+/// credential and the enrollment token are checked here ([`enrollment::admit`]),
+/// before anything is written.
 pub fn register(
     conn: &Connection,
     ctx: &Ctx,
     request: &RegisterRequest,
+    join_key: bool,
+    source: &str,
 ) -> Result<RegisterResponse, MdmError> {
     let what = match request.node_type {
         NodeType::Sds => "SDS name",
@@ -101,21 +106,32 @@ pub fn register(
         }
     }
 
-    let credential = new_credential();
+    let (existing, holder, credential_matches) = enrollment::holder_of(
+        conn,
+        request.node_type,
+        &request.name,
+        request.credential.as_deref(),
+    )?;
+    let enrollment_check = enrollment::check_enrollment(
+        conn,
+        ctx.now,
+        request.enrollment_token.as_deref(),
+        request.node_type,
+        &request.name,
+    )?;
+    let proofs = enrollment::Proofs { credential_matches, enrollment: enrollment_check, join_key };
+    let admission = enrollment::admit(holder, proofs)?;
+    let credential = match (admission, &request.credential) {
+        (enrollment::Admission::SameNode, Some(kept)) => kept.clone(),
+        _ => new_credential(),
+    };
     let credential_hash = sha256_hex(&credential);
     let node_type = request.node_type.as_str();
-    let existing: Option<u64> = conn
-        .query_row(
-            "SELECT id FROM cluster_nodes WHERE node_type = ?1 AND name = ?2",
-            params![node_type, request.name],
-            |r| r.get(0),
-        )
-        .optional()?;
     let node_id = match existing {
         Some(id) => {
             conn.execute(
                 "UPDATE cluster_nodes SET host = ?2, control_port = ?3, mgmt_port = ?4, data_port = ?5,
-                 credential_sha256 = ?6, last_seen = ?7 WHERE id = ?1",
+                 credential_sha256 = ?6, last_seen = ?7, legacy = 0 WHERE id = ?1",
                 params![
                     id,
                     request.host,
@@ -150,6 +166,21 @@ pub fn register(
         "INSERT INTO registration_history (node_id, host, at) VALUES (?1, ?2, ?3)",
         params![node_id, request.host, ctx.now],
     )?;
+    let how = match admission {
+        enrollment::Admission::SameNode => "credential",
+        enrollment::Admission::Enrolled
+            if enrollment_check == enrollment::EnrollmentCheck::Valid =>
+        {
+            let token = request.enrollment_token.as_deref().unwrap_or_default();
+            enrollment::consume_enrollment(conn, ctx.now, token, node_id)?;
+            "enrollment token"
+        }
+        enrollment::Admission::Enrolled => "join key",
+    };
+    if admission == enrollment::Admission::Enrolled {
+        let target = format!("{node_type} {}", request.name);
+        enrollment::audit(conn, ctx.now, &target, "node.enroll", &target, source, "ok", how)?;
+    }
     conn.execute(
         "INSERT INTO component_health (node_id, updated_at) VALUES (?1, ?2)
          ON CONFLICT (node_id) DO UPDATE SET updated_at = excluded.updated_at",
@@ -209,7 +240,7 @@ pub fn register(
         status: "registered".to_string(),
         node_id,
         credential,
-        cluster_secret: is_sds.then(|| ctx.secret.to_hex()),
+        sds_keys: is_sds.then(|| ctx.keys.sds_keys(node_id)),
         heartbeat_interval_secs: ctx.settings.heartbeat_interval_secs,
     })
 }

@@ -64,8 +64,14 @@ pub fn request_token(
         mapping_gen: row.mapping_gen,
         expires_at: ctx.now + ctx.settings.token_ttl_secs,
     };
-    let signed = ctx.secret.sign(&token);
-    let session_key = ctx.secret.session_key(&signed);
+    let signed = ctx.keys.sign(&token);
+    // One session key per storage node: a node that sees this token cannot
+    // derive the key another node expects for it.
+    let sds_ids = conn
+        .prepare("SELECT node_id FROM sds_nodes ORDER BY node_id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<u64>, _>>()?;
+    let session_keys = ctx.keys.session_keys(&signed, &sds_ids);
     conn.execute(
         "INSERT INTO io_tokens (token_id, volume_id, sdc_id, access_mode, mapping_gen, epoch, issued_at,
          expires_at, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -88,7 +94,7 @@ pub fn request_token(
     Ok(TokenResponse {
         token_id,
         token: signed.to_hex(),
-        session_key: session_key.to_hex(),
+        session_keys,
         expires_at: token.expires_at,
         mapping_gen: row.mapping_gen,
     })

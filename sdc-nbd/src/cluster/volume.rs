@@ -36,7 +36,7 @@
 //! write is acknowledged only when both replicas hold it, and a read always
 //! asks the chunk's primary.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -69,7 +69,8 @@ pub struct TokenState {
     pub token_id: u64,
     /// The encoded signed token, the payload of `AUTH`.
     pub signed: Bytes,
-    pub key: SessionKey,
+    /// The token's session key at each SDS (by node id).
+    keys: HashMap<u64, SessionKey>,
     pub mode: AccessMode,
     pub mapping_gen: u64,
     pub expires_at: u64,
@@ -93,20 +94,30 @@ impl TokenState {
     ) -> Result<Self, BackendError> {
         let signed = SignedToken::from_hex(&resp.token)
             .map_err(|e| BackendError::Io(format!("MDM sent a bad token: {e}")))?;
-        let key = SessionKey::from_hex(&resp.session_key)
+        let keys = resp
+            .session_keys
+            .iter()
+            .map(|k| SessionKey::from_hex(&k.key).map(|key| (k.sds_id, key)))
+            .collect::<Result<HashMap<_, _>, _>>()
             .map_err(|e| BackendError::Io(format!("MDM sent a bad session key: {e}")))?;
         let now = pflex_proto::unix_now();
         let life = resp.expires_at.saturating_sub(now);
         Ok(Self {
             token_id: resp.token_id,
             signed: Bytes::copy_from_slice(&signed.encode()),
-            key,
+            keys,
             mode,
             mapping_gen: resp.mapping_gen,
             expires_at: resp.expires_at,
             renew_at: now + life / 3,
             seq,
         })
+    }
+
+    /// The session key of this token at SDS `node_id`; none for a node that
+    /// joined after the token was issued (a fresh token has it).
+    pub fn key_for(&self, node_id: u64) -> Option<&SessionKey> {
+        self.keys.get(&node_id)
     }
 
     /// The next sequence number of this token (n, n + 1, ...).
@@ -336,7 +347,7 @@ impl ClusterVolume {
             let (map, token) = (&map, &token);
             async move {
                 let client = self.ctx.pool.client(node).await?;
-                self.authenticate(&client, map, token).await
+                self.authenticate(&client, node.id, map, token).await
             }
         }))
         .await;
@@ -351,10 +362,14 @@ impl ClusterVolume {
     async fn authenticate(
         &self,
         client: &pflex_dataplane::DataPlaneClient,
+        node_id: u64,
         map: &PlacementMap,
         token: &TokenState,
     ) -> Result<(), BackendError> {
         self.stats.auths.fetch_add(1, Ordering::Relaxed);
+        let Some(key) = token.key_for(node_id) else {
+            return self.refresh_token(token.token_id).await;
+        };
         let header = FrameHeader {
             op: Op::Auth as u8,
             volume_id: self.id,
@@ -364,7 +379,7 @@ impl ClusterVolume {
             ..Default::default()
         };
         let reply = client
-            .call_shared(header, &token.key, token.signed.clone())
+            .call_shared(header, key, token.signed.clone())
             .await
             .map_err(|e| BackendError::Io(format!("AUTH: {e}")))?;
         match reply.status() {
@@ -415,6 +430,17 @@ impl ClusterVolume {
                 }
                 return Err(BackendError::Io(format!("placement names unknown SDS {node_id}")));
             };
+            let Some(key) = token.key_for(node_id) else {
+                // An SDS newer than the token: a fresh token carries its key.
+                if token_renewed {
+                    return Err(BackendError::Io(format!(
+                        "the MDM gave no session key for SDS {node_id}"
+                    )));
+                }
+                token_renewed = true;
+                self.refresh_token(token.token_id).await?;
+                continue;
+            };
             let client = self.ctx.pool.client(node).await?;
             let header = FrameHeader {
                 op: op as u8,
@@ -430,7 +456,7 @@ impl ClusterVolume {
             };
             let backoff: bool;
             let reason: String;
-            let request = client.call_shared(header, &token.key, payload.clone());
+            let request = client.call_shared(header, key, payload.clone());
             tokio::pin!(request);
             let outcome = loop {
                 tokio::select! {
@@ -458,7 +484,7 @@ impl ClusterVolume {
                             backoff = attempt > IMMEDIATE_RETRIES;
                         }
                         Status::NoToken => {
-                            self.authenticate(&client, &map, &token).await?;
+                            self.authenticate(&client, node_id, &map, &token).await?;
                             backoff = attempt > IMMEDIATE_RETRIES;
                         }
                         Status::Expired | Status::Revoked if !token_renewed => {

@@ -1,8 +1,9 @@
 //! Token verification and the per-request authentication checks.
 //!
 //! An SDC presents a signed [`IoToken`] once per SDS with `AUTH`; the SDS
-//! verifies the signature with the cluster secret, derives the token's
-//! session key and keeps both in the [`TokenCache`], so checking a data
+//! verifies the signature with the MDM's public key, derives the token's
+//! session key from its own node key ([`NodeKeys`]) and keeps both in the
+//! [`TokenCache`], so checking a data
 //! request afterwards is one hash lookup, one truncated HMAC of 72 bytes and
 //! a replay-window update. Replication frames between SDS nodes are
 //! authenticated with the peer key instead, with one replay window per
@@ -18,13 +19,54 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use pflex_proto::api::SdsKeys;
 use pflex_proto::frame::{FrameHeader, Op, Status, HEADER_LEN};
-use pflex_proto::token::{ClusterSecret, IoToken, ReplayWindow, SessionKey, SignedToken};
+use pflex_proto::token::{
+    IoToken, NodeKey, ReplayWindow, SessionKey, SignedToken, TokenError, TokenPublicKey,
+    SIGNATURE_LEN,
+};
+
+/// What this SDS verifies tokens with: the MDM's public keys (it cannot
+/// sign) and its own node key (it derives only its own session keys).
+#[derive(Clone, Debug)]
+pub struct NodeKeys {
+    pub token_keys: Vec<TokenPublicKey>,
+    pub node_key: NodeKey,
+    pub peer_key: SessionKey,
+}
+
+impl NodeKeys {
+    /// Parses what the MDM sent at registration.
+    pub fn from_api(keys: &SdsKeys) -> Result<Self, TokenError> {
+        let token_keys = keys
+            .token_public_keys
+            .iter()
+            .map(|k| TokenPublicKey::from_hex(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        if token_keys.is_empty() {
+            return Err(TokenError::Malformed);
+        }
+        Ok(Self {
+            token_keys,
+            node_key: NodeKey::from_hex(&keys.node_key)?,
+            peer_key: SessionKey::from_hex(&keys.peer_key)?,
+        })
+    }
+
+    /// Checks a token's signature against every key the MDM signs with.
+    pub fn verify(&self, signed: &SignedToken) -> Result<(), TokenError> {
+        if self.token_keys.iter().any(|k| k.verify(signed).is_ok()) {
+            Ok(())
+        } else {
+            Err(TokenError::BadSignature)
+        }
+    }
+}
 
 /// A token whose signature verified, with what checking its requests needs.
 pub struct VerifiedToken {
     pub token: IoToken,
-    pub signature: [u8; 32],
+    pub signature: [u8; SIGNATURE_LEN],
     pub session_key: SessionKey,
     replay: Mutex<ReplayWindow>,
 }
@@ -129,7 +171,7 @@ impl TokenCache {
 /// volume's current mapping generation as far as this SDS knows (0 if
 /// unknown), so a revoked token is refused at once.
 pub fn verify_auth(
-    secret: &ClusterSecret,
+    keys: &NodeKeys,
     header: &FrameHeader,
     raw: &[u8; HEADER_LEN],
     payload: &[u8],
@@ -137,11 +179,11 @@ pub fn verify_auth(
     mapping_gen: u64,
 ) -> Result<(SignedToken, SessionKey), Status> {
     let signed = SignedToken::decode(payload).map_err(Status::from)?;
-    secret.verify(&signed).map_err(Status::from)?;
+    keys.verify(&signed).map_err(Status::from)?;
     if header.token_id != signed.token.token_id {
         return Err(Status::Invalid);
     }
-    let session_key = secret.session_key(&signed);
+    let session_key = keys.node_key.session_key(&signed);
     if !FrameHeader::verify_mac(raw, &session_key) {
         return Err(Status::BadMac);
     }
@@ -260,6 +302,17 @@ mod tests {
         assert!(!seq.raise_above(u64::MAX - 1), "an implausible floor was taken");
     }
 
+    use pflex_proto::token::ClusterSecret;
+
+    /// The keys SDS 1 of a cluster with `secret` holds.
+    fn node_keys(secret: &ClusterSecret) -> NodeKeys {
+        NodeKeys {
+            token_keys: vec![secret.token_signer().public_key()],
+            node_key: secret.node_key(1),
+            peer_key: secret.peer_key(),
+        }
+    }
+
     fn token(expires_at: u64, mode: AccessMode) -> IoToken {
         IoToken { token_id: 77, volume_id: 5, sdc_id: 1, mode, mapping_gen: 3, expires_at }
     }
@@ -278,23 +331,27 @@ mod tests {
 
     #[test]
     fn auth_accepts_good_tokens_and_names_each_rejection() {
-        let secret = ClusterSecret::generate();
-        let signed = secret.sign(&token(1000, AccessMode::ReadWrite));
-        let key = secret.session_key(&signed);
+        let cluster = ClusterSecret::generate();
+        let secret = node_keys(&cluster);
+        let signed = cluster.token_signer().sign(&token(1000, AccessMode::ReadWrite));
+        let key = cluster.node_key(1).session_key(&signed);
         let (h, raw) = auth_frame(&signed, &key);
         let payload = signed.encode();
         assert!(verify_auth(&secret, &h, &raw, &payload, 10, 3).is_ok());
         // Expired, revoked.
         assert_eq!(verify_auth(&secret, &h, &raw, &payload, 1000, 3).err(), Some(Status::Expired));
         assert_eq!(verify_auth(&secret, &h, &raw, &payload, 10, 4).err(), Some(Status::Revoked));
-        // Signed by another secret.
-        let forged = ClusterSecret::generate().sign(&token(1000, AccessMode::ReadWrite));
+        // Signed by another cluster's key.
+        let forged =
+            ClusterSecret::generate().token_signer().sign(&token(1000, AccessMode::ReadWrite));
         let (fh, fraw) = auth_frame(&forged, &key);
         let fp = forged.encode();
         assert_eq!(verify_auth(&secret, &fh, &fraw, &fp, 10, 3).err(), Some(Status::BadSignature));
-        // Header not MACed with the session key.
+        // Header not MACed with the session key; MACed with another node's.
         let (bh, braw) = auth_frame(&signed, &SessionKey([1; 32]));
         assert_eq!(verify_auth(&secret, &bh, &braw, &payload, 10, 3).err(), Some(Status::BadMac));
+        let (oh, oraw) = auth_frame(&signed, &cluster.node_key(2).session_key(&signed));
+        assert_eq!(verify_auth(&secret, &oh, &oraw, &payload, 10, 3).err(), Some(Status::BadMac));
         assert_eq!(
             verify_auth(&secret, &h, &raw, &payload[..10], 10, 3).err(),
             Some(Status::MalformedToken)
@@ -304,14 +361,14 @@ mod tests {
     #[test]
     fn cache_keeps_the_replay_window_across_repeated_auth() {
         let secret = ClusterSecret::generate();
-        let signed = secret.sign(&token(1000, AccessMode::ReadOnly));
+        let signed = secret.token_signer().sign(&token(1000, AccessMode::ReadOnly));
         let cache = TokenCache::with_floor(5000);
-        assert!(cache.insert(&signed, secret.session_key(&signed)));
+        assert!(cache.insert(&signed, secret.node_key(1).session_key(&signed)));
         let entry = cache.get(77).unwrap();
         assert!(!entry.accept_seq(4999), "a number below the floor was accepted");
         assert!(!entry.accept_seq(5000), "the floor itself was accepted");
         assert!(entry.accept_seq(5001));
-        assert!(!cache.insert(&signed, secret.session_key(&signed)));
+        assert!(!cache.insert(&signed, secret.node_key(1).session_key(&signed)));
         assert!(!cache.get(77).unwrap().accept_seq(5001), "window survived the second AUTH");
         assert_eq!(cache.purge_expired(2000, 60), 1);
         assert!(cache.is_empty());
@@ -320,9 +377,9 @@ mod tests {
     #[test]
     fn client_request_checks() {
         let secret = ClusterSecret::generate();
-        let signed = secret.sign(&token(1000, AccessMode::ReadOnly));
+        let signed = secret.token_signer().sign(&token(1000, AccessMode::ReadOnly));
         let cache = TokenCache::default();
-        cache.insert(&signed, secret.session_key(&signed));
+        cache.insert(&signed, secret.node_key(1).session_key(&signed));
         let entry = cache.get(77).unwrap();
         let mut h = FrameHeader {
             op: Op::Read as u8,

@@ -21,6 +21,10 @@ pub struct SdsArgs {
     /// Base URL of the MDM.
     #[arg(long, env = "PFLEX_MDM", default_value = "http://127.0.0.1:8001")]
     pub mdm: String,
+    /// File holding a one-time enrollment token (`pflex sds add NAME`), used
+    /// at the first start; later starts use the credential kept in the data dir.
+    #[arg(long, value_name = "PATH")]
+    pub enrollment_token_file: Option<PathBuf>,
     /// File holding the cluster join key (read once at start).
     #[arg(long, value_name = "PATH")]
     pub join_key_file: Option<PathBuf>,
@@ -123,10 +127,8 @@ pub const DEFAULT_DEVICE_SIZE: u64 = 1 << 30;
 /// Why the arguments cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no join key: give --join-key-file or --join-key (env PFLEX_JOIN_KEY)")]
-    NoJoinKey,
-    #[error("cannot read the join key file {path}: {source}")]
-    JoinKeyFile { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Enrollment(#[from] pflex_mdm_client::EnrollmentError),
     #[error(
         "{devices} devices but {sizes} sizes: give one --device-size per device, or one for all"
     )]
@@ -139,7 +141,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub mdm_url: String,
-    pub join_key: String,
+    pub enrollment: pflex_mdm_client::Enrollment,
     pub name: String,
     pub host: String,
     /// What the node registers as its address.
@@ -164,18 +166,14 @@ pub struct NodeConfig {
 }
 
 impl SdsArgs {
-    /// Resolves defaults, reads the join key and pairs devices with sizes.
+    /// Resolves defaults, gathers the enrollment proofs and pairs devices with sizes.
     pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
-        let join_key = pflex_mdm_client::resolve_join_key(
+        let enrollment = pflex_mdm_client::Enrollment::resolve(
+            &self.data_dir,
+            self.enrollment_token_file.as_deref(),
             self.join_key_file.as_deref(),
             self.join_key.as_deref(),
-        )
-        .map_err(|e| match e {
-            pflex_mdm_client::JoinKeyError::Missing => ConfigError::NoJoinKey,
-            pflex_mdm_client::JoinKeyError::File { path, source } => {
-                ConfigError::JoinKeyFile { path, source }
-            }
-        })?;
+        )?;
         let port = |explicit: Option<u16>, base: u32| -> Result<u16, ConfigError> {
             match explicit {
                 Some(p) => Ok(p),
@@ -198,7 +196,7 @@ impl SdsArgs {
         };
         Ok(NodeConfig {
             mdm_url: self.mdm.clone(),
-            join_key,
+            enrollment,
             name: self.name.clone(),
             host: self.host.clone(),
             advertise: self.advertise.clone().unwrap_or_else(|| self.host.clone()),
@@ -286,9 +284,12 @@ mod tests {
             "3G",
         ]);
         assert!(matches!(args.resolve(), Err(ConfigError::DeviceSizes { .. })));
-        let args = SdsArgs::parse_from(["sds"]);
+        let args = SdsArgs::parse_from(["sds", "--data-dir", "/nonexistent/pflex-sds"]);
         if std::env::var_os("PFLEX_JOIN_KEY").is_none() {
-            assert!(matches!(args.resolve(), Err(ConfigError::NoJoinKey)));
+            assert!(matches!(
+                args.resolve(),
+                Err(ConfigError::Enrollment(pflex_mdm_client::EnrollmentError::Missing { .. }))
+            ));
         }
     }
 }

@@ -160,7 +160,7 @@ async fn serve_auth(
 ) -> Result<Vec<u8>, Status> {
     // Signature first: nothing unauthenticated may make this node call the MDM.
     let signed = SignedToken::decode(payload).map_err(Status::from)?;
-    identity.secret.verify(&signed).map_err(Status::from)?;
+    identity.keys.verify(&signed).map_err(Status::from)?;
     let volume_id = signed.token.volume_id;
     if node.placement.mapping_gen(volume_id) == 0 {
         // Unknown volume so far: learn its mapping generation (revocation).
@@ -168,7 +168,7 @@ async fn serve_auth(
     }
     let mapping_gen = node.placement.mapping_gen(volume_id);
     let (signed, session_key) =
-        verify_auth(&identity.secret, header, raw, payload, unix_now(), mapping_gen)?;
+        verify_auth(&identity.keys, header, raw, payload, unix_now(), mapping_gen)?;
     // A token signed for a newer mapping generation than this node heard of
     // (it may be cut off from the MDM) is proof of a remap: older tokens of
     // the volume are revoked from now on, here and, through the lease, on

@@ -14,7 +14,7 @@ use pflex_proto::token::{IoToken, SignedToken};
 
 /// One thing to record.
 enum Record {
-    Token { token: IoToken, signature: [u8; 32], verified_at: u64 },
+    Token { token: IoToken, signature: [u8; pflex_proto::token::SIGNATURE_LEN], verified_at: u64 },
     Health { at: u64, level: &'static str, event: &'static str, detail: String },
 }
 
@@ -149,7 +149,10 @@ mod tests {
             mapping_gen: 1,
             expires_at: 99,
         };
-        log.token_verified(&SignedToken { token, signature: [9; 32] });
+        log.token_verified(&SignedToken {
+            token,
+            signature: [9; pflex_proto::token::SIGNATURE_LEN],
+        });
         log.health("registered", "node 4");
         drop(log);
         let db = rusqlite::Connection::open(&path).unwrap();

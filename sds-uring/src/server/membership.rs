@@ -1,16 +1,15 @@
 //! Membership: registering with the MDM, heartbeats, IO acknowledgements
 //! and placement fetches.
 //!
-//! Registration uses the join key and returns the node id, a credential
-//! for every later call and the cluster secret, which is stored 0600 in the
-//! data directory. Any MDM call answered 401 (the MDM restarted and forgot
-//! this node, or rotated credentials) makes the node register again and
-//! retry once; concurrent 401s cause one re-registration. If the cluster
-//! secret changed, every cached token is dropped (SDCs must present their
-//! new tokens).
+//! Registration proves the node with its kept credential, or at its first
+//! start with an enrollment token or the join key (see
+//! `pflex_mdm_client::Enrollment`), and returns the node id, the credential
+//! (kept 0600 in the data directory before it is used) and this node's keys:
+//! the token public keys, its node key and the peer key (held in memory
+//! only). Any MDM call answered 401 makes the node register again and retry
+//! once; concurrent 401s cause one re-registration. If the keys changed,
+//! every cached token is dropped (SDCs must present their new tokens).
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +20,10 @@ use pflex_proto::api::{
 };
 use pflex_proto::frame::Status;
 use pflex_proto::placement::PlacementMap;
-use pflex_proto::token::ClusterSecret;
 
 use super::placement::Lookup;
 use super::{Identity, SdsNode};
 
-/// File in the data directory holding the cluster secret (hex, mode 0600).
-pub const SECRET_FILE: &str = "cluster_secret";
 /// Expired tokens are kept this long (seconds) so late requests get `Expired`, not `NoToken`.
 const EXPIRED_TOKEN_GRACE_SECS: u64 = 300;
 
@@ -46,12 +42,12 @@ pub enum VolumeFate {
 pub enum MembershipError {
     #[error(transparent)]
     Mdm(#[from] MdmClientError),
-    #[error("the MDM sent no cluster secret")]
-    NoSecret,
-    #[error("the MDM sent a malformed cluster secret")]
-    BadSecret,
-    #[error("cannot store the cluster secret in {path}: {source}")]
-    SecretFile { path: PathBuf, source: std::io::Error },
+    #[error("the MDM sent no keys for this SDS")]
+    NoKeys,
+    #[error("the MDM sent malformed keys: {0}")]
+    BadKeys(pflex_proto::token::TokenError),
+    #[error("cannot keep the credential: {0}")]
+    Credential(#[from] pflex_mdm_client::EnrollmentError),
 }
 
 impl MembershipError {
@@ -64,8 +60,8 @@ impl MembershipError {
                 matches!(e.status(), Some(s) if (400..500).contains(&s) && s != 408 && s != 429)
                     || matches!(e, MdmClientError::InvalidUrl { .. })
             }
-            MembershipError::NoSecret | MembershipError::BadSecret => true,
-            MembershipError::SecretFile { .. } => true,
+            MembershipError::NoKeys | MembershipError::BadKeys(_) => true,
+            MembershipError::Credential(_) => true,
         }
     }
 }
@@ -75,8 +71,10 @@ impl SdsNode {
     pub async fn register(&self) -> Result<Arc<Identity>, MembershipError> {
         let config = &self.config;
         let anonymous = MdmClient::new(&config.mdm_url, None)?;
-        let request = RegisterRequest {
-            join_key: config.join_key.clone(),
+        let mut request = RegisterRequest {
+            join_key: String::new(),
+            enrollment_token: None,
+            credential: None,
             node_type: NodeType::Sds,
             name: config.name.clone(),
             host: config.advertise.clone(),
@@ -87,22 +85,26 @@ impl SdsNode {
             pool: Some(config.pool.clone()),
             devices: self.store.devices(),
         };
+        config.enrollment.fill(&mut request);
         let reply = anonymous.register(&request).await?;
-        let secret_hex = reply.cluster_secret.ok_or(MembershipError::NoSecret)?;
-        let secret =
-            ClusterSecret::from_hex(&secret_hex).map_err(|_| MembershipError::BadSecret)?;
-        store_secret(&config.data_dir, &secret)?;
+        let keys = reply.sds_keys.as_ref().ok_or(MembershipError::NoKeys)?;
+        let keys = super::auth::NodeKeys::from_api(keys).map_err(MembershipError::BadKeys)?;
+        if request.credential.as_deref() != Some(reply.credential.as_str()) {
+            config.enrollment.store(&reply.credential)?;
+        }
 
         let previous = self.identity();
-        if previous.as_ref().is_some_and(|p| p.secret.0 != secret.0) {
-            tracing::warn!("the cluster secret changed: dropping every cached token");
+        if previous.as_ref().is_some_and(|p| {
+            p.keys.token_keys != keys.token_keys || p.keys.node_key != keys.node_key
+        }) {
+            tracing::warn!("this node's keys changed: dropping every cached token");
             self.tokens.clear();
         }
         let identity = Arc::new(Identity {
             node_id: reply.node_id,
             mdm: anonymous.with_credential(reply.credential),
-            peer_key: secret.peer_key(),
-            secret,
+            peer_key: keys.peer_key.clone(),
+            keys,
             heartbeat_interval_secs: reply.heartbeat_interval_secs.max(1),
             generation: previous.map_or(1, |p| p.generation + 1),
         });
@@ -347,48 +349,5 @@ pub async fn ack_loop(node: Arc<SdsNode>) {
     loop {
         tokio::time::sleep(node.config.ack_interval).await;
         node.send_acks_once().await;
-    }
-}
-
-/// Writes the secret as hex to `dir/cluster_secret`, mode 0600, atomically.
-pub fn store_secret(dir: &Path, secret: &ClusterSecret) -> Result<(), MembershipError> {
-    let path = dir.join(SECRET_FILE);
-    let temporary = dir.join(format!("{SECRET_FILE}.tmp"));
-    let failed = |source| MembershipError::SecretFile { path: path.clone(), source };
-    let _ = std::fs::remove_file(&temporary);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(&temporary).map_err(failed)?;
-    file.write_all(secret.to_hex().as_bytes()).map_err(failed)?;
-    file.sync_all().map_err(failed)?;
-    drop(file);
-    std::fs::rename(&temporary, &path).map_err(failed)?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_is_stored_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let secret = ClusterSecret::generate();
-        store_secret(dir.path(), &secret).unwrap();
-        store_secret(dir.path(), &secret).unwrap();
-        let path = dir.path().join(SECRET_FILE);
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(ClusterSecret::from_hex(&text).unwrap().0, secret.0);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
     }
 }

@@ -2,8 +2,8 @@
 //! the HTTP ports, around the chunk store.
 //!
 //! One [`SdsNode`] holds the shared state; tasks hold it in an `Arc`:
-//! - [`membership`]: registration (join key → node id, credential, cluster
-//!   secret stored 0600), heartbeats with capacity and IO counters, batched
+//! - [`membership`]: registration (enrollment token or kept credential →
+//!   node id, credential, this node's keys), heartbeats with capacity and IO counters, batched
 //!   IO acknowledgements, re-registration when the MDM answers 401;
 //! - [`dataplane`]: the TCP data plane (AUTH, READ, WRITE, FLUSH, TRIM,
 //!   WRITE_ZEROES, ALLOCATION, PING), every check before any IO, and
@@ -51,7 +51,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use pflex_mdm_client::MdmClient;
-use pflex_proto::token::{ClusterSecret, SessionKey};
+use pflex_proto::token::SessionKey;
 use tokio::net::TcpListener;
 
 use crate::store::{ChunkStore, StoreConfig, StoreError};
@@ -85,8 +85,9 @@ pub struct Identity {
     pub node_id: u64,
     /// MDM client carrying this node's credential.
     pub mdm: MdmClient,
-    pub secret: ClusterSecret,
-    /// Key of replication frames, derived from the secret.
+    /// The token public keys and this node's own keys.
+    pub keys: auth::NodeKeys,
+    /// Key of replication frames (a copy of `keys.peer_key`).
     pub peer_key: SessionKey,
     pub heartbeat_interval_secs: u64,
     /// Counts registrations, so concurrent 401s trigger one re-registration.

@@ -70,7 +70,8 @@ pub struct VolumeSession {
     pub volume_id: u64,
     pub map: PlacementMap,
     pub token: SignedToken,
-    pub key: SessionKey,
+    /// The token's session key at each SDS.
+    pub keys: std::collections::HashMap<u64, SessionKey>,
     seq: Arc<AtomicU64>,
     clients: Vec<(u64, DataPlaneClient)>,
 }
@@ -81,12 +82,20 @@ impl VolumeSession {
         let map = sdc.placement(volume_id).await.expect("placement map");
         let issued = sdc.request_token(volume_id, mode).await.expect("token");
         let token = SignedToken::from_hex(&issued.token).unwrap();
-        let key = SessionKey::from_hex(&issued.session_key).unwrap();
-        Self::with_token(map, token, key)
+        let keys = issued
+            .session_keys
+            .iter()
+            .map(|k| (k.sds_id, SessionKey::from_hex(&k.key).unwrap()))
+            .collect();
+        Self::with_token(map, token, keys)
     }
 
     /// A session using a token the test made itself.
-    pub fn with_token(map: PlacementMap, token: SignedToken, key: SessionKey) -> VolumeSession {
+    pub fn with_token(
+        map: PlacementMap,
+        token: SignedToken,
+        keys: std::collections::HashMap<u64, SessionKey>,
+    ) -> VolumeSession {
         let clients = map
             .nodes
             .iter()
@@ -99,7 +108,7 @@ impl VolumeSession {
             volume_id: map.volume_id,
             map,
             token,
-            key,
+            keys,
             // As the SDC does: numbers start at the wall clock in ns, so a
             // session opened later (a new token) numbers above an earlier
             // one, which the SDS's write fencing relies on.
@@ -111,6 +120,11 @@ impl VolumeSession {
             )),
             clients,
         }
+    }
+
+    /// The token's session key at SDS `node_id`.
+    pub fn key(&self, node_id: u64) -> &SessionKey {
+        self.keys.get(&node_id).expect("a session key for every SDS")
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -152,7 +166,8 @@ impl VolumeSession {
             token_id: self.token.token.token_id,
             ..Default::default()
         };
-        let reply = self.client(node_id).call(header, &self.key, &self.token.encode()).await;
+        let reply =
+            self.client(node_id).call(header, self.key(node_id), &self.token.encode()).await;
         let Ok(reply) = reply else { return Status::IoError };
         if reply.status() == Status::Ok {
             let floor = pflex_proto::frame::decode_sequence_floor(&reply.payload)
@@ -171,7 +186,7 @@ impl VolumeSession {
 
     /// Sends a request to node `node_id`.
     pub async fn call(&self, node_id: u64, header: FrameHeader, payload: &[u8]) -> Reply {
-        self.client(node_id).call(header, &self.key, payload).await.expect("reply")
+        self.client(node_id).call(header, self.key(node_id), payload).await.expect("reply")
     }
 
     /// Writes to a chunk through its primary.

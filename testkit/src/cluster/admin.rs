@@ -50,7 +50,7 @@ impl Cluster {
         RegisteredNode { client: self.anonymous().with_credential(reply.credential.clone()), reply }
     }
 
-    /// Registers a fake SDS with one device of `capacity_gib`.
+    /// Registers a fake SDS with one device of `capacity_gib` (a new name, by the join key).
     pub async fn register_sds(
         &self,
         name: &str,
@@ -58,33 +58,28 @@ impl Cluster {
         pool: &str,
         capacity_gib: u64,
     ) -> RegisteredNode {
-        self.register(RegisterRequest {
-            join_key: JOIN_KEY.into(),
-            node_type: NodeType::Sds,
-            name: name.into(),
-            host: "127.0.0.1".into(),
-            control_port: 9100,
-            mgmt_port: 9200,
-            data_port: 9700,
-            fault_set: Some(fault_set.into()),
-            pool: Some(pool.into()),
-            devices: vec![DeviceInfo {
-                path: format!("/dev/fake/{name}"),
-                capacity_bytes: capacity_gib << 30,
-                used_bytes: 0,
-            }],
-        })
-        .await
+        self.register(fake_sds(name, fault_set, pool, capacity_gib)).await
+    }
+
+    /// Registers fake SDS `node` again, proving it with its credential.
+    pub async fn register_sds_again(
+        &self,
+        node: &RegisteredNode,
+        name: &str,
+        fault_set: &str,
+        capacity_gib: u64,
+    ) -> RegisteredNode {
+        let mut request = fake_sds(name, fault_set, "default", capacity_gib);
+        request.join_key = String::new();
+        request.credential = Some(node.reply.credential.clone());
+        self.register(request).await
     }
 
     /// Registers an SDC the test plays itself (listening nowhere); it never
-    /// receives the cluster secret.
+    /// receives key material.
     pub async fn register_sdc(&self, name: &str) -> RegisteredNode {
         let node = self.register(fake_request(NodeType::Sdc, name)).await;
-        assert!(
-            node.reply.cluster_secret.is_none(),
-            "an SDC must never receive the cluster secret"
-        );
+        assert!(node.reply.sds_keys.is_none(), "an SDC must never receive SDS keys");
         node
     }
 
@@ -96,10 +91,29 @@ impl Cluster {
     }
 }
 
+/// A registration of a fake SDS with one device of `capacity_gib`.
+fn fake_sds(name: &str, fault_set: &str, pool: &str, capacity_gib: u64) -> RegisterRequest {
+    RegisterRequest {
+        control_port: 9100,
+        mgmt_port: 9200,
+        data_port: 9700,
+        fault_set: Some(fault_set.into()),
+        pool: Some(pool.into()),
+        devices: vec![DeviceInfo {
+            path: format!("/dev/fake/{name}"),
+            capacity_bytes: capacity_gib << 30,
+            used_bytes: 0,
+        }],
+        ..fake_request(NodeType::Sds, name)
+    }
+}
+
 /// A registration of a fake node of `node_type` without ports or devices.
-fn fake_request(node_type: NodeType, name: &str) -> RegisterRequest {
+pub fn fake_request(node_type: NodeType, name: &str) -> RegisterRequest {
     RegisterRequest {
         join_key: JOIN_KEY.into(),
+        enrollment_token: None,
+        credential: None,
         node_type,
         name: name.into(),
         host: "127.0.0.1".into(),

@@ -112,7 +112,7 @@ impl Node {
         let (join_key, heartbeat) = (join_key_file.display().to_string(), heartbeat.to_string());
         let launch = NodeLaunch {
             mdm_url: &self.mdm_url,
-            join_key: &join_key,
+            enroll: pflex_launch::Enroll::JoinKeyFile(&join_key),
             name: &self.name,
             host: "127.0.0.1",
             dir: &self.dir,
@@ -502,7 +502,7 @@ impl Cluster {
                 let listen = format!("127.0.0.1:{}", self.mdm.port);
                 let heartbeat = self.mdm.options.heartbeat_interval_secs.to_string();
                 let mut args =
-                    pflex_launch::mdm_args(&listen, &self.mdm.dir, &join_key, &heartbeat);
+                    pflex_launch::mdm_args(&listen, &self.mdm.dir, Some(&join_key), &heartbeat);
                 args.extend(self.mdm.options.flags());
                 (workspace_binary("mdm", "mdm"), args)
             }
@@ -519,7 +519,8 @@ impl Cluster {
             Component::Mgmt => {
                 let mgmt = self.mgmt.as_ref().expect("the cluster has a dashboard");
                 let listen = format!("127.0.0.1:{}", mgmt.port);
-                let args = pflex_launch::mgmt_args(&mgmt.mdm_url, &join_key, &mgmt.dir, &listen);
+                let enroll = pflex_launch::Enroll::JoinKeyFile(&join_key);
+                let args = pflex_launch::mgmt_args(&mgmt.mdm_url, enroll, &mgmt.dir, &listen);
                 (workspace_binary("mgmt", "mgmt"), with_flags(args, &mgmt.flags))
             }
         }
