@@ -50,6 +50,10 @@ pub enum ClientError {
     UnexpectedPayload(u8),
     #[error("reply payload does not match its CRC32")]
     BadReplyCrc,
+    /// A reply (status in it) without a valid MAC, where one is required:
+    /// changed on the way, or not from the node holding the key.
+    #[error("{} reply without a valid MAC", .0.name())]
+    BadReplyMac(Status),
     #[error("reply does not match its request: {0}")]
     Protocol(String),
     #[error("request rejected: {}", .0.name())]
@@ -177,7 +181,7 @@ impl DataPlaneClient {
         header.request_id = request_id;
         header.status = 0;
         header.payload_crc = crc32(&payload);
-        header.seal(key);
+        header.seal(key, &payload);
 
         let connection = self.connection().await?;
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -193,7 +197,7 @@ impl DataPlaneClient {
             Ok(Err(_)) => return Err(ClientError::Transport("connection dropped".into())),
             Ok(Ok(result)) => result?,
         };
-        check_reply(&header, &reply)?;
+        check_reply(&header, &reply, key)?;
         Ok(reply)
     }
 
@@ -214,7 +218,11 @@ impl DataPlaneClient {
     }
 }
 
-fn check_reply(request: &FrameHeader, reply: &Reply) -> Result<(), ClientError> {
+fn check_reply(request: &FrameHeader, reply: &Reply, key: &SessionKey) -> Result<(), ClientError> {
+    let sealed = reply.header.verify_reply_mac(key, &request.mac, &reply.payload);
+    if !sealed && request.op != Op::Ping as u8 && !reply.status().may_be_unsealed() {
+        return Err(ClientError::BadReplyMac(reply.status()));
+    }
     if reply.header.op != request.op {
         return Err(ClientError::Protocol(format!(
             "reply op {} to request op {}",

@@ -11,6 +11,9 @@
 //! - [`server`]: what an SDS needs to serve the data plane: [`read_request`]
 //!   and a [`ReplyWriter`] that coalesces replies of one connection.
 //! - [`runtime`]: the tokio runtime the SDS and SDC run their network on.
+//! - [`slots`]: connection caps that evict a connection that never sent
+//!   anything (else the longest idle) instead of refusing a new one (the SDS
+//!   data plane, the SDC's NBD handshakes).
 //!
 //! # Conventions callers rely on
 //!
@@ -30,7 +33,9 @@
 pub mod client;
 pub mod runtime;
 pub mod server;
+pub mod slots;
 mod writer;
 
 pub use client::{ClientError, DataPlaneClient, Reply};
 pub use server::{read_request, write_frame, FrameReadError, ReplyWriter, WriterClosed};
+pub use slots::{Idle, Slot, Slots};

@@ -20,3 +20,23 @@ pub fn network_runtime(network_threads: usize) -> io::Result<Runtime> {
         threads => Builder::new_multi_thread().worker_threads(threads).enable_all().build(),
     }
 }
+
+/// Raises this process's soft limit on open files to its hard limit, so the
+/// connection caps (`--max-connections`, `--max-handshakes`) are what bound
+/// connections, not a default soft limit of 1024. Returns the new soft limit.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit(2) reads one rlimit struct we own; raising the
+        // soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}

@@ -8,6 +8,7 @@
 //! their reply when done, in any order.
 
 use pflex_proto::frame::{crc32, FrameError, FrameHeader, Status, HEADER_LEN};
+use pflex_proto::token::SessionKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -131,15 +132,21 @@ impl ReplyWriter {
     }
 
     /// Queues the reply to `request` with `status`; a payload (READ,
-    /// ALLOCATION) sets the reply's `length` and `payload_crc`.
+    /// ALLOCATION) sets the reply's `length` and `payload_crc`. With the
+    /// request's key (known once its MAC verified) the reply is sealed and
+    /// bound to the request.
     pub async fn reply(
         &self,
         request: &FrameHeader,
         status: Status,
         payload: Vec<u8>,
+        key: Option<&SessionKey>,
     ) -> Result<(), WriterClosed> {
         let crc = if payload.is_empty() { 0 } else { crc32(&payload) };
-        let header = request.reply(status, payload.len() as u32, crc);
+        let mut header = request.reply(status, payload.len() as u32, crc);
+        if let Some(key) = key {
+            header.seal_reply(key, &request.mac, &payload);
+        }
         self.send(&header, payload).await
     }
 }
@@ -233,7 +240,7 @@ mod tests {
         let (writer, task) = ReplyWriter::spawn(server_side);
         let request =
             FrameHeader { op: Op::Read as u8, length: 4, request_id: 9, ..Default::default() };
-        writer.reply(&request, Status::Ok, vec![1, 2, 3, 4]).await.unwrap();
+        writer.reply(&request, Status::Ok, vec![1, 2, 3, 4], None).await.unwrap();
         drop(writer);
         task.await.unwrap().unwrap();
         let mut reader = client_side;

@@ -12,13 +12,18 @@
 //! 32 offset u32 (within the chunk)            36 length u32
 //! 40 epoch u64 (placement epoch)              48 token_id u64
 //! 56 seq u64 (replay window)                  64 payload_crc u32 (CRC32)
-//! 68 reserved u32      72 mac [16] = HMAC-SHA256(key, bytes 0..72)[..16]
+//! 68 reserved u32      72 mac [16]
 //! ```
 //!
-//! Requests are MACed with the token's session key (SDC) or the peer key
-//! (replication, flag [`flags::REPLICA`]); replies carry no MAC. The MAC
-//! covers the payload through its CRC32: it stops forgery by parties
-//! without a key, not a man in the middle (the data plane has no TLS yet).
+//! Requests are MACed with the token's session key at that SDS (SDC) or the
+//! peer key (replication, flag [`flags::REPLICA`]): `mac = BLAKE3-keyed(key,
+//! bytes 0..72 || payload)[..16]`, so an on-path change to any header or
+//! payload byte is detected (the CRC32 stays for data at rest). A reply to an
+//! authenticated request is MACed with the same key over its own bytes 0..72,
+//! the request's MAC (which binds it to that one request) and its payload;
+//! the client accepts an `Ok` reply only with a valid MAC. Only refusals
+//! before the key is known (no token, bad MAC) and PING replies are unsealed,
+//! and they are never taken as success. Confidentiality needs TLS.
 
 use crate::token::{SessionKey, MAC_LEN};
 use crate::CHUNK_SIZE;
@@ -151,6 +156,15 @@ pub enum Status {
 }
 
 impl Status {
+    /// Refusals a server may send before it knows the request's key (so
+    /// unsealed). A client takes an unsealed reply only if it is one of
+    /// these: each makes it present its token again, refetch or fail, never
+    /// count a request as done.
+    pub fn may_be_unsealed(self) -> bool {
+        use Status::*;
+        matches!(self, NoToken | BadSignature | BadMac | MalformedToken | Invalid | NotAvailable)
+    }
+
     pub fn from_u16(v: u16) -> Option<Self> {
         use Status::*;
         Some(match v {
@@ -354,17 +368,41 @@ impl FrameHeader {
         }
     }
 
-    /// Sets `mac` to the MAC of the other header bytes under `key`.
-    pub fn seal(&mut self, key: &SessionKey) {
+    /// Sets `mac` to the MAC of the other header bytes and `payload` under `key`.
+    pub fn seal(&mut self, key: &SessionKey, payload: &[u8]) {
         let bytes = self.encode();
-        self.mac = key.mac(&bytes[..MAC_OFFSET]);
+        self.mac = key.mac(&[&bytes[..MAC_OFFSET], payload]);
     }
 
-    /// Checks the MAC of an encoded header.
-    pub fn verify_mac(raw: &[u8; HEADER_LEN], key: &SessionKey) -> bool {
+    /// Checks the MAC of an encoded request header and its payload.
+    pub fn verify_mac(raw: &[u8; HEADER_LEN], key: &SessionKey, payload: &[u8]) -> bool {
         let mut mac = [0u8; MAC_LEN];
         mac.copy_from_slice(&raw[MAC_OFFSET..]);
-        key.verify(&raw[..MAC_OFFSET], &mac)
+        key.verify(&[&raw[..MAC_OFFSET], payload], &mac)
+    }
+
+    /// Seals this reply to the request whose MAC was `request_mac`.
+    pub fn seal_reply(&mut self, key: &SessionKey, request_mac: &[u8; MAC_LEN], payload: &[u8]) {
+        let bytes = self.encode();
+        self.mac = key.mac(&[&bytes[..MAC_OFFSET], request_mac, payload]);
+    }
+
+    /// Checks this reply's MAC against the request whose MAC was `request_mac`.
+    pub fn verify_reply_mac(
+        &self,
+        key: &SessionKey,
+        request_mac: &[u8; MAC_LEN],
+        payload: &[u8],
+    ) -> bool {
+        let bytes = self.encode();
+        key.verify(&[&bytes[..MAC_OFFSET], request_mac, payload], &self.mac)
+    }
+
+    /// The MAC field of an encoded header.
+    pub fn mac_of(raw: &[u8; HEADER_LEN]) -> [u8; MAC_LEN] {
+        let mut mac = [0u8; MAC_LEN];
+        mac.copy_from_slice(&raw[MAC_OFFSET..]);
+        mac
     }
 
     /// A reply header to this request.
@@ -418,15 +456,30 @@ mod tests {
     #[test]
     fn roundtrip_and_mac() {
         let key = SessionKey([7; 32]);
+        let payload = vec![5u8; 8192];
         let mut h = sample();
-        h.seal(&key);
+        h.seal(&key, &payload);
         let raw = h.encode();
         assert_eq!(FrameHeader::decode(&raw).unwrap(), h);
-        assert!(FrameHeader::verify_mac(&raw, &key));
+        assert!(FrameHeader::verify_mac(&raw, &key, &payload));
         let mut tampered = raw;
         tampered[24] ^= 1; // another chunk
-        assert!(!FrameHeader::verify_mac(&tampered, &key));
-        assert!(!FrameHeader::verify_mac(&raw, &SessionKey([8; 32])));
+        assert!(!FrameHeader::verify_mac(&tampered, &key, &payload));
+        assert!(!FrameHeader::verify_mac(&raw, &SessionKey([8; 32]), &payload));
+        let mut flipped = payload.clone();
+        flipped[4000] ^= 0x20;
+        assert!(!FrameHeader::verify_mac(&raw, &key, &flipped), "the payload is covered");
+
+        // A reply is bound to its request and covers its own payload.
+        let request_mac = FrameHeader::mac_of(&raw);
+        let mut reply = h.reply(Status::Ok, 4, 0);
+        reply.seal_reply(&key, &request_mac, b"data");
+        assert!(reply.verify_reply_mac(&key, &request_mac, b"data"));
+        assert!(!reply.verify_reply_mac(&key, &request_mac, b"datA"));
+        assert!(!reply.verify_reply_mac(&key, &[0; MAC_LEN], b"data"), "another request's reply");
+        let mut other_status = reply;
+        other_status.status = Status::Superseded as u16;
+        assert!(!other_status.verify_reply_mac(&key, &request_mac, b"data"));
     }
 
     #[test]

@@ -72,9 +72,17 @@ pub struct Args {
     /// Requests one NBD connection may have in flight.
     #[arg(long, default_value_t = 256)]
     pub max_in_flight: usize,
-    /// NBD connections served at once (more are closed right away).
+    /// NBD sessions (past the handshake) served at once; more are closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// NBD connections in the handshake at once; a new one evicts the one
+    /// waiting longest, so idle sockets cannot lock clients out.
+    #[arg(long, default_value_t = 64)]
+    pub max_handshakes: usize,
+    /// Payload bytes all NBD sessions together may hold in flight (the cap
+    /// on the SDC's memory for client data).
+    #[arg(long, default_value = "512M", value_parser = pflex_proto::size::parse_size)]
+    pub max_in_flight_total: u64,
     /// How long one IO keeps retrying through SDS restarts and map changes before failing with EIO.
     #[arg(long, default_value_t = 30)]
     pub io_retry_secs: u64,
@@ -109,6 +117,8 @@ async fn run_memory(args: Args) -> Result<(), StartError> {
         ServerConfig {
             max_in_flight_requests: args.max_in_flight,
             max_connections: args.max_connections,
+            max_handshakes: args.max_handshakes,
+            max_total_in_flight_bytes: args.max_in_flight_total as usize,
             ..ServerConfig::default()
         },
         Arc::new(NbdStats::default()),
@@ -190,6 +200,8 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         ServerConfig {
             max_in_flight_requests: args.max_in_flight,
             max_connections: args.max_connections,
+            max_handshakes: args.max_handshakes,
+            max_total_in_flight_bytes: args.max_in_flight_total as usize,
             ..ServerConfig::default()
         },
         nbd_stats,

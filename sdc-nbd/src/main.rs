@@ -7,6 +7,7 @@ fn main() -> anyhow::Result<()> {
     // device images, logs) is for its owner only: 0600 and 0700.
     // SAFETY: umask(2) sets this process's file-mode mask and cannot fail.
     unsafe { libc::umask(0o077) };
+    let _ = pflex_dataplane::runtime::raise_open_files_limit();
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(

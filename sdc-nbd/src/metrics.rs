@@ -120,6 +120,12 @@ pub struct NbdStats {
     /// Connections closed because their byte stream made no sense.
     pub protocol_errors: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    /// Connections closed in the handshake to make room (`--max-handshakes`).
+    pub handshakes_evicted: AtomicU64,
+    /// Sessions closed because `--max-connections` were served already.
+    pub sessions_refused: AtomicU64,
+    /// Connections closed because a WRITE payload did not arrive in time.
+    pub payload_timeouts: AtomicU64,
     pub requests_in_flight: AtomicI64,
     commands: [OpCounters; COUNTED_COMMANDS.len()],
 }
@@ -142,6 +148,14 @@ impl NbdStats {
         );
         let _ = writeln!(out, "# TYPE pflex_sdc_nbd_protocol_errors_total counter");
         let _ = writeln!(out, "pflex_sdc_nbd_protocol_errors_total {}", g(&self.protocol_errors));
+        for (name, value) in [
+            ("pflex_sdc_nbd_handshakes_evicted_total", &self.handshakes_evicted),
+            ("pflex_sdc_nbd_sessions_refused_total", &self.sessions_refused),
+            ("pflex_sdc_nbd_payload_timeouts_total", &self.payload_timeouts),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", g(value));
+        }
         let _ = writeln!(out, "# TYPE pflex_sdc_nbd_handshakes_failed_total counter");
         let _ =
             writeln!(out, "pflex_sdc_nbd_handshakes_failed_total {}", g(&self.handshakes_failed));

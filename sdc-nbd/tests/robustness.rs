@@ -88,3 +88,47 @@ async fn garbage_and_truncated_streams_close_only_their_own_connection() {
     assert!(failed >= 5, "handshake failures not counted: {failed}");
     assert!(metrics.contains("pflex_sdc_nbd_protocol_errors_total"));
 }
+
+/// 2000 idle connections on the NBD port (a local user trying to hold every
+/// slot, with the SDC allowed fewer files than that): a real client still
+/// connects at once and the SDC keeps heartbeating; the idle sockets are
+/// closed in the handshake to make room (`--max-handshakes`, 64).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_cannot_lock_clients_out_of_the_nbd_port() {
+    pflex_dataplane::runtime::raise_open_files_limit().unwrap();
+    let cluster = common::start(&[rw("vol1", 64 * MIB)]).await;
+    let sdc = cluster.sdc(0);
+    let pid = sdc.pid().expect("the SDC runs").to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=1500:1500"])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(limited.success());
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        let connect = tokio::net::TcpStream::connect(sdc.data_addr());
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(stream)) => idle.push(stream),
+            _ => break,
+        }
+    }
+    assert_eq!(idle.len(), 2000, "the SDC stopped accepting connections");
+    let uri = cluster.nbd_uri("vol1");
+    let size = tokio::task::spawn_blocking(move || {
+        run_ok("nbdinfo", &["--size", &uri], Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert_eq!(size.trim(), (64 * MIB).to_string());
+    let metrics = cluster.metrics(sdc).await;
+    let evicted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pflex_sdc_nbd_handshakes_evicted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the eviction counter");
+    assert!(evicted >= 2000 - 64, "only {evicted} idle connections were closed");
+    // Heartbeats went on: the MDM still counts the SDC as live.
+    let sdcs = cluster.admin().sdc_list().await.unwrap();
+    assert!(sdcs.iter().all(|c| c.status == "ACTIVE"), "{sdcs:?}");
+    drop(idle);
+}

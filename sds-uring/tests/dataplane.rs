@@ -217,6 +217,91 @@ fn token(
     (signed, keys)
 }
 
+/// An on-path attacker changes payload bytes while keeping their CRC32 (it
+/// is linear): a write so changed is refused and writes nothing, and a read
+/// reply so changed is not taken; the MAC covers every payload byte, and
+/// replies carry one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payloads_changed_in_transit_are_refused_in_both_directions() {
+    use pflex_testkit::tamper::{Tamper, TamperingRelay};
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let chunk = 0;
+    let primary_id = s.primary_of(chunk);
+    let primary = cluster.sds_by_node_id(primary_id).await;
+    let base = pattern(7, 8192);
+    assert_eq!(s.write(chunk, 0, &base).await, Status::Ok);
+    // The same token, reaching the primary through the attacker.
+    let through = |addr: std::net::SocketAddr| {
+        let mut map = s.map.clone();
+        for node in map.nodes.iter_mut().filter(|n| n.id == primary_id) {
+            node.host = addr.ip().to_string();
+            node.data_port = addr.port();
+        }
+        VolumeSession::with_token(map, s.token.clone(), s.keys.clone())
+    };
+
+    let relay = TamperingRelay::start(primary.data_addr(), Tamper::WriteRequests).await;
+    let victim = through(relay.addr);
+    let evil = pattern(8, 8192);
+    assert_eq!(victim.write(chunk, 0, &evil).await, Status::BadMac);
+    assert_eq!(relay.tampered(), 1, "the relay changed the write");
+    let (status, data) = s.read(chunk, 0, 8192).await;
+    assert_eq!((status, data == base), (Status::Ok, true), "nothing was written");
+    let mut model = vec![0u8; CHUNK];
+    model[..8192].copy_from_slice(&base);
+    assert_replicas_match(&cluster, &s, chunk, &model).await;
+
+    let relay = TamperingRelay::start(primary.data_addr(), Tamper::ReadReplies).await;
+    let reader = through(relay.addr);
+    let header = reader.header(Op::Read, chunk, 0, 8192);
+    let outcome = reader.client(primary_id).call(header, reader.key(primary_id), &[]).await;
+    assert_eq!(relay.tampered(), 1, "the relay changed the reply");
+    assert_eq!(
+        outcome.map(|r| r.status()),
+        Err(pflex_dataplane::ClientError::BadReplyMac(Status::Ok)),
+        "a changed read reply was taken"
+    );
+}
+
+/// Idle connections on a data port (a local user, a port scan) cannot lock
+/// out the MDM's probe, peers or clients: past `--max-connections` a
+/// connection that never sent a frame is closed to make room. The node may
+/// hold fewer files than the flood, so without that rule it would stop
+/// accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_connections_cannot_lock_out_the_probe_or_clients() {
+    pflex_dataplane::runtime::raise_open_files_limit().unwrap();
+    let (cluster, s, _sdc) = cluster_with_volume().await;
+    let primary_id = s.primary_of(0);
+    let primary = cluster.sds_by_node_id(primary_id).await;
+    let pid = primary.pid().expect("the SDS runs").to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=2048:2048"])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(limited.success());
+    let mut idle = Vec::new();
+    for _ in 0..3000 {
+        let connect = tokio::net::TcpStream::connect(primary.data_addr());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
+            Ok(Ok(stream)) => idle.push(stream),
+            _ => break,
+        }
+    }
+    assert_eq!(idle.len(), 3000, "the node stopped accepting connections");
+    // The MDM's probe: a PING on a fresh connection.
+    let probe = pflex_dataplane::DataPlaneClient::new(primary.data_addr(), 1);
+    let ping = FrameHeader { op: Op::Ping as u8, ..Default::default() };
+    let reply = probe.call(ping, &SessionKey([0; 32]), &[]).await.expect("probe answered");
+    assert_eq!(reply.status(), Status::Ok);
+    // The client, whose connections were open before the flood, goes on.
+    assert_eq!(s.write(0, 0, &pattern(3, 4096)).await, Status::Ok);
+    let metrics = cluster.metrics(primary).await;
+    let evicted = metric_sum(&metrics, "pflex_sds_connections_evicted_total");
+    assert!(evicted >= 3000 - 1024, "only {evicted} idle connections were closed");
+    drop(idle);
+}
+
 /// A compromised SDS holds its registration keys: the token public key, its
 /// own node key and the peer key. With them it can neither make a token
 /// another SDS accepts nor use a genuine token it saw (the SDC presents it to
@@ -335,9 +420,16 @@ async fn every_forgery_is_refused_and_nothing_is_written() {
     assert_eq!(send_raw(primary.data_addr(), &raw, &evil).await.status, Status::BadMac as u16);
 
     // Payload that does not match its CRC.
+    let mut header = s.header(Op::Write, chunk, 0, 4096);
+    header.request_id = 1;
+    header.payload_crc = pflex_proto::frame::crc32(&base[..4096]);
+    header.seal(s.key(primary_id), &evil);
+    let status = send_raw(primary.data_addr(), &header.encode(), &evil).await.status;
+    assert_eq!(status, Status::BadCrc as u16);
+    // Sealed over other bytes than those sent: the MAC covers the payload.
     let header = s.header(Op::Write, chunk, 0, 4096);
     let raw = sealed(header, s.key(primary_id), &base[..4096]);
-    assert_eq!(send_raw(primary.data_addr(), &raw, &evil).await.status, Status::BadCrc as u16);
+    assert_eq!(send_raw(primary.data_addr(), &raw, &evil).await.status, Status::BadMac as u16);
 
     // Routed by an older placement epoch; a chunk outside the volume.
     let mut header = s.header(Op::Write, chunk, 0, 4096);

@@ -40,8 +40,8 @@ async fn serve_connection(stream: TcpStream) {
         }
         let replies = replies.clone();
         handlers.push(tokio::spawn(async move {
-            if !FrameHeader::verify_mac(&raw, &KEY) {
-                let _ = replies.reply(&header, Status::BadMac, Vec::new()).await;
+            if !FrameHeader::verify_mac(&raw, &KEY, &payload) {
+                let _ = replies.reply(&header, Status::BadMac, Vec::new(), None).await;
                 return;
             }
             match Op::from_u8(header.op) {
@@ -49,13 +49,15 @@ async fn serve_connection(stream: TcpStream) {
                 Some(Op::Read) if header.chunk_index == CORRUPT_CHUNK => {
                     let mut reply = header.reply(Status::Ok, header.length, 1);
                     reply.payload_crc = 12345;
-                    let _ = replies.send(&reply, vec![0; header.length as usize]).await;
+                    let data = vec![0; header.length as usize];
+                    reply.seal_reply(&KEY, &header.mac, &data);
+                    let _ = replies.send(&reply, data).await;
                 }
                 Some(Op::Read) => {
                     let delay = 20 - (header.request_id % 20);
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                     let data = pattern(header.chunk_index, header.offset, header.length);
-                    let _ = replies.reply(&header, Status::Ok, data).await;
+                    let _ = replies.reply(&header, Status::Ok, data, Some(&KEY)).await;
                 }
                 Some(Op::Write) => {
                     let status = if crc32(&payload) == header.payload_crc
@@ -65,10 +67,10 @@ async fn serve_connection(stream: TcpStream) {
                     } else {
                         Status::BadCrc
                     };
-                    let _ = replies.reply(&header, status, Vec::new()).await;
+                    let _ = replies.reply(&header, status, Vec::new(), Some(&KEY)).await;
                 }
                 _ => {
-                    let _ = replies.reply(&header, Status::Invalid, Vec::new()).await;
+                    let _ = replies.reply(&header, Status::Invalid, Vec::new(), Some(&KEY)).await;
                 }
             }
         }));

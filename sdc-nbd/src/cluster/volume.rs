@@ -509,7 +509,8 @@ impl ClusterVolume {
                     e @ (ClientError::Connect { .. }
                     | ClientError::Transport(_)
                     | ClientError::Timeout(_)
-                    | ClientError::BadReplyCrc),
+                    | ClientError::BadReplyCrc
+                    | ClientError::BadReplyMac(_)),
                 ) => {
                     self.report_unreachable(node_id);
                     let _ = self.refresh_map(fetches).await;

@@ -14,6 +14,14 @@
 //! the reader stops reading the socket until a reply has gone out, so
 //! memory stays bounded whatever the client sends (or fails to read).
 //!
+//! Limits: at most [`ServerConfig::max_handshakes`] connections may be in
+//! the handshake at once (a new one evicts the one waiting longest, so idle
+//! sockets cannot lock clients out), each has [`ServerConfig::handshake_timeout`]
+//! to finish it, then at most [`ServerConfig::max_connections`] sessions are
+//! served; all sessions together hold at most
+//! [`ServerConfig::max_total_in_flight_bytes`] of payload, and a WRITE payload
+//! must arrive within [`ServerConfig::payload_timeout`].
+//!
 //! Failure scope: anything that breaks the framing (bad magic, unknown
 //! client flags, a stream that ends mid-request) closes that connection and
 //! nothing else. Bad requests that can still be framed (out of range, bad
@@ -53,8 +61,15 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: usize,
     /// The whole handshake must finish within this.
     pub handshake_timeout: Duration,
-    /// Connections served at once; more are closed right after accept.
+    /// Sessions (past the handshake) served at once; more are closed.
     pub max_connections: usize,
+    /// Connections in the handshake at once; a new one evicts the oldest.
+    pub max_handshakes: usize,
+    /// Payload bytes every session together may hold (the SDC's memory cap
+    /// for client data); at least one maximum payload.
+    pub max_total_in_flight_bytes: usize,
+    /// A WRITE's payload must arrive within this once its header has.
+    pub payload_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,8 +77,11 @@ impl Default for ServerConfig {
         Self {
             max_in_flight_requests: 256,
             max_in_flight_bytes: 128 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_handshakes: 64,
+            max_total_in_flight_bytes: 512 << 20,
+            payload_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -81,6 +99,12 @@ pub enum ConnectionError {
     TooManyOptions,
     #[error("handshake timed out")]
     HandshakeTimeout,
+    #[error("closed in the handshake to make room for a newer connection")]
+    HandshakeEvicted,
+    #[error("too many sessions")]
+    TooManySessions,
+    #[error("a WRITE payload did not arrive in time")]
+    PayloadTimeout,
 }
 
 /// The NBD server over one backend.
@@ -88,11 +112,21 @@ pub struct NbdServer<B: BlockBackend> {
     backend: Arc<B>,
     config: ServerConfig,
     stats: Arc<NbdStats>,
+    handshakes: pflex_dataplane::Slots,
+    sessions: Arc<Semaphore>,
+    /// Payload units (of [`BUDGET_UNIT`]) all sessions may hold together.
+    total_bytes: Arc<Semaphore>,
 }
 
 impl<B: BlockBackend> NbdServer<B> {
     pub fn new(backend: Arc<B>, config: ServerConfig, stats: Arc<NbdStats>) -> Arc<Self> {
-        Arc::new(Self { backend, config, stats })
+        let handshakes = pflex_dataplane::Slots::new(config.max_handshakes);
+        let sessions = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let total_units = (config.max_total_in_flight_bytes / BUDGET_UNIT)
+            .max(proto::BLOCK_SIZES.maximum as usize / BUDGET_UNIT)
+            .min(Semaphore::MAX_PERMITS);
+        let total_bytes = Arc::new(Semaphore::new(total_units));
+        Arc::new(Self { backend, config, stats, handshakes, sessions, total_bytes })
     }
 
     pub fn stats(&self) -> &Arc<NbdStats> {
@@ -101,21 +135,14 @@ impl<B: BlockBackend> NbdServer<B> {
 
     /// Accepts connections until the listener fails for good.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many NBD connections; refusing one");
-                        drop(stream);
-                        continue;
-                    };
                     let server = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = server.handle_connection(stream).await {
                             tracing::debug!(%peer, error = %e, "NBD connection closed");
                         }
-                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -136,13 +163,18 @@ impl<B: BlockBackend> NbdServer<B> {
         self.stats.connections_total.fetch_add(1, Ordering::Relaxed);
         self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
         let _active = ActiveGuard(self.stats.clone());
-        let negotiated = tokio::time::timeout(
-            self.config.handshake_timeout,
-            negotiate(&mut stream, &*self.backend),
-        )
-        .await
-        .map_err(|_| ConnectionError::HandshakeTimeout)
-        .and_then(|r| r);
+        let mut handshake_slot = self.handshakes.admit();
+        let negotiated = tokio::select! {
+            outcome = tokio::time::timeout(
+                self.config.handshake_timeout,
+                negotiate(&mut stream, &*self.backend),
+            ) => outcome.map_err(|_| ConnectionError::HandshakeTimeout).and_then(|r| r),
+            _ = &mut handshake_slot.evicted => {
+                self.stats.handshakes_evicted.fetch_add(1, Ordering::Relaxed);
+                Err(ConnectionError::HandshakeEvicted)
+            }
+        };
+        drop(handshake_slot);
         let session = match negotiated {
             Ok(Some(session)) => session,
             Ok(None) => return Ok(()),
@@ -150,6 +182,11 @@ impl<B: BlockBackend> NbdServer<B> {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
+        };
+        let Ok(_session_slot) = self.sessions.clone().try_acquire_owned() else {
+            self.stats.sessions_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("too many NBD sessions; closing a new one");
+            return Err(ConnectionError::TooManySessions);
         };
         tracing::debug!(export = %session.info.name, structured = session.limits.structured_replies,
                         "NBD transmission phase");
@@ -199,6 +236,9 @@ impl<B: BlockBackend> NbdServer<B> {
             let Ok(byte_permit) = bytes.clone().acquire_many_owned(units).await else {
                 break Ok(());
             };
+            let Ok(total_permit) = self.total_bytes.clone().acquire_many_owned(units).await else {
+                break Ok(());
+            };
             let mut payload = Bytes::new();
             if request.command == Command::Write {
                 if request.length > session.limits.max_payload {
@@ -213,11 +253,20 @@ impl<B: BlockBackend> NbdServer<B> {
                         Err(e) => break Err(e.into()),
                     }
                 } else {
-                    match read_payload(&mut reader, request.length as usize).await {
-                        Ok(p) => payload = p,
-                        Err(e) => {
+                    let read = tokio::time::timeout(
+                        self.config.payload_timeout,
+                        read_payload(&mut reader, request.length as usize),
+                    )
+                    .await;
+                    match read {
+                        Ok(Ok(p)) => payload = p,
+                        Ok(Err(e)) => {
                             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                             break Err(e.into());
+                        }
+                        Err(_) => {
+                            self.stats.payload_timeouts.fetch_add(1, Ordering::Relaxed);
+                            break Err(ConnectionError::PayloadTimeout);
                         }
                     }
                 }
@@ -243,8 +292,10 @@ impl<B: BlockBackend> NbdServer<B> {
                 // The permits travel with the reply and are released once it
                 // is written: a client that stops reading replies stops the
                 // reader too, instead of piling replies up in memory.
-                let _ =
-                    tx.send(ReplyFrame { _permits: Some((request_permit, byte_permit)), ..frame });
+                let _ = tx.send(ReplyFrame {
+                    _permits: Some((request_permit, byte_permit, total_permit)),
+                    ..frame
+                });
             });
         };
         // Let every in-flight request finish and be answered, then close.
@@ -518,8 +569,8 @@ fn new_session<V: VolumeIo>(
 struct ReplyFrame {
     head: Head,
     data: Bytes,
-    /// The request's share of the connection's in-flight budget.
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// The request's share of the connection's and the server's in-flight budgets.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// Reply headers up to an OFFSET_DATA header are kept inline: no

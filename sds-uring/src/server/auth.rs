@@ -184,7 +184,7 @@ pub fn verify_auth(
         return Err(Status::Invalid);
     }
     let session_key = keys.node_key.session_key(&signed);
-    if !FrameHeader::verify_mac(raw, &session_key) {
+    if !FrameHeader::verify_mac(raw, &session_key, payload) {
         return Err(Status::BadMac);
     }
     signed
@@ -199,11 +199,12 @@ pub fn check_client_request(
     token: &VerifiedToken,
     header: &FrameHeader,
     raw: &[u8; HEADER_LEN],
+    payload: &[u8],
     op: Op,
     now: u64,
     mapping_gen: u64,
 ) -> Result<(), Status> {
-    if !FrameHeader::verify_mac(raw, &token.session_key) {
+    if !FrameHeader::verify_mac(raw, &token.session_key, payload) {
         return Err(Status::BadMac);
     }
     token.token.check_scope(now, header.volume_id, op.is_write(), mapping_gen).map_err(Status::from)
@@ -325,7 +326,7 @@ mod tests {
             length: signed.encode().len() as u32,
             ..Default::default()
         };
-        header.seal(key);
+        header.seal(key, &signed.encode());
         (header, header.encode())
     }
 
@@ -389,26 +390,26 @@ mod tests {
             length: 4096,
             ..Default::default()
         };
-        h.seal(&entry.session_key);
-        assert_eq!(check_client_request(&entry, &h, &h.encode(), Op::Read, 10, 3), Ok(()));
+        h.seal(&entry.session_key, &[]);
+        assert_eq!(check_client_request(&entry, &h, &h.encode(), &[], Op::Read, 10, 3), Ok(()));
         let mut tampered = h.encode();
         tampered[32] ^= 0x10;
         assert_eq!(
-            check_client_request(&entry, &h, &tampered, Op::Read, 10, 3),
+            check_client_request(&entry, &h, &tampered, &[], Op::Read, 10, 3),
             Err(Status::BadMac)
         );
         let mut w = h;
         w.op = Op::Write as u8;
-        w.seal(&entry.session_key);
+        w.seal(&entry.session_key, &[]);
         assert_eq!(
-            check_client_request(&entry, &w, &w.encode(), Op::Write, 10, 3),
+            check_client_request(&entry, &w, &w.encode(), &[], Op::Write, 10, 3),
             Err(Status::ReadOnly)
         );
         let mut other = h;
         other.volume_id = 6;
-        other.seal(&entry.session_key);
+        other.seal(&entry.session_key, &[]);
         assert_eq!(
-            check_client_request(&entry, &other, &other.encode(), Op::Read, 10, 3),
+            check_client_request(&entry, &other, &other.encode(), &[], Op::Read, 10, 3),
             Err(Status::WrongVolume)
         );
     }

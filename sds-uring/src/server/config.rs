@@ -59,7 +59,12 @@ pub struct SdsArgs {
     /// request. Disk IO runs on one thread per device in any case.
     #[arg(long, env = "PFLEX_NETWORK_THREADS", default_value_t = 1)]
     pub network_threads: usize,
-    /// Directory for `sds_local.db` and the stored cluster secret.
+    /// Data-plane connections served at once; when all are taken, a new one
+    /// takes the slot of the connection idle longest (which is closed), so
+    /// idle connections cannot lock out clients, peers or the MDM's probe.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Directory for `sds_local.db` and its kept credential.
     #[arg(long, default_value = "./sds-data")]
     pub data_dir: PathBuf,
     /// Device file or block device (repeatable); default DATA_DIR/dev0.img.
@@ -158,6 +163,7 @@ pub struct NodeConfig {
     pub ack_interval: Duration,
     pub reclaim_interval: Option<Duration>,
     pub peer_connections: usize,
+    pub max_connections: usize,
     /// `None`: leases off.
     pub lease: Option<super::lease::LeaseConfig>,
     pub device_health: crate::store::DeviceHealthConfig,
@@ -213,6 +219,7 @@ impl SdsArgs {
             reclaim_interval: (self.reclaim_interval_secs > 0)
                 .then(|| Duration::from_secs(self.reclaim_interval_secs)),
             peer_connections: self.peer_connections.unwrap_or(self.network_threads).max(1),
+            max_connections: self.max_connections.max(1),
             scrub_interval: (self.scrub_interval_secs > 0)
                 .then(|| Duration::from_secs(self.scrub_interval_secs)),
             scrub_bytes_per_sec: self.scrub_mb_per_sec.max(1) * 1_000_000,

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use pflex_dataplane::{read_request, ClientError, ReplyWriter};
 use pflex_proto::frame::{crc32, flags, FrameHeader, Op, Status, HEADER_LEN};
 use pflex_proto::placement::{PlacementGroup, PlacementMap};
-use pflex_proto::token::SignedToken;
+use pflex_proto::token::{SessionKey, SignedToken};
 use pflex_proto::{unix_now, CHUNK_SIZE};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
@@ -58,13 +58,15 @@ const PEER_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_sec
 
 /// Accepts data-plane connections forever.
 pub async fn serve(node: Arc<SdsNode>, listener: TcpListener) {
+    let slots = pflex_dataplane::Slots::new(node.config.max_connections);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 node.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, "data-plane connection");
-                tokio::spawn(serve_connection(node.clone(), stream));
+                let slot = slots.admit();
+                tokio::spawn(serve_connection(node.clone(), stream, slot));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -74,13 +76,22 @@ pub async fn serve(node: Arc<SdsNode>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream) {
+async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream, mut slot: pflex_dataplane::Slot) {
     let (read_half, write_half) = stream.into_split();
     let mut requests = BufReader::with_capacity(READ_BUFFER, read_half);
     let (replies, _writer) = ReplyWriter::spawn(write_half);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     loop {
-        let (header, raw, payload) = match read_request(&mut requests).await {
+        let read = tokio::select! {
+            read = read_request(&mut requests) => read,
+            _ = &mut slot.evicted => {
+                // Idle longest while every slot was taken: make room.
+                node.metrics.connections_evicted.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        };
+        slot.touch();
+        let (header, raw, payload) = match read {
             Ok(Some(request)) => request,
             Ok(None) => break,
             Err(e) => {
@@ -94,7 +105,7 @@ async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream) {
         let received = std::time::Instant::now();
         tokio::spawn(async move {
             let _permit = permit;
-            let (status, data) = handle_request(&node, &header, &raw, payload).await;
+            let (status, data, key) = handle_request(&node, &header, &raw, payload).await;
             let replica = header.flags & flags::REPLICA != 0;
             let op = Op::from_u8(header.op);
             node.metrics.count_reply(op, status, replica);
@@ -115,21 +126,26 @@ async fn serve_connection(node: Arc<SdsNode>, stream: TcpStream) {
                 // above (it restarted) and numbers its frames above it.
                 let mut refusal = header.reply(status, 0, 0);
                 refusal.seq = node.peer_windows.floor();
+                if let Some(key) = &key {
+                    refusal.seal_reply(key, &header.mac, &[]);
+                }
                 let _ = replies.send(&refusal, Vec::new()).await;
             } else {
-                let _ = replies.reply(&header, status, data).await;
+                let _ = replies.reply(&header, status, data, key.as_ref()).await;
             }
         });
     }
 }
 
-/// Serves one request; the reply's status and payload.
+/// Serves one request; the reply's status and payload, and the key to seal
+/// the reply with (the request's, once its MAC verified; none before).
 pub async fn handle_request(
     node: &SdsNode,
     header: &FrameHeader,
     raw: &[u8; HEADER_LEN],
     payload: Vec<u8>,
-) -> (Status, Vec<u8>) {
+) -> (Status, Vec<u8>, Option<SessionKey>) {
+    let mut key = None;
     let outcome = async {
         let op = header.validate_request()?;
         if op == Op::Ping {
@@ -137,17 +153,17 @@ pub async fn handle_request(
         }
         let identity = node.identity().ok_or(Status::NotAvailable)?;
         if header.flags & flags::REPLICA != 0 {
-            serve_replica(node, &identity, op, header, raw, payload).await
+            serve_replica(node, &identity, op, header, raw, payload, &mut key).await
         } else if op == Op::Auth {
-            serve_auth(node, &identity, header, raw, &payload).await
+            serve_auth(node, &identity, header, raw, &payload, &mut key).await
         } else {
-            serve_client(node, &identity, op, header, raw, payload).await
+            serve_client(node, &identity, op, header, raw, payload, &mut key).await
         }
     }
     .await;
     match outcome {
-        Ok(data) => (Status::Ok, data),
-        Err(status) => (status, Vec::new()),
+        Ok(data) => (Status::Ok, data, key),
+        Err(status) => (status, Vec::new(), key),
     }
 }
 
@@ -157,10 +173,15 @@ async fn serve_auth(
     header: &FrameHeader,
     raw: &[u8; HEADER_LEN],
     payload: &[u8],
+    sealing_key: &mut Option<SessionKey>,
 ) -> Result<Vec<u8>, Status> {
     // Signature first: nothing unauthenticated may make this node call the MDM.
     let signed = SignedToken::decode(payload).map_err(Status::from)?;
     identity.keys.verify(&signed).map_err(Status::from)?;
+    let session_key = identity.keys.node_key.session_key(&signed);
+    if FrameHeader::verify_mac(raw, &session_key, payload) {
+        *sealing_key = Some(session_key);
+    }
     let volume_id = signed.token.volume_id;
     if node.placement.mapping_gen(volume_id) == 0 {
         // Unknown volume so far: learn its mapping generation (revocation).
@@ -187,11 +208,16 @@ async fn serve_client(
     header: &FrameHeader,
     raw: &[u8; HEADER_LEN],
     payload: Vec<u8>,
+    sealing_key: &mut Option<SessionKey>,
 ) -> Result<Vec<u8>, Status> {
     node.movement.client_io();
     let token = node.tokens.get(header.token_id).ok_or(Status::NoToken)?;
     let mapping_gen = node.placement.mapping_gen(header.volume_id);
-    check_client_request(&token, header, raw, op, unix_now(), mapping_gen)?;
+    let checked = check_client_request(&token, header, raw, &payload, op, unix_now(), mapping_gen);
+    if checked != Err(Status::BadMac) {
+        *sealing_key = Some(token.session_key.clone());
+    }
+    checked?;
     let bytes = u64::from(header.length);
     let outcome = serve_checked_client(node, identity, &token, op, header, payload).await;
     if op != Op::Allocation {
@@ -788,13 +814,15 @@ async fn serve_replica(
     header: &FrameHeader,
     raw: &[u8; HEADER_LEN],
     payload: Vec<u8>,
+    sealing_key: &mut Option<SessionKey>,
 ) -> Result<Vec<u8>, Status> {
     if op == Op::Auth {
         return Err(Status::Invalid);
     }
-    if !FrameHeader::verify_mac(raw, &identity.peer_key) {
+    if !FrameHeader::verify_mac(raw, &identity.peer_key, &payload) {
         return Err(Status::BadMac);
     }
+    *sealing_key = Some(identity.peer_key.clone());
     let map = node.placement_for(header.volume_id, header.epoch).await?;
     let sender = header.token_id;
     let accept = |seq| {

@@ -112,6 +112,8 @@ pub struct SdsMetrics {
     pub lease_failures: AtomicU64,
     pub lease_waits: AtomicU64,
     pub connections_accepted: AtomicU64,
+    /// Idle connections closed to make room (see `--max-connections`).
+    pub connections_evicted: AtomicU64,
     pub framing_errors: AtomicU64,
     pub heartbeats_sent: AtomicU64,
     pub heartbeat_failures: AtomicU64,
@@ -250,7 +252,7 @@ impl SdsMetrics {
                 );
             }
         }
-        let counters: [(&str, &str, &AtomicU64); 24] = [
+        let counters: [(&str, &str, &AtomicU64); 25] = [
             (
                 "pflex_sds_checksum_repairs_total",
                 "Chunks of this copy found corrupt on a read and rewritten from the other copy.",
@@ -331,6 +333,11 @@ impl SdsMetrics {
                 "pflex_sds_connections_total",
                 "Data-plane connections accepted.",
                 &self.connections_accepted,
+            ),
+            (
+                "pflex_sds_connections_evicted_total",
+                "Idle data-plane connections closed to make room for new ones (--max-connections).",
+                &self.connections_evicted,
             ),
             (
                 "pflex_sds_framing_errors_total",

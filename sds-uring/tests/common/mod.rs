@@ -224,7 +224,7 @@ pub async fn send_raw(addr: SocketAddr, raw: &[u8; HEADER_LEN], payload: &[u8]) 
 pub fn sealed(mut header: FrameHeader, key: &SessionKey, payload: &[u8]) -> [u8; HEADER_LEN] {
     header.request_id = 1;
     header.payload_crc = crc32(payload);
-    header.seal(key);
+    header.seal(key, payload);
     header.encode()
 }
 

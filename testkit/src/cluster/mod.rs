@@ -94,6 +94,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// The PID of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(ProcessGuard::pid)
+    }
+
     /// `127.0.0.1:{data_port}`.
     pub fn data_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.data_port))
