@@ -38,4 +38,4 @@ mod writer;
 
 pub use client::{ClientError, DataPlaneClient, Reply};
 pub use server::{read_request, write_frame, FrameReadError, ReplyWriter, WriterClosed};
-pub use slots::{Idle, Slot, Slots};
+pub use slots::{Idle, Slot, SlotActivity, Slots};

@@ -98,14 +98,39 @@ impl Slots {
     }
 }
 
+/// A cloneable handle that records a slot's activity (for code that cannot
+/// hold the [`Slot`] itself, such as a per-request service).
+#[derive(Clone)]
+pub struct SlotActivity {
+    id: u64,
+    inner: Arc<Mutex<Table>>,
+}
+
+impl SlotActivity {
+    /// Records activity (a frame or request read, a finished handshake).
+    pub fn touch(&self) {
+        touch(&self.inner, self.id);
+    }
+}
+
+/// Marks connection `id` active now.
+fn touch(inner: &Mutex<Table>, id: u64) {
+    let mut table = inner.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(entry) = table.live.get_mut(&id) {
+        entry.0 = Instant::now();
+        entry.1 = true;
+    }
+}
+
 impl Slot {
     /// Records activity (a frame read, a finished handshake).
     pub fn touch(&self) {
-        let mut table = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = table.live.get_mut(&self.id) {
-            entry.0 = Instant::now();
-            entry.1 = true;
-        }
+        touch(&self.inner, self.id);
+    }
+
+    /// A handle that records this slot's activity.
+    pub fn handle(&self) -> SlotActivity {
+        SlotActivity { id: self.id, inner: self.inner.clone() }
     }
 
     /// Whether this connection was told to close.

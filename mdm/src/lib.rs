@@ -194,12 +194,13 @@ pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "MDM serving");
     let monitor_task = tokio::spawn(monitor(Arc::clone(&state)));
-    axum::serve(
+    pflex_httpd::serve(
         listener,
-        http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        http::router(state),
+        pflex_httpd::Limits::default(),
+        shutdown_signal(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    .await;
     monitor_task.abort();
     tracing::info!("MDM stopped");
     Ok(())

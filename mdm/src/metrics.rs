@@ -108,6 +108,7 @@ pub fn render(
             );
         }
     }
+    pflex_httpd::render_metrics("pflex_mdm", &mut out);
     family(
         &mut out,
         "pflex_mdm_http_responses_total",
@@ -127,7 +128,7 @@ pub fn render(
         ("pflex_mdm_registrations_total", "Accepted registrations.", &c.registrations),
         (
             "pflex_mdm_registrations_refused_total",
-            "Registrations refused for a wrong join key.",
+            "Registrations refused (no valid enrollment token, credential or join key; a name taken).",
             &c.registrations_refused,
         ),
         ("pflex_mdm_heartbeats_total", "Heartbeats received.", &c.heartbeats),

@@ -83,6 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!("dashboard on http://{}", config.listen);
     tokio::spawn(poller::run(shared.clone(), enrollment));
-    axum::serve(listener, web::router(shared)).await?;
+    let limits = pflex_httpd::Limits::default();
+    pflex_httpd::serve(listener, web::router(shared), limits, std::future::pending()).await;
     Ok(())
 }

@@ -192,8 +192,19 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         nbd: nbd_stats.clone(),
         nbd_address: format!("{}:{}", args.nbd_listen.ip(), nbd_port),
     });
-    let mgmt = axum::serve(mgmt_listener, mgmt_router(http_state.clone()));
-    let control = axum::serve(control_listener, control_router(http_state));
+    let limits = pflex_httpd::Limits::default();
+    let mgmt = pflex_httpd::serve(
+        mgmt_listener,
+        mgmt_router(http_state.clone()),
+        limits,
+        std::future::pending(),
+    );
+    let control = pflex_httpd::serve(
+        control_listener,
+        control_router(http_state),
+        limits,
+        std::future::pending(),
+    );
 
     let server = NbdServer::new(
         backend.clone(),
@@ -256,8 +267,8 @@ pub async fn run(args: Args) -> Result<(), StartError> {
     // acknowledged write is on both replicas), so clients only see their
     // connection close, as on any server restart.
     tokio::select! {
-        r = mgmt => r.map_err(StartError::Http),
-        r = control => r.map_err(StartError::Http),
+        () = mgmt => Ok(()),
+        () = control => Ok(()),
         () = stop_signal() => {
             tracing::info!("SDC stopping");
             Ok(())

@@ -134,6 +134,7 @@ async fn volumes(State(s): State<Arc<HttpState>>) -> Json<Vec<VolumeView>> {
 async fn metrics(State(s): State<Arc<HttpState>>) -> impl IntoResponse {
     let mut out = String::new();
     s.nbd.render(&mut out);
+    pflex_httpd::render_metrics("pflex_sdc", &mut out);
     let registered = u8::from(s.node.registered.load(Ordering::Relaxed));
     let _ = writeln!(out, "# TYPE pflex_sdc_registered gauge\npflex_sdc_registered {registered}");
     let _ = writeln!(

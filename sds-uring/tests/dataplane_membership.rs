@@ -1,6 +1,7 @@
 //! Membership: an SDS whose MDM comes back with empty state (it answers
-//! 401 and has a new cluster secret) registers again on its own, drops the
-//! tokens signed under the old secret and serves the new cluster.
+//! 401 and has new keys) registers again on its own, drops the tokens signed
+//! under the old keys and serves the new cluster; idle HTTP connections
+//! cannot keep heartbeats or an operator out of the MDM.
 
 mod common;
 
@@ -69,4 +70,57 @@ async fn a_wrong_join_key_stops_the_sds_with_a_clear_error() {
     assert!(log.contains("refused"), "log says why: {log}");
     assert!(cluster.admin().sds_list().await.unwrap().is_empty(), "nothing registered");
     assert!(!cluster.dir().join("intruder/credential").exists(), "no credential was handed out");
+}
+
+/// The MDM's sum of `name` in its `/metrics`.
+async fn mdm_metric(cluster: &pflex_testkit::cluster::Cluster, name: &str) -> u64 {
+    let url = format!("{}/metrics", cluster.mdm_url());
+    let response = reqwest::Client::new().get(url).bearer_auth(cluster.admin_token()).send();
+    let text = response.await.unwrap().error_for_status().unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Up to 20000 idle connections to the MDM's HTTP port (as many as this
+/// process may open), with the MDM allowed 4096 files: heartbeats go on, an
+/// operator's call is answered, and the idle connections are the ones
+/// closed to make room (`pflex_httpd`'s slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_http_connections_cannot_keep_heartbeats_or_operators_out() {
+    let allowed = pflex_dataplane::runtime::raise_open_files_limit().unwrap();
+    let flood = 20_000.min(allowed.saturating_sub(1_000) as usize);
+    assert!(flood >= 8_000, "this process may open only {allowed} files");
+    let cluster = start_cluster(2).await;
+    let pid = cluster.mdm_pid().expect("the MDM runs").to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=4096:4096"])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(limited.success());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.mdm_port()).parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..flood {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(stream)) => idle.push(stream),
+            _ => break,
+        }
+    }
+    assert_eq!(idle.len(), flood, "the MDM stopped accepting connections");
+    // An operator is answered.
+    let admin = cluster.admin();
+    let summary = tokio::time::timeout(Duration::from_secs(10), admin.cluster_summary());
+    summary.await.expect("answered in time").expect("the summary");
+    // Heartbeats (two SDS, one a second) still get in.
+    let before = mdm_metric(&cluster, "pflex_mdm_heartbeats_total").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while mdm_metric(&cluster, "pflex_mdm_heartbeats_total").await < before + 4 {
+        assert!(Instant::now() < deadline, "heartbeats stopped reaching the MDM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let evicted = mdm_metric(&cluster, "pflex_mdm_http_connections_evicted_total").await;
+    assert!(evicted as usize >= flood - 512, "only {evicted} idle connections were closed");
+    drop(idle);
 }

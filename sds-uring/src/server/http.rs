@@ -27,11 +27,11 @@ use tokio::net::TcpListener;
 use super::SdsNode;
 use crate::engine::faults::DeviceFault;
 
-/// Serves `router` on `listener` until the process ends.
+/// Serves `router` on `listener` until the process ends (with the limits
+/// of `pflex_httpd`).
 pub async fn serve(listener: TcpListener, router: Router) {
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "HTTP server stopped");
-    }
+    let limits = pflex_httpd::Limits::default();
+    pflex_httpd::serve(listener, router, limits, std::future::pending()).await;
 }
 
 /// Routes of the management port.

@@ -190,6 +190,7 @@ impl SdsMetrics {
     pub fn render(&self, node: &str, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
         let label = format!("node=\"{}\"", node.replace(['"', '\\', '\n'], "_"));
+        pflex_httpd::render_metrics("pflex_sds", &mut out);
         out.push_str("# HELP pflex_sds_replies_total Data-plane replies by status.\n");
         out.push_str("# TYPE pflex_sds_replies_total counter\n");
         for status in ALL_STATUSES {

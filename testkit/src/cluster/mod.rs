@@ -233,6 +233,11 @@ impl Cluster {
     }
 
     /// The running MDM's data directory.
+    /// The MDM's PID, while it runs.
+    pub fn mdm_pid(&self) -> Option<u32> {
+        self.mdm.process.as_ref().map(ProcessGuard::pid)
+    }
+
     pub fn mdm_dir(&self) -> &Path {
         &self.mdm.dir
     }

@@ -1,0 +1,120 @@
+//! Serving the HTTP APIs (the MDM's, the dashboard's, and the SDS and SDC
+//! control and management ports) so that strangers cannot exhaust them.
+//!
+//! - Connections take slots ([`pflex_dataplane::Slots`]): at
+//!   [`Limits::max_connections`] a new one evicts a connection that never
+//!   sent a request (oldest first), else the one idle longest, so a flood of
+//!   idle sockets cannot keep out heartbeats, probes or an operator.
+//! - A request's headers must arrive within [`Limits::header_read_timeout`].
+//! - Each request carries the peer address as axum's `ConnectInfo`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// The limits of one HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 512, header_read_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// What this process's HTTP listeners counted (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct HttpCounters {
+    pub connections: AtomicU64,
+    /// Connections closed to make room (see [`Limits::max_connections`]).
+    pub evicted: AtomicU64,
+}
+
+/// The counters of every listener of this process.
+pub static COUNTERS: HttpCounters =
+    HttpCounters { connections: AtomicU64::new(0), evicted: AtomicU64::new(0) };
+
+/// Appends the counters in Prometheus text, named `{prefix}_http_...`.
+pub fn render_metrics(prefix: &str, out: &mut String) {
+    use std::fmt::Write;
+    for (name, help, value) in [
+        ("connections_total", "HTTP connections accepted.", &COUNTERS.connections),
+        (
+            "connections_evicted_total",
+            "HTTP connections closed to make room for new ones (idle ones first).",
+            &COUNTERS.evicted,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {prefix}_http_{name} {help}");
+        let _ = writeln!(out, "# TYPE {prefix}_http_{name} counter");
+        let _ = writeln!(out, "{prefix}_http_{name} {}", value.load(Ordering::Relaxed));
+    }
+}
+
+/// Serves `router` on `listener` with `limits` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let counters = &COUNTERS;
+    let slots = pflex_dataplane::Slots::new(limits.max_connections);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        let mut slot = slots.admit();
+        let activity = slot.handle();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    activity.touch();
+                    let mut request = request.map(axum::body::Body::new);
+                    request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    let router = router.clone();
+                    async move {
+                        Ok::<_, Infallible>(
+                            router.oneshot(request).await.unwrap_or_else(|e| match e {}),
+                        )
+                    }
+                },
+            );
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = &mut slot.evicted => {
+                    counters.evicted.fetch_add(1, Ordering::Relaxed);
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+}
