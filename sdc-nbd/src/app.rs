@@ -41,9 +41,14 @@ pub struct Args {
     /// Directory of the SDC's own state (sdc_local.db, sdc_chunks.db).
     #[arg(long, default_value = "./pflex-data/sdc1")]
     pub data_dir: PathBuf,
-    /// Address of the NBD server.
+    /// Address of the NBD server. A non-loopback address needs `--insecure`:
+    /// plain NBD has no access control.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    /// Serve plain NBD on a non-loopback address anyway: anyone who can reach
+    /// it can read and write every volume mapped to this SDC.
+    #[arg(long)]
+    pub insecure: bool,
     /// Port of the control API (GET /volumes).
     #[arg(long, default_value_t = 8003)]
     pub control_port: u16,
@@ -135,6 +140,12 @@ async fn run_memory(args: Args) -> Result<(), StartError> {
 pub enum StartError {
     #[error(transparent)]
     Enrollment(#[from] pflex_mdm_client::EnrollmentError),
+    #[error(
+        "refusing to serve plain NBD on {0}: anyone who can reach a non-loopback address could \
+         read and write every mapped volume (NBD has no access control without TLS, which this \
+         SDC does not serve yet). Listen on a loopback address, or pass --insecure to accept that"
+    )]
+    InsecureListen(SocketAddr),
     #[error("creating the data dir {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("opening the state databases: {0}")]
@@ -162,6 +173,9 @@ async fn listen(addr: String) -> Result<TcpListener, StartError> {
 
 /// Runs the SDC until the process is stopped.
 pub async fn run(args: Args) -> Result<(), StartError> {
+    if !args.nbd_listen.ip().is_loopback() && !args.insecure {
+        return Err(StartError::InsecureListen(args.nbd_listen));
+    }
     if !args.memory_export.is_empty() {
         return run_memory(args).await;
     }

@@ -52,3 +52,40 @@ fn memory_exports_serve_real_clients_without_a_cluster() {
         (64u64 << 20).to_string()
     );
 }
+
+/// Plain NBD on a non-loopback address is refused with a clear error unless
+/// `--insecure` says to accept it.
+#[test]
+fn plain_nbd_on_a_non_loopback_address_needs_insecure() {
+    let port = free_port();
+    let sdc = |extra: &[&str]| {
+        Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
+            .args(["--memory-export", "scratch:1M", "--nbd-listen", &format!("0.0.0.0:{port}")])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut refused = Killed(sdc(&[]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = refused.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the SDC served plain NBD on 0.0.0.0");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(refused.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("--insecure"), "{stderr}");
+
+    let _accepted = Killed(sdc(&["--insecure"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sdc --insecure did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

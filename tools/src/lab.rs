@@ -696,6 +696,9 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         ports: [8003, 8004, 10809],
     });
     sdc_args.extend(["--io-retry-secs".into(), args.io_retry_secs.to_string()]);
+    // The lab's SDC serves NBD on its namespace's address, reachable only
+    // from this machine: plain NBD there is accepted on purpose.
+    sdc_args.push("--insecure".into());
     start_on(dir, layout, "sdc1", &up::binary(&bins, "sdc")?, sdc_args)?;
     let url = format!("http://{}:8004/health", sdc.address);
     wait_until("sdc1", Duration::from_secs(60), || {
