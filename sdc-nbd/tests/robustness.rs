@@ -98,20 +98,8 @@ async fn idle_connections_cannot_lock_clients_out_of_the_nbd_port() {
     pflex_dataplane::runtime::raise_open_files_limit().unwrap();
     let cluster = common::start(&[rw("vol1", 64 * MIB)]).await;
     let sdc = cluster.sdc(0);
-    let pid = sdc.pid().expect("the SDC runs").to_string();
-    let limited = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, "--nofile=1500:1500"])
-        .status()
-        .expect("prlimit (util-linux) runs");
-    assert!(limited.success());
-    let mut idle = Vec::new();
-    for _ in 0..2000 {
-        let connect = tokio::net::TcpStream::connect(sdc.data_addr());
-        match tokio::time::timeout(Duration::from_secs(2), connect).await {
-            Ok(Ok(stream)) => idle.push(stream),
-            _ => break,
-        }
-    }
+    pflex_testkit::flood::limit_open_files(sdc.pid().expect("the SDC runs"), 1500);
+    let idle = pflex_testkit::flood::idle_connections(sdc.data_addr(), 2000).await;
     assert_eq!(idle.len(), 2000, "the SDC stopped accepting connections");
     let uri = cluster.nbd_uri("vol1");
     let size = tokio::task::spawn_blocking(move || {

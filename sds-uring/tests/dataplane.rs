@@ -274,20 +274,8 @@ async fn idle_connections_cannot_lock_out_the_probe_or_clients() {
     let (cluster, s, _sdc) = cluster_with_volume().await;
     let primary_id = s.primary_of(0);
     let primary = cluster.sds_by_node_id(primary_id).await;
-    let pid = primary.pid().expect("the SDS runs").to_string();
-    let limited = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, "--nofile=2048:2048"])
-        .status()
-        .expect("prlimit (util-linux) runs");
-    assert!(limited.success());
-    let mut idle = Vec::new();
-    for _ in 0..3000 {
-        let connect = tokio::net::TcpStream::connect(primary.data_addr());
-        match tokio::time::timeout(std::time::Duration::from_secs(2), connect).await {
-            Ok(Ok(stream)) => idle.push(stream),
-            _ => break,
-        }
-    }
+    pflex_testkit::flood::limit_open_files(primary.pid().expect("the SDS runs"), 2048);
+    let idle = pflex_testkit::flood::idle_connections(primary.data_addr(), 3000).await;
     assert_eq!(idle.len(), 3000, "the node stopped accepting connections");
     // The MDM's probe: a PING on a fresh connection.
     let probe = pflex_dataplane::DataPlaneClient::new(primary.data_addr(), 1);

@@ -93,21 +93,9 @@ async fn idle_http_connections_cannot_keep_heartbeats_or_operators_out() {
     let flood = 20_000.min(allowed.saturating_sub(1_000) as usize);
     assert!(flood >= 8_000, "this process may open only {allowed} files");
     let cluster = start_cluster(2).await;
-    let pid = cluster.mdm_pid().expect("the MDM runs").to_string();
-    let limited = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, "--nofile=4096:4096"])
-        .status()
-        .expect("prlimit (util-linux) runs");
-    assert!(limited.success());
+    pflex_testkit::flood::limit_open_files(cluster.mdm_pid().expect("the MDM runs"), 4096);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.mdm_port()).parse().unwrap();
-    let mut idle = Vec::new();
-    for _ in 0..flood {
-        let connect = tokio::net::TcpStream::connect(addr);
-        match tokio::time::timeout(Duration::from_secs(2), connect).await {
-            Ok(Ok(stream)) => idle.push(stream),
-            _ => break,
-        }
-    }
+    let idle = pflex_testkit::flood::idle_connections(addr, flood).await;
     assert_eq!(idle.len(), flood, "the MDM stopped accepting connections");
     // An operator is answered.
     let admin = cluster.admin();

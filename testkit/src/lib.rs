@@ -13,6 +13,7 @@
 //!   the one harness every crate's integration tests start components with.
 
 pub mod cluster;
+pub mod flood;
 pub mod tamper;
 
 use std::collections::HashSet;

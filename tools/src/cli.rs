@@ -150,20 +150,10 @@ pub enum SdsCommand {
     List(CommonArgs),
     /// Mint a one-time enrollment token for a new SDS named NAME (give it to
     /// that host's `sds --enrollment-token-file`).
-    Add {
-        name: String,
-        #[command(flatten)]
-        enroll: EnrollArgs,
-        #[command(flatten)]
-        common: CommonArgs,
-    },
+    Add(AddNode),
     /// Revoke SDS NAME's credential at once; its name can then be enrolled
     /// again (`pflex sds add NAME`), e.g. for a replaced host.
-    Reset {
-        name: String,
-        #[command(flatten)]
-        common: CommonArgs,
-    },
+    Reset(NamedNode),
     /// Drain an SDS (its copies move to the pool's other nodes while IO
     /// goes on, each PG keeping two complete copies), then remove it; waits
     /// until it is removed.
@@ -187,27 +177,28 @@ pub enum SdcCommand {
     List(CommonArgs),
     /// Mint a one-time enrollment token for a new SDC (client host) named
     /// NAME (give it to that host's `sdc --enrollment-token-file`).
-    Add {
-        name: String,
-        #[command(flatten)]
-        enroll: EnrollArgs,
-        #[command(flatten)]
-        common: CommonArgs,
-    },
+    Add(AddNode),
     /// Revoke SDC NAME's credential at once; its name can then be enrolled again.
-    Reset {
-        name: String,
-        #[command(flatten)]
-        common: CommonArgs,
-    },
+    Reset(NamedNode),
 }
 
-/// Options of an enrollment token.
+/// `sds add` / `sdc add`: the node's name and how long its token lasts.
 #[derive(Debug, Clone, Args)]
-pub struct EnrollArgs {
+pub struct AddNode {
+    pub name: String,
     /// How long the token may be used, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: u64,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// A command about one node, by name.
+#[derive(Debug, Clone, Args)]
+pub struct NamedNode {
+    pub name: String,
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// Whether a mapping change waits until the SDCs concerned serve it.
@@ -335,14 +326,11 @@ impl AdminCommand {
             | AdminCommand::Audit(c)
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
             AdminCommand::Cluster(ClusterCommand::RebuildPolicy { common, .. })
-            | AdminCommand::Sds(
-                SdsCommand::Remove { common, .. }
-                | SdsCommand::Add { common, .. }
-                | SdsCommand::Reset { common, .. },
-            )
-            | AdminCommand::Sdc(
-                SdcCommand::Add { common, .. } | SdcCommand::Reset { common, .. },
-            ) => common,
+            | AdminCommand::Sds(SdsCommand::Remove { common, .. })
+            | AdminCommand::Sds(SdsCommand::Add(AddNode { common, .. }))
+            | AdminCommand::Sdc(SdcCommand::Add(AddNode { common, .. }))
+            | AdminCommand::Sds(SdsCommand::Reset(NamedNode { common, .. }))
+            | AdminCommand::Sdc(SdcCommand::Reset(NamedNode { common, .. })) => common,
             AdminCommand::Volume(
                 VolumeCommand::Create { common, .. }
                 | VolumeCommand::Show { common, .. }
@@ -360,10 +348,10 @@ impl AdminCommand {
 async fn enroll_node(
     client: &MdmClient,
     role: NodeType,
-    name: String,
-    ttl_secs: u64,
+    add: AddNode,
     json: bool,
 ) -> Result<String> {
+    let AddNode { name, ttl_secs, .. } = add;
     let request = pflex_proto::api::EnrollmentRequest {
         role,
         name: Some(name.clone()),
@@ -380,6 +368,19 @@ async fn enroll_node(
         role.as_str()
     );
     Ok(format!("{}\n", minted.token))
+}
+
+/// Revokes `name`'s credential so the name can enroll again.
+async fn reset_node(client: &MdmClient, role: NodeType, name: &str, json: bool) -> Result<String> {
+    let reply = client.reset_node(role, name).await?;
+    if json {
+        return to_json(&reply);
+    }
+    let command = if role == NodeType::Sds { "sds" } else { "sdc" };
+    Ok(format!(
+        "{} {name}: credential revoked; enroll it again with `pflex {command} add {name}`\n",
+        role.as_str()
+    ))
 }
 
 /// Starts a scrub pass on every ACTIVE SDS (`POST /scrub` on its control
@@ -563,29 +564,17 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
             }
             Ok(format!("SDS {} (id {}) drained and removed\n", info.name, info.id))
         }
-        AdminCommand::Sds(SdsCommand::Add { name, enroll, .. }) => {
-            enroll_node(&client, NodeType::Sds, name, enroll.ttl_secs, json).await
+        AdminCommand::Sds(SdsCommand::Add(add)) => {
+            enroll_node(&client, NodeType::Sds, add, json).await
         }
-        AdminCommand::Sdc(SdcCommand::Add { name, enroll, .. }) => {
-            enroll_node(&client, NodeType::Sdc, name, enroll.ttl_secs, json).await
+        AdminCommand::Sdc(SdcCommand::Add(add)) => {
+            enroll_node(&client, NodeType::Sdc, add, json).await
         }
-        AdminCommand::Sds(SdsCommand::Reset { name, .. }) => {
-            let reply = client.reset_node(NodeType::Sds, &name).await?;
-            if json {
-                return to_json(&reply);
-            }
-            Ok(format!(
-                "SDS {name}: credential revoked; enroll it again with `pflex sds add {name}`\n"
-            ))
+        AdminCommand::Sds(SdsCommand::Reset(node)) => {
+            reset_node(&client, NodeType::Sds, &node.name, json).await
         }
-        AdminCommand::Sdc(SdcCommand::Reset { name, .. }) => {
-            let reply = client.reset_node(NodeType::Sdc, &name).await?;
-            if json {
-                return to_json(&reply);
-            }
-            Ok(format!(
-                "SDC {name}: credential revoked; enroll it again with `pflex sdc add {name}`\n"
-            ))
+        AdminCommand::Sdc(SdcCommand::Reset(node)) => {
+            reset_node(&client, NodeType::Sdc, &node.name, json).await
         }
         AdminCommand::Audit(_) => {
             let rows = client.audit().await?;
