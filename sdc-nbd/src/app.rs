@@ -14,7 +14,7 @@ use crate::agent::{Agent, Identity, NodeState};
 use crate::cluster::{ClusterBackend, ClusterConfig};
 use crate::http::{control_router, mgmt_router, HttpState};
 use crate::metrics::NbdStats;
-use crate::nbd::server::{NbdServer, ServerConfig};
+use crate::nbd::server::{NbdServer, NbdTls, ServerConfig};
 use crate::state_db::{StateDb, VolumeSnapshot};
 
 /// The pflex SDC: serves the volumes mapped to this client over NBD.
@@ -41,14 +41,23 @@ pub struct Args {
     /// Directory of the SDC's own state (sdc_local.db, sdc_chunks.db).
     #[arg(long, default_value = "./pflex-data/sdc1")]
     pub data_dir: PathBuf,
-    /// Address of the NBD server. A non-loopback address needs `--insecure`:
-    /// plain NBD has no access control.
+    /// Address of the NBD server. On a non-loopback address TLS is required
+    /// (`--tls-dir`), unless `--insecure`: plain NBD has no access control.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
     /// Serve plain NBD on a non-loopback address anyway: anyone who can reach
     /// it can read and write every volume mapped to this SDC.
     #[arg(long)]
     pub insecure: bool,
+    /// Directory of this node's TLS files (`ca-cert.pem`, `cert.pem`,
+    /// `key.pem`, issued by the cluster CA). With it the NBD server offers
+    /// STARTTLS and accepts only clients with a certificate from that CA.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Require TLS on NBD even on a loopback address (it is always required
+    /// on a non-loopback one unless `--insecure`).
+    #[arg(long)]
+    pub nbd_tls_required: bool,
     /// Port of the control API (GET /volumes).
     #[arg(long, default_value_t = 8003)]
     pub control_port: u16,
@@ -111,7 +120,7 @@ fn parse_memory_export(s: &str) -> Result<(String, u64), String> {
 }
 
 /// Serves only in-memory exports (see `--memory-export`).
-async fn run_memory(args: Args) -> Result<(), StartError> {
+async fn run_memory(args: Args, tls: Option<NbdTls>) -> Result<(), StartError> {
     let backend = Arc::new(crate::memory::MemoryBackend::new());
     for (name, size) in &args.memory_export {
         backend.add(name, *size, false);
@@ -124,6 +133,7 @@ async fn run_memory(args: Args) -> Result<(), StartError> {
             max_connections: args.max_connections,
             max_handshakes: args.max_handshakes,
             max_total_in_flight_bytes: args.max_in_flight_total as usize,
+            tls,
             ..ServerConfig::default()
         },
         Arc::new(NbdStats::default()),
@@ -142,10 +152,15 @@ pub enum StartError {
     Enrollment(#[from] pflex_mdm_client::EnrollmentError),
     #[error(
         "refusing to serve plain NBD on {0}: anyone who can reach a non-loopback address could \
-         read and write every mapped volume (NBD has no access control without TLS, which this \
-         SDC does not serve yet). Listen on a loopback address, or pass --insecure to accept that"
+         read and write every mapped volume (NBD has no access control without TLS). Give \
+         --tls-dir to require TLS with client certificates, listen on a loopback address, or \
+         pass --insecure to accept that"
     )]
     InsecureListen(SocketAddr),
+    #[error("--nbd-tls-required needs --tls-dir")]
+    TlsRequiredWithoutFiles,
+    #[error("loading the TLS files: {0}")]
+    Tls(#[from] pflex_tls::TlsError),
     #[error("creating the data dir {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("opening the state databases: {0}")]
@@ -171,13 +186,56 @@ async fn listen(addr: String) -> Result<TcpListener, StartError> {
     TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr, source })
 }
 
+/// How the NBD server treats TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdTlsPolicy {
+    /// No TLS (loopback only, or `--insecure`).
+    Plain,
+    /// STARTTLS offered, plain clients served too.
+    Offered,
+    /// Nothing is served before STARTTLS.
+    Required,
+}
+
+/// Decides the NBD server's TLS policy from where it listens and the flags.
+pub fn nbd_tls_policy(
+    listen: SocketAddr,
+    tls_configured: bool,
+    tls_required_flag: bool,
+    insecure: bool,
+) -> Result<NbdTlsPolicy, StartError> {
+    let exposed = !listen.ip().is_loopback();
+    match (tls_configured, exposed, tls_required_flag, insecure) {
+        (false, _, true, _) => Err(StartError::TlsRequiredWithoutFiles),
+        (false, true, false, false) => Err(StartError::InsecureListen(listen)),
+        (false, _, false, _) => Ok(NbdTlsPolicy::Plain),
+        (true, _, true, _) | (true, true, false, false) => Ok(NbdTlsPolicy::Required),
+        (true, _, false, _) => Ok(NbdTlsPolicy::Offered),
+    }
+}
+
+impl Args {
+    /// The NBD server's TLS, loaded from `--tls-dir` under the policy.
+    fn nbd_tls(&self) -> Result<Option<NbdTls>, StartError> {
+        let policy = nbd_tls_policy(
+            self.nbd_listen,
+            self.tls_dir.is_some(),
+            self.nbd_tls_required,
+            self.insecure,
+        )?;
+        let Some(dir) = self.tls_dir.as_ref().filter(|_| policy != NbdTlsPolicy::Plain) else {
+            return Ok(None);
+        };
+        let acceptor = pflex_tls::NodeTls::new(dir).acceptor(pflex_tls::ClientAuth::Required)?;
+        Ok(Some(NbdTls { acceptor, required: policy == NbdTlsPolicy::Required }))
+    }
+}
+
 /// Runs the SDC until the process is stopped.
 pub async fn run(args: Args) -> Result<(), StartError> {
-    if !args.nbd_listen.ip().is_loopback() && !args.insecure {
-        return Err(StartError::InsecureListen(args.nbd_listen));
-    }
+    let nbd_tls = args.nbd_tls()?;
     if !args.memory_export.is_empty() {
-        return run_memory(args).await;
+        return run_memory(args, nbd_tls).await;
     }
     let enrollment = args.enrollment()?;
     std::fs::create_dir_all(&args.data_dir)
@@ -227,6 +285,7 @@ pub async fn run(args: Args) -> Result<(), StartError> {
             max_connections: args.max_connections,
             max_handshakes: args.max_handshakes,
             max_total_in_flight_bytes: args.max_in_flight_total as usize,
+            tls: nbd_tls.clone(),
             ..ServerConfig::default()
         },
         nbd_stats,
@@ -362,5 +421,28 @@ mod tests {
         assert_eq!(parse_memory_export("e:1T"), Ok(("e".into(), 1 << 40)));
         assert!(parse_memory_export("e:1Q").is_err());
         assert!(parse_memory_export("f:0").is_err());
+    }
+
+    /// (listen, --tls-dir, --nbd-tls-required, --insecure) -> policy.
+    #[test]
+    fn nbd_tls_policy_table() {
+        use NbdTlsPolicy::*;
+        let lo: SocketAddr = "127.0.0.1:10809".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:10809".parse().unwrap();
+        let ok = |l, t, r, i| nbd_tls_policy(l, t, r, i).ok();
+        assert_eq!(ok(lo, false, false, false), Some(Plain));
+        assert_eq!(ok(lo, true, false, false), Some(Offered));
+        assert_eq!(ok(lo, true, true, false), Some(Required));
+        assert_eq!(ok(any, true, false, false), Some(Required));
+        assert_eq!(ok(any, true, false, true), Some(Offered));
+        assert_eq!(ok(any, false, false, true), Some(Plain));
+        assert!(matches!(
+            nbd_tls_policy(any, false, false, false),
+            Err(StartError::InsecureListen(_))
+        ));
+        assert!(matches!(
+            nbd_tls_policy(lo, false, true, false),
+            Err(StartError::TlsRequiredWithoutFiles)
+        ));
     }
 }

@@ -126,6 +126,11 @@ pub struct NbdStats {
     pub sessions_refused: AtomicU64,
     /// Connections closed because a WRITE payload did not arrive in time.
     pub payload_timeouts: AtomicU64,
+    /// Sessions that switched to TLS (NBD_OPT_STARTTLS).
+    pub tls_sessions: AtomicU64,
+    /// Options refused with NBD_REP_ERR_TLS_REQD (or an EXPORT_NAME closed)
+    /// because this server requires TLS and the client had not started it.
+    pub tls_required_refusals: AtomicU64,
     pub requests_in_flight: AtomicI64,
     commands: [OpCounters; COUNTED_COMMANDS.len()],
 }
@@ -152,6 +157,8 @@ impl NbdStats {
             ("pflex_sdc_nbd_handshakes_evicted_total", &self.handshakes_evicted),
             ("pflex_sdc_nbd_sessions_refused_total", &self.sessions_refused),
             ("pflex_sdc_nbd_payload_timeouts_total", &self.payload_timeouts),
+            ("pflex_sdc_nbd_tls_sessions_total", &self.tls_sessions),
+            ("pflex_sdc_nbd_tls_required_refusals_total", &self.tls_required_refusals),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", g(value));

@@ -39,8 +39,9 @@ pub struct BenchArgs {
     /// Only run job files whose name contains one of these (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub filter: Vec<String>,
-    /// Targets to run, comma separated, from: pflex, qemu-nbd, floor, hop.
-    #[arg(long, default_value = "pflex,qemu-nbd,floor,hop", value_delimiter = ',')]
+    /// Targets to run, comma separated, from: pflex, pflex-tls (the same volume over NBD
+    /// with TLS and a client certificate), qemu-nbd, floor, hop.
+    #[arg(long, default_value = "pflex,pflex-tls,qemu-nbd,floor,hop", value_delimiter = ',')]
     pub targets: Vec<String>,
     /// Scratch directory for the qemu-nbd and floor files (must support O_DIRECT).
     #[arg(long, default_value = "/var/tmp")]
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// SDS IO engine of the cluster started for the run.
     #[arg(long, default_value = "uring")]
     pub io_engine: String,
+    /// SDS lease length of the cluster started for the run, in ms (default: the SDS's);
+    /// `--lease-ms 0` turns leases off to measure what they cost.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
     /// Keep what the run wrote: the data dir it created (its SDS devices take several GiB)
     /// and the qemu-nbd and floor files. Without it they are deleted when the run ends.
     #[arg(long)]
@@ -120,7 +125,11 @@ pub(crate) fn parse_dir(v: &serde_json::Value) -> Option<Figures> {
 async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>, Option<Figures>)> {
     let mut args = target_args.to_vec();
     args.push(job.display().to_string());
-    let doc = fio_json(&args).await?;
+    let doc = match args.first().map(String::as_str) {
+        // A launcher prefix (see `TlsFioHome`): the program comes first.
+        Some("setpriv") => fio_json_via(&args[0], &args[1..]).await?,
+        _ => fio_json(&args).await?,
+    };
     let j = doc.pointer("/jobs/0").context("fio JSON has no job")?;
     Ok((j.get("read").and_then(parse_dir), j.get("write").and_then(parse_dir)))
 }
@@ -128,7 +137,13 @@ async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>,
 /// Runs fio with `args` and JSON output; its document, or why it failed
 /// (an exit status, or a job's error).
 pub(crate) async fn fio_json(args: &[String]) -> Result<serde_json::Value> {
-    let out = tokio::process::Command::new("fio")
+    fio_json_via("fio", args).await
+}
+
+/// [`fio_json`] through `program` (fio itself, or a launcher whose
+/// arguments end by naming fio).
+async fn fio_json_via(program: &str, args: &[String]) -> Result<serde_json::Value> {
+    let out = tokio::process::Command::new(program)
         .args(args)
         .arg("--output-format=json")
         .stdin(Stdio::null())
@@ -271,21 +286,37 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut targets: Vec<(String, Vec<String>)> = Vec::new();
     for t in &args.targets {
         match t.as_str() {
-            "pflex" => {
-                let uri = match &args.uri {
-                    Some(u) => u.clone(),
-                    None => {
-                        if !args.data_dir.exists() {
-                            created_data_dir = true;
+            "pflex" | "pflex-tls" => {
+                let tls = t == "pflex-tls";
+                let uri = match (&args.uri, tls) {
+                    (Some(u), false) => u.clone(),
+                    (Some(_), true) => {
+                        bail!(
+                            "the pflex-tls target needs the cluster started for the run (no --uri)"
+                        )
+                    }
+                    (None, _) => {
+                        if cluster.is_none() {
+                            if !args.data_dir.exists() {
+                                created_data_dir = true;
+                            }
+                            cluster = Some(up::start(&bench_up_args(&args)).await?);
                         }
-                        let up_args = UpArgs::for_bench(&args.data_dir, &args.io_engine);
-                        let c = up::start(&up_args).await?;
-                        cluster = Some(c);
-                        format!("nbd://127.0.0.1:{}/{}", up_args.nbd_port, up_args.volume)
+                        let up_args = bench_up_args(&args);
+                        if tls {
+                            format!("nbds://localhost:{}/{}", up_args.nbd_port, up_args.volume)
+                        } else {
+                            format!("nbd://127.0.0.1:{}/{}", up_args.nbd_port, up_args.volume)
+                        }
                     }
                 };
-                targets
-                    .push(("pflex".into(), vec!["--ioengine=nbd".into(), format!("--uri={uri}")]));
+                let mut fio = Vec::new();
+                if tls {
+                    let certs = up::nbd_client_tls_dir(&bench_up_args(&args).data_dir);
+                    fio = tls_fio_launcher(&certs, &fio_home(&args))?;
+                }
+                fio.extend(["--ioengine=nbd".to_string(), format!("--uri={uri}")]);
+                targets.push((t.clone(), fio));
             }
             "qemu-nbd" => {
                 if peer.is_none() {
@@ -323,7 +354,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                     ],
                 ));
             }
-            other => bail!("unknown target {other:?} (pflex, qemu-nbd, floor, hop)"),
+            other => bail!("unknown target {other:?} (pflex, pflex-tls, qemu-nbd, floor, hop)"),
         }
     }
 
@@ -363,14 +394,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if !args.keep_data {
         remove_scratch(&args, created_data_dir);
     }
+    // Copies of the client key: never kept.
+    let _ = std::fs::remove_dir_all(fio_home(&args));
 
-    let ratios = print_ratios(&jobs, &results, "pflex");
-    let hop_ratios = print_ratios(&jobs, &results, "hop");
+    let ratios = print_ratios(&jobs, &results, "pflex", "qemu-nbd");
+    let hop_ratios = print_ratios(&jobs, &results, "hop", "qemu-nbd");
+    let tls_ratios = print_ratios(&jobs, &results, "pflex-tls", "pflex");
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
             "results": results,
             "ratios_to_qemu_nbd": ratios,
             "hop_ratios_to_qemu_nbd": hop_ratios,
+            "tls_ratios_to_plain": tls_ratios,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -382,17 +417,66 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prints (and returns) `target`'s IOPS and p50 ratios to qemu-nbd per job.
-fn print_ratios(jobs: &[PathBuf], results: &[JobResult], target: &str) -> Vec<serde_json::Value> {
+/// fio's home for the pflex-tls target (removed when the run ends).
+fn fio_home(args: &BenchArgs) -> PathBuf {
+    args.scratch_dir.join("pflex-bench-fio-home")
+}
+
+/// How fio reaches a TLS export with the cluster's client certificate.
+/// fio's nbd engine refuses URIs that name local files (`tls-certificates=`),
+/// so the certificates go where libnbd looks by default, and libnbd looks in
+/// `$HOME/.pki/libnbd` only for a user other than root: fio runs as `nobody`
+/// with `HOME` set to a directory of its own holding a copy of them.
+fn tls_fio_launcher(certs: &Path, home: &Path) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let pki = home.join(".pki").join("libnbd");
+    std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+    for name in [pflex_tls::CA_CERT, pflex_tls::CLIENT_CERT, pflex_tls::CLIENT_KEY] {
+        let to = pki.join(name);
+        std::fs::copy(certs.join(name), &to)
+            .with_context(|| format!("copying {} to {}", name, pki.display()))?;
+        std::os::unix::fs::chown(&to, Some(NOBODY), Some(NOBODY))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+    }
+    for dir in [home, &home.join(".pki"), &pki] {
+        std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(vec![
+        "setpriv".into(),
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        "--clear-groups".into(),
+        "env".into(),
+        format!("HOME={}", home.display()),
+        "fio".into(),
+    ])
+}
+
+/// The cluster `pflex bench` starts when it is not given `--uri`.
+fn bench_up_args(args: &BenchArgs) -> UpArgs {
+    let mut up_args = UpArgs::for_bench(&args.data_dir, &args.io_engine);
+    up_args.lease_ms = args.lease_ms;
+    up_args
+}
+
+/// Prints (and returns) `target`'s IOPS, p50 and MB/s ratios to `base` per job.
+fn print_ratios(
+    jobs: &[PathBuf],
+    results: &[JobResult],
+    target: &str,
+    base: &str,
+) -> Vec<serde_json::Value> {
     let find =
         |job: &str, target: &str| results.iter().find(|r| r.job == job && r.target == target);
     let mut ratios = Vec::new();
     let mut header = false;
     for job in jobs {
         let name = job.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-        let (Some(p), Some(q)) = (find(&name, target), find(&name, "qemu-nbd")) else { continue };
+        let (Some(p), Some(q)) = (find(&name, target), find(&name, base)) else { continue };
         if !std::mem::replace(&mut header, true) {
-            println!("\n{target} / qemu-nbd (IOPS ratio, p50 latency ratio):");
+            println!("\n{target} / {base} (IOPS ratio, p50 latency ratio):");
         }
         for (dir, pf, qf) in [("read", &p.read, &q.read), ("write", &p.write, &q.write)] {
             if let (Some(pf), Some(qf)) = (pf, qf) {

@@ -78,6 +78,14 @@ pub struct UpArgs {
     /// Heartbeat interval of every component, seconds.
     #[arg(long, default_value_t = 2)]
     pub heartbeat_interval_secs: u64,
+    /// Serve NBD without TLS (by default the SDC offers STARTTLS with a certificate
+    /// from a cluster CA this command creates; loopback clients may still use plain NBD).
+    #[arg(long)]
+    pub no_tls: bool,
+    /// Lease length of every SDS in ms (its default when not given); 0 turns leases off,
+    /// which is unsafe when a node can be cut off and is meant for measuring their cost.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
     /// Directory holding the `mdm`, `sds`, `sdc` and `mgmt` binaries (default: next to `pflex`).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -542,6 +550,8 @@ impl UpArgs {
             sds_base_port: 9150,
             mgmt_port: 0,
             heartbeat_interval_secs: 2,
+            lease_ms: None,
+            no_tls: false,
             bin_dir: None,
             detach: false,
         }
@@ -645,6 +655,9 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
                 "--io-engine".into(),
                 args.io_engine.clone(),
             ]);
+            if let Some(ms) = args.lease_ms {
+                sds_args.extend(["--lease-ms".into(), ms.to_string()]);
+            }
             cluster.spawn(&name, &binary(&bins, "sds")?, &sds_args, dir, args.detach).await?;
         }
         for n in 0..args.sds_count {
@@ -668,6 +681,10 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             heartbeat: &hb,
             ports: [args.sdc_control_port, args.sdc_control_port + 1, args.nbd_port],
         });
+        let mut sdc_args = sdc_args;
+        if !args.no_tls {
+            sdc_args.extend(["--tls-dir".into(), issue_tls(dir, "sdc1")?.display().to_string()]);
+        }
         cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, dir, args.detach).await?;
         let url = format!("http://127.0.0.1:{}/health", args.sdc_control_port + 1);
         wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url)).await?;
@@ -770,6 +787,30 @@ pub(crate) async fn ensure_volume(mdm: &MdmClient, args: &UpArgs) -> Result<()> 
     Ok(())
 }
 
+/// The cluster CA of a local cluster (made on first use, in `DIR/tls/ca`).
+fn cluster_ca(dir: &Path) -> Result<pflex_tls::ClusterCa> {
+    let ca_dir = dir.join("tls").join("ca");
+    pflex_tls::ClusterCa::open_or_create(&ca_dir)
+        .with_context(|| format!("cluster CA in {}", ca_dir.display()))
+}
+
+/// The directory of the NBD client certificate `pflex up` issues
+/// (libnbd's and qemu's file names).
+pub fn nbd_client_tls_dir(dir: &Path) -> PathBuf {
+    dir.join("tls").join("nbd-client")
+}
+
+/// Issues (again, on every start) the certificate of component `name`, for
+/// the loopback names, into `DIR/NAME/tls`, and the NBD client certificate.
+fn issue_tls(dir: &Path, name: &str) -> Result<PathBuf> {
+    let ca = cluster_ca(dir)?;
+    let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
+    let node_dir = dir.join(name).join("tls");
+    ca.issue(name, &sans, &node_dir, pflex_tls::Layout::Node)?;
+    ca.issue("nbd-client", &[], &nbd_client_tls_dir(dir), pflex_tls::Layout::NbdClient)?;
+    Ok(node_dir)
+}
+
 fn print_ready(args: &UpArgs) {
     let uri = format!("nbd://127.0.0.1:{}/{}", args.nbd_port, args.volume);
     let dir = args.data_dir.display();
@@ -789,7 +830,7 @@ fn print_ready(args: &UpArgs) {
 
 Try it (in another shell):
   nbdinfo {uri}
-  pflex --data-dir {dir} cluster status
+{tls}  pflex --data-dir {dir} cluster status
   fio --ioengine=nbd --uri={uri} fio-jobs/nbd/randwrite-4k-qd1.fio
 
 A file system through FUSE and a loop device (works without the kernel nbd module):
@@ -805,6 +846,17 @@ back. Ctrl-C stops the cluster; running `pflex up` again reuses its data."#,
         vol = args.volume,
         mdm = args.mdm_port,
         port = args.nbd_port,
+        tls = if args.no_tls {
+            String::new()
+        } else {
+            let certs = nbd_client_tls_dir(&args.data_dir);
+            let certs = certs.display();
+            format!(
+                "  nbdinfo 'nbds://localhost:{port}/{vol}?tls-certificates={certs}'   (TLS, client certificate)\n",
+                port = args.nbd_port,
+                vol = args.volume,
+            )
+        },
     );
 }
 

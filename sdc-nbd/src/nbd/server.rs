@@ -22,6 +22,15 @@
 //! [`ServerConfig::max_total_in_flight_bytes`] of payload, and a WRITE payload
 //! must arrive within [`ServerConfig::payload_timeout`].
 //!
+//! TLS (the NBD spec's "TLS" section): with [`ServerConfig::tls`] set the
+//! server accepts `NBD_OPT_STARTTLS`, answers it, runs the TLS handshake
+//! (client certificates from the cluster CA required) and negotiates again
+//! over TLS, forgetting what was negotiated before. When TLS is *required*
+//! every option but STARTTLS and ABORT is refused with `NBD_REP_ERR_TLS_REQD`
+//! until then, and an `NBD_OPT_EXPORT_NAME` (which has no error reply) closes
+//! the connection: no export is listed, described or served in the clear.
+//! The decision is [`tls_gate`], a pure function.
+//!
 //! Failure scope: anything that breaks the framing (bad magic, unknown
 //! client flags, a stream that ends mid-request) closes that connection and
 //! nothing else. Bad requests that can still be framed (out of range, bad
@@ -70,6 +79,24 @@ pub struct ServerConfig {
     pub max_total_in_flight_bytes: usize,
     /// A WRITE's payload must arrive within this once its header has.
     pub payload_timeout: Duration,
+    /// TLS, when this server offers it.
+    pub tls: Option<NbdTls>,
+}
+
+/// TLS on the NBD server.
+#[derive(Clone)]
+pub struct NbdTls {
+    /// Presents the SDC's certificate and requires a client certificate
+    /// issued by the cluster CA.
+    pub acceptor: pflex_tls::TlsAcceptor,
+    /// Refuse everything but STARTTLS before TLS is on.
+    pub required: bool,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls").field("required", &self.required).finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerConfig {
@@ -82,6 +109,7 @@ impl Default for ServerConfig {
             max_handshakes: 64,
             max_total_in_flight_bytes: 512 << 20,
             payload_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -105,6 +133,16 @@ pub enum ConnectionError {
     TooManySessions,
     #[error("a WRITE payload did not arrive in time")]
     PayloadTimeout,
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("NBD_OPT_EXPORT_NAME without TLS on a server that requires TLS")]
+    TlsRequired,
+}
+
+/// The connection's stream: plain until a STARTTLS, then TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<pflex_tls::ServerTlsStream<TcpStream>>),
 }
 
 /// The NBD server over one backend.
@@ -157,7 +195,7 @@ impl<B: BlockBackend> NbdServer<B> {
     /// Serves one client connection from greeting to close.
     pub async fn handle_connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
     ) -> Result<(), ConnectionError> {
         let _ = stream.set_nodelay(true);
         self.stats.connections_total.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +205,7 @@ impl<B: BlockBackend> NbdServer<B> {
         let negotiated = tokio::select! {
             outcome = tokio::time::timeout(
                 self.config.handshake_timeout,
-                negotiate(&mut stream, &*self.backend),
+                self.handshake(stream),
             ) => outcome.map_err(|_| ConnectionError::HandshakeTimeout).and_then(|r| r),
             _ = &mut handshake_slot.evicted => {
                 self.stats.handshakes_evicted.fetch_add(1, Ordering::Relaxed);
@@ -175,8 +213,8 @@ impl<B: BlockBackend> NbdServer<B> {
             }
         };
         drop(handshake_slot);
-        let session = match negotiated {
-            Ok(Some(session)) => session,
+        let (conn, session) = match negotiated {
+            Ok(Some(done)) => done,
             Ok(None) => return Ok(()),
             Err(e) => {
                 self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
@@ -189,16 +227,61 @@ impl<B: BlockBackend> NbdServer<B> {
             return Err(ConnectionError::TooManySessions);
         };
         tracing::debug!(export = %session.info.name, structured = session.limits.structured_replies,
-                        "NBD transmission phase");
-        self.transmission(stream, session).await
+                        tls = matches!(conn, Conn::Tls(_)), "NBD transmission phase");
+        match conn {
+            Conn::Plain(stream) => {
+                let (read_half, write_half) = stream.into_split();
+                self.transmission(read_half, write_half, session).await
+            }
+            Conn::Tls(stream) => {
+                let (read_half, write_half) = tokio::io::split(*stream);
+                self.transmission(read_half, write_half, session).await
+            }
+        }
     }
 
-    async fn transmission(
+    /// Greeting, option haggling and, if the client asks, the switch to
+    /// TLS; the session, or `None` if the client left without one.
+    async fn handshake(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
+    ) -> Result<Option<(Conn, Session<B::Volume>)>, ConnectionError> {
+        stream.write_all(&proto::greeting()).await?;
+        let mut flags = [0u8; 4];
+        stream.read_exact(&mut flags).await?;
+        let client = proto::parse_client_flags(&flags)?;
+        let mut phase = TlsPhase {
+            offered: self.config.tls.is_some(),
+            required: self.config.tls.as_ref().is_some_and(|t| t.required),
+            active: false,
+        };
+        match negotiate(&mut stream, &*self.backend, client, phase, &self.stats).await? {
+            Negotiated::Session(session) => return Ok(Some((Conn::Plain(stream), session))),
+            Negotiated::Closed => return Ok(None),
+            Negotiated::StartTls => {}
+        }
+        let Some(tls) = &self.config.tls else { return Err(ConnectionError::TlsRequired) };
+        let mut stream = tls.acceptor.accept(stream).await.map_err(ConnectionError::Tls)?;
+        self.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+        phase.active = true;
+        // Everything negotiated in the clear is forgotten (a fresh state).
+        match negotiate(&mut stream, &*self.backend, client, phase, &self.stats).await? {
+            Negotiated::Session(session) => Ok(Some((Conn::Tls(Box::new(stream)), session))),
+            Negotiated::Closed => Ok(None),
+            Negotiated::StartTls => Err(ConnectionError::TooManyOptions),
+        }
+    }
+
+    async fn transmission<R, W>(
+        &self,
+        read_half: R,
+        write_half: W,
         session: Session<B::Volume>,
-    ) -> Result<(), ConnectionError> {
-        let (read_half, write_half) = stream.into_split();
+    ) -> Result<(), ConnectionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut reader = BufReader::with_capacity(128 * 1024, read_half);
         let (tx, rx) = mpsc::unbounded_channel::<ReplyFrame>();
         // Requests executing on this connection (decremented just before
@@ -375,18 +458,67 @@ struct Negotiation {
 
 /// Runs option haggling. `Ok(None)` when the client aborted or asked for
 /// an export that does not exist with EXPORT_NAME (which has no error reply).
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsPhase {
+    /// The server can start TLS.
+    pub offered: bool,
+    /// The server serves nothing before TLS.
+    pub required: bool,
+    /// TLS is on.
+    pub active: bool,
+}
+
+/// What to do with an option, as far as TLS is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsGate {
+    /// Handle it as usual.
+    Proceed,
+    /// Answer with this error reply (type, message) and go on.
+    Refuse(u32, &'static str),
+    /// Close the connection (an EXPORT_NAME has no error reply).
+    Close,
+    /// Acknowledge, then run the TLS handshake.
+    StartTls,
+}
+
+/// Decides an option under the spec's TLS rules.
+pub fn tls_gate(phase: TlsPhase, option: &ClientOption) -> TlsGate {
+    match option {
+        ClientOption::StartTls if phase.active => {
+            TlsGate::Refuse(rep::ERR_INVALID, "TLS is already on")
+        }
+        ClientOption::StartTls if !phase.offered => {
+            TlsGate::Refuse(rep::ERR_POLICY, "TLS is not available on this server")
+        }
+        ClientOption::StartTls => TlsGate::StartTls,
+        _ if phase.active || !phase.required => TlsGate::Proceed,
+        ClientOption::Abort => TlsGate::Proceed,
+        ClientOption::ExportName(_) => TlsGate::Close,
+        _ => TlsGate::Refuse(rep::ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS"),
+    }
+}
+
+/// How one round of option haggling ended.
+enum Negotiated<V> {
+    Session(Session<V>),
+    /// The client left (ABORT, or an unknown EXPORT_NAME).
+    Closed,
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
 async fn negotiate<S, B>(
     stream: &mut S,
     backend: &B,
-) -> Result<Option<Session<B::Volume>>, ConnectionError>
+    client: proto::ClientFlags,
+    tls: TlsPhase,
+    stats: &NbdStats,
+) -> Result<Negotiated<B::Volume>, ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     B: BlockBackend,
 {
-    stream.write_all(&proto::greeting()).await?;
-    let mut flags = [0u8; 4];
-    stream.read_exact(&mut flags).await?;
-    let client = proto::parse_client_flags(&flags)?;
     let mut state = Negotiation::default();
     for _ in 0..MAX_OPTIONS {
         let mut header = [0u8; proto::OPTION_HEADER_LEN];
@@ -408,11 +540,30 @@ where
                 continue;
             }
         };
+        match tls_gate(tls, &parsed) {
+            TlsGate::Proceed => {}
+            TlsGate::Refuse(reply, message) => {
+                if reply == rep::ERR_TLS_REQD {
+                    stats.tls_required_refusals.fetch_add(1, Ordering::Relaxed);
+                }
+                stream.write_all(&proto::option_reply(option, reply, message.as_bytes())).await?;
+                continue;
+            }
+            TlsGate::Close => {
+                stats.tls_required_refusals.fetch_add(1, Ordering::Relaxed);
+                return Err(ConnectionError::TlsRequired);
+            }
+            TlsGate::StartTls => {
+                stream.write_all(&proto::option_reply(option, rep::ACK, &[])).await?;
+                stream.flush().await?;
+                return Ok(Negotiated::StartTls);
+            }
+        }
         match parsed {
             ClientOption::ExportName(name) => {
                 let Some(volume) = backend.open(&name).await else {
                     tracing::debug!(%name, "EXPORT_NAME for an unknown export");
-                    return Ok(None);
+                    return Ok(Negotiated::Closed);
                 };
                 let info = volume.info();
                 let flags = transmission_flags(&info, state.structured);
@@ -421,12 +572,17 @@ where
                     .await?;
                 let block_status = state.meta_export.as_deref() == Some(info.name.as_str())
                     || (state.meta_export.as_deref() == Some(name.as_str()));
-                return Ok(Some(new_session(volume, info, state.structured, block_status)));
+                return Ok(Negotiated::Session(new_session(
+                    volume,
+                    info,
+                    state.structured,
+                    block_status,
+                )));
             }
             ClientOption::Abort => {
                 // The client may already have closed; the ACK is a courtesy.
                 let _ = stream.write_all(&proto::option_reply(option, rep::ACK, &[])).await;
-                return Ok(None);
+                return Ok(Negotiated::Closed);
             }
             ClientOption::List => {
                 let mut out = Vec::new();
@@ -440,15 +596,8 @@ where
                 out.extend(proto::option_reply(option, rep::ACK, &[]));
                 stream.write_all(&out).await?;
             }
-            ClientOption::StartTls => {
-                stream
-                    .write_all(&proto::option_reply(
-                        option,
-                        rep::ERR_POLICY,
-                        b"TLS is not available on this server",
-                    ))
-                    .await?;
-            }
+            // Answered by `tls_gate` above, never handled here.
+            ClientOption::StartTls => {}
             ClientOption::StructuredReply => {
                 state.structured = true;
                 stream.write_all(&proto::option_reply(option, rep::ACK, &[])).await?;
@@ -491,7 +640,12 @@ where
                 if go {
                     let block_status = matches!(state.meta_export.as_deref(),
                         Some(m) if m == req.export || m == info.name);
-                    return Ok(Some(new_session(volume, info, state.structured, block_status)));
+                    return Ok(Negotiated::Session(new_session(
+                        volume,
+                        info,
+                        state.structured,
+                        block_status,
+                    )));
                 }
             }
             ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
@@ -610,8 +764,8 @@ impl ReplyFrame {
 
 /// Writes replies in the order they complete; batches what is queued
 /// into one flush.
-async fn write_replies(
-    write_half: tokio::net::tcp::OwnedWriteHalf,
+async fn write_replies<W: AsyncWrite + Unpin>(
+    write_half: W,
     mut rx: mpsc::UnboundedReceiver<ReplyFrame>,
     in_flight: Arc<AtomicUsize>,
 ) -> std::io::Result<()> {

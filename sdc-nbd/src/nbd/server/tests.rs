@@ -593,3 +593,42 @@ async fn a_client_that_stops_reading_replies_stops_being_served() {
     }
     assert_eq!(stats.command(Command::Read).unwrap().ops(), total);
 }
+
+/// The spec's TLS rules as a table: (offered, required, active), option,
+/// what the server does.
+#[test]
+fn tls_gate_follows_the_spec() {
+    let phase = |offered, required, active| TlsPhase { offered, required, active };
+    let export = || ClientOption::ExportName("vol1".into());
+    let go = || ClientOption::Go(proto::InfoRequest { export: "vol1".into(), requests: vec![] });
+    let tls_reqd = TlsGate::Refuse(rep::ERR_TLS_REQD, "");
+    let cases: Vec<(TlsPhase, ClientOption, TlsGate)> = vec![
+        // No TLS on this server: STARTTLS is refused, the rest proceeds.
+        (phase(false, false, false), ClientOption::StartTls, TlsGate::Refuse(rep::ERR_POLICY, "")),
+        (phase(false, false, false), go(), TlsGate::Proceed),
+        (phase(false, false, false), export(), TlsGate::Proceed),
+        // Offered: both ways work.
+        (phase(true, false, false), ClientOption::StartTls, TlsGate::StartTls),
+        (phase(true, false, false), go(), TlsGate::Proceed),
+        (phase(true, false, false), ClientOption::List, TlsGate::Proceed),
+        // Required, before STARTTLS: nothing but STARTTLS and ABORT.
+        (phase(true, true, false), ClientOption::StartTls, TlsGate::StartTls),
+        (phase(true, true, false), ClientOption::Abort, TlsGate::Proceed),
+        (phase(true, true, false), go(), tls_reqd),
+        (phase(true, true, false), ClientOption::List, tls_reqd),
+        (phase(true, true, false), ClientOption::StructuredReply, tls_reqd),
+        (phase(true, true, false), export(), TlsGate::Close),
+        // TLS on: everything proceeds, a second STARTTLS is invalid.
+        (phase(true, true, true), go(), TlsGate::Proceed),
+        (phase(true, true, true), export(), TlsGate::Proceed),
+        (phase(true, true, true), ClientOption::StartTls, TlsGate::Refuse(rep::ERR_INVALID, "")),
+    ];
+    for (phase, option, expected) in cases {
+        let got = tls_gate(phase, &option);
+        let same = match (got, expected) {
+            (TlsGate::Refuse(a, _), TlsGate::Refuse(b, _)) => a == b,
+            (a, b) => a == b,
+        };
+        assert!(same, "{phase:?} {option:?}: got {got:?}, expected {expected:?}");
+    }
+}
