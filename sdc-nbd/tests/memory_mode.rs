@@ -89,3 +89,74 @@ fn plain_nbd_on_a_non_loopback_address_needs_insecure() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// Many clients each send a 32 MiB WRITE and all of its payload but the
+/// last block, then stall: without a server-wide cap the SDC would hold
+/// every payload (48 × 32 MiB = 1.5 GiB); `--max-in-flight-total 64M` keeps
+/// its memory for client data under 64 MiB, the other connections wait
+/// before their payload is read (it stays in the kernel's socket buffers).
+#[test]
+fn stalled_writes_cannot_grow_the_sdc_past_its_payload_cap() {
+    const CAP: u64 = 64 << 20;
+    const CLIENTS: usize = 48;
+    const LEN: u32 = 32 << 20;
+    let port = free_port();
+    let child = Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
+        .args(["--memory-export", "scratch:64M", "--max-in-flight-total", "64M"])
+        .arg("--nbd-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sdc = Killed(child);
+    let pid = sdc.0.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sdc did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = rss(pid);
+    let senders: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut client = common::NbdClient::open(port, "scratch");
+                client.s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut request = 0x2560_9513u32.to_be_bytes().to_vec();
+                request.extend_from_slice(&0u16.to_be_bytes()); // flags
+                request.extend_from_slice(&1u16.to_be_bytes()); // WRITE
+                request.extend_from_slice(&(i as u64).to_be_bytes()); // cookie
+                request.extend_from_slice(&0u64.to_be_bytes()); // offset
+                request.extend_from_slice(&LEN.to_be_bytes());
+                let payload = vec![0xa5u8; LEN as usize - 4096];
+                let sent = client.s.write_all(&request).and_then(|()| client.s.write_all(&payload));
+                // Kept open (stalled) until the measurement is done.
+                (client, sent.is_ok())
+            })
+        })
+        .collect();
+    let held: Vec<_> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    let completed = held.iter().filter(|(_, sent)| *sent).count();
+    let grown = rss(pid).saturating_sub(before);
+    assert!(
+        grown < CAP + (32 << 20),
+        "the SDC grew by {} MiB holding stalled payloads ({completed} of {CLIENTS} clients sent \
+         theirs whole), over its 64 MiB cap",
+        grown >> 20
+    );
+    // Most clients were made to wait: the cap, not a lack of senders, bounded it.
+    assert!(completed < CLIENTS / 2, "{completed} of {CLIENTS} payloads were taken in");
+    drop(held);
+}

@@ -14,7 +14,10 @@
 //!   layout libnbd (`tls-certificates=DIR`) and qemu (`tls-creds-x509,dir=DIR`)
 //!   read, so one directory serves `nbdinfo`, `nbdcopy`, `qemu-io` and `fio`;
 //! - the CA itself: `ca-cert.pem` and `ca-key.pem` (the only key that can
-//!   make new certificates; kept 0600 in a 0700 directory).
+//!   make new certificates).
+//!
+//! Every file is written 0600 in a 0700 directory, certificates included
+//! (they are not secret, but a data dir holds nothing others can read).
 //!
 //! The key algorithm is ECDSA P-256 (rcgen's default), accepted by rustls,
 //! GnuTLS (libnbd, qemu, nbd-client) and OpenSSL alike.
@@ -120,7 +123,7 @@ impl ClusterCa {
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         write_new(&dir.join(CA_KEY), key.serialize_pem().as_bytes(), 0o600)?;
-        write_new(&dir.join(CA_CERT), cert_pem.as_bytes(), 0o644)?;
+        write_new(&dir.join(CA_CERT), cert_pem.as_bytes(), 0o600)?;
         Ok(ClusterCa { issuer: Issuer::new(ca_params(), key), cert_pem })
     }
 
@@ -179,8 +182,8 @@ impl ClusterCa {
         let cert = params.signed_by(&key, &self.issuer)?;
         let (cert_file, key_file) = layout.files();
         write_replacing(&dir.join(key_file), key.serialize_pem().as_bytes(), 0o600)?;
-        write_replacing(&dir.join(cert_file), cert.pem().as_bytes(), 0o644)?;
-        write_replacing(&dir.join(CA_CERT), self.cert_pem.as_bytes(), 0o644)?;
+        write_replacing(&dir.join(cert_file), cert.pem().as_bytes(), 0o600)?;
+        write_replacing(&dir.join(CA_CERT), self.cert_pem.as_bytes(), 0o600)?;
         Ok(())
     }
 }

@@ -124,11 +124,19 @@ pub(crate) fn parse_dir(v: &serde_json::Value) -> Option<Figures> {
 
 async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>, Option<Figures>)> {
     let mut args = target_args.to_vec();
-    args.push(job.display().to_string());
     let doc = match args.first().map(String::as_str) {
-        // A launcher prefix (see `TlsFioHome`): the program comes first.
-        Some("setpriv") => fio_json_via(&args[0], &args[1..]).await?,
-        _ => fio_json(&args).await?,
+        // A launcher (see `tls_fio_launcher`): the program comes first, and
+        // the job goes through stdin, since fio's user may not be able to
+        // read the checkout.
+        Some("setpriv") => {
+            let text = std::fs::read(job).with_context(|| format!("reading {}", job.display()))?;
+            args.push("-".into());
+            fio_json_via(&args[0], &args[1..], Some(text)).await?
+        }
+        _ => {
+            args.push(job.display().to_string());
+            fio_json(&args).await?
+        }
     };
     let j = doc.pointer("/jobs/0").context("fio JSON has no job")?;
     Ok((j.get("read").and_then(parse_dir), j.get("write").and_then(parse_dir)))
@@ -137,19 +145,35 @@ async fn run_fio(job: &Path, target_args: &[String]) -> Result<(Option<Figures>,
 /// Runs fio with `args` and JSON output; its document, or why it failed
 /// (an exit status, or a job's error).
 pub(crate) async fn fio_json(args: &[String]) -> Result<serde_json::Value> {
-    fio_json_via("fio", args).await
+    fio_json_via("fio", args, None).await
 }
 
 /// [`fio_json`] through `program` (fio itself, or a launcher whose
 /// arguments end by naming fio).
-async fn fio_json_via(program: &str, args: &[String]) -> Result<serde_json::Value> {
-    let out = tokio::process::Command::new(program)
+async fn fio_json_via(
+    program: &str,
+    args: &[String],
+    stdin: Option<Vec<u8>>,
+) -> Result<serde_json::Value> {
+    use tokio::io::AsyncWriteExt;
+    let mut command = tokio::process::Command::new(program);
+    if stdin.is_some() {
+        // The job comes through stdin; the working directory may not be
+        // readable by fio's user.
+        command.current_dir("/");
+    }
+    let mut child = command
         .args(args)
         .arg("--output-format=json")
-        .stdin(Stdio::null())
-        .output()
-        .await
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running fio")?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(&text).await.context("writing the job to fio")?;
+    }
+    let out = child.wait_with_output().await.context("running fio")?;
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print warnings before the JSON document.
     let start = text.find('{').unwrap_or(0);
