@@ -10,6 +10,8 @@
 #   --accel MODE      kvm, tcg, or auto (default): KVM when a probe guest really boots under it
 #   --timeout SECS    stop the guest after SECS seconds (exit status 124)
 #   --memory MIB      guest memory (default 1024)   --cpus N   guest CPUs (default 2)
+#   --initrd FILE     boot this initramfs instead of the built one (for example the built one
+#                     with an extra archive appended, which the kernel unpacks over it)
 #
 # The QEMU process replaces this script (exec), so its PID is the PID this script was started
 # with; the guest powers itself off when its test ends.
@@ -27,6 +29,7 @@ timeout_secs=
 memory=1024
 cpus=2
 extra_qemu=()
+initrd_override=
 while (($#)); do
   case $1 in
     --test) test_name=$2 && shift 2 ;;
@@ -36,6 +39,7 @@ while (($#)); do
     --timeout) timeout_secs=$2 && shift 2 ;;
     --memory) memory=$2 && shift 2 ;;
     --cpus) cpus=$2 && shift 2 ;;
+    --initrd) initrd_override=$2 && shift 2 ;;
     --)
       shift
       extra_qemu=("$@")
@@ -54,6 +58,7 @@ initramfs=$BUILD_DIR/initramfs.img
 if [ ! -s "$kernel" ] || [ ! -s "$initramfs" ]; then
   die "no guest built yet: run vm-images/build-guest.sh"
 fi
+[ -z "$initrd_override" ] || initramfs=$initrd_override
 have qemu-system-x86_64 || die "qemu-system-x86_64 is missing (vm-images/run-tests.sh installs it)"
 
 if [ "$accel" = auto ]; then

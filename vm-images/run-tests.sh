@@ -11,6 +11,8 @@
 #                     test's files must still match, and it adds its own
 #   host-verify       the host reads the volume through nbdfuse + a loop device and finds both
 #                     trees with the checksums the guests printed
+#   kernel-nbd-tls    (pflex) the same over TLS: nbd-client -certfile/-keyfile/-cacertfile with the
+#                     NBD client certificate `pflex up` issued; the SDC must count a TLS session
 #   kernel-nbd-bench  (PFLEX_VM_BENCH=1) the fio-jobs/blockdev benchmarks on the region past the
 #                     file system, PFLEX_FIO_SECONDS each
 # and prints "PASS|FAIL name (Ns)" per test. Console logs, server logs and the request summary
@@ -362,6 +364,29 @@ if $b4096_ok; then
   fi
 else
   record FAIL host-verify 0 "not run: no file system was written"
+fi
+
+# --- 4b. NBD over TLS (pflex): nbd-client starts TLS with the client certificate `pflex up` issued,
+# given to the guest in an archive appended to its initramfs; the SDC must count a TLS session.
+if [ "$SERVER_KIND" = pflex ] && $b4096_ok; then
+  tls_root=$WORK_DIR/tls-initrd
+  mkdir -p "$tls_root/etc/pflex-tls"
+  for f in ca-cert.pem client-cert.pem client-key.pem; do
+    cp "$WORK_DIR/pflex-data/tls/nbd-client/$f" "$tls_root/etc/pflex-tls/"
+  done
+  (cd "$tls_root" && find . | cpio -o -H newc --quiet) >"$WORK_DIR/tls.cpio"
+  cat "$BUILD_DIR/initramfs.img" "$WORK_DIR/tls.cpio" >"$WORK_DIR/initramfs-tls.img"
+  if run_guest kernel-nbd-tls "modules network nbd-connect mount check-b4096 ${fs_steps#nbd-connect mount }" \
+    --test nbd-ext4 --initrd "$WORK_DIR/initramfs-tls.img" "${common[@]}" --set tls=1 \
+    --set block=4096 --set conns=1 --set mkfs=0 --set tree=tls --set check_tree=b4096; then
+    tls_sessions=$(sed -n 's/^pflex_sdc_nbd_tls_sessions_total //p' \
+      "$ARTIFACTS_DIR/kernel-nbd-tls.sdc-metrics.txt" 2>/dev/null)
+    if [ "${tls_sessions:-0}" -lt 1 ]; then
+      record FAIL kernel-nbd-tls-counted 0 "the SDC counted no TLS session (${tls_sessions:-none})"
+    else
+      record PASS kernel-nbd-tls-counted 0
+    fi
+  fi
 fi
 
 # --- 5. Benchmarks (optional). ------------------------------------------------------------------

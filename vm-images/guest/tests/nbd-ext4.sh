@@ -29,8 +29,18 @@ DEV=/dev/nbd0
 MNT=/mnt/pflex
 JOBS=/usr/share/pflex/fio-jobs
 
+TLS=${PFLEX_TLS:-0}
+# With PFLEX_TLS=1 nbd-client starts TLS (STARTTLS, x509) with the NBD client certificate the host
+# put in /etc/pflex-tls (an extra initramfs archive); the SDC's certificate names localhost.
+TLS_DIR=/etc/pflex-tls
+
 connect() {
-  /usr/sbin/nbd-client "$SERVER" "$PORT" "$DEV" -N "$EXPORT" -b "$BLOCK" -C "$CONNS" || return 1
+  set -- "$SERVER" "$PORT" "$DEV" -N "$EXPORT" -b "$BLOCK" -C "$CONNS"
+  if [ "$TLS" = 1 ]; then
+    set -- "$@" -cacertfile "$TLS_DIR/ca-cert.pem" -certfile "$TLS_DIR/client-cert.pem" \
+      -keyfile "$TLS_DIR/client-key.pem" -tlshostname localhost
+  fi
+  /usr/sbin/nbd-client "$@" || return 1
   # The size appears once the kernel has the device configured (up to 30 s on a busy host).
   tries=0
   while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
