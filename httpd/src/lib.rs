@@ -7,6 +7,9 @@
 //!   idle sockets cannot keep out heartbeats, probes or an operator.
 //! - A request's headers must arrive within [`Limits::header_read_timeout`].
 //! - Each request carries the peer address as axum's `ConnectInfo`.
+//! - With a TLS acceptor (the node's certificate from the cluster CA) the
+//!   listener speaks HTTPS only; the TLS handshake must also finish within
+//!   the header-read timeout, and a plain request gets no answer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +19,7 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+pub use pflex_tls::TlsAcceptor;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -38,11 +42,16 @@ pub struct HttpCounters {
     pub connections: AtomicU64,
     /// Connections closed to make room (see [`Limits::max_connections`]).
     pub evicted: AtomicU64,
+    /// TLS handshakes that failed or did not finish in time.
+    pub tls_failures: AtomicU64,
 }
 
 /// The counters of every listener of this process.
-pub static COUNTERS: HttpCounters =
-    HttpCounters { connections: AtomicU64::new(0), evicted: AtomicU64::new(0) };
+pub static COUNTERS: HttpCounters = HttpCounters {
+    connections: AtomicU64::new(0),
+    evicted: AtomicU64::new(0),
+    tls_failures: AtomicU64::new(0),
+};
 
 /// Appends the counters in Prometheus text, named `{prefix}_http_...`.
 pub fn render_metrics(prefix: &str, out: &mut String) {
@@ -54,6 +63,11 @@ pub fn render_metrics(prefix: &str, out: &mut String) {
             "HTTP connections closed to make room for new ones (idle ones first).",
             &COUNTERS.evicted,
         ),
+        (
+            "tls_failures_total",
+            "HTTPS connections whose TLS handshake failed or did not finish in time.",
+            &COUNTERS.tls_failures,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {prefix}_http_{name} {help}");
         let _ = writeln!(out, "# TYPE {prefix}_http_{name} counter");
@@ -61,11 +75,20 @@ pub fn render_metrics(prefix: &str, out: &mut String) {
     }
 }
 
-/// Serves `router` on `listener` with `limits` until `shutdown` resolves.
+/// The HTTPS acceptor of a node whose TLS files (`ca-cert.pem`, `cert.pem`,
+/// `key.pem`) are in `dir`, its `--tls-dir`. Clients are not asked for
+/// certificates: every API call carries its own bearer credential.
+pub fn tls_acceptor(dir: &std::path::Path) -> Result<TlsAcceptor, pflex_tls::TlsError> {
+    pflex_tls::NodeTls::new(dir).acceptor(pflex_tls::ClientAuth::None)
+}
+
+/// Serves `router` on `listener` with `limits` (over TLS when `tls` is
+/// given) until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let counters = &COUNTERS;
@@ -89,6 +112,7 @@ pub async fn serve(
         let mut slot = slots.admit();
         let activity = slot.handle();
         let router = router.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(
                 move |request: hyper::Request<hyper::body::Incoming>| {
@@ -105,16 +129,59 @@ pub async fn serve(
             );
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = &mut slot.evicted => {
-                    counters.evicted.fetch_add(1, Ordering::Relaxed);
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+            match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    run_connection(connection, &mut slot.evicted, counters).await;
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    let stream = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        },
+                        _ = &mut slot.evicted => {
+                            counters.evicted.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    run_connection(connection, &mut slot.evicted, counters).await;
                 }
             }
         });
+    }
+}
+
+/// Drives one HTTP connection until it ends or its slot is taken (then
+/// closes it gracefully, within 5 s).
+async fn run_connection<I, S>(
+    connection: hyper::server::conn::http1::Connection<I, S>,
+    evicted: &mut tokio::sync::oneshot::Receiver<()>,
+    counters: &HttpCounters,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = evicted => {
+            counters.evicted.fetch_add(1, Ordering::Relaxed);
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
     }
 }

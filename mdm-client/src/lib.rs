@@ -11,6 +11,7 @@
 //! `Display`: a `&str`, a `String` or a `u64`); the MDM resolves either.
 
 mod enrollment;
+pub mod trust;
 
 pub use enrollment::{Enrollment, EnrollmentError, CREDENTIAL_FILE};
 
@@ -112,12 +113,12 @@ impl MdmClient {
         let base =
             Url::parse(base_url.trim_end_matches('/')).map_err(|e| invalid(e.to_string()))?;
         if base.scheme() != "http" && base.scheme() != "https" {
-            return Err(invalid("scheme must be http".into()));
+            return Err(invalid("scheme must be http or https".into()));
         }
         if base.cannot_be_a_base() {
             return Err(invalid("not a base URL".into()));
         }
-        let http = reqwest::Client::builder()
+        let http = trust::http_client_builder()
             .timeout(timeout)
             .build()
             .map_err(|e| invalid(e.to_string()))?;

@@ -14,6 +14,11 @@ pub struct MdmConfig {
     #[arg(long, default_value = "127.0.0.1:8001")]
     pub listen: SocketAddr,
 
+    /// Directory of this node's TLS files (`ca-cert.pem`, `cert.pem`, `key.pem`
+    /// from the cluster CA): the API is then served over HTTPS only.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+
     /// Directory of the MDM's state: powerflex.db, cluster_secret and
     /// admin_token (both created 0600 on first boot).
     #[arg(long, default_value = "./mdm-data")]

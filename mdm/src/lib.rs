@@ -189,6 +189,7 @@ async fn monitor(state: Arc<AppState>) {
 pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
     let join_key = config.resolve_join_key()?;
     let Prepared { state } = prepare(&config, join_key.as_deref())?;
+    let tls = config.tls_dir.as_deref().map(pflex_httpd::tls_acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -198,6 +199,7 @@ pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
         listener,
         http::router(state),
         pflex_httpd::Limits::default(),
+        tls,
         shutdown_signal(),
     )
     .await;

@@ -7,6 +7,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
+use crate::accounts::{self, Role};
+
 /// Errors of the dashboard's database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -16,7 +18,8 @@ pub enum DbError {
     Io(#[from] std::io::Error),
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE,
     salt TEXT NOT NULL, password_hash TEXT NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE sessions (token_hash TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id),
@@ -32,12 +35,46 @@ CREATE TABLE monitoring_data (id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kind 
 CREATE TABLE component_monitor (name TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,
     last_poll INTEGER NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE mgmt_config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"#];
+"#,
+    r#"
+ALTER TABLE users ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE sessions ADD COLUMN csrf TEXT NOT NULL DEFAULT '';
+ALTER TABLE sessions ADD COLUMN last_seen INTEGER NOT NULL DEFAULT 0;
+DELETE FROM sessions;
+"#,
+];
 
 /// Monitoring samples kept (older ones are pruned at each insert).
 const MONITORING_ROWS_KEPT: i64 = 5000;
-/// Dashboard sessions last this long.
+/// Dashboard sessions last at most this long.
 pub const SESSION_SECS: u64 = 12 * 3600;
+/// A session not used for this long ends.
+pub const SESSION_IDLE_SECS: u64 = 30 * 60;
+
+/// What a login needs to check a password (off the database lock).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub user_id: i64,
+    pub password_hash: String,
+    pub legacy_salt: String,
+}
+
+/// A live session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: i64,
+    pub username: String,
+    pub role: Role,
+    /// The token every form of this session must carry.
+    pub csrf: String,
+}
+
+/// A user as listed to admins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub username: String,
+    pub role: Role,
+}
 
 /// One alert as shown on the dashboard.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -57,15 +94,6 @@ pub struct MgmtDb {
 
 fn now() -> u64 {
     pflex_proto::unix_now()
-}
-
-/// Salted, iterated SHA-256 (100 000 rounds): slows down guessing from a stolen mgmt.db.
-fn hash_password(salt: &str, password: &str) -> String {
-    let mut h: [u8; 32] = Sha256::digest(format!("{salt}:{password}")).into();
-    for _ in 0..100_000 {
-        h = Sha256::digest(h).into();
-    }
-    hex::encode(h)
 }
 
 fn hash_token(token: &str) -> String {
@@ -101,7 +129,6 @@ impl MgmtDb {
             return Ok(());
         }
         let password = hex::encode(pflex_proto::random_bytes::<12>());
-        let salt = hex::encode(pflex_proto::random_bytes::<16>());
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -110,48 +137,133 @@ impl MgmtDb {
             .open(password_file)?;
         use std::io::Write;
         writeln!(f, "{password}")?;
-        self.conn.execute(
-            "INSERT INTO users (username, salt, password_hash, created_at) VALUES ('admin', ?1, ?2, ?3)",
-            params![salt, hash_password(&salt, &password), now() as i64],
-        )?;
+        self.add_user("admin", Role::Admin, &accounts::hash_password(&password))?;
         Ok(())
     }
 
-    /// Checks a login; on success returns a new session token.
-    pub fn login(&self, username: &str, password: &str) -> Result<Option<String>, DbError> {
-        let row: Option<(i64, String, String)> = self
-            .conn
-            .query_row(
-                "SELECT id, salt, password_hash FROM users WHERE username = ?1",
-                [username],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let Some((user_id, salt, stored)) = row else { return Ok(None) };
-        if hash_password(&salt, password) != stored {
-            return Ok(None);
-        }
-        let token = hex::encode(pflex_proto::random_bytes::<24>());
-        let t = now();
-        self.conn.execute("DELETE FROM sessions WHERE expires_at < ?1", [t as i64])?;
-        self.conn.execute(
-            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![hash_token(&token), user_id, t as i64, (t + SESSION_SECS) as i64],
+    /// Adds a user with an already hashed password; `false` if the name is taken.
+    pub fn add_user(
+        &self,
+        username: &str,
+        role: Role,
+        password_hash: &str,
+    ) -> Result<bool, DbError> {
+        let added = self.conn.execute(
+            "INSERT INTO users (username, salt, password_hash, created_at, role)
+             VALUES (?1, '', ?2, ?3, ?4) ON CONFLICT(username) DO NOTHING",
+            params![username, password_hash, now() as i64, role.as_str()],
         )?;
-        Ok(Some(token))
+        Ok(added == 1)
     }
 
-    /// The user name of a live session.
-    pub fn session_user(&self, token: &str) -> Result<Option<String>, DbError> {
+    /// Every user, by name.
+    pub fn users(&self) -> Result<Vec<User>, DbError> {
+        let mut st = self.conn.prepare("SELECT username, role FROM users ORDER BY username")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut users = Vec::new();
+        for row in rows {
+            let (username, role) = row?;
+            users.push(User { username, role: Role::parse(&role).unwrap_or(Role::Monitor) });
+        }
+        Ok(users)
+    }
+
+    /// The stored hash of `username`, if that user exists.
+    pub fn credentials(&self, username: &str) -> Result<Option<Credentials>, DbError> {
         Ok(self
             .conn
             .query_row(
-                "SELECT u.username FROM sessions s JOIN users u ON u.id = s.user_id
-                 WHERE s.token_hash = ?1 AND s.expires_at > ?2",
-                params![hash_token(token), now() as i64],
-                |r| r.get(0),
+                "SELECT id, password_hash, salt FROM users WHERE username = ?1",
+                [username],
+                |r| {
+                    Ok(Credentials {
+                        user_id: r.get(0)?,
+                        password_hash: r.get(1)?,
+                        legacy_salt: r.get(2)?,
+                    })
+                },
             )
             .optional()?)
+    }
+
+    /// The stored hash of a user, by id.
+    pub fn credentials_of(&self, user_id: i64) -> Result<Option<Credentials>, DbError> {
+        Ok(self
+            .conn
+            .query_row("SELECT id, password_hash, salt FROM users WHERE id = ?1", [user_id], |r| {
+                Ok(Credentials {
+                    user_id: r.get(0)?,
+                    password_hash: r.get(1)?,
+                    legacy_salt: r.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Replaces a user's password hash and ends all of its sessions.
+    pub fn set_password_hash(&self, user_id: i64, password_hash: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE users SET password_hash = ?1, salt = '' WHERE id = ?2",
+            params![password_hash, user_id],
+        )?;
+        self.conn.execute("DELETE FROM sessions WHERE user_id = ?1", [user_id])?;
+        Ok(())
+    }
+
+    /// Starts a session for a user whose password was checked; its token.
+    pub fn create_session(&self, user_id: i64) -> Result<String, DbError> {
+        let token = hex::encode(pflex_proto::random_bytes::<24>());
+        let csrf = hex::encode(pflex_proto::random_bytes::<16>());
+        let t = now() as i64;
+        self.conn.execute(
+            "DELETE FROM sessions WHERE expires_at < ?1 OR last_seen < ?2",
+            params![t, t - SESSION_IDLE_SECS as i64],
+        )?;
+        self.conn.execute(
+            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at, csrf, last_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?3)",
+            params![hash_token(&token), user_id, t, t + SESSION_SECS as i64, csrf],
+        )?;
+        Ok(token)
+    }
+
+    /// The live session of `token` (not past its end, used within the idle
+    /// limit), marked as used now.
+    pub fn session(&self, token: &str) -> Result<Option<Session>, DbError> {
+        let t = now() as i64;
+        let found = self
+            .conn
+            .query_row(
+                "SELECT u.id, u.username, u.role, s.csrf FROM sessions s JOIN users u ON u.id = s.user_id
+                 WHERE s.token_hash = ?1 AND s.expires_at > ?2 AND s.last_seen > ?3",
+                params![hash_token(token), t, t - SESSION_IDLE_SECS as i64],
+                |r| {
+                    Ok(Session {
+                        user_id: r.get(0)?,
+                        username: r.get(1)?,
+                        role: Role::parse(&r.get::<_, String>(2)?).unwrap_or(Role::Monitor),
+                        csrf: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?;
+        if found.is_some() {
+            self.conn.execute(
+                "UPDATE sessions SET last_seen = ?1 WHERE token_hash = ?2",
+                params![t, hash_token(token)],
+            )?;
+        }
+        Ok(found)
+    }
+
+    /// Moves a session's last use back by `secs` (tests of the idle limit).
+    #[cfg(test)]
+    pub fn age_session(&self, token: &str, secs: u64) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE sessions SET last_seen = last_seen - ?1 WHERE token_hash = ?2",
+            params![secs as i64, hash_token(token)],
+        )?;
+        Ok(())
     }
 
     pub fn logout(&self, token: &str) -> Result<(), DbError> {
@@ -284,19 +396,38 @@ mod tests {
     }
 
     #[test]
-    fn login_and_sessions() {
-        let dir = std::env::temp_dir().join(format!("pflex-mgmt-login-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = MgmtDb::open(&dir.join("mgmt.db")).unwrap();
-        db.ensure_admin(&dir.join("admin_password")).unwrap();
-        let pw = std::fs::read_to_string(dir.join("admin_password")).unwrap();
-        assert!(db.login("admin", "wrong").unwrap().is_none());
-        assert!(db.login("nobody", pw.trim()).unwrap().is_none());
-        let token = db.login("admin", pw.trim()).unwrap().expect("login");
-        assert_eq!(db.session_user(&token).unwrap().as_deref(), Some("admin"));
-        assert!(db.session_user("forged").unwrap().is_none());
+    fn sessions_and_idle_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = MgmtDb::open(&dir.path().join("mgmt.db")).unwrap();
+        db.ensure_admin(&dir.path().join("admin_password")).unwrap();
+        let pw = std::fs::read_to_string(dir.path().join("admin_password")).unwrap();
+        let creds = db.credentials("admin").unwrap().expect("admin exists");
+        assert!(creds.password_hash.starts_with("$argon2id$"));
+        assert!(accounts::verify_password(&creds.password_hash, &creds.legacy_salt, pw.trim()));
+        assert!(db.credentials("nobody").unwrap().is_none());
+        let token = db.create_session(creds.user_id).unwrap();
+        let session = db.session(&token).unwrap().expect("live");
+        assert_eq!((session.username.as_str(), session.role), ("admin", Role::Admin));
+        assert_eq!(session.csrf.len(), 32);
+        assert!(db.session("forged").unwrap().is_none());
+        db.age_session(&token, SESSION_IDLE_SECS + 1).unwrap();
+        assert!(db.session(&token).unwrap().is_none(), "idle too long");
+        let token = db.create_session(creds.user_id).unwrap();
         db.logout(&token).unwrap();
-        assert!(db.session_user(&token).unwrap().is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(db.session(&token).unwrap().is_none());
+        let token = db.create_session(creds.user_id).unwrap();
+        db.set_password_hash(creds.user_id, &accounts::hash_password("another password")).unwrap();
+        assert!(db.session(&token).unwrap().is_none(), "a new password ends the sessions");
+        assert!(db
+            .add_user("ops", Role::Monitor, &accounts::hash_password("ops password 1"))
+            .unwrap());
+        assert!(!db.add_user("ops", Role::Admin, "x").unwrap(), "names are unique");
+        assert_eq!(
+            db.users().unwrap(),
+            vec![
+                User { username: "admin".into(), role: Role::Admin },
+                User { username: "ops".into(), role: Role::Monitor },
+            ]
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! sessions in `mgmt.db`; an `admin` user with a random password written to
 //! `<data-dir>/admin_password` on first boot).
 
+pub mod accounts;
 pub mod db;
 pub mod poller;
 pub mod web;
@@ -48,6 +49,11 @@ pub struct Config {
     /// Seconds between polls of the MDM and the components.
     #[arg(long, default_value_t = 10)]
     pub poll_interval_secs: u64,
+    /// Directory of this node's TLS files (`ca-cert.pem`, `cert.pem`, `key.pem`
+    /// from the cluster CA): the dashboard is then served over HTTPS only, and
+    /// the MDM and the components are reached over HTTPS trusting that CA alone.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// State shared by the poller and the web handlers.
@@ -57,33 +63,49 @@ pub struct Shared {
     pub started: std::time::Instant,
     pub last_overview: std::sync::Mutex<Option<poller::Overview>>,
     pub registered: std::sync::atomic::AtomicBool,
+    /// Failed logins per client address.
+    pub limiter: accounts::LoginLimiter,
+    /// Password hashes computed at once.
+    pub hashing: tokio::sync::Semaphore,
 }
 
 /// Runs the dashboard until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let https = config.tls_dir.as_deref().map(pflex_httpd::tls_acceptor).transpose()?;
+    if let Some(dir) = &config.tls_dir {
+        pflex_mdm_client::trust::trust_cluster_ca(dir)?;
+    }
     let enrollment = pflex_mdm_client::Enrollment::resolve(
         &config.data_dir,
         config.enrollment_token_file.as_deref(),
         config.join_key_file.as_deref(),
         config.join_key.as_deref(),
     )?;
-    let db = db::MgmtDb::open(&config.data_dir.join("mgmt.db"))?;
-    db.ensure_admin(&config.data_dir.join("admin_password"))?;
+    // The first admin password is hashed with Argon2id: not on an async thread.
+    let data_dir = config.data_dir.clone();
+    let db = tokio::task::spawn_blocking(move || {
+        let db = db::MgmtDb::open(&data_dir.join("mgmt.db"))?;
+        db.ensure_admin(&data_dir.join("admin_password"))?;
+        anyhow::Ok(db)
+    })
+    .await??;
     let shared = Arc::new(Shared {
         db: std::sync::Mutex::new(db),
         config: config.clone(),
         started: std::time::Instant::now(),
         last_overview: std::sync::Mutex::new(None),
         registered: std::sync::atomic::AtomicBool::new(false),
+        limiter: accounts::LoginLimiter::default(),
+        hashing: tokio::sync::Semaphore::new(accounts::HASHING_AT_ONCE),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!("dashboard on http://{}", config.listen);
+    tracing::info!("dashboard on {}://{}", pflex_mdm_client::trust::scheme(), config.listen);
     tokio::spawn(poller::run(shared.clone(), enrollment));
     let limits = pflex_httpd::Limits::default();
-    pflex_httpd::serve(listener, web::router(shared), limits, std::future::pending()).await;
+    pflex_httpd::serve(listener, web::router(shared), limits, https, std::future::pending()).await;
     Ok(())
 }

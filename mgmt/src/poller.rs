@@ -75,7 +75,7 @@ async fn register(
 
 /// Polls forever.
 pub async fn run(shared: Arc<Shared>, enrollment: pflex_mdm_client::Enrollment) {
-    let http = reqwest::Client::builder()
+    let http = pflex_mdm_client::trust::http_client_builder()
         .timeout(Duration::from_secs(3))
         .build()
         .expect("a default HTTP client");
@@ -142,7 +142,7 @@ async fn poll_once(client: &MdmClient, http: &reqwest::Client) -> Result<Overvie
         .chain(sdc.iter().map(|s| (s.name.clone(), s.host.clone(), s.mgmt_port)));
     for (name, host, port) in targets {
         let ok = http
-            .get(format!("http://{host}:{port}/health"))
+            .get(format!("{}://{host}:{port}/health", pflex_mdm_client::trust::scheme()))
             .send()
             .await
             .map(|r| r.status().is_success())

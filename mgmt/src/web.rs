@@ -1,18 +1,30 @@
 //! The dashboard's HTTP side: login, the HTML overview (refreshes itself),
-//! `/api/overview` and `/api/alerts` (JSON, session required), and the
-//! unauthenticated `/health` and `/metrics` every component serves.
+//! password change and user management, `/api/overview` and `/api/alerts`
+//! (JSON, session required), and the unauthenticated `/health` and
+//! `/metrics` every component serves.
+//!
+//! Browser safety: the session cookie is `HttpOnly`, `SameSite=Strict` and,
+//! over HTTPS, `Secure`; every form carries a CSRF token (the session's, or
+//! for the login form one bound to a cookie of its own) checked in constant
+//! time; every page has a Content-Security-Policy that allows no script, no
+//! framing and forms to this origin only; every value written into HTML is
+//! escaped and every attribute quoted. Accounts: see [`crate::accounts`].
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use pflex_proto::api::ComponentStatus;
+use subtle::ConstantTimeEq;
 
+use crate::accounts::{self, Role};
+use crate::db::{Session, SESSION_SECS};
 use crate::Shared;
 
 type AppState = Arc<Shared>;
@@ -22,30 +34,82 @@ pub fn router(shared: AppState) -> Router {
         .route("/", get(dashboard))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
+        .route("/password", get(password_page).post(change_password))
+        .route("/users", get(users_page).post(add_user))
         .route("/api/overview", get(api_overview))
         .route("/api/alerts", get(api_alerts))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(shared)
 }
 
-const COOKIE: &str = "pflex_session";
+/// The policy of every page: no script at all, styles inline only, forms
+/// to this origin, never inside a frame.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-fn session_token(headers: &HeaderMap) -> Option<String> {
-    let cookies = headers.get(header::COOKIE)?.to_str().ok()?;
-    cookies.split(';').find_map(|c| {
-        let (k, v) = c.trim().split_once('=')?;
-        (k == COOKIE).then(|| v.to_string())
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+const COOKIE: &str = "pflex_session";
+const LOGIN_COOKIE: &str = "pflex_login";
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|cookies| {
+        cookies.split(';').find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
     })
 }
 
-fn user(state: &Shared, headers: &HeaderMap) -> Option<String> {
-    let token = session_token(headers)?;
-    state.db.lock().ok()?.session_user(&token).ok().flatten()
+/// A `Set-Cookie` value with the flags every cookie of ours carries.
+fn set_cookie(state: &Shared, name: &str, value: &str, path: &str, max_age: u64) -> String {
+    let secure = if state.config.tls_dir.is_some() { "; Secure" } else { "" };
+    format!("{name}={value}; HttpOnly; SameSite=Strict; Path={path}; Max-Age={max_age}{secure}")
+}
+
+fn session(state: &Shared, headers: &HeaderMap) -> Option<Session> {
+    let token = cookie(headers, COOKIE)?;
+    state.db.lock().ok()?.session(&token).ok().flatten()
+}
+
+fn same_secret(a: &str, b: &str) -> bool {
+    !a.is_empty() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// Checks a password against a stored hash on the blocking pool, a few at
+/// a time (see [`accounts::HASHING_AT_ONCE`]).
+async fn verify_off_thread(state: &Shared, stored: String, salt: String, password: String) -> bool {
+    let Ok(_permit) = state.hashing.acquire().await else { return false };
+    tokio::task::spawn_blocking(move || accounts::verify_password(&stored, &salt, &password))
+        .await
+        .unwrap_or(false)
+}
+
+async fn hash_off_thread(state: &Shared, password: String) -> Option<String> {
+    let _permit = state.hashing.acquire().await.ok()?;
+    tokio::task::spawn_blocking(move || accounts::hash_password(&password)).await.ok()
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 fn gib(b: u64) -> String {
@@ -54,66 +118,300 @@ fn gib(b: u64) -> String {
 
 const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin-bottom:1.5em}\
 td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}th{background:#eee}\
-.ACTIVE,.HEALTHY,.ok{color:#070}.STALE,.DEGRADED,.warning{color:#b60}.FAILED,.CRITICAL,.critical{color:#c00}";
+.ACTIVE,.HEALTHY,.ok{color:#070}.STALE,.DEGRADED,.warning{color:#b60}.FAILED,.CRITICAL,.critical{color:#c00}\
+form.inline{display:inline}";
 
-async fn login_page() -> Html<String> {
-    Html(format!(
-        "<!doctype html><title>pflex login</title><style>{STYLE}</style><h1>pflex</h1>\
-         <form method=post action=/login><p>User <input name=username value=admin></p>\
-         <p>Password <input name=password type=password></p><button>Log in</button></form>\
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><meta charset=\"utf-8\"><title>{}</title><style>{STYLE}</style>{body}",
+        esc(title)
+    )
+}
+
+fn message(status: StatusCode, text: &str) -> Response {
+    (status, Html(page("pflex", &format!("<p>{}</p><p><a href=\"/\">back</a></p>", esc(text)))))
+        .into_response()
+}
+
+async fn login_page(State(state): State<AppState>) -> Response {
+    let csrf = hex::encode(pflex_proto::random_bytes::<16>());
+    let body = format!(
+        "<h1>pflex</h1><form method=\"post\" action=\"/login\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <p>User <input name=\"username\" value=\"admin\" autocomplete=\"username\"></p>\
+         <p>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\"></p>\
+         <button>Log in</button></form>\
          <p>The first password is in the dashboard's data dir, file <code>admin_password</code>.</p>"
-    ))
+    );
+    (
+        [(header::SET_COOKIE, set_cookie(&state, LOGIN_COOKIE, &csrf, "/login", 3600))],
+        Html(page("pflex login", &body)),
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
 struct LoginForm {
+    csrf: String,
     username: String,
     password: String,
 }
 
-async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let ip = peer.ip();
+    if !same_secret(&form.csrf, &cookie(&headers, LOGIN_COOKIE).unwrap_or_default()) {
+        return message(StatusCode::FORBIDDEN, "The login form expired: load it again.");
+    }
+    if !state.limiter.allowed(ip) {
+        return message(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed logins from this address: wait a minute.",
+        );
+    }
+    let found = match state.db.lock().map(|db| db.credentials(&form.username)) {
+        Ok(Ok(found)) => found,
+        _ => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    // An unknown name costs as much as a wrong password.
+    let (stored, salt) = found
+        .as_ref()
+        .map(|c| (c.password_hash.clone(), c.legacy_salt.clone()))
+        .unwrap_or_else(|| (accounts::decoy_hash().to_string(), String::new()));
+    let matches = verify_off_thread(&state, stored, salt, form.password.clone()).await;
+    let Some(creds) = found.filter(|_| matches) else {
+        state.limiter.failed(ip);
+        return message(StatusCode::UNAUTHORIZED, "Wrong user or password.");
+    };
+    state.limiter.succeeded(ip);
+    let rehashed = if accounts::is_legacy(&creds.password_hash) {
+        hash_off_thread(&state, form.password).await
+    } else {
+        None
+    };
     let token = state.db.lock().map_err(|_| ()).and_then(|db| {
-        db.login(&form.username, &form.password).map_err(|e| tracing::error!("login: {e}"))
+        if let Some(hash) = &rehashed {
+            db.set_password_hash(creds.user_id, hash)
+                .map_err(|e| tracing::error!("rehash: {e}"))?;
+        }
+        db.create_session(creds.user_id).map_err(|e| tracing::error!("login: {e}"))
     });
     match token {
-        Ok(Some(t)) => (
-            [(header::SET_COOKIE, format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/"))],
+        Ok(t) => (
+            [(header::SET_COOKIE, set_cookie(&state, COOKIE, &t, "/", SESSION_SECS))],
             Redirect::to("/"),
         )
             .into_response(),
-        Ok(None) => (StatusCode::UNAUTHORIZED, Html("wrong user or password")).into_response(),
         Err(()) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
-async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let (Some(t), Ok(db)) = (session_token(&headers), state.db.lock()) {
+#[derive(serde::Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let Some(s) = session(&state, &headers) else { return Redirect::to("/login").into_response() };
+    if !same_secret(&form.csrf, &s.csrf) {
+        return message(StatusCode::FORBIDDEN, "Stale form: reload the page.");
+    }
+    if let (Some(t), Ok(db)) = (cookie(&headers, COOKIE), state.db.lock()) {
         let _ = db.logout(&t);
     }
-    Redirect::to("/login").into_response()
+    ([(header::SET_COOKIE, set_cookie(&state, COOKIE, "", "/", 0))], Redirect::to("/login"))
+        .into_response()
+}
+
+fn csrf_input(s: &Session) -> String {
+    format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", esc(&s.csrf))
+}
+
+/// The bar at the top of every signed-in page.
+fn user_bar(s: &Session) -> String {
+    let users = if s.role == Role::Admin { " · <a href=\"/users\">Users</a>" } else { "" };
+    format!(
+        "<p>Signed in as {} ({}) · <a href=\"/\">Overview</a> · <a href=\"/password\">Change password</a>{users} \
+         <form class=\"inline\" method=\"post\" action=\"/logout\">{}<button>Log out</button></form></p>",
+        esc(&s.username),
+        s.role.as_str(),
+        csrf_input(s)
+    )
+}
+
+async fn password_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(s) = session(&state, &headers) else { return Redirect::to("/login").into_response() };
+    let body = format!(
+        "<h1>Change password</h1>{}<form method=\"post\" action=\"/password\">{}\
+         <p>Current password <input name=\"current\" type=\"password\" autocomplete=\"current-password\"></p>\
+         <p>New password (at least {} characters) <input name=\"new\" type=\"password\" autocomplete=\"new-password\"></p>\
+         <p>Again <input name=\"confirm\" type=\"password\" autocomplete=\"new-password\"></p>\
+         <button>Change</button></form>",
+        user_bar(&s),
+        csrf_input(&s),
+        accounts::MIN_PASSWORD_LEN
+    );
+    Html(page("pflex password", &body)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct PasswordForm {
+    csrf: String,
+    current: String,
+    new: String,
+    confirm: String,
+}
+
+async fn change_password(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<PasswordForm>,
+) -> Response {
+    let Some(s) = session(&state, &headers) else { return Redirect::to("/login").into_response() };
+    if !same_secret(&form.csrf, &s.csrf) {
+        return message(StatusCode::FORBIDDEN, "Stale form: reload the page.");
+    }
+    if form.new.chars().count() < accounts::MIN_PASSWORD_LEN || form.new != form.confirm {
+        return message(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "The new password must have at least {} characters, typed the same twice.",
+                accounts::MIN_PASSWORD_LEN
+            ),
+        );
+    }
+    if !state.limiter.allowed(peer.ip()) {
+        return message(StatusCode::TOO_MANY_REQUESTS, "Too many failed attempts: wait a minute.");
+    }
+    let creds = match state.db.lock().map(|db| db.credentials_of(s.user_id)) {
+        Ok(Ok(Some(c))) => c,
+        _ => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    if !verify_off_thread(&state, creds.password_hash, creds.legacy_salt, form.current).await {
+        state.limiter.failed(peer.ip());
+        return message(StatusCode::UNAUTHORIZED, "The current password is wrong.");
+    }
+    let Some(hash) = hash_off_thread(&state, form.new).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match state.db.lock().map(|db| db.set_password_hash(s.user_id, &hash)) {
+        // Every session of the user ended: log in again with the new password.
+        Ok(Ok(())) => {
+            ([(header::SET_COOKIE, set_cookie(&state, COOKIE, "", "/", 0))], Redirect::to("/login"))
+                .into_response()
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn users_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(s) = session(&state, &headers) else { return Redirect::to("/login").into_response() };
+    if s.role != Role::Admin {
+        return message(StatusCode::FORBIDDEN, "Only an admin manages users.");
+    }
+    let users = state.db.lock().map(|db| db.users().unwrap_or_default()).unwrap_or_default();
+    let mut body =
+        format!("<h1>Users</h1>{}<table><tr><th>user</th><th>role</th></tr>", user_bar(&s));
+    for u in &users {
+        let _ = write!(body, "<tr><td>{}</td><td>{}</td></tr>", esc(&u.username), u.role.as_str());
+    }
+    let _ = write!(
+        body,
+        "</table><h2>Add a user</h2><form method=\"post\" action=\"/users\">{}\
+         <p>User <input name=\"username\"></p>\
+         <p>Role <select name=\"role\"><option value=\"monitor\">monitor (read only)</option>\
+         <option value=\"admin\">admin</option></select></p>\
+         <p>Password (at least {} characters) <input name=\"password\" type=\"password\" autocomplete=\"new-password\"></p>\
+         <button>Add</button></form>",
+        csrf_input(&s),
+        accounts::MIN_PASSWORD_LEN
+    );
+    Html(page("pflex users", &body)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct AddUserForm {
+    csrf: String,
+    username: String,
+    role: String,
+    password: String,
+}
+
+/// User names: 1 to 64 of letters, digits, `.`, `_` and `-`.
+pub fn valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+async fn add_user(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<AddUserForm>,
+) -> Response {
+    let Some(s) = session(&state, &headers) else { return Redirect::to("/login").into_response() };
+    if s.role != Role::Admin {
+        return message(StatusCode::FORBIDDEN, "Only an admin manages users.");
+    }
+    if !same_secret(&form.csrf, &s.csrf) {
+        return message(StatusCode::FORBIDDEN, "Stale form: reload the page.");
+    }
+    let Some(role) = Role::parse(&form.role) else {
+        return message(StatusCode::BAD_REQUEST, "The role is admin or monitor.");
+    };
+    if !valid_username(&form.username) {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "A user name is 1 to 64 letters, digits, '.', '_' or '-'.",
+        );
+    }
+    if form.password.chars().count() < accounts::MIN_PASSWORD_LEN {
+        return message(
+            StatusCode::BAD_REQUEST,
+            &format!("The password must have at least {} characters.", accounts::MIN_PASSWORD_LEN),
+        );
+    }
+    let Some(hash) = hash_off_thread(&state, form.password).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match state.db.lock().map(|db| db.add_user(&form.username, role, &hash)) {
+        Ok(Ok(true)) => {
+            tracing::info!(by = %s.username, user = %form.username, role = role.as_str(), "user added");
+            Redirect::to("/users").into_response()
+        }
+        Ok(Ok(false)) => message(StatusCode::CONFLICT, "That user exists already."),
+        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if user(&state, &headers).is_none() {
-        return Redirect::to("/login").into_response();
-    }
+    let Some(s) = session(&state, &headers) else { return Redirect::to("/login").into_response() };
     let overview = state.last_overview.lock().expect("overview lock").clone();
     let alerts = state.db.lock().expect("db lock").alerts(false).unwrap_or_default();
     let mut h = format!(
-        "<!doctype html><meta http-equiv=refresh content=5><title>pflex</title><style>{STYLE}</style>\
-         <h1>pflex cluster</h1><form method=post action=/logout><button>Log out</button></form>"
+        "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>pflex</title>\
+         <style>{STYLE}</style><h1>pflex cluster</h1>{}",
+        user_bar(&s)
     );
     let Some(o) = overview else {
         h.push_str("<p>No data yet: the first poll has not finished.</p>");
         return Html(h).into_response();
     };
     if !o.mdm_reachable {
-        h.push_str("<p class=critical>The MDM is unreachable.</p>");
+        h.push_str("<p class=\"critical\">The MDM is unreachable.</p>");
     }
     if let (Some(hs), Some(s)) = (&o.health, &o.summary) {
         let _ = write!(
             h,
-            "<h2>Overall: <span class={0}>{0}</span></h2><table><tr><th>SDS</th><th>SDC</th><th>volumes</th>\
+            "<h2>Overall: <span class=\"{0}\">{0}</span></h2><table><tr><th>SDS</th><th>SDC</th><th>volumes</th>\
              <th>capacity</th><th>used</th><th>provisioned</th><th>degraded chunks</th><th>rebuilds</th></tr>\
              <tr><td>{1}</td><td>{2}</td><td>{3}</td><td>{4}</td><td>{5}</td><td>{6}</td><td>{7}</td><td>{8}</td></tr></table>",
             esc(&hs.overall), s.sds_count, s.sdc_count, s.volume_count, gib(s.capacity_bytes),
@@ -123,7 +421,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
         for c in &hs.components {
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td class={2}>{2}</td><td>{3} s ago</td><td>{4}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td class=\"{2}\">{2}</td><td>{3} s ago</td><td>{4}</td></tr>",
                 c.node_type.as_str(), esc(&c.name), esc(&c.status),
                 o.polled_at.saturating_sub(c.last_seen), esc(&c.host)
             );
@@ -135,7 +433,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
         let status = if s.draining { format!("{} (draining)", s.status) } else { s.status.clone() };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class={5}>{8}</td><td>{6}:{7}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{5}\">{8}</td><td>{6}:{7}</td></tr>",
             esc(&s.name), esc(&s.fault_set), esc(&s.pool), gib(s.capacity_bytes), gib(s.used_bytes),
             esc(&s.status), esc(&s.host), s.data_port, esc(&status)
         );
@@ -203,7 +501,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
     for a in &alerts {
         let _ = write!(
             h,
-            "<tr><td class={0}>{0}</td><td>{1}</td><td>{2}</td><td>{3}</td><td>{4}</td></tr>",
+            "<tr><td class=\"{0}\">{0}</td><td>{1}</td><td>{2}</td><td>{3}</td><td>{4}</td></tr>",
             esc(&a.severity),
             esc(&a.component),
             esc(&a.message),
@@ -216,14 +514,14 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
 }
 
 async fn api_overview(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if user(&state, &headers).is_none() {
+    if session(&state, &headers).is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     Json(state.last_overview.lock().expect("overview lock").clone()).into_response()
 }
 
 async fn api_alerts(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if user(&state, &headers).is_none() {
+    if session(&state, &headers).is_none() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let alerts = state.db.lock().expect("db lock").alerts(false).unwrap_or_default();
@@ -258,3 +556,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
+
+#[cfg(test)]
+mod tests;

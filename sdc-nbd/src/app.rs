@@ -51,7 +51,9 @@ pub struct Args {
     pub insecure: bool,
     /// Directory of this node's TLS files (`ca-cert.pem`, `cert.pem`,
     /// `key.pem`, issued by the cluster CA). With it the NBD server offers
-    /// STARTTLS and accepts only clients with a certificate from that CA.
+    /// STARTTLS and accepts only clients with a certificate from that CA, the
+    /// HTTP ports serve HTTPS only, and the MDM is reached over HTTPS trusting
+    /// that CA alone.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
     /// Require TLS on NBD even on a loopback address (it is always required
@@ -234,6 +236,9 @@ impl Args {
 /// Runs the SDC until the process is stopped.
 pub async fn run(args: Args) -> Result<(), StartError> {
     let nbd_tls = args.nbd_tls()?;
+    if let Some(dir) = &args.tls_dir {
+        pflex_mdm_client::trust::trust_cluster_ca(dir)?;
+    }
     if !args.memory_export.is_empty() {
         return run_memory(args, nbd_tls).await;
     }
@@ -265,16 +270,19 @@ pub async fn run(args: Args) -> Result<(), StartError> {
         nbd_address: format!("{}:{}", args.nbd_listen.ip(), nbd_port),
     });
     let limits = pflex_httpd::Limits::default();
+    let https = args.tls_dir.as_deref().map(pflex_httpd::tls_acceptor).transpose()?;
     let mgmt = pflex_httpd::serve(
         mgmt_listener,
         mgmt_router(http_state.clone()),
         limits,
+        https.clone(),
         std::future::pending(),
     );
     let control = pflex_httpd::serve(
         control_listener,
         control_router(http_state),
         limits,
+        https,
         std::future::pending(),
     );
 

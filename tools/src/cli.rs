@@ -75,6 +75,9 @@ impl ConnectionArgs {
             (None, Some(dir)) => mdm_url_from(dir)?,
             (None, None) => DEFAULT_MDM.to_string(),
         };
+        if let Some(dir) = &data_dir {
+            crate::up::trust_local_ca(dir)?;
+        }
         let token = match (&self.token, &data_dir) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(dir)) => Some(admin_token_from(dir)?),
@@ -389,10 +392,11 @@ async fn reset_node(client: &MdmClient, role: NodeType, name: &str, json: bool) 
 async fn scrub_every_sds(
     nodes: &[pflex_proto::api::SdsInfo],
 ) -> Result<Vec<(String, serde_json::Value)>> {
-    let http = reqwest::Client::new();
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
+    let scheme = pflex_mdm_client::trust::scheme();
     let mut started = Vec::new();
     for node in nodes.iter().filter(|n| n.status == "ACTIVE") {
-        let url = format!("http://{}:{}/scrub", node.host, node.control_port);
+        let url = format!("{scheme}://{}:{}/scrub", node.host, node.control_port);
         // A pass that runs already may have passed some chunks: wait for it
         // to end, then start a fresh one.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
@@ -779,7 +783,7 @@ async fn settle(
         return Ok(());
     }
     let sdcs = client.sdc_list().await.context("listing SDCs to wait for")?;
-    let http = reqwest::Client::new();
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
     for sdc in &sdcs {
         let expected = if volume.mappings.iter().any(|m| m.sdc_id == sdc.id) {
             Expected::Served {

@@ -55,7 +55,12 @@ pub async fn wait_in_effect(
     expected: &Expected,
     limit: Duration,
 ) -> Result<Option<SdcVolume>> {
-    let url = format!("http://{}:{}/volumes/refresh", sdc.host, sdc.control_port);
+    let url = format!(
+        "{}://{}:{}/volumes/refresh",
+        pflex_mdm_client::trust::scheme(),
+        sdc.host,
+        sdc.control_port
+    );
     let start = Instant::now();
     loop {
         let last_problem = match fetch(http, &url).await {

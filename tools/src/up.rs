@@ -212,18 +212,20 @@ pub(crate) fn record_command(data_dir: &Path, name: &str, command: &RecordedComm
     Ok(())
 }
 
-/// Where a component says it is up, read from its own command line.
+/// Where a component says it is up, read from its own command line
+/// (HTTPS when it was given `--tls-dir`).
 pub(crate) fn health_url_of(name: &str, args: &[String]) -> Option<String> {
     let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1));
+    let scheme = if flag("--tls-dir").is_some() { "https" } else { "http" };
     if let Some(port) = flag("--mgmt-port") {
         let host = flag("--host").map_or("127.0.0.1", String::as_str);
-        return Some(format!("http://{host}:{port}/health"));
+        return Some(format!("{scheme}://{host}:{port}/health"));
     }
     let listen = flag("--listen")?;
     if name == "mdm" {
-        Some(format!("http://{listen}/health/status"))
+        Some(format!("{scheme}://{listen}/health/status"))
     } else {
-        Some(format!("http://{listen}/health"))
+        Some(format!("{scheme}://{listen}/health"))
     }
 }
 
@@ -394,9 +396,10 @@ pub async fn node_start(data_dir: &Path, name: &str) -> Result<()> {
     if let Some(pid) = running_pid(data_dir, name) {
         bail!("{name} is already running (pid {pid})");
     }
+    trust_local_ca(data_dir)?;
     let mut child = spawn_component(name, command, data_dir, true)?;
     let pid = child.id().unwrap_or(0);
-    let http = reqwest::Client::new();
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -588,7 +591,12 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let _ = std::fs::remove_file(logs.join("pids"));
     let bins = bin_dir(args)?;
-    let mdm_url = format!("http://127.0.0.1:{}", args.mdm_port);
+    let scheme = if args.no_tls { "http" } else { "https" };
+    if !args.no_tls {
+        cluster_ca(dir)?;
+        trust_local_ca(dir)?;
+    }
+    let mdm_url = format!("{scheme}://127.0.0.1:{}", args.mdm_port);
     std::fs::write(
         dir.join("cluster.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -597,7 +605,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         }))?,
     )?;
     let hb = args.heartbeat_interval_secs.to_string();
-    let http = reqwest::Client::new();
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
     let mut cluster = LocalCluster { components: Vec::new(), data_dir: dir.to_path_buf() };
     let result = async {
         // MDM.
@@ -607,6 +615,9 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         // An SDS back within the failure timeout (the MDM's default, 120 s)
         // is resynced with what it missed instead of rebuilt elsewhere.
         mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
+        if !args.no_tls {
+            mdm_args.extend(["--tls-dir".into(), issue_tls(dir, "mdm")?.display().to_string()]);
+        }
         cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
         let token_path = mdm_dir.join("admin_token");
         let mut admin = String::new();
@@ -655,13 +666,16 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
                 "--io-engine".into(),
                 args.io_engine.clone(),
             ]);
+            if !args.no_tls {
+                sds_args.extend(["--tls-dir".into(), issue_tls(dir, &name)?.display().to_string()]);
+            }
             if let Some(ms) = args.lease_ms {
                 sds_args.extend(["--lease-ms".into(), ms.to_string()]);
             }
             cluster.spawn(&name, &binary(&bins, "sds")?, &sds_args, dir, args.detach).await?;
         }
         for n in 0..args.sds_count {
-            let url = format!("http://127.0.0.1:{}/health", args.sds_base_port + 100 + n);
+            let url = format!("{scheme}://127.0.0.1:{}/health", args.sds_base_port + 100 + n);
             let what = format!("sds{}", n + 1);
             wait_for(&mut cluster, &what, Duration::from_secs(120), || registered(&http, &url))
                 .await?;
@@ -684,9 +698,11 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         let mut sdc_args = sdc_args;
         if !args.no_tls {
             sdc_args.extend(["--tls-dir".into(), issue_tls(dir, "sdc1")?.display().to_string()]);
+            let ca = cluster_ca(dir)?;
+            ca.issue("nbd-client", &[], &nbd_client_tls_dir(dir), pflex_tls::Layout::NbdClient)?;
         }
         cluster.spawn("sdc1", &binary(&bins, "sdc")?, &sdc_args, dir, args.detach).await?;
-        let url = format!("http://127.0.0.1:{}/health", args.sdc_control_port + 1);
+        let url = format!("{scheme}://127.0.0.1:{}/health", args.sdc_control_port + 1);
         wait_for(&mut cluster, "sdc1", Duration::from_secs(30), || registered(&http, &url)).await?;
 
         // MGMT (optional).
@@ -696,9 +712,14 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
                 std::fs::create_dir_all(&mgmt_dir)?;
                 let listen = format!("127.0.0.1:{}", args.mgmt_port);
                 let token = enrollment_file(&mdm, NodeType::Mgmt, "mgmt1", &mgmt_dir).await?;
-                let mgmt_args = mgmt_args(&mdm_url, Enroll::TokenFile(&token), &mgmt_dir, &listen);
+                let mut mgmt_args =
+                    mgmt_args(&mdm_url, Enroll::TokenFile(&token), &mgmt_dir, &listen);
+                if !args.no_tls {
+                    let tls = issue_tls(dir, "mgmt")?;
+                    mgmt_args.extend(["--tls-dir".into(), tls.display().to_string()]);
+                }
                 cluster.spawn("mgmt", &mgmt_bin, &mgmt_args, dir, args.detach).await?;
-                let url = format!("http://127.0.0.1:{}/health", args.mgmt_port);
+                let url = format!("{scheme}://127.0.0.1:{}/health", args.mgmt_port);
                 wait_for(&mut cluster, "mgmt", Duration::from_secs(30), || http_ok(&http, &url))
                     .await?;
             }
@@ -801,32 +822,48 @@ pub fn nbd_client_tls_dir(dir: &Path) -> PathBuf {
 }
 
 /// Issues (again, on every start) the certificate of component `name`, for
-/// the loopback names, into `DIR/NAME/tls`, and the NBD client certificate.
+/// the loopback names, into `DIR/NAME/tls`.
 fn issue_tls(dir: &Path, name: &str) -> Result<PathBuf> {
     let ca = cluster_ca(dir)?;
     let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
     let node_dir = dir.join(name).join("tls");
     ca.issue(name, &sans, &node_dir, pflex_tls::Layout::Node)?;
-    ca.issue("nbd-client", &[], &nbd_client_tls_dir(dir), pflex_tls::Layout::NbdClient)?;
     Ok(node_dir)
+}
+
+/// Makes this process trust the CA of the local cluster in `data_dir` (if
+/// it has one) for its HTTPS calls.
+pub(crate) fn trust_local_ca(data_dir: &Path) -> Result<()> {
+    let ca_dir = data_dir.join("tls").join("ca");
+    if ca_dir.join(pflex_tls::CA_CERT).exists() {
+        pflex_mdm_client::trust::trust_cluster_ca(&ca_dir)
+            .with_context(|| format!("trusting the cluster CA in {}", ca_dir.display()))?;
+    }
+    Ok(())
 }
 
 fn print_ready(args: &UpArgs) {
     let uri = format!("nbd://127.0.0.1:{}/{}", args.nbd_port, args.volume);
     let dir = args.data_dir.display();
+    let scheme = if args.no_tls { "http" } else { "https" };
     let dashboard = if args.mgmt_port == 0 {
         String::new()
     } else {
         format!(
-            "  dashboard http://127.0.0.1:{}   (user admin, password in {dir}/mgmt/admin_password)\n",
+            "  dashboard {scheme}://127.0.0.1:{}   (user admin, password in {dir}/mgmt/admin_password)\n",
             args.mgmt_port
         )
+    };
+    let ca = if args.no_tls {
+        String::new()
+    } else {
+        format!("  CA      {dir}/tls/ca/ca-cert.pem   (every HTTP API is HTTPS with this CA)\n")
     };
     println!(
         r#"pflex: ready
   volume  {vol} served at {uri}
-  MDM     http://127.0.0.1:{mdm}   (admin token: {dir}/mdm/admin_token)
-{dashboard}  logs    {dir}/logs/
+  MDM     {scheme}://127.0.0.1:{mdm}   (admin token: {dir}/mdm/admin_token)
+{dashboard}{ca}  logs    {dir}/logs/
 
 Try it (in another shell):
   nbdinfo {uri}

@@ -194,7 +194,8 @@ async fn readme_tour_runs_as_written() {
     );
     up.wait_ready().await;
     let banner = up.output();
-    assert!(banner.contains("dashboard http://127.0.0.1:5000"), "no dashboard in:\n{banner}");
+    assert!(banner.contains("dashboard https://127.0.0.1:5000"), "no dashboard in:\n{banner}");
+    https_only(&work.path().join("pflex-data")).await;
     private_modes(&work.path().join("pflex-data"));
     assert!(banner.contains("pflex-data/mgmt/admin_password"), "no password path in:\n{banner}");
     assert!(banner.contains("fusermount3 -u /tmp/pflex-fuse\n"), "wrong unmount in:\n{banner}");
@@ -265,9 +266,38 @@ fn private_modes(dir: &Path) {
     assert!(seen > 10, "only {seen} files under {}", dir.display());
 }
 
+/// A client that trusts the cluster CA of the `pflex up` cluster in `data`.
+fn cluster_client(data: &Path) -> reqwest::Client {
+    let pem = std::fs::read(data.join("tls/ca/ca-cert.pem")).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Every HTTP API of a default `pflex up` (MDM, dashboard, SDC control and
+/// management, each SDS's control and management port) answers over HTTPS
+/// with a certificate from the cluster CA, and nothing in plain HTTP; a
+/// client that does not trust that CA gets no answer either.
+async fn https_only(data: &Path) {
+    let trusted = cluster_client(data);
+    let stranger = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let ports = [8001u16, 5000, 8003, 8004, 9100, 9101, 9102, 9200, 9201, 9202];
+    for port in ports {
+        let path = if port == 8001 { "health/status" } else { "health" };
+        let https = format!("https://127.0.0.1:{port}/{path}");
+        let reply = trusted.get(&https).send().await;
+        assert!(reply.is_ok(), "no HTTPS answer on {port}: {reply:?}");
+        let plain = trusted.get(format!("http://127.0.0.1:{port}/{path}")).send().await;
+        assert!(plain.is_err(), "port {port} answered plain HTTP: {plain:?}");
+        assert!(stranger.get(&https).send().await.is_err(), "port {port}: an untrusted CA passed");
+    }
+}
+
 /// Sum of an SDC's write operations over every volume, from its metrics.
 async fn sdc_writes(http: &reqwest::Client, mgmt_port: u16) -> u64 {
-    let Ok(resp) = http.get(format!("http://127.0.0.1:{mgmt_port}/metrics")).send().await else {
+    let Ok(resp) = http.get(format!("https://127.0.0.1:{mgmt_port}/metrics")).send().await else {
         return 0;
     };
     let text = resp.text().await.unwrap_or_default();
@@ -339,7 +369,7 @@ async fn killed_sds_leaves_the_cluster_serving() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("fio is installed by test.sh");
-    let http = reqwest::Client::new();
+    let http = cluster_client(&data);
     wait_for("writes through NBD", Duration::from_secs(30), || async {
         sdc_writes(&http, sdc + 1).await > 100
     })

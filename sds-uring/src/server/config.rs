@@ -98,6 +98,11 @@ pub struct SdsArgs {
     /// per network thread.
     #[arg(long)]
     pub peer_connections: Option<usize>,
+    /// Directory of this node's TLS files (`ca-cert.pem`, `cert.pem`, `key.pem`
+    /// from the cluster CA): the control and management ports then serve HTTPS
+    /// only, and the MDM is reached over HTTPS trusting that CA alone.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Length of the lease a primary holds from its secondary, in ms; a
     /// promoted copy serves only after the leases it granted ran out (see
     /// "Leases" in docs/ARCHITECTURE.md). 0 turns leases off (never in
@@ -169,6 +174,8 @@ pub struct NodeConfig {
     pub device_health: crate::store::DeviceHealthConfig,
     pub scrub_interval: Option<Duration>,
     pub scrub_bytes_per_sec: u64,
+    /// `--tls-dir`: HTTPS on the HTTP ports, and to the MDM.
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl SdsArgs {
@@ -223,6 +230,7 @@ impl SdsArgs {
             scrub_interval: (self.scrub_interval_secs > 0)
                 .then(|| Duration::from_secs(self.scrub_interval_secs)),
             scrub_bytes_per_sec: self.scrub_mb_per_sec.max(1) * 1_000_000,
+            tls_dir: self.tls_dir.clone(),
             device_health: crate::store::DeviceHealthConfig {
                 io_deadline: (self.device_timeout_ms > 0)
                     .then(|| Duration::from_millis(self.device_timeout_ms)),

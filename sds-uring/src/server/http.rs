@@ -28,10 +28,10 @@ use super::SdsNode;
 use crate::engine::faults::DeviceFault;
 
 /// Serves `router` on `listener` until the process ends (with the limits
-/// of `pflex_httpd`).
-pub async fn serve(listener: TcpListener, router: Router) {
+/// of `pflex_httpd`; HTTPS only when `tls` is given).
+pub async fn serve(listener: TcpListener, router: Router, tls: Option<pflex_httpd::TlsAcceptor>) {
     let limits = pflex_httpd::Limits::default();
-    pflex_httpd::serve(listener, router, limits, std::future::pending()).await;
+    pflex_httpd::serve(listener, router, limits, tls, std::future::pending()).await;
 }
 
 /// Routes of the management port.

@@ -72,6 +72,8 @@ pub enum ServerError {
     DataDir { path: String, source: std::io::Error },
     #[error("cannot open the chunk store: {0}")]
     Store(#[from] StoreError),
+    #[error("loading the TLS files: {0}")]
+    Tls(#[from] pflex_tls::TlsError),
     #[error(transparent)]
     DirtyLog(#[from] dirty::DirtyLogError),
     #[error("cannot listen on {addr}: {source}")]
@@ -180,6 +182,10 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         engine: config.engine,
         health: config.device_health,
     })?;
+    let https = config.tls_dir.as_deref().map(pflex_httpd::tls_acceptor).transpose()?;
+    if let Some(dir) = &config.tls_dir {
+        pflex_mdm_client::trust::trust_cluster_ca(dir)?;
+    }
     let control = bind(&config.host, config.control_port).await?;
     let mgmt = bind(&config.host, config.mgmt_port).await?;
     let data = bind(&config.host, config.data_port).await?;
@@ -226,8 +232,8 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
     });
     node.local_log.health("started", format!("data port {}", ports.data));
 
-    tokio::spawn(http::serve(control, http::control_router(node.clone())));
-    tokio::spawn(http::serve(mgmt, http::mgmt_router(node.clone())));
+    tokio::spawn(http::serve(control, http::control_router(node.clone()), https.clone()));
+    tokio::spawn(http::serve(mgmt, http::mgmt_router(node.clone()), https));
 
     tokio::select! {
         registered = node.register_until_ok() => {
