@@ -43,6 +43,7 @@ ensure_backports() {
 install_host_tools() {
   local need=()
   have cpio || need+=(cpio)
+  have curl || need+=(curl ca-certificates)
   have nbdinfo || need+=(libnbd-bin)
   have nbdfuse || need+=(libnbd-bin)
   have nbdkit || need+=(nbdkit)

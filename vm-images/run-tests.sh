@@ -278,7 +278,9 @@ run_guest() {
   fi
   if [ "$SERVER_KIND" = pflex ]; then
     # The SDC's counters (NBD commands, request sizes, flushes) after this guest.
-    curl -fsS --max-time 5 "http://127.0.0.1:$SDC_MGMT_PORT/metrics" \
+    # `pflex up` serves HTTPS with its cluster CA.
+    curl -fsS --max-time 5 --cacert "$WORK_DIR/pflex-data/tls/ca/ca-cert.pem" \
+      "https://127.0.0.1:$SDC_MGMT_PORT/metrics" \
       >"$ARTIFACTS_DIR/$name.sdc-metrics.txt" 2>&1 || true
     sdc_request_summary ${previous_sdc_metrics:+"$previous_sdc_metrics"} \
       "$ARTIFACTS_DIR/$name.sdc-metrics.txt" \
