@@ -377,7 +377,12 @@ if [ "$SERVER_KIND" = pflex ] && $b4096_ok; then
     cp "$WORK_DIR/pflex-data/tls/nbd-client/$f" "$tls_root/etc/pflex-tls/"
   done
   (cd "$tls_root" && find . | cpio -o -H newc --quiet) >"$WORK_DIR/tls.cpio"
-  cat "$BUILD_DIR/initramfs.img" "$WORK_DIR/tls.cpio" >"$WORK_DIR/initramfs-tls.img"
+  # The kernel finds the appended archive only on a 4-byte boundary after the compressed one
+  # (it skips zero padding between archives): pad the built image to 512 bytes first.
+  cp "$BUILD_DIR/initramfs.img" "$WORK_DIR/initramfs-tls.img"
+  size=$(stat -c %s "$WORK_DIR/initramfs-tls.img")
+  head -c $(((512 - size % 512) % 512)) /dev/zero >>"$WORK_DIR/initramfs-tls.img"
+  cat "$WORK_DIR/tls.cpio" >>"$WORK_DIR/initramfs-tls.img"
   if run_guest kernel-nbd-tls "modules network nbd-connect mount check-b4096 ${fs_steps#nbd-connect mount }" \
     --test nbd-ext4 --initrd "$WORK_DIR/initramfs-tls.img" "${common[@]}" --set tls=1 \
     --set block=4096 --set conns=1 --set mkfs=0 --set tree=tls --set check_tree=b4096; then
