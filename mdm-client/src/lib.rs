@@ -431,6 +431,12 @@ impl MdmClient {
         self.get(&["cluster", "summary"]).await
     }
 
+    /// `POST /cluster/rotate` (admin): a new token signing key, admin token
+    /// and enrollment material (see the MDM's `keys` module).
+    pub async fn cluster_rotate(&self) -> Result<pflex_proto::api::RotateResponse, MdmClientError> {
+        self.post(&["cluster", "rotate"], &serde_json::json!({})).await
+    }
+
     /// `GET /metrics`: Prometheus text exposition.
     pub async fn metrics_text(&self) -> Result<String, MdmClientError> {
         let (url, response) = self.send(Method::GET, &["metrics"], None::<&()>).await?;

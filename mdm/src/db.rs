@@ -280,6 +280,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     "#,
+    // 9: token signing key generations (`pflex cluster rotate`); none
+    // recorded means generation 0, the key of every earlier version.
+    r#"
+    CREATE TABLE signing_keys (
+        generation INTEGER PRIMARY KEY,
+        created_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -56,8 +56,12 @@ pub struct AppState {
     db: Mutex<Connection>,
     pub settings: Settings,
     pub keys: Keys,
-    join_key_sha256: Option<[u8; 32]>,
-    admin_token_sha256: [u8; 32],
+    /// Cleared by `pflex cluster rotate`.
+    join_key_sha256: Mutex<Option<[u8; 32]>>,
+    /// Replaced by `pflex cluster rotate`.
+    admin_token_sha256: Mutex<[u8; 32]>,
+    /// Where the admin token is kept (rewritten by a rotation).
+    admin_token_path: std::path::PathBuf,
     pub counters: Counters,
     pub started_at: std::time::Instant,
     /// The MDM's probes of SDS nodes reported unreachable.
@@ -82,13 +86,15 @@ impl AppState {
         keys: Keys,
         join_key: Option<&str>,
         admin_token: &str,
+        admin_token_path: std::path::PathBuf,
     ) -> Self {
         Self {
             db: Mutex::new(db),
             settings,
             keys,
-            join_key_sha256: join_key.map(digest),
-            admin_token_sha256: digest(admin_token),
+            join_key_sha256: Mutex::new(join_key.map(digest)),
+            admin_token_sha256: Mutex::new(digest(admin_token)),
+            admin_token_path,
             counters: Counters::default(),
             started_at: std::time::Instant::now(),
             probes: crate::probe::Probes::default(),
@@ -118,11 +124,13 @@ impl AppState {
     }
 
     fn join_key_matches(&self, key: &str) -> bool {
-        self.join_key_sha256.is_some_and(|expected| digests_equal(&digest(key), &expected))
+        let expected = *self.join_key_sha256.lock().unwrap_or_else(|p| p.into_inner());
+        expected.is_some_and(|expected| digests_equal(&digest(key), &expected))
     }
 
     fn is_admin(&self, credential: &str) -> bool {
-        digests_equal(&digest(credential), &self.admin_token_sha256)
+        let expected = *self.admin_token_sha256.lock().unwrap_or_else(|p| p.into_inner());
+        digests_equal(&digest(credential), &expected)
     }
 }
 
@@ -250,6 +258,7 @@ pub fn router(state: Shared) -> Router {
         .route("/admin/enrollments", post(enrollment_create))
         .route("/admin/nodes/reset", post(node_reset))
         .route("/admin/audit", get(audit_log))
+        .route("/cluster/rotate", post(cluster_rotate))
         .route("/health/heartbeat", post(heartbeat))
         .route("/health/status", get(health_status))
         .route("/health/unreachable", post(unreachable_report))
@@ -425,6 +434,48 @@ async fn node_reset(
         .transact(move |conn, ctx| service::reset_node(conn, ctx, request.node_type, &request.name))
         .await?;
     Ok(Json(serde_json::json!({ "status": "reset", "node_id": id })))
+}
+
+/// `pflex cluster rotate`: a new token signing key (published at once,
+/// signing after [`crate::keys::KeyTiming::publish_for`], the old one
+/// accepted until its tokens expired), a new admin token (the old one stops
+/// working now), and every unused enrollment token and the join key, if
+/// any, revoked. IO goes on: see [`crate::keys`].
+async fn cluster_rotate(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<Json<pflex_proto::api::RotateResponse>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let join_key_disabled =
+        state.join_key_sha256.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
+    let source = peer.to_string();
+    let (generation, created, revoked) = state
+        .transact(move |conn, ctx| {
+            let (generation, revoked) =
+                service::rotate_keys(conn, ctx, &source, join_key_disabled)?;
+            Ok((generation, ctx.now, revoked))
+        })
+        .await?;
+    state.keys.add_generation(generation, created);
+    let admin_token = service::new_credential();
+    crate::write_secret(&state.admin_token_path, &admin_token)
+        .map_err(|e| MdmError::Internal(format!("writing the new admin token: {e}")))?;
+    *state.admin_token_sha256.lock().unwrap_or_else(|p| p.into_inner()) = digest(&admin_token);
+    let timing = state.keys.timing();
+    let signs_from = created + timing.publish_for.as_secs();
+    tracing::warn!(
+        generation,
+        "keys rotated: new signing key, admin token and enrollment material"
+    );
+    Ok(Json(pflex_proto::api::RotateResponse {
+        signing_generation: generation,
+        signs_from,
+        previous_accepted_until: signs_from + timing.token_ttl.as_secs() + 60,
+        admin_token_file: state.admin_token_path.display().to_string(),
+        enrollment_tokens_revoked: revoked,
+        join_key_disabled,
+    }))
 }
 
 #[derive(serde::Deserialize)]

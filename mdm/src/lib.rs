@@ -57,6 +57,24 @@ pub enum StartError {
     Db(#[from] db::DbError),
     #[error("invalid settings: {0}")]
     Settings(String),
+    #[error("reading the signing key history: {0}")]
+    SigningKeys(String),
+}
+
+/// Writes a secret file (0600) through a temporary file renamed over
+/// `path`, so a reader sees the old value or the new one, never half.
+pub(crate) fn write_secret(path: &Path, value: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(value.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Reads a 0600 secret file, or creates it with `make()` on first boot.
@@ -72,17 +90,7 @@ fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<S
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let value = make();
-            let tmp = path.with_extension("tmp");
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(value.as_bytes())?;
-            file.write_all(b"\n")?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, path)?;
+            write_secret(path, &value)?;
             Ok(value)
         }
         Err(e) => Err(e.into()),
@@ -128,13 +136,20 @@ pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, S
         unreachable_grace_secs: config.unreachable_grace_secs,
         resync_window_secs: config.resync_window_secs,
     };
+    let history =
+        service::signing_history(&conn).map_err(|e| StartError::SigningKeys(e.to_string()))?;
+    let timing = keys::KeyTiming {
+        publish_for: std::time::Duration::from_secs(3 * config.heartbeat_interval_secs.max(1)),
+        token_ttl: std::time::Duration::from_secs(config.token_ttl_secs),
+    };
     Ok(Prepared {
         state: Arc::new(AppState::new(
             conn,
             settings,
-            keys::Keys::new(secret),
+            keys::Keys::new(secret, timing, history),
             join_key,
             &admin_token,
+            admin_path,
         )),
     })
 }

@@ -332,3 +332,52 @@ async fn a_live_name_is_never_taken_over() {
     assert_eq!(replaced.node_id, sds2.id());
     assert_ne!(replaced.credential, sds2.reply.credential);
 }
+
+/// `pflex cluster rotate`: the old admin token stops working and the new
+/// one is where the old one was; unused enrollment tokens and the join key
+/// no longer register anything; an SDS is sent the new token public key
+/// beside the old one with its next heartbeat, before the MDM signs with
+/// it; and the rotation is in the audit log.
+#[tokio::test]
+async fn rotation_replaces_the_admin_token_and_revokes_enrollment_material() {
+    let mdm = start_mdm().await;
+    let sds = mdm.register_sds("sds1", "fs1", "default", 10).await;
+    let keys_before = sds.reply.sds_keys.as_ref().unwrap().token_public_keys.clone();
+    assert_eq!(keys_before.len(), 1);
+    let unused = mint(&mdm, NodeType::Sds, None).await;
+    let old_admin = mdm.admin();
+
+    let rotated = old_admin.cluster_rotate().await.unwrap();
+    assert_eq!(rotated.signing_generation, 1);
+    assert_eq!(rotated.enrollment_tokens_revoked, 1);
+    assert!(rotated.join_key_disabled);
+
+    // The old admin token is refused at once; the new one is in the file.
+    let err = old_admin.sds_list().await.unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
+    let new_token = std::fs::read_to_string(mdm.mdm_dir().join("admin_token")).unwrap();
+    let new_admin = mdm.anonymous().with_credential(new_token.trim());
+    assert_eq!(new_admin.sds_list().await.unwrap().len(), 1);
+
+    // Enrollment material from before no longer registers anything.
+    let mut with_token = request(NodeType::Sds, "sds7");
+    with_token.enrollment_token = Some(unused);
+    assert_eq!(mdm.anonymous().register(&with_token).await.unwrap_err().status(), Some(401));
+    let with_join_key = sds_request(JOIN_KEY, "sds8");
+    assert_eq!(mdm.anonymous().register(&with_join_key).await.unwrap_err().status(), Some(401));
+
+    // The next heartbeat lists the old key and the new one.
+    let beat = sds
+        .client
+        .heartbeat(&pflex_proto::api::HeartbeatRequest {
+            node_id: sds.id(),
+            metrics: Default::default(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(beat.token_public_keys.len(), 2, "{:?}", beat.token_public_keys);
+    assert_eq!(beat.token_public_keys[0], keys_before[0], "the old key is still accepted");
+
+    let audit = serde_json::to_string(&new_admin.audit().await.unwrap()).unwrap();
+    assert!(audit.contains("cluster.rotate"), "{audit}");
+}

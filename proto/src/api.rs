@@ -212,6 +212,29 @@ pub struct HeartbeatResponse {
     /// How fast an SDS may move data (only for an SDS).
     #[serde(default)]
     pub movement: MovementPolicy,
+    /// The token public keys an SDS accepts from now on (only for an SDS):
+    /// after `pflex cluster rotate` the next key is here before the MDM signs
+    /// with it, and the previous one until tokens it signed have expired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_public_keys: Vec<String>,
+}
+
+/// What `POST /cluster/rotate` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateResponse {
+    /// The signing key generation tokens are signed with from
+    /// `signs_from` (unix seconds) on.
+    pub signing_generation: u32,
+    pub signs_from: u64,
+    /// Tokens signed with older keys are accepted until then (unix seconds).
+    pub previous_accepted_until: u64,
+    /// Where the new admin token is (the old one no longer works).
+    pub admin_token_file: String,
+    /// Enrollment tokens not yet used that no longer work.
+    pub enrollment_tokens_revoked: u64,
+    /// A join key was configured and no longer works.
+    pub join_key_disabled: bool,
 }
 
 /// How data movement (rebuild, resync, rebalance, drain) shares each SDS

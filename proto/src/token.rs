@@ -71,6 +71,15 @@ impl ClusterSecret {
         let seed = hmac_32(&self.0, &[b"pflex-token-signing-v2"]);
         TokenSigner(ed25519_dalek::SigningKey::from_bytes(&seed))
     }
+    /// The token signing key of `generation` (0 is [`Self::token_signer`];
+    /// each `pflex cluster rotate` moves to the next).
+    pub fn token_signer_at(&self, generation: u32) -> TokenSigner {
+        if generation == 0 {
+            return self.token_signer();
+        }
+        let seed = hmac_32(&self.0, &[b"pflex-token-signing-v2", &generation.to_le_bytes()]);
+        TokenSigner(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
     /// The key of SDS `sds_id`, from which its session keys are derived.
     pub fn node_key(&self, sds_id: u64) -> NodeKey {
         NodeKey(hmac_32(&self.0, &[b"pflex-node-v2", &sds_id.to_le_bytes()]))

@@ -145,6 +145,12 @@ pub enum ClusterCommand {
     /// of, checks them against their block checksums and rewrites a copy
     /// that is corrupt or differs. Waits until every pass has finished.
     Scrub(CommonArgs),
+    /// Rotate the key material without stopping IO: a new token signing key
+    /// (sent to every SDS first, used a few heartbeats later, the old one
+    /// accepted until its tokens expire), a new admin token (written where
+    /// the old one was; the old one stops working at once), and every unused
+    /// enrollment token and the join key revoked.
+    Rotate(CommonArgs),
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -322,7 +328,10 @@ impl AdminCommand {
     fn common(&self) -> &CommonArgs {
         match self {
             AdminCommand::Cluster(
-                ClusterCommand::Status(c) | ClusterCommand::Rebuilds(c) | ClusterCommand::Scrub(c),
+                ClusterCommand::Status(c)
+                | ClusterCommand::Rebuilds(c)
+                | ClusterCommand::Scrub(c)
+                | ClusterCommand::Rotate(c),
             )
             | AdminCommand::Sds(SdsCommand::List(c))
             | AdminCommand::Sdc(SdcCommand::List(c))
@@ -471,6 +480,23 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
             out.push('\n');
             out.push_str(&components_table(&health.components));
             Ok(out)
+        }
+        AdminCommand::Cluster(ClusterCommand::Rotate(_)) => {
+            let r = client.cluster_rotate().await?;
+            if json {
+                return to_json(&r);
+            }
+            Ok(format!(
+                "signing key generation {} signs new tokens from {} (unix); older keys accepted \
+                 until {}\nnew admin token in {} (the old one no longer works)\n{} unused \
+                 enrollment tokens revoked{}\n",
+                r.signing_generation,
+                r.signs_from,
+                r.previous_accepted_until,
+                r.admin_token_file,
+                r.enrollment_tokens_revoked,
+                if r.join_key_disabled { "; the join key no longer works" } else { "" }
+            ))
         }
         AdminCommand::Cluster(ClusterCommand::Scrub(_)) => {
             let reports = scrub_every_sds(&client.sds_list().await?).await?;

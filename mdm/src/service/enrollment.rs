@@ -228,6 +228,42 @@ pub fn reset_node(
     Ok(id)
 }
 
+/// Records a new signing key generation and revokes every unused enrollment
+/// token; the new generation and how many tokens were revoked.
+pub fn rotate_keys(
+    conn: &Connection,
+    ctx: &Ctx,
+    source: &str,
+    join_key_disabled: bool,
+) -> Result<(u32, u64), MdmError> {
+    let newest: u32 =
+        conn.query_row("SELECT COALESCE(MAX(generation), 0) FROM signing_keys", [], |r| r.get(0))?;
+    let generation = newest.max(ctx.keys.newest_generation()) + 1;
+    conn.execute(
+        "INSERT INTO signing_keys (generation, created_at) VALUES (?1, ?2)",
+        params![generation, ctx.now],
+    )?;
+    let revoked = conn.execute(
+        "UPDATE enrollment_tokens SET expires_at = ?1 WHERE used_at = 0 AND expires_at > ?1",
+        [ctx.now],
+    )? as u64;
+    let detail = format!(
+        "signing key generation {generation}; admin token replaced; {revoked} unused enrollment \
+         tokens revoked{}",
+        if join_key_disabled { "; join key disabled" } else { "" }
+    );
+    audit(conn, ctx.now, "admin", "cluster.rotate", "", source, "ok", &detail)?;
+    Ok((generation, revoked))
+}
+
+/// The recorded signing key generations: (generation, created at), in order.
+pub fn signing_history(conn: &Connection) -> Result<Vec<(u32, u64)>, MdmError> {
+    let mut st =
+        conn.prepare("SELECT generation, created_at FROM signing_keys ORDER BY generation")?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Appends one row to the audit log.
 #[allow(clippy::too_many_arguments)]
 pub fn audit(

@@ -20,7 +20,9 @@ mod rebuild;
 mod tokens;
 mod volumes;
 
-pub use enrollment::{audit, audit_list, mint_enrollment, reset_node};
+pub use enrollment::{
+    audit, audit_list, mint_enrollment, reset_node, rotate_keys, signing_history,
+};
 pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport, Replace};
 pub use health::{declare_unreachable, device_failed, sds_data_address};
 pub use movement::{

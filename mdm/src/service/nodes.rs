@@ -315,14 +315,25 @@ pub fn heartbeat(
             volumes,
             rebuilds: Vec::new(),
             movement: Default::default(),
+            token_public_keys: Vec::new(),
         });
     }
-    let (rebuilds, movement) = if node_type == NodeType::Sds {
-        (super::rebuild::assignments(conn, ctx, id)?, super::movement::movement_policy(conn)?)
+    let (rebuilds, movement, token_public_keys) = if node_type == NodeType::Sds {
+        (
+            super::rebuild::assignments(conn, ctx, id)?,
+            super::movement::movement_policy(conn)?,
+            ctx.keys.token_public_keys(),
+        )
     } else {
-        (Vec::new(), Default::default())
+        (Vec::new(), Default::default(), Vec::new())
     };
-    Ok(HeartbeatResponse { status: "ok".to_string(), volumes, rebuilds, movement })
+    Ok(HeartbeatResponse {
+        status: "ok".to_string(),
+        volumes,
+        rebuilds,
+        movement,
+        token_public_keys,
+    })
 }
 
 /// `GET /sds/list`.

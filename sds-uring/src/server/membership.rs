@@ -94,9 +94,10 @@ impl SdsNode {
         }
 
         let previous = self.identity();
-        if previous.as_ref().is_some_and(|p| {
-            p.keys.token_keys != keys.token_keys || p.keys.node_key != keys.node_key
-        }) {
+        // A new node key (a new cluster secret) invalidates every session
+        // key; new token public keys (a rotation) do not: tokens already
+        // verified stay valid until they expire.
+        if previous.as_ref().is_some_and(|p| p.keys.node_key != keys.node_key) {
             tracing::warn!("this node's keys changed: dropping every cached token");
             self.tokens.clear();
         }
@@ -256,6 +257,9 @@ impl SdsNode {
             Ok(reply) => {
                 self.metrics.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                 self.movement.set_policy(reply.movement);
+                if !reply.token_public_keys.is_empty() {
+                    self.adopt_token_keys(&identity, &reply.token_public_keys);
+                }
                 let changed = self.placement.apply_heartbeat(&reply.volumes);
                 for &volume_id in &changed {
                     if let Err(status) = self.fetch_placement(volume_id).await {
@@ -301,6 +305,35 @@ impl SdsNode {
             }
         }
         Vec::new()
+    }
+
+    /// Takes the token public keys a heartbeat reply lists (a key rotation
+    /// publishes the next key here before the MDM signs with it, and drops
+    /// an old one once its tokens have expired). Cached tokens stay.
+    fn adopt_token_keys(&self, identity: &Identity, listed: &[String]) {
+        let keys: Result<Vec<_>, _> =
+            listed.iter().map(|k| pflex_proto::token::TokenPublicKey::from_hex(k)).collect();
+        let Ok(keys) = keys else {
+            tracing::warn!("the MDM sent a malformed token public key; keeping the ones held");
+            return;
+        };
+        if keys == identity.keys.token_keys {
+            return;
+        }
+        let mut node_keys = identity.keys.clone();
+        node_keys.token_keys = keys;
+        let updated = Arc::new(Identity {
+            node_id: identity.node_id,
+            mdm: identity.mdm.clone(),
+            keys: node_keys,
+            peer_key: identity.peer_key.clone(),
+            heartbeat_interval_secs: identity.heartbeat_interval_secs,
+            generation: identity.generation,
+        });
+        if self.replace_identity(identity.generation, updated) {
+            tracing::info!(keys = listed.len(), "token public keys updated by the MDM");
+            self.local_log.health("token-keys", format!("{} token public keys", listed.len()));
+        }
     }
 
     /// Sends the accumulated IO acknowledgements, keeping them on failure.

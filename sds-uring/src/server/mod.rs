@@ -151,6 +151,18 @@ impl SdsNode {
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Some(identity);
     }
 
+    /// Replaces the identity only if it is still the one of registration
+    /// `generation` (a concurrent re-registration wins).
+    fn replace_identity(&self, generation: u64, identity: Arc<Identity>) -> bool {
+        let mut slot = self.identity.write().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|current| current.generation == generation) {
+            *slot = Some(identity);
+            true
+        } else {
+            false
+        }
+    }
+
     pub fn uptime_secs(&self) -> u64 {
         self.started.elapsed().as_secs()
     }
