@@ -89,6 +89,19 @@ impl Enrollment {
     }
 
     /// Keeps `credential` (atomically, 0600) before it is used.
+    /// [`Enrollment::store`] on the blocking pool (it syncs a file), for
+    /// callers on an async thread.
+    pub async fn store_off_thread(&self, credential: &str) -> Result<(), EnrollmentError> {
+        let (this, credential) = (self.clone(), credential.to_string());
+        match tokio::task::spawn_blocking(move || this.store(&credential)).await {
+            Ok(stored) => stored,
+            Err(e) => Err(EnrollmentError::File {
+                path: self.credential_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
+    }
+
     pub fn store(&self, credential: &str) -> Result<(), EnrollmentError> {
         let path = &self.credential_path;
         let failed = |source| EnrollmentError::File { path: path.clone(), source };

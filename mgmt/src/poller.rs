@@ -57,7 +57,7 @@ async fn register(
     match client.register(&req).await {
         Ok(resp) => {
             if req.credential.as_deref() != Some(resp.credential.as_str()) {
-                if let Err(e) = enrollment.store(&resp.credential) {
+                if let Err(e) = enrollment.store_off_thread(&resp.credential).await {
                     tracing::warn!("registered, but the credential cannot be kept: {e}");
                     return None;
                 }

@@ -92,7 +92,7 @@ impl Agent {
         id.enrollment.fill(&mut request);
         let resp = anonymous.register(&request).await.map_err(|e| e.to_string())?;
         if request.credential.as_deref() != Some(resp.credential.as_str()) {
-            id.enrollment.store(&resp.credential).map_err(|e| e.to_string())?;
+            id.enrollment.store_off_thread(&resp.credential).await.map_err(|e| e.to_string())?;
         }
         let client = anonymous.with_credential(resp.credential.clone());
         self.backend.context().set_mdm(client);

@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run_ok;
+use common::{run_ok, MemorySdc};
 use pflex_testkit::free_port;
 
 struct Killed(std::process::Child);
@@ -19,21 +19,11 @@ impl Drop for Killed {
 
 #[test]
 fn memory_exports_serve_real_clients_without_a_cluster() {
-    let port = free_port();
-    let child = Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
-        .args(["--memory-export", "scratch:64M", "--memory-export", "tiny:1M"])
-        .arg("--nbd-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sdc did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let sdc = MemorySdc::start(
+        "127.0.0.1",
+        &["--memory-export", "scratch:64M", "--memory-export", "tiny:1M"],
+    );
+    let port = sdc.port;
     let list = run_ok(
         "nbdinfo",
         &["--list", "--json", &format!("nbd://127.0.0.1:{port}")],
@@ -82,12 +72,8 @@ fn plain_nbd_on_a_non_loopback_address_needs_insecure() {
     std::io::Read::read_to_string(refused.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("--insecure"), "{stderr}");
 
-    let _accepted = Killed(sdc(&["--insecure"]));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sdc --insecure did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // With --insecure it serves (MemorySdc waits until it listens).
+    let _accepted = MemorySdc::start("0.0.0.0", &["--memory-export", "scratch:1M", "--insecure"]);
 }
 
 /// Resident memory of a process, in bytes.
@@ -111,22 +97,11 @@ fn stalled_writes_cannot_grow_the_sdc_past_its_payload_cap() {
     const CAP: u64 = 64 << 20;
     const CLIENTS: usize = 48;
     const LEN: u32 = 32 << 20;
-    let port = free_port();
-    let child = Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
-        .args(["--memory-export", "scratch:64M", "--max-in-flight-total", "64M"])
-        .arg("--nbd-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let sdc = Killed(child);
-    let pid = sdc.0.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sdc did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let sdc = MemorySdc::start(
+        "127.0.0.1",
+        &["--memory-export", "scratch:64M", "--max-in-flight-total", "64M"],
+    );
+    let (port, pid) = (sdc.port, sdc.pid());
     let before = rss(pid);
     let senders: Vec<_> = (0..CLIENTS)
         .map(|i| {

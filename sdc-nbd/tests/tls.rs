@@ -6,40 +6,16 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{run, run_ok};
-use pflex_testkit::free_port;
+use common::{run, run_ok, MemorySdc};
 use pflex_tls::{ClusterCa, Layout};
 
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_sdc(listen: &str, tls_dir: &Path, extra: &[&str]) -> Killed {
-    let child = Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
-        .args(["--memory-export", "scratch:64M", "--nbd-listen", listen, "--tls-dir"])
-        .arg(tls_dir)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Killed(child)
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "sdc did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn start_sdc(ip: &str, tls_dir: &Path, extra: &[&str]) -> MemorySdc {
+    let tls_dir = tls_dir.display().to_string();
+    let mut args = vec!["--memory-export", "scratch:64M", "--tls-dir", &tls_dir];
+    args.extend(extra);
+    MemorySdc::start(ip, &args)
 }
 
 /// CA, the SDC's certificate, our client's, and a stranger's (another CA).
@@ -72,9 +48,8 @@ fn tls_uri(port: u16, certs: &Path) -> String {
 #[test]
 fn tls_required_on_a_non_loopback_listener_serves_only_certified_clients() {
     let certs = certs();
-    let port = free_port();
-    let _sdc = start_sdc(&format!("0.0.0.0:{port}"), &certs.server, &[]);
-    wait_listening(port);
+    let sdc = start_sdc("0.0.0.0", &certs.server, &[]);
+    let port = sdc.port;
     let minute = Duration::from_secs(60);
 
     // libnbd over TLS with our client certificate.
@@ -120,17 +95,15 @@ fn tls_required_on_a_non_loopback_listener_serves_only_certified_clients() {
 fn tls_is_offered_on_loopback_and_required_on_request() {
     let certs = certs();
     let minute = Duration::from_secs(60);
-    let port = free_port();
-    let sdc = start_sdc(&format!("127.0.0.1:{port}"), &certs.server, &[]);
-    wait_listening(port);
+    let sdc = start_sdc("127.0.0.1", &certs.server, &[]);
+    let port = sdc.port;
     let plain = format!("nbd://localhost:{port}/scratch");
     run_ok("nbdinfo", &["--size", &plain], minute);
     run_ok("nbdinfo", &["--size", &tls_uri(port, &certs.client)], minute);
     drop(sdc);
 
-    let port = free_port();
-    let _sdc = start_sdc(&format!("127.0.0.1:{port}"), &certs.server, &["--nbd-tls-required"]);
-    wait_listening(port);
+    let sdc = start_sdc("127.0.0.1", &certs.server, &["--nbd-tls-required"]);
+    let port = sdc.port;
     let plain = format!("nbd://localhost:{port}/scratch");
     assert!(!run("nbdinfo", &["--size", &plain], minute).status.success());
     run_ok("nbdinfo", &["--size", &tls_uri(port, &certs.client)], minute);

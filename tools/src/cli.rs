@@ -198,6 +198,16 @@ pub struct AddNode {
     /// How long the token may be used, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub ttl_secs: u64,
+    /// Also issue the node a certificate from the cluster CA (the data dir's
+    /// `tls/ca`), for these host names and addresses (comma separated), into
+    /// `--tls-out`; copy that directory to the new host and start the node
+    /// with `--tls-dir` pointing at it.
+    #[arg(long, value_delimiter = ',', requires = "tls_out")]
+    pub tls_host: Vec<String>,
+    /// Directory the certificate, its key and the CA certificate go to
+    /// (created 0700, files 0600).
+    #[arg(long, requires = "tls_host")]
+    pub tls_out: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -356,6 +366,29 @@ impl AdminCommand {
     }
 }
 
+/// With `--tls-host`/`--tls-out`: issues `add.name` a certificate from the
+/// cluster CA kept in the data dir (`tls/ca`, as `pflex up` made it).
+fn issue_node_certificate(connection: &ConnectionArgs, add: &AddNode) -> Result<()> {
+    let Some(out) = &add.tls_out else { return Ok(()) };
+    let data_dir = connection
+        .data_dir
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_DATA_DIR)).filter(|d| d.is_dir()))
+        .context("--tls-out needs the data dir that holds the cluster CA (--data-dir)")?;
+    let ca_dir = data_dir.join("tls").join("ca");
+    let ca = pflex_tls::ClusterCa::load(&ca_dir)
+        .with_context(|| format!("loading the cluster CA from {}", ca_dir.display()))?;
+    ca.issue(&add.name, &add.tls_host, out, pflex_tls::Layout::Node)
+        .with_context(|| format!("issuing a certificate into {}", out.display()))?;
+    eprintln!(
+        "certificate for {} ({}) in {}: copy the directory to that host and add `--tls-dir DIR`",
+        add.name,
+        add.tls_host.join(", "),
+        out.display()
+    );
+    Ok(())
+}
+
 /// Mints and prints a one-time enrollment token for `name`.
 async fn enroll_node(
     client: &MdmClient,
@@ -446,7 +479,8 @@ async fn scrub_every_sds(
 /// subcommand. Returns the text to print.
 pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String> {
     let common = command.common().clone();
-    let client = common.connection.clone().or(outer).client()?;
+    let connection = common.connection.clone().or(outer);
+    let client = connection.client()?;
     let json = common.json;
     match command {
         AdminCommand::Cluster(ClusterCommand::Status(_)) => {
@@ -595,9 +629,11 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
             Ok(format!("SDS {} (id {}) drained and removed\n", info.name, info.id))
         }
         AdminCommand::Sds(SdsCommand::Add(add)) => {
+            issue_node_certificate(&connection, &add)?;
             enroll_node(&client, NodeType::Sds, add, json).await
         }
         AdminCommand::Sdc(SdcCommand::Add(add)) => {
+            issue_node_certificate(&connection, &add)?;
             enroll_node(&client, NodeType::Sdc, add, json).await
         }
         AdminCommand::Sds(SdsCommand::Reset(node)) => {

@@ -74,6 +74,46 @@ pub async fn start_with(volumes: &[VolumeSpec], options: Options) -> Cluster {
     cluster
 }
 
+/// An SDC serving in-memory exports only (no cluster), stopped when dropped.
+pub struct MemorySdc {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl MemorySdc {
+    /// Starts `sdc ARGS --nbd-listen IP:PORT` on a free port and waits until
+    /// it accepts connections.
+    pub fn start(ip: &str, args: &[&str]) -> MemorySdc {
+        let port = pflex_testkit::free_port();
+        let child = Command::new(pflex_testkit::workspace_binary("sdc-nbd", "sdc"))
+            .args(args)
+            .arg("--nbd-listen")
+            .arg(format!("{ip}:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sdc = MemorySdc { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "sdc did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sdc
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for MemorySdc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs a command to completion within `timeout`, killing it (by PID) if
 /// it takes longer.
 pub fn run(program: &str, args: &[&str], timeout: Duration) -> Output {

@@ -178,6 +178,21 @@ pub fn verify_auth(
     now: u64,
     mapping_gen: u64,
 ) -> Result<(SignedToken, SessionKey), Status> {
+    let (signed, session_key) = authenticate_auth(keys, header, raw, payload)?;
+    check_auth_scope(&signed, now, mapping_gen)?;
+    Ok((signed, session_key))
+}
+
+/// The part of [`verify_auth`] that depends on nothing but the keys: the
+/// token's signature, that the header names it, and the MAC under its
+/// session key. Runs first, so nothing unauthenticated makes this node do
+/// anything else (such as ask the MDM for a mapping generation).
+pub fn authenticate_auth(
+    keys: &NodeKeys,
+    header: &FrameHeader,
+    raw: &[u8; HEADER_LEN],
+    payload: &[u8],
+) -> Result<(SignedToken, SessionKey), Status> {
     let signed = SignedToken::decode(payload).map_err(Status::from)?;
     keys.verify(&signed).map_err(Status::from)?;
     if header.token_id != signed.token.token_id {
@@ -187,11 +202,12 @@ pub fn verify_auth(
     if !FrameHeader::verify_mac(raw, &session_key, payload) {
         return Err(Status::BadMac);
     }
-    signed
-        .token
-        .check_scope(now, signed.token.volume_id, false, mapping_gen)
-        .map_err(Status::from)?;
     Ok((signed, session_key))
+}
+
+/// The rest of [`verify_auth`]: expiry and revocation by mapping generation.
+pub fn check_auth_scope(signed: &SignedToken, now: u64, mapping_gen: u64) -> Result<(), Status> {
+    signed.token.check_scope(now, signed.token.volume_id, false, mapping_gen).map_err(Status::from)
 }
 
 /// Checks a client data request against its cached token: MAC, then scope.

@@ -37,13 +37,13 @@ use bytes::Bytes;
 use pflex_dataplane::{read_request, ClientError, ReplyWriter};
 use pflex_proto::frame::{crc32, flags, FrameHeader, Op, Status, HEADER_LEN};
 use pflex_proto::placement::{PlacementGroup, PlacementMap};
-use pflex_proto::token::{SessionKey, SignedToken};
+use pflex_proto::token::SessionKey;
 use pflex_proto::{unix_now, CHUNK_SIZE};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::auth::{check_client_request, verify_auth, VerifiedToken};
+use super::auth::{authenticate_auth, check_auth_scope, check_client_request, VerifiedToken};
 use super::lease::PrimaryLease;
 use super::metrics::op_name;
 use super::replication::ChunkOrderLock;
@@ -175,21 +175,17 @@ async fn serve_auth(
     payload: &[u8],
     sealing_key: &mut Option<SessionKey>,
 ) -> Result<Vec<u8>, Status> {
-    // Signature first: nothing unauthenticated may make this node call the MDM.
-    let signed = SignedToken::decode(payload).map_err(Status::from)?;
-    identity.keys.verify(&signed).map_err(Status::from)?;
-    let session_key = identity.keys.node_key.session_key(&signed);
-    if FrameHeader::verify_mac(raw, &session_key, payload) {
-        *sealing_key = Some(session_key);
-    }
+    // Authenticated first: nothing unauthenticated may make this node call
+    // the MDM. Replies from here on are sealed with the token's session key.
+    let (signed, session_key) = authenticate_auth(&identity.keys, header, raw, payload)?;
+    *sealing_key = Some(session_key.clone());
     let volume_id = signed.token.volume_id;
     if node.placement.mapping_gen(volume_id) == 0 {
         // Unknown volume so far: learn its mapping generation (revocation).
         let _ = node.placement_for(volume_id, 0).await;
     }
     let mapping_gen = node.placement.mapping_gen(volume_id);
-    let (signed, session_key) =
-        verify_auth(&identity.keys, header, raw, payload, unix_now(), mapping_gen)?;
+    check_auth_scope(&signed, unix_now(), mapping_gen)?;
     // A token signed for a newer mapping generation than this node heard of
     // (it may be cut off from the MDM) is proof of a remap: older tokens of
     // the volume are revoked from now on, here and, through the lease, on
@@ -352,7 +348,7 @@ async fn renew_lease(
         ..FrameHeader::default()
     };
     let sent = std::time::Instant::now();
-    let call = peer.call(header, &identity.peer_key, Bytes::new());
+    let call = peer.call(header, &identity.keys.peer_key, Bytes::new());
     let status = match tokio::time::timeout(LEASE_REQUEST_TIMEOUT, call).await {
         Ok(Ok(reply)) => reply.status(),
         Ok(Err(e)) => {
@@ -565,16 +561,19 @@ async fn replicate_write(
         let (id, peer) = joining.as_ref()?;
         let mut frame = forward;
         frame.seq = peer.seq.next();
-        Some((*id, peer.call(frame, &identity.peer_key, payload.clone()).await))
+        Some((*id, peer.call(frame, &identity.keys.peer_key, payload.clone()).await))
     };
-    let (remote, joined, local) =
-        tokio::join!(peer.call(forward, &identity.peer_key, payload.clone()), to_joining, async {
+    let (remote, joined, local) = tokio::join!(
+        peer.call(forward, &identity.keys.peer_key, payload.clone()),
+        to_joining,
+        async {
             // Let the forward leave first: a local write alone on its device
             // is submitted from this thread (an `io_uring_enter`), and the
             // copy on the secondary is the longer path.
             tokio::task::yield_now().await;
             apply_local(node, op, header, &payload).await
-        });
+        }
+    );
     node.metrics.forwards.fetch_add(1, Ordering::Relaxed);
     if let Some((joining_id, outcome)) = joined {
         let ok = matches!(&outcome, Ok(reply) if reply.status() == Status::Ok);
@@ -769,7 +768,7 @@ async fn flush_volume(
             seq: peer.seq.next(),
             ..FrameHeader::default()
         };
-        let key = identity.peer_key.clone();
+        let key = identity.keys.peer_key.clone();
         forwards.spawn(async move { (secondary, peer.call(forward, &key, Bytes::new()).await) });
     }
     let local = node.store.flush().await;
@@ -819,10 +818,10 @@ async fn serve_replica(
     if op == Op::Auth {
         return Err(Status::Invalid);
     }
-    if !FrameHeader::verify_mac(raw, &identity.peer_key, &payload) {
+    if !FrameHeader::verify_mac(raw, &identity.keys.peer_key, &payload) {
         return Err(Status::BadMac);
     }
-    *sealing_key = Some(identity.peer_key.clone());
+    *sealing_key = Some(identity.keys.peer_key.clone());
     let map = node.placement_for(header.volume_id, header.epoch).await?;
     let sender = header.token_id;
     let accept = |seq| {

@@ -90,7 +90,7 @@ impl SdsNode {
         let keys = reply.sds_keys.as_ref().ok_or(MembershipError::NoKeys)?;
         let keys = super::auth::NodeKeys::from_api(keys).map_err(MembershipError::BadKeys)?;
         if request.credential.as_deref() != Some(reply.credential.as_str()) {
-            config.enrollment.store(&reply.credential)?;
+            config.enrollment.store_off_thread(&reply.credential).await?;
         }
 
         let previous = self.identity();
@@ -104,7 +104,6 @@ impl SdsNode {
         let identity = Arc::new(Identity {
             node_id: reply.node_id,
             mdm: anonymous.with_credential(reply.credential),
-            peer_key: keys.peer_key.clone(),
             keys,
             heartbeat_interval_secs: reply.heartbeat_interval_secs.max(1),
             generation: previous.map_or(1, |p| p.generation + 1),
@@ -326,7 +325,6 @@ impl SdsNode {
             node_id: identity.node_id,
             mdm: identity.mdm.clone(),
             keys: node_keys,
-            peer_key: identity.peer_key.clone(),
             heartbeat_interval_secs: identity.heartbeat_interval_secs,
             generation: identity.generation,
         });

@@ -51,7 +51,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use pflex_mdm_client::MdmClient;
-use pflex_proto::token::SessionKey;
 use tokio::net::TcpListener;
 
 use crate::store::{ChunkStore, StoreConfig, StoreError};
@@ -87,10 +86,9 @@ pub struct Identity {
     pub node_id: u64,
     /// MDM client carrying this node's credential.
     pub mdm: MdmClient,
-    /// The token public keys and this node's own keys.
+    /// The token public keys and this node's own keys (among them the peer
+    /// key of replication frames).
     pub keys: auth::NodeKeys,
-    /// Key of replication frames (a copy of `keys.peer_key`).
-    pub peer_key: SessionKey,
     pub heartbeat_interval_secs: u64,
     /// Counts registrations, so concurrent 401s trigger one re-registration.
     pub generation: u64,

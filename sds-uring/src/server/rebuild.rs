@@ -347,7 +347,7 @@ async fn release_lease(
     }
     let Some(peer) = map.node(promoted).and_then(|e| node.peers.get(e).ok()) else { return };
     let header = replica_header(identity, &peer, &map, Op::LeaseRelease, job.pg_index, 0);
-    match peer.call(header, &identity.peer_key, Bytes::new()).await {
+    match peer.call(header, &identity.keys.peer_key, Bytes::new()).await {
         Ok(reply) if reply.status() == Status::Ok => {}
         outcome => tracing::debug!(
             promoted,
@@ -365,7 +365,7 @@ async fn flush_peer(
 ) -> Result<(), RebuildError> {
     let header = replica_header(identity, peer, map, Op::Flush, 0, 0);
     let reply = peer
-        .call(header, &identity.peer_key, Bytes::new())
+        .call(header, &identity.keys.peer_key, Bytes::new())
         .await
         .map_err(|e| RebuildError::Transport(e.to_string()))?;
     match reply.status() {
@@ -387,7 +387,7 @@ pub(super) async fn pull_chunk(
     let peer = node.peers.get(endpoint).map_err(|_| RebuildError::Target(source))?;
     let header = replica_header(identity, &peer, map, Op::Read, chunk, CHUNK_SIZE as u32);
     let reply = peer
-        .call(header, &identity.peer_key, Bytes::new())
+        .call(header, &identity.keys.peer_key, Bytes::new())
         .await
         .map_err(|e| RebuildError::Transport(e.to_string()))?;
     match reply.status() {
@@ -438,7 +438,7 @@ pub(super) async fn push_chunk(
     };
     let header = replica_header(identity, &peer, map, op, chunk, length);
     let reply = peer
-        .call(header, &identity.peer_key, payload)
+        .call(header, &identity.keys.peer_key, payload)
         .await
         .map_err(|e| RebuildError::Transport(e.to_string()))?;
     match reply.status() {
@@ -483,7 +483,7 @@ async fn target_dirty_list(
     map: &PlacementMap,
 ) -> Result<Vec<u64>, RebuildError> {
     let header = replica_header(identity, peer, map, Op::DirtyList, job.pg_index, 0);
-    let reply = peer.call(header, &identity.peer_key, Bytes::new()).await;
+    let reply = peer.call(header, &identity.keys.peer_key, Bytes::new()).await;
     let reply = target_reached(node, job, reply).await?;
     if reply.status() != Status::Ok {
         return Err(RebuildError::Refused {
@@ -512,7 +512,7 @@ async fn target_allocation(
     while start < map.chunk_count() {
         let count = (map.chunk_count() - start).min(u64::from(MAX_ALLOCATION_CHUNKS));
         let header = replica_header(identity, peer, map, Op::Allocation, start, count as u32);
-        let reply = peer.call(header, &identity.peer_key, Bytes::new()).await;
+        let reply = peer.call(header, &identity.keys.peer_key, Bytes::new()).await;
         let reply = target_reached(node, job, reply).await?;
         if reply.status() != Status::Ok {
             return Err(RebuildError::Refused {
@@ -553,7 +553,7 @@ async fn send(
     loop {
         let map = current_map(node, identity, job).await?;
         let header = replica_header(identity, peer, &map, op, chunk, length);
-        let reply = peer.call(header, &identity.peer_key, payload.clone()).await;
+        let reply = peer.call(header, &identity.keys.peer_key, payload.clone()).await;
         let reply = target_reached(node, job, reply).await?;
         match reply.status() {
             Status::Ok => return Ok(()),
