@@ -88,20 +88,28 @@ async fn stale_sds_raises_an_alert_that_resolves_when_it_heartbeats_again() {
     assert!(r.status().is_redirection(), "dashboard without a session: {}", r.status());
     let r = http.get(format!("{mgmt_url}/api/alerts")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = http
-        .post(format!("{mgmt_url}/login"))
-        .form(&[("username", "admin"), ("password", "not-the-password")])
-        .send()
-        .await
-        .unwrap();
+    let login = |password: String| {
+        let (http, url) = (http.clone(), format!("{mgmt_url}/login"));
+        async move {
+            // The login form carries a token bound to a cookie of its own.
+            let form = http.get(&url).send().await.unwrap();
+            let cookie = form.headers()[reqwest::header::SET_COOKIE].to_str().unwrap();
+            let cookie = cookie.split(';').next().unwrap().to_string();
+            let page = form.text().await.unwrap();
+            let at = page.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
+            let csrf = page[at..at + 32].to_string();
+            http.post(&url)
+                .header(reqwest::header::COOKIE, cookie)
+                .form(&[("csrf", csrf.as_str()), ("username", "admin"), ("password", &password)])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = login("not-the-password".into()).await;
     assert_eq!(r.status(), 401);
     let password = std::fs::read_to_string(mgmt_dir.join("admin_password")).unwrap();
-    let r = http
-        .post(format!("{mgmt_url}/login"))
-        .form(&[("username", "admin"), ("password", password.trim())])
-        .send()
-        .await
-        .unwrap();
+    let r = login(password.trim().to_string()).await;
     assert!(r.status().is_redirection(), "login: {}", r.status());
     let cookie = r.headers()[reqwest::header::SET_COOKIE].to_str().unwrap();
     let cookie = cookie.split(';').next().unwrap().to_string();
