@@ -545,7 +545,9 @@ impl UpArgs {
             volume: "vol1".into(),
             volume_size: 2 << 30,
             sds_count: 3,
-            device_size: 4 << 30,
+            // Devices are preallocated: 3 × 2 GiB holds the 2 GiB volume twice over
+            // and leaves room on small disks (the tour runs this beside `pflex up`).
+            device_size: 2 << 30,
             io_engine: io_engine.into(),
             mdm_port: 8101,
             nbd_port: 10819,
