@@ -33,6 +33,8 @@ use serde::Serialize;
 
 /// Default per-request timeout; control-plane calls are small.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Volumes asked for per page of `GET /vol/list`.
+const VOLUME_PAGE: u64 = 1000;
 
 /// Why a call to the MDM failed.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +161,15 @@ impl MdmClient {
         segments: &[&str],
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<(String, reqwest::Response), MdmClientError> {
-        let url = self.url(segments);
+        self.send_url(method, self.url(segments), body).await
+    }
+
+    async fn send_url(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<(String, reqwest::Response), MdmClientError> {
         let mut request = self.http.request(method, url.clone());
         if let Some(credential) = &self.credential {
             request = request.bearer_auth(credential);
@@ -363,9 +373,44 @@ impl MdmClient {
         self.post(&["vol", "create"], request).await
     }
 
-    /// `GET /vol/list`.
+    /// Every volume: `GET /vol/list`, page after page.
     pub async fn volume_list(&self) -> Result<Vec<Volume>, MdmClientError> {
-        self.get(&["vol", "list"]).await
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let (page, next) = self.volume_page(after, VOLUME_PAGE).await?;
+            all.extend(page);
+            match next {
+                Some(next) if next > after => after = next,
+                _ => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of `GET /vol/list`: up to `limit` volumes with ids above
+    /// `after`, and the `after` of the next page when there is one.
+    pub async fn volume_page(
+        &self,
+        after: u64,
+        limit: u64,
+    ) -> Result<(Vec<Volume>, Option<u64>), MdmClientError> {
+        let mut url = self.url(&["vol", "list"]);
+        url.query_pairs_mut()
+            .append_pair("after", &after.to_string())
+            .append_pair("limit", &limit.to_string());
+        let (url, response) = self.send_url(Method::GET, url, None::<&()>).await?;
+        let next = response
+            .headers()
+            .get("x-next-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| MdmClientError::Transport { url: url.clone(), source })?;
+        let page = serde_json::from_slice(&bytes)
+            .map_err(|e| MdmClientError::Decode { url, detail: e.to_string() })?;
+        Ok((page, next))
     }
 
     /// `GET /vol/{volume}`.

@@ -288,7 +288,134 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     "#,
+    // 10: scale. Nothing a request or a monitor pass does may read every
+    // placement group. Each PG row keeps its bytes and whether they are
+    // reserved (thick); `sds_load` keeps each node's sums, maintained by
+    // triggers on every change of a PG, so placing a volume reads one row
+    // per node. Indexes find a node's PGs. A change sequence numbers every
+    // change of a volume's generations (and every deletion), so a heartbeat
+    // reply carries only what changed since the node's cursor. Volume count
+    // and provisioned bytes are kept the same way. The heartbeat log keeps
+    // one row per node and minute.
+    r#"
+    ALTER TABLE placement_groups ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE placement_groups ADD COLUMN thick INTEGER NOT NULL DEFAULT 0;
+    UPDATE placement_groups SET thick = s.thick,
+        bytes = (CASE WHEN placement_groups.pg_index >= s.chunks THEN 0
+                 ELSE (s.chunks - placement_groups.pg_index + s.n - 1) / s.n END) * 1048576
+    FROM (SELECT v.id, v.thick, (v.size_bytes + 1048575) / 1048576 AS chunks,
+                 (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id) AS n
+          FROM volumes v) AS s
+    WHERE s.id = placement_groups.volume_id;
+    CREATE INDEX placement_groups_primary ON placement_groups (primary_sds);
+    CREATE INDEX placement_groups_secondary ON placement_groups (secondary_sds);
+    CREATE INDEX placement_groups_joining ON placement_groups (joining_sds) WHERE joining_sds != 0;
+    CREATE INDEX placement_groups_absent ON placement_groups (absent_sds) WHERE absent_sds != 0;
+
+    CREATE TABLE sds_load (
+        node_id INTEGER PRIMARY KEY,
+        placed INTEGER NOT NULL DEFAULT 0,
+        placed_primary INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO sds_load (node_id, placed, placed_primary, reserved)
+        SELECT node, SUM(bytes), SUM(CASE WHEN is_primary THEN bytes ELSE 0 END),
+               SUM(CASE WHEN thick THEN bytes ELSE 0 END)
+        FROM (SELECT primary_sds AS node, bytes, thick, 1 AS is_primary FROM placement_groups
+              UNION ALL SELECT secondary_sds, bytes, thick, 0 FROM placement_groups
+              UNION ALL SELECT joining_sds, bytes, thick, 0 FROM placement_groups
+                        WHERE joining_sds != 0)
+        GROUP BY node;
+    CREATE TRIGGER pg_load_insert AFTER INSERT ON placement_groups BEGIN
+        INSERT OR IGNORE INTO sds_load (node_id) VALUES (NEW.primary_sds), (NEW.secondary_sds);
+        INSERT OR IGNORE INTO sds_load (node_id) SELECT NEW.joining_sds WHERE NEW.joining_sds != 0;
+        UPDATE sds_load SET placed = placed + NEW.bytes, placed_primary = placed_primary + NEW.bytes,
+               reserved = reserved + NEW.bytes * NEW.thick WHERE node_id = NEW.primary_sds;
+        UPDATE sds_load SET placed = placed + NEW.bytes, reserved = reserved + NEW.bytes * NEW.thick
+               WHERE node_id = NEW.secondary_sds;
+        UPDATE sds_load SET placed = placed + NEW.bytes, reserved = reserved + NEW.bytes * NEW.thick
+               WHERE node_id = NEW.joining_sds AND NEW.joining_sds != 0;
+    END;
+    CREATE TRIGGER pg_load_delete AFTER DELETE ON placement_groups BEGIN
+        UPDATE sds_load SET placed = placed - OLD.bytes, placed_primary = placed_primary - OLD.bytes,
+               reserved = reserved - OLD.bytes * OLD.thick WHERE node_id = OLD.primary_sds;
+        UPDATE sds_load SET placed = placed - OLD.bytes, reserved = reserved - OLD.bytes * OLD.thick
+               WHERE node_id = OLD.secondary_sds;
+        UPDATE sds_load SET placed = placed - OLD.bytes, reserved = reserved - OLD.bytes * OLD.thick
+               WHERE node_id = OLD.joining_sds AND OLD.joining_sds != 0;
+    END;
+    CREATE TRIGGER pg_load_update
+    AFTER UPDATE OF primary_sds, secondary_sds, joining_sds, bytes, thick ON placement_groups BEGIN
+        UPDATE sds_load SET placed = placed - OLD.bytes, placed_primary = placed_primary - OLD.bytes,
+               reserved = reserved - OLD.bytes * OLD.thick WHERE node_id = OLD.primary_sds;
+        UPDATE sds_load SET placed = placed - OLD.bytes, reserved = reserved - OLD.bytes * OLD.thick
+               WHERE node_id = OLD.secondary_sds;
+        UPDATE sds_load SET placed = placed - OLD.bytes, reserved = reserved - OLD.bytes * OLD.thick
+               WHERE node_id = OLD.joining_sds AND OLD.joining_sds != 0;
+        INSERT OR IGNORE INTO sds_load (node_id) VALUES (NEW.primary_sds), (NEW.secondary_sds);
+        INSERT OR IGNORE INTO sds_load (node_id) SELECT NEW.joining_sds WHERE NEW.joining_sds != 0;
+        UPDATE sds_load SET placed = placed + NEW.bytes, placed_primary = placed_primary + NEW.bytes,
+               reserved = reserved + NEW.bytes * NEW.thick WHERE node_id = NEW.primary_sds;
+        UPDATE sds_load SET placed = placed + NEW.bytes, reserved = reserved + NEW.bytes * NEW.thick
+               WHERE node_id = NEW.secondary_sds;
+        UPDATE sds_load SET placed = placed + NEW.bytes, reserved = reserved + NEW.bytes * NEW.thick
+               WHERE node_id = NEW.joining_sds AND NEW.joining_sds != 0;
+    END;
+
+    CREATE TABLE change_seq (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        value INTEGER NOT NULL
+    );
+    INSERT INTO change_seq VALUES (1, 0);
+    ALTER TABLE volumes ADD COLUMN changed_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deleted_volumes ADD COLUMN deleted_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX volumes_changed ON volumes (changed_seq);
+    CREATE INDEX deleted_volumes_seq ON deleted_volumes (deleted_seq);
+    CREATE TRIGGER volume_created AFTER INSERT ON volumes BEGIN
+        UPDATE change_seq SET value = value + 1;
+        UPDATE volumes SET changed_seq = (SELECT value FROM change_seq) WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER volume_generation_changed AFTER UPDATE OF epoch, mapping_gen ON volumes BEGIN
+        UPDATE change_seq SET value = value + 1;
+        UPDATE volumes SET changed_seq = (SELECT value FROM change_seq) WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER volume_deleted AFTER INSERT ON deleted_volumes BEGIN
+        UPDATE change_seq SET value = value + 1;
+        UPDATE deleted_volumes SET deleted_seq = (SELECT value FROM change_seq) WHERE id = NEW.id;
+    END;
+
+    CREATE TABLE volume_totals (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        volumes INTEGER NOT NULL,
+        provisioned_bytes INTEGER NOT NULL
+    );
+    INSERT INTO volume_totals
+        SELECT 1, COUNT(*), COALESCE(SUM(size_bytes), 0) FROM volumes;
+    CREATE TRIGGER volume_totals_insert AFTER INSERT ON volumes BEGIN
+        UPDATE volume_totals SET volumes = volumes + 1,
+               provisioned_bytes = provisioned_bytes + NEW.size_bytes;
+    END;
+    CREATE TRIGGER volume_totals_delete AFTER DELETE ON volumes BEGIN
+        UPDATE volume_totals SET volumes = volumes - 1,
+               provisioned_bytes = provisioned_bytes - OLD.size_bytes;
+    END;
+    CREATE TRIGGER volume_totals_resize AFTER UPDATE OF size_bytes ON volumes BEGIN
+        UPDATE volume_totals SET provisioned_bytes = provisioned_bytes - OLD.size_bytes + NEW.size_bytes;
+    END;
+
+    DROP TABLE heartbeat_log;
+    CREATE TABLE heartbeat_log (
+        node_id INTEGER NOT NULL,
+        minute INTEGER NOT NULL,
+        beats INTEGER NOT NULL,
+        PRIMARY KEY (node_id, minute)
+    );
+    CREATE INDEX heartbeat_log_minute ON heartbeat_log (minute);
+    "#,
 ];
+
+// Migration 10 computes PG bytes in SQL with 1 MiB chunks.
+const _: () = assert!(pflex_proto::CHUNK_SIZE == 1048576);
 
 /// Schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

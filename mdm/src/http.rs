@@ -26,7 +26,7 @@ use pflex_proto::api::{
     RegisterRequest, TokenAckBatch, TokenRequest, UnreachableReport, VolumeCreate, VolumeMap,
     VolumeRename, VolumeResize, VolumeUnmap,
 };
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -53,7 +53,9 @@ pub struct Counters {
 
 /// Shared state of every handler.
 pub struct AppState {
-    db: Mutex<Connection>,
+    db: crate::writer::DbWriter,
+    /// Batches and requests of the group commit.
+    pub writer_stats: Arc<crate::writer::WriterStats>,
     pub settings: Settings,
     pub keys: Keys,
     /// Cleared by `pflex cluster rotate`.
@@ -87,9 +89,11 @@ impl AppState {
         join_key: Option<&str>,
         admin_token: &str,
         admin_token_path: std::path::PathBuf,
-    ) -> Self {
-        Self {
-            db: Mutex::new(db),
+    ) -> std::io::Result<Self> {
+        let writer_stats = Arc::new(crate::writer::WriterStats::default());
+        Ok(Self {
+            db: crate::writer::DbWriter::start(db, Arc::clone(&writer_stats))?,
+            writer_stats,
             settings,
             keys,
             join_key_sha256: Mutex::new(join_key.map(digest)),
@@ -99,28 +103,28 @@ impl AppState {
             started_at: std::time::Instant::now(),
             probes: crate::probe::Probes::default(),
             refusal_audits: Mutex::new((0, 0)),
-        }
+        })
     }
 
-    /// Runs `work` in one IMMEDIATE transaction on a blocking thread;
-    /// commits on `Ok`, rolls back on `Err`.
+    /// Runs `work` on the database thread, inside the transaction of its
+    /// batch (see [`crate::writer`]): its changes are kept on `Ok` and rolled
+    /// back on `Err`, and the result arrives once they are committed.
     pub async fn transact<T, F>(self: &Arc<Self>, work: F) -> Result<T, MdmError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &Ctx) -> Result<T, MdmError> + Send + 'static,
     {
         let state = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut db = state.db.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let ctx =
-                Ctx { settings: state.settings, keys: &state.keys, now: pflex_proto::unix_now() };
-            let value = work(&tx, &ctx)?;
-            tx.commit()?;
-            Ok(value)
-        })
-        .await
-        .map_err(|e| MdmError::Internal(format!("database task failed: {e}")))?
+        self.db
+            .submit(move |conn| {
+                let ctx = Ctx {
+                    settings: state.settings,
+                    keys: &state.keys,
+                    now: pflex_proto::unix_now(),
+                };
+                work(conn, &ctx)
+            })
+            .await
     }
 
     fn join_key_matches(&self, key: &str) -> bool {
@@ -733,13 +737,40 @@ async fn volume_create(
     Ok(Json(state.transact(move |conn, ctx| service::volume_create(conn, ctx, &request)).await?))
 }
 
+/// `?after=ID&limit=N` of `GET /vol/list`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumePage {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_volume_page")]
+    limit: u64,
+}
+
+fn default_volume_page() -> u64 {
+    service::VOLUME_PAGE_DEFAULT
+}
+
+/// One page of volumes; the response header `x-next-after` gives the
+/// `after` of the next page when there is one.
 async fn volume_list(
     State(state): State<Shared>,
     Auth(caller): Auth,
-) -> Result<Json<Vec<pflex_proto::api::Volume>>, MdmError> {
+    query: Result<Query<VolumePage>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(|conn, _| service::volume_list(conn)).await?))
+    let Query(page) = query.map_err(|e| MdmError::bad_request(e.body_text()))?;
+    let (volumes, next) =
+        state.transact(move |conn, _| service::volume_list(conn, page.after, page.limit)).await?;
+    let mut response = Json(volumes).into_response();
+    if let Some(next) = next {
+        response.headers_mut().insert(NEXT_PAGE_HEADER, header::HeaderValue::from(next));
+    }
+    Ok(response)
 }
+
+/// Response header of a paginated list: the `after` of the next page.
+pub const NEXT_PAGE_HEADER: &str = "x-next-after";
 
 async fn volume_show(
     State(state): State<Shared>,

@@ -11,6 +11,7 @@
 //! - [`placement`]: the placement policy (pure);
 //! - [`service`]: what each request does, inside one transaction;
 //! - [`http`]: routes, authentication, JSON errors;
+//! - [`writer`]: the database thread and its group commit;
 //! - [`probe`]: the MDM's own check of an SDS reported unreachable;
 //! - [`metrics`]: Prometheus text.
 //!
@@ -28,6 +29,7 @@ pub mod probe;
 pub mod rebalance;
 pub mod service;
 pub mod validate;
+pub mod writer;
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -150,7 +152,7 @@ pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, S
             join_key,
             &admin_token,
             admin_path,
-        )),
+        )?),
     })
 }
 

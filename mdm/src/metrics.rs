@@ -140,6 +140,16 @@ pub fn render(
             "Copies moved off failed SDS nodes.",
             &c.copies_replaced,
         ),
+        (
+            "pflex_mdm_db_batches_total",
+            "Database transactions committed by the group commit (one fsync each).",
+            &state.writer_stats.batches,
+        ),
+        (
+            "pflex_mdm_db_requests_total",
+            "Requests run by the group commit (requests / batches is the mean batch).",
+            &state.writer_stats.requests,
+        ),
     ];
     for (name, help, counter) in counters {
         family(&mut out, name, "counter", help);

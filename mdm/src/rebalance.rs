@@ -58,6 +58,30 @@ fn fill(node: &NodeLoad) -> u64 {
     ((u128::from(node.placed_bytes) * 1_000_000) / u128::from(node.capacity_bytes)) as u64
 }
 
+/// The nodes whose PGs [`plan`] may move, or `None` when it would plan
+/// nothing: no node is draining and the fill of the eligible nodes is
+/// within `spread_points`. Draining nodes, then the `max_moves + 1` fullest
+/// eligible ones (each move takes from the fullest node at that point), so
+/// the caller reads the PGs of a few nodes, never of the whole pool.
+pub fn nodes_to_examine(
+    nodes: &[NodeLoad],
+    max_moves: usize,
+    spread_points: u64,
+) -> Option<Vec<u64>> {
+    let mut active: Vec<&NodeLoad> = nodes.iter().filter(|n| n.eligible && !n.draining).collect();
+    active.sort_by_key(|n| (fill(n), n.id));
+    let draining: Vec<u64> = nodes.iter().filter(|n| n.draining).map(|n| n.id).collect();
+    let spread = match (active.first(), active.last()) {
+        (Some(emptiest), Some(fullest)) => fill(fullest).saturating_sub(fill(emptiest)),
+        _ => 0,
+    };
+    if draining.is_empty() && spread <= spread_points * 10_000 {
+        return None;
+    }
+    let fullest = active.iter().rev().take(max_moves + 1).map(|n| n.id);
+    Some(draining.iter().copied().chain(fullest).collect())
+}
+
 /// Up to `max_moves` moves: drained nodes' copies first, then balance.
 pub fn plan(
     nodes: &[NodeLoad],

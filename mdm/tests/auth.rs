@@ -169,8 +169,11 @@ async fn roles_are_enforced() {
     sds.client.placement(volume.id).await.unwrap();
     assert_eq!(sdc.client.placement(volume.id).await.unwrap_err().status(), Some(403));
     // A node heartbeats only as itself; the admin token does not heartbeat.
-    let beat =
-        |node_id| pflex_proto::api::HeartbeatRequest { node_id, metrics: Default::default() };
+    let beat = |node_id| pflex_proto::api::HeartbeatRequest {
+        node_id,
+        metrics: Default::default(),
+        volumes_since: None,
+    };
     sds.client.heartbeat(&beat(sds.id())).await.unwrap();
     assert_eq!(sds.client.heartbeat(&beat(sdc.id())).await.unwrap_err().status(), Some(403));
     assert_eq!(mdm.admin().heartbeat(&beat(sds.id())).await.unwrap_err().status(), Some(403));
@@ -314,8 +317,11 @@ async fn a_live_name_is_never_taken_over() {
     assert_eq!(mdm.anonymous().register(&with_token).await.unwrap_err().status(), Some(409));
     let list = mdm.admin().sds_list().await.unwrap();
     assert_eq!(list.iter().find(|s| s.name == "sds2").unwrap().host, "127.0.0.1");
-    let beat =
-        pflex_proto::api::HeartbeatRequest { node_id: sds2.id(), metrics: Default::default() };
+    let beat = pflex_proto::api::HeartbeatRequest {
+        node_id: sds2.id(),
+        metrics: Default::default(),
+        volumes_since: None,
+    };
     sds2.client.heartbeat(&beat).await.expect("the holder's credential still works");
 
     // The holder itself comes back with its credential and keeps it.
@@ -372,6 +378,7 @@ async fn rotation_replaces_the_admin_token_and_revokes_enrollment_material() {
         .heartbeat(&pflex_proto::api::HeartbeatRequest {
             node_id: sds.id(),
             metrics: Default::default(),
+            volumes_since: None,
         })
         .await
         .unwrap();

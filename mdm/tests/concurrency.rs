@@ -87,7 +87,11 @@ async fn parallel_requests_are_serialised_correctly() {
         .map(|(client, node_id)| {
             tokio::spawn(async move {
                 client
-                    .heartbeat(&HeartbeatRequest { node_id, metrics: NodeMetrics::default() })
+                    .heartbeat(&HeartbeatRequest {
+                        node_id,
+                        metrics: NodeMetrics::default(),
+                        volumes_since: None,
+                    })
                     .await
             })
         })

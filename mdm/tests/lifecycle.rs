@@ -81,7 +81,11 @@ async fn epoch_and_mapping_generation() {
     // Heartbeats carry every volume's generations.
     let beat = sdc
         .client
-        .heartbeat(&HeartbeatRequest { node_id: sdc.id(), metrics: NodeMetrics::default() })
+        .heartbeat(&HeartbeatRequest {
+            node_id: sdc.id(),
+            metrics: NodeMetrics::default(),
+            volumes_since: None,
+        })
         .await
         .unwrap();
     assert_eq!(beat.volumes.len(), 1);
@@ -243,7 +247,11 @@ async fn restart_keeps_all_state() {
     // Component credentials survive too.
     assert_eq!(sdc.client.sdc_mappings().await.unwrap().len(), 1);
     sds.client
-        .heartbeat(&HeartbeatRequest { node_id: sds.id(), metrics: NodeMetrics::default() })
+        .heartbeat(&HeartbeatRequest {
+            node_id: sds.id(),
+            metrics: NodeMetrics::default(),
+            volumes_since: None,
+        })
         .await
         .unwrap();
     let again = mdm.register_sds_again(&sds, "sds1", "fs1", 10).await;
@@ -331,7 +339,11 @@ async fn a_silent_dashboard_does_not_degrade_the_cluster() {
     let heartbeats = tokio::spawn(async move {
         loop {
             for (client, id) in &beating {
-                let request = HeartbeatRequest { node_id: *id, metrics: NodeMetrics::default() };
+                let request = HeartbeatRequest {
+                    node_id: *id,
+                    metrics: NodeMetrics::default(),
+                    volumes_since: None,
+                };
                 let _ = client.heartbeat(&request).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -364,6 +376,7 @@ fn heartbeat_while(
                             used_bytes: 1 << 20,
                             ..Default::default()
                         },
+                        volumes_since: None,
                     })
                     .await;
             }
@@ -406,7 +419,11 @@ async fn rebuild_jobs_go_to_their_source_and_an_unrebuilt_copy_is_never_promoted
         let client = node(id).client.clone();
         async move {
             client
-                .heartbeat(&HeartbeatRequest { node_id: id, metrics: NodeMetrics::default() })
+                .heartbeat(&HeartbeatRequest {
+                    node_id: id,
+                    metrics: NodeMetrics::default(),
+                    volumes_since: None,
+                })
                 .await
                 .unwrap()
         }

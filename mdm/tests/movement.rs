@@ -19,7 +19,11 @@ fn keep_alive(nodes: Vec<(u64, MdmClient)>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             for (id, client) in &nodes {
-                let beat = HeartbeatRequest { node_id: *id, metrics: NodeMetrics::default() };
+                let beat = HeartbeatRequest {
+                    node_id: *id,
+                    metrics: NodeMetrics::default(),
+                    volumes_since: None,
+                };
                 let _ = client.heartbeat(&beat).await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -63,7 +67,8 @@ async fn an_added_sds_receives_moves_that_keep_two_copies_until_swapped() {
     let pg_index = joining[0];
     let source = map.pgs[pg_index].primary;
     let source_client = &nodes.iter().find(|n| n.id() == source).unwrap().client;
-    let beat = HeartbeatRequest { node_id: source, metrics: NodeMetrics::default() };
+    let beat =
+        HeartbeatRequest { node_id: source, metrics: NodeMetrics::default(), volumes_since: None };
     let reply = source_client.heartbeat(&beat).await.unwrap();
     let job = *reply
         .rebuilds
@@ -148,7 +153,8 @@ async fn movement_policy_and_removal_refuse_bad_requests() {
     };
     assert_eq!(admin.set_movement_policy(&wanted).await.unwrap(), wanted);
     // Every SDS gets it with its heartbeat reply.
-    let beat = HeartbeatRequest { node_id: a.id(), metrics: NodeMetrics::default() };
+    let beat =
+        HeartbeatRequest { node_id: a.id(), metrics: NodeMetrics::default(), volumes_since: None };
     assert_eq!(a.client.heartbeat(&beat).await.unwrap().movement, wanted);
 
     // Removal: unknown names, and pools that would keep one fault set.

@@ -89,7 +89,11 @@ pub async fn run(shared: Arc<Shared>, enrollment: pflex_mdm_client::Enrollment) 
         }
         let overview = match &mdm {
             Some((client, node_id)) => {
-                let beat = HeartbeatRequest { node_id: *node_id, metrics: Default::default() };
+                let beat = HeartbeatRequest {
+                    node_id: *node_id,
+                    metrics: Default::default(),
+                    volumes_since: None,
+                };
                 if let Err(e) = client.heartbeat(&beat).await {
                     tracing::warn!("heartbeat to the MDM failed: {e}");
                 }

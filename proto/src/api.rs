@@ -190,6 +190,15 @@ pub struct HeartbeatRequest {
     pub node_id: u64,
     #[serde(default)]
     pub metrics: NodeMetrics,
+    /// The `volumes_cursor` of the last reply this node applied: the reply
+    /// then lists only the volumes changed (and deleted) since. `None`
+    /// asks for every volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_since: Option<u64>,
+}
+
+fn complete_by_default() -> bool {
+    true
 }
 
 /// Current generations of every volume, so SDS nodes notice map changes
@@ -204,7 +213,19 @@ pub struct VolumeGeneration {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
     pub status: String,
+    /// Every volume (when `volumes_complete`), or those whose generations
+    /// changed since the request's `volumes_since`.
     pub volumes: Vec<VolumeGeneration>,
+    /// Whether `volumes` is the whole list (volumes not in it are gone)
+    /// rather than the changes since the cursor.
+    #[serde(default = "complete_by_default")]
+    pub volumes_complete: bool,
+    /// Volumes deleted since `volumes_since` (only in a list of changes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted_volumes: Vec<u64>,
+    /// What to send as `volumes_since` next time.
+    #[serde(default)]
+    pub volumes_cursor: u64,
     /// Copies this SDS must rebuild (only for an SDS, only the jobs it is
     /// the source of: it is the PG's primary and holds the data).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -43,6 +43,9 @@ pub struct NodeState {
     pub heartbeats_sent: AtomicU64,
     pub heartbeats_failed: AtomicU64,
     pub acks_sent: AtomicU64,
+    /// The MDM's volume change cursor from the last heartbeat reply (0:
+    /// none yet, ask for every volume).
+    pub volumes_cursor: AtomicU64,
 }
 
 /// Runs the control-plane loops.
@@ -97,6 +100,7 @@ impl Agent {
         let client = anonymous.with_credential(resp.credential.clone());
         self.backend.context().set_mdm(client);
         self.state.node_id.store(resp.node_id, Ordering::Relaxed);
+        self.state.volumes_cursor.store(0, Ordering::Relaxed);
         tracing::info!(node_id = resp.node_id, name = %id.name, "registered with the MDM");
         if let Err(e) = self.backend.refresh_mappings().await {
             tracing::warn!(error = %e, "fetching mappings after registration failed");
@@ -156,11 +160,16 @@ impl Agent {
                 metrics.errors += c.errors();
             }
         }
-        let request =
-            HeartbeatRequest { node_id: self.state.node_id.load(Ordering::Relaxed), metrics };
+        let cursor = self.state.volumes_cursor.load(Ordering::Relaxed);
+        let request = HeartbeatRequest {
+            node_id: self.state.node_id.load(Ordering::Relaxed),
+            metrics,
+            volumes_since: (cursor > 0).then_some(cursor),
+        };
         match mdm.heartbeat(&request).await {
             Ok(resp) => {
                 self.state.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+                self.state.volumes_cursor.store(resp.volumes_cursor, Ordering::Relaxed);
                 for g in resp.volumes {
                     let Some(v) = self.backend.volume(g.volume_id) else { continue };
                     if g.epoch > v.placement().epoch {

@@ -26,6 +26,9 @@ use crate::up::{self, UpArgs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
+    /// Another benchmark instead of the fio jobs.
+    #[command(subcommand)]
+    pub other: Option<OtherBench>,
     /// NBD URI of an already running pflex volume; without it a fresh local cluster is
     /// started for the run (in --data-dir) and stopped afterwards.
     #[arg(long)]
@@ -63,6 +66,14 @@ pub struct BenchArgs {
     /// and the qemu-nbd and floor files. Without it they are deleted when the run ends.
     #[arg(long)]
     pub keep_data: bool,
+}
+
+/// Benchmarks of `pflex bench` other than the fio jobs.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum OtherBench {
+    /// The MDM under the control-plane load of a large cluster (fake nodes through the real
+    /// API): heartbeats, volume creates, placement maps, IO tokens, volume list pages.
+    Mdm(crate::mdm_bench::MdmBenchArgs),
 }
 
 /// One direction (read or write) of one fio job.
@@ -288,6 +299,9 @@ fn fmt_fig(f: &Option<Figures>) -> String {
 
 /// `pflex bench`.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    if let Some(OtherBench::Mdm(mdm)) = args.other {
+        return crate::mdm_bench::run(mdm).await;
+    }
     check_tools(&args.targets)?;
     let mut jobs: Vec<PathBuf> = std::fs::read_dir(&args.jobs_dir)
         .with_context(|| format!("reading job files in {}", args.jobs_dir.display()))?

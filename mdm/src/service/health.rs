@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::error::MdmError;
 use crate::placement::{self, Candidate};
 
-use super::volumes::{candidates, pool_usage};
+use super::volumes::candidates;
 use super::*;
 
 pub(super) struct NodeRow {
@@ -65,28 +65,32 @@ pub(super) struct DataHealth {
 pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, MdmError> {
     let status = sds_liveness(conn, ctx)?;
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
-    let mut stmt = conn.prepare(
-        "SELECT v.id, v.size_bytes, p.pg_index, p.primary_sds,
-                CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END,
-                (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id)
-         FROM placement_groups p JOIN volumes v ON v.id = p.volume_id",
-    )?;
-    let mut rows = stmt.query([])?;
+    // Only a PG touching a node that is not ACTIVE, degraded, or being
+    // rebuilt can count here: the others are read from their indexes, not
+    // found by reading every PG.
+    let not_live =
+        sds_ids(conn)?.into_iter().filter(|id| status.get(id).copied() != Some("ACTIVE"));
+    let mut pgs = pg_rows_of_nodes(conn, not_live)?;
+    for pg in pg_rows_where(conn, "p.absent_sds != 0", [])? {
+        pgs.insert((pg.volume_id, pg.index), pg);
+    }
+    for &(volume_id, index) in rebuilding.keys() {
+        if let Some(pg) = pg_row(conn, volume_id, index)? {
+            pgs.insert((volume_id, index), pg);
+        }
+    }
     let mut health = DataHealth { degraded_chunks: 0, unavailable_pgs: 0 };
-    while let Some(r) = rows.next()? {
-        let (volume_id, size, index, primary, secondary, count): (u64, u64, u64, u64, u64, u64) =
-            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+    for pg in pgs.values() {
         let live = |id: u64| status.get(&id).copied() == Some("ACTIVE");
         let dead = |id: u64| status.get(&id).copied().unwrap_or("FAILED") == "FAILED";
-        let target = rebuilding.get(&(volume_id, index)).copied();
+        let target = rebuilding.get(&(pg.volume_id, pg.index)).copied();
         // A copy still being rebuilt has missed data: it does not count.
         let usable = |id: u64| !dead(id) && target != Some(id);
-        if !usable(primary) && !usable(secondary) {
+        if !usable(pg.primary) && !usable(pg.secondary) {
             health.unavailable_pgs += 1;
         }
-        if !live(primary) || !live(secondary) || target.is_some() {
-            health.degraded_chunks +=
-                placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index);
+        if !live(pg.primary) || !live(pg.secondary) || target.is_some() {
+            health.degraded_chunks += pg.bytes / CHUNK_SIZE;
         }
     }
     Ok(health)
@@ -102,7 +106,8 @@ fn overall(
     components: &[ComponentHealth],
 ) -> Result<String, MdmError> {
     let data = data_health(conn, ctx)?;
-    let volume_count: u64 = conn.query_row("SELECT COUNT(*) FROM volumes", [], |r| r.get(0))?;
+    let volume_count: u64 =
+        conn.query_row("SELECT volumes FROM volume_totals", [], |r| r.get(0))?;
     let live_sds =
         components.iter().filter(|c| c.node_type == NodeType::Sds && c.status != "FAILED").count();
     let state = if data.unavailable_pgs > 0 || (volume_count > 0 && live_sds == 0) {
@@ -143,22 +148,16 @@ pub fn cluster_summary(conn: &Connection, ctx: &Ctx) -> Result<ClusterSummary, M
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let mut reserved_bytes = 0;
-    let pools: Vec<u64> = conn
-        .prepare("SELECT id FROM storage_pools")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for pool in pools {
-        reserved_bytes += pool_usage(conn, pool)?.values().map(|u| u.reserved).sum::<u64>();
-    }
+    let reserved_bytes =
+        count("SELECT COALESCE(SUM(l.reserved), 0) FROM sds_load l JOIN sds_nodes s ON s.node_id = l.node_id")?;
     Ok(ClusterSummary {
         overall: health.overall,
         sds_count: count("SELECT COUNT(*) FROM sds_nodes")?,
         sdc_count: count("SELECT COUNT(*) FROM sdc_clients")?,
-        volume_count: count("SELECT COUNT(*) FROM volumes")?,
+        volume_count: count("SELECT volumes FROM volume_totals")?,
         capacity_bytes,
         used_bytes,
-        provisioned_bytes: count("SELECT COALESCE(SUM(size_bytes), 0) FROM volumes")?,
+        provisioned_bytes: count("SELECT provisioned_bytes FROM volume_totals")?,
         reserved_bytes,
         degraded_chunks: data_health(conn, ctx)?.degraded_chunks,
         rebuild_jobs_active: count(
@@ -247,6 +246,17 @@ pub fn monitor_tick(
         "DELETE FROM rebuild_jobs WHERE state IN ('done', 'failed') AND updated_at < ?1",
         [ctx.now.saturating_sub(FINISHED_REBUILDS_KEEP_SECS)],
     )?;
+    // The growing tables are pruned here, a pass's worth at a time, rather
+    // than by every request: one row per node and minute of heartbeats, one
+    // row per token until a while after it expired.
+    conn.execute(
+        "DELETE FROM heartbeat_log WHERE minute < ?1",
+        [ctx.now.saturating_sub(HEARTBEAT_LOG_KEEP_SECS) / 60],
+    )?;
+    conn.execute(
+        "DELETE FROM io_tokens WHERE expires_at < ?1",
+        [ctx.now.saturating_sub(TOKEN_KEEP_AFTER_EXPIRY_SECS)],
+    )?;
     Ok(report)
 }
 
@@ -262,8 +272,14 @@ fn replace_copies(
     replace: Replace,
 ) -> Result<MonitorReport, MdmError> {
     let failed = failed_nodes(conn, ctx)?;
-    let lost: Vec<LostCopy> = pg_rows(conn)?
-        .into_iter()
+    // Only PGs with a copy on a node whose copies may move are read.
+    let moving_nodes: Vec<u64> = match replace {
+        Replace::Nothing => Vec::new(),
+        Replace::EveryFailedNode => sds_ids(conn)?.into_iter().filter(|&id| failed(id)).collect(),
+        Replace::Only(node) => vec![node],
+    };
+    let lost: Vec<LostCopy> = pg_rows_of_nodes(conn, moving_nodes)?
+        .into_values()
         .filter(|pg| {
             let moving = match replace {
                 Replace::Nothing => false,
@@ -392,15 +408,13 @@ fn resolve_degraded(
     }
     report.volumes_replaced = changed_volumes.len() as u64;
     if !expired.is_empty() {
-        let rows = pg_rows(conn)?;
-        let lost: Vec<LostCopy> = expired
-            .into_iter()
-            .filter_map(|(volume_id, index, absent)| {
-                let pg = rows.iter().find(|p| p.volume_id == volume_id && p.index == index)?;
+        let mut lost = Vec::with_capacity(expired.len());
+        for (volume_id, index, absent) in expired {
+            if let Some(pg) = pg_row(conn, volume_id, index)? {
                 let survivor = pg.primary;
-                Some(LostCopy { pg: pg.clone(), survivor, lost: absent })
-            })
-            .collect();
+                lost.push(LostCopy { pg, survivor, lost: absent });
+            }
+        }
         let moved = move_lost_copies(conn, ctx, lost)?;
         report.copies_replaced += moved.copies_replaced;
         report.unrebuilt_survivors += moved.unrebuilt_survivors;
@@ -421,8 +435,8 @@ pub(super) fn replace_device_copies(
     pgs: &std::collections::BTreeSet<(u64, u64)>,
 ) -> Result<MonitorReport, MdmError> {
     let failed = failed_nodes(conn, ctx)?;
-    let lost: Vec<LostCopy> = pg_rows(conn)?
-        .into_iter()
+    let lost: Vec<LostCopy> = pg_rows_of_nodes(conn, [node])?
+        .into_values()
         .filter(|pg| pgs.contains(&(pg.volume_id, pg.index)))
         .filter_map(|pg| {
             let survivor = match node {
@@ -482,31 +496,75 @@ pub(super) struct PgRow {
     pub(super) bytes: u64,
 }
 
-pub(super) fn pg_rows(conn: &Connection) -> Result<Vec<PgRow>, MdmError> {
-    let rows = conn
-        .prepare(
-            "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds,
-                    CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END, v.size_bytes,
-                    (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id),
-                    p.absent_sds, p.joining_sds
-             FROM placement_groups p JOIN volumes v ON v.id = p.volume_id ORDER BY v.id, p.pg_index",
-        )?
-        .query_map([], |r| {
-            let (size, index, count): (u64, u64, u64) = (r.get(5)?, r.get(2)?, r.get(6)?);
-            Ok(PgRow {
-                volume_id: r.get(0)?,
-                pool_id: r.get(1)?,
-                index,
-                primary: r.get(3)?,
-                secondary: r.get(4)?,
-                absent: r.get(7)?,
-                joining: r.get(8)?,
-                bytes: placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index)
-                    * CHUNK_SIZE,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+const PG_SELECT: &str = "SELECT v.id, v.pool_id, p.pg_index, p.primary_sds,
+        CASE WHEN p.absent_sds != 0 THEN 0 ELSE p.secondary_sds END, p.bytes, p.absent_sds,
+        p.joining_sds
+     FROM placement_groups p JOIN volumes v ON v.id = p.volume_id";
+
+fn pg_from_row(r: &rusqlite::Row) -> rusqlite::Result<PgRow> {
+    Ok(PgRow {
+        volume_id: r.get(0)?,
+        pool_id: r.get(1)?,
+        index: r.get(2)?,
+        primary: r.get(3)?,
+        secondary: r.get(4)?,
+        bytes: r.get(5)?,
+        absent: r.get(6)?,
+        joining: r.get(7)?,
+    })
+}
+
+/// The PGs matching `condition` (on `p`, the PG, and `v`, its volume).
+pub(super) fn pg_rows_where<P: rusqlite::Params>(
+    conn: &Connection,
+    condition: &str,
+    params: P,
+) -> Result<Vec<PgRow>, MdmError> {
+    Ok(conn
+        .prepare_cached(&format!("{PG_SELECT} WHERE {condition}"))?
+        .query_map(params, pg_from_row)?
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// PG `index` of volume `volume_id`.
+pub(super) fn pg_row(
+    conn: &Connection,
+    volume_id: u64,
+    index: u64,
+) -> Result<Option<PgRow>, MdmError> {
+    Ok(pg_rows_where(conn, "p.volume_id = ?1 AND p.pg_index = ?2", params![volume_id, index])?
+        .pop())
+}
+
+/// Every PG in which one of `nodes` holds, lost or receives a copy, by
+/// (volume, index): four index lookups per node, whatever the number of
+/// PGs elsewhere.
+pub(super) fn pg_rows_of_nodes(
+    conn: &Connection,
+    nodes: impl IntoIterator<Item = u64>,
+) -> Result<std::collections::BTreeMap<(u64, u64), PgRow>, MdmError> {
+    let mut out = std::collections::BTreeMap::new();
+    for node in nodes {
+        for condition in [
+            "p.primary_sds = ?1",
+            "p.secondary_sds = ?1",
+            "p.absent_sds = ?1 AND p.absent_sds != 0",
+            "p.joining_sds = ?1 AND p.joining_sds != 0",
+        ] {
+            for pg in pg_rows_where(conn, condition, [node])? {
+                out.insert((pg.volume_id, pg.index), pg);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every SDS id, removed ones included (they count as FAILED).
+pub(super) fn sds_ids(conn: &Connection) -> Result<Vec<u64>, MdmError> {
+    Ok(conn
+        .prepare_cached("SELECT node_id FROM sds_nodes ORDER BY node_id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
 }
 
 /// A PG copy that is gone (on `lost`) while `survivor` holds the data.

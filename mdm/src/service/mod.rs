@@ -34,7 +34,7 @@ pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, request_token};
 pub use volumes::{
     placement_map, sdc_mappings, volume_create, volume_delete, volume_list, volume_map,
-    volume_rename, volume_resize, volume_show, volume_unmap,
+    volume_rename, volume_resize, volume_show, volume_unmap, VOLUME_PAGE_DEFAULT, VOLUME_PAGE_MAX,
 };
 
 use pflex_proto::api::NodeType;
@@ -47,10 +47,11 @@ use crate::error::MdmError;
 /// Name of the protection domain and storage pool used when none is given.
 pub const DEFAULT_POOL: &str = "default";
 const DEFAULT_PROTECTION_DOMAIN: &str = "default";
-/// Heartbeat log rows older than this are pruned.
+/// Heartbeat log rows (one per node and minute) older than this are pruned.
 const HEARTBEAT_LOG_KEEP_SECS: u64 = 3600;
-/// Token rows this long past expiry are pruned.
-const TOKEN_KEEP_AFTER_EXPIRY_SECS: u64 = 3600;
+/// Token rows this long past expiry are pruned (completion records of a
+/// token arrive within seconds of its last IO; later ones are not counted).
+const TOKEN_KEEP_AFTER_EXPIRY_SECS: u64 = 600;
 /// Cluster metric samples older than this are pruned.
 const CLUSTER_METRICS_KEEP_SECS: u64 = 24 * 3600;
 /// Finished rebuild jobs are kept this long for the record.

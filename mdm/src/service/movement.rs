@@ -330,8 +330,12 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let pgs: Vec<MovablePg> = super::health::pg_rows(conn)?
-            .into_iter()
+        let Some(examined) = rebalance::nodes_to_examine(&nodes, room, REBALANCE_SPREAD_POINTS)
+        else {
+            continue;
+        };
+        let pgs: Vec<MovablePg> = super::health::pg_rows_of_nodes(conn, examined)?
+            .into_values()
             .filter(|pg| pg.pool_id == pool && pg.secondary != 0 && pg.absent == 0)
             .filter(|pg| pg.joining == 0 && !failed(pg.primary) && !failed(pg.secondary))
             .map(|pg| MovablePg {

@@ -297,22 +297,20 @@ pub fn heartbeat(
             params![id, m.capacity_bytes, m.used_bytes],
         )?;
     }
-    conn.execute("INSERT INTO heartbeat_log (node_id, at) VALUES (?1, ?2)", params![id, ctx.now])?;
-    conn.execute(
-        "DELETE FROM heartbeat_log WHERE at < ?1",
-        [ctx.now.saturating_sub(HEARTBEAT_LOG_KEEP_SECS)],
-    )?;
-    let volumes = conn
-        .prepare("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
-        .query_map([], |r| {
-            Ok(VolumeGeneration { volume_id: r.get(0)?, epoch: r.get(1)?, mapping_gen: r.get(2)? })
-        })?
-        .collect::<Result<_, _>>()?;
+    conn.prepare_cached(
+        "INSERT INTO heartbeat_log (node_id, minute, beats) VALUES (?1, ?2, 1)
+         ON CONFLICT (node_id, minute) DO UPDATE SET beats = beats + 1",
+    )?
+    .execute(params![id, ctx.now / 60])?;
+    let changes = volume_changes(conn, request.volumes_since)?;
     if super::movement::is_removed(conn, id, node_type)? {
         // Drained and removed: the node is told so and stops.
         return Ok(HeartbeatResponse {
             status: "removed".to_string(),
-            volumes,
+            volumes: changes.volumes,
+            volumes_complete: changes.complete,
+            deleted_volumes: changes.deleted,
+            volumes_cursor: changes.cursor,
             rebuilds: Vec::new(),
             movement: Default::default(),
             token_public_keys: Vec::new(),
@@ -329,11 +327,59 @@ pub fn heartbeat(
     };
     Ok(HeartbeatResponse {
         status: "ok".to_string(),
-        volumes,
+        volumes: changes.volumes,
+        volumes_complete: changes.complete,
+        deleted_volumes: changes.deleted,
+        volumes_cursor: changes.cursor,
         rebuilds,
         movement,
         token_public_keys,
     })
+}
+
+/// What a heartbeat reply says about volumes.
+struct VolumeChanges {
+    volumes: Vec<VolumeGeneration>,
+    complete: bool,
+    deleted: Vec<u64>,
+    cursor: u64,
+}
+
+/// Every volume when `since` is `None` (or from another history: a cursor
+/// beyond this database's), else the volumes whose generations changed and
+/// those deleted after `since`: what changed, not what exists.
+fn volume_changes(conn: &Connection, since: Option<u64>) -> Result<VolumeChanges, MdmError> {
+    let cursor: u64 = conn.query_row("SELECT value FROM change_seq", [], |r| r.get(0))?;
+    let generation = |r: &rusqlite::Row| {
+        Ok(VolumeGeneration { volume_id: r.get(0)?, epoch: r.get(1)?, mapping_gen: r.get(2)? })
+    };
+    match since {
+        Some(since) if since <= cursor => Ok(VolumeChanges {
+            volumes: conn
+                .prepare_cached(
+                    "SELECT id, epoch, mapping_gen FROM volumes WHERE changed_seq > ?1 ORDER BY id",
+                )?
+                .query_map([since], generation)?
+                .collect::<Result<_, _>>()?,
+            complete: false,
+            deleted: conn
+                .prepare_cached(
+                    "SELECT id FROM deleted_volumes WHERE deleted_seq > ?1 ORDER BY id",
+                )?
+                .query_map([since], |r| r.get(0))?
+                .collect::<Result<_, _>>()?,
+            cursor,
+        }),
+        _ => Ok(VolumeChanges {
+            volumes: conn
+                .prepare_cached("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
+                .query_map([], generation)?
+                .collect::<Result<_, _>>()?,
+            complete: true,
+            deleted: Vec::new(),
+            cursor,
+        }),
+    }
 }
 
 /// `GET /sds/list`.

@@ -65,11 +65,20 @@ pub fn request_token(
         expires_at: ctx.now + ctx.settings.token_ttl_secs,
     };
     let signed = ctx.keys.sign(&token);
-    // One session key per storage node: a node that sees this token cannot
-    // derive the key another node expects for it.
+    // One session key per storage node of the volume's placement: a node
+    // that sees this token cannot derive the key another node expects for
+    // it, and the reply does not grow with the cluster. A node that joins
+    // the placement later gets its key with the SDC's next token (the SDC
+    // asks for one when its map names a node it has no key for).
     let sds_ids = conn
-        .prepare("SELECT node_id FROM sds_nodes ORDER BY node_id")?
-        .query_map([], |r| r.get(0))?
+        .prepare_cached(
+            "SELECT primary_sds FROM placement_groups WHERE volume_id = ?1
+             UNION SELECT secondary_sds FROM placement_groups WHERE volume_id = ?1
+             UNION SELECT joining_sds FROM placement_groups
+                   WHERE volume_id = ?1 AND joining_sds != 0
+             ORDER BY 1",
+        )?
+        .query_map([row.id], |r| r.get(0))?
         .collect::<Result<Vec<u64>, _>>()?;
     let session_keys = ctx.keys.session_keys(&signed, &sds_ids);
     conn.execute(
@@ -86,10 +95,6 @@ pub fn request_token(
             token.expires_at,
             hex::encode(signed.signature)
         ],
-    )?;
-    conn.execute(
-        "DELETE FROM io_tokens WHERE expires_at < ?1",
-        [ctx.now.saturating_sub(TOKEN_KEEP_AFTER_EXPIRY_SECS)],
     )?;
     Ok(TokenResponse {
         token_id,

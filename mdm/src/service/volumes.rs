@@ -112,14 +112,36 @@ fn volume_json(conn: &Connection, row: VolumeRow) -> Result<Volume, MdmError> {
 }
 
 /// Bytes placed on, primaried by and reserved on each SDS of a pool.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct NodeUsage {
     pub(super) placed: u64,
     pub(super) placed_primary: u64,
     pub(super) reserved: u64,
 }
 
+/// Per-node sums of the PGs of a pool, kept by triggers in `sds_load`: one
+/// row per node, however many volumes there are.
 pub(super) fn pool_usage(
+    conn: &Connection,
+    pool_id: u64,
+) -> Result<HashMap<u64, NodeUsage>, MdmError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT l.node_id, l.placed, l.placed_primary, l.reserved FROM sds_load l
+             JOIN sds_nodes s ON s.node_id = l.node_id WHERE s.pool_id = ?1",
+        )?
+        .query_map([pool_id], |r| {
+            Ok((
+                r.get(0)?,
+                NodeUsage { placed: r.get(1)?, placed_primary: r.get(2)?, reserved: r.get(3)? },
+            ))
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
+/// The same sums computed from every PG: what the triggers must agree with.
+#[cfg(test)]
+pub(super) fn pool_usage_by_scan(
     conn: &Connection,
     pool_id: u64,
 ) -> Result<HashMap<u64, NodeUsage>, MdmError> {
@@ -135,7 +157,6 @@ pub(super) fn pool_usage(
             (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
         let joining: u64 = r.get(6)?;
         let bytes = placement::pg_chunk_count(size.div_ceil(CHUNK_SIZE), count, index) * CHUNK_SIZE;
-        // A copy moving onto a node counts there already.
         let copies = [(primary, true), (secondary, false), (joining, false)];
         for (node, is_primary) in copies.into_iter().filter(|&(node, _)| node != 0) {
             let entry = usage.entry(node).or_default();
@@ -302,22 +323,54 @@ pub fn volume_create(
         params![request.name, pool_id, request.size_bytes, request.thick, ctx.now],
     )?;
     let volume_id = conn.last_insert_rowid() as u64;
-    let mut insert = conn.prepare(
-        "INSERT INTO placement_groups (volume_id, pg_index, primary_sds, secondary_sds) VALUES (?1, ?2, ?3, ?4)",
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO placement_groups (volume_id, pg_index, primary_sds, secondary_sds, bytes, thick)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
+    let chunks = request.size_bytes.div_ceil(CHUNK_SIZE);
+    let count = pgs.len() as u64;
     for (index, pg) in pgs.iter().enumerate() {
-        insert.execute(params![volume_id, index as u64, pg.primary, pg.secondary])?;
+        let bytes = placement::pg_chunk_count(chunks, count, index as u64) * CHUNK_SIZE;
+        insert.execute(params![
+            volume_id,
+            index as u64,
+            pg.primary,
+            pg.secondary,
+            bytes,
+            request.thick
+        ])?;
     }
     volume_json(conn, find_volume(conn, &request.name)?)
 }
 
-/// `GET /vol/list`.
-pub fn volume_list(conn: &Connection) -> Result<Vec<Volume>, MdmError> {
-    let rows: Vec<VolumeRow> = conn
-        .prepare(&format!("SELECT {VOLUME_COLUMNS} ORDER BY v.id"))?
-        .query_map([], volume_row)?
+/// Volumes one page of `GET /vol/list` carries when the request says not.
+pub const VOLUME_PAGE_DEFAULT: u64 = 1000;
+/// Most volumes one page may carry.
+pub const VOLUME_PAGE_MAX: u64 = 10_000;
+
+/// `GET /vol/list?after=ID&limit=N`: up to `limit` volumes with ids above
+/// `after`, in id order, and the `after` of the next page when there is one.
+pub fn volume_list(
+    conn: &Connection,
+    after: u64,
+    limit: u64,
+) -> Result<(Vec<Volume>, Option<u64>), MdmError> {
+    if limit == 0 || limit > VOLUME_PAGE_MAX {
+        return Err(MdmError::bad_request(format!(
+            "limit must be 1..={VOLUME_PAGE_MAX} (asked {limit})"
+        )));
+    }
+    let after = after.min(i64::MAX as u64);
+    let mut rows: Vec<VolumeRow> = conn
+        .prepare_cached(&format!("SELECT {VOLUME_COLUMNS} WHERE v.id > ?1 ORDER BY v.id LIMIT ?2"))?
+        .query_map(params![after, limit + 1], volume_row)?
         .collect::<Result<_, _>>()?;
-    rows.into_iter().map(|row| volume_json(conn, row)).collect()
+    let next = (rows.len() as u64 > limit).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map_or(after, |r| r.id)
+    });
+    let volumes = rows.into_iter().map(|row| volume_json(conn, row)).collect::<Result<_, _>>()?;
+    Ok((volumes, next))
 }
 
 /// `GET /vol/{name-or-id}`.
@@ -375,6 +428,19 @@ pub fn volume_resize(
         "UPDATE volumes SET size_bytes = ?2, epoch = epoch + 1 WHERE id = ?1",
         params![row.id, size_bytes],
     )?;
+    let count: u64 = conn.query_row(
+        "SELECT COUNT(*) FROM placement_groups WHERE volume_id = ?1",
+        [row.id],
+        |r| r.get(0),
+    )?;
+    let chunks = size_bytes.div_ceil(CHUNK_SIZE);
+    let mut update = conn.prepare_cached(
+        "UPDATE placement_groups SET bytes = ?3 WHERE volume_id = ?1 AND pg_index = ?2",
+    )?;
+    for index in 0..count {
+        let bytes = placement::pg_chunk_count(chunks, count, index) * CHUNK_SIZE;
+        update.execute(params![row.id, index, bytes])?;
+    }
     volume_json(conn, find_volume(conn, &row.name)?)
 }
 

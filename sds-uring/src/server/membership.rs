@@ -87,6 +87,7 @@ impl SdsNode {
         };
         config.enrollment.fill(&mut request);
         let reply = anonymous.register(&request).await?;
+        self.placement.reset_cursor();
         let keys = reply.sds_keys.as_ref().ok_or(MembershipError::NoKeys)?;
         let keys = super::auth::NodeKeys::from_api(keys).map_err(MembershipError::BadKeys)?;
         if request.credential.as_deref() != Some(reply.credential.as_str()) {
@@ -246,6 +247,7 @@ impl SdsNode {
         let request = HeartbeatRequest {
             node_id: identity.node_id,
             metrics: self.metrics.node_metrics(capacity, used),
+            volumes_since: self.placement.cursor(),
         };
         match identity.mdm.heartbeat(&request).await {
             Ok(reply) if reply.status == "removed" => {
@@ -259,36 +261,45 @@ impl SdsNode {
                 if !reply.token_public_keys.is_empty() {
                     self.adopt_token_keys(&identity, &reply.token_public_keys);
                 }
-                let changed = self.placement.apply_heartbeat(&reply.volumes);
+                let changed = self.placement.apply_heartbeat(
+                    &reply.volumes,
+                    reply.volumes_complete,
+                    &reply.deleted_volumes,
+                    reply.volumes_cursor,
+                );
                 for &volume_id in &changed {
                     if let Err(status) = self.fetch_placement(volume_id).await {
                         tracing::debug!(volume_id, status = status.name(), "map refresh failed");
                     }
                 }
-                if !changed.is_empty() {
-                    // A copy may have moved off this node (rebalance, drain):
-                    // its chunks are released now rather than at the next
-                    // periodic pass.
+                if !changed.is_empty() || !reply.deleted_volumes.is_empty() {
+                    // A copy may have moved off this node (rebalance, drain),
+                    // or a volume was deleted: its chunks are released now
+                    // rather than at the next periodic pass.
                     self.reclaim_now.notify_one();
                 }
-                // A volume this node served is gone from the MDM's list: it
-                // was deleted, and its chunks here should go now rather
-                // than at the next periodic pass.
-                let listed: std::collections::HashSet<u64> =
-                    reply.volumes.iter().map(|v| v.volume_id).collect();
-                let mut deleted = false;
-                for map in self.placement.all() {
-                    if listed.contains(&map.volume_id) {
-                        continue;
+                if reply.volumes_complete {
+                    // A volume this node served is gone from the MDM's whole
+                    // list: it was deleted (the MDM confirms), and its chunks
+                    // here should go now rather than at the next periodic
+                    // pass.
+                    let listed: std::collections::HashSet<u64> =
+                        reply.volumes.iter().map(|v| v.volume_id).collect();
+                    let mut deleted = false;
+                    for map in self.placement.all() {
+                        if listed.contains(&map.volume_id) {
+                            continue;
+                        }
+                        let asked =
+                            self.ask_mdm_for_placement(identity.clone(), map.volume_id).await;
+                        if asked.is_err_and(|e| e.is_volume_deleted()) {
+                            self.placement.forget(map.volume_id);
+                            deleted = true;
+                        }
                     }
-                    let asked = self.ask_mdm_for_placement(identity.clone(), map.volume_id).await;
-                    if asked.is_err_and(|e| e.is_volume_deleted()) {
-                        self.placement.forget(map.volume_id);
-                        deleted = true;
+                    if deleted {
+                        self.reclaim_now.notify_one();
                     }
-                }
-                if deleted {
-                    self.reclaim_now.notify_one();
                 }
                 return reply.rebuilds;
             }

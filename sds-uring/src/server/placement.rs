@@ -1,8 +1,9 @@
 //! Placement maps this SDS routes by, cached per volume with their epoch.
 //!
-//! Two sources keep the cache honest: heartbeat replies carry every
-//! volume's current epoch and mapping generation (so a change is noticed
-//! within one heartbeat even for volumes with no traffic), and a request
+//! Two sources keep the cache honest: heartbeat replies carry the current
+//! epoch and mapping generation of every volume changed since the node's
+//! cursor (every volume on the first one, so a change is noticed within one
+//! heartbeat even for volumes with no traffic), and a request
 //! routed by a newer epoch than the cached map makes the node refetch
 //! before serving it. Fetching is the node's job (it owns the MDM client);
 //! this type only keeps state and answers "what do we know".
@@ -22,6 +23,9 @@ pub struct PlacementCache {
     fetch_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// When each volume's map was last refreshed because a peer was unreachable.
     peer_refreshes: Mutex<HashMap<u64, Instant>>,
+    /// The MDM's change cursor as of the last heartbeat applied (`None`:
+    /// ask for every volume).
+    cursor: Mutex<Option<u64>>,
 }
 
 /// What the cache says about serving a request routed with some epoch.
@@ -104,19 +108,49 @@ impl PlacementCache {
         g.mapping_gen = g.mapping_gen.max(mapping_gen);
     }
 
-    pub fn apply_heartbeat(&self, volumes: &[VolumeGeneration]) -> Vec<u64> {
+    pub fn apply_heartbeat(
+        &self,
+        volumes: &[VolumeGeneration],
+        complete: bool,
+        deleted: &[u64],
+        cursor: u64,
+    ) -> Vec<u64> {
         {
             let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
-            generations.clear();
+            if complete {
+                generations.clear();
+            }
+            for id in deleted {
+                generations.remove(id);
+            }
             generations.extend(volumes.iter().map(|g| (g.volume_id, *g)));
         }
         let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
-        maps.retain(|id, _| volumes.iter().any(|g| g.volume_id == *id));
+        if complete {
+            let listed: std::collections::HashSet<u64> =
+                volumes.iter().map(|g| g.volume_id).collect();
+            maps.retain(|id, _| listed.contains(id));
+        }
+        for id in deleted {
+            maps.remove(id);
+        }
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(cursor);
         volumes
             .iter()
             .filter(|g| maps.get(&g.volume_id).is_some_and(|m| m.epoch < g.epoch))
             .map(|g| g.volume_id)
             .collect()
+    }
+
+    /// What the next heartbeat asks changes since.
+    pub fn cursor(&self) -> Option<u64> {
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for every volume with the next heartbeat (a new registration:
+    /// the MDM may not be the one the cursor came from).
+    pub fn reset_cursor(&self) {
+        *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The lock that makes concurrent fetches of one volume's map one fetch.
@@ -192,8 +226,12 @@ mod tests {
         assert!(matches!(cache.lookup(1, 3), Lookup::Ready(_)));
         assert_eq!(cache.lookup(1, 2), Lookup::Stale);
         assert_eq!(cache.lookup(1, 4), Lookup::Fetch, "request knows a newer map");
-        let stale =
-            cache.apply_heartbeat(&[VolumeGeneration { volume_id: 1, epoch: 5, mapping_gen: 7 }]);
+        let stale = cache.apply_heartbeat(
+            &[VolumeGeneration { volume_id: 1, epoch: 5, mapping_gen: 7 }],
+            true,
+            &[],
+            1,
+        );
         assert_eq!(stale, vec![1]);
         assert_eq!(cache.lookup(1, 4), Lookup::Stale);
         assert_eq!(cache.lookup(1, 5), Lookup::Fetch, "heartbeat knows a newer map");
@@ -202,8 +240,21 @@ mod tests {
         assert!(matches!(cache.lookup(1, 5), Lookup::Ready(_)));
         cache.store(map(4));
         assert_eq!(cache.cached(1).unwrap().epoch, 5, "an older map never replaces a newer one");
-        cache.apply_heartbeat(&[]);
-        assert!(cache.is_empty(), "deleted volumes are forgotten");
+        cache.apply_heartbeat(&[], true, &[], 2);
+        assert!(cache.is_empty(), "volumes missing from a complete list are forgotten");
+        cache.store(map(5));
+        let stale = cache.apply_heartbeat(
+            &[VolumeGeneration { volume_id: 1, epoch: 6, mapping_gen: 7 }],
+            false,
+            &[],
+            3,
+        );
+        assert_eq!(stale, vec![1], "a change raises the epoch");
+        assert_eq!(cache.cursor(), Some(3));
+        cache.apply_heartbeat(&[], false, &[], 4);
+        assert!(!cache.is_empty(), "a list of changes forgets nothing it does not name");
+        cache.apply_heartbeat(&[], false, &[1], 5);
+        assert!(cache.is_empty(), "a deleted volume is forgotten");
     }
 
     #[test]
