@@ -292,7 +292,7 @@ const MIGRATIONS: &[&str] = &[
     // placement group. Each PG row keeps its bytes and whether they are
     // reserved (thick); `sds_load` keeps each node's sums, maintained by
     // triggers on every change of a PG, so placing a volume reads one row
-    // per node. Indexes find a node's PGs. A change sequence numbers every
+    // per node. Indexes find a node's PGs and an SDC's mappings. A change sequence numbers every
     // change of a volume's generations (and every deletion), so a heartbeat
     // reply carries only what changed since the node's cursor. Volume count
     // and provisioned bytes are kept the same way. The heartbeat log keeps
@@ -311,6 +311,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX placement_groups_secondary ON placement_groups (secondary_sds);
     CREATE INDEX placement_groups_joining ON placement_groups (joining_sds) WHERE joining_sds != 0;
     CREATE INDEX placement_groups_absent ON placement_groups (absent_sds) WHERE absent_sds != 0;
+    CREATE INDEX volume_mappings_sdc ON volume_mappings (sdc_id);
 
     CREATE TABLE sds_load (
         node_id INTEGER PRIMARY KEY,
@@ -440,6 +441,14 @@ pub fn open(path: &Path) -> Result<Connection, DbError> {
     Ok(conn)
 }
 
+/// A connection that only reads `path` (opened and migrated by [`open`]).
+pub fn open_reader(path: &Path) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    configure(&conn)?;
+    conn.pragma_update(None, "query_only", "ON")?;
+    Ok(conn)
+}
+
 /// An in-memory database with the current schema (unit tests).
 pub fn open_in_memory() -> Result<Connection, DbError> {
     let mut conn = Connection::open_in_memory()?;
@@ -455,6 +464,11 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Savepoints (one per request, see `writer`) journal in memory, not in a
+    // temporary file written page by page.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Every statement the MDM runs stays prepared (see `service::Cached`).
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(())
 }
 

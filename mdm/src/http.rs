@@ -54,6 +54,7 @@ pub struct Counters {
 /// Shared state of every handler.
 pub struct AppState {
     db: crate::writer::DbWriter,
+    readers: crate::writer::DbReaders,
     /// Batches and requests of the group commit.
     pub writer_stats: Arc<crate::writer::WriterStats>,
     pub settings: Settings,
@@ -84,6 +85,7 @@ fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
 impl AppState {
     pub fn new(
         db: Connection,
+        readers: crate::writer::DbReaders,
         settings: Settings,
         keys: Keys,
         join_key: Option<&str>,
@@ -93,6 +95,7 @@ impl AppState {
         let writer_stats = Arc::new(crate::writer::WriterStats::default());
         Ok(Self {
             db: crate::writer::DbWriter::start(db, Arc::clone(&writer_stats))?,
+            readers,
             writer_stats,
             settings,
             keys,
@@ -125,6 +128,24 @@ impl AppState {
                 work(conn, &ctx)
             })
             .await
+    }
+
+    /// Runs `work`, which only reads, on a reader connection (see
+    /// [`crate::writer::DbReaders`]): it sees every acknowledged change and
+    /// does not wait behind the writer's batches.
+    pub async fn read<T, F>(self: &Arc<Self>, work: F) -> Result<T, MdmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, MdmError> + Send + 'static,
+    {
+        let state = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let ctx =
+                Ctx { settings: state.settings, keys: &state.keys, now: pflex_proto::unix_now() };
+            state.readers.read(|conn| work(conn, &ctx))
+        })
+        .await
+        .map_err(|e| MdmError::Internal(format!("database task failed: {e}")))?
     }
 
     fn join_key_matches(&self, key: &str) -> bool {
@@ -203,7 +224,7 @@ impl FromRequestParts<Shared> for Auth {
         if state.is_admin(&credential) {
             return Ok(Auth(Caller::Admin));
         }
-        let found = state.transact(move |conn, _| service::authenticate(conn, &credential)).await?;
+        let found = state.read(move |conn, _| service::authenticate(conn, &credential)).await?;
         found.map(Auth).ok_or_else(|| MdmError::Unauthorized("unknown credential".to_string()))
     }
 }
@@ -494,7 +515,7 @@ async fn audit_log(
 ) -> Result<Json<Vec<serde_json::Value>>, MdmError> {
     allow(caller, &[Role::Admin, Role::Mgmt])?;
     let limit = query.limit.unwrap_or(100);
-    Ok(Json(state.transact(move |conn, _| service::audit_list(conn, limit)).await?))
+    Ok(Json(state.read(move |conn, _| service::audit_list(conn, limit)).await?))
 }
 
 async fn heartbeat(
@@ -527,8 +548,7 @@ async fn unreachable_report(
 ) -> Result<Json<pflex_proto::api::UnreachableVerdict>, MdmError> {
     allow(caller, &[Role::Sds, Role::Sdc])?;
     let node_id = report.node_id;
-    let (host, port) =
-        state.transact(move |conn, _| service::sds_data_address(conn, node_id)).await?;
+    let (host, port) = state.read(move |conn, _| service::sds_data_address(conn, node_id)).await?;
     let due = state.settings.probe_on_report && state.probes.begin(node_id);
     let probe_started = pflex_proto::unix_now();
     let reachable = if due { Some(crate::probe::probe(&host, port).await) } else { None };
@@ -610,7 +630,7 @@ async fn health_status(
     Auth(caller): Auth,
 ) -> Result<Json<pflex_proto::api::HealthStatus>, MdmError> {
     allow(caller, ANY)?;
-    Ok(Json(state.transact(service::health_status).await?))
+    Ok(Json(state.read(service::health_status).await?))
 }
 
 async fn token_request(
@@ -620,12 +640,35 @@ async fn token_request(
 ) -> Result<Json<pflex_proto::api::TokenResponse>, MdmError> {
     allow(caller, &[Role::Sdc])?;
     let Caller::Node { id, .. } = caller else { unreachable!("allow() admitted only SDCs") };
-    let result =
-        state.transact(move |conn, ctx| service::request_token(conn, ctx, id, &request)).await;
+    let result = issue_token(&state, id, request).await;
     let counter =
         if result.is_ok() { &state.counters.tokens_issued } else { &state.counters.tokens_refused };
     counter.fetch_add(1, Ordering::Relaxed);
     Ok(Json(result?))
+}
+
+/// Signs on a reader, records on the writer; drafts again (a few times)
+/// when the mapping changed in between.
+async fn issue_token(
+    state: &Shared,
+    sdc_id: u64,
+    request: TokenRequest,
+) -> Result<pflex_proto::api::TokenResponse, MdmError> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let request = request.clone();
+        let draft =
+            state.read(move |conn, ctx| service::draft_token(conn, ctx, sdc_id, &request)).await?;
+        match state.transact(move |conn, ctx| service::record_token(conn, ctx, draft)).await {
+            Err(MdmError::Conflict { code: "mapping_changed" | "token_id_taken", .. })
+                if attempt < ATTEMPTS =>
+            {
+                attempt += 1
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 async fn token_ack(
@@ -680,7 +723,7 @@ async fn movement_status(
     Auth(caller): Auth,
 ) -> Result<Json<pflex_proto::api::MovementStatus>, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(service::movement_status).await?))
+    Ok(Json(state.read(service::movement_status).await?))
 }
 
 async fn movement_policy(
@@ -688,7 +731,7 @@ async fn movement_policy(
     Auth(caller): Auth,
 ) -> Result<Json<pflex_proto::api::MovementPolicy>, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(|conn, _| service::movement_policy(conn)).await?))
+    Ok(Json(state.read(|conn, _| service::movement_policy(conn)).await?))
 }
 
 async fn set_movement_policy(
@@ -723,7 +766,7 @@ async fn rebuild_jobs(
     Auth(caller): Auth,
 ) -> Result<Json<Vec<pflex_proto::api::RebuildJob>>, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(|conn, _| service::rebuild_jobs(conn)).await?))
+    Ok(Json(state.read(|conn, _| service::rebuild_jobs(conn)).await?))
 }
 
 type VolumeReply = Result<Json<pflex_proto::api::Volume>, MdmError>;
@@ -761,7 +804,7 @@ async fn volume_list(
     allow(caller, READERS)?;
     let Query(page) = query.map_err(|e| MdmError::bad_request(e.body_text()))?;
     let (volumes, next) =
-        state.transact(move |conn, _| service::volume_list(conn, page.after, page.limit)).await?;
+        state.read(move |conn, _| service::volume_list(conn, page.after, page.limit)).await?;
     let mut response = Json(volumes).into_response();
     if let Some(next) = next {
         response.headers_mut().insert(NEXT_PAGE_HEADER, header::HeaderValue::from(next));
@@ -778,7 +821,7 @@ async fn volume_show(
     ApiPath(volume): ApiPath,
 ) -> VolumeReply {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(move |conn, _| service::volume_show(conn, &volume)).await?))
+    Ok(Json(state.read(move |conn, _| service::volume_show(conn, &volume)).await?))
 }
 
 async fn volume_delete(
@@ -826,7 +869,7 @@ async fn volume_placement(
     ApiPath(volume): ApiPath,
 ) -> Result<Json<pflex_proto::placement::PlacementMap>, MdmError> {
     allow(caller, ANY)?;
-    Ok(Json(state.transact(move |conn, _| service::placement_map(conn, caller, &volume)).await?))
+    Ok(Json(state.read(move |conn, _| service::placement_map(conn, caller, &volume)).await?))
 }
 
 async fn volume_map(
@@ -853,7 +896,7 @@ async fn sdc_mappings(
 ) -> Result<Json<Vec<pflex_proto::api::MappedVolume>>, MdmError> {
     allow(caller, &[Role::Sdc])?;
     let Caller::Node { id, .. } = caller else { unreachable!("allow() admitted only SDCs") };
-    Ok(Json(state.transact(move |conn, _| service::sdc_mappings(conn, id)).await?))
+    Ok(Json(state.read(move |conn, _| service::sdc_mappings(conn, id)).await?))
 }
 
 async fn sds_list(
@@ -861,7 +904,7 @@ async fn sds_list(
     Auth(caller): Auth,
 ) -> Result<Json<Vec<pflex_proto::api::SdsInfo>>, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(service::sds_list).await?))
+    Ok(Json(state.read(service::sds_list).await?))
 }
 
 async fn sdc_list(
@@ -869,7 +912,7 @@ async fn sdc_list(
     Auth(caller): Auth,
 ) -> Result<Json<Vec<pflex_proto::api::SdcInfo>>, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(service::sdc_list).await?))
+    Ok(Json(state.read(service::sdc_list).await?))
 }
 
 async fn cluster_summary(
@@ -877,13 +920,13 @@ async fn cluster_summary(
     Auth(caller): Auth,
 ) -> Result<Json<pflex_proto::api::ClusterSummary>, MdmError> {
     allow(caller, READERS)?;
-    Ok(Json(state.transact(service::cluster_summary).await?))
+    Ok(Json(state.read(service::cluster_summary).await?))
 }
 
 async fn metrics(State(state): State<Shared>, Auth(caller): Auth) -> Result<Response, MdmError> {
     allow(caller, ANY)?;
     let (summary, health, movement) = state
-        .transact(|conn, ctx| {
+        .read(|conn, ctx| {
             Ok((
                 service::cluster_summary(conn, ctx)?,
                 service::health_status(conn, ctx)?,

@@ -48,6 +48,10 @@ pub const DB_FILE: &str = "powerflex.db";
 pub const CLUSTER_SECRET_FILE: &str = "cluster_secret";
 pub const ADMIN_TOKEN_FILE: &str = "admin_token";
 
+/// Reader connections (requests that only read run on them, beside the
+/// writer's batches).
+const READERS: usize = 4;
+
 /// Why the MDM could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -128,7 +132,8 @@ pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, S
             detail: "empty".into(),
         });
     }
-    let conn = db::open(&config.data_dir.join(DB_FILE))?;
+    let db_path = config.data_dir.join(DB_FILE);
+    let conn = db::open(&db_path)?;
     let settings = Settings {
         heartbeat_interval_secs: config.heartbeat_interval_secs,
         stale_after_secs: config.stale_after_secs,
@@ -147,6 +152,7 @@ pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, S
     Ok(Prepared {
         state: Arc::new(AppState::new(
             conn,
+            writer::DbReaders::open(&db_path, READERS)?,
             settings,
             keys::Keys::new(secret, timing, history),
             join_key,

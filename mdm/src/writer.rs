@@ -25,8 +25,11 @@ pub const MAX_BATCH: usize = 512;
 /// deliver its result, or the commit's failure.
 struct Finished {
     ok: bool,
-    deliver: Box<dyn FnOnce(Option<&str>) + Send>,
+    deliver: Deliver,
 }
+
+/// Sends a request's answer; given the commit's failure, if any.
+type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
 
 type Job = Box<dyn FnOnce(&Connection) -> Finished + Send>;
 
@@ -141,5 +144,46 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) -> Result<Vec<Finished>, BatchF
             let _ = conn.execute_batch("ROLLBACK");
             Err((e.to_string(), done))
         }
+    }
+}
+
+/// Connections for requests that only read. Each read runs in its own
+/// transaction on one of them, sees the last committed batch (WAL keeps
+/// readers and the writer apart) and never waits in the writer's queue;
+/// `query_only` makes any write through them an error.
+pub struct DbReaders {
+    conns: Vec<std::sync::Mutex<Connection>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl DbReaders {
+    /// `count` connections to the database at `path` (already migrated).
+    pub fn open(path: &std::path::Path, count: usize) -> Result<Self, crate::db::DbError> {
+        let conns = (0..count.max(1))
+            .map(|_| {
+                let conn = crate::db::open_reader(path)?;
+                Ok(std::sync::Mutex::new(conn))
+            })
+            .collect::<Result<_, crate::db::DbError>>()?;
+        Ok(Self { conns, next: std::sync::atomic::AtomicUsize::new(0) })
+    }
+
+    /// Runs `work` on a reader connection, on the blocking pool.
+    pub fn read<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, MdmError>,
+    ) -> Result<T, MdmError> {
+        use std::sync::atomic::Ordering;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // The first free connection from a rotating start, else wait for one.
+        let n = self.conns.len();
+        let mut guard =
+            (0..n).find_map(|i| self.conns[(start + i) % n].try_lock().ok()).unwrap_or_else(|| {
+                self.conns[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+            });
+        let tx = guard.transaction()?;
+        let value = work(&tx)?;
+        tx.finish()?;
+        Ok(value)
     }
 }

@@ -213,7 +213,8 @@ pub struct VolumeGeneration {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
     pub status: String,
-    /// Every volume (when `volumes_complete`), or those whose generations
+    /// Every volume (for an SDC, every volume mapped to it) when
+    /// `volumes_complete`, or those whose generations
     /// changed since the request's `volumes_since`.
     pub volumes: Vec<VolumeGeneration>,
     /// Whether `volumes` is the whole list (volumes not in it are gone)

@@ -28,7 +28,7 @@ use crate::up::{self, UpArgs};
 pub struct BenchArgs {
     /// Another benchmark instead of the fio jobs.
     #[command(subcommand)]
-    pub other: Option<OtherBench>,
+    pub other: Option<Box<OtherBench>>,
     /// NBD URI of an already running pflex volume; without it a fresh local cluster is
     /// started for the run (in --data-dir) and stopped afterwards.
     #[arg(long)]
@@ -299,7 +299,8 @@ fn fmt_fig(f: &Option<Figures>) -> String {
 
 /// `pflex bench`.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    if let Some(OtherBench::Mdm(mdm)) = args.other {
+    if let Some(other) = args.other {
+        let OtherBench::Mdm(mdm) = *other;
         return crate::mdm_bench::run(mdm).await;
     }
     check_tools(&args.targets)?;

@@ -214,13 +214,17 @@ async fn start_mdm(args: &MdmBenchArgs) -> Result<(tokio::process::Child, String
     // The fake nodes never fail: nothing should be re-placed under the load.
     mdm_args.extend(["--failed-after-secs".into(), "3600".into()]);
     mdm_args.extend(["--stale-after-secs".into(), "1800".into()]);
-    let child = tokio::process::Command::new(&mdm)
-        .args(&mdm_args)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", mdm.display()))?;
+    let mut command = tokio::process::Command::new(&mdm);
+    command.args(&mdm_args).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
+    // SAFETY: prctl(2) is async-signal-safe; between fork and exec it only
+    // asks the kernel to end the MDM with this process.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        })
+    };
+    let child = command.spawn().with_context(|| format!("starting {}", mdm.display()))?;
     let token_path = args.data_dir.join("mdm").join("admin_token");
     let url = format!("http://127.0.0.1:{}", args.port);
     let mut admin = String::new();

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::MdmError;
 
-use super::{new_credential, sha256_hex, Ctx};
+use super::{new_credential, sha256_hex, Cached, Ctx};
 
 /// Lifetime of an enrollment token when the request gives none.
 pub const DEFAULT_ENROLLMENT_TTL_SECS: u64 = 3600;
@@ -160,7 +160,7 @@ pub fn consume_enrollment(
     token: &str,
     node_id: u64,
 ) -> Result<(), MdmError> {
-    conn.execute(
+    conn.exec(
         "UPDATE enrollment_tokens SET used_at = ?2, used_by = ?3 WHERE token_sha256 = ?1",
         params![sha256_hex(token), now, node_id],
     )?;
@@ -184,7 +184,7 @@ pub fn mint_enrollment(
     }
     let token = new_credential();
     let expires_at = ctx.now + ttl;
-    conn.execute(
+    conn.exec(
         "INSERT INTO enrollment_tokens (token_sha256, role, name, created_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
@@ -195,7 +195,7 @@ pub fn mint_enrollment(
             expires_at
         ],
     )?;
-    conn.execute("DELETE FROM enrollment_tokens WHERE expires_at < ?1", [ctx.now])?;
+    conn.exec("DELETE FROM enrollment_tokens WHERE expires_at < ?1", [ctx.now])?;
     let target = format!("{} {}", request.role.as_str(), request.name.as_deref().unwrap_or("*"));
     audit(conn, ctx.now, "admin", "enrollment.create", &target, "", "ok", "")?;
     Ok(EnrollmentResponse { token, role: request.role, name: request.name.clone(), expires_at })
@@ -219,10 +219,7 @@ pub fn reset_node(
         .ok_or_else(|| {
             MdmError::not_found("node_not_found", format!("no {} named {name}", node_type.as_str()))
         })?;
-    conn.execute(
-        "UPDATE cluster_nodes SET credential_sha256 = 'reset:' || id WHERE id = ?1",
-        [id],
-    )?;
+    conn.exec("UPDATE cluster_nodes SET credential_sha256 = 'reset:' || id WHERE id = ?1", [id])?;
     let target = format!("{} {name}", node_type.as_str());
     audit(conn, ctx.now, "admin", "node.reset", &target, "", "ok", "")?;
     Ok(id)
@@ -237,13 +234,13 @@ pub fn rotate_keys(
     join_key_disabled: bool,
 ) -> Result<(u32, u64), MdmError> {
     let newest: u32 =
-        conn.query_row("SELECT COALESCE(MAX(generation), 0) FROM signing_keys", [], |r| r.get(0))?;
+        conn.row("SELECT COALESCE(MAX(generation), 0) FROM signing_keys", [], |r| r.get(0))?;
     let generation = newest.max(ctx.keys.newest_generation()) + 1;
-    conn.execute(
+    conn.exec(
         "INSERT INTO signing_keys (generation, created_at) VALUES (?1, ?2)",
         params![generation, ctx.now],
     )?;
-    let revoked = conn.execute(
+    let revoked = conn.exec(
         "UPDATE enrollment_tokens SET expires_at = ?1 WHERE used_at = 0 AND expires_at > ?1",
         [ctx.now],
     )? as u64;
@@ -259,7 +256,7 @@ pub fn rotate_keys(
 /// The recorded signing key generations: (generation, created at), in order.
 pub fn signing_history(conn: &Connection) -> Result<Vec<(u32, u64)>, MdmError> {
     let mut st =
-        conn.prepare("SELECT generation, created_at FROM signing_keys ORDER BY generation")?;
+        conn.prepare_cached("SELECT generation, created_at FROM signing_keys ORDER BY generation")?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -276,7 +273,7 @@ pub fn audit(
     outcome: &str,
     detail: &str,
 ) -> Result<(), MdmError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO audit_log (at, actor, action, target, source, outcome, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![now, actor, action, target, source, outcome, detail],
@@ -286,7 +283,7 @@ pub fn audit(
 
 /// The newest `limit` audit rows, newest first.
 pub fn audit_list(conn: &Connection, limit: u64) -> Result<Vec<serde_json::Value>, MdmError> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT id, at, actor, action, target, source, outcome, detail FROM audit_log
          ORDER BY id DESC LIMIT ?1",
     )?;

@@ -32,7 +32,7 @@ pub(super) fn nodes(
     conn: &Connection,
     node_type: Option<NodeType>,
 ) -> Result<Vec<NodeRow>, MdmError> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT id, name, node_type, host, control_port, mgmt_port, data_port, last_seen, failed_at
          FROM cluster_nodes WHERE (?1 IS NULL OR node_type = ?1)
            AND id NOT IN (SELECT node_id FROM sds_nodes WHERE removed_at != 0) ORDER BY id",
@@ -106,8 +106,7 @@ fn overall(
     components: &[ComponentHealth],
 ) -> Result<String, MdmError> {
     let data = data_health(conn, ctx)?;
-    let volume_count: u64 =
-        conn.query_row("SELECT volumes FROM volume_totals", [], |r| r.get(0))?;
+    let volume_count: u64 = conn.row("SELECT volumes FROM volume_totals", [], |r| r.get(0))?;
     let live_sds =
         components.iter().filter(|c| c.node_type == NodeType::Sds && c.status != "FAILED").count();
     let state = if data.unavailable_pgs > 0 || (volume_count > 0 && live_sds == 0) {
@@ -142,8 +141,8 @@ pub fn health_status(conn: &Connection, ctx: &Ctx) -> Result<HealthStatus, MdmEr
 /// `GET /cluster/summary`.
 pub fn cluster_summary(conn: &Connection, ctx: &Ctx) -> Result<ClusterSummary, MdmError> {
     let health = health_status(conn, ctx)?;
-    let count = |sql: &str| -> Result<u64, MdmError> { Ok(conn.query_row(sql, [], |r| r.get(0))?) };
-    let (capacity_bytes, used_bytes): (u64, u64) = conn.query_row(
+    let count = |sql: &str| -> Result<u64, MdmError> { Ok(conn.row(sql, [], |r| r.get(0))?) };
+    let (capacity_bytes, used_bytes): (u64, u64) = conn.row(
         "SELECT COALESCE(SUM(capacity_bytes), 0), COALESCE(SUM(used_bytes), 0) FROM sds_nodes",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -225,7 +224,7 @@ pub fn monitor_tick(
         .iter()
         .filter(|n| liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now) == "ACTIVE")
         .count() as u64;
-    conn.execute(
+    conn.exec(
         "INSERT INTO cluster_metrics (at, capacity_bytes, used_bytes, provisioned_bytes, volumes, sds_active, degraded_chunks)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -238,22 +237,22 @@ pub fn monitor_tick(
             summary.degraded_chunks
         ],
     )?;
-    conn.execute(
+    conn.exec(
         "DELETE FROM cluster_metrics WHERE at < ?1",
         [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],
     )?;
-    conn.execute(
+    conn.exec(
         "DELETE FROM rebuild_jobs WHERE state IN ('done', 'failed') AND updated_at < ?1",
         [ctx.now.saturating_sub(FINISHED_REBUILDS_KEEP_SECS)],
     )?;
     // The growing tables are pruned here, a pass's worth at a time, rather
     // than by every request: one row per node and minute of heartbeats, one
     // row per token until a while after it expired.
-    conn.execute(
+    conn.exec(
         "DELETE FROM heartbeat_log WHERE minute < ?1",
         [ctx.now.saturating_sub(HEARTBEAT_LOG_KEEP_SECS) / 60],
     )?;
-    conn.execute(
+    conn.exec(
         "DELETE FROM io_tokens WHERE expires_at < ?1",
         [ctx.now.saturating_sub(TOKEN_KEEP_AFTER_EXPIRY_SECS)],
     )?;
@@ -334,14 +333,14 @@ fn degrade(
             }
             None => {}
         }
-        conn.execute(
+        conn.exec(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, absent_sds = ?4,
                     absent_since = ?5, joining_sds = 0
              WHERE volume_id = ?1 AND pg_index = ?2",
             params![key.0, key.1, copy.survivor, copy.lost, ctx.now],
         )?;
         // A move under way needed both copies: given up.
-        conn.execute(
+        conn.exec(
             "UPDATE rebuild_jobs SET state = 'failed', updated_at = ?3
              WHERE volume_id = ?1 AND pg_index = ?2 AND kind = 'move'
                AND state IN ('pending', 'running')",
@@ -351,7 +350,7 @@ fn degrade(
         changed_volumes.insert(key.0);
     }
     for volume_id in &changed_volumes {
-        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
     }
     let moved = move_lost_copies(conn, ctx, rebuild_now)?;
     report.copies_replaced = moved.copies_replaced;
@@ -372,7 +371,7 @@ fn resolve_degraded(
 ) -> Result<MonitorReport, MdmError> {
     let status = sds_liveness(conn, ctx)?;
     let degraded: Vec<(u64, u64, u64, u64, u64)> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT volume_id, pg_index, primary_sds, absent_sds, absent_since
              FROM placement_groups WHERE absent_sds != 0",
         )?
@@ -384,12 +383,12 @@ fn resolve_degraded(
     for (volume_id, index, primary, absent, since) in degraded {
         let back = status.get(&absent) == Some(&"ACTIVE") && has_healthy_device(conn, absent)?;
         if back && status.get(&primary) == Some(&"ACTIVE") {
-            conn.execute(
+            conn.exec(
                 "UPDATE placement_groups SET secondary_sds = ?3, absent_sds = 0, absent_since = 0
                  WHERE volume_id = ?1 AND pg_index = ?2",
                 params![volume_id, index, absent],
             )?;
-            conn.execute(
+            conn.exec(
                 "INSERT INTO rebuild_jobs (volume_id, pg_index, failed_sds, source_sds, target_sds,
                                            state, kind, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?3, 'pending', 'resync', ?5, ?5)",
@@ -404,7 +403,7 @@ fn resolve_degraded(
         }
     }
     for volume_id in &changed_volumes {
-        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
     }
     report.volumes_replaced = changed_volumes.len() as u64;
     if !expired.is_empty() {
@@ -455,7 +454,7 @@ pub(super) fn replace_device_copies(
 
 /// Whether SDS `node` has a device that has not failed (or reported none).
 fn has_healthy_device(conn: &Connection, node: u64) -> Result<bool, MdmError> {
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT NOT EXISTS (SELECT 1 FROM sds_devices WHERE sds_id = ?1)
              OR EXISTS (SELECT 1 FROM sds_devices WHERE sds_id = ?1 AND failed_reason IS NULL)",
         [node],
@@ -584,7 +583,7 @@ fn move_lost_copies(
     lost_copies: Vec<LostCopy>,
 ) -> Result<MonitorReport, MdmError> {
     let fault_sets: HashMap<u64, String> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT s.node_id, f.name FROM sds_nodes s JOIN fault_sets f ON f.id = s.fault_set_id",
         )?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -621,7 +620,7 @@ fn move_lost_copies(
         if let Some(c) = candidates.iter_mut().find(|c| c.id == target) {
             c.placed_bytes += bytes;
         }
-        conn.execute(
+        conn.exec(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, absent_sds = 0,
                     absent_since = 0, joining_sds = 0
              WHERE volume_id = ?1 AND pg_index = ?2",
@@ -629,12 +628,12 @@ fn move_lost_copies(
         )?;
         // An older job for this PG copied to a node that is no longer its
         // secondary (the target failed): superseded.
-        conn.execute(
+        conn.exec(
             "UPDATE rebuild_jobs SET state = 'failed', updated_at = ?3
              WHERE volume_id = ?1 AND pg_index = ?2 AND state IN ('pending', 'running')",
             params![volume_id, index, ctx.now],
         )?;
-        conn.execute(
+        conn.exec(
             "INSERT INTO rebuild_jobs (volume_id, pg_index, failed_sds, source_sds, target_sds, state, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
             params![volume_id, index, lost, survivor, target, ctx.now],
@@ -643,7 +642,7 @@ fn move_lost_copies(
         changed_volumes.insert(volume_id);
     }
     for volume_id in &changed_volumes {
-        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
     }
     report.volumes_replaced = changed_volumes.len() as u64;
     Ok(report)
@@ -663,11 +662,11 @@ pub fn device_failed(
     if report.path.is_empty() || report.path.len() > 4096 || report.reason.len() > 4096 {
         return Err(MdmError::bad_request("device path and reason must be 1..4096 bytes"));
     }
-    conn.execute(
+    conn.exec(
         "UPDATE sds_devices SET failed_reason = ?3 WHERE sds_id = ?1 AND path = ?2",
         params![node, report.path, report.reason],
     )?;
-    let healthy_devices: u64 = conn.query_row(
+    let healthy_devices: u64 = conn.row(
         "SELECT COUNT(*) FROM sds_devices WHERE sds_id = ?1 AND failed_reason IS NULL",
         [node],
         |r| r.get(0),
@@ -675,7 +674,7 @@ pub fn device_failed(
     let pgs: std::collections::BTreeSet<(u64, u64)> = if healthy_devices == 0 {
         // No device left: the node can hold no copy at all, so every PG it
         // is in moves, not only those that had a chunk on this device.
-        conn.prepare(
+        conn.prepare_cached(
             "SELECT volume_id, pg_index FROM placement_groups
              WHERE primary_sds = ?1 OR secondary_sds = ?1 OR absent_sds = ?1",
         )?
@@ -703,7 +702,7 @@ pub fn device_failed(
 
 /// Host and data port of SDS `node_id`, for the MDM's own probe.
 pub fn sds_data_address(conn: &Connection, node_id: u64) -> Result<(String, u16), MdmError> {
-    conn.query_row(
+    conn.row(
         "SELECT host, data_port FROM cluster_nodes WHERE id = ?1 AND node_type = 'SDS'",
         [node_id],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -726,7 +725,7 @@ pub fn declare_unreachable(
 ) -> Result<UnreachableVerdict, MdmError> {
     let mut copies_replaced = 0;
     if declare {
-        let declared = conn.execute(
+        let declared = conn.exec(
             "UPDATE cluster_nodes SET failed_at = ?2
              WHERE id = ?1 AND node_type = 'SDS' AND last_seen <= ?3",
             params![node_id, ctx.now, probe_started],
@@ -735,11 +734,10 @@ pub fn declare_unreachable(
             copies_replaced = replace_copies(conn, ctx, Replace::Only(node_id))?.copies_replaced;
         }
     }
-    let (last_seen, failed_at): (u64, u64) = conn.query_row(
-        "SELECT last_seen, failed_at FROM cluster_nodes WHERE id = ?1",
-        [node_id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let (last_seen, failed_at): (u64, u64) =
+        conn.row("SELECT last_seen, failed_at FROM cluster_nodes WHERE id = ?1", [node_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     Ok(UnreachableVerdict {
         node_id,
         reachable,

@@ -31,7 +31,7 @@ pub use movement::{
 };
 pub use nodes::{heartbeat, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
-pub use tokens::{ack_tokens, request_token};
+pub use tokens::{ack_tokens, draft_token, record_token, TokenDraft};
 pub use volumes::{
     placement_map, sdc_mappings, volume_create, volume_delete, volume_list, volume_map,
     volume_rename, volume_resize, volume_show, volume_unmap, VOLUME_PAGE_DEFAULT, VOLUME_PAGE_MAX,
@@ -43,6 +43,31 @@ use rusqlite::{Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 use crate::error::MdmError;
+
+/// Statements through the connection's cache. The MDM runs the same few
+/// dozen statements over and over; parsing and planning each one again for
+/// every request cost more than running it.
+pub(crate) trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn row<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
 
 /// Name of the protection domain and storage pool used when none is given.
 pub const DEFAULT_POOL: &str = "default";

@@ -33,7 +33,7 @@ const RATE_WINDOW_SECS: u64 = 5;
 
 /// `GET` side of `PUT /rebuild/policy`.
 pub fn movement_policy(conn: &Connection) -> Result<MovementPolicy, MdmError> {
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT mb_per_sec, chunks_in_flight, priority FROM movement_policy WHERE id = 1",
         [],
         |r| {
@@ -70,7 +70,7 @@ pub fn set_movement_policy(
             "chunks_in_flight must be 1 to {MAX_CHUNKS_IN_FLIGHT}"
         )));
     }
-    conn.execute(
+    conn.exec(
         "UPDATE movement_policy SET mb_per_sec = ?1, chunks_in_flight = ?2, priority = ?3 WHERE id = 1",
         params![policy.mb_per_sec, policy.chunks_in_flight, policy.priority.as_str()],
     )?;
@@ -113,7 +113,7 @@ pub fn rebuild_progress(
     if progress.chunks_copied > progress.chunks_total {
         return Err(MdmError::bad_request("chunks_copied exceeds chunks_total"));
     }
-    conn.execute(
+    conn.exec(
         "UPDATE rebuild_jobs SET chunks_total = ?2, chunks_copied = ?3, bytes_copied = ?4,
                 updated_at = ?5 WHERE id = ?1",
         params![
@@ -126,7 +126,7 @@ pub fn rebuild_progress(
     )?;
     let added = progress.bytes_copied.saturating_sub(bytes_before);
     if added > 0 {
-        conn.execute(
+        conn.exec(
             "INSERT INTO movement_bytes (at, bytes) VALUES (?1, ?2)
              ON CONFLICT (at) DO UPDATE SET bytes = bytes + ?2",
             params![ctx.now, added],
@@ -141,19 +141,19 @@ pub fn rebuild_progress(
 /// `GET /rebuild/status`.
 pub fn movement_status(conn: &Connection, ctx: &Ctx) -> Result<MovementStatus, MdmError> {
     let count = |kind: &str| -> Result<u64, MdmError> {
-        Ok(conn.query_row(
+        Ok(conn.row(
             "SELECT COUNT(*) FROM rebuild_jobs WHERE kind = ?1 AND state IN ('pending', 'running')",
             [kind],
             |r| r.get(0),
         )?)
     };
-    let (chunks_total, chunks_copied): (u64, u64) = conn.query_row(
+    let (chunks_total, chunks_copied): (u64, u64) = conn.row(
         "SELECT COALESCE(SUM(chunks_total), 0), COALESCE(SUM(chunks_copied), 0)
          FROM rebuild_jobs WHERE state IN ('pending', 'running')",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let recent: u64 = conn.query_row(
+    let recent: u64 = conn.row(
         "SELECT COALESCE(SUM(bytes), 0) FROM movement_bytes WHERE at > ?1",
         [ctx.now.saturating_sub(RATE_WINDOW_SECS)],
         |r| r.get(0),
@@ -161,7 +161,7 @@ pub fn movement_status(conn: &Connection, ctx: &Ctx) -> Result<MovementStatus, M
     let rate = recent / RATE_WINDOW_SECS;
     let remaining = chunks_total.saturating_sub(chunks_copied) * CHUNK_SIZE;
     let draining = conn
-        .prepare(
+        .prepare_cached(
             "SELECT n.name FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
              WHERE s.draining != 0 ORDER BY n.id",
         )?
@@ -199,7 +199,7 @@ pub fn remove_sds(conn: &Connection, ctx: &Ctx, name_or_id: &str) -> Result<SdsI
     if removed_at != 0 {
         return Err(MdmError::conflict("sds_removed", format!("SDS {name_or_id:?} was removed")));
     }
-    let remaining_fault_sets: u64 = conn.query_row(
+    let remaining_fault_sets: u64 = conn.row(
         "SELECT COUNT(DISTINCT s.fault_set_id) FROM sds_nodes s
          WHERE s.pool_id = ?1 AND s.node_id != ?2 AND s.draining = 0 AND s.removed_at = 0",
         params![pool, id],
@@ -213,7 +213,7 @@ pub fn remove_sds(conn: &Connection, ctx: &Ctx, name_or_id: &str) -> Result<SdsI
             ),
         ));
     }
-    conn.execute("UPDATE sds_nodes SET draining = 1 WHERE node_id = ?1", [id])?;
+    conn.exec("UPDATE sds_nodes SET draining = 1 WHERE node_id = ?1", [id])?;
     super::nodes::sds_list(conn, ctx)?
         .into_iter()
         .find(|s| s.id == id)
@@ -236,24 +236,24 @@ pub(super) fn abandon_moves(
     gone: impl Fn(u64) -> bool,
 ) -> Result<u64, MdmError> {
     let joining: Vec<(u64, u64, u64)> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT volume_id, pg_index, joining_sds FROM placement_groups WHERE joining_sds != 0",
         )?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     let mut abandoned = 0;
     for (volume_id, index, node) in joining.into_iter().filter(|j| gone(j.2)) {
-        conn.execute(
+        conn.exec(
             "UPDATE placement_groups SET joining_sds = 0 WHERE volume_id = ?1 AND pg_index = ?2",
             params![volume_id, index],
         )?;
-        conn.execute(
+        conn.exec(
             "UPDATE rebuild_jobs SET state = 'failed', updated_at = ?3
              WHERE volume_id = ?1 AND pg_index = ?2 AND kind = 'move'
                AND state IN ('pending', 'running')",
             params![volume_id, index, ctx.now],
         )?;
-        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
         tracing::warn!(volume_id, pg = index, target = node, "move abandoned");
         abandoned += 1;
     }
@@ -271,7 +271,7 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
     report.moves_abandoned = abandon_moves(conn, ctx, failed)?;
 
     let drained: Vec<u64> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT node_id FROM sds_nodes s WHERE draining != 0 AND NOT EXISTS (
                  SELECT 1 FROM placement_groups p WHERE p.primary_sds = s.node_id
                     OR p.secondary_sds = s.node_id OR p.absent_sds = s.node_id
@@ -280,7 +280,7 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in drained {
-        conn.execute(
+        conn.exec(
             "UPDATE sds_nodes SET draining = 0, removed_at = ?2 WHERE node_id = ?1",
             params![id, ctx.now],
         )?;
@@ -288,7 +288,7 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
         report.nodes_removed += 1;
     }
 
-    let (copies_outstanding, moves_running): (u64, u64) = conn.query_row(
+    let (copies_outstanding, moves_running): (u64, u64) = conn.row(
         "SELECT COALESCE(SUM(kind != 'move'), 0), COALESCE(SUM(kind = 'move'), 0)
          FROM rebuild_jobs WHERE state IN ('pending', 'running')",
         [],
@@ -299,7 +299,7 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
         return Ok(report);
     }
     let pools: Vec<u64> = conn
-        .prepare("SELECT DISTINCT pool_id FROM sds_nodes WHERE removed_at = 0")?
+        .prepare_cached("SELECT DISTINCT pool_id FROM sds_nodes WHERE removed_at = 0")?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut changed_volumes = std::collections::BTreeSet::new();
@@ -313,7 +313,7 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
         let eligible: std::collections::HashSet<u64> =
             super::volumes::candidates(conn, ctx, pool)?.into_iter().map(|c| c.id).collect();
         let nodes: Vec<NodeLoad> = conn
-            .prepare(
+            .prepare_cached(
                 "SELECT s.node_id, f.name, s.capacity_bytes, s.draining FROM sds_nodes s
                  JOIN fault_sets f ON f.id = s.fault_set_id
                  WHERE s.pool_id = ?1 AND s.removed_at = 0 ORDER BY s.node_id",
@@ -347,16 +347,16 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
             })
             .collect();
         for m in rebalance::plan(&nodes, &pgs, room, REBALANCE_SPREAD_POINTS) {
-            let primary: u64 = conn.query_row(
+            let primary: u64 = conn.row(
                 "SELECT primary_sds FROM placement_groups WHERE volume_id = ?1 AND pg_index = ?2",
                 params![m.volume_id, m.index],
                 |r| r.get(0),
             )?;
-            conn.execute(
+            conn.exec(
                 "UPDATE placement_groups SET joining_sds = ?3 WHERE volume_id = ?1 AND pg_index = ?2",
                 params![m.volume_id, m.index, m.to],
             )?;
-            conn.execute(
+            conn.exec(
                 "INSERT INTO rebuild_jobs (volume_id, pg_index, failed_sds, source_sds, target_sds,
                                            state, kind, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 'move', ?6, ?6)",
@@ -367,9 +367,9 @@ pub(super) fn rebalance_tick(conn: &Connection, ctx: &Ctx) -> Result<RebalanceRe
         }
     }
     for volume_id in &changed_volumes {
-        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [volume_id])?;
     }
-    conn.execute(
+    conn.exec(
         "DELETE FROM movement_bytes WHERE at < ?1",
         [ctx.now.saturating_sub(10 * RATE_WINDOW_SECS)],
     )?;

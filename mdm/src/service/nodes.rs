@@ -13,11 +13,11 @@ use super::health::nodes;
 use super::*;
 
 fn ensure_protection_domain(conn: &Connection, now: u64) -> Result<u64, MdmError> {
-    conn.execute(
+    conn.exec(
         "INSERT OR IGNORE INTO protection_domains (name, created_at) VALUES (?1, ?2)",
         params![DEFAULT_PROTECTION_DOMAIN, now],
     )?;
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT id FROM protection_domains WHERE name = ?1",
         [DEFAULT_PROTECTION_DOMAIN],
         |r| r.get(0),
@@ -25,19 +25,19 @@ fn ensure_protection_domain(conn: &Connection, now: u64) -> Result<u64, MdmError
 }
 
 fn ensure_pool(conn: &Connection, pd: u64, name: &str, now: u64) -> Result<u64, MdmError> {
-    conn.execute(
+    conn.exec(
         "INSERT OR IGNORE INTO storage_pools (protection_domain_id, name, created_at) VALUES (?1, ?2, ?3)",
         params![pd, name, now],
     )?;
-    Ok(conn.query_row("SELECT id FROM storage_pools WHERE name = ?1", [name], |r| r.get(0))?)
+    Ok(conn.row("SELECT id FROM storage_pools WHERE name = ?1", [name], |r| r.get(0))?)
 }
 
 fn ensure_fault_set(conn: &Connection, pd: u64, name: &str, now: u64) -> Result<u64, MdmError> {
-    conn.execute(
+    conn.exec(
         "INSERT OR IGNORE INTO fault_sets (protection_domain_id, name, created_at) VALUES (?1, ?2, ?3)",
         params![pd, name, now],
     )?;
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT id FROM fault_sets WHERE protection_domain_id = ?1 AND name = ?2",
         params![pd, name],
         |r| r.get(0),
@@ -129,7 +129,7 @@ pub fn register(
     let node_type = request.node_type.as_str();
     let node_id = match existing {
         Some(id) => {
-            conn.execute(
+            conn.exec(
                 "UPDATE cluster_nodes SET host = ?2, control_port = ?3, mgmt_port = ?4, data_port = ?5,
                  credential_sha256 = ?6, last_seen = ?7, legacy = 0 WHERE id = ?1",
                 params![
@@ -145,7 +145,7 @@ pub fn register(
             id
         }
         None => {
-            conn.execute(
+            conn.exec(
                 "INSERT INTO cluster_nodes (node_type, name, host, control_port, mgmt_port, data_port,
                  credential_sha256, registered_at, last_seen) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
                 params![
@@ -162,7 +162,7 @@ pub fn register(
             conn.last_insert_rowid() as u64
         }
     };
-    conn.execute(
+    conn.exec(
         "INSERT INTO registration_history (node_id, host, at) VALUES (?1, ?2, ?3)",
         params![node_id, request.host, ctx.now],
     )?;
@@ -181,7 +181,7 @@ pub fn register(
         let target = format!("{node_type} {}", request.name);
         enrollment::audit(conn, ctx.now, &target, "node.enroll", &target, source, "ok", how)?;
     }
-    conn.execute(
+    conn.exec(
         "INSERT INTO component_health (node_id, updated_at) VALUES (?1, ?2)
          ON CONFLICT (node_id) DO UPDATE SET updated_at = excluded.updated_at",
         params![node_id, ctx.now],
@@ -214,7 +214,7 @@ pub fn register(
                     ));
                 }
             }
-            conn.execute(
+            conn.exec(
                 "INSERT INTO sds_nodes (node_id, fault_set_id, pool_id, capacity_bytes, used_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (node_id) DO UPDATE SET fault_set_id = excluded.fault_set_id,
@@ -222,16 +222,16 @@ pub fn register(
                  used_bytes = excluded.used_bytes, removed_at = 0",
                 params![node_id, fault_set_id, pool_id, capacity, used],
             )?;
-            conn.execute("DELETE FROM sds_devices WHERE sds_id = ?1", [node_id])?;
+            conn.exec("DELETE FROM sds_devices WHERE sds_id = ?1", [node_id])?;
             for device in &request.devices {
-                conn.execute(
+                conn.exec(
                     "INSERT INTO sds_devices (sds_id, path, capacity_bytes, used_bytes) VALUES (?1, ?2, ?3, ?4)",
                     params![node_id, device.path, device.capacity_bytes, device.used_bytes],
                 )?;
             }
         }
         NodeType::Sdc => {
-            conn.execute("INSERT OR IGNORE INTO sdc_clients (node_id) VALUES (?1)", [node_id])?;
+            conn.exec("INSERT OR IGNORE INTO sdc_clients (node_id) VALUES (?1)", [node_id])?;
         }
         NodeType::Mgmt => {}
     }
@@ -246,7 +246,7 @@ pub fn register(
 }
 
 fn holds_copies(conn: &Connection, sds_id: u64) -> Result<bool, MdmError> {
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT EXISTS (SELECT 1 FROM placement_groups
                         WHERE primary_sds = ?1 OR secondary_sds = ?1 OR joining_sds = ?1)",
         [sds_id],
@@ -274,8 +274,8 @@ pub fn heartbeat(
     if m.used_bytes > m.capacity_bytes {
         return Err(MdmError::bad_request("metrics.used_bytes exceeds metrics.capacity_bytes"));
     }
-    conn.execute("UPDATE cluster_nodes SET last_seen = ?2 WHERE id = ?1", params![id, ctx.now])?;
-    conn.execute(
+    conn.exec("UPDATE cluster_nodes SET last_seen = ?2 WHERE id = ?1", params![id, ctx.now])?;
+    conn.exec(
         "UPDATE component_health SET capacity_bytes = ?2, used_bytes = ?3, read_ops = ?4, write_ops = ?5,
          read_bytes = ?6, write_bytes = ?7, errors = ?8, heartbeats = heartbeats + 1, updated_at = ?9
          WHERE node_id = ?1",
@@ -292,7 +292,7 @@ pub fn heartbeat(
         ],
     )?;
     if node_type == NodeType::Sds && m.capacity_bytes > 0 {
-        conn.execute(
+        conn.exec(
             "UPDATE sds_nodes SET capacity_bytes = ?2, used_bytes = ?3 WHERE node_id = ?1",
             params![id, m.capacity_bytes, m.used_bytes],
         )?;
@@ -302,7 +302,10 @@ pub fn heartbeat(
          ON CONFLICT (node_id, minute) DO UPDATE SET beats = beats + 1",
     )?
     .execute(params![id, ctx.now / 60])?;
-    let changes = volume_changes(conn, request.volumes_since)?;
+    // An SDC hears only of the volumes mapped to it: the others are none of
+    // its business, and there are far more SDCs than SDS nodes.
+    let only_mapped_to = (node_type == NodeType::Sdc).then_some(id);
+    let changes = volume_changes(conn, request.volumes_since, only_mapped_to)?;
     if super::movement::is_removed(conn, id, node_type)? {
         // Drained and removed: the node is told so and stops.
         return Ok(HeartbeatResponse {
@@ -347,45 +350,59 @@ struct VolumeChanges {
 
 /// Every volume when `since` is `None` (or from another history: a cursor
 /// beyond this database's), else the volumes whose generations changed and
-/// those deleted after `since`: what changed, not what exists.
-fn volume_changes(conn: &Connection, since: Option<u64>) -> Result<VolumeChanges, MdmError> {
-    let cursor: u64 = conn.query_row("SELECT value FROM change_seq", [], |r| r.get(0))?;
+/// those deleted after `since`: what changed, not what exists. With
+/// `only_mapped_to`, only volumes mapped to that SDC (a mapped volume
+/// cannot be deleted, so no deletions).
+fn volume_changes(
+    conn: &Connection,
+    since: Option<u64>,
+    only_mapped_to: Option<u64>,
+) -> Result<VolumeChanges, MdmError> {
+    let cursor: u64 = conn.row("SELECT value FROM change_seq", [], |r| r.get(0))?;
     let generation = |r: &rusqlite::Row| {
         Ok(VolumeGeneration { volume_id: r.get(0)?, epoch: r.get(1)?, mapping_gen: r.get(2)? })
     };
-    match since {
-        Some(since) if since <= cursor => Ok(VolumeChanges {
-            volumes: conn
-                .prepare_cached(
-                    "SELECT id, epoch, mapping_gen FROM volumes WHERE changed_seq > ?1 ORDER BY id",
-                )?
-                .query_map([since], generation)?
-                .collect::<Result<_, _>>()?,
-            complete: false,
-            deleted: conn
-                .prepare_cached(
-                    "SELECT id FROM deleted_volumes WHERE deleted_seq > ?1 ORDER BY id",
-                )?
-                .query_map([since], |r| r.get(0))?
-                .collect::<Result<_, _>>()?,
-            cursor,
-        }),
-        _ => Ok(VolumeChanges {
-            volumes: conn
-                .prepare_cached("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
-                .query_map([], generation)?
-                .collect::<Result<_, _>>()?,
-            complete: true,
-            deleted: Vec::new(),
-            cursor,
-        }),
-    }
+    let (since, complete) = match since {
+        Some(since) if since <= cursor => (since, false),
+        _ => (0, true),
+    };
+    let volumes = match only_mapped_to {
+        Some(sdc) => conn
+            .prepare_cached(
+                "SELECT v.id, v.epoch, v.mapping_gen FROM volume_mappings m
+                 JOIN volumes v ON v.id = m.volume_id
+                 WHERE m.sdc_id = ?1 AND (?2 OR v.changed_seq > ?3) ORDER BY v.id",
+            )?
+            .query_map(params![sdc, complete, since], generation)?
+            .collect::<Result<_, _>>()?,
+        None if complete => conn
+            .prepare_cached("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
+            .query_map([], generation)?
+            .collect::<Result<_, _>>()?,
+        None => conn
+            .prepare_cached(
+                "SELECT id, epoch, mapping_gen FROM volumes WHERE changed_seq > ?1
+                 ORDER BY changed_seq",
+            )?
+            .query_map([since], generation)?
+            .collect::<Result<_, _>>()?,
+    };
+    let deleted = if complete || only_mapped_to.is_some() {
+        Vec::new()
+    } else {
+        conn.prepare_cached(
+            "SELECT id FROM deleted_volumes WHERE deleted_seq > ?1 ORDER BY deleted_seq",
+        )?
+        .query_map([since], |r| r.get(0))?
+        .collect::<Result<_, _>>()?
+    };
+    Ok(VolumeChanges { volumes, complete, deleted, cursor })
 }
 
 /// `GET /sds/list`.
 pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> {
     Ok(conn
-        .prepare(
+        .prepare_cached(
             "SELECT n.id, n.name, n.host, n.data_port, n.control_port, n.mgmt_port, f.name, p.name,
                     s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at, s.draining
              FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
@@ -418,11 +435,10 @@ pub fn sdc_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdcInfo>, MdmError> 
     let rows = nodes(conn, Some(NodeType::Sdc))?;
     rows.into_iter()
         .map(|n| {
-            let mapped_volumes: u64 = conn.query_row(
-                "SELECT COUNT(*) FROM volume_mappings WHERE sdc_id = ?1",
-                [n.id],
-                |r| r.get(0),
-            )?;
+            let mapped_volumes: u64 =
+                conn.row("SELECT COUNT(*) FROM volume_mappings WHERE sdc_id = ?1", [n.id], |r| {
+                    r.get(0)
+                })?;
             Ok(SdcInfo {
                 id: n.id,
                 status: liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now).to_string(),

@@ -29,7 +29,7 @@ pub(super) fn assignments(
     ctx: &Ctx,
     sds: u64,
 ) -> Result<Vec<RebuildAssignment>, MdmError> {
-    conn.execute(
+    conn.exec(
         "UPDATE rebuild_jobs SET state = 'failed', updated_at = ?2
          WHERE source_sds = ?1 AND state IN ('pending', 'running') AND NOT EXISTS (
              SELECT 1 FROM placement_groups p WHERE p.volume_id = rebuild_jobs.volume_id
@@ -39,13 +39,13 @@ pub(super) fn assignments(
                     OR (rebuild_jobs.kind = 'move' AND p.joining_sds = rebuild_jobs.target_sds)))",
         params![sds, ctx.now],
     )?;
-    conn.execute(
+    conn.exec(
         "UPDATE rebuild_jobs SET state = 'running', updated_at = ?2
          WHERE source_sds = ?1 AND state = 'pending'",
         params![sds, ctx.now],
     )?;
     let jobs = conn
-        .prepare(
+        .prepare_cached(
             "SELECT j.id, j.volume_id, j.pg_index, j.target_sds, v.epoch, j.kind, j.failed_sds
              FROM rebuild_jobs j JOIN volumes v ON v.id = j.volume_id
              WHERE j.source_sds = ?1 AND j.state = 'running' ORDER BY j.id",
@@ -69,7 +69,7 @@ pub(super) fn assignments(
 /// a node that has missed data and must not serve it alone.
 pub(super) fn unfinished_targets(conn: &Connection) -> Result<HashMap<(u64, u64), u64>, MdmError> {
     let targets = conn
-        .prepare(
+        .prepare_cached(
             "SELECT volume_id, pg_index, target_sds FROM rebuild_jobs
              WHERE state IN ('pending', 'running') AND kind != 'move'",
         )?
@@ -145,14 +145,14 @@ pub fn rebuild_complete(
         } else {
             (secondary, job.target_sds)
         };
-        conn.execute(
+        conn.exec(
             "UPDATE placement_groups SET primary_sds = ?3, secondary_sds = ?4, joining_sds = 0
              WHERE volume_id = ?1 AND pg_index = ?2",
             params![job.volume_id, job.pg_index, new_primary, new_secondary],
         )?;
-        conn.execute("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [job.volume_id])?;
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id = ?1", [job.volume_id])?;
     }
-    conn.execute(
+    conn.exec(
         "UPDATE rebuild_jobs SET state = 'done', chunks_copied = ?2, updated_at = ?3,
                 chunks_total = MAX(chunks_total, ?2) WHERE id = ?1",
         params![job.job_id, request.chunks_copied, ctx.now],
@@ -163,7 +163,7 @@ pub fn rebuild_complete(
 /// `GET /rebuild/jobs`: every job, newest first.
 pub fn rebuild_jobs(conn: &Connection) -> Result<Vec<RebuildJob>, MdmError> {
     let jobs = conn
-        .prepare(&format!("{JOB_COLUMNS} ORDER BY id DESC"))?
+        .prepare_cached(&format!("{JOB_COLUMNS} ORDER BY id DESC"))?
         .query_map([], job_row)?
         .collect::<Result<_, _>>()?;
     Ok(jobs)
@@ -174,7 +174,7 @@ const JOB_COLUMNS: &str =
         chunks_copied, created_at, updated_at, kind, chunks_total, bytes_copied FROM rebuild_jobs";
 
 fn job(conn: &Connection, job_id: u64) -> Result<Option<RebuildJob>, MdmError> {
-    Ok(conn.query_row(&format!("{JOB_COLUMNS} WHERE id = ?1"), [job_id], job_row).optional()?)
+    Ok(conn.row(&format!("{JOB_COLUMNS} WHERE id = ?1"), [job_id], job_row).optional()?)
 }
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RebuildJob> {

@@ -9,13 +9,24 @@ use crate::error::MdmError;
 use super::volumes::{mapping_of, volume_row, VOLUME_COLUMNS};
 use super::*;
 
-/// `POST /token/request` from SDC `sdc_id`.
-pub fn request_token(
+/// A token signed on a reader connection, to be recorded by the writer:
+/// the checks, the signature and the session keys (the costly part) run
+/// beside the writer's batches, the writer only re-checks and inserts.
+pub struct TokenDraft {
+    token: IoToken,
+    epoch: u64,
+    signature_hex: String,
+    response: TokenResponse,
+}
+
+/// `POST /token/request` from SDC `sdc_id`, first half: checks the mapping,
+/// signs the token and derives its session keys.
+pub fn draft_token(
     conn: &Connection,
     ctx: &Ctx,
     sdc_id: u64,
     request: &TokenRequest,
-) -> Result<TokenResponse, MdmError> {
+) -> Result<TokenDraft, MdmError> {
     if request.volume_id > i64::MAX as u64 {
         return Err(MdmError::not_found(
             "volume_not_found",
@@ -23,39 +34,14 @@ pub fn request_token(
         ));
     }
     let row = conn
-        .query_row(
-            &format!("SELECT {VOLUME_COLUMNS} WHERE v.id = ?1"),
-            [request.volume_id],
-            volume_row,
-        )
+        .row(&format!("SELECT {VOLUME_COLUMNS} WHERE v.id = ?1"), [request.volume_id], volume_row)
         .optional()?
         .ok_or_else(|| {
             MdmError::not_found("volume_not_found", format!("no volume {}", request.volume_id))
         })?;
-    let Some(mapped_mode) = mapping_of(conn, row.id, sdc_id)? else {
-        return Err(MdmError::Forbidden {
-            code: "not_mapped",
-            message: format!("volume {:?} is not mapped to this SDC", row.name),
-        });
-    };
-    if request.mode == AccessMode::ReadWrite && mapped_mode == AccessMode::ReadOnly {
-        return Err(MdmError::Forbidden {
-            code: "read_only_mapping",
-            message: format!("volume {:?} is mapped read-only to this SDC", row.name),
-        });
-    }
-    let token_id = loop {
-        // Ids stay within SQLite's signed 64-bit range.
-        let candidate = u64::from_le_bytes(pflex_proto::random_bytes()) >> 1;
-        let used: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM io_tokens WHERE token_id = ?1)",
-            [candidate],
-            |r| r.get(0),
-        )?;
-        if candidate != 0 && !used {
-            break candidate;
-        }
-    };
+    check_mapping(conn, row.id, &row.name, sdc_id, request.mode)?;
+    // Ids stay within SQLite's signed 64-bit range; 0 means none.
+    let token_id = (u64::from_le_bytes(pflex_proto::random_bytes()) >> 1).max(1);
     let token = IoToken {
         token_id,
         volume_id: row.id,
@@ -80,29 +66,97 @@ pub fn request_token(
         )?
         .query_map([row.id], |r| r.get(0))?
         .collect::<Result<Vec<u64>, _>>()?;
-    let session_keys = ctx.keys.session_keys(&signed, &sds_ids);
-    conn.execute(
+    let response = TokenResponse {
+        token_id,
+        token: signed.to_hex(),
+        session_keys: ctx.keys.session_keys(&signed, &sds_ids),
+        expires_at: token.expires_at,
+        mapping_gen: row.mapping_gen,
+    };
+    Ok(TokenDraft {
+        token,
+        epoch: row.epoch,
+        signature_hex: hex::encode(signed.signature),
+        response,
+    })
+}
+
+/// Second half, on the writer: the mapping still stands and its generation
+/// has not moved since the draft (else [`MdmError::is_retryable`]: draft
+/// again), and the token is recorded.
+pub fn record_token(
+    conn: &Connection,
+    ctx: &Ctx,
+    draft: TokenDraft,
+) -> Result<TokenResponse, MdmError> {
+    let token = &draft.token;
+    let current: Option<(u64, String)> = conn
+        .row("SELECT mapping_gen, name FROM volumes WHERE id = ?1", [token.volume_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((mapping_gen, name)) = current else {
+        return Err(MdmError::not_found(
+            "volume_not_found",
+            format!("no volume {}", token.volume_id),
+        ));
+    };
+    if mapping_gen != token.mapping_gen {
+        return Err(MdmError::conflict(
+            "mapping_changed",
+            format!("the mappings of volume {name:?} changed while the token was signed"),
+        ));
+    }
+    check_mapping(conn, token.volume_id, &name, token.sdc_id, token.mode)?;
+    let taken: bool = conn.row(
+        "SELECT EXISTS (SELECT 1 FROM io_tokens WHERE token_id = ?1)",
+        [token.token_id],
+        |r| r.get(0),
+    )?;
+    if taken {
+        // 2^-63 per pair of tokens; drafted again with another id.
+        return Err(MdmError::conflict("token_id_taken", "token id already in use"));
+    }
+    conn.exec(
         "INSERT INTO io_tokens (token_id, volume_id, sdc_id, access_mode, mapping_gen, epoch, issued_at,
          expires_at, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
-            token_id,
-            row.id,
-            sdc_id,
-            request.mode.as_str(),
-            row.mapping_gen,
-            row.epoch,
+            token.token_id,
+            token.volume_id,
+            token.sdc_id,
+            token.mode.as_str(),
+            token.mapping_gen,
+            draft.epoch,
             ctx.now,
             token.expires_at,
-            hex::encode(signed.signature)
+            draft.signature_hex
         ],
     )?;
-    Ok(TokenResponse {
-        token_id,
-        token: signed.to_hex(),
-        session_keys,
-        expires_at: token.expires_at,
-        mapping_gen: row.mapping_gen,
-    })
+    Ok(draft.response)
+}
+
+/// Refuses a token for a volume not mapped to `sdc_id`, or for writes
+/// through a read-only mapping.
+fn check_mapping(
+    conn: &Connection,
+    volume_id: u64,
+    name: &str,
+    sdc_id: u64,
+    mode: AccessMode,
+) -> Result<(), MdmError> {
+    let Some(mapped_mode) = mapping_of(conn, volume_id, sdc_id)? else {
+        return Err(MdmError::Forbidden {
+            code: "not_mapped",
+            message: format!("volume {name:?} is not mapped to this SDC"),
+        });
+    };
+    if mode == AccessMode::ReadWrite && mapped_mode == AccessMode::ReadOnly {
+        return Err(MdmError::Forbidden {
+            code: "read_only_mapping",
+            message: format!("volume {name:?} is mapped read-only to this SDC"),
+        });
+    }
+    Ok(())
 }
 
 const ACK_OPS: &[&str] = &["read", "write", "flush", "trim", "write_zeroes"];
@@ -162,12 +216,12 @@ pub fn ack_tokens(
             record.bytes.min(i64::MAX as u64),
             record.errors.min(i64::MAX as u64),
         );
-        conn.execute(
+        conn.exec(
             "UPDATE io_tokens SET ops = MIN(ops + ?2, 9223372036854775807), bytes = MIN(bytes + ?3, 9223372036854775807),
              errors = MIN(errors + ?4, 9223372036854775807), last_ack_at = ?5 WHERE token_id = ?1",
             params![record.token_id, ops, bytes, errors, ctx.now],
         )?;
-        conn.execute(
+        conn.exec(
             "INSERT INTO volume_io_stats (volume_id, op, ops, bytes, errors) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (volume_id, op) DO UPDATE SET ops = MIN(ops + excluded.ops, 9223372036854775807),
              bytes = MIN(bytes + excluded.bytes, 9223372036854775807), errors = MIN(errors + excluded.errors, 9223372036854775807)",

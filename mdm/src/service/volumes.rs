@@ -86,7 +86,7 @@ fn deleted_volume(conn: &Connection, id: &str) -> Result<Option<String>, MdmErro
 
 fn volume_json(conn: &Connection, row: VolumeRow) -> Result<Volume, MdmError> {
     let mappings = conn
-        .prepare(
+        .prepare_cached(
             "SELECT m.sdc_id, n.name, m.access_mode FROM volume_mappings m
              JOIN cluster_nodes n ON n.id = m.sdc_id WHERE m.volume_id = ?1 ORDER BY m.sdc_id",
         )?
@@ -146,7 +146,7 @@ pub(super) fn pool_usage_by_scan(
     pool_id: u64,
 ) -> Result<HashMap<u64, NodeUsage>, MdmError> {
     let mut usage: HashMap<u64, NodeUsage> = HashMap::new();
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT v.size_bytes, v.thick, p.pg_index, p.primary_sds, p.secondary_sds,
                 (SELECT COUNT(*) FROM placement_groups q WHERE q.volume_id = v.id), p.joining_sds
          FROM placement_groups p JOIN volumes v ON v.id = p.volume_id WHERE v.pool_id = ?1",
@@ -180,7 +180,7 @@ pub(super) fn candidates(
     pool_id: u64,
 ) -> Result<Vec<Candidate>, MdmError> {
     let usage = pool_usage(conn, pool_id)?;
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare_cached(
         "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
          FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
          JOIN fault_sets f ON f.id = s.fault_set_id WHERE s.pool_id = ?1
@@ -284,11 +284,10 @@ pub fn volume_create(
     validate::volume_size(request.size_bytes)?;
     let pool = request.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string());
     validate::name("pool", &pool)?;
-    let taken: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM volumes WHERE name = ?1)",
-        [&request.name],
-        |r| r.get(0),
-    )?;
+    let taken: bool =
+        conn.row("SELECT EXISTS (SELECT 1 FROM volumes WHERE name = ?1)", [&request.name], |r| {
+            r.get(0)
+        })?;
     if taken {
         return Err(MdmError::conflict(
             "volume_exists",
@@ -317,7 +316,7 @@ pub fn volume_create(
     if request.thick {
         check_thick_capacity(&candidates, &pgs, request.size_bytes, 0)?;
     }
-    conn.execute(
+    conn.exec(
         "INSERT INTO volumes (name, pool_id, size_bytes, thick, epoch, mapping_gen, created_at)
          VALUES (?1, ?2, ?3, ?4, 1, 1, ?5)",
         params![request.name, pool_id, request.size_bytes, request.thick, ctx.now],
@@ -380,7 +379,7 @@ pub fn volume_show(conn: &Connection, name_or_id: &str) -> Result<Volume, MdmErr
 
 fn volume_pgs(conn: &Connection, volume_id: u64) -> Result<Vec<PlacementGroup>, MdmError> {
     Ok(conn
-        .prepare(
+        .prepare_cached(
             "SELECT primary_sds, secondary_sds, absent_sds, joining_sds FROM placement_groups
              WHERE volume_id = ?1 ORDER BY pg_index",
         )?
@@ -424,15 +423,14 @@ pub fn volume_resize(
         let candidates = candidates(conn, ctx, row.pool_id)?;
         check_thick_capacity(&candidates, &pgs, size_bytes, row.size_bytes)?;
     }
-    conn.execute(
+    conn.exec(
         "UPDATE volumes SET size_bytes = ?2, epoch = epoch + 1 WHERE id = ?1",
         params![row.id, size_bytes],
     )?;
-    let count: u64 = conn.query_row(
-        "SELECT COUNT(*) FROM placement_groups WHERE volume_id = ?1",
-        [row.id],
-        |r| r.get(0),
-    )?;
+    let count: u64 =
+        conn.row("SELECT COUNT(*) FROM placement_groups WHERE volume_id = ?1", [row.id], |r| {
+            r.get(0)
+        })?;
     let chunks = size_bytes.div_ceil(CHUNK_SIZE);
     let mut update = conn.prepare_cached(
         "UPDATE placement_groups SET bytes = ?3 WHERE volume_id = ?1 AND pg_index = ?2",
@@ -456,7 +454,7 @@ pub fn volume_rename(
         return volume_json(conn, row);
     }
     let taken: bool =
-        conn.query_row("SELECT EXISTS (SELECT 1 FROM volumes WHERE name = ?1)", [new_name], |r| {
+        conn.row("SELECT EXISTS (SELECT 1 FROM volumes WHERE name = ?1)", [new_name], |r| {
             r.get(0)
         })?;
     if taken {
@@ -465,7 +463,7 @@ pub fn volume_rename(
             format!("a volume named {new_name:?} already exists"),
         ));
     }
-    conn.execute("UPDATE volumes SET name = ?2 WHERE id = ?1", params![row.id, new_name])?;
+    conn.exec("UPDATE volumes SET name = ?2 WHERE id = ?1", params![row.id, new_name])?;
     volume_json(conn, find_volume(conn, new_name)?)
 }
 
@@ -480,11 +478,11 @@ pub fn volume_delete(conn: &Connection, name_or_id: &str) -> Result<Volume, MdmE
             format!("volume {:?} is mapped to {}; unmap it first", volume.name, names.join(", ")),
         ));
     }
-    conn.execute("DELETE FROM placement_groups WHERE volume_id = ?1", [volume.id])?;
-    conn.execute("DELETE FROM snapshots WHERE volume_id = ?1", [volume.id])?;
-    conn.execute("DELETE FROM rebuild_jobs WHERE volume_id = ?1", [volume.id])?;
-    conn.execute("DELETE FROM volumes WHERE id = ?1", [volume.id])?;
-    conn.execute(
+    conn.exec("DELETE FROM placement_groups WHERE volume_id = ?1", [volume.id])?;
+    conn.exec("DELETE FROM snapshots WHERE volume_id = ?1", [volume.id])?;
+    conn.exec("DELETE FROM rebuild_jobs WHERE volume_id = ?1", [volume.id])?;
+    conn.exec("DELETE FROM volumes WHERE id = ?1", [volume.id])?;
+    conn.exec(
         "INSERT INTO deleted_volumes (id, name, deleted_at) VALUES (?1, ?2, strftime('%s','now'))",
         params![volume.id, volume.name],
     )?;
@@ -530,12 +528,12 @@ pub fn volume_map(conn: &Connection, ctx: &Ctx, request: &VolumeMap) -> Result<V
     if current.as_deref() == Some(mode) {
         return volume_json(conn, row);
     }
-    conn.execute(
+    conn.exec(
         "INSERT INTO volume_mappings (volume_id, sdc_id, access_mode, mapped_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (volume_id, sdc_id) DO UPDATE SET access_mode = excluded.access_mode, mapped_at = excluded.mapped_at",
         params![row.id, sdc_id, mode, ctx.now],
     )?;
-    conn.execute("UPDATE volumes SET mapping_gen = mapping_gen + 1 WHERE id = ?1", [row.id])?;
+    conn.exec("UPDATE volumes SET mapping_gen = mapping_gen + 1 WHERE id = ?1", [row.id])?;
     volume_json(conn, find_volume(conn, &row.name)?)
 }
 
@@ -543,7 +541,7 @@ pub fn volume_map(conn: &Connection, ctx: &Ctx, request: &VolumeMap) -> Result<V
 pub fn volume_unmap(conn: &Connection, request: &VolumeUnmap) -> Result<Volume, MdmError> {
     let row = find_volume(conn, &request.volume)?;
     let (sdc_id, sdc_name) = find_sdc(conn, &request.sdc)?;
-    let removed = conn.execute(
+    let removed = conn.exec(
         "DELETE FROM volume_mappings WHERE volume_id = ?1 AND sdc_id = ?2",
         params![row.id, sdc_id],
     )?;
@@ -553,7 +551,7 @@ pub fn volume_unmap(conn: &Connection, request: &VolumeUnmap) -> Result<Volume, 
             format!("volume {:?} is not mapped to SDC {sdc_name:?}", row.name),
         ));
     }
-    conn.execute("UPDATE volumes SET mapping_gen = mapping_gen + 1 WHERE id = ?1", [row.id])?;
+    conn.exec("UPDATE volumes SET mapping_gen = mapping_gen + 1 WHERE id = ?1", [row.id])?;
     volume_json(conn, find_volume(conn, &row.name)?)
 }
 
@@ -590,7 +588,7 @@ pub fn placement_map(
     }
     let pgs = volume_pgs(conn, row.id)?;
     let nodes = conn
-        .prepare(
+        .prepare_cached(
             "SELECT n.id, n.name, n.host, n.data_port, f.name FROM cluster_nodes n
              JOIN sds_nodes s ON s.node_id = n.id JOIN fault_sets f ON f.id = s.fault_set_id
              WHERE n.id IN (SELECT primary_sds FROM placement_groups WHERE volume_id = ?1
@@ -623,7 +621,7 @@ pub fn placement_map(
 /// `GET /sdc/mappings`: the calling SDC's volumes.
 pub fn sdc_mappings(conn: &Connection, sdc_id: u64) -> Result<Vec<MappedVolume>, MdmError> {
     Ok(conn
-        .prepare(
+        .prepare_cached(
             "SELECT v.id, v.name, v.size_bytes, m.access_mode, v.mapping_gen FROM volume_mappings m
              JOIN volumes v ON v.id = m.volume_id WHERE m.sdc_id = ?1 ORDER BY v.id",
         )?
@@ -637,4 +635,103 @@ pub fn sdc_mappings(conn: &Connection, sdc_id: u64) -> Result<Vec<MappedVolume>,
             })
         })?
         .collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyTiming, Keys};
+    use pflex_proto::api::{DeviceInfo, RegisterRequest};
+    use pflex_proto::token::ClusterSecret;
+
+    /// The per-node sums the triggers keep in `sds_load` equal the sums of
+    /// every PG after each kind of change a PG goes through.
+    #[test]
+    fn load_kept_by_triggers_matches_a_full_count() {
+        let mut conn = crate::db::open_in_memory().unwrap();
+        let timing = KeyTiming {
+            publish_for: std::time::Duration::from_secs(6),
+            token_ttl: std::time::Duration::from_secs(600),
+        };
+        let keys = Keys::new(ClusterSecret::generate(), timing, Vec::new());
+        let settings = Settings {
+            heartbeat_interval_secs: 2,
+            stale_after_secs: 60,
+            failed_after_secs: 120,
+            token_ttl_secs: 600,
+            probe_on_report: false,
+            unreachable_grace_secs: 5,
+            resync_window_secs: 120,
+        };
+        let ctx = Ctx { settings, keys: &keys, now: 1_900_000_000 };
+        let tx = conn.transaction().unwrap();
+        let conn: &Connection = &tx;
+        let mut sds = Vec::new();
+        for i in 0..5 {
+            let request = RegisterRequest {
+                join_key: "k".into(),
+                enrollment_token: None,
+                credential: None,
+                node_type: NodeType::Sds,
+                name: format!("sds{i}"),
+                host: "127.0.0.1".into(),
+                control_port: 1,
+                mgmt_port: 1,
+                data_port: 1,
+                fault_set: Some(format!("fs{i}")),
+                pool: None,
+                devices: vec![DeviceInfo {
+                    path: "/d".into(),
+                    capacity_bytes: 1 << 40,
+                    used_bytes: 0,
+                }],
+            };
+            sds.push(super::super::register(conn, &ctx, &request, true, "test").unwrap().node_id);
+        }
+        let same = |step: &str| {
+            let kept = pool_usage(conn, 1).unwrap();
+            let counted = pool_usage_by_scan(conn, 1).unwrap();
+            for node in &sds {
+                let kept = kept.get(node).copied().unwrap_or_default();
+                let counted = counted.get(node).copied().unwrap_or_default();
+                assert_eq!(kept, counted, "after {step}, SDS {node}");
+            }
+        };
+        for (i, (size, thick)) in
+            [(1u64 << 30, false), (3 << 30, true), (5 * CHUNK_SIZE + 512, true)].iter().enumerate()
+        {
+            let request = VolumeCreate {
+                name: format!("v{i}"),
+                size_bytes: *size,
+                pool: None,
+                thick: *thick,
+            };
+            volume_create(conn, &ctx, &request).unwrap();
+        }
+        same("creates");
+        volume_resize(conn, &ctx, "v1", 7 << 30).unwrap();
+        volume_resize(conn, &ctx, "v2", 300 * CHUNK_SIZE).unwrap();
+        same("resizes");
+        // A move under way, then a degraded PG (what the monitor pass does).
+        conn.execute(
+            "UPDATE placement_groups SET joining_sds = ?1 WHERE volume_id = 2 AND pg_index = 3
+               AND primary_sds != ?1 AND secondary_sds != ?1",
+            [sds[4]],
+        )
+        .unwrap();
+        same("a move");
+        conn.execute(
+            "UPDATE placement_groups SET primary_sds = secondary_sds, secondary_sds = primary_sds,
+                    absent_sds = primary_sds, joining_sds = 0 WHERE volume_id = 2 AND pg_index < 10",
+            [],
+        )
+        .unwrap();
+        same("degraded PGs");
+        volume_delete(conn, "v1").unwrap();
+        volume_delete(conn, "v0").unwrap();
+        same("deletes");
+        let left: u64 =
+            conn.query_row("SELECT SUM(placed) FROM sds_load", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 2 * 300 * CHUNK_SIZE, "only v2's two copies are left");
+    }
 }
