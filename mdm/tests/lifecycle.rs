@@ -29,9 +29,11 @@ fn unmap(volume: &str, sdc: &str) -> VolumeUnmap {
 async fn epoch_and_mapping_generation() {
     let mdm = start_mdm().await;
     let admin = mdm.admin();
+    let mut storage = Vec::new();
     for n in 0..3 {
-        mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 10).await;
+        storage.push(mdm.register_sds(&format!("sds{n}"), &format!("fs{n}"), "default", 10).await);
     }
+    let sds = &storage[0];
     let sdc = mdm.register_sdc("sdc1").await;
     let volume = admin.volume_create(&create("vol1", 1 << 30)).await.unwrap();
     assert_eq!((volume.epoch, volume.mapping_gen), (1, 1));
@@ -78,21 +80,30 @@ async fn epoch_and_mapping_generation() {
     assert_eq!(err.status(), Some(404));
     assert!(sdc.client.sdc_mappings().await.unwrap().is_empty());
 
-    // Heartbeats carry every volume's generations.
-    let beat = sdc
-        .client
-        .heartbeat(&HeartbeatRequest {
-            node_id: sdc.id(),
+    // An SDS heartbeat carries every volume's generations, then only what
+    // changed since its cursor; an SDC's only the volumes mapped to it.
+    let beat = |node: &pflex_testkit::cluster::RegisteredNode, since: Option<u64>| {
+        let client = node.client.clone();
+        let request = HeartbeatRequest {
+            node_id: node.id(),
             metrics: NodeMetrics::default(),
-            volumes_since: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(beat.volumes.len(), 1);
+            volumes_since: since,
+        };
+        async move { client.heartbeat(&request).await.unwrap() }
+    };
+    let full = beat(sds, None).await;
+    assert!(full.volumes_complete);
+    assert_eq!(full.volumes.len(), 1);
     assert_eq!(
-        (beat.volumes[0].epoch, beat.volumes[0].mapping_gen),
+        (full.volumes[0].epoch, full.volumes[0].mapping_gen),
         (unmapped.epoch, unmapped.mapping_gen)
     );
+    let quiet = beat(sds, Some(full.volumes_cursor)).await;
+    assert!(
+        !quiet.volumes_complete && quiet.volumes.is_empty() && quiet.deleted_volumes.is_empty()
+    );
+    assert_eq!(quiet.volumes_cursor, full.volumes_cursor);
+    assert!(beat(&sdc, None).await.volumes.is_empty(), "vol1 is no longer mapped to sdc1");
 
     // Rename keeps id and generations; delete works once unmapped.
     let renamed = admin.volume_rename("vol1", "vol2").await.unwrap();
@@ -106,6 +117,9 @@ async fn epoch_and_mapping_generation() {
     assert_eq!((err.status(), err.code()), (Some(409), Some("volume_exists")));
     let deleted = admin.volume_delete(volume.id).await.unwrap();
     assert_eq!(deleted.name, "vol2");
+    let changes = beat(sds, Some(full.volumes_cursor)).await;
+    assert_eq!(changes.deleted_volumes, vec![volume.id]);
+    assert_eq!(changes.volumes.len(), 1, "only the new volume: {:?}", changes.volumes);
     assert_eq!(admin.volume_list().await.unwrap().len(), 1);
     assert_eq!(admin.placement(volume.id).await.unwrap_err().status(), Some(404));
     // Ids are never reused.
