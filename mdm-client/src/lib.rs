@@ -401,7 +401,7 @@ impl MdmClient {
         let (url, response) = self.send_url(Method::GET, url, None::<&()>).await?;
         let next = response
             .headers()
-            .get("x-next-after")
+            .get(pflex_proto::api::NEXT_PAGE_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         let bytes = response

@@ -794,7 +794,7 @@ fn default_volume_page() -> u64 {
     service::VOLUME_PAGE_DEFAULT
 }
 
-/// One page of volumes; the response header `x-next-after` gives the
+/// One page of volumes; the response header [`pflex_proto::api::NEXT_PAGE_HEADER`] gives the
 /// `after` of the next page when there is one.
 async fn volume_list(
     State(state): State<Shared>,
@@ -807,13 +807,12 @@ async fn volume_list(
         state.read(move |conn, _| service::volume_list(conn, page.after, page.limit)).await?;
     let mut response = Json(volumes).into_response();
     if let Some(next) = next {
-        response.headers_mut().insert(NEXT_PAGE_HEADER, header::HeaderValue::from(next));
+        response
+            .headers_mut()
+            .insert(pflex_proto::api::NEXT_PAGE_HEADER, header::HeaderValue::from(next));
     }
     Ok(response)
 }
-
-/// Response header of a paginated list: the `after` of the next page.
-pub const NEXT_PAGE_HEADER: &str = "x-next-after";
 
 async fn volume_show(
     State(state): State<Shared>,

@@ -546,6 +546,10 @@ pub struct AckResponse {
     pub recorded: u64,
 }
 
+/// Response header of `GET /vol/list`: the `after` of the next page, present
+/// only when there is one.
+pub const NEXT_PAGE_HEADER: &str = "x-next-after";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreate {

@@ -62,7 +62,7 @@ pub(super) struct DataHealth {
     pub(super) unavailable_pgs: u64,
 }
 
-pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, MdmError> {
+fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, MdmError> {
     let status = sds_liveness(conn, ctx)?;
     let rebuilding = super::rebuild::unfinished_targets(conn)?;
     // Only a PG touching a node that is not ACTIVE, degraded, or being
@@ -102,10 +102,9 @@ pub(super) fn data_health(conn: &Connection, ctx: &Ctx) -> Result<DataHealth, Md
 /// liveness but do not count: the dashboard is not on the data path.
 fn overall(
     conn: &Connection,
-    ctx: &Ctx,
+    data: &DataHealth,
     components: &[ComponentHealth],
 ) -> Result<String, MdmError> {
-    let data = data_health(conn, ctx)?;
     let volume_count: u64 = conn.row("SELECT volumes FROM volume_totals", [], |r| r.get(0))?;
     let live_sds =
         components.iter().filter(|c| c.node_type == NodeType::Sds && c.status != "FAILED").count();
@@ -123,6 +122,11 @@ fn overall(
 
 /// `GET /health/status`.
 pub fn health_status(conn: &Connection, ctx: &Ctx) -> Result<HealthStatus, MdmError> {
+    Ok(health_and_data(conn, ctx)?.0)
+}
+
+/// The health status and the data health it was judged from.
+fn health_and_data(conn: &Connection, ctx: &Ctx) -> Result<(HealthStatus, DataHealth), MdmError> {
     let components: Vec<ComponentHealth> = nodes(conn, None)?
         .into_iter()
         .map(|n| ComponentHealth {
@@ -134,13 +138,14 @@ pub fn health_status(conn: &Connection, ctx: &Ctx) -> Result<HealthStatus, MdmEr
             host: n.host,
         })
         .collect();
-    let overall = overall(conn, ctx, &components)?;
-    Ok(HealthStatus { overall, components })
+    let data = data_health(conn, ctx)?;
+    let overall = overall(conn, &data, &components)?;
+    Ok((HealthStatus { overall, components }, data))
 }
 
 /// `GET /cluster/summary`.
 pub fn cluster_summary(conn: &Connection, ctx: &Ctx) -> Result<ClusterSummary, MdmError> {
-    let health = health_status(conn, ctx)?;
+    let (health, data) = health_and_data(conn, ctx)?;
     let count = |sql: &str| -> Result<u64, MdmError> { Ok(conn.row(sql, [], |r| r.get(0))?) };
     let (capacity_bytes, used_bytes): (u64, u64) = conn.row(
         "SELECT COALESCE(SUM(capacity_bytes), 0), COALESCE(SUM(used_bytes), 0) FROM sds_nodes",
@@ -158,7 +163,7 @@ pub fn cluster_summary(conn: &Connection, ctx: &Ctx) -> Result<ClusterSummary, M
         used_bytes,
         provisioned_bytes: count("SELECT provisioned_bytes FROM volume_totals")?,
         reserved_bytes,
-        degraded_chunks: data_health(conn, ctx)?.degraded_chunks,
+        degraded_chunks: data.degraded_chunks,
         rebuild_jobs_active: count(
             "SELECT COUNT(*) FROM rebuild_jobs WHERE state IN ('pending', 'running')",
         )?,

@@ -261,45 +261,22 @@ impl SdsNode {
                 if !reply.token_public_keys.is_empty() {
                     self.adopt_token_keys(&identity, &reply.token_public_keys);
                 }
-                let changed = self.placement.apply_heartbeat(
+                let applied = self.placement.apply_heartbeat(
                     &reply.volumes,
                     reply.volumes_complete,
                     &reply.deleted_volumes,
                     reply.volumes_cursor,
                 );
-                for &volume_id in &changed {
+                for &volume_id in &applied.stale {
                     if let Err(status) = self.fetch_placement(volume_id).await {
                         tracing::debug!(volume_id, status = status.name(), "map refresh failed");
                     }
                 }
-                if !changed.is_empty() || !reply.deleted_volumes.is_empty() {
+                if !applied.stale.is_empty() || applied.forgot_maps {
                     // A copy may have moved off this node (rebalance, drain),
                     // or a volume was deleted: its chunks are released now
                     // rather than at the next periodic pass.
                     self.reclaim_now.notify_one();
-                }
-                if reply.volumes_complete {
-                    // A volume this node served is gone from the MDM's whole
-                    // list: it was deleted (the MDM confirms), and its chunks
-                    // here should go now rather than at the next periodic
-                    // pass.
-                    let listed: std::collections::HashSet<u64> =
-                        reply.volumes.iter().map(|v| v.volume_id).collect();
-                    let mut deleted = false;
-                    for map in self.placement.all() {
-                        if listed.contains(&map.volume_id) {
-                            continue;
-                        }
-                        let asked =
-                            self.ask_mdm_for_placement(identity.clone(), map.volume_id).await;
-                        if asked.is_err_and(|e| e.is_volume_deleted()) {
-                            self.placement.forget(map.volume_id);
-                            deleted = true;
-                        }
-                    }
-                    if deleted {
-                        self.reclaim_now.notify_one();
-                    }
                 }
                 return reply.rebuilds;
             }

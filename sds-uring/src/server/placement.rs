@@ -28,6 +28,15 @@ pub struct PlacementCache {
     cursor: Mutex<Option<u64>>,
 }
 
+/// What a heartbeat reply changed in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Volumes whose cached map is older than the MDM's (to refetch).
+    pub stale: Vec<u64>,
+    /// Whether maps of deleted volumes were dropped (their chunks may go).
+    pub forgot_maps: bool,
+}
+
 /// What the cache says about serving a request routed with some epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -93,9 +102,6 @@ impl PlacementCache {
         }
     }
 
-    /// Records a heartbeat's generations; returns the volumes whose cached
-    /// map is now older than the MDM's (to refetch in the background).
-    /// Volumes the MDM no longer lists are forgotten.
     /// Raises a volume's known mapping generation to `mapping_gen` (learnt
     /// from a token the MDM signed).
     pub fn raise_mapping_gen(&self, volume_id: u64, mapping_gen: u64) {
@@ -108,13 +114,16 @@ impl PlacementCache {
         g.mapping_gen = g.mapping_gen.max(mapping_gen);
     }
 
+    /// Records a heartbeat's generations: every volume's (`complete`: the
+    /// volumes it does not list are forgotten) or the changed ones, with the
+    /// `deleted` ones forgotten; `cursor` is what the next heartbeat sends.
     pub fn apply_heartbeat(
         &self,
         volumes: &[VolumeGeneration],
         complete: bool,
         deleted: &[u64],
         cursor: u64,
-    ) -> Vec<u64> {
+    ) -> Applied {
         {
             let mut generations = self.generations.write().unwrap_or_else(|p| p.into_inner());
             if complete {
@@ -126,6 +135,7 @@ impl PlacementCache {
             generations.extend(volumes.iter().map(|g| (g.volume_id, *g)));
         }
         let mut maps = self.maps.write().unwrap_or_else(|p| p.into_inner());
+        let before = maps.len();
         if complete {
             let listed: std::collections::HashSet<u64> =
                 volumes.iter().map(|g| g.volume_id).collect();
@@ -135,11 +145,12 @@ impl PlacementCache {
             maps.remove(id);
         }
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = Some(cursor);
-        volumes
+        let stale = volumes
             .iter()
             .filter(|g| maps.get(&g.volume_id).is_some_and(|m| m.epoch < g.epoch))
             .map(|g| g.volume_id)
-            .collect()
+            .collect();
+        Applied { stale, forgot_maps: maps.len() < before }
     }
 
     /// What the next heartbeat asks changes since.
@@ -232,7 +243,7 @@ mod tests {
             &[],
             1,
         );
-        assert_eq!(stale, vec![1]);
+        assert_eq!(stale, Applied { stale: vec![1], forgot_maps: false });
         assert_eq!(cache.lookup(1, 4), Lookup::Stale);
         assert_eq!(cache.lookup(1, 5), Lookup::Fetch, "heartbeat knows a newer map");
         assert_eq!(cache.mapping_gen(1), 7);
@@ -240,7 +251,7 @@ mod tests {
         assert!(matches!(cache.lookup(1, 5), Lookup::Ready(_)));
         cache.store(map(4));
         assert_eq!(cache.cached(1).unwrap().epoch, 5, "an older map never replaces a newer one");
-        cache.apply_heartbeat(&[], true, &[], 2);
+        assert!(cache.apply_heartbeat(&[], true, &[], 2).forgot_maps);
         assert!(cache.is_empty(), "volumes missing from a complete list are forgotten");
         cache.store(map(5));
         let stale = cache.apply_heartbeat(
@@ -249,11 +260,15 @@ mod tests {
             &[],
             3,
         );
-        assert_eq!(stale, vec![1], "a change raises the epoch");
+        assert_eq!(
+            stale,
+            Applied { stale: vec![1], forgot_maps: false },
+            "a change raises the epoch"
+        );
         assert_eq!(cache.cursor(), Some(3));
-        cache.apply_heartbeat(&[], false, &[], 4);
+        assert!(!cache.apply_heartbeat(&[], false, &[], 4).forgot_maps);
         assert!(!cache.is_empty(), "a list of changes forgets nothing it does not name");
-        cache.apply_heartbeat(&[], false, &[1], 5);
+        assert!(cache.apply_heartbeat(&[], false, &[1], 5).forgot_maps);
         assert!(cache.is_empty(), "a deleted volume is forgotten");
     }
 
