@@ -35,9 +35,16 @@ pub fn scheme() -> &'static str {
     }
 }
 
+/// Longest a pooled connection is reused after its last response: well
+/// below the servers' 10 s idle limit.
+pub const IDLE_CONNECTION_REUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A reqwest client builder that trusts the cluster CA when one is set.
 pub fn http_client_builder() -> reqwest::ClientBuilder {
-    let builder = reqwest::Client::builder();
+    // pflex servers close a connection that sends no request within 10 s
+    // (`pflex_httpd::Limits::header_read_timeout`); a client that reused one
+    // idle that long could send into a closing socket and fail the request.
+    let builder = reqwest::Client::builder().pool_idle_timeout(IDLE_CONNECTION_REUSE);
     match CLUSTER_TLS.get() {
         Some(config) => builder.use_preconfigured_tls(config.clone()),
         None => builder,
