@@ -7,6 +7,13 @@
 //! registration, or the admin token). A non-2xx reply becomes
 //! [`MdmClientError::Api`] carrying the MDM's own error code and message.
 //!
+//! A replicated MDM is given as a comma-separated list of base URLs: the
+//! client sends to the one it believes leads, follows a follower's
+//! `503 not_leader` to the leader it names, and moves to the next address
+//! when one cannot be connected to, with backoff, for a bounded time
+//! ([`FAILOVER_BUDGET`]). Only requests that were certainly not executed
+//! are sent again (refused by a follower, or never connected).
+//!
 //! Volumes are addressed by name or numeric id (anything that implements
 //! `Display`: a `&str`, a `String` or a `u64`); the MDM resolves either.
 
@@ -15,6 +22,7 @@ pub mod trust;
 
 pub use enrollment::{Enrollment, EnrollmentError, CREDENTIAL_FILE};
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pflex_proto::api::{
@@ -35,6 +43,9 @@ use serde::Serialize;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Volumes asked for per page of `GET /vol/list`.
 const VOLUME_PAGE: u64 = 1000;
+/// How long a request keeps looking for the MDM leader (an election takes
+/// a few seconds) before it fails.
+pub const FAILOVER_BUDGET: Duration = Duration::from_secs(10);
 
 /// Why a call to the MDM failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +67,46 @@ pub enum MdmClientError {
     /// The base URL given to [`MdmClient::new`] is not a usable http URL.
     #[error("invalid MDM URL {url:?}: {detail}")]
     InvalidUrl { url: String, detail: String },
+}
+
+/// How one attempt at a request failed.
+enum Attempt {
+    /// A follower refused it (never executed); `leader` is its hint.
+    NotLeader { error: MdmClientError, leader: Option<String> },
+    /// No connection was made (never sent).
+    NotConnected(MdmClientError),
+    /// Anything else: not retried (it may have been executed).
+    Failed(MdmClientError),
+}
+
+impl Attempt {
+    fn into_error(self) -> MdmClientError {
+        match self {
+            Attempt::NotLeader { error, .. }
+            | Attempt::NotConnected(error)
+            | Attempt::Failed(error) => error,
+        }
+    }
+}
+
+fn parse_base(text: &str) -> Result<Url, String> {
+    let base = Url::parse(text.trim_end_matches('/')).map_err(|e| e.to_string())?;
+    if base.scheme() != "http" && base.scheme() != "https" {
+        return Err("scheme must be http or https".into());
+    }
+    if base.cannot_be_a_base() {
+        return Err("not a base URL".into());
+    }
+    Ok(base)
+}
+
+/// Points `url` (built on some base) at `base`, keeping path and query.
+fn rebase(url: &mut Url, base: &Url) {
+    if url.origin() != base.origin() {
+        let _ = url.set_scheme(base.scheme());
+        let _ = url.set_host(base.host_str());
+        let _ = url.set_port(base.port());
+    }
 }
 
 impl MdmClientError {
@@ -89,17 +140,22 @@ impl MdmClientError {
     }
 }
 
-/// A handle on one MDM; cheap to clone (the connection pool is shared).
+/// A handle on the MDM (one, or the members of a replicated one); cheap to
+/// clone (the connection pool and the leader it believes in are shared).
 #[derive(Debug, Clone)]
 pub struct MdmClient {
-    base: Url,
+    /// Every address given.
+    bases: Arc<[Url]>,
+    /// The address requests go to (the leader, as far as this client knows).
+    current: Arc<Mutex<Url>>,
     credential: Option<String>,
     http: reqwest::Client,
 }
 
 impl MdmClient {
-    /// A client for the MDM at `base_url` (e.g. `http://127.0.0.1:8001`),
-    /// sending `credential` as bearer token when given.
+    /// A client for the MDM at `base_url` (e.g. `http://127.0.0.1:8001`, or
+    /// `URL,URL,URL` for the members of a replicated MDM), sending
+    /// `credential` as bearer token when given.
     pub fn new(base_url: &str, credential: Option<String>) -> Result<Self, MdmClientError> {
         Self::with_timeout(base_url, credential, DEFAULT_TIMEOUT)
     }
@@ -112,19 +168,18 @@ impl MdmClient {
     ) -> Result<Self, MdmClientError> {
         let invalid =
             |detail: String| MdmClientError::InvalidUrl { url: base_url.to_string(), detail };
-        let base =
-            Url::parse(base_url.trim_end_matches('/')).map_err(|e| invalid(e.to_string()))?;
-        if base.scheme() != "http" && base.scheme() != "https" {
-            return Err(invalid("scheme must be http or https".into()));
-        }
-        if base.cannot_be_a_base() {
-            return Err(invalid("not a base URL".into()));
-        }
+        let bases = base_url
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| parse_base(part).map_err(&invalid))
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = bases.first().cloned().ok_or_else(|| invalid("no URL given".into()))?;
         let http = trust::http_client_builder()
             .timeout(timeout)
             .build()
             .map_err(|e| invalid(e.to_string()))?;
-        Ok(Self { base, credential, http })
+        Ok(Self { bases: bases.into(), current: Arc::new(Mutex::new(first)), credential, http })
     }
 
     /// The same MDM, another credential (e.g. the one registration returned).
@@ -138,13 +193,39 @@ impl MdmClient {
         self.credential.as_deref()
     }
 
-    /// The MDM's base URL.
-    pub fn base_url(&self) -> &str {
-        self.base.as_str().trim_end_matches('/')
+    /// The base URL requests go to now (the leader's, once known).
+    pub fn base_url(&self) -> String {
+        self.current_base().as_str().trim_end_matches('/').to_string()
+    }
+
+    /// Every address this client was given.
+    pub fn base_urls(&self) -> Vec<String> {
+        self.bases.iter().map(|b| b.as_str().trim_end_matches('/').to_string()).collect()
+    }
+
+    fn current_base(&self) -> Url {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a failure at `failed`: the leader it named, else the next
+    /// address of the list.
+    fn move_on(&self, failed: &Url, hint: Option<Url>) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != *failed {
+            return; // another request moved already
+        }
+        *current = match hint {
+            Some(leader) => leader,
+            None => {
+                let at = self.bases.iter().position(|b| b == failed);
+                let next = at.map_or(0, |i| (i + 1) % self.bases.len());
+                self.bases[next].clone()
+            }
+        };
     }
 
     fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
+        let mut url = self.current_base();
         {
             let mut path = url.path_segments_mut().expect("checked in new: base URL");
             path.pop_if_empty();
@@ -170,6 +251,49 @@ impl MdmClient {
         url: Url,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<(String, reqwest::Response), MdmClientError> {
+        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+        let mut backoff = Duration::from_millis(50);
+        let mut url = url;
+        // A follower names the leader it last heard of, which may be the one
+        // that just died: that hint is not followed back to it.
+        let mut unreachable: Option<Url> = None;
+        loop {
+            let base = self.current_base();
+            rebase(&mut url, &base);
+            let error = match self.send_once(method.clone(), url.clone(), body).await {
+                Ok(sent) => return Ok(sent),
+                Err(error) => error,
+            };
+            let hint = match &error {
+                Attempt::NotLeader { leader, .. } => leader
+                    .as_deref()
+                    .and_then(|l| parse_base(l).ok())
+                    .filter(|l| unreachable.as_ref() != Some(l)),
+                _ => None,
+            };
+            if let Attempt::NotConnected(_) = &error {
+                unreachable = Some(base.clone());
+            }
+            let retry = match &error {
+                Attempt::NotLeader { .. } => true,
+                Attempt::NotConnected(_) => self.bases.len() > 1,
+                Attempt::Failed(_) => false,
+            };
+            if !retry || tokio::time::Instant::now() + backoff > deadline {
+                return Err(error.into_error());
+            }
+            self.move_on(&base, hint);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(800));
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<(String, reqwest::Response), Attempt> {
         let mut request = self.http.request(method, url.clone());
         if let Some(credential) = &self.credential {
             request = request.bearer_auth(credential);
@@ -178,16 +302,26 @@ impl MdmClient {
             request = request.json(body);
         }
         let url = url.to_string();
-        let response = request
-            .send()
-            .await
-            .map_err(|source| MdmClientError::Transport { url: url.clone(), source })?;
+        let response = request.send().await.map_err(|source| {
+            let connect = source.is_connect();
+            let error = MdmClientError::Transport { url: url.clone(), source };
+            if connect {
+                Attempt::NotConnected(error)
+            } else {
+                Attempt::Failed(error)
+            }
+        })?;
         let status = response.status();
         if status.is_success() {
             return Ok((url, response));
         }
+        let leader = response
+            .headers()
+            .get(pflex_proto::api::MDM_LEADER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let text = response.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ApiError>(&text) {
+        let error = match serde_json::from_str::<ApiError>(&text) {
             Ok(api) => MdmClientError::Api {
                 status: status.as_u16(),
                 error: api.error,
@@ -202,7 +336,11 @@ impl MdmClient {
                     .replace(' ', "_"),
                 message: if text.is_empty() { status.to_string() } else { text },
             },
-        })
+        };
+        if error.code() == Some("not_leader") {
+            return Err(Attempt::NotLeader { error, leader });
+        }
+        Err(Attempt::Failed(error))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -419,6 +557,60 @@ impl MdmClient {
         volume: impl std::fmt::Display,
     ) -> Result<Volume, MdmClientError> {
         self.get(&["vol", &volume.to_string()]).await
+    }
+
+    /// `GET /mdm/status`: the MDM cluster as the member that answers sees it.
+    pub async fn mdm_status(&self) -> Result<pflex_proto::api::MdmClusterStatus, MdmClientError> {
+        self.get(&["mdm", "status"]).await
+    }
+
+    /// `GET /mdm/status` of each address given, in order (an unreachable
+    /// member is an error in its place).
+    pub async fn mdm_status_each(
+        &self,
+    ) -> Vec<(String, Result<pflex_proto::api::MdmClusterStatus, MdmClientError>)> {
+        let mut out = Vec::new();
+        for base in self.bases.iter() {
+            let mut url = base.clone();
+            url.set_path("/mdm/status");
+            let answer = match self.send_once(Method::GET, url.clone(), None::<&()>).await {
+                Ok((url, response)) => match response.bytes().await {
+                    Ok(bytes) => serde_json::from_slice(&bytes)
+                        .map_err(|e| MdmClientError::Decode { url, detail: e.to_string() }),
+                    Err(source) => Err(MdmClientError::Transport { url, source }),
+                },
+                Err(attempt) => Err(attempt.into_error()),
+            };
+            out.push((base.as_str().trim_end_matches('/').to_string(), answer));
+        }
+        out
+    }
+
+    /// `POST /mdm/add`: a new member joins (learner, then voter).
+    pub async fn mdm_add(
+        &self,
+        id: u64,
+        url: &str,
+    ) -> Result<pflex_proto::api::MdmClusterStatus, MdmClientError> {
+        let change = pflex_proto::api::MdmMemberChange { id, url: Some(url.to_string()) };
+        self.post(&["mdm", "add"], &change).await
+    }
+
+    /// `POST /mdm/remove`: member `id` leaves.
+    pub async fn mdm_remove(
+        &self,
+        id: u64,
+    ) -> Result<pflex_proto::api::MdmClusterStatus, MdmClientError> {
+        let change = pflex_proto::api::MdmMemberChange { id, url: None };
+        self.post(&["mdm", "remove"], &change).await
+    }
+
+    /// `GET /mdm/backup`: a consistent copy of the MDM database.
+    pub async fn mdm_backup(&self) -> Result<Vec<u8>, MdmClientError> {
+        let (url, response) = self.send(Method::GET, &["mdm", "backup"], None::<&()>).await?;
+        let bytes =
+            response.bytes().await.map_err(|source| MdmClientError::Transport { url, source })?;
+        Ok(bytes.to_vec())
     }
 
     /// `POST /vol/{volume}/resize` (grow only).

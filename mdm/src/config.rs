@@ -77,6 +77,19 @@ pub struct MdmConfig {
     /// learns within a heartbeat and then refuses older tokens.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub token_ttl_secs: u64,
+
+    /// This MDM's member id in a replicated MDM cluster (3 or 5 members,
+    /// one Raft log; see `--mdm-peers`). Without it the MDM runs alone.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mdm_id: Option<u64>,
+
+    /// The members a new replicated cluster starts with, `ID=URL,...` (each
+    /// URL the base of that member's API, this one's included). The lowest
+    /// id initialises the cluster when its log is empty; a member added
+    /// later (`pflex mdm add`) starts with `--mdm-id` only. Every member
+    /// holds the same `cluster_secret` file.
+    #[arg(long, requires = "mdm_id")]
+    pub mdm_peers: Option<String>,
 }
 
 impl MdmConfig {

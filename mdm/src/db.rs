@@ -413,6 +413,26 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX heartbeat_log_minute ON heartbeat_log (minute);
     "#,
+    // 11: replication (see `changeset` and `raft`). `id_high_water` mirrors
+    // `sqlite_sequence`, which changesets cannot carry; `raft_applied` is
+    // the last log entry a replicated MDM applied, and its membership.
+    r#"
+    CREATE TABLE id_high_water (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+    INSERT INTO id_high_water (name, seq) SELECT name, seq FROM sqlite_sequence;
+    CREATE TRIGGER volumes_high_water AFTER INSERT ON volumes BEGIN
+        INSERT INTO id_high_water (name, seq) VALUES ('volumes', NEW.id)
+            ON CONFLICT (name) DO UPDATE SET seq = max(seq, excluded.seq);
+    END;
+    CREATE TRIGGER cluster_nodes_high_water AFTER INSERT ON cluster_nodes BEGIN
+        INSERT INTO id_high_water (name, seq) VALUES ('cluster_nodes', NEW.id)
+            ON CONFLICT (name) DO UPDATE SET seq = max(seq, excluded.seq);
+    END;
+    CREATE TABLE raft_applied (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        log_id TEXT,
+        membership TEXT NOT NULL
+    );
+    "#,
 ];
 
 // Migration 10 computes PG bytes in SQL with 1 MiB chunks.
@@ -426,6 +446,8 @@ pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 pub enum DbError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
     #[error("database schema version {found} is newer than this MDM ({supported})")]
     TooNew { found: u32, supported: u32 },
 }
@@ -447,6 +469,34 @@ pub fn open_reader(path: &Path) -> Result<Connection, DbError> {
     configure(&conn)?;
     conn.pragma_update(None, "query_only", "ON")?;
     Ok(conn)
+}
+
+/// A consistent copy of the database `conn` reads, as the bytes of a
+/// SQLite file (`pflex mdm backup`).
+pub fn copy_to_bytes(conn: &Connection) -> Result<Vec<u8>, DbError> {
+    let path = std::env::temp_dir().join(format!(
+        "pflex-mdm-backup-{}-{}.db",
+        std::process::id(),
+        unique()
+    ));
+    let result = (|| -> Result<Vec<u8>, DbError> {
+        let mut target = Connection::open(&path)?;
+        rusqlite::backup::Backup::new(conn, &mut target)?.run_to_completion(
+            4096,
+            std::time::Duration::ZERO,
+            None,
+        )?;
+        drop(target);
+        Ok(std::fs::read(&path)?)
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// An in-memory database with the current schema (unit tests).

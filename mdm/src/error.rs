@@ -39,6 +39,15 @@ pub enum MdmError {
     /// Not enough free capacity in the pool for a thick reservation (507).
     #[error("{0}")]
     InsufficientCapacity(String),
+    /// This MDM is not the leader of the replicated MDM cluster (503); the
+    /// leader's address, when known, is in the message and in the
+    /// [`pflex_proto::api::MDM_LEADER_HEADER`] header.
+    #[error("this MDM is not the leader{}", leader.as_deref().map(|l| format!("; the leader is {l}")).unwrap_or_else(|| ": an election is under way".to_string()))]
+    NotLeader { leader: Option<String> },
+    /// The change could not be committed by the MDM cluster (503): no
+    /// majority was reachable, or leadership was lost while it waited.
+    #[error("not committed by the MDM cluster: {0}")]
+    Unreplicated(String),
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
     #[error("internal error: {0}")]
@@ -78,6 +87,8 @@ impl MdmError {
             MdmError::InsufficientCapacity(_) => {
                 (StatusCode::INSUFFICIENT_STORAGE, "insufficient_capacity")
             }
+            MdmError::NotLeader { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+            MdmError::Unreplicated(_) => (StatusCode::SERVICE_UNAVAILABLE, "unreplicated"),
             MdmError::Database(_) | MdmError::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -88,12 +99,21 @@ impl MdmError {
 impl IntoResponse for MdmError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+        match &self {
+            // A follower's refusal is routine: clients go to the leader.
+            MdmError::NotLeader { .. } => {}
+            MdmError::Unreplicated(_) => tracing::warn!(error = %self, "request not committed"),
+            _ if status.is_server_error() => tracing::error!(error = %self, "request failed"),
+            _ => {}
         }
         let mut response =
             (status, Json(ApiError { error: code.to_string(), message: self.to_string() }))
                 .into_response();
+        if let MdmError::NotLeader { leader: Some(leader) } = &self {
+            if let Ok(value) = axum::http::HeaderValue::from_str(leader) {
+                response.headers_mut().insert(pflex_proto::api::MDM_LEADER_HEADER, value);
+            }
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -71,6 +71,15 @@ pub struct AppState {
     probes: crate::probe::Probes,
     /// (second, refusals audited in it).
     refusal_audits: Mutex<(u64, u32)>,
+    /// This member's handle on the replicated MDM (None: a single MDM).
+    pub replication: Option<Arc<crate::raft::Replication>>,
+}
+
+/// The secrets an MDM checks callers against.
+pub struct Credentials<'a> {
+    pub join_key: Option<&'a str>,
+    pub admin_token: &'a str,
+    pub admin_token_path: std::path::PathBuf,
 }
 
 fn digest(value: &str) -> [u8; 32] {
@@ -88,13 +97,22 @@ impl AppState {
         readers: crate::writer::DbReaders,
         settings: Settings,
         keys: Keys,
-        join_key: Option<&str>,
-        admin_token: &str,
-        admin_token_path: std::path::PathBuf,
+        credentials: Credentials<'_>,
+        replication: Option<Arc<crate::raft::Replication>>,
     ) -> std::io::Result<Self> {
         let writer_stats = Arc::new(crate::writer::WriterStats::default());
+        let mode = match &replication {
+            None => crate::writer::CommitMode::Local,
+            Some(replication) => {
+                crate::writer::CommitMode::Replicated(Box::new(crate::raft::ReplicatedCommit {
+                    replication: Arc::clone(replication),
+                    runtime: tokio::runtime::Handle::current(),
+                }))
+            }
+        };
+        let Credentials { join_key, admin_token, admin_token_path } = credentials;
         Ok(Self {
-            db: crate::writer::DbWriter::start(db, Arc::clone(&writer_stats))?,
+            db: crate::writer::DbWriter::start(db, Arc::clone(&writer_stats), mode)?,
             readers,
             writer_stats,
             settings,
@@ -106,7 +124,30 @@ impl AppState {
             started_at: std::time::Instant::now(),
             probes: crate::probe::Probes::default(),
             refusal_audits: Mutex::new((0, 0)),
+            replication,
         })
+    }
+
+    /// Ok when this MDM may serve requests: a single MDM always, a member of
+    /// a replicated one only as the leader within its lease.
+    pub fn check_leader(&self) -> Result<(), MdmError> {
+        match &self.replication {
+            None => Ok(()),
+            Some(replication) => replication.check_leader(),
+        }
+    }
+
+    /// Reloads the token signing generations from the database (a member
+    /// that becomes leader: rotations were applied from the log).
+    pub async fn reload_signing_history(self: &Arc<Self>) -> Result<(), MdmError> {
+        let history = self.read(|conn, _| service::signing_history(conn)).await?;
+        self.keys.replace_history(history);
+        Ok(())
+    }
+
+    /// The Raft term this MDM answers in (0 for a single MDM).
+    pub fn term(&self) -> u64 {
+        self.replication.as_ref().map_or(0, |r| r.term())
     }
 
     /// Runs `work` on the database thread, inside the transaction of its
@@ -278,7 +319,7 @@ const ANY: &[Role] = &[Role::Admin, Role::Mgmt, Role::Sds, Role::Sdc];
 
 /// The router of the whole API.
 pub fn router(state: Shared) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/discovery/register", post(register))
         .route("/admin/enrollments", post(enrollment_create))
         .route("/admin/nodes/reset", post(node_reset))
@@ -309,11 +350,36 @@ pub fn router(state: Shared) -> Router {
         .route("/sdc/list", get(sdc_list))
         .route("/cluster/summary", get(cluster_summary))
         .route("/metrics", get(metrics))
+        .route("/mdm/add", post(mdm_add))
+        .route("/mdm/remove", post(mdm_remove))
+        .route("/mdm/backup", get(mdm_backup))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), leader_only));
+    // Answered by every member: its own view of the MDM cluster, and the
+    // Raft messages between members.
+    let members = Router::new()
+        .route("/mdm/status", get(mdm_status))
+        .route("/raft/append", post(raft_append))
+        .route("/raft/vote", post(raft_vote))
+        .route("/raft/snapshot", post(raft_snapshot))
+        .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_BYTES));
+    api.merge(members)
         .layer(middleware::from_fn_with_state(state.clone(), count_responses))
         .with_state(state)
+}
+
+/// Largest Raft message (entries or a snapshot chunk).
+const RAFT_BODY_BYTES: usize = 64 << 20;
+
+/// On a replicated MDM only the leader serves the API; a follower answers
+/// `503 not_leader` with the leader's address (clients retry there).
+async fn leader_only(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    match state.check_leader() {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    }
 }
 
 async fn count_responses(State(state): State<Shared>, request: Request, next: Next) -> Response {
@@ -524,8 +590,11 @@ async fn heartbeat(
     ApiJson(request): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<pflex_proto::api::HeartbeatResponse>, MdmError> {
     allow(caller, &[Role::Sds, Role::Sdc, Role::Mgmt])?;
-    let response =
+    // The term before the batch: if it commits, it commits in this term.
+    let term = state.term();
+    let mut response =
         state.transact(move |conn, ctx| service::heartbeat(conn, ctx, caller, &request)).await?;
+    response.mdm_term = term;
     state.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
     Ok(Json(response))
 }
@@ -935,4 +1004,120 @@ async fn metrics(State(state): State<Shared>, Auth(caller): Auth) -> Result<Resp
         .await?;
     let text = crate::metrics::render(&state, &summary, &health, &movement);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+async fn mdm_status(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+) -> Result<Json<pflex_proto::api::MdmClusterStatus>, MdmError> {
+    allow(caller, ANY)?;
+    Ok(Json(match &state.replication {
+        Some(replication) => replication.status(),
+        None => pflex_proto::api::MdmClusterStatus {
+            replicated: false,
+            id: 0,
+            role: "Leader".to_string(),
+            leader_id: None,
+            leader_url: None,
+            term: 0,
+            last_log_index: None,
+            committed_index: None,
+            applied_index: None,
+            members: Vec::new(),
+        },
+    }))
+}
+
+fn replicated(state: &AppState) -> Result<&Arc<crate::raft::Replication>, MdmError> {
+    state.replication.as_ref().ok_or_else(|| {
+        MdmError::conflict(
+            "not_replicated",
+            "this MDM runs alone (started without --mdm-id): it has no members to change",
+        )
+    })
+}
+
+async fn mdm_add(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(change): ApiJson<pflex_proto::api::MdmMemberChange>,
+) -> Result<Json<pflex_proto::api::MdmClusterStatus>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let replication = replicated(&state)?;
+    let url = change
+        .url
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+        .ok_or_else(|| MdmError::invalid("invalid_url", "a new member needs its http(s) URL"))?;
+    if change.id == 0 {
+        return Err(MdmError::invalid("invalid_id", "member ids start at 1"));
+    }
+    replication.add_member(change.id, url.trim_end_matches('/').to_string()).await?;
+    tracing::warn!(member = change.id, "added an MDM member");
+    Ok(Json(replication.status()))
+}
+
+async fn mdm_remove(
+    State(state): State<Shared>,
+    Auth(caller): Auth,
+    ApiJson(change): ApiJson<pflex_proto::api::MdmMemberChange>,
+) -> Result<Json<pflex_proto::api::MdmClusterStatus>, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let replication = replicated(&state)?;
+    replication.remove_member(change.id).await?;
+    tracing::warn!(member = change.id, "removed an MDM member");
+    Ok(Json(replication.status()))
+}
+
+/// A consistent copy of the whole database (`pflex mdm backup`).
+async fn mdm_backup(State(state): State<Shared>, Auth(caller): Auth) -> Result<Response, MdmError> {
+    allow(caller, &[Role::Admin])?;
+    let bytes = state
+        .read(|conn, _| {
+            crate::db::copy_to_bytes(conn).map_err(|e| MdmError::Internal(format!("backup: {e}")))
+        })
+        .await?;
+    Ok(([(header::CONTENT_TYPE, "application/vnd.sqlite3")], bytes).into_response())
+}
+
+/// The peer key of a Raft message, checked in constant time.
+fn check_peer(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Arc<crate::raft::Replication>, MdmError> {
+    let replication = replicated(state)?;
+    let presented = headers
+        .get(crate::raft::PEER_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| MdmError::Unauthorized("a Raft message needs the peer key".to_string()))?;
+    if !digests_equal(&digest(presented), &digest(&replication.peer_key)) {
+        return Err(MdmError::Unauthorized("wrong MDM peer key".to_string()));
+    }
+    Ok(Arc::clone(replication))
+}
+
+async fn raft_append(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Json(request): Json<openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>>,
+) -> Result<Response, MdmError> {
+    let replication = check_peer(&state, &headers)?;
+    Ok(Json(replication.raft.append_entries(request).await).into_response())
+}
+
+async fn raft_vote(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Json(request): Json<openraft::raft::VoteRequest<crate::raft::NodeId>>,
+) -> Result<Response, MdmError> {
+    let replication = check_peer(&state, &headers)?;
+    Ok(Json(replication.raft.vote(request).await).into_response())
+}
+
+async fn raft_snapshot(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Json(request): Json<openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>>,
+) -> Result<Response, MdmError> {
+    let replication = check_peer(&state, &headers)?;
+    Ok(Json(replication.raft.install_snapshot(request).await).into_response())
 }

@@ -104,6 +104,11 @@ impl Keys {
     }
 
     /// The newest generation.
+    /// Replaces the generations known (read again from the database).
+    pub fn replace_history(&self, history: Vec<(u32, u64)>) {
+        *self.history.write().unwrap_or_else(|p| p.into_inner()) = history;
+    }
+
     pub fn newest_generation(&self) -> u32 {
         self.history.read().unwrap_or_else(|p| p.into_inner()).last().map_or(0, |&(g, _)| g)
     }

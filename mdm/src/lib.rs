@@ -13,11 +13,13 @@
 //! - [`http`]: routes, authentication, JSON errors;
 //! - [`writer`]: the database thread and its group commit;
 //! - [`probe`]: the MDM's own check of an SDS reported unreachable;
+//! - [`raft`] and [`changeset`]: the replicated MDM;
 //! - [`metrics`]: Prometheus text.
 //!
 //! [`run`] starts everything; [`prepare`] creates the data directory's
 //! files on first boot (cluster secret and admin token, both mode 0600).
 
+pub mod changeset;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -26,6 +28,7 @@ pub mod keys;
 pub mod metrics;
 pub mod placement;
 pub mod probe;
+pub mod raft;
 pub mod rebalance;
 pub mod service;
 pub mod validate;
@@ -65,6 +68,8 @@ pub enum StartError {
     Settings(String),
     #[error("reading the signing key history: {0}")]
     SigningKeys(String),
+    #[error("replication: {0}")]
+    Raft(#[from] raft::RaftStartError),
 }
 
 /// Writes a secret file (0600) through a temporary file renamed over
@@ -109,8 +114,8 @@ pub struct Prepared {
 }
 
 /// Creates the data directory and its files when missing, opens the
-/// database and builds the shared state.
-pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, StartError> {
+/// database, starts replication when configured and builds the shared state.
+pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, StartError> {
     if config.stale_after_secs >= config.failed_after_secs {
         return Err(StartError::Settings(format!(
             "--stale-after-secs ({}) must be below --failed-after-secs ({})",
@@ -134,6 +139,24 @@ pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, S
     }
     let db_path = config.data_dir.join(DB_FILE);
     let conn = db::open(&db_path)?;
+    let replication = match config.mdm_id {
+        None => None,
+        Some(id) => {
+            let members = match &config.mdm_peers {
+                Some(text) => raft::parse_members(text).map_err(StartError::Settings)?,
+                None => Default::default(),
+            };
+            if !members.is_empty() && !members.contains_key(&id) {
+                return Err(StartError::Settings(format!(
+                    "--mdm-peers does not list this member ({id})"
+                )));
+            }
+            Some(
+                raft::Replication::start(id, &config.data_dir, &members, raft::peer_key(&secret))
+                    .await?,
+            )
+        }
+    };
     let settings = Settings {
         heartbeat_interval_secs: config.heartbeat_interval_secs,
         stale_after_secs: config.stale_after_secs,
@@ -155,9 +178,8 @@ pub fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepared, S
             writer::DbReaders::open(&db_path, READERS)?,
             settings,
             keys::Keys::new(secret, timing, history),
-            join_key,
-            &admin_token,
-            admin_path,
+            http::Credentials { join_key, admin_token: &admin_token, admin_token_path: admin_path },
+            replication,
         )?),
     })
 }
@@ -169,12 +191,29 @@ async fn monitor(state: Arc<AppState>) {
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // After a restart, nodes get a full failure timeout to heartbeat again
     // before their copies are moved: silence while the MDM was down is not
-    // evidence of failure.
-    let replace_after = pflex_proto::unix_now() + state.settings.failed_after_secs;
+    // evidence of failure. The same holds for a member that becomes leader:
+    // heartbeats sent during the election were refused.
+    let mut replace_after = pflex_proto::unix_now() + state.settings.failed_after_secs;
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unrebuilt_survivors = 0;
+    let mut leading = state.replication.is_none();
     loop {
         interval.tick().await;
+        if state.replication.is_some() {
+            let leader_now = state.check_leader().is_ok();
+            if leader_now && !leading {
+                replace_after = pflex_proto::unix_now() + state.settings.failed_after_secs;
+                if let Err(e) = state.reload_signing_history().await {
+                    tracing::error!(error = %e, "reading the signing key history");
+                    continue;
+                }
+                tracing::warn!(term = state.term(), "this MDM leads the cluster");
+            }
+            leading = leader_now;
+            if !leading {
+                continue;
+            }
+        }
         let replace = if pflex_proto::unix_now() >= replace_after {
             service::Replace::EveryFailedNode
         } else {
@@ -211,7 +250,12 @@ async fn monitor(state: Arc<AppState>) {
 /// Runs the MDM until SIGINT/SIGTERM.
 pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
     let join_key = config.resolve_join_key()?;
-    let Prepared { state } = prepare(&config, join_key.as_deref())?;
+    if let Some(dir) = &config.tls_dir {
+        // Raft messages to the other members go over HTTPS too (the client
+        // that sends them is built in `prepare`).
+        pflex_mdm_client::trust::trust_cluster_ca(dir)?;
+    }
+    let Prepared { state } = prepare(&config, join_key.as_deref()).await?;
     let tls = config.tls_dir.as_deref().map(pflex_httpd::tls_acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -9,6 +9,12 @@
 //! fsync per commit is what limits a one-request-per-transaction MDM; a
 //! batch shares it among everyone who arrived while the previous one was
 //! being written.
+//!
+//! On a replicated MDM (see [`crate::raft`]) the batch is not committed
+//! here: its changeset is recorded, the transaction rolled back, and the
+//! changeset committed through the Raft log ([`Commit`]); the state machine
+//! applies it to this database like on every other member. Replies still
+//! wait for that commit.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -28,10 +34,57 @@ struct Finished {
     deliver: Deliver,
 }
 
-/// Sends a request's answer; given the commit's failure, if any.
-type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+/// Why a batch was not committed (given to each of its requests).
+#[derive(Debug, Clone)]
+pub enum CommitFailure {
+    Database(String),
+    NotLeader(Option<String>),
+    Unreplicated(String),
+}
 
-type Job = Box<dyn FnOnce(&Connection) -> Finished + Send>;
+impl CommitFailure {
+    fn to_error(&self) -> MdmError {
+        match self {
+            CommitFailure::Database(reason) => {
+                MdmError::Internal(format!("commit failed: {reason}"))
+            }
+            CommitFailure::NotLeader(leader) => MdmError::NotLeader { leader: leader.clone() },
+            CommitFailure::Unreplicated(reason) => MdmError::Unreplicated(reason.clone()),
+        }
+    }
+}
+
+impl From<MdmError> for CommitFailure {
+    fn from(e: MdmError) -> Self {
+        match e {
+            MdmError::NotLeader { leader } => CommitFailure::NotLeader(leader),
+            MdmError::Unreplicated(reason) => CommitFailure::Unreplicated(reason),
+            other => CommitFailure::Database(other.to_string()),
+        }
+    }
+}
+
+/// Sends a request's answer; given the commit's failure, if any.
+type Deliver = Box<dyn FnOnce(Option<&CommitFailure>) + Send>;
+
+/// A request: run on the connection, or (given none) refused unrun.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Finished + Send>;
+
+/// Commits a batch elsewhere than in this database's own transaction.
+pub trait Commit: Send + 'static {
+    /// Whether a batch may run now (a replica that is not the leader refuses).
+    fn before_batch(&self) -> Result<(), MdmError>;
+    /// Commits the batch's net `changes`; returns once they are applied here.
+    fn commit(&self, changes: Vec<u8>) -> Result<(), MdmError>;
+}
+
+/// Where a batch is committed.
+pub enum CommitMode {
+    /// `COMMIT` on this database (a single MDM).
+    Local,
+    /// Through the Raft log.
+    Replicated(Box<dyn Commit>),
+}
 
 /// The handle through which requests reach the database thread.
 pub struct DbWriter {
@@ -48,11 +101,15 @@ pub struct WriterStats {
 impl DbWriter {
     /// Moves `conn` onto its own thread, which runs until every handle is
     /// dropped.
-    pub fn start(conn: Connection, stats: std::sync::Arc<WriterStats>) -> std::io::Result<Self> {
+    pub fn start(
+        conn: Connection,
+        stats: std::sync::Arc<WriterStats>,
+        mode: CommitMode,
+    ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("mdm-db".to_string())
-            .spawn(move || run(conn, queue, &stats))?;
+            .spawn(move || run(conn, queue, &stats, &mode))?;
         Ok(Self { jobs })
     }
 
@@ -65,13 +122,16 @@ impl DbWriter {
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = catch_unwind(AssertUnwindSafe(|| work(conn)))
-                .unwrap_or_else(|_| Err(MdmError::Internal("a request panicked".to_string())));
+            let result = match conn {
+                Some(conn) => catch_unwind(AssertUnwindSafe(|| work(conn)))
+                    .unwrap_or_else(|_| Err(MdmError::Internal("a request panicked".to_string()))),
+                None => Err(MdmError::Internal("refused unrun".to_string())),
+            };
             Finished {
                 ok: result.is_ok(),
                 deliver: Box::new(move |commit_failure| {
                     let outcome = match commit_failure {
-                        Some(reason) => Err(MdmError::Internal(format!("commit failed: {reason}"))),
+                        Some(failure) => Err(failure.to_error()),
                         None => result,
                     };
                     let _ = reply.send(outcome);
@@ -87,7 +147,7 @@ impl DbWriter {
     }
 }
 
-fn run(conn: Connection, queue: mpsc::Receiver<Job>, stats: &WriterStats) {
+fn run(conn: Connection, queue: mpsc::Receiver<Job>, stats: &WriterStats, mode: &CommitMode) {
     use std::sync::atomic::Ordering;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -99,34 +159,69 @@ fn run(conn: Connection, queue: mpsc::Receiver<Job>, stats: &WriterStats) {
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let finished = run_batch(&conn, batch);
+        let finished = match mode {
+            CommitMode::Local => run_batch(&conn, batch),
+            CommitMode::Replicated(commit) => run_replicated_batch(&conn, batch, commit.as_ref()),
+        };
         match finished {
             Ok(done) => done.into_iter().for_each(|f| (f.deliver)(None)),
-            Err((reason, done)) => {
-                tracing::error!(error = %reason, "a database batch failed to commit");
-                done.into_iter().for_each(|f| (f.deliver)(Some(&reason)))
+            Err((failure, done)) => {
+                if let CommitFailure::Database(reason) = &failure {
+                    tracing::error!(error = %reason, "a database batch failed to commit");
+                }
+                done.into_iter().for_each(|f| (f.deliver)(Some(&failure)))
             }
         }
     }
 }
 
-type BatchFailure = (String, Vec<Finished>);
+type BatchFailure = (CommitFailure, Vec<Finished>);
 
 /// Runs every job of `batch` in one transaction, each in its own savepoint.
 /// On a failure of the transaction itself everything is rolled back: the
 /// jobs that ran get the failure, the ones that did not are dropped (their
 /// callers see an internal error); none of them is acknowledged.
 fn run_batch(conn: &Connection, batch: Vec<Job>) -> Result<Vec<Finished>, BatchFailure> {
+    let done = run_jobs(conn, batch, |_| Ok(()))?;
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => Ok(done),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err((db_failure(e), done))
+        }
+    }
+}
+
+fn db_failure(e: impl std::fmt::Display) -> CommitFailure {
+    CommitFailure::Database(e.to_string())
+}
+
+/// Opens the batch's transaction, runs each job in its own savepoint and
+/// leaves the transaction open; `opened` runs right after `BEGIN`.
+fn run_jobs<'c>(
+    conn: &'c Connection,
+    batch: Vec<Job>,
+    opened: impl FnOnce(&'c Connection) -> Result<(), CommitFailure>,
+) -> Result<Vec<Finished>, BatchFailure> {
     let mut done = Vec::with_capacity(batch.len());
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        return Err((e.to_string(), done));
+        done.extend(batch.into_iter().map(|job| job(None)));
+        return Err((db_failure(e), done));
     }
-    for job in batch {
+    if let Err(failure) = opened(conn) {
+        let _ = conn.execute_batch("ROLLBACK");
+        done.extend(batch.into_iter().map(|job| job(None)));
+        return Err((failure, done));
+    }
+    let mut jobs = batch.into_iter();
+    while let Some(job) = jobs.next() {
         if let Err(e) = conn.execute_batch("SAVEPOINT request") {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err((e.to_string(), done));
+            done.push(job(None));
+            done.extend(jobs.map(|job| job(None)));
+            return Err((db_failure(e), done));
         }
-        let finished = job(conn);
+        let finished = job(Some(conn));
         let closed = if finished.ok {
             conn.execute_batch("RELEASE request")
         } else {
@@ -135,15 +230,44 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) -> Result<Vec<Finished>, BatchF
         done.push(finished);
         if let Err(e) = closed {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err((e.to_string(), done));
+            done.extend(jobs.map(|job| job(None)));
+            return Err((db_failure(e), done));
         }
     }
-    match conn.execute_batch("COMMIT") {
+    Ok(done)
+}
+
+/// Runs `batch` like [`run_batch`], but commits its changeset through
+/// `commit` (after rolling the local transaction back: the state machine
+/// applies it once committed). A batch that changed nothing is answered at
+/// once.
+fn run_replicated_batch(
+    conn: &Connection,
+    batch: Vec<Job>,
+    commit: &dyn Commit,
+) -> Result<Vec<Finished>, BatchFailure> {
+    if let Err(e) = commit.before_batch() {
+        return Err((e.into(), batch.into_iter().map(|job| job(None)).collect()));
+    }
+    let recorder = std::cell::RefCell::new(None);
+    let done = run_jobs(conn, batch, |conn| {
+        let started = crate::changeset::Recorder::start(conn).map_err(db_failure)?;
+        *recorder.borrow_mut() = Some(started);
+        Ok(())
+    })?;
+    let changes = recorder.into_inner().map(|r| r.finish());
+    let _ = conn.execute_batch("ROLLBACK");
+    let changes = match changes {
+        Some(Ok(changes)) => changes,
+        Some(Err(e)) => return Err((db_failure(e), done)),
+        None => return Err((db_failure("no changeset recorded"), done)),
+    };
+    if changes.is_empty() {
+        return Ok(done);
+    }
+    match commit.commit(changes) {
         Ok(()) => Ok(done),
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err((e.to_string(), done))
-        }
+        Err(e) => Err((e.into(), done)),
     }
 }
 

@@ -239,6 +239,11 @@ pub struct HeartbeatResponse {
     /// with it, and the previous one until tokens it signed have expired.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_public_keys: Vec<String>,
+    /// The Raft term of the MDM leader that answered (0: a single,
+    /// unreplicated MDM). A node keeps the highest term it has heard and
+    /// ignores answers from an older one: they come from a deposed leader.
+    #[serde(default)]
+    pub mdm_term: u64,
 }
 
 /// What `POST /cluster/rotate` did.
@@ -544,6 +549,52 @@ pub struct TokenAckBatch {
 pub struct AckResponse {
     pub status: String,
     pub recorded: u64,
+}
+
+/// Response header of a follower MDM's `503 not_leader`: the base URL of
+/// the leader it knows of.
+pub const MDM_LEADER_HEADER: &str = "x-pflex-mdm-leader";
+
+/// One member of a replicated MDM cluster (`GET /mdm/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MdmMember {
+    pub id: u64,
+    /// Base URL of its API.
+    pub url: String,
+    /// Votes in elections and counts for commits (else a learner catching up).
+    pub voter: bool,
+    /// Highest log index known to be on it (leader's view; absent elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_index: Option<u64>,
+}
+
+/// The replicated MDM cluster as one member sees it (`GET /mdm/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MdmClusterStatus {
+    /// Whether this MDM runs replicated (false: a single MDM, nothing below
+    /// but `id` applies).
+    pub replicated: bool,
+    /// The member that answered.
+    pub id: u64,
+    /// `Leader`, `Follower`, `Candidate` or `Learner`.
+    pub role: String,
+    pub leader_id: Option<u64>,
+    pub leader_url: Option<String>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub members: Vec<MdmMember>,
+}
+
+/// Body of `POST /mdm/add`: a new member (it joins as a learner, catches up,
+/// then becomes a voter) and of `POST /mdm/remove` (only `id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MdmMemberChange {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// Response header of `GET /vol/list`: the `after` of the next page, present

@@ -11,6 +11,7 @@
 //! This crate does no IO: it turns bytes into typed values and back.
 
 pub mod api;
+pub mod fence;
 pub mod frame;
 pub mod placement;
 pub mod size;

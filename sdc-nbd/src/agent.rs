@@ -46,6 +46,9 @@ pub struct NodeState {
     /// The MDM's volume change cursor from the last heartbeat reply (0:
     /// none yet, ask for every volume).
     pub volumes_cursor: AtomicU64,
+    /// The highest MDM term heard: answers from an older (deposed) leader
+    /// are ignored.
+    pub mdm_term: pflex_proto::fence::TermFence,
 }
 
 /// Runs the control-plane loops.
@@ -167,6 +170,14 @@ impl Agent {
             volumes_since: (cursor > 0).then_some(cursor),
         };
         match mdm.heartbeat(&request).await {
+            Ok(resp) if !self.state.mdm_term.admit(resp.mdm_term) => {
+                tracing::warn!(
+                    term = resp.mdm_term,
+                    highest = self.state.mdm_term.highest(),
+                    "ignored a heartbeat answer from a deposed MDM leader"
+                );
+                return;
+            }
             Ok(resp) => {
                 self.state.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
                 self.state.volumes_cursor.store(resp.volumes_cursor, Ordering::Relaxed);

@@ -332,6 +332,39 @@ pub enum AdminCommand {
     Volume(VolumeCommand),
     /// The audit log: enrollments, resets and refused registrations, newest first.
     Audit(CommonArgs),
+    /// The MDM cluster: members, leader, term, log positions; membership
+    /// changes; backups.
+    #[command(subcommand)]
+    Mdm(MdmCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum MdmCommand {
+    /// Every member given (`--mdm URL,URL,URL`): its role, term, log
+    /// positions and lag behind the leader.
+    Status(CommonArgs),
+    /// Add a member (started with `mdm --mdm-id ID` and the cluster's
+    /// `cluster_secret`): it catches up as a learner, then votes.
+    Add {
+        id: u64,
+        /// Base URL of its API, as the other members reach it.
+        url: String,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Remove member ID (a dead one, or one to retire) while the rest serve.
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Write a consistent copy of the MDM database to FILE (restore: start
+    /// a new MDM with that file as `DATA_DIR/powerflex.db`; see the README).
+    Backup {
+        file: PathBuf,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
 }
 
 impl AdminCommand {
@@ -346,7 +379,13 @@ impl AdminCommand {
             | AdminCommand::Sds(SdsCommand::List(c))
             | AdminCommand::Sdc(SdcCommand::List(c))
             | AdminCommand::Audit(c)
+            | AdminCommand::Mdm(MdmCommand::Status(c))
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
+            AdminCommand::Mdm(
+                MdmCommand::Add { common, .. }
+                | MdmCommand::Remove { common, .. }
+                | MdmCommand::Backup { common, .. },
+            ) => common,
             AdminCommand::Cluster(ClusterCommand::RebuildPolicy { common, .. })
             | AdminCommand::Sds(SdsCommand::Remove { common, .. })
             | AdminCommand::Sds(SdsCommand::Add(AddNode { common, .. }))
@@ -641,6 +680,45 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
         }
         AdminCommand::Sdc(SdcCommand::Reset(node)) => {
             reset_node(&client, NodeType::Sdc, &node.name, json).await
+        }
+        AdminCommand::Mdm(MdmCommand::Status(_)) => {
+            let each = client.mdm_status_each().await;
+            if json {
+                let value: Vec<serde_json::Value> = each
+                    .iter()
+                    .map(|(url, answer)| match answer {
+                        Ok(status) => serde_json::json!({ "url": url, "status": status }),
+                        Err(e) => serde_json::json!({ "url": url, "error": e.to_string() }),
+                    })
+                    .collect();
+                return to_json(&value);
+            }
+            Ok(mdm_status_table(&each))
+        }
+        AdminCommand::Mdm(MdmCommand::Add { id, url, .. }) => {
+            let status = client.mdm_add(id, &url).await?;
+            if json {
+                return to_json(&status);
+            }
+            Ok(format!("MDM {id} at {url} added; members now:\n{}", members_table(&status)))
+        }
+        AdminCommand::Mdm(MdmCommand::Remove { id, .. }) => {
+            let status = client.mdm_remove(id).await?;
+            if json {
+                return to_json(&status);
+            }
+            Ok(format!("MDM {id} removed; members now:\n{}", members_table(&status)))
+        }
+        AdminCommand::Mdm(MdmCommand::Backup { file, .. }) => {
+            let bytes = client.mdm_backup().await?;
+            let tmp = file.with_extension("partial");
+            std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+            Ok(format!(
+                "MDM database ({}) written to {}\n",
+                format_size(bytes.len() as u64),
+                file.display()
+            ))
         }
         AdminCommand::Audit(_) => {
             let rows = client.audit().await?;
@@ -1010,6 +1088,80 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push_str("(none)\n");
     }
     out
+}
+
+/// `pflex mdm status`: one row per member address.
+fn mdm_status_table(
+    each: &[(
+        String,
+        Result<pflex_proto::api::MdmClusterStatus, pflex_mdm_client::MdmClientError>,
+    )],
+) -> String {
+    let leader_index = each
+        .iter()
+        .filter_map(|(_, a)| a.as_ref().ok())
+        .find(|s| s.role == "Leader")
+        .and_then(|s| s.last_log_index);
+    let rows = each
+        .iter()
+        .map(|(url, answer)| match answer {
+            Ok(s) if !s.replicated => vec![
+                url.clone(),
+                "-".into(),
+                "single".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+            Ok(s) => {
+                let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                let lag = match (leader_index, s.applied_index) {
+                    (Some(l), Some(a)) => l.saturating_sub(a).to_string(),
+                    _ => "-".to_string(),
+                };
+                vec![
+                    url.clone(),
+                    s.id.to_string(),
+                    s.role.to_lowercase(),
+                    s.term.to_string(),
+                    opt(s.committed_index),
+                    opt(s.applied_index),
+                    lag,
+                ]
+            }
+            Err(e) => vec![
+                url.clone(),
+                "-".into(),
+                if e.status().is_some() {
+                    format!("error ({e})")
+                } else {
+                    "unreachable".to_string()
+                },
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+        })
+        .collect();
+    table(&["MDM", "ID", "ROLE", "TERM", "COMMITTED", "APPLIED", "LAG"], rows)
+}
+
+fn members_table(status: &pflex_proto::api::MdmClusterStatus) -> String {
+    let rows = status
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.url.clone(),
+                if m.voter { "voter" } else { "learner" }.to_string(),
+                m.matched_index.map_or("-".to_string(), |i| i.to_string()),
+            ]
+        })
+        .collect();
+    table(&["ID", "URL", "KIND", "MATCHED"], rows)
 }
 
 #[cfg(test)]

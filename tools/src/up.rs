@@ -60,9 +60,14 @@ pub struct UpArgs {
     /// SDS IO engine: `uring` (io_uring + O_DIRECT) or `sync` (pread/pwrite).
     #[arg(long, default_value = "uring")]
     pub io_engine: String,
-    /// MDM HTTP port.
+    /// MDM HTTP port (of the first MDM; member N of a replicated MDM
+    /// listens on this + 10 × (N − 1)).
     #[arg(long, default_value_t = 8001)]
     pub mdm_port: u16,
+    /// How many MDMs: 1 (the default, the lightest), or 3 or 5 kept
+    /// identical by a Raft log, any one of which can be lost (two of five).
+    #[arg(long = "mdm", default_value_t = 1, value_parser = mdm_count)]
+    pub mdm_count: u16,
     /// NBD port of the SDC.
     #[arg(long, default_value_t = 10809)]
     pub nbd_port: u16,
@@ -550,6 +555,7 @@ impl UpArgs {
             device_size: 2 << 30,
             io_engine: io_engine.into(),
             mdm_port: 8101,
+            mdm_count: 1,
             nbd_port: 10819,
             sdc_control_port: 8113,
             sds_base_port: 9150,
@@ -598,7 +604,10 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         cluster_ca(dir)?;
         trust_local_ca(dir)?;
     }
-    let mdm_url = format!("{scheme}://127.0.0.1:{}", args.mdm_port);
+    let mdm_urls: Vec<String> = (0..args.mdm_count)
+        .map(|n| format!("{scheme}://127.0.0.1:{}", mdm_member_port(args, n)))
+        .collect();
+    let mdm_url = mdm_urls.join(",");
     std::fs::write(
         dir.join("cluster.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -610,31 +619,55 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
     let http = pflex_mdm_client::trust::http_client_builder().build()?;
     let mut cluster = LocalCluster { components: Vec::new(), data_dir: dir.to_path_buf() };
     let result = async {
-        // MDM.
+        // MDM (one, or the members of a replicated one).
         let mdm_dir = dir.join("mdm");
         std::fs::create_dir_all(&mdm_dir)?;
-        let mut mdm_args = mdm_args(&format!("127.0.0.1:{}", args.mdm_port), &mdm_dir, None, &hb);
-        // An SDS back within the failure timeout (the MDM's default, 120 s)
-        // is resynced with what it missed instead of rebuilt elsewhere.
-        mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
-        if !args.no_tls {
-            mdm_args.extend(["--tls-dir".into(), issue_tls(dir, "mdm")?.display().to_string()]);
+        let replicated = args.mdm_count > 1;
+        if replicated {
+            provision_mdm_secrets(dir, args.mdm_count)?;
         }
-        cluster.spawn("mdm", &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
+        let peers = mdm_urls
+            .iter()
+            .enumerate()
+            .map(|(n, url)| format!("{}={url}", n + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        for n in 0..args.mdm_count {
+            let name = mdm_member_name(n);
+            let member_dir = dir.join(&name);
+            std::fs::create_dir_all(&member_dir)?;
+            let listen = format!("127.0.0.1:{}", mdm_member_port(args, n));
+            let mut mdm_args = mdm_args(&listen, &member_dir, None, &hb);
+            // An SDS back within the failure timeout (the MDM's default, 120 s)
+            // is resynced with what it missed instead of rebuilt elsewhere.
+            mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
+            if replicated {
+                mdm_args.extend([
+                    "--mdm-id".to_string(),
+                    (n + 1).to_string(),
+                    "--mdm-peers".to_string(),
+                    peers.clone(),
+                ]);
+            }
+            if !args.no_tls {
+                mdm_args.extend(["--tls-dir".into(), issue_tls(dir, &name)?.display().to_string()]);
+            }
+            cluster.spawn(&name, &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
+        }
         let token_path = mdm_dir.join("admin_token");
         let mut admin = String::new();
         wait_for(&mut cluster, "MDM", Duration::from_secs(30), || {
             let token = std::fs::read_to_string(&token_path).ok().map(|s| s.trim().to_string());
-            let http = http.clone();
-            let url = format!("{mdm_url}/health/status");
             let admin_out = &mut admin;
             if let Some(t) = &token {
                 admin_out.clone_from(t);
             }
+            let url = mdm_url.clone();
             async move {
                 let Some(token) = token else { return Ok(false) };
-                let r = http.get(url).bearer_auth(token).send().await?;
-                Ok(r.status().is_success())
+                // Through the client: with several MDMs it finds the leader.
+                let mdm = MdmClient::new(&url, Some(token))?;
+                Ok(mdm.health_status().await.is_ok())
             }
         })
         .await?;
@@ -748,12 +781,76 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
     }
 }
 
+fn mdm_count(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        _ => Err("the MDM runs as 1, 3 or 5 members".to_string()),
+    }
+}
+
+/// Port of MDM member `n` (from 0).
+fn mdm_member_port(args: &UpArgs, n: u16) -> u16 {
+    args.mdm_port + 10 * n
+}
+
+/// Component name (and data directory) of MDM member `n` (from 0).
+pub(crate) fn mdm_member_name(n: u16) -> String {
+    if n == 0 {
+        "mdm".to_string()
+    } else {
+        format!("mdm{}", n + 1)
+    }
+}
+
+/// The secrets every member of a replicated MDM holds alike (the cluster
+/// secret signs tokens and authenticates the members to each other): made
+/// once, copied to each member's directory (0600) unless already there.
+fn provision_mdm_secrets(dir: &Path, members: u16) -> Result<()> {
+    let first = dir.join(mdm_member_name(0));
+    let secret_path = first.join("cluster_secret");
+    let admin_path = first.join("admin_token");
+    if !secret_path.exists() {
+        write_private(&secret_path, &pflex_proto::token::ClusterSecret::generate().to_hex())?;
+    }
+    if !admin_path.exists() {
+        let mut bytes = [0u8; 32];
+        getrandom::getrandom(&mut bytes).map_err(|e| anyhow::anyhow!("random admin token: {e}"))?;
+        write_private(&admin_path, &hex::encode(bytes))?;
+    }
+    for n in 1..members {
+        let member = dir.join(mdm_member_name(n));
+        std::fs::create_dir_all(&member)?;
+        for file in [&secret_path, &admin_path] {
+            let target = member.join(file.file_name().expect("a file name"));
+            if !target.exists() {
+                write_private(&target, std::fs::read_to_string(file)?.trim())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, value: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(value.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    Ok(())
+}
+
 /// Every port the cluster will listen on must be free: otherwise a component
 /// would fail to bind while a probe answered by someone else's process made
 /// the cluster look ready.
 fn ensure_ports_free(args: &UpArgs) -> Result<()> {
-    let mut ports =
-        vec![args.mdm_port, args.nbd_port, args.sdc_control_port, args.sdc_control_port + 1];
+    let mut ports = vec![args.nbd_port, args.sdc_control_port, args.sdc_control_port + 1];
+    ports.extend((0..args.mdm_count).map(|n| mdm_member_port(args, n)));
     for n in 0..args.sds_count {
         ports.extend([
             args.sds_base_port + n,

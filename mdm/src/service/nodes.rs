@@ -317,6 +317,7 @@ pub fn heartbeat(
             rebuilds: Vec::new(),
             movement: Default::default(),
             token_public_keys: Vec::new(),
+            mdm_term: 0,
         });
     }
     let (rebuilds, movement, token_public_keys) = if node_type == NodeType::Sds {
@@ -337,6 +338,7 @@ pub fn heartbeat(
         rebuilds,
         movement,
         token_public_keys,
+        mdm_term: 0,
     })
 }
 

@@ -250,6 +250,13 @@ impl SdsNode {
             volumes_since: self.placement.cursor(),
         };
         match identity.mdm.heartbeat(&request).await {
+            Ok(reply) if !self.mdm_term.admit(reply.mdm_term) => {
+                tracing::warn!(
+                    term = reply.mdm_term,
+                    highest = self.mdm_term.highest(),
+                    "ignored a heartbeat answer from a deposed MDM leader"
+                );
+            }
             Ok(reply) if reply.status == "removed" => {
                 tracing::warn!("the MDM drained and removed this node: stopping");
                 self.local_log.health("removed", "drained and removed by the MDM");

@@ -136,6 +136,9 @@ pub struct SdsNode {
     pub movement: movement::MovementState,
     /// The MDM drained and removed this node: the process stops.
     pub removed: tokio::sync::Notify,
+    /// The highest MDM term heard: answers from an older (deposed) leader
+    /// are ignored.
+    pub mdm_term: pflex_proto::fence::TermFence,
     started: Instant,
 }
 
@@ -225,6 +228,7 @@ pub async fn run(config: NodeConfig) -> Result<(), ServerError> {
         tokens: TokenCache::default(),
         peer_windows: PeerReplayWindows::default(),
         placement: PlacementCache::default(),
+        mdm_term: Default::default(),
         chunk_locks: ChunkOrderLocks::default(),
         fences: fencing::WriteFences::default(),
         replica_fences: fencing::WriteFences::default(),

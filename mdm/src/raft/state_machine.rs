@@ -1,0 +1,233 @@
+//! The replicated state machine: `powerflex.db` itself.
+//!
+//! Applying an entry applies its batch's changeset (see
+//! [`crate::changeset`]) on a connection of its own, with triggers off, and
+//! records the entry's log id (and the membership) in `raft_applied` in the
+//! same transaction: after a crash the database says exactly which entries
+//! it holds. A snapshot is a copy of the database (`VACUUM INTO`); a member
+//! that receives one copies it over its own database with SQLite's backup
+//! API, under the readers' feet (they see the old state or the new one).
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, StorageError, StorageIOError,
+    StoredMembership,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Node, NodeId, TypeConfig};
+
+/// The state machine (cheap to clone).
+#[derive(Clone)]
+pub struct StateMachine {
+    conn: Arc<Mutex<Connection>>,
+    /// Where snapshots are kept (`snapshot.db` and its `snapshot.json`).
+    dir: PathBuf,
+}
+
+type Membership = StoredMembership<NodeId, Node>;
+
+fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_state_machine(&e).into()
+}
+
+fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+fn snapshot_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+impl StateMachine {
+    /// The state machine over the (migrated) database at `db_path`;
+    /// snapshots go to `dir`.
+    pub fn open(db_path: &Path, dir: &Path) -> Result<Self, crate::db::DbError> {
+        let conn = crate::db::open(db_path)?;
+        crate::changeset::applier_settings(&conn)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), dir: dir.to_path_buf() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn applied(
+        conn: &Connection,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let row: Option<(Option<String>, String)> = conn
+            .query_row("SELECT log_id, membership FROM raft_applied WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(sm_read_err)?;
+        match row {
+            None => Ok((None, Membership::default())),
+            Some((log_id, membership)) => Ok((
+                log_id.map(|t| serde_json::from_str(&t)).transpose().map_err(sm_read_err)?,
+                serde_json::from_str(&membership).map_err(sm_read_err)?,
+            )),
+        }
+    }
+
+    fn snapshot_paths(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("snapshot.db"), self.dir.join("snapshot.json"))
+    }
+
+    fn keep_snapshot(
+        &self,
+        file: &Path,
+        meta: &SnapshotMeta<NodeId, Node>,
+    ) -> Result<(), std::io::Error> {
+        let (db, json) = self.snapshot_paths();
+        let meta_tmp = json.with_extension("json.tmp");
+        std::fs::write(&meta_tmp, serde_json::to_vec(meta)?)?;
+        std::fs::rename(file, &db)?;
+        std::fs::rename(&meta_tmp, &json)
+    }
+}
+
+fn apply_entries(
+    conn: &mut Connection,
+    entries: &[Entry<TypeConfig>],
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (_, mut membership) = StateMachine::applied(&tx).map_err(|e| e.to_string())?;
+    let mut last = None;
+    for entry in entries {
+        match &entry.payload {
+            EntryPayload::Blank => {}
+            EntryPayload::Normal(batch) => crate::changeset::apply(&tx, &batch.changes)?,
+            EntryPayload::Membership(m) => {
+                membership = StoredMembership::new(Some(entry.log_id), m.clone());
+            }
+        }
+        last = Some(entry.log_id);
+    }
+    tx.execute(
+        "INSERT INTO raft_applied (id, log_id, membership) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET log_id = excluded.log_id, membership = excluded.membership",
+        params![serde_json::to_string(&last)?, serde_json::to_string(&membership)?],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let machine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let building = machine.dir.join("snapshot-building.db");
+            let _ = std::fs::remove_file(&building);
+            let conn = machine.lock();
+            let (last_log_id, last_membership) = StateMachine::applied(&conn)?;
+            conn.execute("VACUUM INTO ?1", [building.to_string_lossy()]).map_err(snapshot_err)?;
+            drop(conn);
+            let data = std::fs::read(&building).map_err(snapshot_err)?;
+            let snapshot_id = match &last_log_id {
+                Some(id) => format!("{}-{}", id.leader_id.term, id.index),
+                None => "empty".to_string(),
+            };
+            let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+            machine.keep_snapshot(&building, &meta).map_err(snapshot_err)?;
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        })
+        .await
+        .map_err(snapshot_err)?
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        Self::applied(&self.lock())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let count = entries.len();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
+        };
+        let machine = self.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            apply_entries(&mut machine.lock(), &entries).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(sm_write_err)?;
+        if let Err(reason) = outcome {
+            tracing::error!(%reason, log_id = %last, "applying committed MDM changes failed");
+            return Err(StorageIOError::apply(last, openraft::AnyError::error(reason)).into());
+        }
+        Ok(vec![(); count])
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let machine = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || {
+            let received = machine.dir.join("snapshot-received.db");
+            std::fs::write(&received, snapshot.into_inner()).map_err(snapshot_err)?;
+            {
+                let source = Connection::open(&received).map_err(snapshot_err)?;
+                let mut conn = machine.lock();
+                let backup =
+                    rusqlite::backup::Backup::new(&source, &mut conn).map_err(snapshot_err)?;
+                backup
+                    .run_to_completion(1024, std::time::Duration::ZERO, None)
+                    .map_err(snapshot_err)?;
+            }
+            machine.keep_snapshot(&received, &meta).map_err(snapshot_err)?;
+            tracing::info!(snapshot = %meta.snapshot_id, "installed an MDM snapshot from the leader");
+            Ok(())
+        })
+        .await
+        .map_err(snapshot_err)?
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let (db, json) = self.snapshot_paths();
+        let meta = match std::fs::read(&json) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(sm_read_err)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(sm_read_err(e)),
+        };
+        let data = std::fs::read(&db).map_err(sm_read_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+/// Copies the live database to `target` (`pflex mdm backup`): a consistent
+/// snapshot taken between two applied entries.
+pub fn backup_to(machine: &StateMachine, target: &Path) -> Result<(), rusqlite::Error> {
+    let conn = machine.lock();
+    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
+    Ok(())
+}
