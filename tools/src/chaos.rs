@@ -55,10 +55,19 @@ pub enum Scenario {
     /// writer runs over a full volume; a watcher polls the placement map and
     /// counts every moment a PG had fewer than two complete copies.
     DrainSds,
+    /// Three MDMs; the leader is killed (`kill -9`) and restarted 5 s later.
+    /// The control plane must serve a volume create within 5 s of the kill,
+    /// and every change acknowledged before it must still be there.
+    KillMdmLeader,
+    /// Three MDMs; the leader is cut from the other two for 7 s (still
+    /// reachable by every other host). It must stop answering once the
+    /// others have elected a leader; after the heal every member holds the
+    /// same log.
+    CutMdmLeader,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::KillSds,
         Scenario::StopSds,
         Scenario::CutPrimaryFromMdm,
@@ -71,6 +80,8 @@ impl Scenario {
         Scenario::DeviceEio,
         Scenario::AddSds,
         Scenario::DrainSds,
+        Scenario::KillMdmLeader,
+        Scenario::CutMdmLeader,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +98,15 @@ impl Scenario {
             Scenario::DeviceEio => "device-eio",
             Scenario::AddSds => "add-sds",
             Scenario::DrainSds => "drain-sds",
+            Scenario::KillMdmLeader => "kill-mdm-leader",
+            Scenario::CutMdmLeader => "cut-mdm-leader",
+        }
+    }
+
+    fn mdm_members(self) -> u16 {
+        match self {
+            Scenario::KillMdmLeader | Scenario::CutMdmLeader => 3,
+            _ => 1,
         }
     }
 }
@@ -147,6 +167,12 @@ pub struct ChaosReport {
     pub single_copy_windows: u64,
     /// Placement epochs the watcher saw.
     pub epochs_watched: u64,
+    /// MDM leader faults: from the fault until a volume create succeeded.
+    pub control_plane_ms: Option<u64>,
+    /// Volumes whose creation was acknowledged and that were missing after.
+    pub control_changes_lost: u64,
+    /// Requests the cut-off MDM leader answered after another was elected.
+    pub deposed_leader_answers: u64,
     pub passed: bool,
 }
 
@@ -161,7 +187,7 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
             let report = run_one(&run_dir, scenario, qd, &args).await?;
             if !args.json {
                 println!(
-                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  resync {}/{}  rebuild {}/{}  move {}/{}  {}",
+                    "{:<22} qd {:<3} acknowledged {:>7}  errors {}  lost {}  stale {}  torn {}  stall {:>5} ms  recovery {:>6} ms  resync {}/{}  rebuild {}/{}  move {}/{}{}  {}",
                     report.scenario,
                     report.qd,
                     report.acknowledged,
@@ -177,6 +203,10 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
                     report.rebuild_jobs,
                     report.move_chunks,
                     report.move_jobs,
+                    report.control_plane_ms.map_or(String::new(), |ms| format!(
+                        "  control plane back in {ms} ms, {} changes lost, {} answers from the deposed leader",
+                        report.control_changes_lost, report.deposed_leader_answers
+                    )),
                     if report.passed { "ok" } else { "FAILED" }
                 );
             }
@@ -205,6 +235,7 @@ pub async fn run_one(
     }
     let moving = matches!(scenario, Scenario::AddSds | Scenario::DrainSds);
     let up = LabUp {
+        mdm_count: scenario.mdm_members(),
         sds: if matches!(scenario, Scenario::TwoFailures | Scenario::DrainSds) { 4 } else { 3 },
         spare_sds: u16::from(scenario == Scenario::AddSds),
         name: args.name.clone(),
@@ -321,6 +352,7 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         mdm.set_movement_policy(&policy).await?;
     }
     at(3.0).await;
+    let mut control: Option<ControlOutcome> = None;
     let fault_end: Instant = match scenario {
         Scenario::KillSds => {
             lab_cmd(dir, &["kill", "sds2"]).await?;
@@ -398,6 +430,11 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         Scenario::DrainSds => {
             mdm.remove_sds("sds4").await?;
             Instant::now()
+        }
+        Scenario::KillMdmLeader | Scenario::CutMdmLeader => {
+            let (outcome, healed) = mdm_leader_fault(dir, &layout, &mdm, scenario, &at).await?;
+            control = Some(outcome);
+            healed
         }
     };
     // Recovery: from the end of the fault until every SDS is ACTIVE and no
@@ -482,6 +519,12 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
     let (lost, stale, torn, unexpected) =
         (n(&check, "lost"), n(&check, "stale"), n(&check, "torn"), n(&check, "unexpected"));
     let chunks_compared = chunks.as_ref().copied().unwrap_or(0);
+    let control_ok = control.as_ref().is_none_or(|c| {
+        c.lost == 0
+            && c.deposed_answers == 0
+            && c.one_history
+            && (scenario != Scenario::KillMdmLeader || c.serving_after_ms <= 5000)
+    });
     if let Err(e) = &chunks {
         eprintln!("pflex lab chaos {}: {e:#}", scenario.name());
     }
@@ -506,7 +549,11 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         capacity_spread_points: spread,
         single_copy_windows,
         epochs_watched,
+        control_plane_ms: control.as_ref().map(|c| c.serving_after_ms),
+        control_changes_lost: control.as_ref().map_or(0, |c| c.lost),
+        deposed_leader_answers: control.as_ref().map_or(0, |c| c.deposed_answers),
         passed: lost + stale + torn + unexpected == 0
+            && control_ok
             && single_copy_windows == 0
             && (!moving || (move_jobs > 0 && spread.is_some_and(|p| p <= MAX_SPREAD_POINTS)))
             // A failed device is the one fault a client never sees: its
@@ -517,6 +564,138 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
             && checked.status.success()
             && n(&write, "acknowledged") > 0,
     })
+}
+
+/// What an MDM leader fault did to the control plane.
+struct ControlOutcome {
+    serving_after_ms: u64,
+    lost: u64,
+    deposed_answers: u64,
+    /// After the fault ended, every member reached the same term and applied
+    /// the leader's last entry.
+    one_history: bool,
+}
+
+/// The member that leads now, by host name (`mdm`, `mdm2`, ...).
+async fn mdm_leader(layout: &lab::LabLayout, mdm: &MdmClient) -> Option<(String, String)> {
+    let urls: Vec<&str> = layout.mdm_url.split(',').collect();
+    for (url, answer) in mdm.mdm_status_each().await {
+        if let Ok(status) = answer {
+            if status.role == "Leader" {
+                let n = urls.iter().position(|u| u.trim_end_matches('/') == url)?;
+                return Some((crate::up::mdm_member_name(n as u16), url));
+            }
+        }
+    }
+    None
+}
+
+/// Kills or cuts off the MDM leader while the writer runs; measures how
+/// soon a volume create succeeds, checks that nothing acknowledged was lost
+/// and (when cut) that the old leader stops answering.
+async fn mdm_leader_fault<F, Fut>(
+    dir: &Path,
+    layout: &lab::LabLayout,
+    mdm: &MdmClient,
+    scenario: Scenario,
+    at: &F,
+) -> Result<(ControlOutcome, Instant)>
+where
+    F: Fn(f64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        let name = format!("before-{i}");
+        create_small_volume(mdm, &name).await?;
+        acknowledged.push(name);
+    }
+    let (leader, leader_url) =
+        mdm_leader(layout, mdm).await.context("no MDM leader before the fault")?;
+    let members: Vec<String> = (0..layout.mdm_url.split(',').count() as u16)
+        .map(crate::up::mdm_member_name)
+        .filter(|m| *m != leader)
+        .collect();
+    let fault = Instant::now();
+    match scenario {
+        Scenario::KillMdmLeader => lab_cmd(dir, &["kill", &leader]).await.map(|_| ())?,
+        _ => {
+            for other in &members {
+                lab_cmd(dir, &["cut", &leader, "--from", other]).await?;
+            }
+        }
+    }
+    // The first create that succeeds after the fault, retried at once.
+    let mut serving_after = None;
+    for attempt in 0..600 {
+        let name = format!("after-fault-{attempt}");
+        if create_small_volume(mdm, &name).await.is_ok() {
+            serving_after = Some(fault.elapsed());
+            acknowledged.push(name);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let serving_after = serving_after.context("no volume create succeeded within 60 s")?;
+    // A cut-off leader must not answer now that another leads.
+    let mut deposed_answers = 0;
+    if scenario == Scenario::CutMdmLeader {
+        let deposed = MdmClient::new(&leader_url, mdm.credential().map(str::to_string))?;
+        for _ in 0..10 {
+            if deposed.health_status().await.is_ok() {
+                deposed_answers += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    at(10.0).await;
+    match scenario {
+        Scenario::KillMdmLeader => node_start(dir, &leader).await?,
+        _ => {
+            for other in &members {
+                lab_cmd(dir, &["heal", &leader, "--from", other]).await?;
+            }
+        }
+    }
+    let healed = Instant::now();
+    create_small_volume(mdm, "after-heal").await?;
+    acknowledged.push("after-heal".to_string());
+    let listed: std::collections::HashSet<String> =
+        mdm.volume_list().await?.into_iter().map(|v| v.name).collect();
+    let lost = acknowledged.iter().filter(|name| !listed.contains(*name)).count() as u64;
+    // One history: every member reaches the leader's applied entry, in one term.
+    let one_history =
+        wait_until("every MDM member to catch up", Duration::from_secs(30), || async {
+            let each = mdm.mdm_status_each().await;
+            let statuses: Vec<_> = each.iter().filter_map(|(_, a)| a.as_ref().ok()).collect();
+            let Some(leader) = statuses.iter().find(|s| s.role == "Leader") else { return false };
+            statuses.len() == each.len()
+                && statuses
+                    .iter()
+                    .all(|s| s.term == leader.term && s.applied_index >= leader.applied_index)
+        })
+        .await
+        .is_ok();
+    Ok((
+        ControlOutcome {
+            serving_after_ms: serving_after.as_millis() as u64,
+            lost,
+            deposed_answers,
+            one_history,
+        },
+        healed,
+    ))
+}
+
+async fn create_small_volume(mdm: &MdmClient, name: &str) -> Result<()> {
+    let request = pflex_proto::api::VolumeCreate {
+        name: name.to_string(),
+        size_bytes: 8 << 20,
+        pool: None,
+        thick: false,
+    };
+    mdm.volume_create(&request).await?;
+    Ok(())
 }
 
 fn admin_client(dir: &Path, layout: &lab::LabLayout) -> Result<MdmClient> {

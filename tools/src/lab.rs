@@ -117,6 +117,11 @@ pub struct LabUp {
     /// the pool and watch the rebalance.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
     pub spare_sds: u16,
+    /// MDMs, each on its own host (`mdm`, `mdm2`, ...): 1, or 3 or 5 kept
+    /// identical by a Raft log (kill or cut the leader and watch another
+    /// take over).
+    #[arg(long = "mdm", default_value_t = 1, value_parser = up::mdm_count)]
+    pub mdm_count: u16,
     /// Prefix of the namespaces' and root links' names (at most 6 characters).
     #[arg(long, default_value = "pflex")]
     pub name: String,
@@ -441,6 +446,9 @@ fn plan(args: &LabUp) -> Result<LabLayout> {
     }
     let addr = |h: u16| format!("10.{}.0.{h}", args.net);
     let mut hosts = vec![("mdm".to_string(), addr(1)), ("sdc1".to_string(), addr(2))];
+    for n in 1..args.mdm_count {
+        hosts.push((up::mdm_member_name(n), addr(2 + n)));
+    }
     for n in 1..=args.sds + args.spare_sds {
         hosts.push((format!("sds{n}"), addr(10 + n)));
     }
@@ -458,7 +466,10 @@ fn plan(args: &LabUp) -> Result<LabLayout> {
         name: args.name.clone(),
         net: args.net,
         nbd_uri: format!("nbd://{}:10809/vol1", addr(2)),
-        mdm_url: format!("http://{}:8001", addr(1)),
+        mdm_url: (0..args.mdm_count)
+            .map(|n| format!("http://{}:8001", addr(if n == 0 { 1 } else { 2 + n })))
+            .collect::<Vec<_>>()
+            .join(","),
         hosts,
         root_links,
     })
@@ -614,29 +625,56 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
 
     let mdm_dir = dir.join("mdm");
     std::fs::create_dir_all(&mdm_dir)?;
-    let mut mdm_args = up::mdm_args(&format!("{}:8001", mdm_host.address), &mdm_dir, None, &hb);
-    mdm_args.extend([
-        "--failed-after-secs".into(),
-        args.failure_timeout_secs.to_string(),
-        "--stale-after-secs".into(),
-        (args.failure_timeout_secs / 2).max(1).to_string(),
-        "--token-ttl-secs".into(),
-        args.token_ttl_secs.to_string(),
-        // A copy lost with a FAILED node waits that long to come back and be
-        // resynced before it is rebuilt elsewhere.
-        "--resync-window-secs".into(),
-        args.failure_timeout_secs.to_string(),
-    ]);
-    start_on(dir, layout, "mdm", &up::binary(&bins, "mdm")?, mdm_args)?;
+    let replicated = args.mdm_count > 1;
+    if replicated {
+        up::provision_mdm_secrets(dir, args.mdm_count)?;
+    }
+    let member_urls: Vec<&str> = layout.mdm_url.split(',').collect();
+    let peers = member_urls
+        .iter()
+        .enumerate()
+        .map(|(n, url)| format!("{}={url}", n + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    for n in 0..args.mdm_count {
+        let name = up::mdm_member_name(n);
+        let host = layout.host(&name)?;
+        let member_dir = dir.join(&name);
+        std::fs::create_dir_all(&member_dir)?;
+        let mut mdm_args = up::mdm_args(&format!("{}:8001", host.address), &member_dir, None, &hb);
+        mdm_args.extend([
+            "--failed-after-secs".into(),
+            args.failure_timeout_secs.to_string(),
+            "--stale-after-secs".into(),
+            (args.failure_timeout_secs / 2).max(1).to_string(),
+            "--token-ttl-secs".into(),
+            args.token_ttl_secs.to_string(),
+            // A copy lost with a FAILED node waits that long to come back and be
+            // resynced before it is rebuilt elsewhere.
+            "--resync-window-secs".into(),
+            args.failure_timeout_secs.to_string(),
+        ]);
+        if replicated {
+            mdm_args.extend([
+                "--mdm-id".to_string(),
+                (n + 1).to_string(),
+                "--mdm-peers".to_string(),
+                peers.clone(),
+            ]);
+        }
+        start_on(dir, layout, &name, &up::binary(&bins, "mdm")?, mdm_args)?;
+    }
     let token_path = mdm_dir.join("admin_token");
-    let status_url = format!("{}/health/status", layout.mdm_url);
     wait_until("the MDM", Duration::from_secs(60), || {
-        let (http, url) = (http.clone(), status_url.clone());
         let token = std::fs::read_to_string(&token_path).ok();
+        let urls = layout.mdm_url.clone();
         async move {
             let Some(token) = token else { return false };
-            let r = http.get(url).bearer_auth(token.trim()).send().await;
-            matches!(r, Ok(r) if r.status().is_success())
+            // Through the client: with several MDMs it finds the leader.
+            match MdmClient::new(&urls, Some(token.trim().to_string())) {
+                Ok(mdm) => mdm.health_status().await.is_ok(),
+                Err(_) => false,
+            }
         }
     })
     .await?;

@@ -84,6 +84,7 @@ pub async fn run(dir: &Path, args: RebuildBenchArgs) -> Result<()> {
             std::fs::remove_dir_all(&run_dir)?;
         }
         let up = LabUp {
+            mdm_count: 1,
             sds: 3,
             spare_sds: 0,
             name: args.name.clone(),

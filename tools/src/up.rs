@@ -227,8 +227,9 @@ pub(crate) fn health_url_of(name: &str, args: &[String]) -> Option<String> {
         return Some(format!("{scheme}://{host}:{port}/health"));
     }
     let listen = flag("--listen")?;
-    if name == "mdm" {
-        Some(format!("{scheme}://{listen}/health/status"))
+    if is_mdm(name) {
+        // Answered by every member of a replicated MDM, leader or not.
+        Some(format!("{scheme}://{listen}/mdm/status"))
     } else {
         Some(format!("{scheme}://{listen}/health"))
     }
@@ -412,7 +413,7 @@ pub async fn node_start(data_dir: &Path, name: &str) -> Result<()> {
         }
         let ready = match &command.health_url {
             None => true,
-            Some(url) if name == "mdm" => {
+            Some(url) if is_mdm(name) => {
                 http.get(url).timeout(Duration::from_secs(2)).send().await.is_ok()
             }
             Some(url) => registered(&http, url).await.unwrap_or(false),
@@ -781,7 +782,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
     }
 }
 
-fn mdm_count(text: &str) -> Result<u16, String> {
+pub(crate) fn mdm_count(text: &str) -> Result<u16, String> {
     match text.parse::<u16>() {
         Ok(n @ (1 | 3 | 5)) => Ok(n),
         _ => Err("the MDM runs as 1, 3 or 5 members".to_string()),
@@ -791,6 +792,11 @@ fn mdm_count(text: &str) -> Result<u16, String> {
 /// Port of MDM member `n` (from 0).
 fn mdm_member_port(args: &UpArgs, n: u16) -> u16 {
     args.mdm_port + 10 * n
+}
+
+/// Whether component `name` is an MDM (`mdm`, or member `mdmN`).
+pub(crate) fn is_mdm(name: &str) -> bool {
+    name.strip_prefix("mdm").is_some_and(|rest| rest.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Component name (and data directory) of MDM member `n` (from 0).
@@ -805,7 +811,7 @@ pub(crate) fn mdm_member_name(n: u16) -> String {
 /// The secrets every member of a replicated MDM holds alike (the cluster
 /// secret signs tokens and authenticates the members to each other): made
 /// once, copied to each member's directory (0600) unless already there.
-fn provision_mdm_secrets(dir: &Path, members: u16) -> Result<()> {
+pub(crate) fn provision_mdm_secrets(dir: &Path, members: u16) -> Result<()> {
     let first = dir.join(mdm_member_name(0));
     let secret_path = first.join("cluster_secret");
     let admin_path = first.join("admin_token");

@@ -55,10 +55,13 @@ pub const HEARTBEAT: Duration = Duration::from_millis(200);
 /// heard the leader: openraft's own leader lease).
 pub const ELECTION_TIMEOUT: (Duration, Duration) =
     (Duration::from_millis(1000), Duration::from_millis(1500));
-/// A leader acts only while a majority acknowledged it this recently: below
-/// the election timeout, so a partitioned leader has stopped before the
-/// majority side can have elected another.
+/// A leader acts only while a majority confirmed it this recently (counted
+/// from when it asked): below the election timeout, so a partitioned or
+/// frozen leader has stopped before the majority side can have elected
+/// another.
 pub const LEADER_LEASE: Duration = Duration::from_millis(800);
+/// How often a leader asks a majority to confirm it.
+const LEASE_RENEWAL: Duration = Duration::from_millis(150);
 /// How long a new leader waits to have applied every entry before its
 /// first batch, and a request waits for a leader to be elected.
 const CATCH_UP: Duration = Duration::from_secs(3);
@@ -111,6 +114,9 @@ pub struct Replication {
     pub id: NodeId,
     pub machine: state_machine::StateMachine,
     pub peer_key: String,
+    /// When the last confirmation by a majority that this member leads was
+    /// asked for (see [`Replication::check_leader`]).
+    confirmed: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Replication {
@@ -150,7 +156,10 @@ impl Replication {
             raft.initialize(nodes).await.map_err(|e| RaftStartError::Fatal(e.to_string()))?;
             tracing::info!(members = members.len(), "initialised the MDM cluster");
         }
-        Ok(Arc::new(Self { raft, id, machine, peer_key }))
+        let replication =
+            Arc::new(Self { raft, id, machine, peer_key, confirmed: Default::default() });
+        tokio::spawn(keep_lease(Arc::downgrade(&replication)));
+        Ok(replication)
     }
 
     /// The leader's id and URL, as this member knows it.
@@ -331,6 +340,29 @@ impl Replication {
             .await
             .map_err(|e| MdmError::Unreplicated(e.to_string()))?;
         Ok(())
+    }
+}
+
+/// While this member leads, asks a majority every [`LEASE_RENEWAL`] to
+/// confirm it, and records when each successful round was asked.
+async fn keep_lease(replication: std::sync::Weak<Replication>) {
+    let mut tick = tokio::time::interval(LEASE_RENEWAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(replication) = replication.upgrade() else { return };
+        let leading = replication.raft.metrics().borrow().state == ServerState::Leader;
+        let asked = std::time::Instant::now();
+        let confirmed = leading
+            && tokio::time::timeout(LEADER_LEASE, replication.raft.ensure_linearizable())
+                .await
+                .is_ok_and(|r| r.is_ok());
+        let mut slot = replication.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if confirmed {
+            *slot = Some(asked);
+        } else if !leading {
+            *slot = None;
+        }
     }
 }
 
