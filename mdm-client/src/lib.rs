@@ -280,7 +280,14 @@ impl MdmClient {
                 Attempt::Failed(_) => false,
             };
             if !retry || tokio::time::Instant::now() + backoff > deadline {
-                return Err(error.into_error());
+                let error = error.into_error();
+                if error.code() == Some("unreplicated") {
+                    // Not retried (it may yet be committed), but the next
+                    // request goes to another member: this one may have
+                    // lost its majority without knowing.
+                    self.move_on(&base, None);
+                }
+                return Err(error);
             }
             self.move_on(&base, hint);
             tokio::time::sleep(backoff).await;

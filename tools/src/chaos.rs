@@ -625,29 +625,32 @@ where
             }
         }
     }
-    // The first create that succeeds after the fault, retried at once.
-    let mut serving_after = None;
-    for attempt in 0..600 {
-        let name = format!("after-fault-{attempt}");
-        if create_small_volume(mdm, &name).await.is_ok() {
-            serving_after = Some(fault.elapsed());
-            acknowledged.push(name);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let serving_after = serving_after.context("no volume create succeeded within 60 s")?;
-    // A cut-off leader must not answer now that another leads.
-    let mut deposed_answers = 0;
-    if scenario == Scenario::CutMdmLeader {
-        let deposed = MdmClient::new(&leader_url, mdm.credential().map(str::to_string))?;
-        for _ in 0..10 {
-            if deposed.health_status().await.is_ok() {
-                deposed_answers += 1;
+    // The first create that succeeds after the fault, retried at once; and
+    // for a cut leader, whether it still answered once another led.
+    let first_create = async {
+        let mut attempt = 0;
+        while fault.elapsed() < Duration::from_secs(60) {
+            let name = format!("after-fault-{attempt}");
+            let create = create_small_volume(mdm, &name);
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(15), create).await {
+                return Some((fault.elapsed(), name));
             }
+            attempt += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
+        None
+    };
+    let watch_deposed = async {
+        if scenario == Scenario::CutMdmLeader {
+            deposed_leader_answers(layout, mdm, &leader_url).await
+        } else {
+            Ok(0)
+        }
+    };
+    let (created, deposed_answers) = tokio::join!(first_create, watch_deposed);
+    let deposed_answers = deposed_answers?;
+    let (serving_after, name) = created.context("no volume create succeeded within 60 s")?;
+    acknowledged.push(name);
     at(10.0).await;
     match scenario {
         Scenario::KillMdmLeader => node_start(dir, &leader).await?,
@@ -685,6 +688,56 @@ where
         },
         healed,
     ))
+}
+
+/// Polls the cut-off leader (reads, every 50 ms, for 6 s) and the other
+/// members: how many times the old leader answered after another member
+/// said it led in a later term. Its lease must have ended before that.
+async fn deposed_leader_answers(
+    layout: &lab::LabLayout,
+    mdm: &MdmClient,
+    leader_url: &str,
+) -> Result<u64> {
+    let credential = mdm.credential().map(str::to_string);
+    // Plain requests: a client would follow the refusal to the new leader.
+    let http = pflex_mdm_client::trust::http_client_builder()
+        .timeout(Duration::from_millis(300))
+        .build()?;
+    let token = credential.clone().unwrap_or_default();
+    let old_leader_answers = || {
+        let request = http.get(format!("{leader_url}/health/status")).bearer_auth(&token);
+        async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+    };
+    let old_term =
+        MdmClient::with_timeout(leader_url, credential.clone(), Duration::from_millis(300))?
+            .mdm_status()
+            .await
+            .map(|s| s.term)
+            .unwrap_or(0);
+    let others: Vec<MdmClient> = layout
+        .mdm_url
+        .split(',')
+        .filter(|u| u.trim_end_matches('/') != leader_url)
+        .map(|u| MdmClient::with_timeout(u, credential.clone(), Duration::from_millis(300)))
+        .collect::<Result<_, _>>()?;
+    let mut successor_seen = false;
+    let mut answers_after = 0;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        if !successor_seen {
+            for other in &others {
+                if let Ok(s) = other.mdm_status().await {
+                    successor_seen |= s.role == "Leader" && s.term > old_term;
+                }
+            }
+        }
+        if old_leader_answers().await && successor_seen {
+            answers_after += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::ensure!(successor_seen, "no other MDM took the lead within 6 s of the cut");
+    Ok(answers_after)
 }
 
 async fn create_small_volume(mdm: &MdmClient, name: &str) -> Result<()> {

@@ -10,7 +10,7 @@
 //! answers the batch's requests only once the entry is committed by a
 //! majority and applied. Only the leader serves requests (followers answer
 //! `503 not_leader` with the leader's address), and only while a majority
-//! acknowledged it within the last [`LEADER_LEASE`]: a leader cut off from
+//! confirmed it within the last [`LEADER_LEASE`]: a leader cut off from
 //! its peers stops answering before the others can elect a new one.
 
 // openraft's storage traits return its `StorageError` (over 200 bytes);
@@ -62,6 +62,9 @@ pub const ELECTION_TIMEOUT: (Duration, Duration) =
 pub const LEADER_LEASE: Duration = Duration::from_millis(800);
 /// How often a leader asks a majority to confirm it.
 const LEASE_RENEWAL: Duration = Duration::from_millis(150);
+/// Longest a batch waits for a majority before its callers are answered
+/// `503 unreplicated`.
+const COMMIT_WAIT: Duration = Duration::from_secs(2);
 /// How long a new leader waits to have applied every entry before its
 /// first batch, and a request waits for a leader to be elected.
 const CATCH_UP: Duration = Duration::from_secs(3);
@@ -176,17 +179,17 @@ impl Replication {
         self.raft.metrics().borrow().current_term
     }
 
-    /// Ok when this member may act as the leader now: it is the leader, a
-    /// majority acknowledged it within [`LEADER_LEASE`] (always true alone).
+    /// Ok when this member may act as the leader now: it is the leader and
+    /// a majority confirmed so within [`LEADER_LEASE`], measured on this
+    /// process's clock when asked (a leader frozen or cut off and back
+    /// knows its lease ran out without having to hear from anyone).
     pub fn check_leader(&self) -> Result<(), MdmError> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             return Err(self.not_leader(&metrics));
         }
-        let voters = metrics.membership_config.membership().voter_ids().count();
-        let fresh =
-            metrics.millis_since_quorum_ack.is_some_and(|ms| ms <= LEADER_LEASE.as_millis() as u64);
-        if voters > 1 && !fresh {
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if !confirmed.is_some_and(|at| at.elapsed() < LEADER_LEASE) {
             return Err(MdmError::NotLeader { leader: None });
         }
         Ok(())
@@ -380,7 +383,18 @@ impl crate::writer::Commit for ReplicatedCommit {
     }
 
     fn commit(&self, changes: Vec<u8>) -> Result<(), MdmError> {
-        self.runtime.block_on(self.replication.propose(changes))
+        // A leader that lost its majority after accepting the batch would
+        // wait forever: its callers get an answer (and go elsewhere) instead.
+        self.runtime.block_on(async {
+            match tokio::time::timeout(COMMIT_WAIT, self.replication.propose(changes)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(MdmError::Unreplicated(format!(
+                    "no majority confirmed the change within {} s (it is committed only if \
+                     this member keeps the lead)",
+                    COMMIT_WAIT.as_secs()
+                ))),
+            }
+        })
     }
 }
 
