@@ -189,7 +189,7 @@ impl Replication {
             return Err(self.not_leader(&metrics));
         }
         let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
-        if !confirmed.is_some_and(|at| at.elapsed() < LEADER_LEASE) {
+        if confirmed.is_none_or(|at| at.elapsed() >= LEADER_LEASE) {
             return Err(MdmError::NotLeader { leader: None });
         }
         Ok(())
