@@ -14,6 +14,8 @@
 
 pub mod cluster;
 pub mod flood;
+pub mod linearizability;
+pub mod mdm_cluster;
 pub mod tamper;
 
 use std::collections::HashSet;

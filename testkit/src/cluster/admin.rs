@@ -92,7 +92,7 @@ impl Cluster {
 }
 
 /// A registration of a fake SDS with one device of `capacity_gib`.
-fn fake_sds(name: &str, fault_set: &str, pool: &str, capacity_gib: u64) -> RegisterRequest {
+pub fn fake_sds(name: &str, fault_set: &str, pool: &str, capacity_gib: u64) -> RegisterRequest {
     RegisterRequest {
         control_port: 9100,
         mgmt_port: 9200,

@@ -44,7 +44,7 @@ use pflex_proto::token::ClusterSecret;
 
 use crate::{free_port, spawn_logged, workspace_binary, ProcessGuard};
 
-pub use admin::RegisteredNode;
+pub use admin::{fake_request, fake_sds, RegisteredNode};
 use spec::with_flags;
 pub use spec::{ClusterSpec, MdmOptions, NodeOverrides};
 
