@@ -69,9 +69,14 @@ pub struct MdmBenchArgs {
     /// Data dir of the MDM started for the run.
     #[arg(long, default_value = "/var/tmp/pflex-bench-mdm")]
     pub data_dir: PathBuf,
-    /// Port of the MDM started for the run.
+    /// Port of the MDM started for the run (member N of a replicated one:
+    /// this + 10 × (N − 1)).
     #[arg(long, default_value_t = 18001)]
     pub port: u16,
+    /// MDMs started for the run: 1, or 3 or 5 replicated (every write is
+    /// then committed by a majority before it is answered).
+    #[arg(long = "mdm", default_value_t = 1, value_parser = crate::up::mdm_count)]
+    pub mdm_count: u16,
     /// Directory of the `mdm` binary (default: beside `pflex`).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -152,7 +157,7 @@ pub async fn run(args: MdmBenchArgs) -> Result<()> {
     if args.volumes.is_empty() || args.volumes.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--volumes must be increasing counts, e.g. 10000,100000");
     }
-    let mut started_mdm = None;
+    let mut started_mdm = Vec::new();
     let (url, admin_token, join_key) = match &args.mdm_url {
         Some(url) => {
             let read = |p: &Option<PathBuf>, what: &str| -> Result<String> {
@@ -169,17 +174,17 @@ pub async fn run(args: MdmBenchArgs) -> Result<()> {
             )
         }
         None => {
-            let (child, token, key) = start_mdm(&args).await?;
-            started_mdm = Some(child);
-            (format!("http://127.0.0.1:{}", args.port), token, key)
+            let (children, url, token, key) = start_mdm(&args).await?;
+            started_mdm = children;
+            (url, token, key)
         }
     };
     let result = bench(&args, &url, &admin_token, &join_key).await;
-    if let Some(mut child) = started_mdm {
-        stop(&mut child).await;
-        if !args.keep_data {
-            let _ = std::fs::remove_dir_all(&args.data_dir);
-        }
+    for child in &mut started_mdm {
+        stop(child).await;
+    }
+    if !started_mdm.is_empty() && !args.keep_data {
+        let _ = std::fs::remove_dir_all(&args.data_dir);
     }
     let figures = result?;
     print!("{}", report(&figures));
@@ -190,7 +195,9 @@ pub async fn run(args: MdmBenchArgs) -> Result<()> {
     Ok(())
 }
 
-async fn start_mdm(args: &MdmBenchArgs) -> Result<(tokio::process::Child, String, String)> {
+async fn start_mdm(
+    args: &MdmBenchArgs,
+) -> Result<(Vec<tokio::process::Child>, String, String, String)> {
     let bins = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?.parent().context("pflex has no directory")?.to_path_buf(),
@@ -204,29 +211,53 @@ async fn start_mdm(args: &MdmBenchArgs) -> Result<(tokio::process::Child, String
     let join_key = hex::encode(pflex_proto::random_bytes::<32>());
     let key_path = args.data_dir.join("join_key");
     std::fs::write(&key_path, &join_key)?;
-    let log = std::fs::File::create(args.data_dir.join("mdm.log"))?;
-    let mut mdm_args = pflex_launch::mdm_args(
-        &format!("127.0.0.1:{}", args.port),
-        &args.data_dir.join("mdm"),
-        Some(&key_path.display().to_string()),
-        &args.heartbeat_secs.to_string(),
-    );
-    // The fake nodes never fail: nothing should be re-placed under the load.
-    mdm_args.extend(["--failed-after-secs".into(), "3600".into()]);
-    mdm_args.extend(["--stale-after-secs".into(), "1800".into()]);
-    let mut command = tokio::process::Command::new(&mdm);
-    command.args(&mdm_args).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
-    // SAFETY: prctl(2) is async-signal-safe; between fork and exec it only
-    // asks the kernel to end the MDM with this process.
-    unsafe {
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        })
-    };
-    let child = command.spawn().with_context(|| format!("starting {}", mdm.display()))?;
+    let replicated = args.mdm_count > 1;
+    if replicated {
+        crate::up::provision_mdm_secrets(&args.data_dir, args.mdm_count)?;
+    }
+    let urls: Vec<String> =
+        (0..args.mdm_count).map(|n| format!("http://127.0.0.1:{}", args.port + 10 * n)).collect();
+    let peers = urls
+        .iter()
+        .enumerate()
+        .map(|(n, u)| format!("{}={u}", n + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children = Vec::new();
+    for n in 0..args.mdm_count {
+        let name = crate::up::mdm_member_name(n);
+        let log = std::fs::File::create(args.data_dir.join(format!("{name}.log")))?;
+        let mut mdm_args = pflex_launch::mdm_args(
+            &format!("127.0.0.1:{}", args.port + 10 * n),
+            &args.data_dir.join(&name),
+            Some(&key_path.display().to_string()),
+            &args.heartbeat_secs.to_string(),
+        );
+        // The fake nodes never fail: nothing should be re-placed under the load.
+        mdm_args.extend(["--failed-after-secs".into(), "3600".into()]);
+        mdm_args.extend(["--stale-after-secs".into(), "1800".into()]);
+        if replicated {
+            mdm_args.extend([
+                "--mdm-id".to_string(),
+                (n + 1).to_string(),
+                "--mdm-peers".to_string(),
+                peers.clone(),
+            ]);
+        }
+        let mut command = tokio::process::Command::new(&mdm);
+        command.args(&mdm_args).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
+        // SAFETY: prctl(2) is async-signal-safe; between fork and exec it only
+        // asks the kernel to end the MDM with this process.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            })
+        };
+        children.push(command.spawn().with_context(|| format!("starting {}", mdm.display()))?);
+    }
     let token_path = args.data_dir.join("mdm").join("admin_token");
-    let url = format!("http://127.0.0.1:{}", args.port);
+    let url = urls.join(",");
     let mut admin = String::new();
     crate::lab::wait_until("the MDM", Duration::from_secs(30), || {
         let token = std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_string());
@@ -241,7 +272,7 @@ async fn start_mdm(args: &MdmBenchArgs) -> Result<(tokio::process::Child, String
         }
     })
     .await?;
-    Ok((child, admin, join_key))
+    Ok((children, url, admin, join_key))
 }
 
 async fn stop(child: &mut tokio::process::Child) {
