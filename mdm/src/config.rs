@@ -90,6 +90,12 @@ pub struct MdmConfig {
     /// holds the same `cluster_secret` file.
     #[arg(long, requires = "mdm_id")]
     pub mdm_peers: Option<String>,
+
+    /// A replicated MDM snapshots its database every this many log entries
+    /// and drops the entries before (keeping a fifth of that); a member too
+    /// far behind, or new, receives the snapshot.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub mdm_snapshot_every: u64,
 }
 
 impl MdmConfig {

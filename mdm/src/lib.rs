@@ -152,8 +152,14 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
                 )));
             }
             Some(
-                raft::Replication::start(id, &config.data_dir, &members, raft::peer_key(&secret))
-                    .await?,
+                raft::Replication::start(
+                    id,
+                    &config.data_dir,
+                    &members,
+                    raft::peer_key(&secret),
+                    config.mdm_snapshot_every,
+                )
+                .await?,
             )
         }
     };

@@ -155,5 +155,58 @@ pub fn render(
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
     }
+    if let Some(replication) = &state.replication {
+        render_replication(&mut out, replication);
+    }
     out
+}
+
+/// The replicated MDM as this member sees it.
+fn render_replication(out: &mut String, replication: &crate::raft::Replication) {
+    let status = replication.status();
+    let applied = status.applied_index.unwrap_or(0);
+    let last = status.last_log_index.unwrap_or(0);
+    let gauges = [
+        ("pflex_mdm_raft_term", "Current Raft term.", status.term),
+        ("pflex_mdm_raft_leader", "1 when this member leads.", u64::from(status.role == "Leader")),
+        ("pflex_mdm_raft_last_log_index", "Last entry in this member's log.", last),
+        ("pflex_mdm_raft_applied_index", "Last entry applied to its database.", applied),
+        (
+            "pflex_mdm_raft_apply_lag",
+            "Entries in the log not yet applied here.",
+            last.saturating_sub(applied),
+        ),
+        (
+            "pflex_mdm_raft_voters",
+            "Voting members.",
+            status.members.iter().filter(|m| m.voter).count() as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    family(
+        out,
+        "pflex_mdm_raft_leader_changes_total",
+        "counter",
+        "Times this member saw the leader change.",
+    );
+    let _ = writeln!(
+        out,
+        "pflex_mdm_raft_leader_changes_total {}",
+        replication.leader_changes.load(Ordering::Relaxed)
+    );
+    if status.role == "Leader" {
+        family(
+            out,
+            "pflex_mdm_raft_follower_lag",
+            "gauge",
+            "Entries each member is behind this leader's log.",
+        );
+        for member in &status.members {
+            let lag = last.saturating_sub(member.matched_index.unwrap_or(0));
+            let _ = writeln!(out, "pflex_mdm_raft_follower_lag{{member=\"{}\"}} {lag}", member.id);
+        }
+    }
 }

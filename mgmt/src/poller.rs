@@ -29,6 +29,9 @@ pub struct Overview {
     pub movement: Option<MovementStatus>,
     /// (component name, reachable) for each SDS/SDC mgmt port.
     pub endpoints: Vec<(String, bool)>,
+    /// Each MDM address given and what it says of the MDM cluster (None:
+    /// unreachable).
+    pub mdm_members: Vec<(String, Option<pflex_proto::api::MdmClusterStatus>)>,
 }
 
 /// How many rebuild jobs the dashboard lists.
@@ -119,6 +122,7 @@ pub async fn run(shared: Arc<Shared>, enrollment: pflex_mdm_client::Enrollment) 
                     rebuilds: Vec::new(),
                     movement: None,
                     endpoints: Vec::new(),
+                    mdm_members: Vec::new(),
                 }
             }
         };
@@ -153,9 +157,12 @@ async fn poll_once(client: &MdmClient, http: &reqwest::Client) -> Result<Overvie
             .unwrap_or(false);
         endpoints.push((name, ok));
     }
+    let mdm_members =
+        client.mdm_status_each().await.into_iter().map(|(url, s)| (url, s.ok())).collect();
     Ok(Overview {
         polled_at: pflex_proto::unix_now(),
         mdm_reachable: true,
+        mdm_members,
         health: Some(health),
         summary,
         volumes,
@@ -178,6 +185,17 @@ pub fn conditions(o: &Overview) -> Vec<(String, &'static str, String, String)> {
             "MDM unreachable: no health data".into(),
         ));
         return out;
+    }
+    let replicated = o.mdm_members.iter().any(|(_, s)| s.as_ref().is_some_and(|s| s.replicated));
+    for (url, status) in &o.mdm_members {
+        if replicated && status.is_none() {
+            out.push((
+                format!("mdm-member:{url}"),
+                "warning",
+                "mdm".into(),
+                format!("MDM member {url} unreachable: the others serve without it"),
+            ));
+        }
     }
     if let Some(h) = &o.health {
         for c in &h.components {

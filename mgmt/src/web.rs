@@ -428,6 +428,30 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
         }
         h.push_str("</table>");
     }
+    if o.mdm_members.iter().any(|(_, s)| s.as_ref().is_some_and(|s| s.replicated)) {
+        h.push_str("<h2>MDM cluster</h2><table><tr><th>address</th><th>id</th><th>role</th><th>term</th><th>committed</th><th>applied</th></tr>");
+        for (url, status) in &o.mdm_members {
+            match status {
+                Some(m) => {
+                    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                    let _ = write!(
+                        h,
+                        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                        esc(url), m.id, esc(&m.role.to_lowercase()), m.term,
+                        opt(m.committed_index), opt(m.applied_index)
+                    );
+                }
+                None => {
+                    let _ = write!(
+                        h,
+                        "<tr><td>{}</td><td>-</td><td class=\"critical\">unreachable</td><td>-</td><td>-</td><td>-</td></tr>",
+                        esc(url)
+                    );
+                }
+            }
+        }
+        h.push_str("</table>");
+    }
     h.push_str("<h2>Storage servers</h2><table><tr><th>name</th><th>fault set</th><th>pool</th><th>capacity</th><th>used</th><th>status</th><th>data</th></tr>");
     for s in &o.sds {
         let status = if s.draining { format!("{} (draining)", s.status) } else { s.status.clone() };

@@ -59,6 +59,11 @@ impl MdmCluster {
         self.dir.path().join(format!("mdm{id}"))
     }
 
+    /// The database file of member `i`.
+    pub fn db_path(&self, i: usize) -> PathBuf {
+        self.member_dir(self.members[i].id).join("powerflex.db")
+    }
+
     /// Starts (or restarts) member `i`; `initial` members get the peer list.
     fn start_member(&mut self, i: usize, initial: bool) {
         let id = self.members[i].id;
@@ -89,6 +94,10 @@ impl MdmCluster {
             "1".into(),
             "--mdm-id".into(),
             id.to_string(),
+            // Snapshots and log purges happen during a test's run, and a
+            // new member is brought up to date by a snapshot.
+            "--mdm-snapshot-every".into(),
+            "200".into(),
         ];
         if initial {
             args.extend(["--mdm-peers".to_string(), self.peers.clone()]);

@@ -120,17 +120,22 @@ pub struct Replication {
     /// When the last confirmation by a majority that this member leads was
     /// asked for (see [`Replication::check_leader`]).
     confirmed: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Leader changes this member saw (for `/metrics`).
+    pub leader_changes: std::sync::atomic::AtomicU64,
 }
 
 impl Replication {
     /// Starts member `id` with its log and state machine in `data_dir`.
     /// `members` (id → base URL) initialises a new cluster: the lowest id
     /// of it does so when its log is empty; the others wait to be contacted.
+    /// A snapshot is taken every `snapshot_every` entries and the log is
+    /// purged up to a fifth of that behind it.
     pub async fn start(
         id: NodeId,
         data_dir: &Path,
         members: &BTreeMap<NodeId, String>,
         peer_key: String,
+        snapshot_every: u64,
     ) -> Result<Arc<Self>, RaftStartError> {
         let config = openraft::Config {
             cluster_name: "pflex-mdm".to_string(),
@@ -138,8 +143,8 @@ impl Replication {
             election_timeout_min: ELECTION_TIMEOUT.0.as_millis() as u64,
             election_timeout_max: ELECTION_TIMEOUT.1.as_millis() as u64,
             max_payload_entries: 64,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-            max_in_snapshot_log_to_keep: 1000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+            max_in_snapshot_log_to_keep: snapshot_every / 5,
             ..Default::default()
         }
         .validate()
@@ -159,8 +164,14 @@ impl Replication {
             raft.initialize(nodes).await.map_err(|e| RaftStartError::Fatal(e.to_string()))?;
             tracing::info!(members = members.len(), "initialised the MDM cluster");
         }
-        let replication =
-            Arc::new(Self { raft, id, machine, peer_key, confirmed: Default::default() });
+        let replication = Arc::new(Self {
+            raft,
+            id,
+            machine,
+            peer_key,
+            confirmed: Default::default(),
+            leader_changes: Default::default(),
+        });
         tokio::spawn(keep_lease(Arc::downgrade(&replication)));
         Ok(replication)
     }
@@ -351,10 +362,21 @@ impl Replication {
 async fn keep_lease(replication: std::sync::Weak<Replication>) {
     let mut tick = tokio::time::interval(LEASE_RENEWAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_leader = None;
     loop {
         tick.tick().await;
         let Some(replication) = replication.upgrade() else { return };
-        let leading = replication.raft.metrics().borrow().state == ServerState::Leader;
+        let (leading, leader) = {
+            let metrics = replication.raft.metrics().borrow().clone();
+            (metrics.state == ServerState::Leader, metrics.current_leader)
+        };
+        if leader.is_some() && leader != last_leader {
+            if last_leader.is_some() {
+                replication.leader_changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(leader = ?leader, "the MDM leader changed");
+            }
+            last_leader = leader;
+        }
         let asked = std::time::Instant::now();
         let confirmed = leading
             && tokio::time::timeout(LEADER_LEASE, replication.raft.ensure_linearizable())
