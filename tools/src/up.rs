@@ -813,6 +813,7 @@ pub(crate) fn mdm_member_name(n: u16) -> String {
 /// once, copied to each member's directory (0600) unless already there.
 pub(crate) fn provision_mdm_secrets(dir: &Path, members: u16) -> Result<()> {
     let first = dir.join(mdm_member_name(0));
+    std::fs::create_dir_all(&first)?;
     let secret_path = first.join("cluster_secret");
     let admin_path = first.join("admin_token");
     if !secret_path.exists() {
