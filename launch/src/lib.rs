@@ -113,6 +113,18 @@ pub fn mdm_args(
     args
 }
 
+/// The flags that make member `n` (from 0) of a replicated MDM of
+/// `urls.len()` members (each its API's base URL, in member order) start
+/// with the others as peers; none for a single MDM.
+pub fn mdm_member_args(n: usize, urls: &[String]) -> Vec<String> {
+    if urls.len() < 2 {
+        return Vec::new();
+    }
+    let peers =
+        urls.iter().enumerate().map(|(i, url)| format!("{}={url}", i + 1)).collect::<Vec<_>>();
+    vec!["--mdm-id".into(), (n + 1).to_string(), "--mdm-peers".into(), peers.join(",")]
+}
+
 /// The MGMT dashboard's command line.
 pub fn mgmt_args(mdm_url: &str, enroll: Enroll, mgmt_dir: &Path, listen: &str) -> Vec<String> {
     let [flag, path] = enroll.args();

@@ -361,9 +361,7 @@ pub fn router(state: Shared) -> Router {
     // Raft messages between members.
     let members = Router::new()
         .route("/mdm/status", get(mdm_status))
-        .route("/raft/append", post(raft_append))
-        .route("/raft/vote", post(raft_vote))
-        .route("/raft/snapshot", post(raft_snapshot))
+        .route("/raft/{message}", post(raft_message))
         .layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_BYTES));
     api.merge(members)
         .layer(middleware::from_fn_with_state(state.clone(), count_responses))
@@ -1095,29 +1093,28 @@ fn check_peer(
     Ok(Arc::clone(replication))
 }
 
-async fn raft_append(
+/// `POST /raft/{message}`: a Raft message from another member, answered
+/// with openraft's result as JSON.
+async fn raft_message(
     State(state): State<Shared>,
+    ApiPath(message): ApiPath,
     headers: HeaderMap,
-    Json(request): Json<openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig>>,
+    body: axum::body::Bytes,
 ) -> Result<Response, MdmError> {
+    fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, MdmError> {
+        serde_json::from_slice(body).map_err(|e| MdmError::invalid("invalid_body", e.to_string()))
+    }
     let replication = check_peer(&state, &headers)?;
-    Ok(Json(replication.raft.append_entries(request).await).into_response())
-}
-
-async fn raft_vote(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Json(request): Json<openraft::raft::VoteRequest<crate::raft::NodeId>>,
-) -> Result<Response, MdmError> {
-    let replication = check_peer(&state, &headers)?;
-    Ok(Json(replication.raft.vote(request).await).into_response())
-}
-
-async fn raft_snapshot(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    Json(request): Json<openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>>,
-) -> Result<Response, MdmError> {
-    let replication = check_peer(&state, &headers)?;
-    Ok(Json(replication.raft.install_snapshot(request).await).into_response())
+    let raft = &replication.raft;
+    Ok(match message.as_str() {
+        "append" => Json(raft.append_entries(parse(&body)?).await).into_response(),
+        "vote" => Json(raft.vote(parse(&body)?).await).into_response(),
+        "snapshot" => Json(raft.install_snapshot(parse(&body)?).await).into_response(),
+        other => {
+            return Err(MdmError::not_found(
+                "no_such_endpoint",
+                format!("no Raft message {other:?}"),
+            ))
+        }
+    })
 }

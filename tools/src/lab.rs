@@ -625,17 +625,10 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
 
     let mdm_dir = dir.join("mdm");
     std::fs::create_dir_all(&mdm_dir)?;
-    let replicated = args.mdm_count > 1;
-    if replicated {
+    if args.mdm_count > 1 {
         up::provision_mdm_secrets(dir, args.mdm_count)?;
     }
-    let member_urls: Vec<&str> = layout.mdm_url.split(',').collect();
-    let peers = member_urls
-        .iter()
-        .enumerate()
-        .map(|(n, url)| format!("{}={url}", n + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let member_urls: Vec<String> = layout.mdm_url.split(',').map(str::to_string).collect();
     for n in 0..args.mdm_count {
         let name = up::mdm_member_name(n);
         let host = layout.host(&name)?;
@@ -654,14 +647,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
             "--resync-window-secs".into(),
             args.failure_timeout_secs.to_string(),
         ]);
-        if replicated {
-            mdm_args.extend([
-                "--mdm-id".to_string(),
-                (n + 1).to_string(),
-                "--mdm-peers".to_string(),
-                peers.clone(),
-            ]);
-        }
+        mdm_args.extend(pflex_launch::mdm_member_args(usize::from(n), &member_urls));
         start_on(dir, layout, &name, &up::binary(&bins, "mdm")?, mdm_args)?;
     }
     let token_path = mdm_dir.join("admin_token");

@@ -211,18 +211,11 @@ async fn start_mdm(
     let join_key = hex::encode(pflex_proto::random_bytes::<32>());
     let key_path = args.data_dir.join("join_key");
     std::fs::write(&key_path, &join_key)?;
-    let replicated = args.mdm_count > 1;
-    if replicated {
+    if args.mdm_count > 1 {
         crate::up::provision_mdm_secrets(&args.data_dir, args.mdm_count)?;
     }
     let urls: Vec<String> =
         (0..args.mdm_count).map(|n| format!("http://127.0.0.1:{}", args.port + 10 * n)).collect();
-    let peers = urls
-        .iter()
-        .enumerate()
-        .map(|(n, u)| format!("{}={u}", n + 1))
-        .collect::<Vec<_>>()
-        .join(",");
     let mut children = Vec::new();
     for n in 0..args.mdm_count {
         let name = crate::up::mdm_member_name(n);
@@ -236,14 +229,7 @@ async fn start_mdm(
         // The fake nodes never fail: nothing should be re-placed under the load.
         mdm_args.extend(["--failed-after-secs".into(), "3600".into()]);
         mdm_args.extend(["--stale-after-secs".into(), "1800".into()]);
-        if replicated {
-            mdm_args.extend([
-                "--mdm-id".to_string(),
-                (n + 1).to_string(),
-                "--mdm-peers".to_string(),
-                peers.clone(),
-            ]);
-        }
+        mdm_args.extend(pflex_launch::mdm_member_args(usize::from(n), &urls));
         let mut command = tokio::process::Command::new(&mdm);
         command.args(&mdm_args).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
         // SAFETY: prctl(2) is async-signal-safe; between fork and exec it only

@@ -623,16 +623,9 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
         // MDM (one, or the members of a replicated one).
         let mdm_dir = dir.join("mdm");
         std::fs::create_dir_all(&mdm_dir)?;
-        let replicated = args.mdm_count > 1;
-        if replicated {
+        if args.mdm_count > 1 {
             provision_mdm_secrets(dir, args.mdm_count)?;
         }
-        let peers = mdm_urls
-            .iter()
-            .enumerate()
-            .map(|(n, url)| format!("{}={url}", n + 1))
-            .collect::<Vec<_>>()
-            .join(",");
         for n in 0..args.mdm_count {
             let name = mdm_member_name(n);
             let member_dir = dir.join(&name);
@@ -642,14 +635,7 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             // An SDS back within the failure timeout (the MDM's default, 120 s)
             // is resynced with what it missed instead of rebuilt elsewhere.
             mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
-            if replicated {
-                mdm_args.extend([
-                    "--mdm-id".to_string(),
-                    (n + 1).to_string(),
-                    "--mdm-peers".to_string(),
-                    peers.clone(),
-                ]);
-            }
+            mdm_args.extend(pflex_launch::mdm_member_args(usize::from(n), &mdm_urls));
             if !args.no_tls {
                 mdm_args.extend(["--tls-dir".into(), issue_tls(dir, &name)?.display().to_string()]);
             }
