@@ -536,6 +536,16 @@ async fn cluster_rotate(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<Json<pflex_proto::api::RotateResponse>, MdmError> {
     allow(caller, &[Role::Admin])?;
+    if state.replication.is_some() {
+        // The new admin token and the disabled join key live in the leader's
+        // files and memory, not in the replicated database: after a failover
+        // the old ones would work again. Refused until they are replicated.
+        return Err(MdmError::conflict(
+            "rotate_not_replicated",
+            "pflex cluster rotate is not supported on a replicated MDM yet: the new admin token \
+             and the revoked join key would not reach the other members",
+        ));
+    }
     let join_key_disabled =
         state.join_key_sha256.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
     let source = peer.to_string();
