@@ -39,6 +39,12 @@ pub struct MdmCluster {
 impl MdmCluster {
     /// Starts `count` members and waits until one leads.
     pub async fn start(count: u64) -> MdmCluster {
+        Self::start_from(count, None).await
+    }
+
+    /// Like [`MdmCluster::start`], every member's database restored from
+    /// `backup` (the bytes of `pflex mdm backup`) when given.
+    pub async fn start_from(count: u64, backup: Option<&[u8]>) -> MdmCluster {
         let dir = tempfile::tempdir().expect("a temporary directory");
         std::fs::write(dir.path().join("join_key"), format!("{JOIN_KEY}\n")).unwrap();
         let secret = pflex_proto::token::ClusterSecret::generate().to_hex();
@@ -48,6 +54,13 @@ impl MdmCluster {
         let peers =
             members.iter().map(|m| format!("{}={}", m.id, m.url())).collect::<Vec<_>>().join(",");
         let mut cluster = MdmCluster { dir, members, peers };
+        if let Some(bytes) = backup {
+            for member in &cluster.members {
+                let member_dir = cluster.member_dir(member.id);
+                std::fs::create_dir_all(&member_dir).unwrap();
+                std::fs::write(member_dir.join("powerflex.db"), bytes).unwrap();
+            }
+        }
         for i in 0..cluster.members.len() {
             cluster.start_member(i, true);
         }

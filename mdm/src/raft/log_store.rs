@@ -43,6 +43,16 @@ impl LogStore {
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
+    /// Whether this log has never held anything (no vote, no entry, nothing
+    /// purged): a member that has not taken part in any cluster yet.
+    pub fn is_pristine(&self) -> Result<bool, rusqlite::Error> {
+        self.lock().query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM entries) AND NOT EXISTS (SELECT 1 FROM meta)",
+            [],
+            |r| r.get(0),
+        )
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

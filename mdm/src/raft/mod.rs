@@ -151,6 +151,11 @@ impl Replication {
         .map_err(|e| RaftStartError::Config(e.to_string()))?;
         let log = log_store::LogStore::open(&data_dir.join("raft-log.db"))?;
         let machine = state_machine::StateMachine::open(&data_dir.join(crate::DB_FILE), data_dir)?;
+        if log.is_pristine()? {
+            // A database restored from a backup (`pflex mdm backup`) into a
+            // member with no log: its history starts afresh from this content.
+            machine.forget_applied()?;
+        }
         let network = network::Network::new(peer_key.clone())
             .map_err(|e| RaftStartError::Config(e.to_string()))?;
         let raft = Raft::new(id, Arc::new(config), network, log, machine.clone())

@@ -52,6 +52,13 @@ impl StateMachine {
         Ok(Self { conn: Arc::new(Mutex::new(conn)), dir: dir.to_path_buf() })
     }
 
+    /// Drops the record of applied entries (the database came from a
+    /// backup, into a member whose log is empty).
+    pub fn forget_applied(&self) -> Result<(), rusqlite::Error> {
+        self.lock().execute("DELETE FROM raft_applied", [])?;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
