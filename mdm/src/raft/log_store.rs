@@ -53,6 +53,16 @@ impl LogStore {
         )
     }
 
+    /// Runs `work` (which writes, and so waits for an fsync) on the blocking
+    /// pool rather than on the async worker that called.
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StorageError<NodeId>> + Send + 'static,
+    ) -> Result<T, StorageError<NodeId>> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store.lock())).await.map_err(write_err)?
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -145,7 +155,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        Self::set_meta(&self.lock(), "vote", vote)
+        let vote = *vote;
+        self.write(move |conn| Self::set_meta(conn, "vote", &vote)).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -156,7 +167,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        Self::set_meta(&self.lock(), "committed", &committed)
+        self.write(move |conn| Self::set_meta(conn, "committed", &committed)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -207,17 +218,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.lock()
-            .execute("DELETE FROM entries WHERE idx >= ?1", [log_id.index as i64])
-            .map_err(write_err)?;
-        Ok(())
+        self.write(move |conn| {
+            conn.execute("DELETE FROM entries WHERE idx >= ?1", [log_id.index as i64])
+                .map_err(write_err)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let conn = self.lock();
-        Self::set_meta(&conn, "purged", &log_id)?;
-        conn.execute("DELETE FROM entries WHERE idx <= ?1", [log_id.index as i64])
-            .map_err(write_err)?;
-        Ok(())
+        self.write(move |conn| {
+            Self::set_meta(conn, "purged", &log_id)?;
+            conn.execute("DELETE FROM entries WHERE idx <= ?1", [log_id.index as i64])
+                .map_err(write_err)?;
+            Ok(())
+        })
+        .await
     }
 }
