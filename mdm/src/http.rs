@@ -59,6 +59,8 @@ pub struct AppState {
     pub writer_stats: Arc<crate::writer::WriterStats>,
     pub settings: Settings,
     pub keys: Keys,
+    /// When components were last heard from (see [`crate::sightings`]).
+    pub sightings: crate::sightings::Sightings,
     /// Cleared by `pflex cluster rotate`.
     join_key_sha256: Mutex<Option<[u8; 32]>>,
     /// Replaced by `pflex cluster rotate`.
@@ -117,6 +119,7 @@ impl AppState {
             writer_stats,
             settings,
             keys,
+            sightings: Default::default(),
             join_key_sha256: Mutex::new(join_key.map(digest)),
             admin_token_sha256: Mutex::new(digest(admin_token)),
             admin_token_path,
@@ -164,6 +167,7 @@ impl AppState {
                 let ctx = Ctx {
                     settings: state.settings,
                     keys: &state.keys,
+                    sightings: &state.sightings,
                     now: pflex_proto::unix_now(),
                 };
                 work(conn, &ctx)
@@ -181,8 +185,12 @@ impl AppState {
     {
         let state = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let ctx =
-                Ctx { settings: state.settings, keys: &state.keys, now: pflex_proto::unix_now() };
+            let ctx = Ctx {
+                settings: state.settings,
+                keys: &state.keys,
+                sightings: &state.sightings,
+                now: pflex_proto::unix_now(),
+            };
             state.readers.read(|conn| work(conn, &ctx))
         })
         .await
@@ -600,8 +608,21 @@ async fn heartbeat(
     allow(caller, &[Role::Sds, Role::Sdc, Role::Mgmt])?;
     // The term before the batch: if it commits, it commits in this term.
     let term = state.term();
-    let mut response =
-        state.transact(move |conn, ctx| service::heartbeat(conn, ctx, caller, &request)).await?;
+    let request = Arc::new(request);
+    let beat = Arc::clone(&request);
+    let answered =
+        state.read(move |conn, ctx| service::heartbeat_unwritten(conn, ctx, caller, &beat)).await?;
+    let mut response = match answered {
+        // Answered from a reader: still the leader (within its lease) now
+        // that the answer is ready, so it speaks for the term it names.
+        Some(response) => {
+            state.check_leader()?;
+            response
+        }
+        None => {
+            state.transact(move |conn, ctx| service::heartbeat(conn, ctx, caller, &request)).await?
+        }
+    };
     response.mdm_term = term;
     state.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
     Ok(Json(response))

@@ -13,6 +13,7 @@
 //! - [`http`]: routes, authentication, JSON errors;
 //! - [`writer`]: the database thread and its group commit;
 //! - [`probe`]: the MDM's own check of an SDS reported unreachable;
+//! - [`sightings`]: when components were last heard from (kept in memory);
 //! - [`raft`] and [`changeset`]: the replicated MDM;
 //! - [`metrics`]: Prometheus text.
 //!
@@ -31,6 +32,7 @@ pub mod probe;
 pub mod raft;
 pub mod rebalance;
 pub mod service;
+pub mod sightings;
 pub mod validate;
 pub mod writer;
 

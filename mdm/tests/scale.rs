@@ -40,6 +40,7 @@ fn settings() -> Settings {
 struct Cluster {
     conn: Connection,
     keys: Keys,
+    sightings: pflex_mdm::sightings::Sightings,
     sds: Vec<u64>,
     sdc: Vec<u64>,
     volumes: u64,
@@ -60,6 +61,7 @@ impl Cluster {
         Self {
             conn,
             keys,
+            sightings: Default::default(),
             sds: Vec::new(),
             sdc: Vec::new(),
             volumes: 0,
@@ -71,7 +73,7 @@ impl Cluster {
     /// Runs `f` in a transaction at `now`, committing on success.
     fn run<T>(&mut self, now: u64, f: impl FnOnce(&Connection, &Ctx) -> T) -> T {
         let tx = self.conn.transaction().unwrap();
-        let ctx = Ctx { settings: settings(), keys: &self.keys, now };
+        let ctx = Ctx { settings: settings(), keys: &self.keys, sightings: &self.sightings, now };
         let value = f(&tx, &ctx);
         tx.commit().unwrap();
         value
@@ -186,6 +188,20 @@ impl Cluster {
                 self.cost(|c, x| drop(service::heartbeat(c, x, sdc_caller, &beat(sdc)).unwrap())),
             ),
             (
+                "heartbeat SDS, unwritten",
+                self.cost(|c, x| {
+                    let reply = service::heartbeat_unwritten(c, x, sds_caller, &beat(sds)).unwrap();
+                    assert!(reply.is_some(), "a heartbeat just written needs no write");
+                }),
+            ),
+            (
+                "heartbeat SDC, unwritten",
+                self.cost(|c, x| {
+                    let reply = service::heartbeat_unwritten(c, x, sdc_caller, &beat(sdc)).unwrap();
+                    assert!(reply.is_some(), "a heartbeat just written needs no write");
+                }),
+            ),
+            (
                 "placement map",
                 self.cost(|c, _| {
                     drop(service::placement_map(c, mapped_caller, &volume.to_string()).unwrap())
@@ -234,7 +250,7 @@ fn check(before: &[(&str, u64)], after: &[(&str, u64)], ops: &[&str], limit: f64
     let mut grown = Vec::new();
     for ((op, b), (_, a)) in before.iter().zip(after) {
         let ratio = *a as f64 / *b as f64;
-        eprintln!("{what}: {op:<18} {b:>7} -> {a:>7} VM steps (x{ratio:.2})");
+        eprintln!("{what}: {op:<24} {b:>7} -> {a:>7} VM steps (x{ratio:.2})");
         if ops.contains(op) && ratio > limit {
             grown.push(format!("{op} x{ratio:.2}"));
         }
@@ -261,6 +277,8 @@ fn request_and_tick_work_does_not_grow_with_the_cluster() {
     let per_request = [
         "heartbeat SDS",
         "heartbeat SDC",
+        "heartbeat SDS, unwritten",
+        "heartbeat SDC, unwritten",
         "placement map",
         "volume show",
         "volume list page",

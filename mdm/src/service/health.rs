@@ -30,6 +30,7 @@ pub(super) struct NodeRow {
 
 pub(super) fn nodes(
     conn: &Connection,
+    ctx: &Ctx,
     node_type: Option<NodeType>,
 ) -> Result<Vec<NodeRow>, MdmError> {
     let mut stmt = conn.prepare_cached(
@@ -47,7 +48,7 @@ pub(super) fn nodes(
                 control_port: r.get(4)?,
                 mgmt_port: r.get(5)?,
                 data_port: r.get(6)?,
-                last_seen: r.get(7)?,
+                last_seen: ctx.last_seen(r.get(0)?, r.get(7)?),
                 failed_at: r.get(8)?,
             })
         })?
@@ -127,7 +128,7 @@ pub fn health_status(conn: &Connection, ctx: &Ctx) -> Result<HealthStatus, MdmEr
 
 /// The health status and the data health it was judged from.
 fn health_and_data(conn: &Connection, ctx: &Ctx) -> Result<(HealthStatus, DataHealth), MdmError> {
-    let components: Vec<ComponentHealth> = nodes(conn, None)?
+    let components: Vec<ComponentHealth> = nodes(conn, ctx, None)?
         .into_iter()
         .map(|n| ComponentHealth {
             node_id: n.id,
@@ -225,7 +226,7 @@ pub fn monitor_tick(
         }
     }
     let summary = cluster_summary(conn, ctx)?;
-    let sds_active = nodes(conn, Some(NodeType::Sds))?
+    let sds_active = nodes(conn, ctx, Some(NodeType::Sds))?
         .iter()
         .filter(|n| liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now) == "ACTIVE")
         .count() as u64;
@@ -472,7 +473,7 @@ pub(super) fn sds_liveness(
     conn: &Connection,
     ctx: &Ctx,
 ) -> Result<HashMap<u64, &'static str>, MdmError> {
-    Ok(nodes(conn, Some(NodeType::Sds))?
+    Ok(nodes(conn, ctx, Some(NodeType::Sds))?
         .into_iter()
         .map(|n| (n.id, liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now)))
         .collect())
@@ -729,7 +730,9 @@ pub fn declare_unreachable(
     probe_started: u64,
 ) -> Result<UnreachableVerdict, MdmError> {
     let mut copies_replaced = 0;
-    if declare {
+    // Heard from since the probes started (a heartbeat not yet written).
+    let heard_since = ctx.last_seen(node_id, 0) > probe_started;
+    if declare && !heard_since {
         let declared = conn.exec(
             "UPDATE cluster_nodes SET failed_at = ?2
              WHERE id = ?1 AND node_type = 'SDS' AND last_seen <= ?3",
@@ -743,6 +746,7 @@ pub fn declare_unreachable(
         conn.row("SELECT last_seen, failed_at FROM cluster_nodes WHERE id = ?1", [node_id], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
+    let last_seen = ctx.last_seen(node_id, last_seen);
     Ok(UnreachableVerdict {
         node_id,
         reachable,

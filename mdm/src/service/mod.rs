@@ -29,7 +29,7 @@ pub use movement::{
     movement_policy, movement_status, rebuild_progress, remove_sds, set_movement_policy,
     RebalanceReport, MAX_CONCURRENT_MOVES,
 };
-pub use nodes::{heartbeat, register, sdc_list, sds_list};
+pub use nodes::{heartbeat, heartbeat_unwritten, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, draft_token, record_token, TokenDraft};
 pub use volumes::{
@@ -103,7 +103,16 @@ pub struct Settings {
 pub struct Ctx<'a> {
     pub settings: Settings,
     pub keys: &'a crate::keys::Keys,
+    pub sightings: &'a crate::sightings::Sightings,
     pub now: u64,
+}
+
+impl Ctx<'_> {
+    /// When `node` was last heard from, given its durable sighting (see
+    /// [`crate::sightings`]).
+    pub fn last_seen(&self, node: u64, durable: u64) -> u64 {
+        self.sightings.last_seen(node, durable)
+    }
 }
 
 /// Who is calling, from the bearer credential.

@@ -254,13 +254,11 @@ fn holds_copies(conn: &Connection, sds_id: u64) -> Result<bool, MdmError> {
     )?)
 }
 
-/// `POST /health/heartbeat`.
-pub fn heartbeat(
-    conn: &Connection,
-    ctx: &Ctx,
+/// The caller of a heartbeat, checked against the request.
+fn heartbeat_caller(
     caller: Caller,
     request: &HeartbeatRequest,
-) -> Result<HeartbeatResponse, MdmError> {
+) -> Result<(u64, NodeType), MdmError> {
     let Caller::Node { id, node_type } = caller else {
         return Err(MdmError::forbidden("heartbeats come from components, not the admin token"));
     };
@@ -274,10 +272,67 @@ pub fn heartbeat(
     if m.used_bytes > m.capacity_bytes {
         return Err(MdmError::bad_request("metrics.used_bytes exceeds metrics.capacity_bytes"));
     }
+    Ok((id, node_type))
+}
+
+/// `POST /health/heartbeat` when it changes nothing durable (see
+/// [`crate::sightings::must_write`]; an SDS with rebuild jobs to be handed
+/// out is written too): answered on a reader connection, the
+/// sighting kept in memory. `None` when it must be committed
+/// ([`heartbeat`]).
+pub fn heartbeat_unwritten(
+    conn: &Connection,
+    ctx: &Ctx,
+    caller: Caller,
+    request: &HeartbeatRequest,
+) -> Result<Option<HeartbeatResponse>, MdmError> {
+    let (id, node_type) = heartbeat_caller(caller, request)?;
+    let durable = conn
+        .row(
+            "SELECT n.last_seen, n.failed_at, COALESCE(s.capacity_bytes, 0), COALESCE(s.used_bytes, 0)
+             FROM cluster_nodes n LEFT JOIN sds_nodes s ON s.node_id = n.id WHERE n.id = ?1",
+            [id],
+            |r| {
+                Ok(crate::sightings::DurableSighting {
+                    last_seen: r.get(0)?,
+                    failed_at: r.get(1)?,
+                    capacity_bytes: r.get(2)?,
+                    used_bytes: r.get(3)?,
+                })
+            },
+        )
+        .optional()?;
+    let Some(durable) = durable else { return Ok(None) };
+    let reported = crate::sightings::Reported {
+        is_sds: node_type == NodeType::Sds,
+        capacity_bytes: request.metrics.capacity_bytes,
+        used_bytes: request.metrics.used_bytes,
+    };
+    let every = crate::sightings::persist_every(&ctx.settings);
+    if crate::sightings::must_write(&durable, &reported, ctx.now, every)
+        || (reported.is_sds && super::rebuild::has_unfinished_jobs(conn, id)?)
+    {
+        return Ok(None);
+    }
+    ctx.sightings.record(id, ctx.now);
+    heartbeat_reply(conn, ctx, id, node_type, request, Rebuilds::NoneUnfinished).map(Some)
+}
+
+/// `POST /health/heartbeat`, committed: the node's sighting, metrics and
+/// beat counts are written (with the beats answered since the last write).
+pub fn heartbeat(
+    conn: &Connection,
+    ctx: &Ctx,
+    caller: Caller,
+    request: &HeartbeatRequest,
+) -> Result<HeartbeatResponse, MdmError> {
+    let (id, node_type) = heartbeat_caller(caller, request)?;
+    let m = &request.metrics;
+    let beats = 1 + ctx.sightings.take_unwritten(id, ctx.now);
     conn.exec("UPDATE cluster_nodes SET last_seen = ?2 WHERE id = ?1", params![id, ctx.now])?;
     conn.exec(
         "UPDATE component_health SET capacity_bytes = ?2, used_bytes = ?3, read_ops = ?4, write_ops = ?5,
-         read_bytes = ?6, write_bytes = ?7, errors = ?8, heartbeats = heartbeats + 1, updated_at = ?9
+         read_bytes = ?6, write_bytes = ?7, errors = ?8, heartbeats = heartbeats + ?10, updated_at = ?9
          WHERE node_id = ?1",
         params![
             id,
@@ -288,7 +343,8 @@ pub fn heartbeat(
             m.read_bytes,
             m.write_bytes,
             m.errors,
-            ctx.now
+            ctx.now,
+            beats
         ],
     )?;
     if node_type == NodeType::Sds && m.capacity_bytes > 0 {
@@ -297,11 +353,33 @@ pub fn heartbeat(
             params![id, m.capacity_bytes, m.used_bytes],
         )?;
     }
+    // Beats are counted in the minute they are written.
     conn.prepare_cached(
-        "INSERT INTO heartbeat_log (node_id, minute, beats) VALUES (?1, ?2, 1)
-         ON CONFLICT (node_id, minute) DO UPDATE SET beats = beats + 1",
+        "INSERT INTO heartbeat_log (node_id, minute, beats) VALUES (?1, ?2, ?3)
+         ON CONFLICT (node_id, minute) DO UPDATE SET beats = beats + excluded.beats",
     )?
-    .execute(params![id, ctx.now / 60])?;
+    .execute(params![id, ctx.now / 60, beats])?;
+    heartbeat_reply(conn, ctx, id, node_type, request, Rebuilds::HandOut)
+}
+
+/// Whether a heartbeat reply hands out rebuild jobs (which writes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rebuilds {
+    HandOut,
+    /// The node is the source of none (checked on the same snapshot).
+    NoneUnfinished,
+}
+
+/// What a heartbeat is answered: volume changes, and for an SDS its rebuild
+/// assignments, the movement policy and the token public keys.
+fn heartbeat_reply(
+    conn: &Connection,
+    ctx: &Ctx,
+    id: u64,
+    node_type: NodeType,
+    request: &HeartbeatRequest,
+    rebuilds: Rebuilds,
+) -> Result<HeartbeatResponse, MdmError> {
     // An SDC hears only of the volumes mapped to it: the others are none of
     // its business, and there are far more SDCs than SDS nodes.
     let only_mapped_to = (node_type == NodeType::Sdc).then_some(id);
@@ -322,7 +400,10 @@ pub fn heartbeat(
     }
     let (rebuilds, movement, token_public_keys) = if node_type == NodeType::Sds {
         (
-            super::rebuild::assignments(conn, ctx, id)?,
+            match rebuilds {
+                Rebuilds::HandOut => super::rebuild::assignments(conn, ctx, id)?,
+                Rebuilds::NoneUnfinished => Vec::new(),
+            },
             super::movement::movement_policy(conn)?,
             ctx.keys.token_public_keys(),
         )
@@ -413,6 +494,7 @@ pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> 
         )?
         .query_map([], |r| {
             let (last_seen, failed_at): (u64, u64) = (r.get(10)?, r.get(11)?);
+            let last_seen = ctx.last_seen(r.get(0)?, last_seen);
             Ok(SdsInfo {
                 id: r.get(0)?,
                 name: r.get(1)?,
@@ -434,7 +516,7 @@ pub fn sds_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdsInfo>, MdmError> 
 
 /// `GET /sdc/list`.
 pub fn sdc_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdcInfo>, MdmError> {
-    let rows = nodes(conn, Some(NodeType::Sdc))?;
+    let rows = nodes(conn, ctx, Some(NodeType::Sdc))?;
     rows.into_iter()
         .map(|n| {
             let mapped_volumes: u64 =

@@ -21,6 +21,17 @@ use crate::error::MdmError;
 
 use super::*;
 
+/// Whether `sds` is the source of unfinished jobs (handing them out in a
+/// heartbeat reply writes).
+pub(super) fn has_unfinished_jobs(conn: &Connection, sds: u64) -> Result<bool, MdmError> {
+    Ok(conn.row(
+        "SELECT EXISTS (SELECT 1 FROM rebuild_jobs
+                        WHERE source_sds = ?1 AND state IN ('pending', 'running'))",
+        [sds],
+        |r| r.get(0),
+    )?)
+}
+
 /// Unfinished jobs whose source is `sds` and whose PG still has that source
 /// as primary and that target as secondary; handing them out marks them
 /// running. Jobs the placement has moved past are marked failed.

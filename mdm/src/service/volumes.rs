@@ -207,6 +207,7 @@ pub(super) fn candidates(
         // FAILED and ACTIVE, taking new copies each time.
         let recently_failed =
             failed_at > 0 && ctx.now.saturating_sub(failed_at) < ctx.settings.failed_after_secs;
+        let last_seen = ctx.last_seen(id, last_seen);
         if recently_failed || liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
             continue;
         }
@@ -663,7 +664,8 @@ mod tests {
             unreachable_grace_secs: 5,
             resync_window_secs: 120,
         };
-        let ctx = Ctx { settings, keys: &keys, now: 1_900_000_000 };
+        let sightings = crate::sightings::Sightings::default();
+        let ctx = Ctx { settings, keys: &keys, sightings: &sightings, now: 1_900_000_000 };
         let tx = conn.transaction().unwrap();
         let conn: &Connection = &tx;
         let mut sds = Vec::new();
