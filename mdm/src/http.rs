@@ -745,28 +745,23 @@ async fn token_request(
     Ok(Json(result?))
 }
 
-/// Signs on a reader, records on the writer; drafts again (a few times)
-/// when the mapping changed in between.
+/// Signs on a reader and answers; the token's row is written behind the
+/// answer (see [`service::record_tokens`]), queued before any completion
+/// record the SDC can send for it.
 async fn issue_token(
     state: &Shared,
     sdc_id: u64,
     request: TokenRequest,
 ) -> Result<pflex_proto::api::TokenResponse, MdmError> {
-    const ATTEMPTS: usize = 3;
-    let mut attempt = 1;
-    loop {
-        let request = request.clone();
-        let draft =
-            state.read(move |conn, ctx| service::draft_token(conn, ctx, sdc_id, &request)).await?;
-        match state.transact(move |conn, ctx| service::record_token(conn, ctx, draft)).await {
-            Err(MdmError::Conflict { code: "mapping_changed" | "token_id_taken", .. })
-                if attempt < ATTEMPTS =>
-            {
-                attempt += 1
-            }
-            outcome => return outcome,
-        }
-    }
+    let draft =
+        state.read(move |conn, ctx| service::draft_token(conn, ctx, sdc_id, &request)).await?;
+    // Still the leader (within its lease) now that the token is signed.
+    state.check_leader()?;
+    let record = draft.record;
+    state.db.submit_behind("token row", Arc::clone(&state.writer_stats), move |conn| {
+        service::record_tokens(conn, &[record]).map(drop)
+    });
+    Ok(draft.response)
 }
 
 async fn token_ack(

@@ -150,6 +150,11 @@ pub fn render(
             "Requests run by the group commit (requests / batches is the mean batch).",
             &state.writer_stats.requests,
         ),
+        (
+            "pflex_mdm_db_behind_failed_total",
+            "Writes made behind their answers (token rows) that failed or were not committed.",
+            &state.writer_stats.behind_failed,
+        ),
     ];
     for (name, help, counter) in counters {
         family(&mut out, name, "counter", help);

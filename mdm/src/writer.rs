@@ -18,6 +18,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use rusqlite::Connection;
 
@@ -96,6 +97,8 @@ pub struct DbWriter {
 pub struct WriterStats {
     pub batches: std::sync::atomic::AtomicU64,
     pub requests: std::sync::atomic::AtomicU64,
+    /// Writes queued behind their answers that failed or were not committed.
+    pub behind_failed: std::sync::atomic::AtomicU64,
 }
 
 impl DbWriter {
@@ -103,7 +106,7 @@ impl DbWriter {
     /// dropped.
     pub fn start(
         conn: Connection,
-        stats: std::sync::Arc<WriterStats>,
+        stats: Arc<WriterStats>,
         mode: CommitMode,
     ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
@@ -111,6 +114,41 @@ impl DbWriter {
             .name("mdm-db".to_string())
             .spawn(move || run(conn, queue, &stats, &mode))?;
         Ok(Self { jobs })
+    }
+
+    /// Queues `work` for a coming batch without waiting for it: for a write
+    /// that nobody is told about (its failure is logged and counted in
+    /// [`WriterStats::behind_failed`]). Jobs run in the order they are
+    /// queued, so a request submitted after this one sees its changes.
+    pub fn submit_behind<F>(&self, what: &'static str, stats: Arc<WriterStats>, work: F)
+    where
+        F: FnOnce(&Connection) -> Result<(), MdmError> + Send + 'static,
+    {
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => catch_unwind(AssertUnwindSafe(|| work(conn)))
+                    .unwrap_or_else(|_| Err(MdmError::Internal("a request panicked".to_string()))),
+                None => Err(MdmError::Internal("refused unrun".to_string())),
+            };
+            Finished {
+                ok: result.is_ok(),
+                deliver: Box::new(move |commit_failure| {
+                    let error = match (commit_failure, result) {
+                        (Some(failure), _) => failure.to_error(),
+                        (None, Err(e)) => e,
+                        (None, Ok(())) => return,
+                    };
+                    stats.behind_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(what, error = %error, "a write behind its answer was not made");
+                }),
+            }
+        });
+        if self.jobs.send(job).is_err() {
+            tracing::warn!(
+                what,
+                "a write behind its answer was not made: the database thread has stopped"
+            );
+        }
     }
 
     /// Runs `work` in the next batch; its result arrives once that batch is

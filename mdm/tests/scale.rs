@@ -220,7 +220,7 @@ impl Cluster {
                 self.cost(|c, x| {
                     let request = TokenRequest { volume_id: volume, mode: AccessMode::ReadWrite };
                     let draft = service::draft_token(c, x, mapped_to, &request).unwrap();
-                    drop(service::record_token(c, x, draft).unwrap());
+                    assert_eq!(service::record_tokens(c, &[draft.record]).unwrap(), 1);
                 }),
             ),
             (
@@ -306,7 +306,7 @@ fn the_monitor_pass_bounds_the_logs() {
     cluster.run(NOW, |conn, ctx| {
         let request = TokenRequest { volume_id: volume, mode: AccessMode::ReadWrite };
         let draft = service::draft_token(conn, ctx, mapped_to, &request).unwrap();
-        service::record_token(conn, ctx, draft).unwrap();
+        service::record_tokens(conn, &[draft.record]).unwrap();
     });
     let rows = |cluster: &mut Cluster, table: &str| -> u64 {
         cluster.conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()

@@ -403,16 +403,19 @@ fn spawn_heartbeats(
     samples: &Arc<Samples>,
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    const TASKS: usize = 64;
+    // About 20 nodes per task, each beat awaited in turn: a task keeps up
+    // while a beat takes under a tenth of the period, so the MDM is offered
+    // every node's beats rather than what a few tasks manage.
+    let tasks = (nodes.len() / 20).clamp(64, 1024);
     let period = Duration::from_secs(period_secs.max(1));
     let n = nodes.len().max(1) as u32;
     let start = tokio::time::Instant::now();
     let nodes = Arc::new(nodes);
-    (0..TASKS)
+    (0..tasks)
         .map(|k| {
             let (nodes, samples, stop) = (nodes.clone(), samples.clone(), stop.clone());
             tokio::spawn(async move {
-                let mine: Vec<usize> = (k..nodes.len()).step_by(TASKS).collect();
+                let mine: Vec<usize> = (k..nodes.len()).step_by(tasks).collect();
                 let mut cursors: Vec<Option<u64>> = vec![None; mine.len()];
                 for round in 0u32.. {
                     for (slot, &i) in mine.iter().enumerate() {

@@ -31,7 +31,7 @@ pub use movement::{
 };
 pub use nodes::{heartbeat, heartbeat_unwritten, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
-pub use tokens::{ack_tokens, draft_token, record_token, TokenDraft};
+pub use tokens::{ack_tokens, draft_token, record_tokens, TokenDraft, TokenRecord};
 pub use volumes::{
     placement_map, sdc_mappings, volume_create, volume_delete, volume_list, volume_map,
     volume_rename, volume_resize, volume_show, volume_unmap, VOLUME_PAGE_DEFAULT, VOLUME_PAGE_MAX,

@@ -1,4 +1,12 @@
 //! IO capability tokens and their batched completion records.
+//!
+//! A token is signed from committed state (the mapping and its generation,
+//! the replicated signing key) on a reader connection and answered at once;
+//! its row in `io_tokens`, which only serves to attribute completion
+//! records, is written behind, many tokens per write ([`record_tokens`]).
+//! A token whose row was never written (the MDM stopped first) still works
+//! on every SDS; its completion records are counted nowhere, like those of
+//! a token pruned after expiry.
 
 use pflex_proto::api::{AckResponse, NodeType, TokenAckBatch, TokenRequest, TokenResponse};
 use pflex_proto::token::{AccessMode, IoToken};
@@ -9,18 +17,23 @@ use crate::error::MdmError;
 use super::volumes::{mapping_of, volume_row, VOLUME_COLUMNS};
 use super::*;
 
-/// A token signed on a reader connection, to be recorded by the writer:
-/// the checks, the signature and the session keys (the costly part) run
-/// beside the writer's batches, the writer only re-checks and inserts.
+/// A token signed on a reader connection: the answer, and the row that
+/// records it.
 pub struct TokenDraft {
-    token: IoToken,
-    epoch: u64,
-    signature_hex: String,
-    response: TokenResponse,
+    pub response: TokenResponse,
+    pub record: TokenRecord,
 }
 
-/// `POST /token/request` from SDC `sdc_id`, first half: checks the mapping,
-/// signs the token and derives its session keys.
+/// The `io_tokens` row of an issued token.
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    token: IoToken,
+    epoch: u64,
+    issued_at: u64,
+    signature_hex: String,
+}
+/// `POST /token/request` from SDC `sdc_id`: checks the mapping, signs the
+/// token and derives its session keys.
 pub fn draft_token(
     conn: &Connection,
     ctx: &Ctx,
@@ -73,66 +86,41 @@ pub fn draft_token(
         expires_at: token.expires_at,
         mapping_gen: row.mapping_gen,
     };
-    Ok(TokenDraft {
+    let record = TokenRecord {
         token,
         epoch: row.epoch,
+        issued_at: ctx.now,
         signature_hex: hex::encode(signed.signature),
-        response,
-    })
+    };
+    Ok(TokenDraft { response, record })
 }
 
-/// Second half, on the writer: the mapping still stands and its generation
-/// has not moved since the draft (else [`MdmError::is_retryable`]: draft
-/// again), and the token is recorded.
-pub fn record_token(
-    conn: &Connection,
-    ctx: &Ctx,
-    draft: TokenDraft,
-) -> Result<TokenResponse, MdmError> {
-    let token = &draft.token;
-    let current: Option<(u64, String)> = conn
-        .row("SELECT mapping_gen, name FROM volumes WHERE id = ?1", [token.volume_id], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    let Some((mapping_gen, name)) = current else {
-        return Err(MdmError::not_found(
-            "volume_not_found",
-            format!("no volume {}", token.volume_id),
-        ));
-    };
-    if mapping_gen != token.mapping_gen {
-        return Err(MdmError::conflict(
-            "mapping_changed",
-            format!("the mappings of volume {name:?} changed while the token was signed"),
-        ));
-    }
-    check_mapping(conn, token.volume_id, &name, token.sdc_id, token.mode)?;
-    let taken: bool = conn.row(
-        "SELECT EXISTS (SELECT 1 FROM io_tokens WHERE token_id = ?1)",
-        [token.token_id],
-        |r| r.get(0),
+/// Writes the rows of issued tokens (on the writer, behind their answers).
+/// The row of a token whose volume is gone by now is not written; an id
+/// already taken (2^-63 per pair) keeps its first row. Returns the rows
+/// written.
+pub fn record_tokens(conn: &Connection, records: &[TokenRecord]) -> Result<usize, MdmError> {
+    let mut insert = conn.prepare_cached(
+        "INSERT OR IGNORE INTO io_tokens (token_id, volume_id, sdc_id, access_mode, mapping_gen,
+         epoch, issued_at, expires_at, signature)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM volumes WHERE id = ?2)",
     )?;
-    if taken {
-        // 2^-63 per pair of tokens; drafted again with another id.
-        return Err(MdmError::conflict("token_id_taken", "token id already in use"));
-    }
-    conn.exec(
-        "INSERT INTO io_tokens (token_id, volume_id, sdc_id, access_mode, mapping_gen, epoch, issued_at,
-         expires_at, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
+    let mut written = 0;
+    for record in records {
+        let token = &record.token;
+        written += insert.execute(params![
             token.token_id,
             token.volume_id,
             token.sdc_id,
             token.mode.as_str(),
             token.mapping_gen,
-            draft.epoch,
-            ctx.now,
+            record.epoch,
+            record.issued_at,
             token.expires_at,
-            draft.signature_hex
-        ],
-    )?;
-    Ok(draft.response)
+            record.signature_hex
+        ])?;
+    }
+    Ok(written)
 }
 
 /// Refuses a token for a volume not mapped to `sdc_id`, or for writes
