@@ -6,6 +6,8 @@
 //!   or fail (never by name or pattern);
 //! - [`wait_for`]: polls a condition until it holds, or fails the test;
 //! - [`TcpRelay`]: one link of a cluster that a test can cut and heal;
+//! - [`term_relay::TermRelay`]: a node's link to its MDM that plays leader
+//!   changes and delivers a deposed leader's answer late;
 //! - [`workspace_binary`]: a package's binary from the same target
 //!   directory, brought up to date once per test process (cargo only builds
 //!   the binaries of the package under test, and only before the run);
@@ -17,6 +19,7 @@ pub mod flood;
 pub mod linearizability;
 pub mod mdm_cluster;
 pub mod tamper;
+pub mod term_relay;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
