@@ -96,6 +96,14 @@ pub struct MdmConfig {
     /// far behind, or new, receives the snapshot.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
     pub mdm_snapshot_every: u64,
+
+    /// HTTP connections kept open at once; beyond it the least recently
+    /// used idle one is closed. Every SDS, SDC and MGMT keeps one open (its
+    /// heartbeats reuse it), so this should exceed the number of nodes:
+    /// below that, connections are closed and opened again all the time.
+    /// Bounded by the open-files limit (raised to its hard limit at start).
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(16..))]
+    pub max_connections: u64,
 }
 
 impl MdmConfig {

@@ -270,17 +270,39 @@ pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "MDM serving");
     let monitor_task = tokio::spawn(monitor(Arc::clone(&state)));
-    pflex_httpd::serve(
-        listener,
-        http::router(state),
-        pflex_httpd::Limits::default(),
-        tls,
-        shutdown_signal(),
-    )
-    .await;
+    let limits = pflex_httpd::Limits {
+        max_connections: connection_limit(config.max_connections),
+        ..pflex_httpd::Limits::default()
+    };
+    pflex_httpd::serve(listener, http::router(state), limits, tls, shutdown_signal()).await;
     monitor_task.abort();
     tracing::info!("MDM stopped");
     Ok(())
+}
+
+/// Files kept for everything but client connections (databases, the Raft
+/// log, connections to the other members, probes).
+const RESERVED_FILES: u64 = 256;
+
+/// `--max-connections`, within what the open-files limit allows.
+fn connection_limit(wanted: u64) -> usize {
+    match pflex_dataplane::runtime::raise_open_files_limit() {
+        Ok(files) if files.saturating_sub(RESERVED_FILES) < wanted => {
+            let allowed = files.saturating_sub(RESERVED_FILES).max(16);
+            tracing::warn!(
+                wanted,
+                allowed,
+                open_files = files,
+                "the open-files limit bounds --max-connections"
+            );
+            allowed as usize
+        }
+        Ok(_) => wanted as usize,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-files limit");
+            wanted as usize
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -157,6 +157,15 @@ pub async fn run(args: MdmBenchArgs) -> Result<()> {
     if args.volumes.is_empty() || args.volumes.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--volumes must be increasing counts, e.g. 10000,100000");
     }
+    // One connection per fake node, kept open between its heartbeats.
+    let files = pflex_dataplane::runtime::raise_open_files_limit()?;
+    let needed = args.sds + args.sdc + 256;
+    if files < needed {
+        bail!(
+            "{} fake nodes need {needed} open files; the limit is {files} (ulimit -Hn)",
+            args.sds + args.sdc
+        );
+    }
     let mut started_mdm = Vec::new();
     let (url, admin_token, join_key) = match &args.mdm_url {
         Some(url) => {
