@@ -19,14 +19,14 @@
 //! needed.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use crate::service::Settings;
 
 /// Sightings kept in memory, per node id.
 #[derive(Debug, Default)]
 pub struct Sightings {
-    seen: Mutex<HashMap<u64, Sighting>>,
+    seen: RwLock<HashMap<u64, Sighting>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -39,13 +39,26 @@ struct Sighting {
 
 impl Sightings {
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<u64, Sighting>) -> T) -> T {
-        f(&mut self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.seen.write().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// When `node` was last heard from: the later of its durable sighting
     /// and the one kept here.
     pub fn last_seen(&self, node: u64, durable: u64) -> u64 {
-        self.with(|seen| seen.get(&node).map_or(durable, |s| s.at.max(durable)))
+        let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+        seen.get(&node).map_or(durable, |s| s.at.max(durable))
+    }
+
+    /// [`Sightings::last_seen`] for many rows under one lock: `field` gives
+    /// a row's node id and its durable sighting, which is raised in place.
+    pub fn overlay<R>(&self, rows: &mut [R], field: impl Fn(&mut R) -> (u64, &mut u64)) {
+        let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+        for row in rows {
+            let (node, last_seen) = field(row);
+            if let Some(sighting) = seen.get(&node) {
+                *last_seen = (*last_seen).max(sighting.at);
+            }
+        }
     }
 
     /// A heartbeat answered without writing.
@@ -163,6 +176,9 @@ mod tests {
         assert_eq!(sightings.take_unwritten(7, 160), 2);
         assert_eq!(sightings.take_unwritten(7, 160), 0);
         assert_eq!(sightings.last_seen(7, 0), 160);
+        let mut rows = [(7, 100), (7, 300), (8, 100)];
+        sightings.overlay(&mut rows, |r| (r.0, &mut r.1));
+        assert_eq!(rows, [(7, 160), (7, 300), (8, 100)]);
     }
 
     #[test]

@@ -415,7 +415,7 @@ fn spawn_heartbeats(
     // About 20 nodes per task, each beat awaited in turn: a task keeps up
     // while a beat takes under a tenth of the period, so the MDM is offered
     // every node's beats rather than what a few tasks manage.
-    let tasks = (nodes.len() / 20).clamp(64, 1024);
+    let tasks = (nodes.len() / 20).clamp(64, 1024).min(nodes.len()).max(1);
     let period = Duration::from_secs(period_secs.max(1));
     let n = nodes.len().max(1) as u32;
     let start = tokio::time::Instant::now();
@@ -425,6 +425,9 @@ fn spawn_heartbeats(
             let (nodes, samples, stop) = (nodes.clone(), samples.clone(), stop.clone());
             tokio::spawn(async move {
                 let mine: Vec<usize> = (k..nodes.len()).step_by(tasks).collect();
+                if mine.is_empty() {
+                    return;
+                }
                 let mut cursors: Vec<Option<u64>> = vec![None; mine.len()];
                 for round in 0u32.. {
                     for (slot, &i) in mine.iter().enumerate() {

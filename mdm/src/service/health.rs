@@ -48,11 +48,13 @@ pub(super) fn nodes(
                 control_port: r.get(4)?,
                 mgmt_port: r.get(5)?,
                 data_port: r.get(6)?,
-                last_seen: ctx.last_seen(r.get(0)?, r.get(7)?),
+                last_seen: r.get(7)?,
                 failed_at: r.get(8)?,
             })
         })?
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<NodeRow>, _>>()?;
+    let mut rows = rows;
+    ctx.sightings.overlay(&mut rows, |n| (n.id, &mut n.last_seen));
     Ok(rows)
 }
 

@@ -190,24 +190,20 @@ pub(super) fn candidates(
                                     WHERE d.sds_id = n.id AND d.failed_reason IS NULL))
          ORDER BY n.id",
     )?;
-    let mut rows = stmt.query([pool_id])?;
+    let mut rows = stmt
+        .query_map([pool_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })?
+        .collect::<Result<Vec<(u64, String, u64, u64, u64, u64)>, _>>()?;
+    ctx.sightings.overlay(&mut rows, |r| (r.0, &mut r.4));
     let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        let (id, fault_set, capacity, used, last_seen, failed_at): (
-            u64,
-            String,
-            u64,
-            u64,
-            u64,
-            u64,
-        ) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+    for (id, fault_set, capacity, used, last_seen, failed_at) in rows {
         // (A node whose every device failed has no room: not selected above.)
         // A node failed on evidence is no candidate for a while after it comes
         // back: a node the MDM cannot reach would otherwise flap between
         // FAILED and ACTIVE, taking new copies each time.
         let recently_failed =
             failed_at > 0 && ctx.now.saturating_sub(failed_at) < ctx.settings.failed_after_secs;
-        let last_seen = ctx.last_seen(id, last_seen);
         if recently_failed || liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
             continue;
         }
