@@ -503,3 +503,56 @@ async fn rebuild_jobs_go_to_their_source_and_an_unrebuilt_copy_is_never_promoted
     .await;
     heartbeats.abort();
 }
+
+/// A heartbeat that changes nothing durable is kept in memory, not
+/// written, and still counts: the node stays ACTIVE on it, while the
+/// durable sighting is refreshed only every few seconds (with the beats
+/// counted meanwhile).
+#[tokio::test]
+async fn heartbeats_count_in_memory_and_are_written_now_and_then() {
+    // STALE after 8 s: durable sightings are refreshed at least every 4 s.
+    let mdm = start_mdm_with(Timing { heartbeat: 1, stale: 8, failed: 40 }).await;
+    let admin = mdm.admin();
+    let sdc = mdm.register_sdc("sdc1").await;
+    let durable = || -> (u64, u64) {
+        let conn = rusqlite::Connection::open_with_flags(
+            mdm.mdm_dir().join("powerflex.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        conn.query_row(
+            "SELECT n.last_seen, h.heartbeats FROM cluster_nodes n
+             JOIN component_health h ON h.node_id = n.id WHERE n.id = ?1",
+            [sdc.id()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let (registered_at, _) = durable();
+    // Six seconds of beats: one write after 4 s, the next not before 8 s.
+    const BEATS: u64 = 24;
+    let mut cursor = None;
+    for _ in 0..BEATS {
+        let reply = sdc
+            .client
+            .heartbeat(&HeartbeatRequest {
+                node_id: sdc.id(),
+                metrics: NodeMetrics::default(),
+                volumes_since: cursor,
+            })
+            .await
+            .unwrap();
+        cursor = Some(reply.volumes_cursor);
+        let listed = admin.sdc_list().await.unwrap();
+        assert_eq!(listed[0].status, "ACTIVE");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (last_seen, written_beats) = durable();
+    assert!(last_seen > registered_at, "the durable sighting was refreshed");
+    assert!(
+        (1..BEATS).contains(&written_beats),
+        "{written_beats} of {BEATS} beats written: some, not each one as it came"
+    );
+    let listed = admin.sdc_list().await.unwrap();
+    assert!(listed[0].last_seen >= last_seen, "the list shows the latest sighting");
+}
