@@ -141,6 +141,7 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
     }
     let db_path = config.data_dir.join(DB_FILE);
     let conn = db::open(&db_path)?;
+    db::start_checkpointer(&db_path)?;
     let replication = match config.mdm_id {
         None => None,
         Some(id) => {

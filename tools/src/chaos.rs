@@ -64,10 +64,15 @@ pub enum Scenario {
     /// others have elected a leader; after the heal every member holds the
     /// same log.
     CutMdmLeader,
+    /// Three MDMs; one member (`mdm3`) is killed for good, removed from the
+    /// cluster (`pflex mdm remove`), and a new member with an empty database
+    /// is started on its host and added (`pflex mdm add`). It must catch up
+    /// to the leader (one history), and no acknowledged change is lost.
+    ReplaceMdm,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::KillSds,
         Scenario::StopSds,
         Scenario::CutPrimaryFromMdm,
@@ -82,6 +87,7 @@ impl Scenario {
         Scenario::DrainSds,
         Scenario::KillMdmLeader,
         Scenario::CutMdmLeader,
+        Scenario::ReplaceMdm,
     ];
 
     fn name(self) -> &'static str {
@@ -100,12 +106,13 @@ impl Scenario {
             Scenario::DrainSds => "drain-sds",
             Scenario::KillMdmLeader => "kill-mdm-leader",
             Scenario::CutMdmLeader => "cut-mdm-leader",
+            Scenario::ReplaceMdm => "replace-mdm",
         }
     }
 
     fn mdm_members(self) -> u16 {
         match self {
-            Scenario::KillMdmLeader | Scenario::CutMdmLeader => 3,
+            Scenario::KillMdmLeader | Scenario::CutMdmLeader | Scenario::ReplaceMdm => 3,
             _ => 1,
         }
     }
@@ -204,8 +211,14 @@ pub async fn run(dir: &Path, args: ChaosArgs) -> Result<()> {
                     report.move_chunks,
                     report.move_jobs,
                     report.control_plane_ms.map_or(String::new(), |ms| format!(
-                        "  control plane back in {ms} ms, {} changes lost, {} answers from the deposed leader",
-                        report.control_changes_lost, report.deposed_leader_answers
+                        "  {} in {ms} ms, {} changes lost, {} answers from the deposed leader",
+                        if scenario == Scenario::ReplaceMdm {
+                            "new member caught up"
+                        } else {
+                            "control plane back"
+                        },
+                        report.control_changes_lost,
+                        report.deposed_leader_answers
                     )),
                     if report.passed { "ok" } else { "FAILED" }
                 );
@@ -238,6 +251,7 @@ pub async fn run_one(
         mdm_count: scenario.mdm_members(),
         sds: if matches!(scenario, Scenario::TwoFailures | Scenario::DrainSds) { 4 } else { 3 },
         spare_sds: u16::from(scenario == Scenario::AddSds),
+        spare_mdm: scenario == Scenario::ReplaceMdm,
         name: args.name.clone(),
         net: args.net,
         // Data movement is watched on nodes about half full.
@@ -318,6 +332,7 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
         Scenario::TwoFailures => 30,
         Scenario::CutPrimaryFromMdm => 18,
         Scenario::AddSds | Scenario::DrainSds => 12,
+        Scenario::ReplaceMdm => 20,
         _ => 14,
     };
     let moving = matches!(scenario, Scenario::AddSds | Scenario::DrainSds);
@@ -435,6 +450,11 @@ async fn drive(dir: &Path, scenario: Scenario, qd: u32, args: &ChaosArgs) -> Res
             let (outcome, healed) = mdm_leader_fault(dir, &layout, &mdm, scenario, &at).await?;
             control = Some(outcome);
             healed
+        }
+        Scenario::ReplaceMdm => {
+            let outcome = replace_mdm_member(dir, &layout, &mdm).await?;
+            control = Some(outcome);
+            Instant::now()
         }
     };
     // Recovery: from the end of the fault until every SDS is ACTIVE and no
@@ -688,6 +708,81 @@ where
         },
         healed,
     ))
+}
+
+/// Kills the last MDM member for good while the writer runs, removes it
+/// from the cluster, starts the spare member (an empty database) on its
+/// host and adds it; measures how soon after the kill the new member has
+/// caught up with the leader, and checks that nothing acknowledged was lost.
+async fn replace_mdm_member(
+    dir: &Path,
+    layout: &lab::LabLayout,
+    mdm: &MdmClient,
+) -> Result<ControlOutcome> {
+    let urls: Vec<&str> = layout.mdm_url.split(',').collect();
+    let members = urls.len() as u16;
+    let dead = crate::up::mdm_member_name(members - 1);
+    let (dead_id, dead_url) = (u64::from(members), urls[urls.len() - 1].to_string());
+    let (spare, spare_id) = (crate::up::mdm_member_name(members), u64::from(members) + 1);
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        let name = format!("before-{i}");
+        create_small_volume(mdm, &name).await?;
+        acknowledged.push(name);
+    }
+    let fault = Instant::now();
+    lab_cmd(dir, &["kill", &dead]).await?;
+    // Retried while the others elect a leader, when the dead member led.
+    let mut removed = Err(anyhow::anyhow!("not tried"));
+    while fault.elapsed() < Duration::from_secs(30) {
+        removed = mdm.mdm_remove(dead_id).await.map(drop).map_err(anyhow::Error::from);
+        if removed.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    removed.with_context(|| format!("removing {dead} (member {dead_id})"))?;
+    create_small_volume(mdm, "after-remove").await?;
+    acknowledged.push("after-remove".to_string());
+    node_start(dir, &spare).await?;
+    mdm.mdm_add(spare_id, &dead_url)
+        .await
+        .with_context(|| format!("adding {spare} (member {spare_id}) at {dead_url}"))?;
+    // One history: the new member, at the dead one's address, is a voter in
+    // the leader's term and has applied the leader's last entry.
+    let caught_up = wait_until("the new MDM member to catch up", Duration::from_secs(60), || {
+        let dead_url = dead_url.clone();
+        async move {
+            let each = mdm.mdm_status_each().await;
+            let statuses: Vec<_> = each.iter().filter_map(|(_, a)| a.as_ref().ok()).collect();
+            let Some(leader) = statuses.iter().find(|s| s.role == "Leader") else { return false };
+            let new_member = each
+                .iter()
+                .find(|(url, _)| url.trim_end_matches('/') == dead_url.trim_end_matches('/'));
+            let Some((_, Ok(new_member))) = new_member else { return false };
+            new_member.id == spare_id
+                && leader.members.iter().any(|m| m.id == spare_id && m.voter)
+                && !leader.members.iter().any(|m| m.id == dead_id)
+                && statuses.len() == each.len()
+                && statuses
+                    .iter()
+                    .all(|s| s.term == leader.term && s.applied_index >= leader.applied_index)
+        }
+    })
+    .await
+    .is_ok();
+    let replaced_after = fault.elapsed();
+    create_small_volume(mdm, "after-replace").await?;
+    acknowledged.push("after-replace".to_string());
+    let listed: std::collections::HashSet<String> =
+        mdm.volume_list().await?.into_iter().map(|v| v.name).collect();
+    let lost = acknowledged.iter().filter(|name| !listed.contains(*name)).count() as u64;
+    Ok(ControlOutcome {
+        serving_after_ms: replaced_after.as_millis() as u64,
+        lost,
+        deposed_answers: 0,
+        one_history: caught_up,
+    })
 }
 
 /// Polls the cut-off leader (reads, every 50 ms, for 6 s) and the other

@@ -122,6 +122,12 @@ pub struct LabUp {
     /// take over).
     #[arg(long = "mdm", default_value_t = 1, value_parser = up::mdm_count)]
     pub mdm_count: u16,
+    /// With several MDMs: make a replacement member ready without starting
+    /// it (`mdmN+1`, member id N+1, an empty database, on the last member's
+    /// host and address). Rehearse replacing a dead MDM: kill `mdmN`,
+    /// `pflex mdm remove N`, `pflex node start mdmN+1`, `pflex mdm add N+1 URL`.
+    #[arg(long)]
+    pub spare_mdm: bool,
     /// Prefix of the namespaces' and root links' names (at most 6 characters).
     #[arg(long, default_value = "pflex")]
     pub name: String,
@@ -625,13 +631,19 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
 
     let mdm_dir = dir.join("mdm");
     std::fs::create_dir_all(&mdm_dir)?;
+    if args.spare_mdm && args.mdm_count < 2 {
+        bail!("--spare-mdm replaces a member of a replicated MDM: give --mdm 3 or 5");
+    }
+    let spare = u16::from(args.spare_mdm);
     if args.mdm_count > 1 {
-        up::provision_mdm_secrets(dir, args.mdm_count)?;
+        up::provision_mdm_secrets(dir, args.mdm_count + spare)?;
     }
     let member_urls: Vec<String> = layout.mdm_url.split(',').map(str::to_string).collect();
-    for n in 0..args.mdm_count {
+    for n in 0..args.mdm_count + spare {
         let name = up::mdm_member_name(n);
-        let host = layout.host(&name)?;
+        let is_spare = n == args.mdm_count;
+        // The spare takes over the last member's host (and so its address).
+        let host = layout.host(&up::mdm_member_name(n.min(args.mdm_count - 1)))?;
         let member_dir = dir.join(&name);
         std::fs::create_dir_all(&member_dir)?;
         let mut mdm_args = up::mdm_args(&format!("{}:8001", host.address), &member_dir, None, &hb);
@@ -647,8 +659,14 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
             "--resync-window-secs".into(),
             args.failure_timeout_secs.to_string(),
         ]);
-        mdm_args.extend(pflex_launch::mdm_member_args(usize::from(n), &member_urls));
-        start_on(dir, layout, &name, &up::binary(&bins, "mdm")?, mdm_args)?;
+        if is_spare {
+            // A member added later starts with its id alone.
+            mdm_args.extend(["--mdm-id".into(), (n + 1).to_string()]);
+            recorded(dir, layout, &host.name, &name, &up::binary(&bins, "mdm")?, mdm_args)?;
+        } else {
+            mdm_args.extend(pflex_launch::mdm_member_args(usize::from(n), &member_urls));
+            start_on(dir, layout, &name, &up::binary(&bins, "mdm")?, mdm_args)?;
+        }
     }
     let token_path = mdm_dir.join("admin_token");
     wait_until("the MDM", Duration::from_secs(60), || {

@@ -87,6 +87,7 @@ pub async fn run(dir: &Path, args: RebuildBenchArgs) -> Result<()> {
             mdm_count: 1,
             sds: 3,
             spare_sds: 0,
+            spare_mdm: false,
             name: args.name.clone(),
             net: args.net,
             device_size: (args.volume_size * 3 / 2).max(1 << 30),

@@ -2,8 +2,8 @@
 //! frozen, cut from the MDM, the SDC or its peer, the MDM down, connections
 //! reset under overlapping writes, two failures in a row, a device that
 //! hangs or returns EIO, an SDS added to a full pool, an SDS drained and
-//! removed, the leader of three MDMs killed or cut from the other two) in
-//! fresh labs of
+//! removed, the leader of three MDMs killed or cut from the other two, a
+//! dead MDM member replaced by a new one) in fresh labs of
 //! network namespaces, with `pflex verify` writing at queue depth 1 and 16
 //! while the fault happens. Every acknowledged write must read back: no
 //! lost, stale or torn block, and both copies of every chunk equal after
@@ -55,7 +55,7 @@ fn every_fault_scenario_keeps_every_acknowledged_write() {
     let reports: Vec<serde_json::Value> = serde_json::from_str(&stdout[json_start..])
         .unwrap_or_else(|e| panic!("bad report ({e}):\n{stdout}\n{stderr}"));
     eprintln!("{}", serde_json::to_string_pretty(&reports).unwrap());
-    assert_eq!(reports.len(), 28, "14 scenarios at 2 queue depths");
+    assert_eq!(reports.len(), 30, "15 scenarios at 2 queue depths");
     for r in &reports {
         let what = format!("{} at qd {}", r["scenario"], r["qd"]);
         for field in ["lost", "stale", "torn", "unexpected"] {
@@ -73,6 +73,12 @@ fn every_fault_scenario_keeps_every_acknowledged_write() {
             assert!(r["epochs_watched"].as_u64().unwrap() > 1, "{what}: no placement change seen");
         }
         assert_eq!(r["single_copy_windows"], 0, "{what}: a PG had one complete copy:\n{r:#}");
+        if r["scenario"] == "replace-mdm" {
+            // `passed` also says the new member caught up (one history).
+            assert_eq!(r["write_errors"], 0, "{what}: IO errors while an MDM was replaced");
+            assert_eq!(r["control_changes_lost"], 0, "{what}: acknowledged volumes lost:\n{r:#}");
+            assert!(r["control_plane_ms"].as_u64().is_some(), "{what}: replacement not measured");
+        }
         if r["scenario"] == "kill-mdm-leader" || r["scenario"] == "cut-mdm-leader" {
             assert_eq!(r["write_errors"], 0, "{what}: IO errors while the MDM leader changed");
             assert_eq!(r["control_changes_lost"], 0, "{what}: acknowledged volumes lost:\n{r:#}");
