@@ -10,7 +10,7 @@
 //! sighting (`cluster_nodes.last_seen`) and this one.
 //!
 //! The durable sighting is refreshed at least every [`persist_every`]
-//! seconds, so an MDM that restarts, or a member that becomes leader, and so
+//! seconds (each node at its own age, [`persist_after`]), so an MDM that restarts, or a member that becomes leader, and so
 //! starts with no sightings of its own, never judges a live node by one
 //! older than that; both also wait a full failure timeout before acting on
 //! silence. Beat counts (`component_health.heartbeats`, `heartbeat_log`)
@@ -86,6 +86,15 @@ impl Sightings {
 /// not show a live node STALE), a quarter of the failure timeout, and 30 s.
 pub fn persist_every(settings: &Settings) -> u64 {
     (settings.stale_after_secs / 2).min(settings.failed_after_secs / 4).clamp(1, 30)
+}
+
+/// The age at which `node`'s durable sighting is refreshed: between half
+/// of [`persist_every`] and all of it, by node id, so nodes registered in
+/// the same second (a cluster's start, an MDM's restart) do not all write
+/// in the same heartbeat round ever after.
+pub fn persist_after(settings: &Settings, node: u64) -> u64 {
+    let every = persist_every(settings);
+    every - node % (every / 2 + 1)
 }
 
 /// What the database holds about a node that heartbeats.
@@ -196,5 +205,9 @@ mod tests {
         assert_eq!(persist_every(&settings(1800, 3600)), 30);
         assert_eq!(persist_every(&settings(3, 6)), 1);
         assert_eq!(persist_every(&settings(1, 2)), 1);
+        let spread: std::collections::BTreeSet<u64> =
+            (0..1000).map(|node| persist_after(&settings(1800, 3600), node)).collect();
+        assert_eq!(spread, (15..=30).collect(), "spread over the second half");
+        assert!((0..100).all(|node| persist_after(&settings(3, 6), node) == 1));
     }
 }

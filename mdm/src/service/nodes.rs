@@ -308,7 +308,7 @@ pub fn heartbeat_unwritten(
         capacity_bytes: request.metrics.capacity_bytes,
         used_bytes: request.metrics.used_bytes,
     };
-    let every = crate::sightings::persist_every(&ctx.settings);
+    let every = crate::sightings::persist_after(&ctx.settings, id);
     if crate::sightings::must_write(&durable, &reported, ctx.now, every)
         || (reported.is_sds && super::rebuild::has_unfinished_jobs(conn, id)?)
     {
