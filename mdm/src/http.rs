@@ -175,6 +175,25 @@ impl AppState {
             .await
     }
 
+    /// Queues `work` for the database thread without waiting for it (see
+    /// [`crate::writer::DbWriter::submit_behind`]): for writes nobody is
+    /// told about.
+    pub fn transact_behind<F>(self: &Arc<Self>, what: &'static str, work: F)
+    where
+        F: FnOnce(&Connection, &Ctx) -> Result<(), MdmError> + Send + 'static,
+    {
+        let state = Arc::clone(self);
+        self.db.submit_behind(what, Arc::clone(&self.writer_stats), move |conn| {
+            let ctx = Ctx {
+                settings: state.settings,
+                keys: &state.keys,
+                sightings: &state.sightings,
+                now: pflex_proto::unix_now(),
+            };
+            work(conn, &ctx)
+        });
+    }
+
     /// Runs `work`, which only reads, on a reader connection (see
     /// [`crate::writer::DbReaders`]): it sees every acknowledged change and
     /// does not wait behind the writer's batches.
@@ -636,18 +655,23 @@ async fn heartbeat(
     let term = state.term();
     let request = Arc::new(request);
     let beat = Arc::clone(&request);
-    let unwritten =
-        move |conn: &Connection, ctx: &Ctx| service::heartbeat_unwritten(conn, ctx, caller, &beat);
+    let on_reader =
+        move |conn: &Connection, ctx: &Ctx| service::heartbeat_on_reader(conn, ctx, caller, &beat);
     // A node's first heartbeat lists every volume it should know: not quick.
     let answered = match request.volumes_since {
-        Some(_) => state.read_quick(unwritten).await?,
-        None => state.read(unwritten).await?,
+        Some(_) => state.read_quick(on_reader).await?,
+        None => state.read(on_reader).await?,
     };
     let mut response = match answered {
         // Answered from a reader: still the leader (within its lease) now
         // that the answer is ready, so it speaks for the term it names.
-        Some(response) => {
+        Some((response, write)) => {
             state.check_leader()?;
+            if write {
+                state.transact_behind("heartbeat sighting", move |conn, ctx| {
+                    service::record_sighting(conn, ctx, caller, &request)
+                });
+            }
             response
         }
         None => {
@@ -790,7 +814,7 @@ async fn issue_token(
     // Still the leader (within its lease) now that the token is signed.
     state.check_leader()?;
     let record = draft.record;
-    state.db.submit_behind("token row", Arc::clone(&state.writer_stats), move |conn| {
+    state.transact_behind("token row", move |conn, _| {
         service::record_tokens(conn, &[record]).map(drop)
     });
     Ok(draft.response)

@@ -228,8 +228,16 @@ async fn monitor(state: Arc<AppState>) {
         } else {
             service::Replace::Nothing
         };
-        let outcome =
-            state.transact(move |conn, ctx| service::monitor_tick(conn, ctx, replace)).await;
+        let sample = match state.read(service::metrics_sample).await {
+            Ok(sample) => Some(sample),
+            Err(e) => {
+                tracing::error!(error = %e, "sampling the cluster's metrics");
+                None
+            }
+        };
+        let outcome = state
+            .transact(move |conn, ctx| service::monitor_tick(conn, ctx, replace, sample))
+            .await;
         if let Ok(report) = &outcome {
             if report.unrebuilt_survivors != unrebuilt_survivors {
                 unrebuilt_survivors = report.unrebuilt_survivors;

@@ -188,17 +188,23 @@ impl Cluster {
                 self.cost(|c, x| drop(service::heartbeat(c, x, sdc_caller, &beat(sdc)).unwrap())),
             ),
             (
-                "heartbeat SDS, unwritten",
+                "heartbeat SDS, on reader",
                 self.cost(|c, x| {
-                    let reply = service::heartbeat_unwritten(c, x, sds_caller, &beat(sds)).unwrap();
-                    assert!(reply.is_some(), "a heartbeat just written needs no write");
+                    let reply = service::heartbeat_on_reader(c, x, sds_caller, &beat(sds)).unwrap();
+                    assert!(
+                        matches!(reply, Some((_, false))),
+                        "a heartbeat just written needs no write"
+                    );
                 }),
             ),
             (
-                "heartbeat SDC, unwritten",
+                "heartbeat SDC, on reader",
                 self.cost(|c, x| {
-                    let reply = service::heartbeat_unwritten(c, x, sdc_caller, &beat(sdc)).unwrap();
-                    assert!(reply.is_some(), "a heartbeat just written needs no write");
+                    let reply = service::heartbeat_on_reader(c, x, sdc_caller, &beat(sdc)).unwrap();
+                    assert!(
+                        matches!(reply, Some((_, false))),
+                        "a heartbeat just written needs no write"
+                    );
                 }),
             ),
             (
@@ -234,7 +240,8 @@ impl Cluster {
             (
                 "monitor pass",
                 self.cost(|c, x| {
-                    service::monitor_tick(c, x, Replace::EveryFailedNode).unwrap();
+                    let sample = service::metrics_sample(c, x).unwrap();
+                    service::monitor_tick(c, x, Replace::EveryFailedNode, Some(sample)).unwrap();
                 }),
             ),
         ]
@@ -277,8 +284,8 @@ fn request_and_tick_work_does_not_grow_with_the_cluster() {
     let per_request = [
         "heartbeat SDS",
         "heartbeat SDC",
-        "heartbeat SDS, unwritten",
-        "heartbeat SDC, unwritten",
+        "heartbeat SDS, on reader",
+        "heartbeat SDC, on reader",
         "placement map",
         "volume show",
         "volume list page",
@@ -314,8 +321,9 @@ fn the_monitor_pass_bounds_the_logs() {
     assert!(rows(&mut cluster, "heartbeat_log") <= 4, "one row per node and minute");
     assert_eq!(rows(&mut cluster, "io_tokens"), 1);
     // Two hours later both are pruned by the monitor pass.
-    cluster
-        .run(NOW + 7200, |conn, ctx| service::monitor_tick(conn, ctx, Replace::Nothing).unwrap());
+    cluster.run(NOW + 7200, |conn, ctx| {
+        service::monitor_tick(conn, ctx, Replace::Nothing, None).unwrap()
+    });
     assert_eq!(rows(&mut cluster, "heartbeat_log"), 0);
     assert_eq!(rows(&mut cluster, "io_tokens"), 0);
 }

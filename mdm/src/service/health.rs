@@ -206,10 +206,30 @@ pub struct MonitorReport {
 /// Periodic pass: moves the copies of FAILED SDS nodes as `replace` allows
 /// (with [`Replace::Nothing`], nothing moves; see `replace_copies`), then
 /// samples cluster metrics and prunes old metrics and finished rebuild jobs.
+/// One row of `cluster_metrics`: taken on a reader before a monitor pass
+/// (it reads every node, which the writer need not wait for), written by
+/// the pass.
+pub struct MetricsSample {
+    at: u64,
+    summary: ClusterSummary,
+    sds_active: u64,
+}
+
+/// The cluster's figures now, for the next monitor pass to record.
+pub fn metrics_sample(conn: &Connection, ctx: &Ctx) -> Result<MetricsSample, MdmError> {
+    let summary = cluster_summary(conn, ctx)?;
+    let sds_active = nodes(conn, ctx, Some(NodeType::Sds))?
+        .iter()
+        .filter(|n| liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now) == "ACTIVE")
+        .count() as u64;
+    Ok(MetricsSample { at: ctx.now, summary, sds_active })
+}
+
 pub fn monitor_tick(
     conn: &Connection,
     ctx: &Ctx,
     replace: Replace,
+    sample: Option<MetricsSample>,
 ) -> Result<MonitorReport, MdmError> {
     let mut report = replace_copies(conn, ctx, replace)?;
     let resolved = resolve_degraded(conn, ctx, replace)?;
@@ -227,24 +247,21 @@ pub fn monitor_tick(
                 super::movement::abandon_moves(conn, ctx, |id| id == node)?;
         }
     }
-    let summary = cluster_summary(conn, ctx)?;
-    let sds_active = nodes(conn, ctx, Some(NodeType::Sds))?
-        .iter()
-        .filter(|n| liveness(&ctx.settings, n.last_seen, n.failed_at, ctx.now) == "ACTIVE")
-        .count() as u64;
-    conn.exec(
-        "INSERT INTO cluster_metrics (at, capacity_bytes, used_bytes, provisioned_bytes, volumes, sds_active, degraded_chunks)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            ctx.now,
-            summary.capacity_bytes,
-            summary.used_bytes,
-            summary.provisioned_bytes,
-            summary.volume_count,
-            sds_active,
-            summary.degraded_chunks
-        ],
-    )?;
+    if let Some(sample) = sample {
+        conn.exec(
+            "INSERT INTO cluster_metrics (at, capacity_bytes, used_bytes, provisioned_bytes, volumes, sds_active, degraded_chunks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                sample.at,
+                sample.summary.capacity_bytes,
+                sample.summary.used_bytes,
+                sample.summary.provisioned_bytes,
+                sample.summary.volume_count,
+                sample.sds_active,
+                sample.summary.degraded_chunks
+            ],
+        )?;
+    }
     conn.exec(
         "DELETE FROM cluster_metrics WHERE at < ?1",
         [ctx.now.saturating_sub(CLUSTER_METRICS_KEEP_SECS)],

@@ -23,13 +23,16 @@ mod volumes;
 pub use enrollment::{
     audit, audit_list, mint_enrollment, reset_node, rotate_keys, signing_history,
 };
-pub use health::{cluster_summary, health_status, monitor_tick, MonitorReport, Replace};
+pub use health::{
+    cluster_summary, health_status, metrics_sample, monitor_tick, MetricsSample, MonitorReport,
+    Replace,
+};
 pub use health::{declare_unreachable, device_failed, sds_data_address};
 pub use movement::{
     movement_policy, movement_status, rebuild_progress, remove_sds, set_movement_policy,
     RebalanceReport, MAX_CONCURRENT_MOVES,
 };
-pub use nodes::{heartbeat, heartbeat_unwritten, register, sdc_list, sds_list};
+pub use nodes::{heartbeat, heartbeat_on_reader, record_sighting, register, sdc_list, sds_list};
 pub use rebuild::{rebuild_complete, rebuild_jobs};
 pub use tokens::{ack_tokens, draft_token, record_tokens, TokenDraft, TokenRecord};
 pub use volumes::{

@@ -275,17 +275,18 @@ fn heartbeat_caller(
     Ok((id, node_type))
 }
 
-/// `POST /health/heartbeat` when it changes nothing durable (see
-/// [`crate::sightings::must_write`]; an SDS with rebuild jobs to be handed
-/// out is written too): answered on a reader connection, the
-/// sighting kept in memory. `None` when it must be committed
-/// ([`heartbeat`]).
-pub fn heartbeat_unwritten(
+/// `POST /health/heartbeat`, answered on a reader connection: the reply,
+/// and whether the sighting must also be written ([`record_sighting`],
+/// queued behind the answer; see [`crate::sightings::must_write`]). The
+/// sighting is kept in memory either way. `None` when the node is an SDS
+/// with rebuild jobs to be handed out, which writes: [`heartbeat`] then
+/// answers on the writer.
+pub fn heartbeat_on_reader(
     conn: &Connection,
     ctx: &Ctx,
     caller: Caller,
     request: &HeartbeatRequest,
-) -> Result<Option<HeartbeatResponse>, MdmError> {
+) -> Result<Option<(HeartbeatResponse, bool)>, MdmError> {
     let (id, node_type) = heartbeat_caller(caller, request)?;
     let durable = conn
         .row(
@@ -308,18 +309,31 @@ pub fn heartbeat_unwritten(
         capacity_bytes: request.metrics.capacity_bytes,
         used_bytes: request.metrics.used_bytes,
     };
-    let every = crate::sightings::persist_after(&ctx.settings, id);
-    if crate::sightings::must_write(&durable, &reported, ctx.now, every)
-        || (reported.is_sds && super::rebuild::has_unfinished_jobs(conn, id)?)
-    {
+    if reported.is_sds && super::rebuild::has_unfinished_jobs(conn, id)? {
         return Ok(None);
     }
+    let every = crate::sightings::persist_after(&ctx.settings, id);
+    let write = crate::sightings::must_write(&durable, &reported, ctx.now, every);
     ctx.sightings.record(id, ctx.now);
-    heartbeat_reply(conn, ctx, id, node_type, request, Rebuilds::NoneUnfinished).map(Some)
+    let reply = heartbeat_reply(conn, ctx, id, node_type, request, Rebuilds::NoneUnfinished)?;
+    Ok(Some((reply, write)))
 }
 
-/// `POST /health/heartbeat`, committed: the node's sighting, metrics and
-/// beat counts are written (with the beats answered since the last write).
+/// Writes a heartbeat's sighting, metrics and beat counts (with the beats
+/// answered since the last write): behind an answer given on a reader.
+pub fn record_sighting(
+    conn: &Connection,
+    ctx: &Ctx,
+    caller: Caller,
+    request: &HeartbeatRequest,
+) -> Result<(), MdmError> {
+    let (id, node_type) = heartbeat_caller(caller, request)?;
+    let beats = ctx.sightings.take_unwritten(id, ctx.now);
+    write_sighting(conn, ctx, id, node_type, request, beats)
+}
+
+/// `POST /health/heartbeat` on the writer (an SDS with rebuild jobs to be
+/// handed out): the sighting is written, then the reply hands them out.
 pub fn heartbeat(
     conn: &Connection,
     ctx: &Ctx,
@@ -327,8 +341,20 @@ pub fn heartbeat(
     request: &HeartbeatRequest,
 ) -> Result<HeartbeatResponse, MdmError> {
     let (id, node_type) = heartbeat_caller(caller, request)?;
-    let m = &request.metrics;
     let beats = 1 + ctx.sightings.take_unwritten(id, ctx.now);
+    write_sighting(conn, ctx, id, node_type, request, beats)?;
+    heartbeat_reply(conn, ctx, id, node_type, request, Rebuilds::HandOut)
+}
+
+fn write_sighting(
+    conn: &Connection,
+    ctx: &Ctx,
+    id: u64,
+    node_type: NodeType,
+    request: &HeartbeatRequest,
+    beats: u64,
+) -> Result<(), MdmError> {
+    let m = &request.metrics;
     conn.exec("UPDATE cluster_nodes SET last_seen = ?2 WHERE id = ?1", params![id, ctx.now])?;
     conn.exec(
         "UPDATE component_health SET capacity_bytes = ?2, used_bytes = ?3, read_ops = ?4, write_ops = ?5,
@@ -359,7 +385,7 @@ pub fn heartbeat(
          ON CONFLICT (node_id, minute) DO UPDATE SET beats = beats + excluded.beats",
     )?
     .execute(params![id, ctx.now / 60, beats])?;
-    heartbeat_reply(conn, ctx, id, node_type, request, Rebuilds::HandOut)
+    Ok(())
 }
 
 /// Whether a heartbeat reply hands out rebuild jobs (which writes).
