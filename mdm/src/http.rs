@@ -216,31 +216,6 @@ impl AppState {
         .map_err(|e| MdmError::Internal(format!("database task failed: {e}")))?
     }
 
-    /// Like [`AppState::read`], for a read that takes microseconds (one
-    /// node, one volume): run at once on this task's thread when a reader
-    /// connection is free, sparing the two thread switches of the blocking
-    /// pool; else there.
-    pub async fn read_quick<T, F>(self: &Arc<Self>, work: F) -> Result<T, MdmError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection, &Ctx) -> Result<T, MdmError> + Send + 'static,
-    {
-        let mut work = Some(work);
-        let ran = self.readers.read_if_free(|conn| {
-            let ctx = Ctx {
-                settings: self.settings,
-                keys: &self.keys,
-                sightings: &self.sightings,
-                now: pflex_proto::unix_now(),
-            };
-            (work.take().expect("run once"))(conn, &ctx)
-        });
-        match ran {
-            Some(result) => result,
-            None => self.read(work.take().expect("not run")).await,
-        }
-    }
-
     fn join_key_matches(&self, key: &str) -> bool {
         let expected = *self.join_key_sha256.lock().unwrap_or_else(|p| p.into_inner());
         expected.is_some_and(|expected| digests_equal(&digest(key), &expected))
@@ -317,8 +292,7 @@ impl FromRequestParts<Shared> for Auth {
         if state.is_admin(&credential) {
             return Ok(Auth(Caller::Admin));
         }
-        let found =
-            state.read_quick(move |conn, _| service::authenticate(conn, &credential)).await?;
+        let found = state.read(move |conn, _| service::authenticate(conn, &credential)).await?;
         found.map(Auth).ok_or_else(|| MdmError::Unauthorized("unknown credential".to_string()))
     }
 }
@@ -657,11 +631,7 @@ async fn heartbeat(
     let beat = Arc::clone(&request);
     let on_reader =
         move |conn: &Connection, ctx: &Ctx| service::heartbeat_on_reader(conn, ctx, caller, &beat);
-    // A node's first heartbeat lists every volume it should know: not quick.
-    let answered = match request.volumes_since {
-        Some(_) => state.read_quick(on_reader).await?,
-        None => state.read(on_reader).await?,
-    };
+    let answered = state.read(on_reader).await?;
     let mut response = match answered {
         // Answered from a reader: still the leader (within its lease) now
         // that the answer is ready, so it speaks for the term it names.
@@ -808,9 +778,8 @@ async fn issue_token(
     sdc_id: u64,
     request: TokenRequest,
 ) -> Result<pflex_proto::api::TokenResponse, MdmError> {
-    let draft = state
-        .read_quick(move |conn, ctx| service::draft_token(conn, ctx, sdc_id, &request))
-        .await?;
+    let draft =
+        state.read(move |conn, ctx| service::draft_token(conn, ctx, sdc_id, &request)).await?;
     // Still the leader (within its lease) now that the token is signed.
     state.check_leader()?;
     let record = draft.record;
@@ -1017,7 +986,7 @@ async fn volume_placement(
     ApiPath(volume): ApiPath,
 ) -> Result<Json<pflex_proto::placement::PlacementMap>, MdmError> {
     allow(caller, ANY)?;
-    Ok(Json(state.read_quick(move |conn, _| service::placement_map(conn, caller, &volume)).await?))
+    Ok(Json(state.read(move |conn, _| service::placement_map(conn, caller, &volume)).await?))
 }
 
 async fn volume_map(

@@ -330,24 +330,6 @@ impl DbReaders {
         Ok(Self { conns, next: std::sync::atomic::AtomicUsize::new(0) })
     }
 
-    /// Runs `work` on a reader connection if one is free right now, on the
-    /// calling thread; `None` (nothing run) when every one is busy.
-    pub fn read_if_free<T>(
-        &self,
-        work: impl FnOnce(&Connection) -> Result<T, MdmError>,
-    ) -> Option<Result<T, MdmError>> {
-        use std::sync::atomic::Ordering;
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.conns.len();
-        let mut guard = (0..n).find_map(|i| self.conns[(start + i) % n].try_lock().ok())?;
-        Some((|| {
-            let tx = guard.transaction()?;
-            let value = work(&tx)?;
-            tx.finish()?;
-            Ok(value)
-        })())
-    }
-
     /// Runs `work` on a reader connection, on the blocking pool.
     pub fn read<T>(
         &self,
