@@ -162,17 +162,7 @@ impl AppState {
         F: FnOnce(&Connection, &Ctx) -> Result<T, MdmError> + Send + 'static,
     {
         let state = Arc::clone(self);
-        self.db
-            .submit(move |conn| {
-                let ctx = Ctx {
-                    settings: state.settings,
-                    keys: &state.keys,
-                    sightings: &state.sightings,
-                    now: pflex_proto::unix_now(),
-                };
-                work(conn, &ctx)
-            })
-            .await
+        self.db.submit(move |conn| work(conn, &state.ctx())).await
     }
 
     /// Queues `work` for the database thread without waiting for it (see
@@ -184,13 +174,7 @@ impl AppState {
     {
         let state = Arc::clone(self);
         self.db.submit_behind(what, Arc::clone(&self.writer_stats), move |conn| {
-            let ctx = Ctx {
-                settings: state.settings,
-                keys: &state.keys,
-                sightings: &state.sightings,
-                now: pflex_proto::unix_now(),
-            };
-            work(conn, &ctx)
+            work(conn, &state.ctx())
         });
     }
 
@@ -204,16 +188,21 @@ impl AppState {
     {
         let state = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            let ctx = Ctx {
-                settings: state.settings,
-                keys: &state.keys,
-                sightings: &state.sightings,
-                now: pflex_proto::unix_now(),
-            };
+            let ctx = state.ctx();
             state.readers.read(|conn| work(conn, &ctx))
         })
         .await
         .map_err(|e| MdmError::Internal(format!("database task failed: {e}")))?
+    }
+
+    /// What a request runs with besides the database, as of now.
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            settings: self.settings,
+            keys: &self.keys,
+            sightings: &self.sightings,
+            now: pflex_proto::unix_now(),
+        }
     }
 
     fn join_key_matches(&self, key: &str) -> bool {

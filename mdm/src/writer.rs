@@ -125,11 +125,7 @@ impl DbWriter {
         F: FnOnce(&Connection) -> Result<(), MdmError> + Send + 'static,
     {
         let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => catch_unwind(AssertUnwindSafe(|| work(conn)))
-                    .unwrap_or_else(|_| Err(MdmError::Internal("a request panicked".to_string()))),
-                None => Err(MdmError::Internal("refused unrun".to_string())),
-            };
+            let result = run_guarded(conn, work);
             Finished {
                 ok: result.is_ok(),
                 deliver: Box::new(move |commit_failure| {
@@ -160,11 +156,7 @@ impl DbWriter {
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Some(conn) => catch_unwind(AssertUnwindSafe(|| work(conn)))
-                    .unwrap_or_else(|_| Err(MdmError::Internal("a request panicked".to_string()))),
-                None => Err(MdmError::Internal("refused unrun".to_string())),
-            };
+            let result = run_guarded(conn, work);
             Finished {
                 ok: result.is_ok(),
                 deliver: Box::new(move |commit_failure| {
@@ -182,6 +174,19 @@ impl DbWriter {
         answer
             .await
             .map_err(|_| MdmError::Internal("the database thread dropped a request".to_string()))?
+    }
+}
+
+/// Runs a request on the connection, a panic becoming its error; given no
+/// connection (its batch was refused), it is not run.
+fn run_guarded<T>(
+    conn: Option<&Connection>,
+    work: impl FnOnce(&Connection) -> Result<T, MdmError>,
+) -> Result<T, MdmError> {
+    match conn {
+        Some(conn) => catch_unwind(AssertUnwindSafe(|| work(conn)))
+            .unwrap_or_else(|_| Err(MdmError::Internal("a request panicked".to_string()))),
+        None => Err(MdmError::Internal("refused unrun".to_string())),
     }
 }
 
