@@ -84,15 +84,20 @@ async fn mdm_metric(cluster: &pflex_testkit::cluster::Cluster, name: &str) -> u6
 }
 
 /// Up to 20000 idle connections to the MDM's HTTP port (as many as this
-/// process may open), with the MDM allowed 4096 files: heartbeats go on, an
-/// operator's call is answered, and the idle connections are the ones
-/// closed to make room (`pflex_httpd`'s slots).
+/// process may open), with the MDM allowed 4096 files and 512 connections:
+/// heartbeats go on, an operator's call is answered, and the idle
+/// connections are the ones closed to make room (`pflex_httpd`'s slots).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_http_connections_cannot_keep_heartbeats_or_operators_out() {
+    const MDM_CONNECTIONS: usize = 512;
     let allowed = pflex_dataplane::runtime::raise_open_files_limit().unwrap();
     let flood = 20_000.min(allowed.saturating_sub(1_000) as usize);
     assert!(flood >= 8_000, "this process may open only {allowed} files");
-    let cluster = start_cluster(2).await;
+    // The MDM is lowered to 4096 files once running, so its connection cap
+    // (which it fits within its limit at start) is set to fit them.
+    let detection = common::FailureDetection { failed_after_secs: 120, probe_on_report: false };
+    let flags = ["--max-connections", &MDM_CONNECTIONS.to_string()];
+    let cluster = common::start_cluster_with_mdm_flags(2, detection, &flags).await;
     pflex_testkit::flood::limit_open_files(cluster.mdm_pid().expect("the MDM runs"), 4096);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.mdm_port()).parse().unwrap();
     let idle = pflex_testkit::flood::idle_connections(addr, flood).await;
@@ -109,6 +114,9 @@ async fn idle_http_connections_cannot_keep_heartbeats_or_operators_out() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let evicted = mdm_metric(&cluster, "pflex_mdm_http_connections_evicted_total").await;
-    assert!(evicted as usize >= flood - 512, "only {evicted} idle connections were closed");
+    assert!(
+        evicted as usize >= flood - MDM_CONNECTIONS,
+        "only {evicted} idle connections were closed"
+    );
     drop(idle);
 }

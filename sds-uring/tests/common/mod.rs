@@ -39,7 +39,17 @@ pub async fn start_cluster(sds_count: usize) -> Cluster {
 
 /// As [`start_cluster`], with the MDM's failure detection as given.
 pub async fn start_cluster_with(sds_count: usize, detection: FailureDetection) -> Cluster {
+    start_cluster_with_mdm_flags(sds_count, detection, &[]).await
+}
+
+/// As [`start_cluster_with`], with more `--flag value` pairs for the MDM.
+pub async fn start_cluster_with_mdm_flags(
+    sds_count: usize,
+    detection: FailureDetection,
+    mdm_flags: &[&str],
+) -> Cluster {
     let mdm = MdmOptions {
+        flags: mdm_flags.iter().map(|f| f.to_string()).collect(),
         heartbeat_interval_secs: 1,
         stale_after_secs: Some((detection.failed_after_secs / 4).max(2)),
         failed_after_secs: Some(detection.failed_after_secs),
