@@ -56,7 +56,6 @@ pub async fn start_cluster_with_mdm_flags(
         probe_on_report: Some(detection.probe_on_report),
         unreachable_grace_secs: Some(2),
         token_ttl_secs: Some(600),
-        ..MdmOptions::default()
     };
     let sds_flags = [
         "--ack-interval-secs",
