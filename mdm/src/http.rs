@@ -614,7 +614,8 @@ async fn heartbeat(
     ApiJson(request): ApiJson<HeartbeatRequest>,
 ) -> Result<Json<pflex_proto::api::HeartbeatResponse>, MdmError> {
     allow(caller, &[Role::Sds, Role::Sdc, Role::Mgmt])?;
-    // The term before the batch: if it commits, it commits in this term.
+    // The term before answering: the answer (read while leading, with the
+    // lease checked again once ready, or committed) speaks for this term.
     let term = state.term();
     let request = Arc::new(request);
     let beat = Arc::clone(&request);
