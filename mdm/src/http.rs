@@ -173,9 +173,7 @@ impl AppState {
         F: FnOnce(&Connection, &Ctx) -> Result<(), MdmError> + Send + 'static,
     {
         let state = Arc::clone(self);
-        self.db.submit_behind(what, Arc::clone(&self.writer_stats), move |conn| {
-            work(conn, &state.ctx())
-        });
+        self.db.submit_behind(what, move |conn| work(conn, &state.ctx()));
     }
 
     /// Runs `work`, which only reads, on a reader connection (see

@@ -90,6 +90,7 @@ pub enum CommitMode {
 /// The handle through which requests reach the database thread.
 pub struct DbWriter {
     jobs: mpsc::Sender<Job>,
+    stats: Arc<WriterStats>,
 }
 
 /// Counters of the writer (for `/metrics`).
@@ -110,20 +111,22 @@ impl DbWriter {
         mode: CommitMode,
     ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("mdm-db".to_string())
-            .spawn(move || run(conn, queue, &stats, &mode))?;
-        Ok(Self { jobs })
+        std::thread::Builder::new().name("mdm-db".to_string()).spawn({
+            let stats = Arc::clone(&stats);
+            move || run(conn, queue, &stats, &mode)
+        })?;
+        Ok(Self { jobs, stats })
     }
 
     /// Queues `work` for a coming batch without waiting for it: for a write
     /// that nobody is told about (its failure is logged and counted in
     /// [`WriterStats::behind_failed`]). Jobs run in the order they are
     /// queued, so a request submitted after this one sees its changes.
-    pub fn submit_behind<F>(&self, what: &'static str, stats: Arc<WriterStats>, work: F)
+    pub fn submit_behind<F>(&self, what: &'static str, work: F)
     where
         F: FnOnce(&Connection) -> Result<(), MdmError> + Send + 'static,
     {
+        let stats = Arc::clone(&self.stats);
         let job: Job = Box::new(move |conn| {
             let result = run_guarded(conn, work);
             Finished {
@@ -140,6 +143,7 @@ impl DbWriter {
             }
         });
         if self.jobs.send(job).is_err() {
+            self.stats.behind_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 what,
                 "a write behind its answer was not made: the database thread has stopped"

@@ -38,7 +38,7 @@ pub(super) fn nodes(
          FROM cluster_nodes WHERE (?1 IS NULL OR node_type = ?1)
            AND id NOT IN (SELECT node_id FROM sds_nodes WHERE removed_at != 0) ORDER BY id",
     )?;
-    let rows = stmt
+    let mut rows: Vec<NodeRow> = stmt
         .query_map([node_type.map(|t| t.as_str())], |r| {
             Ok(NodeRow {
                 id: r.get(0)?,
@@ -52,8 +52,7 @@ pub(super) fn nodes(
                 failed_at: r.get(8)?,
             })
         })?
-        .collect::<Result<Vec<NodeRow>, _>>()?;
-    let mut rows = rows;
+        .collect::<Result<_, _>>()?;
     ctx.sightings.overlay(&mut rows, |n| (n.id, &mut n.last_seen));
     Ok(rows)
 }

@@ -3,7 +3,8 @@
 //! A token is signed from committed state (the mapping and its generation,
 //! the replicated signing key) on a reader connection and answered at once;
 //! its row in `io_tokens`, which only serves to attribute completion
-//! records, is written behind, many tokens per write ([`record_tokens`]).
+//! records, is queued to the writer without waiting ([`record_tokens`]),
+//! whose batches carry the rows of many tokens in one commit.
 //! A token whose row was never written (the MDM stopped first) still works
 //! on every SDS; its completion records are counted nowhere, like those of
 //! a token pruned after expiry.
