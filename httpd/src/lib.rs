@@ -9,7 +9,10 @@
 //! - Each request carries the peer address as axum's `ConnectInfo`.
 //! - With a TLS acceptor (the node's certificate from the cluster CA) the
 //!   listener speaks HTTPS only; the TLS handshake must also finish within
-//!   the header-read timeout, and a plain request gets no answer.
+//!   the header-read timeout, and a plain request gets no answer. A client
+//!   certificate, when the acceptor asks for one and the client presents
+//!   it, names the caller: every request on that connection carries
+//!   [`PeerCertificate`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -75,11 +78,25 @@ pub fn render_metrics(prefix: &str, out: &mut String) {
     }
 }
 
+/// The name on the client certificate of the HTTPS connection a request
+/// came on (verified against the cluster CA in the handshake); None when
+/// the client presented none. Absent on plain HTTP connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate(pub Option<String>);
+
 /// The HTTPS acceptor of a node whose TLS files (`ca-cert.pem`, `cert.pem`,
 /// `key.pem`) are in `dir`, its `--tls-dir`. Clients are not asked for
 /// certificates: every API call carries its own bearer credential.
 pub fn tls_acceptor(dir: &std::path::Path) -> Result<TlsAcceptor, pflex_tls::TlsError> {
     pflex_tls::NodeTls::new(dir).acceptor(pflex_tls::ClientAuth::None)
+}
+
+/// Like [`tls_acceptor`], but clients may present a certificate from the
+/// cluster CA, and its name reaches handlers as [`PeerCertificate`].
+pub fn tls_acceptor_naming_clients(
+    dir: &std::path::Path,
+) -> Result<TlsAcceptor, pflex_tls::TlsError> {
+    pflex_tls::NodeTls::new(dir).acceptor(pflex_tls::ClientAuth::Optional)
 }
 
 /// Serves `router` on `listener` with `limits` (over TLS when `tls` is
@@ -114,24 +131,27 @@ pub async fn serve(
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(
-                move |request: hyper::Request<hyper::body::Incoming>| {
+            let service = move |certificate: Option<PeerCertificate>| {
+                hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     activity.touch();
                     let mut request = request.map(axum::body::Body::new);
                     request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    if let Some(certificate) = &certificate {
+                        request.extensions_mut().insert(certificate.clone());
+                    }
                     let router = router.clone();
                     async move {
                         Ok::<_, Infallible>(
                             router.oneshot(request).await.unwrap_or_else(|e| match e {}),
                         )
                     }
-                },
-            );
+                })
+            };
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
             match tls {
                 None => {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    let connection = builder.serve_connection(TokioIo::new(stream), service(None));
                     run_connection(connection, &mut slot.evicted, counters).await;
                 }
                 Some(acceptor) => {
@@ -155,6 +175,13 @@ pub async fn serve(
                             return;
                         }
                     };
+                    let name = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| pflex_tls::certificate_name(leaf));
+                    let service = service(Some(PeerCertificate(name)));
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     run_connection(connection, &mut slot.evicted, counters).await;
                 }

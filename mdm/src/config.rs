@@ -87,7 +87,8 @@ pub struct MdmConfig {
     /// URL the base of that member's API, this one's included). The lowest
     /// id initialises the cluster when its log is empty; a member added
     /// later (`pflex mdm add`) starts with `--mdm-id` only. Every member
-    /// holds the same `cluster_secret` file.
+    /// holds the same `cluster_secret` file and, with `--tls-dir`, its own
+    /// certificate naming its id (`pflex mdm enroll`).
     #[arg(long, requires = "mdm_id")]
     pub mdm_peers: Option<String>,
 

@@ -1116,20 +1116,40 @@ async fn mdm_backup(State(state): State<Shared>, Auth(caller): Auth) -> Result<R
     Ok(([(header::CONTENT_TYPE, "application/vnd.sqlite3")], bytes).into_response())
 }
 
-/// The peer key of a Raft message, checked in constant time.
-fn check_peer(
-    state: &AppState,
+/// The peer key a Raft message carries, compared in constant time with
+/// this member's.
+fn presented_peer_key(
+    replication: &crate::raft::Replication,
     headers: &HeaderMap,
-) -> Result<Arc<crate::raft::Replication>, MdmError> {
-    let replication = replicated(state)?;
-    let presented = headers
-        .get(crate::raft::PEER_KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| MdmError::Unauthorized("a Raft message needs the peer key".to_string()))?;
-    if !digests_equal(&digest(presented), &digest(&replication.peer_key)) {
-        return Err(MdmError::Unauthorized("wrong MDM peer key".to_string()));
+) -> crate::raft::peer_auth::PeerKey {
+    use crate::raft::peer_auth::PeerKey;
+    match headers.get(crate::raft::PEER_KEY_HEADER).and_then(|v| v.to_str().ok()) {
+        None => PeerKey::Missing,
+        Some(presented) if digests_equal(&digest(presented), &digest(&replication.peer_key)) => {
+            PeerKey::Matches
+        }
+        Some(_) => PeerKey::Wrong,
     }
-    Ok(Arc::clone(replication))
+}
+
+/// Whether a Raft message from member `sender` is taken: its peer key and,
+/// over TLS, the member certificate of its connection (see
+/// [`crate::raft::peer_auth`]).
+fn check_peer(
+    replication: &crate::raft::Replication,
+    key: crate::raft::peer_auth::PeerKey,
+    certificate: Option<&pflex_httpd::PeerCertificate>,
+    sender: Option<crate::raft::NodeId>,
+) -> Result<(), MdmError> {
+    use crate::raft::peer_auth::{admit_message, Identity};
+    let identity = match certificate {
+        None => Identity::Plain,
+        Some(pflex_httpd::PeerCertificate(name)) => Identity::Tls(name.as_deref()),
+    };
+    admit_message(key, identity, sender).map_err(|refusal| {
+        tracing::warn!(member = replication.id, %refusal, ?sender, "refused a Raft message");
+        MdmError::Unauthorized(refusal.to_string())
+    })
 }
 
 /// `POST /raft/{message}`: a Raft message from another member, answered
@@ -1137,18 +1157,40 @@ fn check_peer(
 async fn raft_message(
     State(state): State<Shared>,
     ApiPath(message): ApiPath,
+    certificate: Option<axum::Extension<pflex_httpd::PeerCertificate>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, MdmError> {
     fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, MdmError> {
         serde_json::from_slice(body).map_err(|e| MdmError::invalid("invalid_body", e.to_string()))
     }
-    let replication = check_peer(&state, &headers)?;
+    let replication = replicated(&state)?;
+    let key = presented_peer_key(replication, &headers);
+    let certificate = certificate.as_ref().map(|c| &c.0);
+    // A message without the key is refused before its body is parsed.
+    if key != crate::raft::peer_auth::PeerKey::Matches {
+        check_peer(replication, key, certificate, None)?;
+    }
+    let check = |sender| check_peer(replication, key, certificate, sender);
     let raft = &replication.raft;
     Ok(match message.as_str() {
-        "append" => Json(raft.append_entries(parse(&body)?).await).into_response(),
-        "vote" => Json(raft.vote(parse(&body)?).await).into_response(),
-        "snapshot" => Json(raft.install_snapshot(parse(&body)?).await).into_response(),
+        "append" => {
+            let request: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> =
+                parse(&body)?;
+            check(request.vote.leader_id().voted_for())?;
+            Json(raft.append_entries(request).await).into_response()
+        }
+        "vote" => {
+            let request: openraft::raft::VoteRequest<crate::raft::NodeId> = parse(&body)?;
+            check(request.vote.leader_id().voted_for())?;
+            Json(raft.vote(request).await).into_response()
+        }
+        "snapshot" => {
+            let request: openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig> =
+                parse(&body)?;
+            check(request.vote.leader_id().voted_for())?;
+            Json(raft.install_snapshot(request).await).into_response()
+        }
         other => {
             return Err(MdmError::not_found(
                 "no_such_endpoint",

@@ -273,7 +273,14 @@ pub async fn run(config: MdmConfig) -> anyhow::Result<()> {
         pflex_mdm_client::trust::trust_cluster_ca(dir)?;
     }
     let Prepared { state } = prepare(&config, join_key.as_deref()).await?;
-    let tls = config.tls_dir.as_deref().map(pflex_httpd::tls_acceptor).transpose()?;
+    // A member of a replicated MDM is asked for its member certificate (see
+    // `raft::peer_auth`); other callers may present theirs or none.
+    let acceptor = if config.mdm_id.is_some() {
+        pflex_httpd::tls_acceptor_naming_clients
+    } else {
+        pflex_httpd::tls_acceptor
+    };
+    let tls = config.tls_dir.as_deref().map(acceptor).transpose()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

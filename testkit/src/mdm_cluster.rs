@@ -1,5 +1,7 @@
 //! A replicated MDM of real `mdm` processes on loopback, for tests that
-//! kill, freeze and replace its members while clients run.
+//! kill, freeze and replace its members while clients run; over plain HTTP,
+//! or over HTTPS with a cluster CA and a member certificate for each member
+//! ([`MdmCluster::start_tls`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,12 +18,13 @@ const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub struct Member {
     pub id: u64,
     pub port: u16,
+    scheme: &'static str,
     process: Option<ProcessGuard>,
 }
 
 impl Member {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -34,6 +37,8 @@ pub struct MdmCluster {
     dir: tempfile::TempDir,
     pub members: Vec<Member>,
     peers: String,
+    /// The cluster CA, when the members serve HTTPS.
+    ca: Option<pflex_tls::ClusterCa>,
 }
 
 impl MdmCluster {
@@ -45,15 +50,33 @@ impl MdmCluster {
     /// Like [`MdmCluster::start`], every member's database restored from
     /// `backup` (the bytes of `pflex mdm backup`) when given.
     pub async fn start_from(count: u64, backup: Option<&[u8]>) -> MdmCluster {
+        Self::start_with(count, backup, false).await
+    }
+
+    /// Like [`MdmCluster::start`], over HTTPS: a cluster CA, which this test
+    /// process trusts from now on, and for each member a certificate naming
+    /// its member id.
+    pub async fn start_tls(count: u64) -> MdmCluster {
+        Self::start_with(count, None, true).await
+    }
+
+    async fn start_with(count: u64, backup: Option<&[u8]>, tls: bool) -> MdmCluster {
         let dir = tempfile::tempdir().expect("a temporary directory");
+        let ca = tls.then(|| {
+            let ca_dir = dir.path().join("ca");
+            let ca = pflex_tls::ClusterCa::create(&ca_dir).expect("a cluster CA");
+            pflex_mdm_client::trust::trust_cluster_ca(&ca_dir).expect("trusting the cluster CA");
+            ca
+        });
+        let scheme = if tls { "https" } else { "http" };
         std::fs::write(dir.path().join("join_key"), format!("{JOIN_KEY}\n")).unwrap();
         let secret = pflex_proto::token::ClusterSecret::generate().to_hex();
         std::fs::write(dir.path().join("cluster_secret"), format!("{secret}\n")).unwrap();
         let members: Vec<Member> =
-            (1..=count).map(|id| Member { id, port: free_port(), process: None }).collect();
+            (1..=count).map(|id| Member { id, port: free_port(), scheme, process: None }).collect();
         let peers =
             members.iter().map(|m| format!("{}={}", m.id, m.url())).collect::<Vec<_>>().join(",");
-        let mut cluster = MdmCluster { dir, members, peers };
+        let mut cluster = MdmCluster { dir, members, peers, ca };
         if let Some(bytes) = backup {
             for member in &cluster.members {
                 let member_dir = cluster.member_dir(member.id);
@@ -70,6 +93,23 @@ impl MdmCluster {
 
     fn member_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("mdm{id}"))
+    }
+
+    /// Issues a certificate from the cluster CA naming `name` into a new
+    /// directory (the node layout: `ca-cert.pem`, `cert.pem`, `key.pem`),
+    /// and returns it; None for a cluster without TLS.
+    pub fn issue_certificate(&self, name: &str) -> Option<PathBuf> {
+        let ca = self.ca.as_ref()?;
+        let out = self.dir.path().join("certificates").join(name);
+        let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
+        ca.issue(name, &sans, &out, pflex_tls::Layout::Node).expect("issuing a certificate");
+        Some(out)
+    }
+
+    /// The cluster secret every member holds.
+    pub fn cluster_secret(&self) -> pflex_proto::token::ClusterSecret {
+        let hex = std::fs::read_to_string(self.dir.path().join("cluster_secret")).unwrap();
+        pflex_proto::token::ClusterSecret::from_hex(hex.trim()).expect("a cluster secret")
     }
 
     /// The database file of member `i`.
@@ -114,6 +154,13 @@ impl MdmCluster {
         ];
         if initial {
             args.extend(["--mdm-peers".to_string(), self.peers.clone()]);
+        }
+        if let Some(ca) = &self.ca {
+            let tls = dir.join("tls");
+            let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
+            ca.issue(&pflex_tls::mdm_member_name(id), &sans, &tls, pflex_tls::Layout::Node)
+                .expect("issuing a member certificate");
+            args.extend(["--tls-dir".to_string(), tls.display().to_string()]);
         }
         let log = self.dir.path().join(format!("mdm{id}.log"));
         let process =
@@ -194,7 +241,8 @@ impl MdmCluster {
     /// cluster: `pflex mdm add` it); returns its index.
     pub fn start_new_member(&mut self) -> usize {
         let id = self.members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
-        self.members.push(Member { id, port: free_port(), process: None });
+        let scheme = self.members[0].scheme;
+        self.members.push(Member { id, port: free_port(), scheme, process: None });
         let i = self.members.len() - 1;
         self.start_member(i, false);
         i

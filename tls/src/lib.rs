@@ -21,6 +21,11 @@
 //!
 //! The key algorithm is ECDSA P-256 (rcgen's default), accepted by rustls,
 //! GnuTLS (libnbd, qemu, nbd-client) and OpenSSL alike.
+//!
+//! A certificate's common name is its holder's identity. A member of a
+//! replicated MDM holds one named [`mdm_member_name`] of its member id: its
+//! peers accept Raft messages only from, and answers only by, the member a
+//! message claims to be (see the MDM's `raft::peer_auth`).
 
 use std::fs;
 use std::io::Write;
@@ -246,6 +251,10 @@ fn roots(dir: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
 pub enum ClientAuth {
     /// Any client (HTTP APIs: requests carry their own bearer tokens).
     None,
+    /// Any client; one that presents a certificate must present one issued
+    /// by the cluster CA (the MDM's API: its members prove who they are with
+    /// theirs, other callers with bearer tokens).
+    Optional,
     /// Only clients with a certificate issued by the cluster CA (NBD).
     Required,
 }
@@ -279,13 +288,17 @@ impl NodeTls {
             .with_protocol_versions(rustls::ALL_VERSIONS)?;
         let builder = match client_auth {
             ClientAuth::None => builder.with_no_client_auth(),
-            ClientAuth::Required => {
+            ClientAuth::Required | ClientAuth::Optional => {
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     roots(&self.dir)?,
                     provider(),
-                )
-                .build()?;
-                builder.with_client_cert_verifier(verifier)
+                );
+                let verifier = if client_auth == ClientAuth::Optional {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                builder.with_client_cert_verifier(verifier.build()?)
             }
         };
         let mut config = builder.with_single_cert(certs, key)?;
@@ -317,6 +330,32 @@ pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> 
     Ok(Arc::new(config))
 }
 
+/// The common name of a certificate (DER), its holder's identity; None when
+/// the certificate cannot be parsed or names nobody.
+pub fn certificate_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(name.to_string())
+}
+
+/// Prefix of the certificate names of MDM members.
+const MDM_MEMBER_PREFIX: &str = "pflex-mdm-";
+
+/// The certificate name of MDM member `id`.
+pub fn mdm_member_name(id: u64) -> String {
+    format!("{MDM_MEMBER_PREFIX}{id}")
+}
+
+/// The MDM member id a certificate name gives, if it names a member.
+pub fn mdm_member_of(name: &str) -> Option<u64> {
+    let id = name.strip_prefix(MDM_MEMBER_PREFIX)?;
+    // Canonical decimal only: "pflex-mdm-01" names nobody.
+    if id.starts_with('0') || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    id.parse().ok()
+}
+
 /// The CA certificate in `dir`, PEM, for HTTP clients that take one.
 pub fn ca_pem(dir: &Path) -> Result<Vec<u8>, TlsError> {
     let path = dir.join(CA_CERT);
@@ -340,6 +379,30 @@ mod tests {
         assert_eq!(mode(&tmp.path().join("n1")), 0o700);
         assert_eq!(mode(&tmp.path().join("n1").join(NODE_KEY)), 0o600);
         assert!(ClusterCa::create(&tmp.path().join("ca")).is_err(), "a CA is never overwritten");
+    }
+
+    #[test]
+    fn certificate_names_and_member_ids() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::create(&tmp.path().join("ca")).unwrap();
+        ca.issue(&mdm_member_name(3), &[], &tmp.path().join("m"), Layout::Node).unwrap();
+        let der = load_certs(&tmp.path().join("m").join(NODE_CERT)).unwrap().remove(0);
+        let name = certificate_name(&der).unwrap();
+        assert_eq!(name, "pflex-mdm-3");
+        assert_eq!(mdm_member_of(&name), Some(3));
+        assert_eq!(certificate_name(b"not a certificate"), None);
+        for (name, id) in [
+            ("pflex-mdm-1", Some(1)),
+            ("pflex-mdm-12", Some(12)),
+            ("pflex-mdm-01", None),
+            ("pflex-mdm-", None),
+            ("pflex-mdm-+1", None),
+            ("pflex-mdm-1 ", None),
+            ("sds1", None),
+            ("mdm", None),
+        ] {
+            assert_eq!(mdm_member_of(name), id, "{name}");
+        }
     }
 
     /// A reloaded CA issues certificates that chain to the stored CA

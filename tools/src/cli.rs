@@ -343,8 +343,26 @@ pub enum MdmCommand {
     /// Every member given (`--mdm URL,URL,URL`): its role, term, log
     /// positions and lag behind the leader.
     Status(CommonArgs),
-    /// Add a member (started with `mdm --mdm-id ID` and the cluster's
-    /// `cluster_secret`): it catches up as a learner, then votes.
+    /// Issue member ID its certificate from the cluster CA (the data dir's
+    /// `tls/ca`) before it starts, on a cluster with TLS: its peers take
+    /// Raft messages as member ID only from the holder of that certificate.
+    Enroll {
+        id: u64,
+        /// Host names and addresses the member is reached at (comma
+        /// separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        tls_host: Vec<String>,
+        /// Directory the certificate, its key and the CA certificate go to
+        /// (created 0700, files 0600): start the member with `--tls-dir`
+        /// pointing at a copy of it.
+        #[arg(long)]
+        tls_out: PathBuf,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Add a member (started with `mdm --mdm-id ID`, the cluster's
+    /// `cluster_secret` and, with TLS, the certificate of `pflex mdm
+    /// enroll`): it catches up as a learner, then votes.
     Add {
         id: u64,
         /// Base URL of its API, as the other members reach it.
@@ -383,6 +401,7 @@ impl AdminCommand {
             | AdminCommand::Volume(VolumeCommand::List(c)) => c,
             AdminCommand::Mdm(
                 MdmCommand::Add { common, .. }
+                | MdmCommand::Enroll { common, .. }
                 | MdmCommand::Remove { common, .. }
                 | MdmCommand::Backup { common, .. },
             ) => common,
@@ -409,6 +428,17 @@ impl AdminCommand {
 /// cluster CA kept in the data dir (`tls/ca`, as `pflex up` made it).
 fn issue_node_certificate(connection: &ConnectionArgs, add: &AddNode) -> Result<()> {
     let Some(out) = &add.tls_out else { return Ok(()) };
+    issue_certificate(connection, &add.name, &add.tls_host, out)
+}
+
+/// Issues `name` a certificate from the cluster CA kept in the data dir
+/// (`tls/ca`), for the host names and addresses `hosts`, into `out`.
+fn issue_certificate(
+    connection: &ConnectionArgs,
+    name: &str,
+    hosts: &[String],
+    out: &Path,
+) -> Result<()> {
     let data_dir = connection
         .data_dir
         .clone()
@@ -417,12 +447,11 @@ fn issue_node_certificate(connection: &ConnectionArgs, add: &AddNode) -> Result<
     let ca_dir = data_dir.join("tls").join("ca");
     let ca = pflex_tls::ClusterCa::load(&ca_dir)
         .with_context(|| format!("loading the cluster CA from {}", ca_dir.display()))?;
-    ca.issue(&add.name, &add.tls_host, out, pflex_tls::Layout::Node)
+    ca.issue(name, hosts, out, pflex_tls::Layout::Node)
         .with_context(|| format!("issuing a certificate into {}", out.display()))?;
     eprintln!(
-        "certificate for {} ({}) in {}: copy the directory to that host and add `--tls-dir DIR`",
-        add.name,
-        add.tls_host.join(", "),
+        "certificate for {name} ({}) in {}: copy the directory to that host and add `--tls-dir DIR`",
+        hosts.join(", "),
         out.display()
     );
     Ok(())
@@ -694,6 +723,16 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
                 return to_json(&value);
             }
             Ok(mdm_status_table(&each))
+        }
+        AdminCommand::Mdm(MdmCommand::Enroll { id, tls_host, tls_out, .. }) => {
+            let name = pflex_tls::mdm_member_name(id);
+            issue_certificate(&connection, &name, &tls_host, &tls_out)?;
+            if json {
+                return to_json(
+                    &serde_json::json!({ "id": id, "certificate": name, "dir": tls_out }),
+                );
+            }
+            Ok(format!("MDM member {id} enrolled: certificate {name} in {}\n", tls_out.display()))
         }
         AdminCommand::Mdm(MdmCommand::Add { id, url, .. }) => {
             let status = client.mdm_add(id, &url).await?;

@@ -637,7 +637,15 @@ pub async fn start(args: &UpArgs) -> Result<LocalCluster> {
             mdm_args.extend(["--resync-window-secs".to_string(), "120".to_string()]);
             mdm_args.extend(pflex_launch::mdm_member_args(usize::from(n), &mdm_urls));
             if !args.no_tls {
-                mdm_args.extend(["--tls-dir".into(), issue_tls(dir, &name)?.display().to_string()]);
+                // A replicated member's certificate names its member id: its
+                // peers take Raft messages only from the member they claim.
+                let identity = if args.mdm_count > 1 {
+                    pflex_tls::mdm_member_name(u64::from(n) + 1)
+                } else {
+                    name.clone()
+                };
+                let tls = issue_tls_as(dir, &name, &identity)?;
+                mdm_args.extend(["--tls-dir".into(), tls.display().to_string()]);
             }
             cluster.spawn(&name, &binary(&bins, "mdm")?, &mdm_args, dir, args.detach).await?;
         }
@@ -916,10 +924,15 @@ pub fn nbd_client_tls_dir(dir: &Path) -> PathBuf {
 /// Issues (again, on every start) the certificate of component `name`, for
 /// the loopback names, into `DIR/NAME/tls`.
 fn issue_tls(dir: &Path, name: &str) -> Result<PathBuf> {
+    issue_tls_as(dir, name, name)
+}
+
+/// Like [`issue_tls`], the certificate naming `identity`.
+fn issue_tls_as(dir: &Path, name: &str, identity: &str) -> Result<PathBuf> {
     let ca = cluster_ca(dir)?;
     let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
     let node_dir = dir.join(name).join("tls");
-    ca.issue(name, &sans, &node_dir, pflex_tls::Layout::Node)?;
+    ca.issue(identity, &sans, &node_dir, pflex_tls::Layout::Node)?;
     Ok(node_dir)
 }
 

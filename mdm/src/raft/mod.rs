@@ -3,7 +3,9 @@
 //!
 //! - [`log_store`]: the log, in its own SQLite file;
 //! - [`state_machine`]: `powerflex.db`, applying committed changesets;
-//! - [`network`]: messages between members over the MDM API.
+//! - [`network`]: messages between members over the MDM API;
+//! - [`peer_auth`]: which messages and answers a member takes (the peer
+//!   key, and over TLS each member's own certificate).
 //!
 //! One log entry is one batch of the group commit (see [`crate::writer`]):
 //! the leader runs the batch, records its changeset, rolls it back, and
@@ -18,6 +20,7 @@
 #[allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
+pub mod peer_auth;
 #[allow(clippy::result_large_err)]
 pub mod state_machine;
 

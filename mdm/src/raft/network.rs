@@ -1,8 +1,10 @@
 //! Raft messages between MDMs: JSON over the MDM's own HTTP(S) API
-//! (`POST /raft/append`, `/raft/vote`, `/raft/snapshot`), authenticated by
-//! a key derived from the cluster secret every member holds (see
+//! (`POST /raft/append`, `/raft/vote`, `/raft/snapshot`), carrying a key
+//! derived from the cluster secret every member holds (see
 //! [`super::peer_key`]); over TLS when the cluster runs it, with the same
-//! cluster CA as every other API.
+//! cluster CA as every other API, each member presenting its own member
+//! certificate and taking answers only from the member it asked (see
+//! [`super::peer_auth`]).
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -15,6 +17,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::peer_auth::{accept_answer, Identity};
 use super::{Node, NodeId, TypeConfig, PEER_KEY_HEADER};
 
 /// Builds a connection to each peer (sharing one HTTP client).
@@ -26,7 +29,8 @@ pub struct Network {
 
 impl Network {
     pub fn new(peer_key: String) -> Result<Self, reqwest::Error> {
-        let http = pflex_mdm_client::trust::http_client_builder().build()?;
+        // `tls_info`: each answer carries the certificate it came with.
+        let http = pflex_mdm_client::trust::http_client_builder().tls_info(true).build()?;
         Ok(Self { http, peer_key })
     }
 }
@@ -73,6 +77,18 @@ impl Peer {
             .send()
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let answerer = sent
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .map(|info| info.peer_certificate().and_then(pflex_tls::certificate_name));
+        let identity = match &answerer {
+            None => Identity::Plain,
+            Some(name) => Identity::Tls(name.as_deref()),
+        };
+        if let Err(refusal) = accept_answer(identity, self.target) {
+            let detail = std::io::Error::other(format!("{}: {refusal}", self.url));
+            return Err(RPCError::Network(NetworkError::new(&detail)));
+        }
         let status = sent.status();
         let body = sent.bytes().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if !status.is_success() {
