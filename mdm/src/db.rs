@@ -599,6 +599,41 @@ pub fn dump(conn: &Connection) -> Result<String, rusqlite::Error> {
 mod tests {
     use super::*;
 
+    /// Commits reach the database file itself (not only the WAL) without a
+    /// checkpoint by any commit: the checkpointer's work. Without it (SQLite's
+    /// automatic checkpoint is off) the file never holds them and the WAL
+    /// grows without bound.
+    #[test]
+    fn the_checkpointer_copies_commits_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("powerflex.db");
+        let conn = open(&path).unwrap();
+        start_checkpointer(&path).unwrap();
+        for n in 0..50 {
+            conn.execute(
+                "INSERT INTO protection_domains (name, created_at) VALUES (?1, 1)",
+                [format!("pd{n}")],
+            )
+            .unwrap();
+        }
+        // The database file alone, copied without its WAL, as a crash right
+        // now would leave it if the WAL were lost.
+        let copy = dir.path().join("copy.db");
+        let in_file = || -> Option<i64> {
+            let _ = std::fs::remove_file(dir.path().join("copy.db-wal"));
+            std::fs::copy(&path, &copy).ok()?;
+            let reader = Connection::open(&copy).ok()?;
+            reader.query_row("SELECT COUNT(*) FROM protection_domains", [], |r| r.get(0)).ok()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut seen = in_file();
+        while seen != Some(50) && std::time::Instant::now() < deadline {
+            std::thread::sleep(CHECKPOINT_EVERY / 5);
+            seen = in_file();
+        }
+        assert_eq!(seen, Some(50), "the database file never received the commits");
+    }
+
     #[test]
     fn migrations_apply_once_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
