@@ -433,6 +433,16 @@ const MIGRATIONS: &[&str] = &[
         membership TEXT NOT NULL
     );
     "#,
+    // 12: what `pflex cluster rotate` replaced, for every member of a
+    // replicated MDM (see `secrets`): the new admin token's SHA-256, and
+    // the join key revoked (sha256 NULL).
+    r#"
+    CREATE TABLE admin_credentials (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT,
+        changed_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 // Migration 10 computes PG bytes in SQL with 1 MiB chunks.

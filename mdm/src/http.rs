@@ -28,7 +28,6 @@ use pflex_proto::api::{
 };
 use rusqlite::Connection;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 
 use crate::error::MdmError;
 use crate::service::{self, Caller, Ctx, Settings};
@@ -58,13 +57,12 @@ pub struct AppState {
     /// Batches and requests of the group commit.
     pub writer_stats: Arc<crate::writer::WriterStats>,
     pub settings: Settings,
-    pub keys: Keys,
+    pub keys: Arc<Keys>,
     /// When components were last heard from (see [`crate::sightings`]).
     pub sightings: crate::sightings::Sightings,
-    /// Cleared by `pflex cluster rotate`.
-    join_key_sha256: Mutex<Option<[u8; 32]>>,
-    /// Replaced by `pflex cluster rotate`.
-    admin_token_sha256: Mutex<[u8; 32]>,
+    /// The admin token and join key (replaced and revoked by `pflex
+    /// cluster rotate`, on every member).
+    secrets: Arc<crate::secrets::AdminSecrets>,
     /// Where the admin token is kept (rewritten by a rotation).
     admin_token_path: std::path::PathBuf,
     pub counters: Counters,
@@ -77,29 +75,22 @@ pub struct AppState {
     pub replication: Option<Arc<crate::raft::Replication>>,
 }
 
-/// The secrets an MDM checks callers against.
-pub struct Credentials<'a> {
-    pub join_key: Option<&'a str>,
-    pub admin_token: &'a str,
+/// The secrets an MDM checks callers against, and where its admin token
+/// file is.
+pub struct Credentials {
+    pub secrets: Arc<crate::secrets::AdminSecrets>,
     pub admin_token_path: std::path::PathBuf,
 }
 
-fn digest(value: &str) -> [u8; 32] {
-    Sha256::digest(value.as_bytes()).into()
-}
-
-/// Constant-time equality of two digests.
-fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::secrets::{digest, digests_equal};
 
 impl AppState {
     pub fn new(
         db: Connection,
         readers: crate::writer::DbReaders,
         settings: Settings,
-        keys: Keys,
-        credentials: Credentials<'_>,
+        keys: Arc<Keys>,
+        credentials: Credentials,
         replication: Option<Arc<crate::raft::Replication>>,
     ) -> std::io::Result<Self> {
         let writer_stats = Arc::new(crate::writer::WriterStats::default());
@@ -112,7 +103,7 @@ impl AppState {
                 }))
             }
         };
-        let Credentials { join_key, admin_token, admin_token_path } = credentials;
+        let Credentials { secrets, admin_token_path } = credentials;
         Ok(Self {
             db: crate::writer::DbWriter::start(db, Arc::clone(&writer_stats), mode)?,
             readers,
@@ -120,8 +111,7 @@ impl AppState {
             settings,
             keys,
             sightings: Default::default(),
-            join_key_sha256: Mutex::new(join_key.map(digest)),
-            admin_token_sha256: Mutex::new(digest(admin_token)),
+            secrets,
             admin_token_path,
             counters: Counters::default(),
             started_at: std::time::Instant::now(),
@@ -204,13 +194,11 @@ impl AppState {
     }
 
     fn join_key_matches(&self, key: &str) -> bool {
-        let expected = *self.join_key_sha256.lock().unwrap_or_else(|p| p.into_inner());
-        expected.is_some_and(|expected| digests_equal(&digest(key), &expected))
+        self.secrets.join_key_matches(key)
     }
 
     fn is_admin(&self, credential: &str) -> bool {
-        let expected = *self.admin_token_sha256.lock().unwrap_or_else(|p| p.into_inner());
-        digests_equal(&digest(credential), &expected)
+        self.secrets.is_admin(credential)
     }
 }
 
@@ -550,31 +538,29 @@ async fn cluster_rotate(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<Json<pflex_proto::api::RotateResponse>, MdmError> {
     allow(caller, &[Role::Admin])?;
-    if state.replication.is_some() {
-        // The new admin token and the disabled join key live in the leader's
-        // files and memory, not in the replicated database: after a failover
-        // the old ones would work again. Refused until they are replicated.
-        return Err(MdmError::conflict(
-            "rotate_not_replicated",
-            "pflex cluster rotate is not supported on a replicated MDM yet: the new admin token \
-             and the revoked join key would not reach the other members",
-        ));
-    }
-    let join_key_disabled =
-        state.join_key_sha256.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
+    let revoked_join_key = state.secrets.join_key();
+    let join_key_disabled = revoked_join_key.is_some();
     let source = peer.to_string();
+    let admin_token = service::new_credential();
+    let new_token = admin_token.clone();
+    // The new admin token's digest and the revoked join key are committed
+    // with the new signing key: every member adopts all three when it
+    // applies the batch (see `secrets`), this one included.
     let (generation, created, revoked) = state
         .transact(move |conn, ctx| {
             let (generation, revoked) =
                 service::rotate_keys(conn, ctx, &source, join_key_disabled)?;
+            crate::secrets::record_rotation(conn, ctx.now, &new_token, revoked_join_key)?;
             Ok((generation, ctx.now, revoked))
         })
         .await?;
     state.keys.add_generation(generation, created);
-    let admin_token = service::new_credential();
+    state.secrets.adopt(&crate::secrets::Stored {
+        admin_token_sha256: Some(digest(&admin_token)),
+        revoked_join_keys: revoked_join_key.into_iter().collect(),
+    });
     crate::write_secret(&state.admin_token_path, &admin_token)
         .map_err(|e| MdmError::Internal(format!("writing the new admin token: {e}")))?;
-    *state.admin_token_sha256.lock().unwrap_or_else(|p| p.into_inner()) = digest(&admin_token);
     let timing = state.keys.timing();
     let signs_from = created + timing.publish_for.as_secs();
     tracing::warn!(
@@ -586,6 +572,7 @@ async fn cluster_rotate(
         signs_from,
         previous_accepted_until: signs_from + timing.token_ttl.as_secs() + 60,
         admin_token_file: state.admin_token_path.display().to_string(),
+        admin_token,
         enrollment_tokens_revoked: revoked,
         join_key_disabled,
     }))

@@ -114,8 +114,22 @@ impl Keys {
     }
 
     /// Records generation `generation` created at `now` (already stored).
+    /// Records a new generation (once: a generation already known stays as
+    /// it is).
     pub fn add_generation(&self, generation: u32, now: u64) {
-        self.history.write().unwrap_or_else(|p| p.into_inner()).push((generation, now));
+        let mut history = self.history.write().unwrap_or_else(|p| p.into_inner());
+        if history.iter().all(|&(g, _)| g != generation) {
+            history.push((generation, now));
+        }
+    }
+
+    /// Takes the rotation history as the database records it (a replicated
+    /// MDM: every member signs as the one that rotated did).
+    pub fn adopt_history(&self, recorded: Vec<(u32, u64)>) {
+        let mut history = self.history.write().unwrap_or_else(|p| p.into_inner());
+        if *history != recorded {
+            *history = recorded;
+        }
     }
 
     pub fn timing(&self) -> KeyTiming {

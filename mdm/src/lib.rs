@@ -31,6 +31,7 @@ pub mod placement;
 pub mod probe;
 pub mod raft;
 pub mod rebalance;
+pub mod secrets;
 pub mod service;
 pub mod sightings;
 pub mod validate;
@@ -142,6 +143,24 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
     let db_path = config.data_dir.join(DB_FILE);
     let conn = db::open(&db_path)?;
     db::start_checkpointer(&db_path)?;
+    let history =
+        service::signing_history(&conn).map_err(|e| StartError::SigningKeys(e.to_string()))?;
+    let timing = keys::KeyTiming {
+        publish_for: std::time::Duration::from_secs(3 * config.heartbeat_interval_secs.max(1)),
+        token_ttl: std::time::Duration::from_secs(config.token_ttl_secs),
+    };
+    // The files' secrets, unless a rotation recorded newer ones. A single
+    // MDM's admin token is its file (a rotation rewrites it, and an operator
+    // may replace it to recover); a replicated one's is what was committed.
+    let adopter = secrets::Adopter {
+        secrets: Arc::new(secrets::AdminSecrets::new(&admin_token, join_key)),
+        keys: Arc::new(keys::Keys::new(secret.clone(), timing, history)),
+    };
+    let mut stored = secrets::stored(&conn).map_err(db::DbError::from)?;
+    if config.mdm_id.is_none() {
+        stored.admin_token_sha256 = None;
+    }
+    adopter.secrets.adopt(&stored);
     let replication = match config.mdm_id {
         None => None,
         Some(id) => {
@@ -161,6 +180,7 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
                     &members,
                     raft::peer_key(&secret),
                     config.mdm_snapshot_every,
+                    adopter.clone(),
                 )
                 .await?,
             )
@@ -175,19 +195,13 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
         unreachable_grace_secs: config.unreachable_grace_secs,
         resync_window_secs: config.resync_window_secs,
     };
-    let history =
-        service::signing_history(&conn).map_err(|e| StartError::SigningKeys(e.to_string()))?;
-    let timing = keys::KeyTiming {
-        publish_for: std::time::Duration::from_secs(3 * config.heartbeat_interval_secs.max(1)),
-        token_ttl: std::time::Duration::from_secs(config.token_ttl_secs),
-    };
     Ok(Prepared {
         state: Arc::new(AppState::new(
             conn,
             writer::DbReaders::open(&db_path, READERS)?,
             settings,
-            keys::Keys::new(secret, timing, history),
-            http::Credentials { join_key, admin_token: &admin_token, admin_token_path: admin_path },
+            adopter.keys,
+            http::Credentials { secrets: adopter.secrets, admin_token_path: admin_path },
             replication,
         )?),
     })

@@ -362,6 +362,7 @@ async fn rotation_replaces_the_admin_token_and_revokes_enrollment_material() {
     let err = old_admin.sds_list().await.unwrap_err();
     assert_eq!(err.status(), Some(401), "{err}");
     let new_token = std::fs::read_to_string(mdm.mdm_dir().join("admin_token")).unwrap();
+    assert_eq!(new_token.trim(), rotated.admin_token, "the answer carries the new token");
     let new_admin = mdm.anonymous().with_credential(new_token.trim());
     assert_eq!(new_admin.sds_list().await.unwrap().len(), 1);
 

@@ -345,3 +345,50 @@ async fn a_backup_restored_on_every_member_starts_a_new_cluster_with_its_volumes
         assert_eq!(count, 5, "member {i} (leader {leader})");
     }
 }
+
+/// `pflex cluster rotate` on a replicated MDM: the new admin token, the
+/// revoked join key and the new signing key are committed like any change,
+/// so the leader elected after the rotating one was killed refuses the old
+/// token and the join key, takes the new token, and sends an SDS both token
+/// public keys (any leader signs, every SDS verifies, no re-enrollment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_holds_on_the_next_leader() {
+    let mut cluster = MdmCluster::start(3).await;
+    let old_admin = cluster.admin();
+    let anonymous = MdmClient::new(&cluster.urls(), None).unwrap();
+    let sds = anonymous.register(&fake_sds("sds-a", "fs1", "default", 64)).await.unwrap();
+    let keys_before = sds.sds_keys.as_ref().unwrap().token_public_keys.clone();
+    assert_eq!(keys_before.len(), 1);
+
+    let rotated = old_admin.cluster_rotate().await.unwrap();
+    assert_eq!(rotated.signing_generation, 1);
+    assert!(rotated.join_key_disabled);
+    cluster.use_admin_token(&rotated.admin_token);
+    let new_admin = cluster.admin();
+    assert_eq!(old_admin.sds_list().await.unwrap_err().status(), Some(401));
+    assert_eq!(new_admin.sds_list().await.unwrap().len(), 1);
+
+    let leader = cluster.wait_for_leader().await;
+    cluster.kill(leader);
+    wait_for("another leader", Duration::from_secs(30), || async {
+        cluster.leader().await.is_some_and(|l| l != leader)
+    })
+    .await;
+
+    assert_eq!(old_admin.sds_list().await.unwrap_err().status(), Some(401));
+    assert_eq!(new_admin.sds_list().await.unwrap().len(), 1);
+    let joined = anonymous.register(&fake_sds("sds-b", "fs2", "default", 64)).await;
+    assert_eq!(joined.unwrap_err().status(), Some(401), "the revoked join key registered a node");
+    let sds_client =
+        MdmClient::new(&cluster.urls(), None).unwrap().with_credential(&sds.credential);
+    let beat = sds_client
+        .heartbeat(&pflex_proto::api::HeartbeatRequest {
+            node_id: sds.node_id,
+            metrics: Default::default(),
+            volumes_since: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(beat.token_public_keys.len(), 2, "{:?}", beat.token_public_keys);
+    assert_eq!(beat.token_public_keys[0], keys_before[0], "the old key is still accepted");
+}

@@ -256,8 +256,12 @@ pub struct RotateResponse {
     pub signs_from: u64,
     /// Tokens signed with older keys are accepted until then (unix seconds).
     pub previous_accepted_until: u64,
-    /// Where the new admin token is (the old one no longer works).
+    /// Where the new admin token is on the MDM that answered (the old one
+    /// no longer works, on any member).
     pub admin_token_file: String,
+    /// The new admin token itself (the other members of a replicated MDM
+    /// keep only its digest, so their files still hold the old one).
+    pub admin_token: String,
     /// Enrollment tokens not yet used that no longer work.
     pub enrollment_tokens_revoked: u64,
     /// A join key was configured and no longer works.

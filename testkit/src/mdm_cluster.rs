@@ -39,6 +39,8 @@ pub struct MdmCluster {
     peers: String,
     /// The cluster CA, when the members serve HTTPS.
     ca: Option<pflex_tls::ClusterCa>,
+    /// The admin token clients are given (see [`MdmCluster::use_admin_token`]).
+    admin_token: String,
 }
 
 impl MdmCluster {
@@ -76,7 +78,8 @@ impl MdmCluster {
             (1..=count).map(|id| Member { id, port: free_port(), scheme, process: None }).collect();
         let peers =
             members.iter().map(|m| format!("{}={}", m.id, m.url())).collect::<Vec<_>>().join(",");
-        let mut cluster = MdmCluster { dir, members, peers, ca };
+        let admin_token = ADMIN_TOKEN.to_string();
+        let mut cluster = MdmCluster { dir, members, peers, ca, admin_token };
         if let Some(bytes) = backup {
             for member in &cluster.members {
                 let member_dir = cluster.member_dir(member.id);
@@ -173,16 +176,23 @@ impl MdmCluster {
         self.members.iter().map(Member::url).collect::<Vec<_>>().join(",")
     }
 
+    /// Gives clients made from now on `token` (after `pflex cluster
+    /// rotate`); members started later still get the original one in their
+    /// files, as a rotation leaves it there.
+    pub fn use_admin_token(&mut self, token: &str) {
+        self.admin_token = token.to_string();
+    }
+
     /// An admin client given every member.
     pub fn admin(&self) -> MdmClient {
-        MdmClient::new(&self.urls(), Some(ADMIN_TOKEN.to_string())).unwrap()
+        MdmClient::new(&self.urls(), Some(self.admin_token.clone())).unwrap()
     }
 
     /// A client bound to member `i` alone.
     pub fn member_client(&self, i: usize) -> MdmClient {
         MdmClient::with_timeout(
             &self.members[i].url(),
-            Some(ADMIN_TOKEN.to_string()),
+            Some(self.admin_token.clone()),
             Duration::from_secs(2),
         )
         .unwrap()

@@ -100,6 +100,39 @@ fn mdm_url_from(dir: &Path) -> Result<String> {
     Ok(file.mdm_url)
 }
 
+/// Writes a rotated admin token into the `admin_token` file of every MDM
+/// of the local cluster in `dir` (`mdm`, `mdm2`, ...: the one that rotated
+/// wrote its own, the others keep only its digest); the files written.
+fn store_rotated_admin_token(dir: &Path, token: &str) -> Result<Vec<PathBuf>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut written = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut members: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("mdm")))
+        .map(|p| p.join("admin_token"))
+        .filter(|p| p.is_file())
+        .collect();
+    members.sort();
+    for path in members {
+        let tmp = path.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(format!("{token}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 fn admin_token_from(dir: &Path) -> Result<String> {
     let path = dir.join("mdm").join("admin_token");
     let token =
@@ -585,17 +618,32 @@ pub async fn run(command: AdminCommand, outer: &ConnectionArgs) -> Result<String
         }
         AdminCommand::Cluster(ClusterCommand::Rotate(_)) => {
             let r = client.cluster_rotate().await?;
+            // The local cluster's files, when this command was pointed at it
+            // (as `ConnectionArgs::client` resolves it).
+            let local = connection.data_dir.clone().or_else(|| {
+                (connection.mdm.is_none() || connection.token.is_none())
+                    .then(|| PathBuf::from(DEFAULT_DATA_DIR))
+                    .filter(|d| d.is_dir())
+            });
+            let stored = match &local {
+                Some(dir) => store_rotated_admin_token(dir, &r.admin_token)?,
+                None => Vec::new(),
+            };
             if json {
                 return to_json(&r);
             }
+            let kept = if stored.is_empty() {
+                r.admin_token_file.clone()
+            } else {
+                stored.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            };
             Ok(format!(
                 "signing key generation {} signs new tokens from {} (unix); older keys accepted \
-                 until {}\nnew admin token in {} (the old one no longer works)\n{} unused \
+                 until {}\nnew admin token in {kept} (the old one no longer works)\n{} unused \
                  enrollment tokens revoked{}\n",
                 r.signing_generation,
                 r.signs_from,
                 r.previous_accepted_until,
-                r.admin_token_file,
                 r.enrollment_tokens_revoked,
                 if r.join_key_disabled { "; the join key no longer works" } else { "" }
             ))

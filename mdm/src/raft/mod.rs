@@ -139,6 +139,7 @@ impl Replication {
         members: &BTreeMap<NodeId, String>,
         peer_key: String,
         snapshot_every: u64,
+        adopter: crate::secrets::Adopter,
     ) -> Result<Arc<Self>, RaftStartError> {
         let config = openraft::Config {
             cluster_name: "pflex-mdm".to_string(),
@@ -153,7 +154,8 @@ impl Replication {
         .validate()
         .map_err(|e| RaftStartError::Config(e.to_string()))?;
         let log = log_store::LogStore::open(&data_dir.join("raft-log.db"))?;
-        let machine = state_machine::StateMachine::open(&data_dir.join(crate::DB_FILE), data_dir)?;
+        let machine =
+            state_machine::StateMachine::open(&data_dir.join(crate::DB_FILE), data_dir, adopter)?;
         if log.is_pristine()? {
             // A database restored from a backup (`pflex mdm backup`) into a
             // member with no log: its history starts afresh from this content.

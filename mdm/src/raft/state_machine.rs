@@ -27,6 +27,9 @@ pub struct StateMachine {
     conn: Arc<Mutex<Connection>>,
     /// Where snapshots are kept (`snapshot.db` and its `snapshot.json`).
     dir: PathBuf,
+    /// Brings the member's admin secrets and signing keys in line with what
+    /// it applied (a rotation commits them; see [`crate::secrets`]).
+    adopter: crate::secrets::Adopter,
 }
 
 type Membership = StoredMembership<NodeId, Node>;
@@ -46,10 +49,22 @@ fn snapshot_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 impl StateMachine {
     /// The state machine over the (migrated) database at `db_path`;
     /// snapshots go to `dir`.
-    pub fn open(db_path: &Path, dir: &Path) -> Result<Self, crate::db::DbError> {
+    pub fn open(
+        db_path: &Path,
+        dir: &Path,
+        adopter: crate::secrets::Adopter,
+    ) -> Result<Self, crate::db::DbError> {
         let conn = crate::db::open(db_path)?;
         crate::changeset::applier_settings(&conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), dir: dir.to_path_buf() })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), dir: dir.to_path_buf(), adopter })
+    }
+
+    /// Adopts the secrets and keys of what was just applied; a failure is
+    /// logged (the member keeps the ones it had).
+    fn adopt(&self, conn: &Connection) {
+        if let Err(e) = self.adopter.adopt(conn) {
+            tracing::error!(error = %e, "reading the rotated admin secrets and signing keys");
+        }
     }
 
     /// Drops the record of applied entries (the database came from a
@@ -169,7 +184,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let machine = self.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            apply_entries(&mut machine.lock(), &entries).map_err(|e| e.to_string())
+            let mut conn = machine.lock();
+            apply_entries(&mut conn, &entries).map_err(|e| e.to_string())?;
+            machine.adopt(&conn);
+            Ok::<_, String>(())
         })
         .await
         .map_err(sm_write_err)?;
@@ -208,6 +226,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 backup
                     .run_to_completion(1024, std::time::Duration::ZERO, None)
                     .map_err(snapshot_err)?;
+                drop(backup);
+                machine.adopt(&conn);
             }
             machine.keep_snapshot(&received, &meta).map_err(snapshot_err)?;
             tracing::info!(snapshot = %meta.snapshot_id, "installed an MDM snapshot from the leader");
