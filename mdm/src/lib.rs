@@ -142,7 +142,7 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
     }
     let db_path = config.data_dir.join(DB_FILE);
     let conn = db::open(&db_path)?;
-    db::start_checkpointer(&db_path)?;
+    db::start_checkpointer(&db_path, db::CheckpointPolicy::default())?;
     let history =
         service::signing_history(&conn).map_err(|e| StartError::SigningKeys(e.to_string()))?;
     let timing = keys::KeyTiming {

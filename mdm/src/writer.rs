@@ -219,6 +219,10 @@ fn run(conn: Connection, queue: mpsc::Receiver<Job>, stats: &WriterStats, mode: 
                 done.into_iter().for_each(|f| (f.deliver)(Some(&failure)))
             }
         }
+        if matches!(mode, CommitMode::Local) {
+            // Replicated, the state machine's connection commits (and does this).
+            crate::db::restart_wal_if_due(&conn);
+        }
     }
 }
 

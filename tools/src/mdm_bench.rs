@@ -4,9 +4,10 @@
 //! Fake SDS and SDC nodes register with the join key, exactly as real ones
 //! do, and heartbeat every `--heartbeat-secs`, spread evenly over the
 //! interval. Volumes are created up to each size of `--volumes`; at each
-//! size, for `--window-secs`, SDCs request IO tokens as fast as
-//! `--token-clients` callers can, fetch placement maps, and pages of
-//! `GET /vol/list` are read, while the heartbeats go on. Every request's
+//! size, in windows of `--window-secs` one after the other, SDCs request IO
+//! tokens as fast as `--token-clients` callers can, then fetch placement
+//! maps, then pages of `GET /vol/list` are read, then volumes are created
+//! one at a time, while the heartbeats go on throughout. Every request's
 //! latency is recorded; the report gives count, rate, p50, p99 and the
 //! worst, per operation and size, beside the goals the MDM is built for.
 //!
@@ -493,7 +494,11 @@ async fn create_volumes(
     Ok(())
 }
 
-/// One measurement window at `volumes` volumes.
+/// The measurement windows at `volumes` volumes: one per kind of request,
+/// each `--window-secs` long, while the heartbeats go on throughout. Each
+/// kind is measured beside the cluster's load (the heartbeats), not beside
+/// the other kinds' saturating load: token requesters run flat out, and a
+/// placement map measured behind them would measure their queue.
 async fn window(
     args: &MdmBenchArgs,
     admin: &MdmClient,
@@ -501,17 +506,16 @@ async fn window(
     volumes: u64,
     heartbeats: &Arc<Samples>,
 ) -> Result<Vec<Figures>> {
-    let tokens = Arc::new(Samples::default());
-    let maps = Arc::new(Samples::default());
-    let pages = Arc::new(Samples::default());
-    let creates = Arc::new(Samples::default());
-    let until = Instant::now() + Duration::from_secs(args.window_secs);
+    let window = Duration::from_secs(args.window_secs);
     heartbeats.take("", 0, 1.0);
-    let t = Instant::now();
-    let mut tasks = Vec::new();
     let mapped = Arc::new(mapped.to_vec());
     let pick =
         |k: usize, round: u64, len: usize| (k * 7919 + round as usize * 104_729) % len.max(1);
+    let mut figures = Vec::new();
+
+    let tokens = Arc::new(Samples::default());
+    let (until, started) = (Instant::now() + window, Instant::now());
+    let mut tasks = Vec::new();
     for k in 0..args.token_clients {
         let (mapped, tokens) = (mapped.clone(), tokens.clone());
         tasks.push(tokio::spawn(async move {
@@ -525,6 +529,15 @@ async fn window(
             }
         }));
     }
+    for task in tasks.drain(..) {
+        task.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    figures.push(heartbeats.take("heartbeat (beside token requests)", volumes, secs));
+    figures.push(tokens.take("token request", volumes, secs));
+
+    let maps = Arc::new(Samples::default());
+    let (until, started) = (Instant::now() + window, Instant::now());
     for k in 0..2 {
         let (mapped, maps) = (mapped.clone(), maps.clone());
         tasks.push(tokio::spawn(async move {
@@ -537,6 +550,15 @@ async fn window(
             }
         }));
     }
+    for task in tasks.drain(..) {
+        task.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    figures.push(heartbeats.take("heartbeat (beside maps)", volumes, secs));
+    figures.push(maps.take("placement map", volumes, secs));
+
+    let pages = Arc::new(Samples::default());
+    let (until, started) = (Instant::now() + window, Instant::now());
     {
         let (admin, pages) = (admin.clone(), pages.clone());
         tasks.push(tokio::spawn(async move {
@@ -549,9 +571,18 @@ async fn window(
             }
         }));
     }
+    for task in tasks.drain(..) {
+        task.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    figures.push(heartbeats.take("heartbeat (beside list pages)", volumes, secs));
+    figures.push(pages.take("vol list page (1000)", volumes, secs));
+
+    // A steady trickle of creates (and deletes of what it created), to
+    // measure one create at this size without a bulk load beside it.
+    let creates = Arc::new(Samples::default());
+    let (until, started) = (Instant::now() + window, Instant::now());
     {
-        // A steady trickle of creates (and deletes of what it created), to
-        // measure one create at this size without a bulk load beside it.
         let (admin, creates) = (admin.clone(), creates.clone());
         let size = args.volume_size;
         tasks.push(tokio::spawn(async move {
@@ -575,23 +606,20 @@ async fn window(
             }
         }));
     }
-    for task in tasks {
+    for task in tasks.drain(..) {
         task.await?;
     }
-    let secs = t.elapsed().as_secs_f64();
-    Ok(vec![
-        heartbeats.take("heartbeat", volumes, secs),
-        tokens.take("token request", volumes, secs),
-        maps.take("placement map", volumes, secs),
-        pages.take("vol list page (1000)", volumes, secs),
-        creates.take("create (alone)", volumes, secs),
-    ])
+    let secs = started.elapsed().as_secs_f64();
+    figures.push(heartbeats.take("heartbeat (beside creates)", volumes, secs));
+    figures.push(creates.take("create (alone)", volumes, secs));
+
+    Ok(figures)
 }
 
 /// The goals of the MDM at 10x the seed's cluster, per operation.
 fn goal(op: &str) -> &'static str {
     match op {
-        "heartbeat" | "heartbeat (during creates)" => "p99 <= 50, max <= 100",
+        op if op.starts_with("heartbeat") => "p99 <= 50, max <= 100",
         "token request" => ">= 2000/s, p99 <= 20",
         "placement map" => "p99 <= 10",
         "create (bulk)" | "create (alone)" => "p99 <= 50",
@@ -602,12 +630,12 @@ fn goal(op: &str) -> &'static str {
 /// The report as a table.
 pub fn report(figures: &[Figures]) -> String {
     let mut out = format!(
-        "{:<28} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6}  goal (ms)\n",
+        "{:<34} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6}  goal (ms)\n",
         "operation", "volumes", "count", "errors", "per s", "p50 ms", "p99 ms", "max ms", ">100ms"
     );
     for f in figures {
         out.push_str(&format!(
-            "{:<28} {:>8} {:>8} {:>7} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>6}  {}\n",
+            "{:<34} {:>8} {:>8} {:>7} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>6}  {}\n",
             f.op,
             f.volumes,
             f.count,

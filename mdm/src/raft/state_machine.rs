@@ -187,6 +187,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut conn = machine.lock();
             apply_entries(&mut conn, &entries).map_err(|e| e.to_string())?;
             machine.adopt(&conn);
+            crate::db::restart_wal_if_due(&conn);
             Ok::<_, String>(())
         })
         .await
