@@ -707,7 +707,7 @@ mod tests {
     /// (the committer restarts it when the checkpointer asks): it stays
     /// near the threshold instead of growing by all that was written, as it
     /// does with passive checkpoints alone (the test fails without the
-    /// committer's restart: 420 MiB).
+    /// committer's restart: 105 MiB).
     #[test]
     fn the_wal_stays_bounded_under_steady_reads_and_commits() {
         use std::sync::atomic::{AtomicBool, Ordering};
