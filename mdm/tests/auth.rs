@@ -374,17 +374,9 @@ async fn rotation_replaces_the_admin_token_and_revokes_enrollment_material() {
     assert_eq!(mdm.anonymous().register(&with_join_key).await.unwrap_err().status(), Some(401));
 
     // The next heartbeat lists the old key and the new one.
-    let beat = sds
-        .client
-        .heartbeat(&pflex_proto::api::HeartbeatRequest {
-            node_id: sds.id(),
-            metrics: Default::default(),
-            volumes_since: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(beat.token_public_keys.len(), 2, "{:?}", beat.token_public_keys);
-    assert_eq!(beat.token_public_keys[0], keys_before[0], "the old key is still accepted");
+    let keys = pflex_testkit::cluster::heartbeat_token_keys(&sds.client, sds.id()).await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(keys[0], keys_before[0], "the old key is still accepted");
 
     let audit = serde_json::to_string(&new_admin.audit().await.unwrap()).unwrap();
     assert!(audit.contains("cluster.rotate"), "{audit}");

@@ -25,6 +25,22 @@ fn client_with(dir: &Path) -> reqwest::Client {
         .unwrap()
 }
 
+/// Posts `message` to `url` over a connection presenting the certificate
+/// in `dir`, with the peer key when one is given.
+async fn post_raft(
+    dir: &Path,
+    url: &str,
+    key: Option<&str>,
+    message: &serde_json::Value,
+) -> reqwest::Response {
+    let request = client_with(dir).post(url).json(message);
+    let request = match key {
+        Some(key) => request.header(pflex_mdm::raft::PEER_KEY_HEADER, key),
+        None => request,
+    };
+    request.send().await.unwrap()
+}
+
 /// An empty append (a leader's heartbeat) from `leader` at `term`.
 fn append_request(leader: u64, term: u64) -> serde_json::Value {
     let request = openraft::raft::AppendEntriesRequest::<pflex_mdm::raft::TypeConfig> {
@@ -73,13 +89,7 @@ async fn over_tls_members_take_raft_messages_only_from_the_member_they_name() {
         ("another member", &other_member, "speaks as member"),
         ("a caller without a certificate", &no_certificate, "none was presented"),
     ] {
-        let answer = client_with(dir)
-            .post(&url)
-            .header(pflex_mdm::raft::PEER_KEY_HEADER, &key)
-            .json(&forged)
-            .send()
-            .await
-            .unwrap();
+        let answer = post_raft(dir, &url, Some(&key), &forged).await;
         let status = answer.status();
         let body = answer.text().await.unwrap();
         assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED, "{who}: {body}");
@@ -90,18 +100,12 @@ async fn over_tls_members_take_raft_messages_only_from_the_member_they_name() {
     // answered with the follower's newer term).
     let member = cluster.issue_certificate(&pflex_tls::mdm_member_name(leader_id)).unwrap();
     let stale = append_request(leader_id, 0);
-    let answer = client_with(&member)
-        .post(&url)
-        .header(pflex_mdm::raft::PEER_KEY_HEADER, &key)
-        .json(&stale)
-        .send()
-        .await
-        .unwrap();
+    let answer = post_raft(&member, &url, Some(&key), &stale).await;
     assert!(answer.status().is_success(), "{}", answer.text().await.unwrap());
     let verdict: serde_json::Value = answer.json().await.unwrap();
     assert!(verdict["Ok"]["HigherVote"].is_object(), "{verdict}");
     // ... but not without the key.
-    let answer = client_with(&member).post(&url).json(&stale).send().await.unwrap();
+    let answer = post_raft(&member, &url, None, &stale).await;
     assert_eq!(answer.status(), reqwest::StatusCode::UNAUTHORIZED);
 
     let status = cluster.member_client(follower).mdm_status().await.unwrap();

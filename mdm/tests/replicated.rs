@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pflex_mdm_client::{MdmClient, MdmClientError};
 use pflex_proto::api::{NodeType, VolumeCreate, VolumeMap, VolumeUnmap};
 use pflex_proto::token::AccessMode;
-use pflex_testkit::cluster::{fake_request, fake_sds};
+use pflex_testkit::cluster::{fake_request, fake_sds, heartbeat_token_keys};
 use pflex_testkit::linearizability::{check, Model, Operation, Verdict};
 use pflex_testkit::mdm_cluster::MdmCluster;
 use pflex_testkit::wait_for;
@@ -381,14 +381,7 @@ async fn a_rotation_holds_on_the_next_leader() {
     assert_eq!(joined.unwrap_err().status(), Some(401), "the revoked join key registered a node");
     let sds_client =
         MdmClient::new(&cluster.urls(), None).unwrap().with_credential(&sds.credential);
-    let beat = sds_client
-        .heartbeat(&pflex_proto::api::HeartbeatRequest {
-            node_id: sds.node_id,
-            metrics: Default::default(),
-            volumes_since: None,
-        })
-        .await
-        .unwrap();
-    assert_eq!(beat.token_public_keys.len(), 2, "{:?}", beat.token_public_keys);
-    assert_eq!(beat.token_public_keys[0], keys_before[0], "the old key is still accepted");
+    let keys = heartbeat_token_keys(&sds_client, sds.node_id).await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(keys[0], keys_before[0], "the old key is still accepted");
 }

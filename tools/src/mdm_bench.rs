@@ -511,7 +511,7 @@ async fn window(
     let mapped = Arc::new(mapped.to_vec());
     let pick =
         |k: usize, round: u64, len: usize| (k * 7919 + round as usize * 104_729) % len.max(1);
-    let mut figures = Vec::new();
+    let mut report = WindowReport { heartbeats, volumes, figures: Vec::new() };
 
     let tokens = Arc::new(Samples::default());
     let (until, started) = (Instant::now() + window, Instant::now());
@@ -529,12 +529,7 @@ async fn window(
             }
         }));
     }
-    for task in tasks.drain(..) {
-        task.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    figures.push(heartbeats.take("heartbeat (beside token requests)", volumes, secs));
-    figures.push(tokens.take("token request", volumes, secs));
+    report.close(&mut tasks, started, &tokens, "token request", "token requests").await?;
 
     let maps = Arc::new(Samples::default());
     let (until, started) = (Instant::now() + window, Instant::now());
@@ -550,12 +545,7 @@ async fn window(
             }
         }));
     }
-    for task in tasks.drain(..) {
-        task.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    figures.push(heartbeats.take("heartbeat (beside maps)", volumes, secs));
-    figures.push(maps.take("placement map", volumes, secs));
+    report.close(&mut tasks, started, &maps, "placement map", "maps").await?;
 
     let pages = Arc::new(Samples::default());
     let (until, started) = (Instant::now() + window, Instant::now());
@@ -571,12 +561,7 @@ async fn window(
             }
         }));
     }
-    for task in tasks.drain(..) {
-        task.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    figures.push(heartbeats.take("heartbeat (beside list pages)", volumes, secs));
-    figures.push(pages.take("vol list page (1000)", volumes, secs));
+    report.close(&mut tasks, started, &pages, "vol list page (1000)", "list pages").await?;
 
     // A steady trickle of creates (and deletes of what it created), to
     // measure one create at this size without a bulk load beside it.
@@ -606,14 +591,39 @@ async fn window(
             }
         }));
     }
-    for task in tasks.drain(..) {
-        task.await?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    figures.push(heartbeats.take("heartbeat (beside creates)", volumes, secs));
-    figures.push(creates.take("create (alone)", volumes, secs));
+    report.close(&mut tasks, started, &creates, "create (alone)", "creates").await?;
 
-    Ok(figures)
+    Ok(report.figures)
+}
+
+/// The figures of the windows at one size.
+struct WindowReport<'a> {
+    heartbeats: &'a Samples,
+    volumes: u64,
+    figures: Vec<Figures>,
+}
+
+impl WindowReport<'_> {
+    /// Waits for the callers of a window, then reports its requests
+    /// (`samples` as `op`) and the heartbeats heard meanwhile (beside
+    /// `beside`).
+    async fn close(
+        &mut self,
+        tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+        started: Instant,
+        samples: &Samples,
+        op: &str,
+        beside: &str,
+    ) -> Result<()> {
+        for task in tasks.drain(..) {
+            task.await?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let heartbeats = format!("heartbeat (beside {beside})");
+        self.figures.push(self.heartbeats.take(&heartbeats, self.volumes, secs));
+        self.figures.push(samples.take(op, self.volumes, secs));
+        Ok(())
+    }
 }
 
 /// The goals of the MDM at 10x the seed's cluster, per operation.

@@ -92,6 +92,17 @@ impl Cluster {
 }
 
 /// A registration of a fake SDS with one device of `capacity_gib`.
+/// The token public keys the next heartbeat of node `node_id` hears,
+/// through `client` (holding that node's credential).
+pub async fn heartbeat_token_keys(client: &MdmClient, node_id: u64) -> Vec<String> {
+    let request = pflex_proto::api::HeartbeatRequest {
+        node_id,
+        metrics: Default::default(),
+        volumes_since: None,
+    };
+    client.heartbeat(&request).await.expect("a heartbeat answer").token_public_keys
+}
+
 pub fn fake_sds(name: &str, fault_set: &str, pool: &str, capacity_gib: u64) -> RegisterRequest {
     RegisterRequest {
         control_port: 9100,

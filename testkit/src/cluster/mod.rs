@@ -44,7 +44,7 @@ use pflex_proto::token::ClusterSecret;
 
 use crate::{free_port, spawn_logged, workspace_binary, ProcessGuard};
 
-pub use admin::{fake_request, fake_sds, RegisteredNode};
+pub use admin::{fake_request, fake_sds, heartbeat_token_keys, RegisteredNode};
 use spec::with_flags;
 pub use spec::{ClusterSpec, MdmOptions, NodeOverrides};
 
