@@ -30,6 +30,7 @@ use rusqlite::Connection;
 use serde::de::DeserializeOwned;
 
 use crate::error::MdmError;
+use crate::secrets::{digest, digests_equal};
 use crate::service::{self, Caller, Ctx, Settings};
 
 /// Largest request body accepted (a full ack batch fits comfortably).
@@ -81,8 +82,6 @@ pub struct Credentials {
     pub secrets: Arc<crate::secrets::AdminSecrets>,
     pub admin_token_path: std::path::PathBuf,
 }
-
-use crate::secrets::{digest, digests_equal};
 
 impl AppState {
     pub fn new(
