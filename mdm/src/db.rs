@@ -522,7 +522,7 @@ static WAL_RESTART_DUE: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 /// (see [`restart_wal_if_due`]).
 pub fn start_checkpointer(path: &Path, policy: CheckpointPolicy) -> Result<(), DbError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     std::thread::Builder::new().name("mdm-checkpoint".to_string()).spawn(move || loop {
         std::thread::sleep(policy.every);
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
@@ -546,13 +546,45 @@ pub fn restart_wal_if_due(conn: &Connection) {
     if !WAL_RESTART_DUE.swap(false, std::sync::atomic::Ordering::Relaxed) {
         return;
     }
+    // SQLite's own busy handler sleeps in steps of up to 100 ms (1, 2, 5,
+    // 10, 15, 20, 25, ...), and the writer and every request behind it
+    // sleep with it while a reader finishes a one-row read or a passive
+    // checkpoint its copy: poll instead, so the restart goes ahead as soon
+    // as they are done, and try again after a later batch past a limit.
+    if let Err(e) = conn.busy_handler(Some(wait_for_readers)) {
+        tracing::warn!(error = %e, "WAL restart: setting the busy handler failed");
+        return;
+    }
     let outcome = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+    if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+        tracing::warn!(error = %e, "WAL restart: restoring the busy timeout failed");
+    }
     match outcome {
         Ok(0) => {}
-        Ok(_) => tracing::debug!("the WAL could not start over yet: readers stayed in it"),
+        Ok(_) => {
+            tracing::debug!("the WAL could not start over yet: readers stayed in it");
+            WAL_RESTART_DUE.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         Err(e) => tracing::warn!(error = %e, "WAL restart checkpoint failed"),
     }
 }
+
+/// How long any connection waits for a lock another one holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The restart's busy handler: polls every quarter millisecond, for at most
+/// [`WAL_RESTART_PATIENCE`].
+fn wait_for_readers(attempts: i32) -> bool {
+    const POLL: std::time::Duration = std::time::Duration::from_micros(250);
+    if POLL * attempts.max(0) as u32 >= WAL_RESTART_PATIENCE {
+        return false;
+    }
+    std::thread::sleep(POLL);
+    true
+}
+
+/// Longest a restart waits for the readers inside the WAL.
+const WAL_RESTART_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A connection that only reads `path` (opened and migrated by [`open`]).
 pub fn open_reader(path: &Path) -> Result<Connection, DbError> {
@@ -604,7 +636,7 @@ fn configure(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // A WAL that grew in a burst is cut back when it starts over.
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     // Savepoints (one per request, see `writer`) journal in memory, not in a

@@ -98,12 +98,54 @@ fn fault_set_count(candidates: &[Candidate]) -> usize {
     sets.len()
 }
 
+/// A node's place in the queue of [`place`]: its projected fill with one
+/// more PG, ties to the lower id (the order of [`by_fill`]).
+struct Queued {
+    fill: u128,
+    weight: u128,
+    id: u64,
+    index: usize,
+}
+
+impl Queued {
+    fn of(load: &Load, index: usize, add: u64) -> Self {
+        Queued { fill: load.fill_after(add), weight: load.weight(), id: load.candidate.id, index }
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> Ordering {
+        cmp_ratio(self.fill, self.weight, other.fill, other.weight).then(self.id.cmp(&other.id))
+    }
+}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Queued {}
+
 /// Places `pg_count` PGs of `pg_bytes` each.
+///
+/// The nodes wait in a heap ordered by projected fill, so a PG costs a few
+/// heap steps rather than a pass over every node of the pool (1,000 nodes
+/// and 64 PGs a volume: 128,000 comparisons a create, before).
 pub fn place(
     candidates: &[Candidate],
     pg_count: usize,
     pg_bytes: u64,
 ) -> Result<Vec<PlacementGroup>, PlacementError> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
     if candidates.is_empty() {
         return Err(PlacementError::NoNodes);
     }
@@ -115,20 +157,29 @@ pub fn place(
         .iter()
         .map(|candidate| Load { candidate, new_bytes: 0, new_primary_bytes: 0 })
         .collect();
+    let mut queue: BinaryHeap<Reverse<Queued>> =
+        loads.iter().enumerate().map(|(i, load)| Reverse(Queued::of(load, i, pg_bytes))).collect();
+    let mut passed_over = Vec::new();
     let mut pgs = Vec::with_capacity(pg_count);
     for _ in 0..pg_count {
-        let first = loads.iter().enumerate().min_by(|a, b| by_fill(pg_bytes)(&a.1, &b.1));
-        let (first_index, first_fault_set) = match first {
-            Some((i, load)) => (i, load.candidate.fault_set.clone()),
-            None => return Err(PlacementError::NoNodes),
+        let Reverse(first) = queue.pop().ok_or(PlacementError::NoNodes)?;
+        let first_index = first.index;
+        let first_fault_set = &loads[first_index].candidate.fault_set;
+        // The least filled node of another fault set; the ones of the same
+        // fault set passed over on the way go back in the queue unchanged.
+        let second_index = loop {
+            match queue.pop() {
+                Some(Reverse(next))
+                    if loads[next.index].candidate.fault_set == *first_fault_set =>
+                {
+                    passed_over.push(Reverse(next));
+                }
+                Some(Reverse(next)) => break Some(next.index),
+                None => break None,
+            }
         };
-        let second_index = loads
-            .iter()
-            .enumerate()
-            .filter(|(_, load)| load.candidate.fault_set != first_fault_set)
-            .min_by(|a, b| by_fill(pg_bytes)(&a.1, &b.1))
-            .map(|(i, _)| i)
-            .ok_or(PlacementError::TooFewFaultSets { found })?;
+        queue.extend(passed_over.drain(..));
+        let second_index = second_index.ok_or(PlacementError::TooFewFaultSets { found })?;
         let (a, b) = (&loads[first_index], &loads[second_index]);
         let a_first = cmp_ratio(
             a.primary_fill_after(pg_bytes),
@@ -143,6 +194,8 @@ pub fn place(
         loads[primary].new_bytes += pg_bytes;
         loads[primary].new_primary_bytes += pg_bytes;
         loads[secondary].new_bytes += pg_bytes;
+        queue.push(Reverse(Queued::of(&loads[primary], primary, pg_bytes)));
+        queue.push(Reverse(Queued::of(&loads[secondary], secondary, pg_bytes)));
         pgs.push(PlacementGroup {
             primary: loads[primary].candidate.id,
             secondary: loads[secondary].candidate.id,
@@ -253,7 +306,69 @@ mod tests {
         assert_eq!(pg_bytes(65 * CHUNK_SIZE, 64), 2 * CHUNK_SIZE);
     }
 
+    /// The rule of [`place`] as a pass over every node per PG: what the
+    /// heap must agree with.
+    fn place_by_scan(candidates: &[Candidate], pg_count: usize, pg_bytes: u64) -> Vec<(u64, u64)> {
+        let mut loads: Vec<Load> = candidates
+            .iter()
+            .map(|candidate| Load { candidate, new_bytes: 0, new_primary_bytes: 0 })
+            .collect();
+        let mut pairs = Vec::new();
+        for _ in 0..pg_count {
+            let first = loads.iter().enumerate().min_by(|a, b| by_fill(pg_bytes)(&a.1, &b.1));
+            let (first_index, fault_set) =
+                first.map(|(i, l)| (i, l.candidate.fault_set.clone())).unwrap();
+            let second_index = loads
+                .iter()
+                .enumerate()
+                .filter(|(_, load)| load.candidate.fault_set != fault_set)
+                .min_by(|a, b| by_fill(pg_bytes)(&a.1, &b.1))
+                .map(|(i, _)| i)
+                .unwrap();
+            let (a, b) = (&loads[first_index], &loads[second_index]);
+            let a_first = cmp_ratio(
+                a.primary_fill_after(pg_bytes),
+                a.weight(),
+                b.primary_fill_after(pg_bytes),
+                b.weight(),
+            )
+            .then(a.candidate.id.cmp(&b.candidate.id))
+                != Ordering::Greater;
+            let (p, s) =
+                if a_first { (first_index, second_index) } else { (second_index, first_index) };
+            loads[p].new_bytes += pg_bytes;
+            loads[p].new_primary_bytes += pg_bytes;
+            loads[s].new_bytes += pg_bytes;
+            pairs.push((loads[p].candidate.id, loads[s].candidate.id));
+        }
+        pairs
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_heap_places_like_a_scan_of_every_node(
+            shape in proptest::collection::vec((0u8..4, 1u64..100, 0u64..300, 0u64..100), 2..40),
+            pg_count in 1usize..130,
+            pg_chunks in 1u64..4,
+        ) {
+            let nodes: Vec<Candidate> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, (fs, free, placed, primary))| Candidate {
+                    placed_bytes: placed * CHUNK_SIZE,
+                    placed_primary_bytes: (*primary).min(*placed) * CHUNK_SIZE,
+                    ..node(i as u64 + 1, &format!("fs{fs}"), *free)
+                })
+                .collect();
+            proptest::prop_assume!(fault_set_count(&nodes) >= 2);
+            let placed: Vec<(u64, u64)> = place(&nodes, pg_count, pg_chunks * CHUNK_SIZE)
+                .unwrap()
+                .iter()
+                .map(|pg| (pg.primary, pg.secondary))
+                .collect();
+            proptest::prop_assert_eq!(placed, place_by_scan(&nodes, pg_count, pg_chunks * CHUNK_SIZE));
+        }
+
         #[test]
         fn copies_always_in_two_fault_sets(
             shape in proptest::collection::vec((0u8..6, 1u64..100), 1..20),

@@ -4,12 +4,16 @@
 //! [`crate::changeset`]) on a connection of its own, with triggers off, and
 //! records the entry's log id (and the membership) in `raft_applied` in the
 //! same transaction: after a crash the database says exactly which entries
-//! it holds. A snapshot is a copy of the database (`VACUUM INTO`); a member
-//! that receives one copies it over its own database with SQLite's backup
-//! API, under the readers' feet (they see the old state or the new one).
+//! it holds. A snapshot is a page copy of the database taken by a reader
+//! connection of its own (SQLite's backup API, in one step: one read
+//! transaction), so entries keep being applied while it is copied; the
+//! snapshot's log id is read from the copy itself. A member that receives
+//! one copies it over its own database with the same API, under the
+//! readers' feet (they see the old state or the new one).
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
@@ -25,6 +29,12 @@ use super::{Node, NodeId, TypeConfig};
 #[derive(Clone)]
 pub struct StateMachine {
     conn: Arc<Mutex<Connection>>,
+    /// The database file (a snapshot is copied by a connection of its own).
+    db_path: PathBuf,
+    /// Set while a snapshot is being copied: the WAL must not be restarted
+    /// meanwhile (the restart would wait for the copy's read to end, and
+    /// every apply with it).
+    copying: Arc<AtomicBool>,
     /// Where snapshots are kept (`snapshot.db` and its `snapshot.json`).
     dir: PathBuf,
     /// Brings the member's admin secrets and signing keys in line with what
@@ -56,7 +66,13 @@ impl StateMachine {
     ) -> Result<Self, crate::db::DbError> {
         let conn = crate::db::open(db_path)?;
         crate::changeset::applier_settings(&conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), dir: dir.to_path_buf(), adopter })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            db_path: db_path.to_path_buf(),
+            copying: Arc::default(),
+            dir: dir.to_path_buf(),
+            adopter,
+        })
     }
 
     /// Adopts the secrets and keys of what was just applied; a failure is
@@ -94,6 +110,34 @@ impl StateMachine {
                 serde_json::from_str(&membership).map_err(sm_read_err)?,
             )),
         }
+    }
+
+    /// Copies the database, as of one committed state, to `target` without
+    /// holding the applier's connection; returns what that copy applied.
+    fn copy_to(
+        &self,
+        target: &Path,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        struct Copying<'a>(&'a AtomicBool);
+        impl Drop for Copying<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _ = std::fs::remove_file(target);
+        {
+            self.copying.store(true, Ordering::Release);
+            let _copying = Copying(&self.copying);
+            let source = crate::db::open_reader(&self.db_path).map_err(snapshot_err)?;
+            let mut copy = Connection::open(target).map_err(snapshot_err)?;
+            // Every page in one step: one read transaction, so the copy is
+            // one committed state however many entries are applied meanwhile.
+            rusqlite::backup::Backup::new(&source, &mut copy)
+                .and_then(|backup| backup.run_to_completion(-1, std::time::Duration::ZERO, None))
+                .map_err(snapshot_err)?;
+        }
+        let copy = Connection::open(target).map_err(snapshot_err)?;
+        Self::applied(&copy)
     }
 
     fn snapshot_paths(&self) -> (PathBuf, PathBuf) {
@@ -144,11 +188,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let machine = self.clone();
         tokio::task::spawn_blocking(move || {
             let building = machine.dir.join("snapshot-building.db");
-            let _ = std::fs::remove_file(&building);
-            let conn = machine.lock();
-            let (last_log_id, last_membership) = StateMachine::applied(&conn)?;
-            conn.execute("VACUUM INTO ?1", [building.to_string_lossy()]).map_err(snapshot_err)?;
-            drop(conn);
+            let started = std::time::Instant::now();
+            let (last_log_id, last_membership) = machine.copy_to(&building)?;
             let data = std::fs::read(&building).map_err(snapshot_err)?;
             let snapshot_id = match &last_log_id {
                 Some(id) => format!("{}-{}", id.leader_id.term, id.index),
@@ -156,6 +197,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
             machine.keep_snapshot(&building, &meta).map_err(snapshot_err)?;
+            tracing::info!(
+                snapshot = %meta.snapshot_id,
+                bytes = data.len(),
+                millis = started.elapsed().as_millis() as u64,
+                "built an MDM snapshot"
+            );
             Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
         })
         .await
@@ -187,7 +234,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut conn = machine.lock();
             apply_entries(&mut conn, &entries).map_err(|e| e.to_string())?;
             machine.adopt(&conn);
-            crate::db::restart_wal_if_due(&conn);
+            if !machine.copying.load(Ordering::Acquire) {
+                crate::db::restart_wal_if_due(&conn);
+            }
             Ok::<_, String>(())
         })
         .await
@@ -250,12 +299,4 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = std::fs::read(&db).map_err(sm_read_err)?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
-}
-
-/// Copies the live database to `target` (`pflex mdm backup`): a consistent
-/// snapshot taken between two applied entries.
-pub fn backup_to(machine: &StateMachine, target: &Path) -> Result<(), rusqlite::Error> {
-    let conn = machine.lock();
-    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])?;
-    Ok(())
 }

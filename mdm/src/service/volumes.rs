@@ -179,11 +179,12 @@ pub(super) fn candidates(
     ctx: &Ctx,
     pool_id: u64,
 ) -> Result<Vec<Candidate>, MdmError> {
-    let usage = pool_usage(conn, pool_id)?;
     let mut stmt = conn.prepare_cached(
-        "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at
+        "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at,
+                COALESCE(l.placed, 0), COALESCE(l.placed_primary, 0), COALESCE(l.reserved, 0)
          FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
-         JOIN fault_sets f ON f.id = s.fault_set_id WHERE s.pool_id = ?1
+         JOIN fault_sets f ON f.id = s.fault_set_id
+         LEFT JOIN sds_load l ON l.node_id = s.node_id WHERE s.pool_id = ?1
            AND s.draining = 0 AND s.removed_at = 0
            AND NOT (EXISTS (SELECT 1 FROM sds_devices d WHERE d.sds_id = n.id)
                     AND NOT EXISTS (SELECT 1 FROM sds_devices d
@@ -192,12 +193,14 @@ pub(super) fn candidates(
     )?;
     let mut rows = stmt
         .query_map([pool_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            let usage =
+                NodeUsage { placed: r.get(6)?, placed_primary: r.get(7)?, reserved: r.get(8)? };
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, usage))
         })?
-        .collect::<Result<Vec<(u64, String, u64, u64, u64, u64)>, _>>()?;
+        .collect::<Result<Vec<(u64, String, u64, u64, u64, u64, NodeUsage)>, _>>()?;
     ctx.sightings.overlay(&mut rows, |r| (r.0, &mut r.4));
-    let mut out = Vec::new();
-    for (id, fault_set, capacity, used, last_seen, failed_at) in rows {
+    let mut out = Vec::with_capacity(rows.len());
+    for (id, fault_set, capacity, used, last_seen, failed_at, load) in rows {
         // (A node whose every device failed has no room: not selected above.)
         // A node failed on evidence is no candidate for a while after it comes
         // back: a node the MDM cannot reach would otherwise flap between
@@ -207,7 +210,6 @@ pub(super) fn candidates(
         if recently_failed || liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
             continue;
         }
-        let load = usage.get(&id).copied().unwrap_or_default();
         out.push(Candidate {
             id,
             fault_set,
