@@ -619,6 +619,12 @@ impl WindowReport<'_> {
             task.await?;
         }
         let secs = started.elapsed().as_secs_f64();
+        // When it ran, to line the window up with the MDMs' logs.
+        let ended = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        eprintln!("window {op:?}: unix time {:.3} to {ended:.3}", ended - secs);
         let heartbeats = format!("heartbeat (beside {beside})");
         self.figures.push(self.heartbeats.take(&heartbeats, self.volumes, secs));
         self.figures.push(samples.take(op, self.volumes, secs));

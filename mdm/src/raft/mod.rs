@@ -131,8 +131,9 @@ impl Replication {
     /// Starts member `id` with its log and state machine in `data_dir`.
     /// `members` (id → base URL) initialises a new cluster: the lowest id
     /// of it does so when its log is empty; the others wait to be contacted.
-    /// A snapshot is taken every `snapshot_every` entries and the log is
-    /// purged up to a fifth of that behind it.
+    /// A snapshot is taken every `snapshot_every` entries (plus a tenth of
+    /// that per member id, up to four tenths) and the log is purged up to a
+    /// fifth of that behind it.
     pub async fn start(
         id: NodeId,
         data_dir: &Path,
@@ -147,7 +148,11 @@ impl Replication {
             election_timeout_min: ELECTION_TIMEOUT.0.as_millis() as u64,
             election_timeout_max: ELECTION_TIMEOUT.1.as_millis() as u64,
             max_payload_entries: 64,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+            // Members take theirs a tenth apart, so that members sharing a
+            // host (a lab, a bench) do not all copy the database at once.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+                snapshot_every + (id.saturating_sub(1) % 5) * (snapshot_every / 10),
+            ),
             max_in_snapshot_log_to_keep: snapshot_every / 5,
             ..Default::default()
         }
@@ -392,6 +397,12 @@ async fn keep_lease(replication: std::sync::Weak<Replication>) {
             && tokio::time::timeout(LEADER_LEASE, replication.raft.ensure_linearizable())
                 .await
                 .is_ok_and(|r| r.is_ok());
+        if leading && !confirmed {
+            tracing::warn!(
+                waited_ms = asked.elapsed().as_millis() as u64,
+                "no majority confirmed this leader in time: it stops serving until one does"
+            );
+        }
         let mut slot = replication.confirmed.lock().unwrap_or_else(|p| p.into_inner());
         if confirmed {
             *slot = Some(asked);
