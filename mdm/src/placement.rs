@@ -180,20 +180,7 @@ pub fn place(
         };
         queue.extend(passed_over.drain(..));
         let second_index = second_index.ok_or(PlacementError::TooFewFaultSets { found })?;
-        let (a, b) = (&loads[first_index], &loads[second_index]);
-        let a_first = cmp_ratio(
-            a.primary_fill_after(pg_bytes),
-            a.weight(),
-            b.primary_fill_after(pg_bytes),
-            b.weight(),
-        )
-        .then(a.candidate.id.cmp(&b.candidate.id))
-            != Ordering::Greater;
-        let (primary, secondary) =
-            if a_first { (first_index, second_index) } else { (second_index, first_index) };
-        loads[primary].new_bytes += pg_bytes;
-        loads[primary].new_primary_bytes += pg_bytes;
-        loads[secondary].new_bytes += pg_bytes;
+        let (primary, secondary) = assign(&mut loads, first_index, second_index, pg_bytes);
         queue.push(Reverse(Queued::of(&loads[primary], primary, pg_bytes)));
         queue.push(Reverse(Queued::of(&loads[secondary], secondary, pg_bytes)));
         pgs.push(PlacementGroup {
@@ -203,6 +190,26 @@ pub fn place(
         });
     }
     Ok(pgs)
+}
+
+/// Gives a PG to the two nodes picked for it: the one with the lower
+/// projected primary fill becomes primary (ties to the lower id). Returns
+/// (primary, secondary) as indexes into `loads`.
+fn assign(loads: &mut [Load], first: usize, second: usize, pg_bytes: u64) -> (usize, usize) {
+    let (a, b) = (&loads[first], &loads[second]);
+    let a_first = cmp_ratio(
+        a.primary_fill_after(pg_bytes),
+        a.weight(),
+        b.primary_fill_after(pg_bytes),
+        b.weight(),
+    )
+    .then(a.candidate.id.cmp(&b.candidate.id))
+        != Ordering::Greater;
+    let (primary, secondary) = if a_first { (first, second) } else { (second, first) };
+    loads[primary].new_bytes += pg_bytes;
+    loads[primary].new_primary_bytes += pg_bytes;
+    loads[secondary].new_bytes += pg_bytes;
+    (primary, secondary)
 }
 
 /// Picks the node that takes over the copy a failed node held in a PG whose
@@ -325,20 +332,7 @@ mod tests {
                 .min_by(|a, b| by_fill(pg_bytes)(&a.1, &b.1))
                 .map(|(i, _)| i)
                 .unwrap();
-            let (a, b) = (&loads[first_index], &loads[second_index]);
-            let a_first = cmp_ratio(
-                a.primary_fill_after(pg_bytes),
-                a.weight(),
-                b.primary_fill_after(pg_bytes),
-                b.weight(),
-            )
-            .then(a.candidate.id.cmp(&b.candidate.id))
-                != Ordering::Greater;
-            let (p, s) =
-                if a_first { (first_index, second_index) } else { (second_index, first_index) };
-            loads[p].new_bytes += pg_bytes;
-            loads[p].new_primary_bytes += pg_bytes;
-            loads[s].new_bytes += pg_bytes;
+            let (p, s) = assign(&mut loads, first_index, second_index, pg_bytes);
             pairs.push((loads[p].candidate.id, loads[s].candidate.id));
         }
         pairs

@@ -337,3 +337,72 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn machine(dir: &Path) -> StateMachine {
+        let timing = crate::keys::KeyTiming {
+            publish_for: std::time::Duration::from_secs(6),
+            token_ttl: std::time::Duration::from_secs(600),
+        };
+        let adopter = crate::secrets::Adopter {
+            secrets: Arc::new(crate::secrets::AdminSecrets::new("admin", None)),
+            keys: Arc::new(crate::keys::Keys::new(
+                pflex_proto::token::ClusterSecret::generate(),
+                timing,
+                Vec::new(),
+            )),
+        };
+        StateMachine::open(&dir.join(crate::DB_FILE), dir, adopter).unwrap()
+    }
+
+    /// Entry `index` adds protection domain `pd<index>`.
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        let scratch = crate::db::open_in_memory().unwrap();
+        scratch.execute_batch("BEGIN").unwrap();
+        let recorder = crate::changeset::Recorder::start(&scratch).unwrap();
+        scratch
+            .execute(
+                "INSERT INTO protection_domains (id, name, created_at) VALUES (?1, ?2, 1)",
+                params![index, format!("pd{index}")],
+            )
+            .unwrap();
+        let changes = recorder.finish().unwrap();
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(super::super::Batch { changes }),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_copied_while_entries_apply_holds_exactly_what_its_log_id_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = machine(dir.path());
+        let entries: Vec<_> = (1..=3000).map(entry).collect();
+        let applier = {
+            let machine = machine.clone();
+            std::thread::spawn(move || {
+                for entry in entries {
+                    apply_entries(&mut machine.lock(), std::slice::from_ref(&entry)).unwrap();
+                }
+            })
+        };
+        let copy = dir.path().join("copy.db");
+        let mut checked = 0;
+        while !applier.is_finished() || checked == 0 {
+            let (applied, _) = machine.copy_to(&copy).unwrap();
+            let applied = applied.map_or(0, |id| id.index);
+            let held: u64 = Connection::open(&copy)
+                .unwrap()
+                .query_row("SELECT COUNT(*) FROM protection_domains", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(held, applied, "the copy holds {held} entries but says {applied}");
+            checked += 1;
+        }
+        applier.join().unwrap();
+        assert!(checked > 1, "only {checked} copies were taken while entries applied");
+    }
+}
