@@ -602,18 +602,26 @@ pub fn copy_to_bytes(conn: &Connection) -> Result<Vec<u8>, DbError> {
         std::process::id(),
         unique()
     ));
-    let result = (|| -> Result<Vec<u8>, DbError> {
-        let mut target = Connection::open(&path)?;
-        rusqlite::backup::Backup::new(conn, &mut target)?.run_to_completion(
-            4096,
-            std::time::Duration::ZERO,
-            None,
-        )?;
-        drop(target);
-        Ok(std::fs::read(&path)?)
-    })();
+    let result = copy_to_file(conn, &path).and_then(|()| Ok(std::fs::read(&path)?));
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Copies the database `conn` reads into a new file `target`, as of one
+/// committed state, while other connections go on committing: every page in
+/// one backup step, which is one read transaction (in smaller steps each
+/// commit elsewhere restarts the copy, and steady commits never let it end).
+pub fn copy_to_file(conn: &Connection, target: &Path) -> Result<(), DbError> {
+    let _ = std::fs::remove_file(target);
+    let mut copy = Connection::open(target)?;
+    let backup = rusqlite::backup::Backup::new(conn, &mut copy)?;
+    for _ in 0..1000 {
+        match backup.step(-1)? {
+            rusqlite::backup::StepResult::Done => return Ok(()),
+            _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+        }
+    }
+    Err(DbError::Io(std::io::Error::other("the database stayed locked for the copy")))
 }
 
 fn unique() -> u64 {

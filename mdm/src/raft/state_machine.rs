@@ -124,27 +124,11 @@ impl StateMachine {
                 self.0.store(false, Ordering::Release);
             }
         }
-        let _ = std::fs::remove_file(target);
         {
             self.copying.store(true, Ordering::Release);
             let _copying = Copying(&self.copying);
             let source = crate::db::open_reader(&self.db_path).map_err(snapshot_err)?;
-            let mut copy = Connection::open(target).map_err(snapshot_err)?;
-            // Every page in one step: one read transaction, so the copy is
-            // one committed state however many entries are applied meanwhile
-            // (in smaller steps, each commit elsewhere restarts the copy).
-            let backup = rusqlite::backup::Backup::new(&source, &mut copy).map_err(snapshot_err)?;
-            for attempt in 0.. {
-                match backup.step(-1).map_err(snapshot_err)? {
-                    rusqlite::backup::StepResult::Done => break,
-                    _ if attempt >= 1000 => {
-                        return Err(snapshot_err(std::io::Error::other(
-                            "the database stayed locked for the snapshot's copy",
-                        )));
-                    }
-                    _ => std::thread::sleep(std::time::Duration::from_millis(1)),
-                }
-            }
+            crate::db::copy_to_file(&source, target).map_err(snapshot_err)?;
         }
         let copy = Connection::open(target).map_err(snapshot_err)?;
         Self::applied(&copy)
