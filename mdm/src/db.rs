@@ -443,6 +443,14 @@ const MIGRATIONS: &[&str] = &[
         changed_at INTEGER NOT NULL
     );
     "#,
+    // 13: MDM members removed from a replicated MDM: their ids are never
+    // taken again, as members or as senders of Raft messages.
+    r#"
+    CREATE TABLE retired_mdm_members (
+        id INTEGER PRIMARY KEY,
+        retired_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 // Migration 10 computes PG bytes in SQL with 1 MiB chunks.

@@ -1074,6 +1074,8 @@ async fn mdm_add(
     if change.id == 0 {
         return Err(MdmError::invalid("invalid_id", "member ids start at 1"));
     }
+    let id = change.id;
+    state.read(move |conn, _| service::check_new_mdm_member(conn, id)).await?;
     replication.add_member(change.id, url.trim_end_matches('/').to_string()).await?;
     tracing::warn!(member = change.id, "added an MDM member");
     Ok(Json(replication.status()))
@@ -1087,6 +1089,9 @@ async fn mdm_remove(
     allow(caller, &[Role::Admin])?;
     let replication = replicated(&state)?;
     replication.remove_member(change.id).await?;
+    // Committed once it left the membership: until then it still votes.
+    let id = change.id;
+    state.transact(move |conn, ctx| service::retire_mdm_member(conn, ctx, id)).await?;
     tracing::warn!(member = change.id, "removed an MDM member");
     Ok(Json(replication.status()))
 }
@@ -1138,6 +1143,29 @@ fn check_peer(
     })
 }
 
+/// Whether member `sender`, admitted by [`check_peer`], is still heard: a
+/// retired member is not. The database is read only for a sender outside
+/// the membership this member knows (never on the leader's steady appends).
+async fn check_standing(
+    state: &Shared,
+    replication: &crate::raft::Replication,
+    sender: Option<crate::raft::NodeId>,
+) -> Result<(), MdmError> {
+    use crate::raft::peer_auth::{admit_sender, Standing};
+    let Some(sender) = sender else { return Ok(()) };
+    let standing = if replication.knows_member(sender) {
+        Standing::Member
+    } else if state.read(move |conn, _| service::mdm_member_retired(conn, sender)).await? {
+        Standing::Retired
+    } else {
+        Standing::Unknown
+    };
+    admit_sender(sender, standing).map_err(|refusal| {
+        tracing::warn!(member = replication.id, %refusal, "refused a Raft message");
+        MdmError::Unauthorized(refusal.to_string())
+    })
+}
+
 /// `POST /raft/{message}`: a Raft message from another member, answered
 /// with openraft's result as JSON.
 async fn raft_message(
@@ -1157,24 +1185,28 @@ async fn raft_message(
     if key != crate::raft::peer_auth::PeerKey::Matches {
         check_peer(replication, key, certificate, None)?;
     }
-    let check = |sender| check_peer(replication, key, certificate, sender);
+    let state = &state;
+    let check = |sender| async move {
+        check_peer(replication, key, certificate, sender)?;
+        check_standing(state, replication, sender).await
+    };
     let raft = &replication.raft;
     Ok(match message.as_str() {
         "append" => {
             let request: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> =
                 parse(&body)?;
-            check(request.vote.leader_id().voted_for())?;
+            check(request.vote.leader_id().voted_for()).await?;
             Json(raft.append_entries(request).await).into_response()
         }
         "vote" => {
             let request: openraft::raft::VoteRequest<crate::raft::NodeId> = parse(&body)?;
-            check(request.vote.leader_id().voted_for())?;
+            check(request.vote.leader_id().voted_for()).await?;
             Json(raft.vote(request).await).into_response()
         }
         "snapshot" => {
             let request: openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig> =
                 parse(&body)?;
-            check(request.vote.leader_id().voted_for())?;
+            check(request.vote.leader_id().voted_for()).await?;
             Json(raft.install_snapshot(request).await).into_response()
         }
         other => {

@@ -4,7 +4,8 @@
 //!
 //! The forged message is an append from the leader's id at a much higher
 //! term: a member that took it would follow the forger from then on, at
-//! that term (which the test would see).
+//! that term (which the test would see). A member removed from the cluster
+//! is refused the same way, with its own certificate and the right key.
 
 use std::path::Path;
 use std::time::Duration;
@@ -124,4 +125,33 @@ async fn over_tls_members_take_raft_messages_only_from_the_member_they_name() {
         status.is_ok_and(|s| s.applied_index.is_some_and(|a| a >= leader_applied))
     })
     .await;
+
+    // A removed member is retired: once the follower has applied its
+    // removal, a message in its name, with its own certificate and the
+    // key, is refused (taken, it would make the follower follow it at its
+    // term), and its id is never given again.
+    let retired_id = cluster.members[other].id;
+    admin.mdm_remove(retired_id).await.unwrap();
+    let leader = cluster.wait_for_leader().await;
+    let follower = (0..cluster.members.len()).find(|&i| i != leader && i != other).unwrap();
+    let leader_applied =
+        cluster.member_client(leader).mdm_status().await.unwrap().applied_index.unwrap();
+    wait_for("the follower to apply the removal", Duration::from_secs(30), || async {
+        let status = cluster.member_client(follower).mdm_status().await;
+        status.is_ok_and(|s| s.applied_index.is_some_and(|a| a >= leader_applied))
+    })
+    .await;
+    let url = format!("{}/raft/append", cluster.members[follower].url());
+    let term_before = cluster.member_client(follower).mdm_status().await.unwrap().term;
+    let answer =
+        post_raft(&other_member, &url, Some(&key), &append_request(retired_id, term_before + 100))
+            .await;
+    let status = answer.status();
+    let body = answer.text().await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains(&format!("member {retired_id} was removed")), "{body}");
+    let after = cluster.member_client(follower).mdm_status().await.unwrap();
+    assert_eq!(after.term, term_before, "a retired member moved the follower's term");
+    let again = admin.mdm_add(retired_id, &cluster.members[other].url()).await.unwrap_err();
+    assert!(again.to_string().contains("never given again"), "{again}");
 }

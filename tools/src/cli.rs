@@ -404,6 +404,8 @@ pub enum MdmCommand {
         common: CommonArgs,
     },
     /// Remove member ID (a dead one, or one to retire) while the rest serve.
+    /// The id is retired: its Raft messages and certificate are refused from
+    /// then on, and a replacement joins under a new id.
     Remove {
         id: u64,
         #[command(flatten)]

@@ -274,6 +274,12 @@ impl Replication {
         }
     }
 
+    /// Whether `id` is in the membership this member knows (voter or
+    /// learner).
+    pub fn knows_member(&self, id: NodeId) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&id).is_some()
+    }
+
     /// The cluster as this member sees it.
     pub fn status(&self) -> pflex_proto::api::MdmClusterStatus {
         let metrics = self.raft.metrics().borrow().clone();

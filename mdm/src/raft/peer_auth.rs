@@ -11,7 +11,14 @@
 //! from the same CA), or a member posing as another, is refused before
 //! openraft sees the message.
 //!
-//! Both decisions are pure functions of what was presented, tested as
+//! A member removed from the cluster is retired for good: its id is never
+//! given again, and a message in its name is refused ([`admit_sender`]),
+//! whatever certificate and key it presents. Without that, a removed
+//! member that comes back (it was unreachable when it was removed, and
+//! still has its certificate and the cluster secret) could still ask for
+//! votes or send appends at a term of its choosing.
+//!
+//! Each decision is a pure function of what was presented, tested as
 //! tables below.
 
 use super::NodeId;
@@ -49,6 +56,32 @@ pub enum PeerRefusal {
     NoSender,
     #[error("the certificate is member {certificate}'s, but it speaks as member {claimed}")]
     Impersonation { certificate: NodeId, claimed: NodeId },
+    #[error(
+        "member {0} was removed from the MDM cluster; its id and certificate are no longer taken"
+    )]
+    Retired(NodeId),
+}
+
+/// Where the sender of a message stands in this member's view of the
+/// cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// In the membership this member knows (voter or learner).
+    Member,
+    /// Not in it, and never removed: a member added by entries this member
+    /// has not received yet (its leader must be heard to catch up).
+    Unknown,
+    /// Removed from the cluster (a committed `pflex mdm remove`).
+    Retired,
+}
+
+/// Whether a message from `sender`, already admitted by
+/// [`admit_message`], is taken given the sender's standing.
+pub fn admit_sender(sender: NodeId, standing: Standing) -> Result<(), PeerRefusal> {
+    match standing {
+        Standing::Member | Standing::Unknown => Ok(()),
+        Standing::Retired => Err(PeerRefusal::Retired(sender)),
+    }
 }
 
 /// The member a certificate identifies, or why it identifies none.
@@ -125,6 +158,19 @@ mod tests {
         }
         // Every refusal says why in words an operator can act on.
         assert!(bad(admit_message(Matches, Tls(None), Some(1))).to_string().contains("cluster CA"));
+    }
+
+    #[test]
+    fn a_removed_member_is_never_heard_again() {
+        for (standing, expected) in [
+            (Standing::Member, Ok(())),
+            (Standing::Unknown, Ok(())),
+            (Standing::Retired, Err(PeerRefusal::Retired(4))),
+        ] {
+            assert_eq!(admit_sender(4, standing), expected, "{standing:?}");
+        }
+        let refusal = admit_sender(4, Standing::Retired).unwrap_err().to_string();
+        assert!(refusal.contains("member 4 was removed"), "{refusal}");
     }
 
     #[test]

@@ -10,10 +10,12 @@
 //! - `enrollment`: who may register under a name, enrollment tokens, resets, the audit log;
 //! - `volumes`: volumes, mappings, placement maps;
 //! - `tokens`: IO tokens and completion records;
-//! - `health`: liveness, summary, re-placement of failed nodes' copies.
+//! - `health`: liveness, summary, re-placement of failed nodes' copies;
+//! - `members`: MDM members removed from a replicated MDM.
 
 mod enrollment;
 mod health;
+mod members;
 mod movement;
 mod nodes;
 mod rebuild;
@@ -28,6 +30,7 @@ pub use health::{
     Replace,
 };
 pub use health::{declare_unreachable, device_failed, sds_data_address};
+pub use members::{check_new_mdm_member, mdm_member_retired, retire_mdm_member};
 pub use movement::{
     movement_policy, movement_status, rebuild_progress, remove_sds, set_movement_policy,
     RebalanceReport, MAX_CONCURRENT_MOVES,
