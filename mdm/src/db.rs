@@ -470,8 +470,35 @@ pub enum DbError {
     TooNew { found: u32, supported: u32 },
 }
 
+/// Turns off SQLite's memory statistics, before its first connection (a
+/// later call changes nothing and is harmless). With them on, every
+/// allocation SQLite makes, on every connection, takes one process-wide
+/// mutex: the writer and every reader thread meet there, thousands of
+/// times a second under heartbeats and token requests. The MDM never reads
+/// those statistics (`sqlite3_memory_used` stays 0).
+pub fn disable_memory_statistics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config is called before the library is used on
+        // any thread (the `Once` runs ahead of the first open, and main
+        // calls it first thing); SQLITE_CONFIG_MEMSTATUS takes one int. If
+        // SQLite was already initialised it returns SQLITE_MISUSE and
+        // changes nothing.
+        let code = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            )
+        };
+        if code != rusqlite::ffi::SQLITE_OK {
+            tracing::debug!(code, "SQLite memory statistics stay on (already initialised)");
+        }
+    });
+}
+
 /// Opens (creating if needed) `path` and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, DbError> {
+    disable_memory_statistics();
     let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,

@@ -8,6 +8,7 @@ async fn main() -> anyhow::Result<()> {
     // device images, logs) is for its owner only: 0600 and 0700.
     // SAFETY: umask(2) sets this process's file-mode mask and cannot fail.
     unsafe { libc::umask(0o077) };
+    pflex_mdm::db::disable_memory_statistics();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
