@@ -172,6 +172,23 @@ pub(super) fn pool_usage_by_scan(
     Ok(usage)
 }
 
+/// The query of [`candidates`] (`?1`: the pool): it walks `sds_nodes`
+/// and looks each node up in `cluster_nodes` (`CROSS JOIN` fixes that
+/// order in SQLite). Left to itself, the planner walked `cluster_nodes`,
+/// every SDC included, to save sorting by id: at 1,000 SDS and 10,000 SDC
+/// that was 5.7 ms a create against 0.95 ms.
+const CANDIDATES: &str =
+    "SELECT s.node_id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at,
+            COALESCE(l.placed, 0), COALESCE(l.placed_primary, 0), COALESCE(l.reserved, 0)
+     FROM sds_nodes s CROSS JOIN cluster_nodes n ON n.id = s.node_id
+     JOIN fault_sets f ON f.id = s.fault_set_id
+     LEFT JOIN sds_load l ON l.node_id = s.node_id WHERE s.pool_id = ?1
+       AND s.draining = 0 AND s.removed_at = 0
+       AND NOT (EXISTS (SELECT 1 FROM sds_devices d WHERE d.sds_id = s.node_id)
+                AND NOT EXISTS (SELECT 1 FROM sds_devices d
+                                WHERE d.sds_id = s.node_id AND d.failed_reason IS NULL))
+     ORDER BY s.node_id";
+
 /// SDS nodes of a pool that may receive copies (not FAILED), with their
 /// fault sets and load.
 pub(super) fn candidates(
@@ -179,18 +196,7 @@ pub(super) fn candidates(
     ctx: &Ctx,
     pool_id: u64,
 ) -> Result<Vec<Candidate>, MdmError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT n.id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at,
-                COALESCE(l.placed, 0), COALESCE(l.placed_primary, 0), COALESCE(l.reserved, 0)
-         FROM sds_nodes s JOIN cluster_nodes n ON n.id = s.node_id
-         JOIN fault_sets f ON f.id = s.fault_set_id
-         LEFT JOIN sds_load l ON l.node_id = s.node_id WHERE s.pool_id = ?1
-           AND s.draining = 0 AND s.removed_at = 0
-           AND NOT (EXISTS (SELECT 1 FROM sds_devices d WHERE d.sds_id = n.id)
-                    AND NOT EXISTS (SELECT 1 FROM sds_devices d
-                                    WHERE d.sds_id = n.id AND d.failed_reason IS NULL))
-         ORDER BY n.id",
-    )?;
+    let mut stmt = conn.prepare_cached(CANDIDATES)?;
     let mut rows = stmt
         .query_map([pool_id], |r| {
             let usage =
@@ -642,6 +648,23 @@ mod tests {
     use crate::keys::{KeyTiming, Keys};
     use pflex_proto::api::{DeviceInfo, RegisterRequest};
     use pflex_proto::token::ClusterSecret;
+
+    /// A create reads its candidates by walking the pool's SDS nodes,
+    /// never every node of the cluster (SDCs outnumber them tenfold).
+    #[test]
+    fn candidates_walk_the_sds_nodes_not_every_node() {
+        let conn = crate::db::open_in_memory().unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {CANDIDATES}"))
+            .unwrap()
+            .query_map([1], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let scans: Vec<&String> = plan.iter().filter(|step| step.starts_with("SCAN")).collect();
+        assert_eq!(scans, ["SCAN s"], "{plan:#?}");
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "sorts: {plan:#?}");
+    }
 
     /// The per-node sums the triggers keep in `sds_load` equal the sums of
     /// every PG after each kind of change a PG goes through.
