@@ -53,7 +53,20 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
     let new = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     new.auth_all().await;
     let data = pattern(3, CHUNK_SIZE as usize);
-    assert_eq!(new.write(0, 0, &data).await, Status::Ok);
+    // The new cluster numbers its first volume 1 again, and its nodes may
+    // have swapped ids: a primary that granted a lease on volume 1 under the
+    // old cluster waits it out first and answers `NotAvailable`, which an
+    // SDC retries (as here) until it passes.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = new.write(0, 0, &data).await;
+        if status == Status::Ok {
+            break;
+        }
+        assert_eq!(status, Status::NotAvailable, "only a lease wait may delay the write");
+        assert!(Instant::now() < deadline, "the write stayed NotAvailable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for node_id in [new.primary_of(0), new.secondary_of(0)] {
         let node = cluster.sds_by_node_id(node_id).await;
         assert_eq!(cluster.checksum(node, volume_id, 0).await.crc32, model_crc(&data));
