@@ -56,7 +56,8 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
     // The new cluster numbers its first volume 1 again, and its nodes may
     // have swapped ids: a primary that granted a lease on volume 1 under the
     // old cluster waits it out first and answers `NotAvailable`, which an
-    // SDC retries (as here) until it passes.
+    // SDC retries (as here) until it passes. (A node that kept the old
+    // cluster's map of volume 1 refused the new primary's leases for good.)
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = new.write(0, 0, &data).await;

@@ -8,7 +8,9 @@
 //! the token public keys, its node key and the peer key (held in memory
 //! only). Any MDM call answered 401 makes the node register again and retry
 //! once; concurrent 401s cause one re-registration. If the keys changed,
-//! every cached token is dropped (SDCs must present their new tokens).
+//! every cached token is dropped (SDCs must present their new tokens), and
+//! every placement map (the new cluster numbers its volumes and epochs
+//! anew).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -99,8 +101,17 @@ impl SdsNode {
         // key; new token public keys (a rotation) do not: tokens already
         // verified stay valid until they expire.
         if previous.as_ref().is_some_and(|p| p.keys.node_key != keys.node_key) {
-            tracing::warn!("this node's keys changed: dropping every cached token");
+            // A new cluster secret: an MDM that came back with empty state
+            // numbers volumes and epochs from 1 again, and may have given
+            // this node another id. A kept map of "volume 1 at epoch 1" would
+            // then be taken for the new volume's (same epoch, so never
+            // refetched), with the old roles: this node refused the leases
+            // its new primary asked for, for good.
+            tracing::warn!(
+                "this node's keys changed: dropping every cached token and placement map"
+            );
             self.tokens.clear();
+            self.placement.clear();
         }
         let identity = Arc::new(Identity {
             node_id: reply.node_id,

@@ -204,8 +204,8 @@ impl PlacementCache {
         self.len() == 0
     }
 
-    /// Forgets everything (after registering anew with an MDM that may
-    /// have other volumes).
+    /// Forgets everything (after registering with a new cluster, whose
+    /// volumes and epochs are numbered anew).
     pub fn clear(&self) {
         self.maps.write().unwrap_or_else(|p| p.into_inner()).clear();
         self.generations.write().unwrap_or_else(|p| p.into_inner()).clear();
