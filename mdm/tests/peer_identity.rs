@@ -42,6 +42,17 @@ async fn post_raft(
     request.send().await.unwrap()
 }
 
+/// Waits until member `member` has applied what member `leader` has.
+async fn catch_up(cluster: &MdmCluster, leader: usize, member: usize, what: &str) {
+    let leader_applied =
+        cluster.member_client(leader).mdm_status().await.unwrap().applied_index.unwrap();
+    wait_for(what, Duration::from_secs(30), || async {
+        let status = cluster.member_client(member).mdm_status().await;
+        status.is_ok_and(|s| s.applied_index.is_some_and(|a| a >= leader_applied))
+    })
+    .await;
+}
+
 /// An empty append (a leader's heartbeat) from `leader` at `term`.
 fn append_request(leader: u64, term: u64) -> serde_json::Value {
     let request = openraft::raft::AppendEntriesRequest::<pflex_mdm::raft::TypeConfig> {
@@ -118,13 +129,7 @@ async fn over_tls_members_take_raft_messages_only_from_the_member_they_name() {
     let (new_id, new_url) = (cluster.members[new].id, cluster.members[new].url());
     admin.mdm_add(new_id, &new_url).await.unwrap();
     admin.volume_create(&create("after")).await.unwrap();
-    let leader_applied =
-        cluster.member_client(leader).mdm_status().await.unwrap().applied_index.unwrap();
-    wait_for("the new member to catch up", Duration::from_secs(30), || async {
-        let status = cluster.member_client(new).mdm_status().await;
-        status.is_ok_and(|s| s.applied_index.is_some_and(|a| a >= leader_applied))
-    })
-    .await;
+    catch_up(&cluster, leader, new, "the new member to catch up").await;
 
     // A removed member is retired: once the follower has applied its
     // removal, a message in its name, with its own certificate and the
@@ -134,13 +139,7 @@ async fn over_tls_members_take_raft_messages_only_from_the_member_they_name() {
     admin.mdm_remove(retired_id).await.unwrap();
     let leader = cluster.wait_for_leader().await;
     let follower = (0..cluster.members.len()).find(|&i| i != leader && i != other).unwrap();
-    let leader_applied =
-        cluster.member_client(leader).mdm_status().await.unwrap().applied_index.unwrap();
-    wait_for("the follower to apply the removal", Duration::from_secs(30), || async {
-        let status = cluster.member_client(follower).mdm_status().await;
-        status.is_ok_and(|s| s.applied_index.is_some_and(|a| a >= leader_applied))
-    })
-    .await;
+    catch_up(&cluster, leader, follower, "the follower to apply the removal").await;
     let url = format!("{}/raft/append", cluster.members[follower].url());
     let term_before = cluster.member_client(follower).mdm_status().await.unwrap().term;
     let answer =
