@@ -446,7 +446,10 @@ async fn register(
             tracing::info!(node_id = response.node_id, "component registered");
             Ok(Json(response))
         }
-        Err(e @ (MdmError::Unauthorized(_) | MdmError::Conflict { code: "name_taken", .. })) => {
+        Err(
+            e @ (MdmError::Unauthorized(_)
+            | MdmError::Conflict { code: "name_taken" | "foreign_cluster_data", .. }),
+        ) => {
             state.record_refusal(&body, &source, &e.to_string()).await;
             Err(e)
         }

@@ -87,6 +87,11 @@ impl Keys {
         Self { secret, timing, history: RwLock::new(history) }
     }
 
+    /// The cluster's public id (see [`ClusterSecret::cluster_id`]).
+    pub fn cluster_id(&self) -> String {
+        self.secret.cluster_id()
+    }
+
     fn schedule(&self, now: u64) -> (u32, Vec<u32>) {
         let history = self.history.read().unwrap_or_else(|p| p.into_inner());
         key_schedule(&history, now, self.timing)

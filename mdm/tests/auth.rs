@@ -43,6 +43,7 @@ fn sds_request(key: &str, name: &str) -> RegisterRequest {
         fault_set: None,
         pool: None,
         devices: vec![],
+        data_cluster_id: None,
     }
 }
 
@@ -380,4 +381,24 @@ async fn rotation_replaces_the_admin_token_and_revokes_enrollment_material() {
 
     let audit = serde_json::to_string(&new_admin.audit().await.unwrap()).unwrap();
     assert!(audit.contains("cluster.rotate"), "{audit}");
+}
+
+/// An SDS whose store holds chunks of another cluster (another secret) is
+/// refused with 409 and nothing is written; one of this cluster, or with
+/// no data, registers.
+#[tokio::test]
+async fn a_node_holding_another_clusters_data_is_refused() {
+    let mdm = start_mdm().await;
+    let first = mdm.anonymous().register(&sds_request(JOIN_KEY, "sds1")).await.unwrap();
+    assert_eq!(first.cluster_id.len(), 32, "{}", first.cluster_id);
+    let before = dump(&mdm);
+    let mut foreign = sds_request(JOIN_KEY, "sds2");
+    foreign.data_cluster_id = Some("0".repeat(32));
+    let err = mdm.anonymous().register(&foreign).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (Some(409), Some("foreign_cluster_data")), "{err}");
+    assert!(err.to_string().contains("--erase-foreign-data"), "says what to do: {err}");
+    assert_eq!(dump(&mdm), before, "a refused registration wrote to the database");
+    foreign.data_cluster_id = Some(first.cluster_id.clone());
+    let second = mdm.anonymous().register(&foreign).await.unwrap();
+    assert_eq!(second.cluster_id, first.cluster_id);
 }

@@ -121,6 +121,7 @@ impl Cluster {
                 } else {
                     Vec::new()
                 },
+                data_cluster_id: None,
             };
             let id = self.run(NOW, |conn, ctx| {
                 service::register(conn, ctx, &request, true, "test").unwrap().node_id

@@ -55,6 +55,7 @@ async fn register(
         fault_set: None,
         pool: None,
         devices: Vec::new(),
+        data_cluster_id: None,
     };
     enrollment.fill(&mut req);
     match client.register(&req).await {

@@ -108,6 +108,11 @@ pub struct RegisterRequest {
     pub pool: Option<String>,
     #[serde(default)]
     pub devices: Vec<DeviceInfo>,
+    /// SDS only: the cluster whose chunks this node's store holds (absent
+    /// when it holds none). An MDM of another cluster refuses the node
+    /// (409 `foreign_cluster_data`): its volume numbers mean other volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_cluster_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +126,9 @@ pub struct RegisterResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sds_keys: Option<SdsKeys>,
     pub heartbeat_interval_secs: u64,
+    /// The cluster's public id (see `ClusterSecret::cluster_id`).
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 /// The key material of one SDS (see [`crate::token`]): it verifies tokens and

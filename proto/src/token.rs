@@ -88,6 +88,13 @@ impl ClusterSecret {
     pub fn peer_key(&self) -> SessionKey {
         SessionKey(hmac_32(&self.0, &[b"pflex-peer-v1"]))
     }
+    /// The cluster's public name (32 hex digits): the same for every MDM
+    /// member (they share the secret), another for an MDM that started
+    /// over with a new secret. An SDS tags its store with it, since volume
+    /// numbers are unique only within one cluster.
+    pub fn cluster_id(&self) -> String {
+        hex::encode(&hmac_32(&self.0, &[b"pflex-cluster-id-v1"])[..16])
+    }
 }
 
 /// The MDM's Ed25519 token signing key.
@@ -414,6 +421,16 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_id_is_one_per_secret_and_reveals_nothing_of_it() {
+        let secret = ClusterSecret::generate();
+        let same = ClusterSecret::from_hex(&secret.to_hex()).unwrap();
+        assert_eq!(secret.cluster_id(), same.cluster_id());
+        assert_eq!(secret.cluster_id().len(), 32);
+        assert_ne!(secret.cluster_id(), ClusterSecret::generate().cluster_id());
+        assert!(!secret.to_hex().contains(&secret.cluster_id()));
+    }
 
     fn token() -> IoToken {
         IoToken {

@@ -94,6 +94,7 @@ impl Agent {
             fault_set: None,
             pool: None,
             devices: Vec::new(),
+            data_cluster_id: None,
         };
         id.enrollment.fill(&mut request);
         let resp = anonymous.register(&request).await.map_err(|e| e.to_string())?;

@@ -1,7 +1,7 @@
-//! Membership: an SDS whose MDM comes back with empty state (it answers
-//! 401 and has new keys) registers again on its own, drops the tokens signed
-//! under the old keys and serves the new cluster; idle HTTP connections
-//! cannot keep heartbeats or an operator out of the MDM.
+//! Membership: an SDS whose MDM comes back with empty state (a new cluster:
+//! it answers 401, has new keys and numbers its volumes from 1 again) never
+//! serves it the old cluster's chunks; idle HTTP connections cannot keep
+//! heartbeats or an operator out of the MDM.
 
 mod common;
 
@@ -11,56 +11,67 @@ use common::{model_crc, pattern, start_cluster, VolumeSession};
 use pflex_proto::frame::Status;
 use pflex_proto::token::AccessMode;
 use pflex_proto::CHUNK_SIZE;
+use pflex_testkit::cluster::{Cluster, Component};
 
+/// The new MDM refuses the nodes while their stores hold the old cluster's
+/// chunks, and they keep them: when their own MDM comes back, the data is
+/// there. Restarted with `--erase-foreign-data` they erase it and join the
+/// new cluster, whose volume 1 (the old one's number) reads zeroes where it
+/// was not written, never the old volume 1's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sds_registers_again_when_the_mdm_forgets_it() {
+async fn an_sds_never_serves_one_clusters_chunks_to_another() {
     let mut cluster = start_cluster(2).await;
     let sdc = cluster.register_sdc("sdc-a").await.client;
     let volume_id = cluster.create_mapped_volume("before", 16 << 20, "sdc-a").await;
     let old = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
     old.auth_all().await;
-    assert_eq!(old.write(0, 0, &pattern(1, 4096)).await, Status::Ok);
+    let before = pattern(1, 4096);
+    assert_eq!(old.write(0, 0, &before).await, Status::Ok);
 
+    // Both nodes hold chunk 0 of the volume: the new MDM refuses them and
+    // registers nothing.
+    let own_state = cluster.restart_mdm_with_fresh_state().await;
+    for name in ["sds1", "sds2"] {
+        wait_for_log(&cluster, name, "foreign_cluster_data", 1).await;
+    }
+    let nodes = cluster.admin().sds_list().await.unwrap();
+    assert!(nodes.is_empty(), "the new cluster took in nodes holding another's data: {nodes:?}");
+
+    // Their own MDM comes back: they heartbeat again, and the data is there.
+    cluster.restart_mdm_on(own_state).await;
+    wait_for_active_sds(&cluster, 2).await;
+    let again = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    again.auth_all().await;
+    let (status, read) = again.read(0, 0, 4096).await;
+    assert_eq!(status, Status::Ok);
+    assert!(read == before, "the old cluster's data did not survive the foreign MDM");
+
+    // A new cluster once more, and the operator reuses the nodes for it.
     cluster.restart_mdm_with_fresh_state().await;
-
-    // Both SDS nodes are back in the new MDM's view within a few heartbeats.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let nodes = cluster.admin().sds_list().await.unwrap_or_default();
-        if nodes.len() == 2 && nodes.iter().all(|n| n.status == "ACTIVE") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "SDS nodes did not register again: {nodes:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..2 {
+        cluster.kill(Component::Sds(i));
+        cluster.add_flags(Component::Sds(i), &["--erase-foreign-data", "true"]);
+        cluster.start_again(Component::Sds(i)).await;
     }
-
-    // Tokens signed under the old secret are gone and cannot come back.
-    let primary = old.primary_of(0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = old.write(0, 0, &pattern(2, 4096)).await;
-        if status == Status::NoToken {
-            break;
-        }
-        assert!(Instant::now() < deadline, "old token still accepted ({})", status.name());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for_active_sds(&cluster, 2).await;
+    for name in ["sds1", "sds2"] {
+        let log = cluster.log(name);
+        assert!(log.contains("erased another cluster's data"), "{name} says what it did: {log}");
     }
-    assert_eq!(old.auth(primary).await, Status::BadSignature);
-
-    // The new cluster works end to end.
     let sdc = cluster.register_sdc("sdc-b").await.client;
-    let volume_id = cluster.create_mapped_volume("after", 16 << 20, "sdc-b").await;
-    let new = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    let new_volume = cluster.create_mapped_volume("after", 16 << 20, "sdc-b").await;
+    assert_eq!(new_volume, volume_id, "the new cluster numbers its volumes anew");
+    let new = VolumeSession::open(&sdc, new_volume, AccessMode::ReadWrite).await;
     new.auth_all().await;
-    let data = pattern(3, CHUNK_SIZE as usize);
-    // The new cluster numbers its first volume 1 again, and its nodes may
-    // have swapped ids: a primary that granted a lease on volume 1 under the
-    // old cluster waits it out first and answers `NotAvailable`, which an
-    // SDC retries (as here) until it passes. (A node that kept the old
-    // cluster's map of volume 1 refused the new primary's leases for good.)
+    let data = pattern(3, 4096);
+    // Its nodes may have swapped ids: a primary that granted a lease on
+    // volume 1 under the old cluster waits it out first and answers
+    // `NotAvailable`, which an SDC retries (as here) until it passes. (A
+    // node that kept the old cluster's map of volume 1 refused the new
+    // primary's leases for good.)
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let status = new.write(0, 0, &data).await;
+        let status = new.write(0, 4096, &data).await;
         if status == Status::Ok {
             break;
         }
@@ -68,9 +79,37 @@ async fn sds_registers_again_when_the_mdm_forgets_it() {
         assert!(Instant::now() < deadline, "the write stayed NotAvailable");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let mut model = vec![0u8; CHUNK_SIZE as usize];
+    model[4096..8192].copy_from_slice(&data);
+    let (status, read) = new.read(0, 0, 8192).await;
+    assert_eq!(status, Status::Ok);
+    assert!(read[..4096].iter().all(|&b| b == 0), "the new volume reads the old volume's bytes");
+    assert!(read[4096..] == data[..], "the new volume lost its write");
     for node_id in [new.primary_of(0), new.secondary_of(0)] {
         let node = cluster.sds_by_node_id(node_id).await;
-        assert_eq!(cluster.checksum(node, volume_id, 0).await.crc32, model_crc(&data));
+        assert_eq!(cluster.checksum(node, new_volume, 0).await.crc32, model_crc(&model));
+    }
+}
+
+/// Waits (30 s at most) until `name`'s log holds `needle` `times` times.
+async fn wait_for_log(cluster: &Cluster, name: &str, needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.log(name).matches(needle).count() < times {
+        assert!(Instant::now() < deadline, "{name} never logged {needle:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (30 s at most) until the MDM lists `count` ACTIVE SDS nodes.
+async fn wait_for_active_sds(cluster: &Cluster, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = cluster.admin().sds_list().await.unwrap_or_default();
+        if nodes.len() == count && nodes.iter().all(|n| n.status == "ACTIVE") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "SDS nodes did not come back: {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -384,6 +384,7 @@ async fn register_all(
                     } else {
                         Vec::new()
                     },
+                    data_cluster_id: None,
                 };
                 let t = Instant::now();
                 let reply = anonymous.register(&request).await;

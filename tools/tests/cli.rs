@@ -135,6 +135,7 @@ async fn register(url: &str, node_type: NodeType, name: &str) {
             } else {
                 vec![]
             },
+            data_cluster_id: None,
         })
         .await
         .unwrap();

@@ -121,6 +121,7 @@ pub fn register(
     )?;
     let proofs = enrollment::Proofs { credential_matches, enrollment: enrollment_check, join_key };
     let admission = enrollment::admit(holder, proofs)?;
+    refuse_foreign_data(ctx, request)?;
     let credential = match (admission, &request.credential) {
         (enrollment::Admission::SameNode, Some(kept)) => kept.clone(),
         _ => new_credential(),
@@ -242,7 +243,30 @@ pub fn register(
         credential,
         sds_keys: is_sds.then(|| ctx.keys.sds_keys(node_id)),
         heartbeat_interval_secs: ctx.settings.heartbeat_interval_secs,
+        cluster_id: ctx.keys.cluster_id(),
     })
+}
+
+/// An SDS whose store holds chunks of another cluster is refused: volume
+/// numbers and epochs are unique only within one cluster, so this cluster's
+/// volume 1 would read the other's volume 1 wherever it has not written.
+/// (The node decides what to do: keep its data and wait for its own MDM, or
+/// erase it and join; see the SDS's `--erase-foreign-data`.)
+fn refuse_foreign_data(ctx: &Ctx, request: &RegisterRequest) -> Result<(), MdmError> {
+    let Some(theirs) = request.data_cluster_id.as_deref() else { return Ok(()) };
+    let ours = ctx.keys.cluster_id();
+    if theirs == ours {
+        return Ok(());
+    }
+    let theirs: String = theirs.chars().take(64).collect();
+    Err(MdmError::conflict(
+        "foreign_cluster_data",
+        format!(
+            "this node's store holds data of cluster {theirs}, this MDM is cluster {ours}: \
+             point it at its own MDM, or restart it with --erase-foreign-data to erase that \
+             data and join this cluster"
+        ),
+    ))
 }
 
 fn holds_copies(conn: &Connection, sds_id: u64) -> Result<bool, MdmError> {

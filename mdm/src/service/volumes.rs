@@ -708,6 +708,7 @@ mod tests {
                     capacity_bytes: 1 << 40,
                     used_bytes: 0,
                 }],
+                data_cluster_id: None,
             };
             sds.push(super::super::register(conn, &ctx, &request, true, "test").unwrap().node_id);
         }

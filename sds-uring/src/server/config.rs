@@ -125,6 +125,12 @@ pub struct SdsArgs {
     /// Scrub reads at most this many MB/s (both copies counted).
     #[arg(long, default_value_t = 100)]
     pub scrub_mb_per_sec: u64,
+    /// If the MDM refuses this node because its store holds chunks of
+    /// another cluster (an MDM that started over, or the wrong address),
+    /// erase them and join that MDM's cluster. Without it the node keeps
+    /// its data and keeps asking, for its own MDM to come back.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub erase_foreign_data: bool,
     /// Accept `POST /faults/device` (make a device hang, fail or slow down):
     /// for tests and fault rehearsals only, never in production.
     #[arg(long)]
@@ -176,6 +182,8 @@ pub struct NodeConfig {
     pub scrub_bytes_per_sec: u64,
     /// `--tls-dir`: HTTPS on the HTTP ports, and to the MDM.
     pub tls_dir: Option<PathBuf>,
+    /// `--erase-foreign-data` (see [`super::cluster_tag`]).
+    pub erase_foreign_data: bool,
 }
 
 impl SdsArgs {
@@ -231,6 +239,7 @@ impl SdsArgs {
                 .then(|| Duration::from_secs(self.scrub_interval_secs)),
             scrub_bytes_per_sec: self.scrub_mb_per_sec.max(1) * 1_000_000,
             tls_dir: self.tls_dir.clone(),
+            erase_foreign_data: self.erase_foreign_data,
             device_health: crate::store::DeviceHealthConfig {
                 io_deadline: (self.device_timeout_ms > 0)
                     .then(|| Duration::from_millis(self.device_timeout_ms)),
@@ -283,6 +292,13 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert_eq!((cfg.control_port, cfg.mgmt_port, cfg.data_port), (9103, 9203, 1234));
         assert_eq!(cfg.devices, vec![("/a".into(), 1 << 30), ("/b".into(), 1 << 30)]);
+        assert!(!cfg.erase_foreign_data);
+        for (line, erase) in
+            [(&["--erase-foreign-data"][..], true), (&["--erase-foreign-data", "false"], false)]
+        {
+            let args = SdsArgs::parse_from(["sds", "--join-key", "k"].iter().chain(line));
+            assert_eq!(args.resolve().unwrap().erase_foreign_data, erase, "{line:?}");
+        }
         let args = SdsArgs::parse_from([
             "sds",
             "--join-key",

@@ -10,7 +10,8 @@
 //! once; concurrent 401s cause one re-registration. If the keys changed,
 //! every cached token is dropped (SDCs must present their new tokens), and
 //! every placement map (the new cluster numbers its volumes and epochs
-//! anew).
+//! anew). A store holding chunks of one cluster never joins another unless
+//! told to erase them (see [`super::cluster_tag`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,8 +24,12 @@ use pflex_proto::api::{
 use pflex_proto::frame::Status;
 use pflex_proto::placement::PlacementMap;
 
+use super::cluster_tag::{self, ClusterTag, Refusal};
 use super::placement::Lookup;
 use super::{Identity, SdsNode};
+
+/// Rounds of erasing another cluster's chunks before giving up.
+const ERASE_ROUNDS: usize = 4;
 
 /// Expired tokens are kept this long (seconds) so late requests get `Expired`, not `NoToken`.
 const EXPIRED_TOKEN_GRACE_SECS: u64 = 300;
@@ -50,6 +55,12 @@ pub enum MembershipError {
     BadKeys(pflex_proto::token::TokenError),
     #[error("cannot keep the credential: {0}")]
     Credential(#[from] pflex_mdm_client::EnrollmentError),
+    #[error("the MDM refused this node for holding another cluster's data: {0}")]
+    ForeignCluster(MdmClientError),
+    #[error("the data directory's cluster record: {0}")]
+    ClusterTag(std::io::Error),
+    #[error("erasing another cluster's chunks: {0}")]
+    Erase(crate::store::StoreError),
 }
 
 impl MembershipError {
@@ -64,6 +75,8 @@ impl MembershipError {
             }
             MembershipError::NoKeys | MembershipError::BadKeys(_) => true,
             MembershipError::Credential(_) => true,
+            MembershipError::ForeignCluster(_) => true,
+            MembershipError::ClusterTag(_) | MembershipError::Erase(_) => true,
         }
     }
 }
@@ -86,9 +99,37 @@ impl SdsNode {
             fault_set: config.fault_set.clone(),
             pool: Some(config.pool.clone()),
             devices: self.store.devices(),
+            data_cluster_id: None,
         };
         config.enrollment.fill(&mut request);
-        let reply = anonymous.register(&request).await?;
+        let tag = ClusterTag::new(&config.data_dir);
+        let recorded = tag.read().map_err(MembershipError::ClusterTag)?;
+        request.data_cluster_id =
+            cluster_tag::data_claim(recorded.as_deref(), self.store.holds_chunks());
+        let reply = match anonymous.register(&request).await {
+            Ok(reply) => reply,
+            Err(refusal) if refusal.code() == Some("foreign_cluster_data") => {
+                self.local_log.warning("foreign_cluster", refusal.to_string());
+                match cluster_tag::on_refusal(config.erase_foreign_data) {
+                    // As if its own MDM were unreachable: the node goes on
+                    // with its cluster's sessions and asks again later.
+                    Refusal::KeepAndWait => return Err(MembershipError::ForeignCluster(refusal)),
+                    Refusal::EraseAndJoin => {
+                        // No request of the old cluster may allocate a
+                        // chunk once the erasing started.
+                        self.tokens.clear();
+                        let erased = self.erase_every_chunk().await?;
+                        tag.forget().map_err(MembershipError::ClusterTag)?;
+                        self.placement.clear();
+                        tracing::warn!(chunks = erased, "erased another cluster's data to join");
+                        self.local_log.health("foreign_data_erased", format!("{erased} chunks"));
+                        request.data_cluster_id = None;
+                        anonymous.register(&request).await?
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.placement.reset_cursor();
         let keys = reply.sds_keys.as_ref().ok_or(MembershipError::NoKeys)?;
         let keys = super::auth::NodeKeys::from_api(keys).map_err(MembershipError::BadKeys)?;
@@ -113,6 +154,15 @@ impl SdsNode {
             self.tokens.clear();
             self.placement.clear();
         }
+        // Recorded before this node serves the cluster (before the identity
+        // whose keys verify its tokens is installed).
+        if !reply.cluster_id.is_empty() && recorded.as_deref() != Some(reply.cluster_id.as_str()) {
+            let (tag, id) = (tag.clone(), reply.cluster_id.clone());
+            tokio::task::spawn_blocking(move || tag.record(&id))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(MembershipError::ClusterTag)?;
+        }
         let identity = Arc::new(Identity {
             node_id: reply.node_id,
             mdm: anonymous.with_credential(reply.credential),
@@ -125,6 +175,30 @@ impl SdsNode {
         self.local_log.health("registered", format!("node id {}", reply.node_id));
         tracing::info!(node_id = reply.node_id, "registered with the MDM");
         Ok(identity)
+    }
+
+    /// Erases every chunk of the store (another cluster's, see
+    /// [`cluster_tag`]); tokens were dropped first, but a write that passed
+    /// its checks before may still allocate one, so it goes round until
+    /// none is left (a few rounds at most).
+    async fn erase_every_chunk(&self) -> Result<u64, MembershipError> {
+        let mut erased = 0u64;
+        for _ in 0..ERASE_ROUNDS {
+            let chunks = self.store.allocated_chunks();
+            if chunks.is_empty() {
+                return Ok(erased);
+            }
+            for (volume, chunk) in chunks {
+                self.store.erase(volume, chunk).await.map_err(MembershipError::Erase)?;
+                erased += 1;
+            }
+        }
+        if self.store.holds_chunks() {
+            return Err(MembershipError::Erase(crate::store::StoreError::MapUpdate(
+                "chunks kept appearing while the store was erased".into(),
+            )));
+        }
+        Ok(erased)
     }
 
     /// Registers, retrying with backoff while the MDM is unreachable or

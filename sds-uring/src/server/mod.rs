@@ -20,6 +20,8 @@
 //! - [`scrub`]: both copies of every chunk read, checked and made equal;
 //! - [`fencing`]: late copies of writes never land after newer ones;
 //!   [`lease`]: a primary serves only while its secondary vouches for it;
+//! - [`cluster_tag`]: the store's chunks belong to one cluster; an MDM of
+//!   another refuses the node rather than have it serve them;
 //! - [`auth`], [`placement`], [`replication`], [`acks`], [`metrics`],
 //!   [`local_log`]: the state those use.
 //!
@@ -29,6 +31,7 @@
 
 pub mod acks;
 pub mod auth;
+pub mod cluster_tag;
 pub mod config;
 pub mod dataplane;
 pub mod device_health;

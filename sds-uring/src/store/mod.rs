@@ -522,6 +522,11 @@ impl ChunkStore {
         chunks
     }
 
+    /// Whether any chunk holds a slot.
+    pub fn holds_chunks(&self) -> bool {
+        !self.read_map().is_empty()
+    }
+
     /// Whether a chunk holds a slot (in-memory lookup; answers `Op::Allocation`).
     pub fn is_allocated(&self, vol: u64, chunk: u64) -> bool {
         self.read_map().contains_key(&(vol, chunk))

@@ -134,5 +134,6 @@ pub fn fake_request(node_type: NodeType, name: &str) -> RegisterRequest {
         fault_set: None,
         pool: None,
         devices: vec![],
+        data_cluster_id: None,
     }
 }

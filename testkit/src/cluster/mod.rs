@@ -431,12 +431,27 @@ impl Cluster {
 
     /// Replaces the MDM by one with empty state (new cluster secret, no
     /// registrations) on the same address: every node must notice (401) and
-    /// register again.
-    pub async fn restart_mdm_with_fresh_state(&mut self) {
-        self.kill(Component::Mdm);
+    /// register again. Returns the state directory it replaced.
+    pub async fn restart_mdm_with_fresh_state(&mut self) -> PathBuf {
         let fresh = (1..).find(|k| !self.path(&format!("mdm-{k}")).exists()).unwrap();
-        self.mdm.dir = self.path(&format!("mdm-{fresh}"));
+        self.restart_mdm_on(self.path(&format!("mdm-{fresh}"))).await
+    }
+
+    /// Replaces the MDM by one on the state in `dir` (say, the one
+    /// [`Cluster::restart_mdm_with_fresh_state`] replaced), on the same
+    /// address. Returns the state directory it replaced.
+    pub async fn restart_mdm_on(&mut self, dir: PathBuf) -> PathBuf {
+        self.kill(Component::Mdm);
+        let replaced = std::mem::replace(&mut self.mdm.dir, dir);
         self.start_again(Component::Mdm).await;
+        replaced
+    }
+
+    /// Adds command-line flags to a stopped SDS or SDC for its next starts.
+    pub fn add_flags(&mut self, component: Component, flags: &[&str]) {
+        let node = self.node_mut(component);
+        assert!(node.process.is_none(), "stop {} first", node.name);
+        node.flags.extend(flags.iter().map(|f| f.to_string()));
     }
 
     /// Stops every component, newest first: SIGTERM, then SIGKILL after 5 s.
