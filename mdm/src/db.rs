@@ -451,6 +451,13 @@ const MIGRATIONS: &[&str] = &[
         retired_at INTEGER NOT NULL
     );
     "#,
+    // 14: the cluster's public id (see `keys::Keys::cluster_id`), one row
+    // written when the database is created; a restored backup keeps it.
+    r#"
+    CREATE TABLE cluster_identity (
+        id TEXT NOT NULL
+    );
+    "#,
 ];
 
 // Migration 10 computes PG bytes in SQL with 1 MiB chunks.

@@ -77,6 +77,8 @@ pub fn key_schedule(history: &[(u32, u64)], now: u64, timing: KeyTiming) -> (u32
 /// The cluster secret and the token signing keys derived from it.
 pub struct Keys {
     secret: ClusterSecret,
+    /// The id the database records (see [`Keys::cluster_id`]).
+    cluster_id: RwLock<String>,
     timing: KeyTiming,
     /// Every rotation: (generation, created at), in order.
     history: RwLock<Vec<(u32, u64)>>,
@@ -84,12 +86,23 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(secret: ClusterSecret, timing: KeyTiming, history: Vec<(u32, u64)>) -> Self {
-        Self { secret, timing, history: RwLock::new(history) }
+        let cluster_id = RwLock::new(secret.cluster_id());
+        Self { secret, cluster_id, timing, history: RwLock::new(history) }
     }
 
-    /// The cluster's public id (see [`ClusterSecret::cluster_id`]).
+    /// The cluster's public id: the one its database recorded when it was
+    /// created (from the secret then, see [`ClusterSecret::cluster_id`]),
+    /// so an MDM restored from a backup is still the cluster whose chunks
+    /// the SDS nodes hold, and one that started over is not.
     pub fn cluster_id(&self) -> String {
-        self.secret.cluster_id()
+        self.cluster_id.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes the id the database records (none: keep the secret's).
+    pub fn adopt_cluster_id(&self, recorded: Option<String>) {
+        if let Some(id) = recorded {
+            *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = id;
+        }
     }
 
     fn schedule(&self, now: u64) -> (u32, Vec<u32>) {

@@ -71,6 +71,8 @@ pub enum StartError {
     Settings(String),
     #[error("reading the signing key history: {0}")]
     SigningKeys(String),
+    #[error("reading the cluster id: {0}")]
+    ClusterIdentity(String),
     #[error("replication: {0}")]
     Raft(#[from] raft::RaftStartError),
 }
@@ -143,6 +145,9 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
     let db_path = config.data_dir.join(DB_FILE);
     let conn = db::open(&db_path)?;
     db::start_checkpointer(&db_path, db::CheckpointPolicy::default())?;
+    // Every member derives the same id from the shared secret; a restored
+    // backup brings its own.
+    service::record_cluster_identity(&conn, &secret.cluster_id()).map_err(db::DbError::from)?;
     let history =
         service::signing_history(&conn).map_err(|e| StartError::SigningKeys(e.to_string()))?;
     let timing = keys::KeyTiming {
@@ -156,6 +161,9 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
         secrets: Arc::new(secrets::AdminSecrets::new(&admin_token, join_key)),
         keys: Arc::new(keys::Keys::new(secret.clone(), timing, history)),
     };
+    let cluster_id =
+        service::cluster_identity(&conn).map_err(|e| StartError::ClusterIdentity(e.to_string()))?;
+    adopter.keys.adopt_cluster_id(cluster_id);
     let mut stored = secrets::stored(&conn).map_err(db::DbError::from)?;
     if config.mdm_id.is_none() {
         stored.admin_token_sha256 = None;

@@ -136,6 +136,7 @@ impl Adopter {
     pub fn adopt(&self, conn: &Connection) -> Result<(), MdmError> {
         self.secrets.adopt(&stored(conn)?);
         self.keys.adopt_history(crate::service::signing_history(conn)?);
+        self.keys.adopt_cluster_id(crate::service::cluster_identity(conn)?);
         Ok(())
     }
 }

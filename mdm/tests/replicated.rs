@@ -304,8 +304,10 @@ async fn a_backup_restored_on_every_member_starts_a_new_cluster_with_its_volumes
     let cluster = MdmCluster::start(3).await;
     let admin = cluster.admin();
     let anonymous = MdmClient::new(&cluster.urls(), None).unwrap();
+    let mut cluster_id = String::new();
     for (name, fault_set) in [("sds-a", "fs1"), ("sds-b", "fs2")] {
-        anonymous.register(&fake_sds(name, fault_set, "default", 64)).await.unwrap();
+        let reply = anonymous.register(&fake_sds(name, fault_set, "default", 64)).await.unwrap();
+        cluster_id = reply.cluster_id;
     }
     for name in NAMES {
         let request =
@@ -318,6 +320,13 @@ async fn a_backup_restored_on_every_member_starts_a_new_cluster_with_its_volumes
 
     let restored = MdmCluster::start_from(3, Some(&backup)).await;
     let admin = restored.admin();
+    // It is the same cluster to the SDS nodes (a new secret, the recorded
+    // id): one holding chunks of the backed-up cluster is taken in.
+    let anonymous = MdmClient::new(&restored.urls(), None).unwrap();
+    let mut holder = fake_sds("sds-c", "fs3", "default", 64);
+    holder.data_cluster_id = Some(cluster_id.clone());
+    let reply = anonymous.register(&holder).await.expect("the restored cluster takes its nodes");
+    assert_eq!(reply.cluster_id, cluster_id);
     let names: Vec<String> =
         admin.volume_list().await.unwrap().into_iter().map(|v| v.name).collect();
     assert_eq!(names, NAMES.to_vec());

@@ -261,6 +261,20 @@ pub fn signing_history(conn: &Connection) -> Result<Vec<(u32, u64)>, MdmError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The cluster id the database records, if any (see `Keys::cluster_id`).
+pub fn cluster_identity(conn: &Connection) -> Result<Option<String>, MdmError> {
+    Ok(conn.query_row("SELECT id FROM cluster_identity LIMIT 1", [], |r| r.get(0)).optional()?)
+}
+
+/// Records `id` as the cluster's, unless the database records one already.
+pub fn record_cluster_identity(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO cluster_identity (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM cluster_identity)",
+        [id],
+    )?;
+    Ok(())
+}
+
 /// Appends one row to the audit log.
 #[allow(clippy::too_many_arguments)]
 pub fn audit(

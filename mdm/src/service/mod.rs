@@ -23,7 +23,8 @@ mod tokens;
 mod volumes;
 
 pub use enrollment::{
-    audit, audit_list, mint_enrollment, reset_node, rotate_keys, signing_history,
+    audit, audit_list, cluster_identity, mint_enrollment, record_cluster_identity, reset_node,
+    rotate_keys, signing_history,
 };
 pub use health::{
     cluster_summary, health_status, metrics_sample, monitor_tick, MetricsSample, MonitorReport,
