@@ -452,10 +452,13 @@ const MIGRATIONS: &[&str] = &[
     );
     "#,
     // 14: the cluster's public id (see `keys::Keys::cluster_id`), one row
-    // written when the database is created; a restored backup keeps it.
+    // written when the database is created; a restored backup keeps it. And
+    // the public name of the secret it was last opened with: another one
+    // means a restore (see `service::record_cluster_identity`).
     r#"
     CREATE TABLE cluster_identity (
-        id TEXT NOT NULL
+        id TEXT NOT NULL,
+        secret_id TEXT NOT NULL
     );
     "#,
 ];

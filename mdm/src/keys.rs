@@ -79,6 +79,8 @@ pub struct Keys {
     secret: ClusterSecret,
     /// The id the database records (see [`Keys::cluster_id`]).
     cluster_id: RwLock<String>,
+    /// [`ClusterSecret::secret_id`], computed once.
+    secret_id: String,
     timing: KeyTiming,
     /// Every rotation: (generation, created at), in order.
     history: RwLock<Vec<(u32, u64)>>,
@@ -87,7 +89,8 @@ pub struct Keys {
 impl Keys {
     pub fn new(secret: ClusterSecret, timing: KeyTiming, history: Vec<(u32, u64)>) -> Self {
         let cluster_id = RwLock::new(secret.cluster_id());
-        Self { secret, cluster_id, timing, history: RwLock::new(history) }
+        let secret_id = secret.secret_id();
+        Self { secret, cluster_id, secret_id, timing, history: RwLock::new(history) }
     }
 
     /// The cluster's public id: the one its database recorded when it was
@@ -96,6 +99,11 @@ impl Keys {
     /// the SDS nodes hold, and one that started over is not.
     pub fn cluster_id(&self) -> String {
         self.cluster_id.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The public name of the secret (see [`ClusterSecret::secret_id`]).
+    pub fn secret_id(&self) -> &str {
+        &self.secret_id
     }
 
     /// Takes the id the database records (none: keep the secret's).

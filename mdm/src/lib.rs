@@ -147,7 +147,16 @@ pub async fn prepare(config: &MdmConfig, join_key: Option<&str>) -> Result<Prepa
     db::start_checkpointer(&db_path, db::CheckpointPolicy::default())?;
     // Every member derives the same id from the shared secret; a restored
     // backup brings its own.
-    service::record_cluster_identity(&conn, &secret.cluster_id()).map_err(db::DbError::from)?;
+    let opened = service::record_cluster_identity(&conn, &secret.cluster_id(), &secret.secret_id())
+        .map_err(db::DbError::from)?;
+    if let service::Opened::Restored { next_volume_id } = opened {
+        tracing::warn!(
+            next_volume_id,
+            "this database was last opened with another cluster secret (a restored backup): \
+             volume numbers continue far above the backup's, and every node registers again \
+             for keys from this secret"
+        );
+    }
     let history =
         service::signing_history(&conn).map_err(|e| StartError::SigningKeys(e.to_string()))?;
     let timing = keys::KeyTiming {

@@ -129,6 +129,10 @@ pub struct RegisterResponse {
     /// The cluster's public id (see `ClusterSecret::cluster_id`).
     #[serde(default)]
     pub cluster_id: String,
+    /// The public name of the secret this node's keys derive from (see
+    /// `ClusterSecret::secret_id`).
+    #[serde(default)]
+    pub secret_id: String,
 }
 
 /// The key material of one SDS (see [`crate::token`]): it verifies tokens and
@@ -247,6 +251,11 @@ pub struct HeartbeatResponse {
     /// with it, and the previous one until tokens it signed have expired.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub token_public_keys: Vec<String>,
+    /// The public name of the MDM's secret (only for an SDS): one that
+    /// differs from the registration's means the MDM was restored onto a
+    /// new secret, and the node registers again for its new keys.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_id: String,
     /// The Raft term of the MDM leader that answered (0: a single,
     /// unreplicated MDM). A node keeps the highest term it has heard and
     /// ignores answers from an older one: they come from a deposed leader.

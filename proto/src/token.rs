@@ -95,6 +95,13 @@ impl ClusterSecret {
     pub fn cluster_id(&self) -> String {
         hex::encode(&hmac_32(&self.0, &[b"pflex-cluster-id-v1"])[..16])
     }
+    /// The secret's public name (32 hex digits). Unlike the cluster id, which
+    /// the database keeps, it changes when an MDM is restored from a backup
+    /// onto a new secret: an SDS that hears a new one registers again for
+    /// the keys derived from it.
+    pub fn secret_id(&self) -> String {
+        hex::encode(&hmac_32(&self.0, &[b"pflex-secret-id-v1"])[..16])
+    }
 }
 
 /// The MDM's Ed25519 token signing key.
@@ -430,6 +437,8 @@ mod tests {
         assert_eq!(secret.cluster_id().len(), 32);
         assert_ne!(secret.cluster_id(), ClusterSecret::generate().cluster_id());
         assert!(!secret.to_hex().contains(&secret.cluster_id()));
+        assert_ne!(secret.secret_id(), secret.cluster_id());
+        assert_eq!(secret.secret_id(), same.secret_id());
     }
 
     fn token() -> IoToken {

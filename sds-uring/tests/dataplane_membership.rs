@@ -91,6 +91,62 @@ async fn an_sds_never_serves_one_clusters_chunks_to_another() {
     }
 }
 
+/// An MDM restored from a backup (a new data directory and secret, the
+/// backed-up database) is the cluster its nodes hold chunks of: they come
+/// back, and the volume reads what was written before the backup. A volume
+/// created after the backup is unknown to it, but its chunks are still on
+/// the nodes: a volume created after the restore never takes its number
+/// (it would read them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_mdm_takes_its_nodes_back_with_their_data() {
+    let mut cluster = start_cluster(2).await;
+    let sdc = cluster.register_sdc("sdc-a").await.client;
+    let volume_id = cluster.create_mapped_volume("kept", 16 << 20, "sdc-a").await;
+    let before = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    before.auth_all().await;
+    let data = pattern(5, 4096);
+    assert_eq!(before.write(0, 0, &data).await, Status::Ok);
+
+    let backup = cluster.admin().mdm_backup().await.unwrap();
+    let lost_volume = cluster.create_mapped_volume("lost", 16 << 20, "sdc-a").await;
+    let lost = VolumeSession::open(&sdc, lost_volume, AccessMode::ReadWrite).await;
+    lost.auth_all().await;
+    assert_eq!(lost.write(0, 0, &pattern(7, 4096)).await, Status::Ok);
+
+    let restored = cluster.path("mdm-restored");
+    std::fs::create_dir_all(&restored).unwrap();
+    std::fs::write(restored.join("powerflex.db"), &backup).unwrap();
+    cluster.restart_mdm_on(restored).await;
+    wait_for_active_sds(&cluster, 2).await;
+
+    // Tokens now come under the new secret; the nodes take them.
+    let after = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let read = loop {
+        let mut statuses = Vec::new();
+        for node in [after.primary_of(0), after.secondary_of(0)] {
+            statuses.push(after.auth(node).await);
+        }
+        let (status, read) = after.read(0, 0, 4096).await;
+        if status == Status::Ok {
+            break read;
+        }
+        assert!(Instant::now() < deadline, "no read after the restore: {statuses:?} {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(read == data, "the restored cluster lost the volume's data");
+    let more = pattern(6, 4096);
+    assert_eq!(after.write(0, 4096, &more).await, Status::Ok);
+
+    let new_volume = cluster.create_mapped_volume("new", 16 << 20, "sdc-a").await;
+    assert_ne!(new_volume, lost_volume, "a number whose chunks the nodes hold was given again");
+    let new = VolumeSession::open(&sdc, new_volume, AccessMode::ReadWrite).await;
+    new.auth_all().await;
+    let (status, read) = new.read(0, 0, 4096).await;
+    assert_eq!(status, Status::Ok);
+    assert!(read.iter().all(|&b| b == 0), "the new volume reads a lost volume's bytes");
+}
+
 /// Waits (30 s at most) until `name`'s log holds `needle` `times` times.
 async fn wait_for_log(cluster: &Cluster, name: &str, needle: &str, times: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);

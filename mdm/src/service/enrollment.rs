@@ -266,13 +266,66 @@ pub fn cluster_identity(conn: &Connection) -> Result<Option<String>, MdmError> {
     Ok(conn.query_row("SELECT id FROM cluster_identity LIMIT 1", [], |r| r.get(0)).optional()?)
 }
 
-/// Records `id` as the cluster's, unless the database records one already.
-pub fn record_cluster_identity(conn: &Connection, id: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO cluster_identity (id) SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM cluster_identity)",
-        [id],
-    )?;
-    Ok(())
+/// How far volume numbers jump when a database is opened on a new secret.
+pub const RESTORE_VOLUME_GAP: i64 = 1 << 32;
+
+/// What opening the database found of its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// A new database: it records this cluster's id and secret.
+    Created,
+    /// The secret it was last opened with.
+    Same,
+    /// Another secret: a backup restored onto a new MDM. Volumes created
+    /// after the backup are unknown here while SDS nodes may hold their
+    /// chunks, so volume numbers jump by [`RESTORE_VOLUME_GAP`]: a new
+    /// volume never takes a number whose old chunks a node still holds.
+    Restored { next_volume_id: i64 },
+}
+
+/// Records the cluster id and secret name at the database's creation, and
+/// recognises a restore (see [`Opened`]). Every member of a replicated MDM
+/// derives the same from the secret they share, so their databases stay
+/// identical.
+pub fn record_cluster_identity(
+    conn: &Connection,
+    cluster_id: &str,
+    secret_id: &str,
+) -> rusqlite::Result<Opened> {
+    let recorded: Option<String> = conn
+        .query_row("SELECT secret_id FROM cluster_identity LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    match recorded {
+        None => {
+            conn.execute(
+                "INSERT INTO cluster_identity (id, secret_id) VALUES (?1, ?2)",
+                [cluster_id, secret_id],
+            )?;
+            Ok(Opened::Created)
+        }
+        Some(recorded) if recorded == secret_id => Ok(Opened::Same),
+        Some(_) => {
+            let tx = conn.unchecked_transaction()?;
+            let bumped = tx.execute(
+                "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'volumes'",
+                [RESTORE_VOLUME_GAP],
+            )?;
+            if bumped == 0 {
+                tx.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('volumes', ?1)",
+                    [RESTORE_VOLUME_GAP],
+                )?;
+            }
+            tx.execute("UPDATE cluster_identity SET secret_id = ?1", [secret_id])?;
+            let next: i64 = tx.query_row(
+                "SELECT seq + 1 FROM sqlite_sequence WHERE name = 'volumes'",
+                [],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(Opened::Restored { next_volume_id: next })
+        }
+    }
 }
 
 /// Appends one row to the audit log.
@@ -319,6 +372,30 @@ pub fn audit_list(conn: &Connection, limit: u64) -> Result<Vec<serde_json::Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_opened_on_a_new_secret_is_a_restore_and_volume_numbers_jump() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::db::open(&dir.path().join("powerflex.db")).unwrap();
+        let sequence = |conn: &Connection| -> Option<i64> {
+            conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'volumes'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .unwrap()
+        };
+        assert_eq!(record_cluster_identity(&conn, "c", "s1").unwrap(), Opened::Created);
+        assert_eq!(record_cluster_identity(&conn, "c", "s1").unwrap(), Opened::Same);
+        assert_eq!(sequence(&conn), None, "no volume yet");
+        let next = RESTORE_VOLUME_GAP + 1;
+        let opened = record_cluster_identity(&conn, "other", "s2").unwrap();
+        assert_eq!(opened, Opened::Restored { next_volume_id: next });
+        assert_eq!(cluster_identity(&conn).unwrap().as_deref(), Some("c"), "the id stays");
+        assert_eq!(record_cluster_identity(&conn, "c", "s2").unwrap(), Opened::Same);
+        let opened = record_cluster_identity(&conn, "c", "s3").unwrap();
+        assert_eq!(opened, Opened::Restored { next_volume_id: next + RESTORE_VOLUME_GAP });
+        assert_eq!(sequence(&conn), Some(2 * RESTORE_VOLUME_GAP));
+    }
 
     const NONE: EnrollmentCheck = EnrollmentCheck::Absent;
     const VALID: EnrollmentCheck = EnrollmentCheck::Valid;

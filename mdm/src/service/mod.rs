@@ -24,7 +24,7 @@ mod volumes;
 
 pub use enrollment::{
     audit, audit_list, cluster_identity, mint_enrollment, record_cluster_identity, reset_node,
-    rotate_keys, signing_history,
+    rotate_keys, signing_history, Opened,
 };
 pub use health::{
     cluster_summary, health_status, metrics_sample, monitor_tick, MetricsSample, MonitorReport,

@@ -244,6 +244,7 @@ pub fn register(
         sds_keys: is_sds.then(|| ctx.keys.sds_keys(node_id)),
         heartbeat_interval_secs: ctx.settings.heartbeat_interval_secs,
         cluster_id: ctx.keys.cluster_id(),
+        secret_id: ctx.keys.secret_id().to_string(),
     })
 }
 
@@ -445,10 +446,12 @@ fn heartbeat_reply(
             rebuilds: Vec::new(),
             movement: Default::default(),
             token_public_keys: Vec::new(),
+            secret_id: String::new(),
             mdm_term: 0,
         });
     }
-    let (rebuilds, movement, token_public_keys) = if node_type == NodeType::Sds {
+    let is_sds = node_type == NodeType::Sds;
+    let (rebuilds, movement, token_public_keys) = if is_sds {
         (
             match rebuilds {
                 Rebuilds::HandOut => super::rebuild::assignments(conn, ctx, id)?,
@@ -469,6 +472,7 @@ fn heartbeat_reply(
         rebuilds,
         movement,
         token_public_keys,
+        secret_id: if is_sds { ctx.keys.secret_id().to_string() } else { String::new() },
         mdm_term: 0,
     })
 }

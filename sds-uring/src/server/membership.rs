@@ -168,6 +168,7 @@ impl SdsNode {
             mdm: anonymous.with_credential(reply.credential),
             keys,
             heartbeat_interval_secs: reply.heartbeat_interval_secs.max(1),
+            secret_id: reply.secret_id,
             generation: previous.map_or(1, |p| p.generation + 1),
         });
         self.set_identity(identity.clone());
@@ -342,6 +343,15 @@ impl SdsNode {
                     "ignored a heartbeat answer from a deposed MDM leader"
                 );
             }
+            Ok(reply) if !reply.secret_id.is_empty() && reply.secret_id != identity.secret_id => {
+                // The MDM knows this node (its credential is in the
+                // database) but derives keys from another secret: it was
+                // restored from a backup. Tokens it signs would never verify
+                // here, nor session keys match, until the node takes the new keys.
+                tracing::warn!("the MDM's secret changed: registering again for the new keys");
+                self.local_log.warning("reregister", "the MDM's secret changed".to_string());
+                self.reregister(identity.generation).await;
+            }
             Ok(reply) if reply.status == "removed" => {
                 tracing::warn!("the MDM drained and removed this node: stopping");
                 self.local_log.health("removed", "drained and removed by the MDM");
@@ -406,6 +416,7 @@ impl SdsNode {
             mdm: identity.mdm.clone(),
             keys: node_keys,
             heartbeat_interval_secs: identity.heartbeat_interval_secs,
+            secret_id: identity.secret_id.clone(),
             generation: identity.generation,
         });
         if self.replace_identity(identity.generation, updated) {

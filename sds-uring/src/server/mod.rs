@@ -93,6 +93,8 @@ pub struct Identity {
     /// key of replication frames).
     pub keys: auth::NodeKeys,
     pub heartbeat_interval_secs: u64,
+    /// The public name of the MDM secret `keys` derive from.
+    pub secret_id: String,
     /// Counts registrations, so concurrent 401s trigger one re-registration.
     pub generation: u64,
 }
