@@ -22,11 +22,7 @@ use pflex_testkit::cluster::{Cluster, Component};
 async fn an_sds_never_serves_one_clusters_chunks_to_another() {
     let mut cluster = start_cluster(2).await;
     let sdc = cluster.register_sdc("sdc-a").await.client;
-    let volume_id = cluster.create_mapped_volume("before", 16 << 20, "sdc-a").await;
-    let old = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
-    old.auth_all().await;
-    let before = pattern(1, 4096);
-    assert_eq!(old.write(0, 0, &before).await, Status::Ok);
+    let (volume_id, before) = written_volume(&cluster, &sdc, "before", 1).await;
 
     // Both nodes hold chunk 0 of the volume: the new MDM refuses them and
     // registers nothing.
@@ -101,17 +97,10 @@ async fn an_sds_never_serves_one_clusters_chunks_to_another() {
 async fn a_restored_mdm_takes_its_nodes_back_with_their_data() {
     let mut cluster = start_cluster(2).await;
     let sdc = cluster.register_sdc("sdc-a").await.client;
-    let volume_id = cluster.create_mapped_volume("kept", 16 << 20, "sdc-a").await;
-    let before = VolumeSession::open(&sdc, volume_id, AccessMode::ReadWrite).await;
-    before.auth_all().await;
-    let data = pattern(5, 4096);
-    assert_eq!(before.write(0, 0, &data).await, Status::Ok);
+    let (volume_id, data) = written_volume(&cluster, &sdc, "kept", 5).await;
 
     let backup = cluster.admin().mdm_backup().await.unwrap();
-    let lost_volume = cluster.create_mapped_volume("lost", 16 << 20, "sdc-a").await;
-    let lost = VolumeSession::open(&sdc, lost_volume, AccessMode::ReadWrite).await;
-    lost.auth_all().await;
-    assert_eq!(lost.write(0, 0, &pattern(7, 4096)).await, Status::Ok);
+    let (lost_volume, _) = written_volume(&cluster, &sdc, "lost", 7).await;
 
     let restored = cluster.path("mdm-restored");
     std::fs::create_dir_all(&restored).unwrap();
@@ -145,6 +134,22 @@ async fn a_restored_mdm_takes_its_nodes_back_with_their_data() {
     let (status, read) = new.read(0, 0, 4096).await;
     assert_eq!(status, Status::Ok);
     assert!(read.iter().all(|&b| b == 0), "the new volume reads a lost volume's bytes");
+}
+
+/// A 16 MiB volume `name` mapped to `sdc-a`, with `pattern(seed, 4096)`
+/// written at the start of chunk 0 (both nodes hold it); its id and the data.
+async fn written_volume(
+    cluster: &Cluster,
+    sdc: &pflex_mdm_client::MdmClient,
+    name: &str,
+    seed: u64,
+) -> (u64, Vec<u8>) {
+    let volume_id = cluster.create_mapped_volume(name, 16 << 20, "sdc-a").await;
+    let session = VolumeSession::open(sdc, volume_id, AccessMode::ReadWrite).await;
+    session.auth_all().await;
+    let data = pattern(seed, 4096);
+    assert_eq!(session.write(0, 0, &data).await, Status::Ok);
+    (volume_id, data)
 }
 
 /// Waits (30 s at most) until `name`'s log holds `needle` `times` times.
