@@ -461,6 +461,51 @@ const MIGRATIONS: &[&str] = &[
         secret_id TEXT NOT NULL
     );
     "#,
+    // 15: `topology_seq` takes a new random value whenever a fact a
+    // placement reads of an SDS changes (see `service::candidates`, which
+    // keeps those facts in memory while it holds). It starts at 0 on every
+    // member: the values after come in the leader's changesets, which
+    // carry the old value too.
+    r#"
+    CREATE TABLE topology_seq (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+    INSERT INTO topology_seq (id, value) VALUES (1, 0);
+    CREATE TRIGGER topology_sds_insert AFTER INSERT ON sds_nodes BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_sds_delete AFTER DELETE ON sds_nodes BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_sds_update AFTER UPDATE ON sds_nodes
+    WHEN OLD.node_id IS NOT NEW.node_id OR OLD.fault_set_id IS NOT NEW.fault_set_id
+      OR OLD.pool_id IS NOT NEW.pool_id OR OLD.capacity_bytes IS NOT NEW.capacity_bytes
+      OR OLD.used_bytes IS NOT NEW.used_bytes OR OLD.draining IS NOT NEW.draining
+      OR OLD.removed_at IS NOT NEW.removed_at BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_device_insert AFTER INSERT ON sds_devices BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_device_delete AFTER DELETE ON sds_devices BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_device_update AFTER UPDATE OF sds_id, failed_reason ON sds_devices
+    WHEN OLD.sds_id IS NOT NEW.sds_id OR OLD.failed_reason IS NOT NEW.failed_reason BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_fault_set_change AFTER UPDATE ON fault_sets BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_fault_set_delete AFTER DELETE ON fault_sets BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_node_failed AFTER UPDATE OF failed_at ON cluster_nodes
+    WHEN OLD.failed_at IS NOT NEW.failed_at BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    CREATE TRIGGER topology_node_delete AFTER DELETE ON cluster_nodes BEGIN
+        UPDATE topology_seq SET value = random();
+    END;
+    "#,
 ];
 
 // Migration 10 computes PG bytes in SQL with 1 MiB chunks.

@@ -61,6 +61,8 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     /// When components were last heard from (see [`crate::sightings`]).
     pub sightings: crate::sightings::Sightings,
+    /// The facts of each pool's candidate nodes, kept between creates.
+    pub candidates: service::CandidateCache,
     /// The admin token and join key (replaced and revoked by `pflex
     /// cluster rotate`, on every member).
     secrets: Arc<crate::secrets::AdminSecrets>,
@@ -110,6 +112,7 @@ impl AppState {
             settings,
             keys,
             sightings: Default::default(),
+            candidates: Default::default(),
             secrets,
             admin_token_path,
             counters: Counters::default(),
@@ -188,6 +191,7 @@ impl AppState {
             settings: self.settings,
             keys: &self.keys,
             sightings: &self.sightings,
+            candidates: &self.candidates,
             now: pflex_proto::unix_now(),
         }
     }

@@ -41,6 +41,7 @@ struct Cluster {
     conn: Connection,
     keys: Keys,
     sightings: pflex_mdm::sightings::Sightings,
+    candidates: pflex_mdm::service::CandidateCache,
     sds: Vec<u64>,
     sdc: Vec<u64>,
     volumes: u64,
@@ -62,6 +63,7 @@ impl Cluster {
             conn,
             keys,
             sightings: Default::default(),
+            candidates: Default::default(),
             sds: Vec::new(),
             sdc: Vec::new(),
             volumes: 0,
@@ -73,7 +75,13 @@ impl Cluster {
     /// Runs `f` in a transaction at `now`, committing on success.
     fn run<T>(&mut self, now: u64, f: impl FnOnce(&Connection, &Ctx) -> T) -> T {
         let tx = self.conn.transaction().unwrap();
-        let ctx = Ctx { settings: settings(), keys: &self.keys, sightings: &self.sightings, now };
+        let ctx = Ctx {
+            settings: settings(),
+            keys: &self.keys,
+            sightings: &self.sightings,
+            candidates: &self.candidates,
+            now,
+        };
         let value = f(&tx, &ctx);
         tx.commit().unwrap();
         value

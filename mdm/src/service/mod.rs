@@ -9,10 +9,12 @@
 //! - `nodes`: registration, heartbeats, node lists;
 //! - `enrollment`: who may register under a name, enrollment tokens, resets, the audit log;
 //! - `volumes`: volumes, mappings, placement maps;
+//! - `candidates`: the nodes a placement may use, kept between requests;
 //! - `tokens`: IO tokens and completion records;
 //! - `health`: liveness, summary, re-placement of failed nodes' copies;
 //! - `members`: MDM members removed from a replicated MDM.
 
+mod candidates;
 mod enrollment;
 mod health;
 mod members;
@@ -22,6 +24,7 @@ mod rebuild;
 mod tokens;
 mod volumes;
 
+pub use candidates::CandidateCache;
 pub use enrollment::{
     audit, audit_list, cluster_identity, mint_enrollment, record_cluster_identity, reset_node,
     rotate_keys, signing_history, Opened,
@@ -111,6 +114,8 @@ pub struct Ctx<'a> {
     pub settings: Settings,
     pub keys: &'a crate::keys::Keys,
     pub sightings: &'a crate::sightings::Sightings,
+    /// The facts of each pool's candidate nodes (see `candidates`).
+    pub candidates: &'a CandidateCache,
     pub now: u64,
 }
 

@@ -16,6 +16,8 @@ use crate::validate;
 
 use super::*;
 
+pub(super) use super::candidates::candidates;
+
 pub(super) struct VolumeRow {
     pub(super) id: u64,
     pub(super) name: String,
@@ -170,61 +172,6 @@ pub(super) fn pool_usage_by_scan(
         }
     }
     Ok(usage)
-}
-
-/// The query of [`candidates`] (`?1`: the pool): it walks `sds_nodes`
-/// and looks each node up in `cluster_nodes` (`CROSS JOIN` fixes that
-/// order in SQLite). Left to itself, the planner walked `cluster_nodes`,
-/// every SDC included, to save sorting by id: at 1,000 SDS and 10,000 SDC
-/// that was 5.7 ms a create against 0.95 ms.
-const CANDIDATES: &str =
-    "SELECT s.node_id, f.name, s.capacity_bytes, s.used_bytes, n.last_seen, n.failed_at,
-            COALESCE(l.placed, 0), COALESCE(l.placed_primary, 0), COALESCE(l.reserved, 0)
-     FROM sds_nodes s CROSS JOIN cluster_nodes n ON n.id = s.node_id
-     JOIN fault_sets f ON f.id = s.fault_set_id
-     LEFT JOIN sds_load l ON l.node_id = s.node_id WHERE s.pool_id = ?1
-       AND s.draining = 0 AND s.removed_at = 0
-       AND NOT (EXISTS (SELECT 1 FROM sds_devices d WHERE d.sds_id = s.node_id)
-                AND NOT EXISTS (SELECT 1 FROM sds_devices d
-                                WHERE d.sds_id = s.node_id AND d.failed_reason IS NULL))
-     ORDER BY s.node_id";
-
-/// SDS nodes of a pool that may receive copies (not FAILED), with their
-/// fault sets and load.
-pub(super) fn candidates(
-    conn: &Connection,
-    ctx: &Ctx,
-    pool_id: u64,
-) -> Result<Vec<Candidate>, MdmError> {
-    let mut stmt = conn.prepare_cached(CANDIDATES)?;
-    let mut rows = stmt
-        .query_map([pool_id], |r| {
-            let usage =
-                NodeUsage { placed: r.get(6)?, placed_primary: r.get(7)?, reserved: r.get(8)? };
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, usage))
-        })?
-        .collect::<Result<Vec<(u64, String, u64, u64, u64, u64, NodeUsage)>, _>>()?;
-    ctx.sightings.overlay(&mut rows, |r| (r.0, &mut r.4));
-    let mut out = Vec::with_capacity(rows.len());
-    for (id, fault_set, capacity, used, last_seen, failed_at, load) in rows {
-        // (A node whose every device failed has no room: not selected above.)
-        // A node failed on evidence is no candidate for a while after it comes
-        // back: a node the MDM cannot reach would otherwise flap between
-        // FAILED and ACTIVE, taking new copies each time.
-        let recently_failed =
-            failed_at > 0 && ctx.now.saturating_sub(failed_at) < ctx.settings.failed_after_secs;
-        if recently_failed || liveness(&ctx.settings, last_seen, failed_at, ctx.now) == "FAILED" {
-            continue;
-        }
-        out.push(Candidate {
-            id,
-            fault_set,
-            free_bytes: capacity.saturating_sub(used).saturating_sub(load.reserved),
-            placed_bytes: load.placed,
-            placed_primary_bytes: load.placed_primary,
-        });
-    }
-    Ok(out)
 }
 
 fn placement_error(pool: &str, e: PlacementError) -> MdmError {
@@ -649,23 +596,6 @@ mod tests {
     use pflex_proto::api::{DeviceInfo, RegisterRequest};
     use pflex_proto::token::ClusterSecret;
 
-    /// A create reads its candidates by walking the pool's SDS nodes,
-    /// never every node of the cluster (SDCs outnumber them tenfold).
-    #[test]
-    fn candidates_walk_the_sds_nodes_not_every_node() {
-        let conn = crate::db::open_in_memory().unwrap();
-        let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {CANDIDATES}"))
-            .unwrap()
-            .query_map([1], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let scans: Vec<&String> = plan.iter().filter(|step| step.starts_with("SCAN")).collect();
-        assert_eq!(scans, ["SCAN s"], "{plan:#?}");
-        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "sorts: {plan:#?}");
-    }
-
     /// The per-node sums the triggers keep in `sds_load` equal the sums of
     /// every PG after each kind of change a PG goes through.
     #[test]
@@ -686,7 +616,14 @@ mod tests {
             resync_window_secs: 120,
         };
         let sightings = crate::sightings::Sightings::default();
-        let ctx = Ctx { settings, keys: &keys, sightings: &sightings, now: 1_900_000_000 };
+        let candidates = CandidateCache::default();
+        let ctx = Ctx {
+            settings,
+            keys: &keys,
+            sightings: &sightings,
+            candidates: &candidates,
+            now: 1_900_000_000,
+        };
         let tx = conn.transaction().unwrap();
         let conn: &Connection = &tx;
         let mut sds = Vec::new();
