@@ -586,10 +586,21 @@ impl Default for CheckpointPolicy {
 /// Largest a WAL file is left after it starts over (bytes).
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
-/// Set by the checkpointer when the WAL should start over; taken by the
-/// connection that commits (see [`restart_wal_if_due`]). One per process:
-/// an MDM has one database.
-static WAL_RESTART_DUE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether the WAL of a database should start over, by the database file's
+/// name as SQLite gives it: set by that file's checkpointer, taken by the
+/// connection that commits to it (see [`restart_wal_if_due`]). An MDM has
+/// one database, but a process may hold several (tests do), and one
+/// committer must not take the request meant for another.
+static WAL_RESTARTS_DUE: std::sync::Mutex<
+    std::collections::BTreeMap<String, std::sync::Arc<std::sync::atomic::AtomicBool>>,
+> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The restart request of the database `conn` is open on (made on first use).
+fn wal_restart_due(conn: &Connection) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let name = conn.path().filter(|p| !p.is_empty())?.to_string();
+    let mut due = WAL_RESTARTS_DUE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    Some(due.entry(name).or_default().clone())
+}
 
 /// Checkpoints the WAL of `path` by `policy` on a thread of its own, for as
 /// long as the process runs.
@@ -613,11 +624,12 @@ static WAL_RESTART_DUE: std::sync::atomic::AtomicBool = std::sync::atomic::Atomi
 pub fn start_checkpointer(path: &Path, policy: CheckpointPolicy) -> Result<(), DbError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    let Some(restart_due) = wal_restart_due(&conn) else { return Ok(()) };
     std::thread::Builder::new().name("mdm-checkpoint".to_string()).spawn(move || loop {
         std::thread::sleep(policy.every);
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
             Ok(frames) if frames > policy.restart_above_frames => {
-                WAL_RESTART_DUE.store(true, std::sync::atomic::Ordering::Relaxed);
+                restart_due.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
@@ -633,7 +645,8 @@ pub fn start_checkpointer(path: &Path, policy: CheckpointPolicy) -> Result<(), D
 /// writes the WAL from its start again, and the file is cut back to
 /// [`WAL_SIZE_LIMIT`].
 pub fn restart_wal_if_due(conn: &Connection) {
-    if !WAL_RESTART_DUE.swap(false, std::sync::atomic::Ordering::Relaxed) {
+    let Some(restart_due) = wal_restart_due(conn) else { return };
+    if !restart_due.swap(false, std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     // SQLite's own busy handler sleeps in steps of up to 100 ms (1, 2, 5,
@@ -653,7 +666,7 @@ pub fn restart_wal_if_due(conn: &Connection) {
         Ok(0) => {}
         Ok(_) => {
             tracing::debug!("the WAL could not start over yet: readers stayed in it");
-            WAL_RESTART_DUE.store(true, std::sync::atomic::Ordering::Relaxed);
+            restart_due.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Err(e) => tracing::warn!(error = %e, "WAL restart checkpoint failed"),
     }
