@@ -274,6 +274,9 @@ pub async fn run_one(
         },
         io_retry_secs: 30,
         bin_dir: None,
+        no_tls: false,
+        // One CA for every scenario's lab: this process trusts the first it meets.
+        ca_dir: dir.parent().map(|root| root.join("tls").join("ca")),
     };
     lab::up_lab(dir, &up).await?;
     let outcome = drive(dir, scenario, qd, args).await;
@@ -873,7 +876,7 @@ async fn rebuilds_done_for(mdm: &MdmClient, failed: u64) -> bool {
 /// Waits until every SDS is ACTIVE, no rebuild runs and both copies of
 /// every chunk of vol1 are equal; returns how many chunks were compared.
 async fn recover(mdm: &MdmClient, layout: &lab::LabLayout) -> Result<u64> {
-    let http = reqwest::Client::new();
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
     let start = Instant::now();
     loop {
         let last = match copies_equal(mdm, layout, &http).await {
@@ -889,10 +892,10 @@ async fn recover(mdm: &MdmClient, layout: &lab::LabLayout) -> Result<u64> {
 
 /// Fails if any SDS of the cluster reports a failed device.
 async fn no_failed_device(layout: &lab::LabLayout, mdm: &MdmClient) -> Result<()> {
-    let http = reqwest::Client::new();
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
     let members: Vec<String> = mdm.sds_list().await?.into_iter().map(|s| s.name).collect();
     for host in layout.hosts.iter().filter(|h| members.contains(&h.name)) {
-        let url = format!("http://{}:9100/devices", host.address);
+        let url = layout.url(&host.name, 9100, "/devices")?;
         let devices: Vec<serde_json::Value> =
             http.get(&url).timeout(Duration::from_secs(5)).send().await?.json().await?;
         if let Some(d) = devices.iter().find(|d| d.get("failed").is_some()) {
@@ -1016,7 +1019,12 @@ async fn copies_equal(
         let pg = map.pg_of(chunk).context("no PGs")?;
         let mut sums = Vec::new();
         for id in [pg.primary, pg.secondary] {
-            let url = format!("http://{}:9100/chunk/{}/{chunk}/checksum", address(id)?, volume.id);
+            let url = format!(
+                "{}://{}:9100/chunk/{}/{chunk}/checksum",
+                layout.scheme(),
+                address(id)?,
+                volume.id
+            );
             let sum: pflex_proto::api::ChunkChecksum =
                 http.get(&url).timeout(Duration::from_secs(5)).send().await?.json().await?;
             sums.push((sum.allocated, sum.crc32));

@@ -17,6 +17,13 @@
 //! `pflex lab down` stops everything and removes every namespace, link and
 //! device file (the logs stay).
 //! The lab's layout is kept in `DIR/lab.json`.
+//!
+//! Like `pflex up`, the lab runs TLS unless told otherwise (`--no-tls`):
+//! every HTTP API is HTTPS with certificates from the lab's CA naming each
+//! host's address, and the MDM members of a replicated MDM know each other
+//! by the member ids in their certificates, so kills and partitions are
+//! rehearsed on the configuration a cluster runs in. The NBD export stays
+//! plain for clients without a certificate (STARTTLS is offered).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -156,6 +163,15 @@ pub struct LabUp {
     /// Directory holding the component binaries (default: next to `pflex`).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Plain HTTP between the components (by default every HTTP API is
+    /// HTTPS with certificates from the lab's CA, as with `pflex up`).
+    #[arg(long)]
+    pub no_tls: bool,
+    /// The CA that issues the lab's certificates, made when missing
+    /// (default DIR/tls/ca). Labs made one after another by one process
+    /// share one; its certificate is copied to DIR/tls/ca either way.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// One emulated host.
@@ -176,9 +192,26 @@ pub struct LabLayout {
     pub root_links: BTreeMap<String, String>,
     pub nbd_uri: String,
     pub mdm_url: String,
+    /// Whether the components serve HTTPS (a lab written before TLS did not).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl LabLayout {
+    /// `https` or `http`, as the lab's HTTP APIs speak.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The URL of `path` on the HTTP port `port` of lab host `host`.
+    pub fn url(&self, host: &str, port: u16, path: &str) -> Result<String> {
+        Ok(format!("{}://{}:{port}{path}", self.scheme(), self.host(host)?.address))
+    }
+
     fn host(&self, name: &str) -> Result<&LabHost> {
         self.hosts.iter().find(|h| h.name == name).with_context(|| {
             let names: Vec<_> = self.hosts.iter().map(|h| h.name.as_str()).collect();
@@ -245,7 +278,7 @@ pub async fn inject_fault(
     delay_ms: u64,
 ) -> Result<()> {
     let layout = load(dir)?;
-    let target = layout.host(host)?;
+    layout.host(host)?;
     if !host.starts_with("sds") {
         bail!("{host} is not an SDS host: only SDS devices take faults");
     }
@@ -257,8 +290,10 @@ pub async fn inject_fault(
         }
         FaultKind::None => serde_json::json!({"device": device, "fault": "none"}),
     };
-    let url = format!("http://{}:9100/faults/device", target.address);
-    let reply = reqwest::Client::new()
+    let url = layout.url(host, 9100, "/faults/device")?;
+    up::trust_local_ca(dir)?;
+    let reply = pflex_mdm_client::trust::http_client_builder()
+        .build()?
         .post(&url)
         .json(&body)
         .timeout(Duration::from_secs(5))
@@ -451,6 +486,7 @@ fn plan(args: &LabUp) -> Result<LabLayout> {
         bail!("--name must be 1 to 6 of a-z 0-9 -");
     }
     let addr = |h: u16| format!("10.{}.0.{h}", args.net);
+    let scheme = if args.no_tls { "http" } else { "https" };
     let mut hosts = vec![("mdm".to_string(), addr(1)), ("sdc1".to_string(), addr(2))];
     for n in 1..args.mdm_count {
         hosts.push((up::mdm_member_name(n), addr(2 + n)));
@@ -473,12 +509,45 @@ fn plan(args: &LabUp) -> Result<LabLayout> {
         net: args.net,
         nbd_uri: format!("nbd://{}:10809/vol1", addr(2)),
         mdm_url: (0..args.mdm_count)
-            .map(|n| format!("http://{}:8001", addr(if n == 0 { 1 } else { 2 + n })))
+            .map(|n| format!("{scheme}://{}:8001", addr(if n == 0 { 1 } else { 2 + n })))
             .collect::<Vec<_>>()
             .join(","),
         hosts,
         root_links,
+        tls: !args.no_tls,
     })
+}
+
+/// The lab's CA: `--ca-dir`, or DIR/tls/ca. Every later command on the lab
+/// (`pflex node start`, `pflex lab fault`) trusts DIR/tls/ca, so the
+/// certificate of a CA kept elsewhere is copied there.
+fn lab_ca(dir: &Path, args: &LabUp) -> Result<pflex_tls::ClusterCa> {
+    let local = dir.join("tls").join("ca");
+    let ca_dir = args.ca_dir.clone().unwrap_or_else(|| local.clone());
+    let ca = pflex_tls::ClusterCa::open_or_create(&ca_dir)
+        .with_context(|| format!("the lab's CA in {}", ca_dir.display()))?;
+    if ca_dir != local {
+        std::fs::create_dir_all(&local)?;
+        std::fs::copy(ca_dir.join(pflex_tls::CA_CERT), local.join(pflex_tls::CA_CERT))
+            .with_context(|| format!("copying the CA certificate to {}", local.display()))?;
+    }
+    Ok(ca)
+}
+
+/// Issues the certificate naming `identity` for lab host address `address`
+/// into `DIR/COMPONENT/tls`; the flag that gives it to the component.
+fn issue_tls(
+    ca: Option<&pflex_tls::ClusterCa>,
+    dir: &Path,
+    component: &str,
+    identity: &str,
+    address: &str,
+) -> Result<Vec<String>> {
+    let Some(ca) = ca else { return Ok(Vec::new()) };
+    let node_dir = dir.join(component).join("tls");
+    ca.issue(identity, &[address.to_string()], &node_dir, pflex_tls::Layout::Node)
+        .with_context(|| format!("issuing {component}'s certificate"))?;
+    Ok(vec!["--tls-dir".into(), node_dir.display().to_string()])
 }
 
 /// Runs `binary` with `args` on lab host `host` and records it.
@@ -599,8 +668,14 @@ pub async fn up_lab(dir: &Path, args: &LabUp) -> Result<LabLayout> {
 
 fn print_ready(dir: &Path, layout: &LabLayout) {
     println!(
-        "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  dashboard http://{dash}:{MGMT_PORT}   (user admin, password in {d}/mgmt/admin_password)\n  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab fault sds1 eio --data-dir {d}\n     pflex lab down --data-dir {d}",
+        "pflex lab {name}: ready\n  volume  vol1 at {nbd}\n  MDM     {mdm}   (admin token: {d}/mdm/admin_token)\n  dashboard {scheme}://{dash}:{MGMT_PORT}   (user admin, password in {d}/mgmt/admin_password)\n{ca}  hosts   {hosts}\n\nTry: nbdinfo {nbd}\n     pflex lab cut sds1 --from mdm --data-dir {d}; pflex lab heal sds1 --from mdm --data-dir {d}\n     pflex lab kill sds2 --data-dir {d}; pflex node start sds2 --data-dir {d}\n     pflex lab fault sds1 eio --data-dir {d}\n     pflex lab down --data-dir {d}",
         name = layout.name,
+        scheme = layout.scheme(),
+        ca = if layout.tls {
+            format!("  CA      {}/tls/ca/ca-cert.pem   (every HTTP API is HTTPS with this CA)\n", dir.display())
+        } else {
+            String::new()
+        },
         nbd = layout.nbd_uri,
         mdm = layout.mdm_url,
         dash = layout.hosts.iter().find(|h| h.name == "mdm").map_or("?", |h| h.address.as_str()),
@@ -620,7 +695,9 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
         None => std::env::current_exe()?.parent().context("pflex has no directory")?.to_path_buf(),
     };
     let hb = args.heartbeat_interval_secs.to_string();
-    let http = reqwest::Client::new();
+    let ca = if layout.tls { Some(lab_ca(dir, args)?) } else { None };
+    up::trust_local_ca(dir)?;
+    let http = pflex_mdm_client::trust::http_client_builder().build()?;
     let mdm_host = layout.host("mdm")?;
     std::fs::write(
         dir.join("cluster.json"),
@@ -659,6 +736,14 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
             "--resync-window-secs".into(),
             args.failure_timeout_secs.to_string(),
         ]);
+        // A replicated member's certificate names its member id: its peers
+        // take Raft messages only from the member they claim.
+        let identity = if args.mdm_count > 1 {
+            pflex_tls::mdm_member_name(u64::from(n) + 1)
+        } else {
+            name.clone()
+        };
+        mdm_args.extend(issue_tls(ca.as_ref(), dir, &name, &identity, &host.address)?);
         if is_spare {
             // A member added later starts with its id alone.
             mdm_args.extend(["--mdm-id".into(), (n + 1).to_string()]);
@@ -708,6 +793,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
             // A lab is for rehearsing faults: `pflex lab fault` needs it.
             "--fault-injection".into(),
         ]);
+        sds_args.extend(issue_tls(ca.as_ref(), dir, &name, &name, &host.address)?);
         if n <= args.sds {
             start_on(dir, layout, &name, &up::binary(&bins, "sds")?, sds_args)?;
         } else {
@@ -716,7 +802,7 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     }
     for n in 1..=args.sds {
         let host = layout.host(&format!("sds{n}"))?;
-        let url = format!("http://{}:9200/health", host.address);
+        let url = layout.url(&host.name, 9200, "/health")?;
         wait_until(&format!("sds{n}"), Duration::from_secs(120), || {
             let (http, url) = (http.clone(), url.clone());
             async move { up::registered(&http, &url).await.unwrap_or(false) }
@@ -741,8 +827,9 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     // The lab's SDC serves NBD on its namespace's address, reachable only
     // from this machine: plain NBD there is accepted on purpose.
     sdc_args.push("--insecure".into());
+    sdc_args.extend(issue_tls(ca.as_ref(), dir, "sdc1", "sdc1", &sdc.address)?);
     start_on(dir, layout, "sdc1", &up::binary(&bins, "sdc")?, sdc_args)?;
-    let url = format!("http://{}:8004/health", sdc.address);
+    let url = layout.url("sdc1", 8004, "/health")?;
     wait_until("sdc1", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), url.clone());
         async move { up::registered(&http, &url).await.unwrap_or(false) }
@@ -754,10 +841,11 @@ async fn start_cluster(dir: &Path, layout: &LabLayout, args: &LabUp) -> Result<(
     std::fs::create_dir_all(&mgmt_dir)?;
     let listen = format!("{}:{MGMT_PORT}", mdm_host.address);
     let token = up::enrollment_file(&mdm, NodeType::Mgmt, "mgmt1", &mgmt_dir).await?;
-    let mgmt_args =
+    let mut mgmt_args =
         up::mgmt_args(&layout.mdm_url, up::Enroll::TokenFile(&token), &mgmt_dir, &listen);
+    mgmt_args.extend(issue_tls(ca.as_ref(), dir, "mgmt", "mgmt", &mdm_host.address)?);
     start_as(dir, layout, "mdm", "mgmt", &up::binary(&bins, "mgmt")?, mgmt_args)?;
-    let url = format!("http://{listen}/health");
+    let url = layout.url("mdm", MGMT_PORT, "/health")?;
     wait_until("the dashboard", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), url.clone());
         async move { http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) }

@@ -97,6 +97,9 @@ pub async fn run(dir: &Path, args: RebuildBenchArgs) -> Result<()> {
             token_ttl_secs: 3600,
             io_retry_secs: 30,
             bin_dir: None,
+            no_tls: false,
+            // One CA for every case's lab: this process trusts the first it meets.
+            ca_dir: Some(dir.join("tls").join("ca")),
         };
         let layout = lab::up_lab(&run_dir, &up).await?;
         let outcome = one_case(&run_dir, &layout, limit, priority, &args).await;

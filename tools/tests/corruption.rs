@@ -47,8 +47,8 @@ fn read_back(uri: &str, dir: &Path) -> Vec<u8> {
     bytes
 }
 
-async fn checksum(http: &reqwest::Client, address: &str, volume: u64) -> serde_json::Value {
-    let url = format!("http://{address}:9100/chunk/{volume}/0/checksum");
+async fn checksum(http: &reqwest::Client, sds: &str, volume: u64) -> serde_json::Value {
+    let url = format!("{sds}/chunk/{volume}/0/checksum");
     http.get(&url).send().await.unwrap().json().await.unwrap()
 }
 
@@ -63,7 +63,7 @@ async fn a_corrupt_block_on_either_copy_is_never_served_and_scrub_repairs_it() {
         &["--name", "ccrc", "--net", "221", "--device-size", "256M", "--volume-size", "64M"],
     );
     let mdm = lab.mdm();
-    let http = reqwest::Client::new();
+    let http = lab.http();
     let data = content();
     let source = tmp.path().join("content.img");
     std::fs::write(&source, &data).unwrap();
@@ -84,8 +84,8 @@ async fn a_corrupt_block_on_either_copy_is_never_served_and_scrub_repairs_it() {
     corrupt(&lab.device(&secondary), &data[9 * BLOCK..10 * BLOCK]);
     assert!(read_back(&lab.nbd_uri(), tmp.path()) == data, "the data changed");
     let before = (
-        checksum(&http, &lab.address(&primary), volume).await,
-        checksum(&http, &lab.address(&secondary), volume).await,
+        checksum(&http, &lab.sds_api(&primary), volume).await,
+        checksum(&http, &lab.sds_api(&secondary), volume).await,
     );
     assert_ne!(
         before.1["crc32"], before.0["crc32"],
@@ -94,8 +94,8 @@ async fn a_corrupt_block_on_either_copy_is_never_served_and_scrub_repairs_it() {
 
     let report = pflex(&lab.dir, &["cluster", "scrub", "--json"]);
     let after = (
-        checksum(&http, &lab.address(&primary), volume).await,
-        checksum(&http, &lab.address(&secondary), volume).await,
+        checksum(&http, &lab.sds_api(&primary), volume).await,
+        checksum(&http, &lab.sds_api(&secondary), volume).await,
     );
     assert_eq!(after.0["crc32"], after.1["crc32"], "copies differ after scrub:\n{report}");
     assert!(report.contains("repaired_there"), "scrub report:\n{report}");

@@ -30,8 +30,8 @@ fn qemu_io(uri: &str, command: &str) -> (bool, String) {
     (!failed, text)
 }
 
-async fn checksum(http: &reqwest::Client, address: &str, volume: u64, chunk: u64) -> Option<u32> {
-    let url = format!("http://{address}:9100/chunk/{volume}/{chunk}/checksum");
+async fn checksum(http: &reqwest::Client, sds: &str, volume: u64, chunk: u64) -> Option<u32> {
+    let url = format!("{sds}/chunk/{volume}/{chunk}/checksum");
     let sum: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
     sum["crc32"].as_u64().map(|c| c as u32)
 }
@@ -60,7 +60,7 @@ async fn a_write_that_failed_on_the_secondary_is_reconciled_after_a_failover() {
         ],
     );
     let mdm = lab.mdm();
-    let http = reqwest::Client::new();
+    let http = lab.http();
     let uri = lab.nbd_uri();
     let nodes = mdm.sds_list().await.unwrap();
     let name = |id: u64| nodes.iter().find(|n| n.id == id).unwrap().name.clone();
@@ -83,7 +83,7 @@ async fn a_write_that_failed_on_the_secondary_is_reconciled_after_a_failover() {
 
     lab.start(&primary);
     let deadline = Instant::now() + Duration::from_secs(90);
-    let (old_primary, old_secondary) = (lab.address(&primary), lab.address(&secondary));
+    let (old_primary, old_secondary) = (lab.sds_api(&primary), lab.sds_api(&secondary));
     loop {
         let map = mdm.placement(volume).await.unwrap();
         let pg = *map.pg_of(chunk).unwrap();

@@ -78,7 +78,29 @@ impl Lab {
         pflex(dir, &all);
         lab.layout = serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json")).unwrap())
             .expect("lab.json");
+        // The lab's HTTP APIs are HTTPS with its own CA. This process trusts
+        // the first CA it is given: one lab per test binary.
+        let ca = dir.join("tls").join("ca");
+        if ca.exists() {
+            pflex_mdm_client::trust::trust_cluster_ca(&ca).expect("trusting the lab's CA");
+        }
         lab
+    }
+
+    /// An HTTP client for the lab's APIs (trusting its CA).
+    pub fn http(&self) -> reqwest::Client {
+        pflex_mdm_client::trust::http_client_builder().build().unwrap()
+    }
+
+    /// The base URL of SDS host `host`'s control API (port 9100).
+    pub fn sds_api(&self, host: &str) -> String {
+        self.url(host, 9100, "")
+    }
+
+    /// The URL of `path` on port `port` of lab host `host`.
+    pub fn url(&self, host: &str, port: u16, path: &str) -> String {
+        let scheme = if self.layout["tls"].as_bool() == Some(true) { "https" } else { "http" };
+        format!("{scheme}://{}:{port}{path}", self.address(host))
     }
 
     /// `pflex lab ARGS` on this lab.
