@@ -119,7 +119,17 @@ async fn epoch_and_mapping_generation() {
     assert_eq!(deleted.name, "vol2");
     let changes = beat(sds, Some(full.volumes_cursor)).await;
     assert_eq!(changes.deleted_volumes, vec![volume.id]);
-    assert_eq!(changes.volumes.len(), 1, "only the new volume: {:?}", changes.volumes);
+    // "other" is new and unchanged (nobody mapped it): nothing to learn.
+    assert!(changes.volumes.is_empty(), "a new volume listed: {:?}", changes.volumes);
+    admin.volume_map(&map("other", "sdc1", AccessMode::ReadWrite)).await.unwrap();
+    let changes = beat(sds, Some(changes.volumes_cursor)).await;
+    let other = admin.volume_show("other").await.unwrap();
+    assert_eq!(
+        changes.volumes.iter().map(|g| (g.volume_id, g.mapping_gen)).collect::<Vec<_>>(),
+        [(other.id, other.mapping_gen)],
+        "once mapped, it is listed"
+    );
+    admin.volume_unmap(&unmap("other", "sdc1")).await.unwrap();
     assert_eq!(admin.volume_list().await.unwrap().len(), 1);
     assert_eq!(admin.placement(volume.id).await.unwrap_err().status(), Some(404));
     // Ids are never reused.

@@ -490,6 +490,14 @@ struct VolumeChanges {
 /// those deleted after `since`: what changed, not what exists. With
 /// `only_mapped_to`, only volumes mapped to that SDC (a mapped volume
 /// cannot be deleted, so no deletions).
+///
+/// A volume created since and never changed (epoch and mapping generation
+/// both still the 1 it is created with) is left out: a node learns nothing
+/// from it. Nobody has mapped it, so no token names it; a node counts a
+/// volume it has not heard of as generation 0, and fetches its map at its
+/// first IO. Listing new volumes made every SDS heartbeat during bulk
+/// creates carry the last two seconds' creates (some 800 at 400 a second,
+/// to each of 500 SDS heartbeats a second).
 fn volume_changes(
     conn: &Connection,
     since: Option<u64>,
@@ -518,8 +526,8 @@ fn volume_changes(
             .collect::<Result<_, _>>()?,
         None => conn
             .prepare_cached(
-                "SELECT id, epoch, mapping_gen FROM volumes WHERE changed_seq > ?1
-                 ORDER BY changed_seq",
+                "SELECT id, epoch, mapping_gen FROM volumes INDEXED BY volumes_changed_since_created
+                 WHERE changed_seq > ?1 AND (epoch > 1 OR mapping_gen > 1) ORDER BY changed_seq",
             )?
             .query_map([since], generation)?
             .collect::<Result<_, _>>()?,
