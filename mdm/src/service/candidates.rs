@@ -180,10 +180,7 @@ fn load_of(conn: &Connection, nodes: &[NodeFacts]) -> Result<Vec<NodeUsage>, Mdm
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KeyTiming, Keys};
-    use crate::service::Settings;
-    use pflex_proto::api::{DeviceInfo, NodeType, RegisterRequest};
-    use pflex_proto::token::ClusterSecret;
+    use crate::service::test_support;
 
     /// A create reads its candidates by walking the pool's SDS nodes,
     /// never every node of the cluster (SDCs outnumber them tenfold).
@@ -208,18 +205,8 @@ mod tests {
     #[test]
     fn kept_facts_follow_every_change_a_placement_reads() {
         let mut conn = crate::db::open_in_memory().unwrap();
-        let timing =
-            KeyTiming { publish_for: Duration::from_secs(6), token_ttl: Duration::from_secs(600) };
-        let keys = Keys::new(ClusterSecret::generate(), timing, Vec::new());
-        let settings = Settings {
-            heartbeat_interval_secs: 2,
-            stale_after_secs: 60,
-            failed_after_secs: 120,
-            token_ttl_secs: 600,
-            probe_on_report: false,
-            unreachable_grace_secs: 5,
-            resync_window_secs: 120,
-        };
+        let keys = test_support::keys();
+        let settings = test_support::settings();
         let sightings = crate::sightings::Sightings::default();
         let cache = CandidateCache::default();
         let now = pflex_proto::unix_now();
@@ -227,25 +214,7 @@ mod tests {
         let tx = conn.transaction().unwrap();
         let conn: &Connection = &tx;
         let register = |i: u32| {
-            let request = RegisterRequest {
-                join_key: "k".into(),
-                enrollment_token: None,
-                credential: None,
-                node_type: NodeType::Sds,
-                name: format!("sds{i}"),
-                host: "127.0.0.1".into(),
-                control_port: 1,
-                mgmt_port: 1,
-                data_port: 1,
-                fault_set: Some(format!("fs{i}")),
-                pool: None,
-                devices: vec![DeviceInfo {
-                    path: "/d".into(),
-                    capacity_bytes: 1 << 40,
-                    used_bytes: 0,
-                }],
-                data_cluster_id: None,
-            };
+            let request = test_support::sds_request(i);
             super::super::register(conn, &ctx, &request, true, "test").unwrap().node_id
         };
         let ids: Vec<u64> = (0..3).map(register).collect();

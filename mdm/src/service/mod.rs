@@ -21,6 +21,8 @@ mod members;
 mod movement;
 mod nodes;
 mod rebuild;
+#[cfg(test)]
+mod test_support;
 mod tokens;
 mod volumes;
 

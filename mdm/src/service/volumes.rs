@@ -592,29 +592,15 @@ pub fn sdc_mappings(conn: &Connection, sdc_id: u64) -> Result<Vec<MappedVolume>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KeyTiming, Keys};
-    use pflex_proto::api::{DeviceInfo, RegisterRequest};
-    use pflex_proto::token::ClusterSecret;
+    use crate::service::test_support;
 
     /// The per-node sums the triggers keep in `sds_load` equal the sums of
     /// every PG after each kind of change a PG goes through.
     #[test]
     fn load_kept_by_triggers_matches_a_full_count() {
         let mut conn = crate::db::open_in_memory().unwrap();
-        let timing = KeyTiming {
-            publish_for: std::time::Duration::from_secs(6),
-            token_ttl: std::time::Duration::from_secs(600),
-        };
-        let keys = Keys::new(ClusterSecret::generate(), timing, Vec::new());
-        let settings = Settings {
-            heartbeat_interval_secs: 2,
-            stale_after_secs: 60,
-            failed_after_secs: 120,
-            token_ttl_secs: 600,
-            probe_on_report: false,
-            unreachable_grace_secs: 5,
-            resync_window_secs: 120,
-        };
+        let keys = test_support::keys();
+        let settings = test_support::settings();
         let sightings = crate::sightings::Sightings::default();
         let candidates = CandidateCache::default();
         let ctx = Ctx {
@@ -628,25 +614,7 @@ mod tests {
         let conn: &Connection = &tx;
         let mut sds = Vec::new();
         for i in 0..5 {
-            let request = RegisterRequest {
-                join_key: "k".into(),
-                enrollment_token: None,
-                credential: None,
-                node_type: NodeType::Sds,
-                name: format!("sds{i}"),
-                host: "127.0.0.1".into(),
-                control_port: 1,
-                mgmt_port: 1,
-                data_port: 1,
-                fault_set: Some(format!("fs{i}")),
-                pool: None,
-                devices: vec![DeviceInfo {
-                    path: "/d".into(),
-                    capacity_bytes: 1 << 40,
-                    used_bytes: 0,
-                }],
-                data_cluster_id: None,
-            };
+            let request = test_support::sds_request(i);
             sds.push(super::super::register(conn, &ctx, &request, true, "test").unwrap().node_id);
         }
         let same = |step: &str| {
