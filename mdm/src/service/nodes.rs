@@ -495,9 +495,8 @@ struct VolumeChanges {
 /// both still the 1 it is created with) is left out: a node learns nothing
 /// from it. Nobody has mapped it, so no token names it; a node counts a
 /// volume it has not heard of as generation 0, and fetches its map at its
-/// first IO. Listing new volumes made every SDS heartbeat during bulk
-/// creates carry the last two seconds' creates (some 800 at 400 a second,
-/// to each of 500 SDS heartbeats a second).
+/// first IO. Listing them made every SDS heartbeat during bulk creates
+/// carry every volume created since the node's previous one.
 fn volume_changes(
     conn: &Connection,
     since: Option<u64>,
