@@ -239,6 +239,10 @@ pub struct HeartbeatResponse {
     /// What to send as `volumes_since` next time.
     #[serde(default)]
     pub volumes_cursor: u64,
+    /// More changes follow the cursor: the MDM lists a bounded number per
+    /// reply, and the next heartbeats carry the rest.
+    #[serde(default)]
+    pub volumes_more: bool,
     /// Copies this SDS must rebuild (only for an SDS, only the jobs it is
     /// the source of: it is the PG's primary and holds the data).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -300,7 +300,8 @@ async fn bench(
     let heartbeats = Arc::new(Samples::default());
     let stop = Arc::new(AtomicBool::new(false));
     let nodes: Vec<FakeNode> = sds.iter().chain(&sdc).cloned().collect();
-    let beating = spawn_heartbeats(nodes, args.heartbeat_secs, &heartbeats, &stop);
+    let catching_up = Arc::new(CatchingUp::new());
+    let beating = spawn_heartbeats(nodes, args.heartbeat_secs, &heartbeats, &catching_up, &stop);
 
     let outcome = async {
         let creates = Arc::new(Samples::default());
@@ -328,6 +329,16 @@ async fn bench(
                 let id = admin.volume_show(format!("bench-{volume}")).await?.id;
                 mapped.push((id, node));
             }
+            // Every SDS hears of the new mappings over its next heartbeats,
+            // a bounded number per reply: measured apart, and over before
+            // the windows start.
+            let t = Instant::now();
+            catching_up.settle(Duration::from_secs(args.heartbeat_secs.max(1))).await?;
+            figures.push(heartbeats.take(
+                "heartbeat (catching up on maps)",
+                target,
+                t.elapsed().as_secs_f64(),
+            ));
             figures.extend(window(args, &admin, &mapped, target, &heartbeats).await?);
         }
         Ok::<_, anyhow::Error>(())
@@ -406,12 +417,53 @@ async fn register_all(
     Ok(nodes.into_iter().map(|(_, n)| n).collect())
 }
 
+/// When a heartbeat reply last said more changes follow its cursor.
+struct CatchingUp {
+    epoch: Instant,
+    /// Microseconds after `epoch`; 0 for never.
+    last_more_at: AtomicU64,
+}
+
+impl CatchingUp {
+    /// Longest wait for the nodes to catch up.
+    const PATIENCE: Duration = Duration::from_secs(120);
+
+    fn new() -> Self {
+        Self { epoch: Instant::now(), last_more_at: AtomicU64::new(0) }
+    }
+
+    fn seen(&self, at: Instant) {
+        let micros = at.saturating_duration_since(self.epoch).as_micros().max(1) as u64;
+        self.last_more_at.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    /// Returns once a whole heartbeat `period` went by, since the call and
+    /// since the last reply that said more changes follow.
+    async fn settle(&self, period: Duration) -> Result<()> {
+        let (called, deadline) = (Instant::now(), Instant::now() + Self::PATIENCE);
+        loop {
+            let last_more =
+                self.epoch + Duration::from_micros(self.last_more_at.load(Ordering::Relaxed));
+            let quiet_from = last_more.max(called) + period;
+            let now = Instant::now();
+            if now >= quiet_from {
+                return Ok(());
+            }
+            if now >= deadline {
+                bail!("the nodes were still catching up on changes after {:?}", Self::PATIENCE);
+            }
+            tokio::time::sleep_until(quiet_from.min(deadline).into()).await;
+        }
+    }
+}
+
 /// Every node heartbeats once per `period_secs`, node `i` at offset
 /// `i / n` of the period, from 64 tasks.
 fn spawn_heartbeats(
     nodes: Vec<FakeNode>,
     period_secs: u64,
     samples: &Arc<Samples>,
+    catching_up: &Arc<CatchingUp>,
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     // About 20 nodes per task, each beat awaited in turn: a task keeps up
@@ -425,6 +477,7 @@ fn spawn_heartbeats(
     (0..tasks)
         .map(|k| {
             let (nodes, samples, stop) = (nodes.clone(), samples.clone(), stop.clone());
+            let catching_up = catching_up.clone();
             tokio::spawn(async move {
                 let mine: Vec<usize> = (k..nodes.len()).step_by(tasks).collect();
                 if mine.is_empty() {
@@ -448,6 +501,9 @@ fn spawn_heartbeats(
                         let reply = node.client.heartbeat(&request).await;
                         samples.record(t, reply.is_ok());
                         if let Ok(reply) = reply {
+                            if reply.volumes_more {
+                                catching_up.seen(Instant::now());
+                            }
                             cursors[slot] = Some(reply.volumes_cursor);
                         }
                     }

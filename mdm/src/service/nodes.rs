@@ -443,6 +443,7 @@ fn heartbeat_reply(
             volumes_complete: changes.complete,
             deleted_volumes: changes.deleted,
             volumes_cursor: changes.cursor,
+            volumes_more: changes.more,
             rebuilds: Vec::new(),
             movement: Default::default(),
             token_public_keys: Vec::new(),
@@ -469,6 +470,7 @@ fn heartbeat_reply(
         volumes_complete: changes.complete,
         deleted_volumes: changes.deleted,
         volumes_cursor: changes.cursor,
+        volumes_more: changes.more,
         rebuilds,
         movement,
         token_public_keys,
@@ -483,13 +485,28 @@ struct VolumeChanges {
     complete: bool,
     deleted: Vec<u64>,
     cursor: u64,
+    /// Changes after `cursor` were left for the next replies.
+    more: bool,
 }
+
+/// Most changes (changed volumes and deletions together) one SDS heartbeat
+/// reply carries; the cursor then stops at the last one listed, and the
+/// node's next heartbeats carry the rest. After a burst (a thousand volumes
+/// mapped, or the volumes of a failed node re-placed) every SDS would
+/// otherwise be sent the whole burst within one heartbeat interval: at a
+/// thousand nodes, a million entries read and serialised at once, which
+/// stalled every other heartbeat for a quarter of a second. A node learns
+/// late, never wrongly: an IO with a newer epoch than its map makes it
+/// fetch the map, and a token newer than its mapping generation is checked
+/// against the token, not the heartbeat.
+pub const CHANGES_PER_REPLY: usize = 256;
 
 /// Every volume when `since` is `None` (or from another history: a cursor
 /// beyond this database's), else the volumes whose generations changed and
 /// those deleted after `since`: what changed, not what exists. With
 /// `only_mapped_to`, only volumes mapped to that SDC (a mapped volume
-/// cannot be deleted, so no deletions).
+/// cannot be deleted, so no deletions); without, at most
+/// [`CHANGES_PER_REPLY`] changes, the oldest first.
 ///
 /// A volume created since and never changed (epoch and mapping generation
 /// both still the 1 it is created with) is left out: a node learns nothing
@@ -510,37 +527,82 @@ fn volume_changes(
         Some(since) if since <= cursor => (since, false),
         _ => (0, true),
     };
-    let volumes = match only_mapped_to {
-        Some(sdc) => conn
-            .prepare_cached(
-                "SELECT v.id, v.epoch, v.mapping_gen FROM volume_mappings m
-                 JOIN volumes v ON v.id = m.volume_id
-                 WHERE m.sdc_id = ?1 AND (?2 OR v.changed_seq > ?3) ORDER BY v.id",
-            )?
-            .query_map(params![sdc, complete, since], generation)?
-            .collect::<Result<_, _>>()?,
-        None if complete => conn
-            .prepare_cached("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
-            .query_map([], generation)?
-            .collect::<Result<_, _>>()?,
-        None => conn
-            .prepare_cached(
-                "SELECT id, epoch, mapping_gen FROM volumes INDEXED BY volumes_changed_since_created
-                 WHERE changed_seq > ?1 AND (epoch > 1 OR mapping_gen > 1) ORDER BY changed_seq",
-            )?
-            .query_map([since], generation)?
-            .collect::<Result<_, _>>()?,
-    };
-    let deleted = if complete || only_mapped_to.is_some() {
-        Vec::new()
-    } else {
-        conn.prepare_cached(
-            "SELECT id FROM deleted_volumes WHERE deleted_seq > ?1 ORDER BY deleted_seq",
+    match only_mapped_to {
+        Some(sdc) => {
+            let volumes = conn
+                .prepare_cached(
+                    "SELECT v.id, v.epoch, v.mapping_gen FROM volume_mappings m
+                     JOIN volumes v ON v.id = m.volume_id
+                     WHERE m.sdc_id = ?1 AND (?2 OR v.changed_seq > ?3) ORDER BY v.id",
+                )?
+                .query_map(params![sdc, complete, since], generation)?
+                .collect::<Result<_, _>>()?;
+            Ok(VolumeChanges { volumes, complete, deleted: Vec::new(), cursor, more: false })
+        }
+        None if complete => {
+            let volumes = conn
+                .prepare_cached("SELECT id, epoch, mapping_gen FROM volumes ORDER BY id")?
+                .query_map([], generation)?
+                .collect::<Result<_, _>>()?;
+            Ok(VolumeChanges { volumes, complete, deleted: Vec::new(), cursor, more: false })
+        }
+        None => changes_since(conn, since, cursor),
+    }
+}
+
+/// The changes after `since` for an SDS, oldest first, at most
+/// [`CHANGES_PER_REPLY`] of them (see [`volume_changes`]); `latest` is the
+/// cursor when they all fit.
+fn changes_since(conn: &Connection, since: u64, latest: u64) -> Result<VolumeChanges, MdmError> {
+    // One more than fits of each kind tells whether the rest is cut off.
+    let limit = CHANGES_PER_REPLY as u64 + 1;
+    let changed: Vec<(u64, VolumeGeneration)> = conn
+        .prepare_cached(
+            "SELECT changed_seq, id, epoch, mapping_gen FROM volumes
+             INDEXED BY volumes_changed_since_created
+             WHERE changed_seq > ?1 AND (epoch > 1 OR mapping_gen > 1)
+             ORDER BY changed_seq LIMIT ?2",
         )?
-        .query_map([since], |r| r.get(0))?
-        .collect::<Result<_, _>>()?
-    };
-    Ok(VolumeChanges { volumes, complete, deleted, cursor })
+        .query_map(params![since, limit], |r| {
+            Ok((
+                r.get(0)?,
+                VolumeGeneration { volume_id: r.get(1)?, epoch: r.get(2)?, mapping_gen: r.get(3)? },
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let deleted: Vec<(u64, u64)> = conn
+        .prepare_cached(
+            "SELECT deleted_seq, id FROM deleted_volumes WHERE deleted_seq > ?1
+             ORDER BY deleted_seq LIMIT ?2",
+        )?
+        .query_map(params![since, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    // Every change has a sequence number of its own (one per row, from
+    // `change_seq`), so the cut falls between two changes.
+    let cut = cut_after(changed.iter().map(|c| c.0), deleted.iter().map(|d| d.0));
+    let keep = |seq: u64| cut.is_none_or(|last| seq <= last);
+    Ok(VolumeChanges {
+        volumes: changed.into_iter().filter(|c| keep(c.0)).map(|c| c.1).collect(),
+        complete: false,
+        deleted: deleted.into_iter().filter(|d| keep(d.0)).map(|d| d.1).collect(),
+        cursor: cut.unwrap_or(latest),
+        more: cut.is_some(),
+    })
+}
+
+/// Given the sequence numbers of two ascending lists of changes, the last
+/// one a reply may carry when together they hold more than
+/// [`CHANGES_PER_REPLY`]; `None` when they all fit.
+fn cut_after(
+    changed: impl Iterator<Item = u64>,
+    deleted: impl Iterator<Item = u64>,
+) -> Option<u64> {
+    let mut all: Vec<u64> = changed.chain(deleted).collect();
+    if all.len() <= CHANGES_PER_REPLY {
+        return None;
+    }
+    all.sort_unstable();
+    Some(all[CHANGES_PER_REPLY - 1])
 }
 
 /// `GET /sds/list`.
@@ -597,4 +659,104 @@ pub fn sdc_list(conn: &Connection, ctx: &Ctx) -> Result<Vec<SdcInfo>, MdmError> 
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use pflex_proto::api::VolumeCreate;
+
+    use super::*;
+    use crate::service::candidates::CandidateCache;
+    use crate::service::test_support;
+
+    /// After a burst of changes an SDS hears of them in replies of at most
+    /// [`CHANGES_PER_REPLY`], oldest first, and ends up knowing every
+    /// change and deletion exactly as the database holds them.
+    #[test]
+    fn an_sds_catches_up_on_a_burst_in_bounded_replies() {
+        let mut conn = crate::db::open_in_memory().unwrap();
+        let (keys, settings) = (test_support::keys(), test_support::settings());
+        let (sightings, candidates) =
+            (crate::sightings::Sightings::default(), CandidateCache::default());
+        let now = pflex_proto::unix_now();
+        let ctx =
+            Ctx { settings, keys: &keys, sightings: &sightings, candidates: &candidates, now };
+        let tx = conn.transaction().unwrap();
+        let conn: &Connection = &tx;
+        for i in 0..2 {
+            register(conn, &ctx, &test_support::sds_request(i), true, "test").unwrap();
+        }
+        for i in 0..400 {
+            let request = VolumeCreate {
+                name: format!("v{i}"),
+                size_bytes: 1 << 30,
+                pool: None,
+                thick: false,
+            };
+            super::super::volume_create(conn, &ctx, &request).unwrap();
+        }
+        let before: u64 = conn.row("SELECT value FROM change_seq", [], |r| r.get(0)).unwrap();
+        // 300 volumes change, 50 unchanged ones are deleted, then 10 of the
+        // changed ones change again (their earlier change is superseded).
+        conn.exec("UPDATE volumes SET epoch = epoch + 1 WHERE id % 4 != 0", []).unwrap();
+        let doomed: Vec<u64> = conn
+            .prepare("SELECT id FROM volumes WHERE id % 4 = 0 ORDER BY id LIMIT 50")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for id in &doomed {
+            super::super::volume_delete(conn, &id.to_string()).unwrap();
+        }
+        conn.exec("UPDATE volumes SET mapping_gen = mapping_gen + 1 WHERE id % 40 = 1", [])
+            .unwrap();
+        let latest: u64 = conn.row("SELECT value FROM change_seq", [], |r| r.get(0)).unwrap();
+
+        let (mut known, mut deleted, mut replies) = (BTreeMap::new(), BTreeSet::new(), Vec::new());
+        let mut cursor = before;
+        while cursor != latest {
+            assert!(replies.len() < 10, "no end to the catch-up: {replies:?}");
+            let changes = volume_changes(conn, Some(cursor), None).unwrap();
+            assert!(!changes.complete);
+            assert!(changes.cursor > cursor, "the cursor moves on");
+            assert_eq!(changes.more, changes.cursor != latest);
+            replies.push(changes.volumes.len() + changes.deleted.len());
+            for v in changes.volumes {
+                known.insert(v.volume_id, (v.epoch, v.mapping_gen));
+            }
+            deleted.extend(changes.deleted);
+            cursor = changes.cursor;
+        }
+        assert_eq!(replies[0], CHANGES_PER_REPLY, "the first reply is full: {replies:?}");
+        assert!(replies.iter().all(|&n| n <= CHANGES_PER_REPLY), "{replies:?}");
+        let expected: BTreeMap<u64, (u64, u64)> = conn
+            .prepare("SELECT id, epoch, mapping_gen FROM volumes WHERE id % 4 != 0")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(known, expected);
+        assert_eq!(deleted, doomed.into_iter().collect::<BTreeSet<u64>>());
+        // Caught up: nothing more, at the latest cursor.
+        let quiet = volume_changes(conn, Some(latest), None).unwrap();
+        assert!(quiet.volumes.is_empty() && quiet.deleted.is_empty());
+        assert_eq!(quiet.cursor, latest);
+    }
+
+    /// The cut falls after the [`CHANGES_PER_REPLY`]-th change of the two
+    /// lists together, whichever list it is in.
+    #[test]
+    fn the_cut_counts_both_kinds_of_change() {
+        let n = CHANGES_PER_REPLY as u64;
+        assert_eq!(cut_after(1..=n, std::iter::empty()), None);
+        assert_eq!(cut_after(1..=n + 1, std::iter::empty()), Some(n));
+        let odd = (0..=n).map(|i| 2 * i + 1);
+        let even = (1..=n).map(|i| 2 * i);
+        assert_eq!(cut_after(odd, even), Some(n));
+        assert_eq!(cut_after(std::iter::empty(), 10..=10 + n), Some(9 + n));
+    }
 }
