@@ -491,14 +491,13 @@ struct VolumeChanges {
 
 /// Most changes (changed volumes and deletions together) one SDS heartbeat
 /// reply carries; the cursor then stops at the last one listed, and the
-/// node's next heartbeats carry the rest. After a burst (a thousand volumes
-/// mapped, or the volumes of a failed node re-placed) every SDS would
-/// otherwise be sent the whole burst within one heartbeat interval: at a
-/// thousand nodes, a million entries read and serialised at once, which
-/// stalled every other heartbeat for a quarter of a second. A node learns
-/// late, never wrongly: an IO with a newer epoch than its map makes it
-/// fetch the map, and a token newer than its mapping generation is checked
-/// against the token, not the heartbeat.
+/// node's next heartbeats carry the rest. Without a bound, a burst (many
+/// volumes mapped, or a failed node's volumes re-placed) is sent to every
+/// SDS within one heartbeat interval: nodes times changes, all at once.
+/// A node learns late, never wrongly: an IO with a newer epoch than its map
+/// makes it fetch the map. What waits longer during a burst is a node's
+/// refusal of tokens from before an unmap (one more heartbeat per
+/// `CHANGES_PER_REPLY` changes ahead of it).
 pub const CHANGES_PER_REPLY: usize = 256;
 
 /// Every volume when `since` is `None` (or from another history: a cursor
