@@ -70,16 +70,21 @@ pub fn draft_token(
     // it, and the reply does not grow with the cluster. A node that joins
     // the placement later gets its key with the SDC's next token (the SDC
     // asks for one when its map names a node it has no key for).
-    let sds_ids = conn
-        .prepare_cached(
-            "SELECT primary_sds FROM placement_groups WHERE volume_id = ?1
-             UNION SELECT secondary_sds FROM placement_groups WHERE volume_id = ?1
-             UNION SELECT joining_sds FROM placement_groups
-                   WHERE volume_id = ?1 AND joining_sds != 0
-             ORDER BY 1",
-        )?
-        .query_map([row.id], |r| r.get(0))?
-        .collect::<Result<Vec<u64>, _>>()?;
+    // One pass over the volume's PGs (a UNION of three read each row three
+    // times); the set sorts and deduplicates.
+    let mut sds_ids = std::collections::BTreeSet::new();
+    let mut pgs = conn.prepare_cached(
+        "SELECT primary_sds, secondary_sds, joining_sds FROM placement_groups WHERE volume_id = ?1",
+    )?;
+    let mut rows = pgs.query([row.id])?;
+    while let Some(pg) = rows.next()? {
+        let joining: u64 = pg.get(2)?;
+        sds_ids.extend([pg.get::<_, u64>(0)?, pg.get(1)?]);
+        if joining != 0 {
+            sds_ids.insert(joining);
+        }
+    }
+    let sds_ids: Vec<u64> = sds_ids.into_iter().collect();
     let response = TokenResponse {
         token_id,
         token: signed.to_hex(),
