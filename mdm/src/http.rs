@@ -100,7 +100,7 @@ impl AppState {
             Some(replication) => {
                 crate::writer::CommitMode::Replicated(Box::new(crate::raft::ReplicatedCommit {
                     replication: Arc::clone(replication),
-                    runtime: tokio::runtime::Handle::current(),
+                    runtime: replication.runtime(),
                 }))
             }
         };

@@ -114,6 +114,44 @@ pub enum RaftStartError {
     Fatal(String),
 }
 
+/// Worker threads of the runtime Raft runs on (see [`RaftRuntime`]).
+const RAFT_THREADS: usize = 2;
+
+/// The runtime openraft runs on, apart from the one serving requests: its
+/// replication streams, log appends, applies and lease renewals then do
+/// not wait in a run queue or blocking pool behind thousands of
+/// heartbeats a second, so a batch's commit and the leader's lease hold
+/// under request load. Dropped, it stops without waiting (so it may be
+/// dropped from async code).
+struct RaftRuntime(Option<tokio::runtime::Runtime>);
+
+impl RaftRuntime {
+    fn start() -> Result<Self, RaftStartError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RAFT_THREADS)
+            .thread_name("mdm-raft")
+            .enable_all()
+            .build()
+            .map(|runtime| Self(Some(runtime)))
+            .map_err(|e| RaftStartError::Fatal(format!("starting the raft runtime: {e}")))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle().clone(),
+            None => unreachable!("the raft runtime is taken only when dropped"),
+        }
+    }
+}
+
+impl Drop for RaftRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// This member's handle on the replicated MDM.
 pub struct Replication {
     pub raft: Raft,
@@ -125,6 +163,8 @@ pub struct Replication {
     confirmed: std::sync::Mutex<Option<std::time::Instant>>,
     /// Leader changes this member saw (for `/metrics`).
     pub leader_changes: std::sync::atomic::AtomicU64,
+    /// Where openraft's tasks run; it lives as long as this handle.
+    runtime: RaftRuntime,
 }
 
 impl Replication {
@@ -168,17 +208,13 @@ impl Replication {
         }
         let network = network::Network::new(peer_key.clone())
             .map_err(|e| RaftStartError::Config(e.to_string()))?;
-        let raft = Raft::new(id, Arc::new(config), network, log, machine.clone())
+        let runtime = RaftRuntime::start()?;
+        let on_raft_runtime = runtime.handle();
+        // openraft spawns its tasks where it is started.
+        let raft = on_raft_runtime
+            .spawn(start_raft(id, config, network, log, machine.clone(), members.clone()))
             .await
-            .map_err(|e| RaftStartError::Fatal(e.to_string()))?;
-        let initialized =
-            raft.is_initialized().await.map_err(|e| RaftStartError::Fatal(e.to_string()))?;
-        if !initialized && members.keys().next() == Some(&id) {
-            let nodes: BTreeMap<NodeId, Node> =
-                members.iter().map(|(&n, url)| (n, BasicNode { addr: url.clone() })).collect();
-            raft.initialize(nodes).await.map_err(|e| RaftStartError::Fatal(e.to_string()))?;
-            tracing::info!(members = members.len(), "initialised the MDM cluster");
-        }
+            .map_err(|e| RaftStartError::Fatal(e.to_string()))??;
         let replication = Arc::new(Self {
             raft,
             id,
@@ -186,9 +222,15 @@ impl Replication {
             peer_key,
             confirmed: Default::default(),
             leader_changes: Default::default(),
+            runtime,
         });
-        tokio::spawn(keep_lease(Arc::downgrade(&replication)));
+        on_raft_runtime.spawn(keep_lease(Arc::downgrade(&replication)));
         Ok(replication)
+    }
+
+    /// A handle on the runtime Raft runs on (see [`RaftRuntime`]).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.runtime.handle()
     }
 
     /// The leader's id and URL, as this member knows it.
@@ -376,6 +418,30 @@ impl Replication {
             .map_err(|e| MdmError::Unreplicated(e.to_string()))?;
         Ok(())
     }
+}
+
+/// Starts openraft on the calling runtime, and initialises a new cluster
+/// if this member is the lowest of `members` and the log is empty.
+async fn start_raft(
+    id: NodeId,
+    config: openraft::Config,
+    network: network::Network,
+    log: log_store::LogStore,
+    machine: state_machine::StateMachine,
+    members: BTreeMap<NodeId, String>,
+) -> Result<Raft, RaftStartError> {
+    let raft = Raft::new(id, Arc::new(config), network, log, machine)
+        .await
+        .map_err(|e| RaftStartError::Fatal(e.to_string()))?;
+    let initialized =
+        raft.is_initialized().await.map_err(|e| RaftStartError::Fatal(e.to_string()))?;
+    if !initialized && members.keys().next() == Some(&id) {
+        let nodes: BTreeMap<NodeId, Node> =
+            members.iter().map(|(&n, url)| (n, BasicNode { addr: url.clone() })).collect();
+        raft.initialize(nodes).await.map_err(|e| RaftStartError::Fatal(e.to_string()))?;
+        tracing::info!(members = members.len(), "initialised the MDM cluster");
+    }
+    Ok(raft)
 }
 
 /// While this member leads, asks a majority every [`LEASE_RENEWAL`] to
