@@ -59,15 +59,36 @@ async fn write_through_changes(
 }
 
 /// Every written chunk has the model's content on both of its copies.
+///
+/// The copies are read against one placement: the rebalancer may move a
+/// PG meanwhile (and its old holder then drops the copy), so a pass counts
+/// only if the map's epoch is the same after it as before; otherwise it is
+/// read again.
 async fn assert_copies_match(cluster: &Cluster, volume_id: u64, model: &BTreeMap<u64, Vec<u8>>) {
-    let map = cluster.admin().placement(volume_id).await.unwrap();
-    for (chunk, content) in model {
-        let pg = map.pg_of(*chunk).unwrap();
-        for node_id in [pg.primary, pg.secondary] {
-            let node = cluster.sds_by_node_id(node_id).await;
-            let sum = cluster.checksum(node, volume_id, *chunk).await;
-            assert_eq!(sum.crc32, model_crc(content), "chunk {chunk} on SDS {node_id}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map = cluster.admin().placement(volume_id).await.unwrap();
+        let mut mismatches = Vec::new();
+        for (chunk, content) in model {
+            let pg = map.pg_of(*chunk).unwrap();
+            for node_id in [pg.primary, pg.secondary] {
+                let node = cluster.sds_by_node_id(node_id).await;
+                let sum = cluster.checksum(node, volume_id, *chunk).await;
+                if sum.crc32 != model_crc(content) {
+                    mismatches.push(format!(
+                        "chunk {chunk} on SDS {node_id}: crc {} instead of {}",
+                        sum.crc32,
+                        model_crc(content)
+                    ));
+                }
+            }
         }
+        let after = cluster.admin().placement(volume_id).await.unwrap();
+        if after.epoch == map.epoch {
+            assert!(mismatches.is_empty(), "copies differ at epoch {}: {mismatches:?}", map.epoch);
+            return;
+        }
+        assert!(Instant::now() < deadline, "the placement kept moving for 60 s");
     }
 }
 

@@ -11,8 +11,10 @@
 //! - command lines come from [`pflex_launch`], the builders `pflex up` and
 //!   `pflex lab` use, plus what a test adds ([`ClusterSpec`],
 //!   [`NodeOverrides`]);
-//! - ports come from [`free_port`]; state lives under [`Cluster::dir`],
-//!   removed when the cluster drops;
+//! - ports come from [`free_port`]; state lives under [`Cluster::dir`]
+//!   (printed when the cluster starts), removed when the cluster drops
+//!   unless `PFLEX_KEEP_TEST_DIR` is set, for a failure's databases and
+//!   logs to be read afterwards;
 //! - readiness is polled over HTTP (the MDM's `/health/status` with the admin
 //!   token it wrote; an SDS's `/health` saying registered and ACTIVE; an
 //!   SDC's or the dashboard's saying registered), never slept for. A
@@ -168,7 +170,9 @@ impl Cluster {
     /// Starts the MDM, then every SDS, then every SDC, then the dashboard,
     /// each group waited for before the next.
     pub async fn start(spec: ClusterSpec) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("pflex-test-").tempdir().expect("a temp dir");
+        let mut dir = tempfile::Builder::new().prefix("pflex-test-").tempdir().expect("a temp dir");
+        dir.disable_cleanup(std::env::var_os("PFLEX_KEEP_TEST_DIR").is_some());
+        eprintln!("cluster dir: {}", dir.path().display());
         let join_key_file = dir.path().join("join_key");
         std::fs::write(&join_key_file, format!("{JOIN_KEY}\n")).expect("writing the join key");
         let mdm_port = free_port();
